@@ -1,0 +1,148 @@
+"""Attention over the paged KV cache: the torch path (CPU and reference) and the dispatch to Triton.
+
+Layout of one layer's cache (owned by `KVCache`, written only here):
+    k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim]
+A token's *slot* is `block_id * block_size + offset`; `slot_mapping` gives the slot of every new token.
+
+A batch is a flat run of tokens `[T]`: the decode sequences come first (exactly one query token each),
+then the prefill sequences (one or more query tokens each, possibly after a cached prefix).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Everything attention needs about one batch; built by the model runner, passed explicitly."""
+
+    slot_mapping: torch.Tensor  # [T] int64, cache slot of each new token
+    num_decodes: int  # the first `num_decodes` tokens are decode queries, one per sequence
+    decode_block_tables: torch.Tensor  # [num_decodes, max_blocks] int32 (padded with 0)
+    decode_seq_lens: torch.Tensor  # [num_decodes] int32, context length including the new token
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool, CPU path only
+    prefill_query_lens: tuple[int, ...]  # query tokens of each prefill sequence
+    prefill_seq_lens: tuple[int, ...]  # context length (cached prefix + query) of each
+    prefill_block_tables: tuple[torch.Tensor, ...]  # [num_blocks_i] int64 each
+    use_triton: bool = False
+
+
+def write_kv_torch(
+    k: torch.Tensor,  # [T, kv_heads, head_dim]
+    v: torch.Tensor,  # [T, kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64
+) -> None:
+    """Writes each new token's K and V into its slot (the torch reference of the Triton kernel)."""
+    kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def decode_mask(seq_lens: torch.Tensor, max_blocks: int, block_size: int) -> torch.Tensor:
+    """[B, 1, 1, max_blocks * block_size] bool: key position < context length."""
+    positions = torch.arange(max_blocks * block_size, device=seq_lens.device)
+    return (positions[None, :] < seq_lens[:, None].to(torch.long))[:, None, None, :]
+
+
+def paged_decode_attention_torch(
+    q: torch.Tensor,  # [B, heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    scale: float,
+    mask: torch.Tensor | None = None,  # [B, 1, 1, max_blocks * block_size] bool, else built here
+) -> torch.Tensor:  # [B, heads, head_dim]
+    """One query token per sequence against its whole paged context (the torch reference)."""
+    batch, heads, head_dim = q.shape
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    max_blocks = block_tables.shape[1]
+    bt = block_tables.to(torch.long)
+    # [B, max_blocks, block_size, kv_heads, head_dim] -> [B, kv_heads, S, head_dim]
+    keys = k_cache[bt].view(batch, max_blocks * block_size, kv_heads, head_dim).transpose(1, 2)
+    values = v_cache[bt].view(batch, max_blocks * block_size, kv_heads, head_dim).transpose(1, 2)
+    if mask is None:
+        mask = decode_mask(seq_lens, max_blocks, block_size)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=mask, scale=scale, enable_gqa=heads != kv_heads
+    )
+    return out.squeeze(2)
+
+
+def prefill_attention_torch(
+    q: torch.Tensor,  # [n, heads, head_dim] the new query tokens
+    k: torch.Tensor,  # [n, kv_heads, head_dim] their keys
+    v: torch.Tensor,  # [n, kv_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,  # [num_blocks] int64
+    seq_len: int,  # cached prefix + n
+    scale: float,
+) -> torch.Tensor:  # [n, heads, head_dim]
+    """Causal attention of a chunk of new tokens over the cached prefix and themselves."""
+    n, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    gqa = heads != kv_heads
+    qt = q.transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
+    if seq_len == n:  # no prefix: the new keys are the whole context
+        keys = k.transpose(0, 1).unsqueeze(0)
+        values = v.transpose(0, 1).unsqueeze(0)
+        out = F.scaled_dot_product_attention(qt, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:  # the K/V of this chunk were already written: read the whole context from the pages
+        block_size = k_cache.shape[1]
+        nblocks = (seq_len + block_size - 1) // block_size
+        bt = block_table[:nblocks]
+        keys = k_cache[bt].reshape(-1, kv_heads, head_dim)[:seq_len].transpose(0, 1).unsqueeze(0)
+        values = v_cache[bt].reshape(-1, kv_heads, head_dim)[:seq_len].transpose(0, 1).unsqueeze(0)
+        q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]  # [n, seq_len]
+        out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.squeeze(0).transpose(0, 1)
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, heads, head_dim]
+    k: torch.Tensor,  # [T, kv_heads, head_dim]
+    v: torch.Tensor,  # [T, kv_heads, head_dim]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:  # [T, heads, head_dim]
+    """Writes the new K/V into the pages, then attends every query token over its context."""
+    if meta.use_triton:
+        from splitserve.kernels import triton_attention as kernels
+
+        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    else:
+        write_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping)
+    outputs = []
+    nd = meta.num_decodes
+    if nd:
+        if meta.use_triton:
+            outputs.append(
+                kernels.paged_decode_attention(
+                    q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
+                )
+            )
+        else:
+            outputs.append(
+                paged_decode_attention_torch(
+                    q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                    meta.decode_mask,
+                )
+            )
+    start = nd
+    for qlen, slen, bt in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_block_tables):
+        end = start + qlen
+        outputs.append(
+            prefill_attention_torch(q[start:end], k[start:end], v[start:end], k_cache, v_cache, bt, slen, scale)
+        )
+        start = end
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

@@ -1,0 +1,167 @@
+"""One KV block on the wire: a msgpack header and the raw payload (no pickle anywhere).
+
+payload: the bytes of [num_layers, 2 (K, V), block_size, kv_heads, head_dim] in `dtype`, little-endian
+         (exactly `KVCache.read_block`); the transport may chunk it, the receiver reassembles it.
+header:  a msgpack map with the short keys of `_KEYS`; `checksum` is zlib.crc32 of the payload.
+The receiver runs `check_block` (or `import_block`) before a page is written: a block computed for
+another model, shape or dtype, or damaged in transit, raises KVBlockError and is never written.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, fields
+
+import msgpack
+import torch
+
+from splitserve.engine.kv_cache import KVCache
+
+LAYOUT_VERSION = 1
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_MAX_HASH_BYTES = 64
+
+# field name -> msgpack key
+_KEYS = {
+    "block_hash": "hash",
+    "model_id": "model",
+    "num_layers": "layers",
+    "num_kv_heads": "kv_heads",
+    "head_dim": "head_dim",
+    "block_size": "block_size",
+    "dtype": "dtype",
+    "layout_version": "layout",
+    "checksum": "crc32",
+    "payload_size": "size",
+}
+
+
+class KVBlockError(ValueError):
+    """A KV block that must not be written: malformed header, mismatch with the receiver, or damage."""
+
+
+@dataclass(frozen=True)
+class BlockHeader:
+    """Describes one block's payload. Validated on construction (KVBlockError naming the field)."""
+
+    block_hash: bytes  # the chained block hash (splitserve.engine.hashing), 1..64 bytes
+    model_id: str
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int  # tokens
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    layout_version: int  # == LAYOUT_VERSION
+    checksum: int  # zlib.crc32 of the payload, [0, 2**32)
+    payload_size: int  # bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block_hash, bytes) or not 0 < len(self.block_hash) <= _MAX_HASH_BYTES:
+            raise KVBlockError(f"KV block header field 'block_hash' must be 1..{_MAX_HASH_BYTES} bytes, "
+                               f"got {_describe(self.block_hash)}")
+        if not isinstance(self.model_id, str) or not self.model_id:
+            raise KVBlockError(f"KV block header field 'model_id' must be a non-empty string, "
+                               f"got {_describe(self.model_id)}")
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "layout_version",
+                     "checksum", "payload_size"):
+            value = getattr(self, name)
+            low = 0 if name in ("checksum", "payload_size") else 1
+            if type(value) is not int or value < low:
+                raise KVBlockError(f"KV block header field '{name}' must be an integer >= {low}, "
+                                   f"got {_describe(value)}")
+        if self.checksum >= 1 << 32:
+            raise KVBlockError(f"KV block header field 'checksum' must be a crc32 (< 2**32), "
+                               f"got {self.checksum}")
+        if self.dtype not in _DTYPE_NAMES.values():
+            raise KVBlockError(f"KV block header field 'dtype' must be one of "
+                               f"{', '.join(_DTYPE_NAMES.values())}, got {_describe(self.dtype)}")
+        if self.layout_version != LAYOUT_VERSION:
+            raise KVBlockError(f"KV block header field 'layout_version' is {self.layout_version}; "
+                               f"this build reads only layout version {LAYOUT_VERSION}")
+
+    def to_bytes(self) -> bytes:
+        packed = {_KEYS[f.name]: getattr(self, f.name) for f in fields(self)}
+        return msgpack.packb(packed, use_bin_type=True)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "BlockHeader":
+        """Parses a header; KVBlockError naming the problem on anything malformed.
+
+        Unknown keys are ignored (a newer sender may add fields); missing ones are errors.
+        """
+        try:
+            obj = msgpack.unpackb(data, raw=False)
+        except (ValueError, TypeError, msgpack.UnpackException) as e:
+            raise KVBlockError(f"KV block header is not valid msgpack: {e}") from None
+        if not isinstance(obj, dict):
+            raise KVBlockError(f"KV block header must be a msgpack map, got {type(obj).__name__}")
+        missing = [f"'{name}' (key '{key}')" for name, key in _KEYS.items() if key not in obj]
+        if missing:
+            raise KVBlockError(f"KV block header is missing field(s) {', '.join(missing)}")
+        return cls(**{name: obj[key] for name, key in _KEYS.items()})
+
+
+def _describe(value: object) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The wire name of a cache dtype; KVBlockError for a dtype the wire format has no name for."""
+    try:
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        raise KVBlockError(f"KV cache dtype {dtype} has no wire name (supported: float32, bfloat16, "
+                           "float16)") from None
+
+
+def encode_block(
+    cache: KVCache, block_id: int, block_hash: bytes, model_id: str
+) -> tuple[BlockHeader, bytes]:
+    """The header and payload of one cached block, ready to send."""
+    payload = cache.read_block(block_id)
+    header = BlockHeader(
+        block_hash=block_hash, model_id=model_id, num_layers=cache.num_layers,
+        num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim, block_size=cache.block_size,
+        dtype=dtype_name(cache.dtype), layout_version=LAYOUT_VERSION,
+        checksum=zlib.crc32(payload), payload_size=len(payload),
+    )
+    return header, payload
+
+
+def check_block(
+    header: BlockHeader, payload: bytes, cache: KVCache, model_id: str, block_hash: bytes | None = None
+) -> None:
+    """Raises KVBlockError naming the first mismatch between a received block and the receiving cache
+    (model id, expected hash if given, shape fields, dtype, payload size, checksum)."""
+    if header.model_id != model_id:
+        raise KVBlockError(f"KV block model_id mismatch: block is for {header.model_id!r}, "
+                           f"this cache serves {model_id!r}")
+    if block_hash is not None and header.block_hash != block_hash:
+        raise KVBlockError(f"KV block block_hash mismatch: got {header.block_hash.hex()[:16]}..., "
+                           f"requested {block_hash.hex()[:16]}...")
+    for name, ours in (("num_layers", cache.num_layers), ("num_kv_heads", cache.num_kv_heads),
+                       ("head_dim", cache.head_dim), ("block_size", cache.block_size),
+                       ("dtype", dtype_name(cache.dtype))):
+        theirs = getattr(header, name)
+        if theirs != ours:
+            raise KVBlockError(f"KV block {name} mismatch: block has {theirs!r}, this cache has {ours!r}")
+    if header.payload_size != cache.bytes_per_block:
+        raise KVBlockError(f"KV block payload_size mismatch: header says {header.payload_size} bytes, "
+                           f"this cache's blocks are {cache.bytes_per_block} bytes")
+    received = memoryview(payload).nbytes
+    if received != header.payload_size:
+        raise KVBlockError(f"KV block payload size mismatch: received {received} bytes, "
+                           f"header says {header.payload_size} (truncated or padded in transit)")
+    checksum = zlib.crc32(payload)
+    if checksum != header.checksum:
+        raise KVBlockError(f"KV block checksum mismatch: payload crc32 {checksum:#010x}, "
+                           f"header says {header.checksum:#010x}")
+
+
+def import_block(
+    cache: KVCache, block_id: int, header: BlockHeader, payload: bytes, model_id: str,
+    block_hash: bytes | None = None,
+) -> None:
+    """check_block, then write the payload into page `block_id` (nothing is written on error)."""
+    check_block(header, payload, cache, model_id, block_hash)
+    cache.write_block(block_id, payload)

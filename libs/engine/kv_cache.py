@@ -1,0 +1,108 @@
+"""The paged KV cache: per-layer K and V tensors indexed by block id (ids come from BlockManager).
+
+    k_caches[l], v_caches[l]: [num_blocks, block_size, kv_heads, head_dim], cache dtype, on `device`
+
+The serialized form of one block (`read_block`/`write_block`, and the payload on the wire) is the
+raw bytes, in the cache dtype and native (little-endian) byte order, of
+    [num_layers, 2 (K, V), block_size, kv_heads, head_dim]
+"""
+from __future__ import annotations
+
+import torch
+
+_GIB = 1 << 30  # kv_cache_memory_gb is in GiB
+
+
+class KVCache:
+    """Owns the KV pages of every layer; allocates all memory up front and never grows."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        num_blocks: int,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+    ):
+        for name, value in (
+            ("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+            ("block_size", block_size), ("num_blocks", num_blocks),
+        ):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.dtype = dtype
+        self.device = torch.device(device)
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+
+    @staticmethod
+    def block_nbytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
+                     dtype: torch.dtype) -> int:
+        """Bytes of one block across all layers, K and V."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return num_layers * 2 * block_size * num_kv_heads * head_dim * elem
+
+    @staticmethod
+    def num_blocks_for_budget(memory_gb: float, num_layers: int, num_kv_heads: int, head_dim: int,
+                              block_size: int, dtype: torch.dtype) -> int:
+        """floor(memory_gb GiB / bytes per block); ValueError if not even one block fits."""
+        per_block = KVCache.block_nbytes(num_layers, num_kv_heads, head_dim, block_size, dtype)
+        num_blocks = int(memory_gb * _GIB) // per_block
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory_gb={memory_gb} holds no KV block: one block needs {per_block} bytes "
+                f"({num_layers} layers x K,V x {block_size} tokens x {num_kv_heads} heads x "
+                f"{head_dim} dims, {dtype}); raise kv_cache_memory_gb"
+            )
+        return num_blocks
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.block_nbytes(self.num_layers, self.num_kv_heads, self.head_dim, self.block_size,
+                                 self.dtype)
+
+    @property
+    def layers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (K, V) pages, the form the model's forward takes."""
+        return list(zip(self.k_caches, self.v_caches))
+
+    def read_block(self, block_id: int) -> bytes:
+        """Raw bytes of one block, layout [layers, 2, block_size, kv_heads, head_dim]."""
+        self._check_block_id(block_id)
+        # [layers, 2, block_size, kv_heads, head_dim], cache dtype; uint8 view since numpy lacks bf16.
+        block = torch.stack(
+            [torch.stack((k[block_id], v[block_id])) for k, v in zip(self.k_caches, self.v_caches)]
+        )
+        return block.contiguous().view(torch.uint8).cpu().numpy().tobytes()
+
+    def write_block(self, block_id: int, data: bytes | bytearray | memoryview) -> None:
+        """Inverse of read_block; ValueError if data is not exactly bytes_per_block long."""
+        self._check_block_id(block_id)
+        nbytes = memoryview(data).nbytes
+        if nbytes != self.bytes_per_block:
+            raise ValueError(
+                f"KV block payload is {nbytes} bytes, expected {self.bytes_per_block} "
+                f"for this cache's shape and dtype {self.dtype}"
+            )
+        # bytearray copy: torch.frombuffer needs a writable buffer it may alias.
+        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        block = raw.view(self.dtype).view(
+            self.num_layers, 2, self.block_size, self.num_kv_heads, self.head_dim
+        ).to(self.device)
+        for layer, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
+            k[block_id].copy_(block[layer, 0])
+            v[block_id].copy_(block[layer, 1])
+
+    def _check_block_id(self, block_id: int) -> None:
+        if not isinstance(block_id, int) or not 0 <= block_id < self.num_blocks:
+            raise ValueError(f"block id {block_id!r} is outside [0, {self.num_blocks})")

@@ -1,0 +1,209 @@
+"""The engine loop: requests in, one scheduled model step at a time, token deltas out.
+
+Owns one model, one KV cache, one block manager and one scheduler; single-threaded (the services
+drive `step()` from one thread). A request is validated in `add_request` with errors naming the
+argument; once accepted it always ends with a finish reason ("stop", "length" or "abort").
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from splitserve.config import EngineConfig
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.hashing import hash_namespace
+from splitserve.engine.kv_cache import KVCache
+from splitserve.engine.model_runner import ModelRunner
+from splitserve.engine.sampler import Sampler, TokenLogprobs
+from splitserve.engine.scheduler import Scheduler
+from splitserve.engine.sequence import Sequence
+from splitserve.model.loader import TORCH_DTYPES, load_model
+from splitserve.model.tokenizer import load_tokenizer
+from splitserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class StepOutput:
+    """What one step produced for one request (a delta; `finished` marks the last one)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class EngineStats:
+    """Cumulative counters (the metrics layer reads them)."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_steps: int = 0
+    max_batch_size: int = 0
+    last_batch_size: int = 0
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        mc, cc = config.model, config.cache
+        t0 = time.monotonic()
+        self.model, self.model_path = load_model(mc.model, mc.dtype, mc.device, mc.max_model_len)
+        self.tokenizer = load_tokenizer(self.model_path)
+        args = self.model.args
+        self.model_id = self.model_path.name
+        dtype = TORCH_DTYPES[mc.dtype]
+        num_blocks = KVCache.num_blocks_for_budget(
+            cc.kv_cache_memory_gb, args.num_layers, args.num_kv_heads, args.head_dim, cc.block_size, dtype
+        )
+        self.kv_cache = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, cc.block_size, num_blocks, dtype, mc.device)
+        self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, config.triton_enabled)
+        self.sampler = Sampler()
+        # A sequence never needs more than the whole pool, nor more than the model's positions.
+        limits = [mc.max_model_len or args.max_position_embeddings, num_blocks * cc.block_size]
+        if args.sliding_window:
+            limits.append(args.sliding_window)  # within the window, sliding attention is full attention
+        self.max_model_len = min(limits)
+        self.stats = EngineStats()
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._namespaces: dict[str | None, bytes] = {}
+        logger.info(
+            "engine ready: model=%s dtype=%s blocks=%d x %d tokens (%.1f MiB) max_model_len=%d in %.1fs",
+            self.model_id, mc.dtype, num_blocks, cc.block_size,
+            num_blocks * self.kv_cache.bytes_per_block / 2**20, self.max_model_len, time.monotonic() - t0,
+        )
+
+    # ----------------------------------------------------------------------- requests
+    def namespace(self, cache_salt: str | None = None) -> bytes:
+        if cache_salt not in self._namespaces:
+            self._namespaces[cache_salt] = hash_namespace(self.model_id, cache_salt)
+        return self._namespaces[cache_salt]
+
+    def validate_prompt(self, prompt_token_ids: list[int]) -> None:
+        if not prompt_token_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        vocab = self.model.args.vocab_size
+        for t in prompt_token_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(prompt_token_ids)} tokens; the context window (max_model_len) is "
+                f"{self.max_model_len}, which leaves no room for output"
+            )
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        cache_salt: str | None = None,
+    ) -> None:
+        if request_id in self._seqs:
+            raise ValueError(f"request_id {request_id!r} is already running")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        self.validate_prompt(prompt_token_ids)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        seq = Sequence(
+            request_id, prompt_token_ids, params, self.config.cache.block_size, self.namespace(cache_salt), generator
+        )
+        self._seqs[request_id] = seq
+        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer.hf, seq.prompt_token_ids, params)
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Ends a request at once and frees its blocks; False if it is unknown or already done."""
+        seq = self._seqs.pop(request_id, None)
+        self._detok.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._seqs)
+
+    # ----------------------------------------------------------------------- one step
+    def step(self) -> list[StepOutput]:
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        now = time.monotonic()
+        logits, sampled_idx = self.runner.execute(sched.scheduled)
+        for seq, n in sched.scheduled:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+            seq.num_computed_tokens += n
+            self.block_manager.cache_full_blocks(seq.seq_id, seq.block_hashes, seq.num_computed_tokens)
+            if seq.num_output_tokens == 0:
+                self.stats.prompt_tokens += n
+        self.stats.num_steps += 1
+        self.stats.last_batch_size = len(sched.scheduled)
+        self.stats.max_batch_size = max(self.stats.max_batch_size, len(sched.scheduled))
+        if not sampled_idx:
+            return []
+        seqs = [sched.scheduled[i].seq for i in sampled_idx]
+        out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        results = []
+        for seq, token, lp in zip(seqs, out.token_ids, out.logprobs):
+            results.append(self._append(seq, token, lp))
+        self.stats.generation_tokens += len(seqs)
+        return results
+
+    def _append(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> StepOutput:
+        params = seq.params
+        detok = self._detok[seq.seq_id]
+        seq.append_token(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        if lp is not None:
+            seq.logprobs.append(lp)
+        reason, stop_reason, text = None, None, ""
+        if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
+            reason = "stop"  # EOS text is never part of the output
+        elif token in params.stop_token_ids:
+            reason, stop_reason = "stop", token
+        else:
+            text = detok.add(token)
+            if detok.stopped:
+                reason, stop_reason = "stop", detok.stop_reason
+        if reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            reason = "length"
+        if reason is not None:
+            text += detok.flush()
+            seq.stop_reason = stop_reason
+            self.scheduler.finish(seq, reason)
+            self._seqs.pop(seq.seq_id, None)
+            self._detok.pop(seq.seq_id, None)
+        return StepOutput(
+            request_id=seq.seq_id,
+            new_token_ids=[token],
+            new_text=text,
+            new_logprobs=[lp] if lp is not None else [],
+            finished=reason is not None,
+            finish_reason=reason,
+            stop_reason=stop_reason,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+        )

@@ -1,0 +1,94 @@
+"""Turns one scheduled step into model inputs, runs the model, and returns the logits to sample."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from splitserve.engine.attention import AttentionMetadata, decode_mask
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.kv_cache import KVCache
+from splitserve.engine.scheduler import ScheduledSeq
+from splitserve.model.llama import LlamaModel
+
+
+class StepInputs(NamedTuple):
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    meta: AttentionMetadata
+    sample_indices: torch.Tensor  # [N] int64: flat index of the last token of each sampled sequence
+    sampled: list[int]  # indices into the scheduled list of the sequences sampled this step
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, block_manager: BlockManager, use_triton: bool) -> None:
+        self.model = model
+        self.kv_cache = kv_cache
+        self.block_manager = block_manager
+        self.use_triton = use_triton
+        self.device = kv_cache.k_caches[0].device
+        self.block_size = kv_cache.block_size
+        self._kv_pairs = list(zip(kv_cache.k_caches, kv_cache.v_caches))
+
+    def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
+        """Flat inputs of one step; `scheduled` has its one-token queries first."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefill_q, prefill_len, prefill_tables = [], [], []
+        sample_indices: list[int] = []
+        sampled: list[int] = []
+        for idx, (seq, n) in enumerate(scheduled):
+            start = seq.num_computed_tokens
+            end = start + n
+            table = self.block_manager.block_table(seq.seq_id)
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1:
+                decode_tables.append(table)
+                decode_lens.append(end)
+            else:
+                prefill_q.append(n)
+                prefill_len.append(end)
+                prefill_tables.append(torch.tensor(table[: (end + bs - 1) // bs], dtype=torch.long, device=self.device))
+            if end == seq.num_tokens:  # the chunk reaches the last token: its logits are sampled
+                sample_indices.append(len(input_ids) - 1)
+                sampled.append(idx)
+        num_decodes = len(decode_tables)
+        max_blocks = max((len(t) for t in decode_tables), default=0)
+        tables = torch.zeros((num_decodes, max_blocks), dtype=torch.int32)
+        for row, t in enumerate(decode_tables):
+            tables[row, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        seq_lens = torch.tensor(decode_lens, dtype=torch.int32)
+        tables, seq_lens = tables.to(self.device), seq_lens.to(self.device)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            num_decodes=num_decodes,
+            decode_block_tables=tables,
+            decode_seq_lens=seq_lens,
+            decode_mask=None if (self.use_triton or not num_decodes) else decode_mask(seq_lens, max_blocks, bs),
+            prefill_query_lens=tuple(prefill_q),
+            prefill_seq_lens=tuple(prefill_len),
+            prefill_block_tables=tuple(prefill_tables),
+            use_triton=self.use_triton,
+        )
+        return StepInputs(
+            torch.tensor(input_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            meta,
+            torch.tensor(sample_indices, dtype=torch.long, device=self.device),
+            sampled,
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
+        """Runs one step; returns logits [N, vocab] (float32) and which scheduled entries they belong to."""
+        inputs = self.prepare(scheduled)
+        hidden = self.model(inputs.input_ids, inputs.positions, self._kv_pairs, inputs.meta)
+        if not inputs.sampled:
+            return hidden.new_empty((0, 0), dtype=torch.float32), []
+        return self.model.compute_logits(hidden[inputs.sample_indices]), inputs.sampled

