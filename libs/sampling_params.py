@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral, Real
 
 MAX_LOGPROBS = 20  # most alternatives a request may ask for per token
-MAX_TEMPERATURE = 100.0
+MAX_TEMPERATURE = 100.0  # the bound named in the temperature error message
 # torch.Generator.manual_seed accepts exactly this range (negative seeds wrap modulo 2**64).
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1
 
@@ -60,30 +60,27 @@ class SamplingParams:
     """Keep the matched stop string at the end of the output text."""
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise _bad("max_tokens", self.max_tokens, "an int >= 1")
-        object.__setattr__(self, "max_tokens", int(self.max_tokens))
-        self._set_float(
-            "temperature", lambda t: 0.0 <= t <= MAX_TEMPERATURE, f"a finite number in [0, {MAX_TEMPERATURE:g}]"
-        )
+        self._set_int("max_tokens", 1, None, "an int >= 1")
+        self._set_float("temperature", lambda t: 0.0 <= t <= MAX_TEMPERATURE, "a finite number in [0, 100]")
         self._set_float("top_p", lambda p: 0.0 < p <= 1.0, "a number in (0, 1]")
         self._set_float("min_p", lambda p: 0.0 <= p <= 1.0, "a number in [0, 1]")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise _bad("top_k", self.top_k, "an int >= 0 (or -1 for off)")
-        object.__setattr__(self, "top_k", max(int(self.top_k), 0))
-        if self.seed is not None and (not _is_int(self.seed) or not _SEED_MIN <= self.seed <= _SEED_MAX):
-            raise _bad("seed", self.seed, f"None or an int in [{_SEED_MIN}, {_SEED_MAX}]")
+        self._set_int("top_k", -1, None, "an int >= 0 (or -1 for off)")
+        object.__setattr__(self, "top_k", max(self.top_k, 0))
         if self.seed is not None:
-            object.__setattr__(self, "seed", int(self.seed))
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise _bad("logprobs", self.logprobs, f"None or an int in [0, {MAX_LOGPROBS}]")
+            self._set_int("seed", _SEED_MIN, _SEED_MAX, f"None or an int in [{_SEED_MIN}, {_SEED_MAX}]")
         if self.logprobs is not None:
-            object.__setattr__(self, "logprobs", int(self.logprobs))
+            self._set_int("logprobs", 0, MAX_LOGPROBS, f"None or an int in [0, {MAX_LOGPROBS}]")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "a bool")
         object.__setattr__(self, "stop", self._normalize_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", self._normalize_stop_token_ids(self.stop_token_ids))
+
+    def _set_int(self, name: str, low: int, high: int | None, expected: str) -> None:
+        value = getattr(self, name)
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            raise _bad(name, value, expected)
+        object.__setattr__(self, name, int(value))  # numpy ints become Python ints
 
     def _set_float(self, name: str, in_range, expected: str) -> None:
         value = getattr(self, name)

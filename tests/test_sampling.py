@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from splitserve.engine.sampler import Sampler, SamplerOutput, TokenLogprobs
+from splitserve.engine.sampler import Sampler, SamplerOutput, TokenLogprobs, _apply_top_k_top_p
 from splitserve.sampling_params import SamplingParams
 
 VOCAB = 64
@@ -186,10 +186,32 @@ def test_top_k_never_samples_outside_top_k():
     assert set(drawn.tolist()) == top5  # all of them show up, nothing else
 
 
-@pytest.mark.parametrize("top_p, allowed", [(0.8, {0, 1}), (0.81, {0, 1, 2}), (0.5, {0}), (0.96, {0, 1, 2, 3})])
-def test_top_p_keeps_smallest_set_reaching_mass(top_p, allowed):
-    drawn = _draw_many([0.5, 0.3, 0.15, 0.05], SamplingParams(top_p=top_p), 4000)
+@pytest.mark.parametrize(
+    "probs, top_p, allowed",
+    [
+        ([0.5, 0.3, 0.15, 0.05], 0.8, {0, 1}),
+        ([0.5, 0.3, 0.15, 0.05], 0.81, {0, 1, 2}),
+        ([0.5, 0.3, 0.15, 0.05], 0.5, {0}),
+        ([0.5, 0.3, 0.15, 0.05], 0.96, {0, 1, 2, 3}),
+        # Float32 cumulative sums that land an ulp below top_p (0.29999995, 0.79999995, 0.59999996):
+        ([0.3, 0.25, 0.25, 0.2], 0.3, {0}),
+        ([0.25, 0.3, 0.2, 0.25], 0.8, {0, 1, 3}),
+        ([0.15, 0.3, 0.25, 0.3], 0.6, {1, 3}),
+    ],
+)
+def test_top_p_keeps_smallest_set_reaching_mass(probs, top_p, allowed):
+    drawn = _draw_many(probs, SamplingParams(top_p=top_p), 4000)
     assert set(drawn.tolist()) == allowed
+
+
+def test_filters_off_leave_logits_bit_identical():
+    # A row with top_k and top_p off must not change when another row makes the batch sort
+    # (else its seeded tokens would depend on the batch): e.g. a float mass just under 1.0.
+    logits = torch.randn(2, 5000, generator=_gen(8)) * 8
+    logits[0, :10] = 30.0  # the tail's probabilities are ~1e-9 each
+    out = _apply_top_k_top_p(logits, [SamplingParams(), SamplingParams(top_k=3)])
+    assert torch.equal(out[0], logits[0])
+    assert torch.isfinite(out[1]).sum().item() == 3
 
 
 def test_top_p_tiny_keeps_top_token_and_renormalizes():

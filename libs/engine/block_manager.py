@@ -88,13 +88,15 @@ class BlockManager:
 
     # ----- sequences -----
 
-    def find_cached_prefix(self, block_hashes: list[bytes], num_tokens: int) -> PrefixMatch:
+    def find_cached_prefix(self, block_hashes: list[bytes], num_tokens: int, record: bool = True) -> PrefixMatch:
         """The longest run of leading blocks whose hashes are cached; takes no references.
 
         Capped at (num_tokens - 1) // block_size blocks, so at least one token is left to compute
         (the model needs the last token's logits) and hashes past num_tokens are ignored. A block
         still being imported (allocate_cached_block, not yet released) ends the run. Counts
-        queries += num_tokens and hits += num_cached_tokens (nothing when caching is disabled).
+        queries += num_tokens and hits += num_cached_tokens (nothing when caching is disabled), unless
+        `record` is False: a caller that may not use the match (admission can fail) records it with
+        `record_prefix_query` once it does.
         """
         if not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
@@ -108,9 +110,15 @@ class BlockManager:
                 break
             block_ids.append(block_id)
         num_cached = len(block_ids) * self.block_size
-        self._stats.queries += num_tokens
-        self._stats.hits += num_cached
+        if record:
+            self.record_prefix_query(num_tokens, num_cached)
         return PrefixMatch(block_ids, num_cached, tuple(block_hashes[: len(block_ids)]))
+
+    def record_prefix_query(self, num_tokens: int, num_cached_tokens: int) -> None:
+        """Counts one prefix-cache query of num_tokens tokens of which num_cached_tokens hit."""
+        if self.enable_prefix_caching:
+            self._stats.queries += num_tokens
+            self._stats.hits += num_cached_tokens
 
     def allocate_slots(self, seq_id: str, num_tokens: int, prefix: PrefixMatch | None = None) -> bool:
         """Ensures seq_id owns ceil(num_tokens / block_size) blocks; never shrinks a table.

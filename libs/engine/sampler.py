@@ -16,7 +16,7 @@ from splitserve.sampling_params import SamplingParams
 
 # Mass within this of top_p counts as reaching it: a float32 cumulative sum of probabilities that
 # add up to exactly top_p on paper (e.g. 0.5 + 0.3 for top_p=0.8) may land an ulp either side.
-_TOP_P_TOLERANCE = 0.0
+_TOP_P_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -77,8 +77,7 @@ class Sampler:
             token_ids[rows] = logits[rows].argmax(dim=-1)
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
-            sub_params = [params[i] for i in random_rows]
-            probs = self._probs(logits[rows], sub_params)
+            probs = self._probs(logits[rows], [params[i] for i in random_rows])
             token_ids[rows] = self._draw(probs, [generators[i] for i in random_rows])
         logprobs = self._logprobs(logits, token_ids, params) if any(want_logprobs) else [None] * batch
         return SamplerOutput(token_ids.tolist(), logprobs)
@@ -86,7 +85,7 @@ class Sampler:
     def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """[R, vocab] float32 probabilities after temperature, top-k, top-p and min-p (not renormalized
         after min-p: the draw does not need it)."""
-        device, vocab = logits.device, logits.shape[-1]
+        device = logits.device
         temperature = torch.tensor([p.temperature for p in params], device=device)  # [R] float32
         logits = logits / temperature[:, None]
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
@@ -166,8 +165,8 @@ def _apply_top_k_top_p(
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     # Keep token j (in sorted order) while the mass strictly before it is below top_p; rows with
     # top_p == 1 keep everything (their float cumulative sum may end a hair below 1).
-    top_p = torch.tensor([p.top_p - _TOP_P_TOLERANCE if p.top_p < 1.0 else float("inf") for p in params],
-                         device=device)  # [R]
+    top_p = [p.top_p - _TOP_P_TOLERANCE if p.top_p < 1.0 else float("inf") for p in params]
+    top_p = torch.tensor(top_p, device=device)  # [R] float32
     sorted_probs = sorted_logits.softmax(dim=-1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [R, vocab]
     drop = mass_before >= top_p[:, None]

@@ -99,7 +99,7 @@ class Scheduler:
             seq = self.waiting[0]
             prefix = None
             if seq.num_computed_tokens == 0:
-                prefix = self.block_manager.find_cached_prefix(seq.block_hashes, seq.num_tokens)
+                prefix = self.block_manager.find_cached_prefix(seq.block_hashes, seq.num_tokens, record=False)
                 start = prefix.num_cached_tokens
             else:  # KV imported into its blocks before admission
                 start = seq.num_computed_tokens
@@ -108,6 +108,7 @@ class Scheduler:
                 break  # admission by free blocks: wait until running sequences release some
             self.waiting.popleft()
             if seq.num_computed_tokens == 0 and prefix is not None:
+                self.block_manager.record_prefix_query(seq.num_tokens, start)
                 seq.num_computed_tokens = start
                 if seq.num_preemptions == 0:
                     seq.num_cached_tokens = start
