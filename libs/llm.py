@@ -41,6 +41,19 @@ class LLM:
         self.engine = LLMEngine(self.config)
         self._ids = itertools.count()
 
+    def with_config(self, **overrides) -> "LLM":
+        """A new LLM with its own KV cache and scheduler, sharing this one's weights and tokenizer.
+
+        `overrides` are cache and scheduler fields (kv_cache_memory_gb, max_num_seqs, ...)."""
+        new = object.__new__(LLM)
+        mc = self.config.model
+        new.config = EngineConfig.from_kwargs(
+            model=mc.model, dtype=mc.dtype, device=mc.device, max_model_len=mc.max_model_len, **overrides
+        )
+        new.engine = LLMEngine(new.config, share_weights_with=self.engine)
+        new._ids = itertools.count()
+        return new
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer

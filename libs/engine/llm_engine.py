@@ -55,12 +55,19 @@ class EngineStats:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, share_weights_with: "LLMEngine | None" = None) -> None:
+        """Loads the model (or reuses the weights and tokenizer of an engine with the same ModelConfig)."""
         self.config = config
         mc, cc = config.model, config.cache
         t0 = time.monotonic()
-        self.model, self.model_path = load_model(mc.model, mc.dtype, mc.device, mc.max_model_len)
-        self.tokenizer = load_tokenizer(self.model_path)
+        if share_weights_with is not None:
+            if share_weights_with.config.model != mc:
+                raise ValueError("share_weights_with: the other engine has a different ModelConfig")
+            self.model, self.model_path = share_weights_with.model, share_weights_with.model_path
+            self.tokenizer = share_weights_with.tokenizer
+        else:
+            self.model, self.model_path = load_model(mc.model, mc.dtype, mc.device, mc.max_model_len)
+            self.tokenizer = load_tokenizer(self.model_path)
         args = self.model.args
         self.model_id = self.model_path.name
         dtype = TORCH_DTYPES[mc.dtype]

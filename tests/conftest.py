@@ -1,0 +1,23 @@
+"""Shared fixtures: one float32 engine and one HF oracle per test session (each load costs seconds)."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def llm_f32():
+    from splitserve import LLM
+
+    return LLM(dtype="float32", kv_cache_memory_gb=0.25)
+
+
+@pytest.fixture(scope="session")
+def hf_model(llm_f32):
+    """HF transformers' Llama loaded from the same GGUF file (the oracle), float32, EOS not stopping."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = llm_f32.engine.model_path
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model.eval()
+    return model

@@ -1,0 +1,172 @@
+"""Engine behaviour on the default model: prefix caching, preemption, seeds, stops, validation."""
+from __future__ import annotations
+
+import pytest
+
+from splitserve import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def text_ids(llm_f32):
+    text = (
+        "Once upon a time, in a small village at the edge of a great forest, there lived an old "
+        "clockmaker who repaired every clock in the valley and never asked for payment. "
+        "Children gathered at his window each morning to watch the gears turn."
+    )
+    ids = llm_f32.tokenizer.encode(text)
+    assert len(ids) >= 40
+    return ids
+
+
+def test_prefix_cache_computes_only_the_suffix(llm_f32, text_ids):
+    llm = llm_f32.with_config(kv_cache_memory_gb=0.05)
+    bm, stats = llm.engine.block_manager, llm.engine.stats
+    first = text_ids[:40]  # 2 full blocks of 16 and 8 more tokens
+    second = text_ids[:32] + llm_f32.tokenizer.encode(" A different ending follows here.")
+    llm.generate([first], GREEDY)
+    before_queries, before_hits, before_prompt = bm.stats.queries, bm.stats.hits, stats.prompt_tokens
+
+    (out,) = llm.generate([second], GREEDY)
+
+    assert out.num_cached_tokens == 32
+    assert bm.stats.hits - before_hits == 32
+    assert bm.stats.queries - before_queries == len(second)
+    assert stats.prompt_tokens - before_prompt == len(second) - 32  # only the suffix was computed
+    (reference,) = llm_f32.with_config(kv_cache_memory_gb=0.05, enable_prefix_caching=False).generate([second], GREEDY)
+    assert out.token_ids == reference.token_ids
+    assert out.text == reference.text
+
+
+def test_fully_cached_prompt_still_computes_last_token(llm_f32, text_ids):
+    llm = llm_f32.with_config(kv_cache_memory_gb=0.05)
+    prompt = text_ids[:32]  # exactly two blocks
+    (a,) = llm.generate([prompt], GREEDY)
+    (b,) = llm.generate([prompt], GREEDY)
+    assert b.num_cached_tokens == 16  # the last block is recomputed for its logits
+    assert a.token_ids == b.token_ids
+
+
+def test_preemption_with_small_pool_gives_identical_outputs(llm_f32, text_ids):
+    prompts = [text_ids[i : i + 20] for i in range(16)]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    big = llm_f32.with_config(kv_cache_memory_gb=0.1)
+    reference = big.generate(prompts, params)
+    # 16 sequences of 50 tokens need 4 blocks each (64); the pool holds 20.
+    block_gb = big.engine.kv_cache.bytes_per_block / 2**30
+    small = llm_f32.with_config(kv_cache_memory_gb=20.5 * block_gb)
+    assert small.engine.block_manager.num_blocks == 20
+    outs = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == [r.token_ids for r in reference]
+    assert all(len(o.token_ids) == 30 and o.finish_reason == "length" for o in outs)
+    assert small.engine.block_manager.usage == 0.0  # everything freed
+
+
+def test_continuous_batching_respects_max_num_seqs(llm_f32, text_ids):
+    llm = llm_f32.with_config(kv_cache_memory_gb=0.05, max_num_seqs=3, max_num_batched_tokens=64)
+    prompts = [text_ids[i : i + 10 + i] for i in range(7)]
+    lengths = [3, 9, 5, 2, 7, 4, 6]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    outs = llm.generate(prompts, params)
+    assert [len(o.token_ids) for o in outs] == lengths
+    assert llm.engine.stats.max_batch_size == 3
+    solo = [llm.generate([p], q)[0].token_ids for p, q in zip(prompts, params)]
+    assert [o.token_ids for o in outs] == solo
+
+
+def test_chunked_prefill_matches_unchunked(llm_f32, text_ids):
+    chunked = llm_f32.with_config(kv_cache_memory_gb=0.05, max_num_batched_tokens=16, enable_prefix_caching=False)
+    (a,) = chunked.generate([text_ids], GREEDY)
+    (b,) = llm_f32.with_config(kv_cache_memory_gb=0.05, enable_prefix_caching=False).generate([text_ids], GREEDY)
+    assert a.token_ids == b.token_ids
+
+
+def test_seeded_sampling_is_independent_of_batch(llm_f32, text_ids):
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
+    other = SamplingParams(temperature=1.2, max_tokens=10, ignore_eos=True)
+    prompt = text_ids[:20]
+    (alone,) = llm_f32.generate([prompt], seeded)
+    batch = llm_f32.generate(
+        [text_ids[5:30], prompt, text_ids[:7], text_ids[3:40]], [other, seeded, other, GREEDY]
+    )
+    assert batch[1].token_ids == alone.token_ids
+    (again,) = llm_f32.generate([prompt], seeded)
+    assert again.token_ids == alone.token_ids
+    different = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=4321, max_tokens=16, ignore_eos=True)
+    assert llm_f32.generate([prompt], different)[0].token_ids != alone.token_ids
+
+
+def test_stop_string_cuts_text_exactly(llm_f32, text_ids):
+    prompt = text_ids[:24]
+    (free,) = llm_f32.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    text = free.text
+    assert len(text) > 12
+    stop = text[6:10]  # a string the model is known to produce, likely spanning tokens
+    (cut,) = llm_f32.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    assert cut.text == text[: text.index(stop)]
+    (kept,) = llm_f32.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=stop, include_stop_str_in_output=True)
+    )
+    assert kept.text == text[: text.index(stop) + len(stop)]
+
+
+def test_stop_token_ids_and_eos(llm_f32):
+    msgs = [{"role": "user", "content": "Say hello."}]
+    (out,) = llm_f32.chat(msgs, SamplingParams(temperature=0, max_tokens=64))
+    eos = next(iter(llm_f32.tokenizer.eos_token_ids))
+    assert out.finish_reason == "stop" and out.token_ids[-1] == eos
+    assert "<|im_end|>" not in out.text
+    target = out.token_ids[2]
+    (stopped,) = llm_f32.chat(msgs, SamplingParams(temperature=0, max_tokens=64, stop_token_ids=[target]))
+    assert stopped.token_ids == out.token_ids[:3]
+    assert stopped.stop_reason == target
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(max_tokens=-1), "max_tokens"),
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=-0.1), "temperature"),
+        (dict(top_k=-5), "top_k"),
+        (dict(min_p=2.0), "min_p"),
+        (dict(logprobs=-1), "logprobs"),
+    ],
+)
+def test_bad_sampling_params_name_the_argument(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        SamplingParams(**kwargs)
+
+
+def test_bad_prompts_name_the_problem(llm_f32):
+    with pytest.raises(ValueError, match="empty"):
+        llm_f32.generate([""])
+    with pytest.raises(ValueError, match="empty"):
+        llm_f32.generate([[]])
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm_f32.generate([[5] * llm_f32.engine.max_model_len])
+    with pytest.raises(ValueError, match="vocabulary"):
+        llm_f32.generate([[1, 2, 10**9]])
+    with pytest.raises(ValueError, match="sampling_params"):
+        llm_f32.generate(["a", "b"], [GREEDY])
+    # and the engine keeps serving
+    assert llm_f32.generate(["Hello"], GREEDY)[0].finish_reason == "length"
+    assert not llm_f32.engine.has_unfinished()
+
+
+def test_abort_frees_blocks(llm_f32, text_ids):
+    llm = llm_f32.with_config(kv_cache_memory_gb=0.05)
+    engine = llm.engine
+    engine.add_request("r1", text_ids, SamplingParams(temperature=0, max_tokens=50))
+    engine.step()
+    engine.step()
+    assert engine.block_manager.usage > 0
+    assert engine.abort_request("r1")
+    assert engine.block_manager.usage == 0.0
+    assert not engine.has_unfinished()
+    assert not engine.abort_request("r1")  # idempotent
