@@ -81,11 +81,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)  # [P, head_dim] f32
         self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # q: [T, heads, head_dim]; k: [T, kv_heads, head_dim]; positions: [T] int64
-        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin of each token's position: [T, 1, head_dim] in `dtype` (once per step, not per layer)."""
+        return self.cos[positions].to(dtype).unsqueeze(1), self.sin[positions].to(dtype).unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [T, n, head_dim] (q and k heads together); cos, sin: [T, 1, head_dim]
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -118,14 +121,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
         self.scale = args.head_dim**-0.5
 
-    def forward(self, x, positions, rotary, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
-        # x: [T, hidden]
+    def forward(self, x, rope, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
+        # x: [T, hidden]; rope: (cos, sin) [T, 1, head_dim]
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = apply_rope(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, heads, head_dim]
         return self.o_proj(out.reshape(t, self.q_size))
 
@@ -151,8 +153,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, positions, rotary, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, meta)
+    def forward(self, x, rope, kv_cache, meta) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -175,11 +177,45 @@ class LlamaModel(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden] final-normed hidden states
         x = self.embed_tokens(input_ids)
+        rope = self.rotary.lookup(positions, x.dtype)
         for layer, kv in zip(self.layers, kv_caches):
-            x = layer(x, positions, self.rotary, kv, meta)
+            x = layer(x, rope, kv, meta)
         return self.norm(x)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden [N, hidden] -> [N, vocab] f32
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        if self.lm_head is None:
+            return F.linear(hidden, self.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
+
+    def use_transposed_gemm(self, compute_dtype: torch.dtype) -> None:
+        """CPU: swaps every projection for a `TransposedLinear` (and unties the LM head)."""
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear):
+                    setattr(module, name, TransposedLinear(child.weight, child.bias, compute_dtype))
+        if self.lm_head is None:
+            self.lm_head = TransposedLinear(self.embed_tokens.weight, None, compute_dtype)
+
+
+class TransposedLinear(nn.Module):
+    """y = x @ W^T with W stored transposed, [in, out] contiguous, in `compute_dtype`.
+
+    Why: on x86 CPUs MKL's GEMM with a transposed right operand (what F.linear does with the usual
+    [out, in] weight) is 2-4x slower for 1-48 rows (the decode regime) than a plain row-major one.
+    When the CPU has no native bfloat16 dot product (no AVX512-BF16/AMX), bfloat16 GEMMs are
+    emulated and 2-3x slower than float32 ones; the bfloat16 weights are then kept as exact float32
+    copies and the product runs in float32 on bf16-rounded inputs with float32 accumulation and a
+    bf16-rounded result, which is what a bf16 GEMM computes, at float32 speed (and twice the memory).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_dtype = weight.dtype
+        self.register_buffer("weight_t", weight.detach().t().to(compute_dtype).contiguous())  # [in, out]
+        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(self.weight_t.dtype)
+        y = torch.mm(x2, self.weight_t) if self.bias is None else torch.addmm(self.bias, x2, self.weight_t)
+        return y.to(self.out_dtype).view(*x.shape[:-1], y.shape[-1])

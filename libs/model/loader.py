@@ -66,8 +66,26 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
     model_obj.rotary = type(model_obj.rotary)(args, positions)
     model_obj = model_obj.to(device=device, dtype=TORCH_DTYPES[dtype])
     model_obj.rotary.to(dtype=torch.float32)  # cos/sin stay float32, as HF computes them
+    if torch.device(device).type == "cpu":
+        model_obj.use_transposed_gemm(cpu_gemm_dtype(TORCH_DTYPES[dtype]))
     model_obj.eval()
     return model_obj, path
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype CPU projections multiply in: float32 for bfloat16 when the CPU would emulate it."""
+    if dtype == torch.bfloat16 and not cpu_has_native_bf16():
+        return torch.float32
+    return dtype
 
 
 # ---------------------------------------------------------------------------------------------- GGUF
