@@ -209,6 +209,9 @@ def read_hf_config(path: Path) -> ModelArgs:
     model_type = cfg.get("model_type", "llama")
     if model_type not in ("llama", "mistral", "qwen2"):
         raise ModelLoadError(f"{cfg_file}: unsupported model_type {model_type!r} (supported: llama, mistral, qwen2)")
+    # transformers >= 5 writes `rope_parameters` (theta and scaling together) instead of
+    # `rope_theta` and `rope_scaling`; older checkpoints have the latter.
+    rope = dict(cfg.get("rope_parameters") or {})
     try:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
@@ -222,11 +225,11 @@ def read_hf_config(path: Path) -> ModelArgs:
             num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
             head_dim=int(cfg.get("head_dim") or hidden // heads),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0))),
+            rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=model_type == "qwen2" or bool(cfg.get("attention_bias", False)),
-            rope_scaling=dict(cfg.get("rope_scaling") or {}),
+            rope_scaling=dict(cfg.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else {})),
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", model_type == "mistral") else None,
         )
     except KeyError as exc:
