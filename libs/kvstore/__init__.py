@@ -1,0 +1,1 @@
+"""Block storage of the kvstore role (host memory, byte budget, LRU, leases)."""

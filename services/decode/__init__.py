@@ -1,0 +1,1 @@
+"""The decode role: its gRPC shell and entry point."""

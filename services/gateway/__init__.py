@@ -1,0 +1,1 @@
+"""The gateway role: its gRPC shell and entry point."""

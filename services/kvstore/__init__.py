@@ -1,0 +1,1 @@
+"""The kvstore role: its gRPC shell and entry point."""
