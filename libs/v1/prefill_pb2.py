@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/v1/prefill.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x83\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"\xfe\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x32\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x14\n\x0c\x62lock_hashes\x18\x04 \x03(\x0c\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\x12\x17\n\x0fkvstore_address\x18\x07 \x01(\t\x12\x11\n\trng_state\x18\x08 \x01(\x0c\x12\x11\n\tworker_id\x18\t \x01(\t\"\r\n\x0bLoadRequest\"z\n\x0cLoadResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x15\n\rqueued_tokens\x18\x04 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x02\x32\x97\x01\n\x07Prefill\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12\x42\n\x07GetLoad\x12\x1a.splitserve.v1.LoadRequest\x1a\x1b.splitserve.v1.LoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bsplitserve/v1/prefill.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\"\x83\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12/\n\x08sampling\x18\x03 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x04 \x01(\t\"\xfe\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x32\n\rfirst_logprob\x18\x03 \x01(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x14\n\x0c\x62lock_hashes\x18\x04 \x03(\x0c\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\r\x12\x1b\n\x13num_computed_tokens\x18\x06 \x01(\r\x12\x17\n\x0fkvstore_address\x18\x07 \x01(\t\x12\x11\n\trng_state\x18\x08 \x01(\x0c\x12\x11\n\tworker_id\x18\t \x01(\t\"\r\n\x0bLoadRequest\"\xa6\x02\n\x0cLoadResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x13\n\x0bnum_running\x18\x02 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x03 \x01(\r\x12\x15\n\rqueued_tokens\x18\x04 \x01(\r\x12\x16\n\x0ekv_cache_usage\x18\x05 \x01(\x02\x12\x17\n\x0fnum_free_blocks\x18\x06 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x07 \x01(\r\x12\x10\n\x08model_id\x18\x08 \x01(\t\x12\x12\n\nblock_size\x18\t \x01(\r\x12\x15\n\rmax_model_len\x18\n \x01(\r\x12\x12\n\nvocab_size\x18\x0b \x01(\r\x12\x12\n\nmodel_path\x18\x0c \x01(\t\x12\x12\n\nbatch_size\x18\r \x01(\r2\x97\x01\n\x07Prefill\x12H\n\x07Prefill\x12\x1d.splitserve.v1.PrefillRequest\x1a\x1e.splitserve.v1.PrefillResponse\x12\x42\n\x07GetLoad\x12\x1a.splitserve.v1.LoadRequest\x1a\x1b.splitserve.v1.LoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PREFILLRESPONSE']._serialized_end=463
   _globals['_LOADREQUEST']._serialized_start=465
   _globals['_LOADREQUEST']._serialized_end=478
-  _globals['_LOADRESPONSE']._serialized_start=480
-  _globals['_LOADRESPONSE']._serialized_end=602
-  _globals['_PREFILL']._serialized_start=605
-  _globals['_PREFILL']._serialized_end=756
+  _globals['_LOADRESPONSE']._serialized_start=481
+  _globals['_LOADRESPONSE']._serialized_end=775
+  _globals['_PREFILL']._serialized_start=778
+  _globals['_PREFILL']._serialized_end=929
 # @@protoc_insertion_point(module_scope)
