@@ -61,6 +61,8 @@ class BlockManager:
         # Blocks holding the one reference taken by allocate_cached_block, not yet released.
         self._importing: set[int] = set()
         self._stats = PrefixCacheStats()
+        self.track_evictions = False  # a worker turns this on to keep Redis ownership in step
+        self.evicted_hashes: list[bytes] = []
 
     # ----- counters -----
 
@@ -313,3 +315,15 @@ class BlockManager:
         if h is not None:
             self._block_hash[block_id] = None
             del self._hash_to_block[h]
+            if self.track_evictions:
+                self.evicted_hashes.append(h)
+
+    def take_evicted(self) -> list[bytes]:
+        """The hashes that left the prefix cache since the last call (when track_evictions is on);
+        a worker removes them from its Redis ownership."""
+        out, self.evicted_hashes = self.evicted_hashes, []
+        return out
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every hash in the prefix cache now (a worker's ownership snapshot)."""
+        return list(self._hash_to_block)

@@ -16,6 +16,7 @@ from splitserve.config import EngineConfig
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.hashing import hash_namespace
+from splitserve.engine.kv_block import BlockHeader, KVBlockError, encode_block, import_block
 from splitserve.engine.kv_cache import KVCache
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.sampler import Sampler, TokenLogprobs
@@ -41,6 +42,9 @@ class StepOutput:
     stop_reason: int | str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    # Requests added with export_blocks=True, in their last output only:
+    exported_blocks: list[tuple[BlockHeader, bytes]] = field(default_factory=list)  # full prompt blocks
+    rng_state: bytes = b""  # the seeded generator's state after the last token
 
 
 @dataclass
@@ -119,21 +123,87 @@ class LLMEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         cache_salt: str | None = None,
+        *,
+        output_token_ids: list[int] | None = None,
+        detokenize: bool = True,
+        export_blocks: bool = False,
+        rng_state: bytes | None = None,
     ) -> None:
+        """Queues a request. `output_token_ids` continues a generation begun elsewhere (the first
+        token from a prefill worker, or a stream being resumed); `detokenize=False` leaves text and
+        stop strings to the caller (the gateway); `export_blocks` returns the prompt's full KV blocks
+        with the last output; `rng_state` continues a seeded generator from that state."""
         if request_id in self._seqs:
             raise ValueError(f"request_id {request_id!r} is already running")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         self.validate_prompt(prompt_token_ids)
+        outputs = list(output_token_ids or ())
+        vocab = self.model.args.vocab_size
+        for t in outputs:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"output token id {t!r} is outside the vocabulary [0, {vocab})")
+        if len(prompt_token_ids) + len(outputs) >= self.max_model_len:
+            raise ValueError(f"prompt plus output ({len(prompt_token_ids) + len(outputs)} tokens) fills the "
+                             f"context window (max_model_len {self.max_model_len})")
+        if len(outputs) >= params.max_tokens:
+            raise ValueError(f"output_token_ids already holds {len(outputs)} tokens, max_tokens is {params.max_tokens}")
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+            if rng_state:
+                try:
+                    generator.set_state(torch.frombuffer(bytearray(rng_state), dtype=torch.uint8))
+                except RuntimeError as exc:
+                    raise ValueError(f"rng_state is not a valid generator state: {exc}") from None
         seq = Sequence(
             request_id, prompt_token_ids, params, self.config.cache.block_size, self.namespace(cache_salt), generator
         )
+        for t in outputs:
+            seq.append_token(t)
+        seq.export_blocks = export_blocks
         self._seqs[request_id] = seq
-        self._detok[request_id] = IncrementalDetokenizer(self.tokenizer.hf, seq.prompt_token_ids, params)
+        if detokenize:
+            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer.hf, seq.prompt_token_ids, params)
         self.scheduler.add(seq)
+
+    # ----------------------------------------------------------------------- KV blocks
+    def num_local_prefix_blocks(self, block_hashes: list[bytes]) -> int:
+        """Leading blocks of `block_hashes` this engine's prefix cache holds now."""
+        n = 0
+        for h in block_hashes:
+            if self.block_manager.lookup(h) is None:
+                break
+            n += 1
+        return n
+
+    def import_blocks(self, blocks: list[tuple[BlockHeader, bytes]]) -> int:
+        """Writes received blocks into free pages and registers them in the prefix cache, in order,
+        stopping at the first that is invalid or finds no free page; blocks already cached are
+        skipped. Returns how many leading blocks are now cached. Nothing half-written is kept."""
+        done = 0
+        for header, payload in blocks:
+            if self.block_manager.lookup(header.block_hash) is not None:
+                done += 1
+                continue
+            block_id = self.block_manager.allocate_cached_block(header.block_hash)
+            if block_id is None:
+                break
+            try:
+                import_block(self.kv_cache, block_id, header, payload, self.model_id, header.block_hash)
+            except KVBlockError as exc:
+                logger.warning("KV block import failed, the rest is recomputed: %s", exc)
+                self.block_manager.release_block(block_id, keep_cached=False)
+                break
+            self.block_manager.release_block(block_id)
+            done += 1
+        return done
+
+    def _export(self, seq: Sequence) -> list[tuple[BlockHeader, bytes]]:
+        """The computed full blocks of the prompt (read before the sequence's blocks are freed)."""
+        table = self.block_manager.block_table(seq.seq_id)
+        n = min(seq.num_prompt_tokens, seq.num_computed_tokens) // self.config.cache.block_size
+        return [encode_block(self.kv_cache, table[i], seq.block_hashes[i], self.model_id) for i in range(n)]
 
     def abort_request(self, request_id: str) -> bool:
         """Ends a request at once and frees its blocks; False if it is unknown or already done."""
@@ -161,10 +231,9 @@ class LLMEngine:
         for seq, n in sched.scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
+            self.stats.prompt_tokens += max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens))
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq.seq_id, seq.block_hashes, seq.num_computed_tokens)
-            if seq.num_output_tokens == 0:
-                self.stats.prompt_tokens += n
         self.stats.num_steps += 1
         self.stats.last_batch_size = len(sched.scheduled)
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(sched.scheduled))
@@ -180,7 +249,7 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> StepOutput:
         params = seq.params
-        detok = self._detok[seq.seq_id]
+        detok = self._detok.get(seq.seq_id)  # None: the caller detokenizes
         seq.append_token(token)
         if seq.first_token_time is None:
             seq.first_token_time = time.monotonic()
@@ -191,15 +260,21 @@ class LLMEngine:
             reason = "stop"  # EOS text is never part of the output
         elif token in params.stop_token_ids:
             reason, stop_reason = "stop", token
-        else:
+        elif detok is not None:
             text = detok.add(token)
             if detok.stopped:
                 reason, stop_reason = "stop", detok.stop_reason
         if reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
+        exported, rng_state = [], b""
         if reason is not None:
-            text += detok.flush()
+            if detok is not None:
+                text += detok.flush()
             seq.stop_reason = stop_reason
+            if seq.export_blocks:
+                exported = self._export(seq)
+                if seq.generator is not None:
+                    rng_state = seq.generator.get_state().numpy().tobytes()
             self.scheduler.finish(seq, reason)
             self._seqs.pop(seq.seq_id, None)
             self._detok.pop(seq.seq_id, None)
@@ -213,4 +288,6 @@ class LLMEngine:
             stop_reason=stop_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
+            exported_blocks=exported,
+            rng_state=rng_state,
         )

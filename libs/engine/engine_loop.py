@@ -1,0 +1,170 @@
+"""Runs an `LLMEngine` in its own thread for servers: requests from many threads, one batch.
+
+Only the loop thread touches the engine. Other threads hand it work through `call` (a function run
+between two steps, its result returned through a Future) and `add_request` (a `RequestStream` that
+yields the request's `StepOutput`s). Each request is bounded by `max_pending` so a server refuses
+work at once instead of growing its queue without limit.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from typing import Any, Callable
+
+from splitserve.engine.llm_engine import LLMEngine, StepOutput
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFullError(RuntimeError):
+    """The engine already holds `max_pending` requests (servers map it to RESOURCE_EXHAUSTED)."""
+
+
+class RequestStream:
+    """The outputs of one request, in order; iteration ends after the finished output."""
+
+    def __init__(self, request_id: str, loop: "EngineLoop") -> None:
+        self.request_id = request_id
+        self._loop = loop
+        self._queue: queue.Queue[StepOutput | BaseException] = queue.Queue()
+        self.finished = False
+        self.setup_result: Any = None  # what add_request's `before` hook returned
+
+    def _put(self, item: StepOutput | BaseException) -> None:
+        self._queue.put(item)
+
+    def get(self, timeout: float | None = None) -> StepOutput:
+        """The next output; raises what the loop failed with, or queue.Empty on timeout."""
+        item = self._queue.get(timeout=timeout)
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def __iter__(self):
+        while not self.finished:
+            yield self.get()
+
+    def abort(self) -> None:
+        """Ends the request now (client gone); its blocks are freed by the loop thread."""
+        if not self.finished:
+            self.finished = True
+            self._loop.abort(self.request_id)
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, max_pending: int = 256) -> None:
+        self.engine = engine
+        self.max_pending = max_pending
+        self._inbox: queue.Queue[tuple[Callable[[LLMEngine], Any], Future]] = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()  # guards _streams (read by other threads for counts)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self.last_error: BaseException | None = None
+
+    def start(self) -> "EngineLoop":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    @property
+    def num_pending(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    # ------------------------------------------------------------------ called from any thread
+    def call(self, fn: Callable[[LLMEngine], Any]) -> Future:
+        """Runs fn(engine) on the loop thread between two steps."""
+        fut: Future = Future()
+        self._inbox.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params, **kwargs) -> RequestStream:
+        """Queues a request (kwargs as LLMEngine.add_request, plus `before=fn(engine)` run first,
+        e.g. to import KV blocks right before admission). Raises QueueFullError, or ValueError
+        from the engine's validation."""
+        before = kwargs.pop("before", None)
+        stream = RequestStream(request_id, self)
+        with self._lock:
+            if len(self._streams) >= self.max_pending:
+                raise QueueFullError(f"engine queue is full ({self.max_pending} requests)")
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already running")
+            self._streams[request_id] = stream
+
+        def add(engine: LLMEngine):
+            extra = before(engine) if before is not None else None
+            engine.add_request(request_id, prompt_token_ids, params, **kwargs)
+            return extra
+
+        fut = self.call(add)
+        try:
+            stream.setup_result = fut.result()
+        except BaseException:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        def do(engine: LLMEngine):
+            engine.abort_request(request_id)
+            with self._lock:
+                self._streams.pop(request_id, None)
+
+        self.call(do)
+
+    # ------------------------------------------------------------------ the loop thread
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                fn, fut = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(self.engine))
+                except BaseException as exc:  # handed to the caller, the loop goes on
+                    fut.set_exception(exc)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain_inbox()
+            if not self.engine.has_unfinished():
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a failed step fails its requests, not the process
+                logger.exception("engine step failed")
+                self.last_error = exc
+                self._fail_all(exc)
+                continue
+            for out in outputs:
+                with self._lock:
+                    stream = self._streams.get(out.request_id)
+                    if out.finished:
+                        self._streams.pop(out.request_id, None)
+                if stream is not None:
+                    stream._put(out)
+        self._fail_all(RuntimeError("engine loop stopped"))
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            streams = list(self._streams.items())
+            self._streams.clear()
+        for request_id, stream in streams:
+            self.engine.abort_request(request_id)
+            stream._put(exc)

@@ -1,0 +1,242 @@
+"""The gateway's request pipeline without the RPC glue: validation, tokenization, block hashing,
+sampling conversions, and the output stream (detokenization and every stop check).
+
+Stop semantics are those of `LLMEngine._append`, so a request served through the gateway ends
+exactly where it would end in one process:
+- EOS (unless ignore_eos) or a stop token id: finish "stop"; the id is in token_ids, its text is
+  not in the output; stop_reason is the stop token id as a decimal string ("" for EOS);
+- a stop string: finish "stop", the text is cut before it (after it with include_stop_str_in_output),
+  stop_reason is the string, the token that completed it is the last one sent;
+- otherwise "length" once the output holds max_tokens tokens or prompt + output fills max_model_len.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import NamedTuple, Sequence
+
+from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.hashing import block_hashes, hash_namespace
+from splitserve.sampling_params import SamplingParams
+from splitserve.v1 import common_pb2
+
+CHAT_ROLES = ("system", "user", "assistant")
+MAX_REQUEST_ID_CHARS = 256
+# Optional proto fields: unset means "the engine's default" (SamplingParams' own defaults).
+_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs",
+                      "skip_special_tokens")
+_PLAIN_SAMPLING = ("ignore_eos", "include_stop_str_in_output")
+
+
+class InvalidRequest(ValueError):
+    """A request the gateway rejects (INVALID_ARGUMENT); the message starts with the field's name."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message if message.startswith(field) else f"{field}: {message}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The served model's identity, adopted from the first worker that answered GetLoad; every
+    worker must report the same model_id and block_size (else its block hashes would differ)."""
+
+    model_id: str  # the block-hash namespace's model id, also the served model name
+    model_path: str  # what the worker loaded; the gateway loads the tokenizer from it
+    block_size: int  # tokens per KV block
+    max_model_len: int  # longest prompt + output, in tokens
+    vocab_size: int  # token ids must be in [0, vocab_size)
+
+    @classmethod
+    def from_load(cls, load) -> "ModelInfo":
+        info = cls(load.model_id, load.model_path, int(load.block_size), int(load.max_model_len), int(load.vocab_size))
+        if not info.model_id or info.block_size < 1 or info.max_model_len < 2 or info.vocab_size < 1:
+            raise ValueError(f"worker {load.worker_id!r} reports an incomplete model identity: {info}")
+        return info
+
+    def mismatch(self, load) -> str | None:
+        """Why a worker's LoadResponse disagrees with this identity, or None when it agrees."""
+        if load.model_id != self.model_id or load.block_size != self.block_size:
+            return (f"serves model_id={load.model_id!r} block_size={load.block_size}, the gateway "
+                    f"serves model_id={self.model_id!r} block_size={self.block_size}")
+        return None
+
+
+def sampling_from_proto(pb: common_pb2.SamplingParams) -> SamplingParams:
+    """SamplingParams from the wire form (unset optional fields take the defaults).
+    Raises ValueError naming the field (SamplingParams validates)."""
+    kwargs = {name: getattr(pb, name) for name in _OPTIONAL_SAMPLING if pb.HasField(name)}
+    kwargs.update({name: getattr(pb, name) for name in _PLAIN_SAMPLING})
+    kwargs["stop"] = list(pb.stop)
+    kwargs["stop_token_ids"] = [int(t) for t in pb.stop_token_ids]
+    return SamplingParams(**kwargs)
+
+
+def sampling_to_proto(sampling: "SamplingParams | dict | common_pb2.SamplingParams | None") -> common_pb2.SamplingParams:
+    """The wire form of a SamplingParams (every field set), of a dict of some of its fields (only
+    those given and not None are set; values are not validated here, the gateway does), or a proto."""
+    if sampling is None:
+        return common_pb2.SamplingParams()
+    if isinstance(sampling, common_pb2.SamplingParams):
+        return sampling
+    if isinstance(sampling, SamplingParams):
+        values = {f: getattr(sampling, f) for f in (*_OPTIONAL_SAMPLING, *_PLAIN_SAMPLING, "stop", "stop_token_ids")}
+    elif isinstance(sampling, dict):
+        unknown = set(sampling) - {*_OPTIONAL_SAMPLING, *_PLAIN_SAMPLING, "stop", "stop_token_ids"}
+        if unknown:
+            raise ValueError(f"unknown sampling field(s): {', '.join(sorted(unknown))}")
+        values = dict(sampling)
+    else:
+        raise TypeError(f"sampling must be a SamplingParams, a dict or None, got {type(sampling).__name__}")
+    if isinstance(values.get("stop"), str):
+        values["stop"] = [values["stop"]]
+    return common_pb2.SamplingParams(**{k: v for k, v in values.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A validated, tokenized request, ready for routing."""
+
+    request_id: str  # the client's id (generated when empty), echoed in every response
+    downstream_id: str  # request_id plus a random suffix: unique per call into the workers
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    sampling: common_pb2.SamplingParams  # the wire form passed on to the workers
+    cache_salt: str
+    block_hashes: list[bytes]  # chained hashes of the prompt's full blocks (32 bytes each)
+    input_field: str  # "prompt" | "prompt_token_ids" | "chat": named in later errors
+
+
+def prepare_request(request, tokenizer, model: ModelInfo, served_names: Sequence[str] = ()) -> PreparedRequest:
+    """Validates and tokenizes a GenerateRequest; raises InvalidRequest naming the field.
+
+    `served_names`: model names accepted in `request.model` besides `model.model_id`."""
+    if request.model and request.model not in (model.model_id, *served_names):
+        raise InvalidRequest("model", f"model {request.model!r} is not served here; the served model is "
+                                      f"{(served_names or [model.model_id])[0]!r}")
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidRequest("request_id", f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
+    try:
+        params = sampling_from_proto(request.sampling)
+    except ValueError as exc:
+        raise InvalidRequest("sampling", f"sampling.{exc}") from None
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidRequest("input", "input: give one of prompt, prompt_token_ids or chat")
+    ids = _tokenize(request, kind, tokenizer, model.vocab_size)
+    if len(ids) >= model.max_model_len:
+        raise InvalidRequest(kind, f"{kind} is {len(ids)} tokens; the context window (max_model_len) is "
+                                   f"{model.max_model_len}, which leaves no room for output")
+    hashes = block_hashes(ids, model.block_size, hash_namespace(model.model_id, request.cache_salt or None))
+    request_id = request.request_id or uuid.uuid4().hex
+    return PreparedRequest(request_id, f"{request_id}~{uuid.uuid4().hex[:8]}", ids, params,
+                           request.sampling, request.cache_salt, hashes, kind)
+
+
+def _tokenize(request, kind: str, tokenizer, vocab_size: int) -> list[int]:
+    if kind == "prompt":
+        if not request.prompt:
+            raise InvalidRequest("prompt", "prompt is empty")
+        ids = tokenizer.encode(request.prompt)
+    elif kind == "prompt_token_ids":
+        ids = [int(t) for t in request.prompt_token_ids.ids]
+        if not ids:
+            raise InvalidRequest("prompt_token_ids", "prompt_token_ids is empty")
+        for i, t in enumerate(ids):
+            if t >= vocab_size:  # uint32 on the wire: never negative
+                raise InvalidRequest("prompt_token_ids", f"prompt_token_ids[{i}] = {t} is outside the "
+                                                         f"vocabulary [0, {vocab_size})")
+    else:
+        messages = list(request.chat.messages)
+        if not messages:
+            raise InvalidRequest("chat", "chat.messages is empty")
+        for i, m in enumerate(messages):
+            if m.role not in CHAT_ROLES:
+                raise InvalidRequest("chat", f"chat.messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, "
+                                             f"got {m.role!r}")
+        try:
+            ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
+        except ValueError as exc:
+            raise InvalidRequest("chat", f"chat: {exc}") from None
+    if not ids:
+        raise InvalidRequest(kind, f"{kind} tokenizes to no tokens")
+    return ids
+
+
+class Delta(NamedTuple):
+    """What one batch of tokens adds to the client's stream."""
+
+    token_ids: list[int]  # tokens kept (those after the finishing one are dropped)
+    text: str  # new text, whole UTF-8 characters (may be "" while held back)
+    logprobs: list  # common_pb2.TokenLogprob per kept token, or [] when not asked for
+
+
+class OutputStream:
+    """One request's generated tokens in, client deltas out; owns the stop decision.
+
+    Invariant: once `finish_reason` is set, add() keeps nothing more; `token_ids` are exactly the
+    ids sent to the client and `text` the concatenation of the texts sent.
+    """
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int) -> None:
+        self._detok = IncrementalDetokenizer(tokenizer.hf, prompt_token_ids, params)
+        self._eos = tokenizer.eos_token_ids
+        self._params = params
+        self._num_prompt_tokens = len(prompt_token_ids)
+        self._max_model_len = max_model_len
+        self.token_ids: list[int] = []
+        self.finish_reason = ""  # "" until finished: "stop" | "length"
+        self.stop_reason = ""  # the stop string, or a stop token id in decimal; "" for EOS and length
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.finish_reason)
+
+    @property
+    def text(self) -> str:
+        return self._detok.text
+
+    def add(self, token_ids: Sequence[int], logprobs: Sequence = ()) -> Delta:
+        """Appends tokens from a worker (in order) and runs the stop checks after each."""
+        kept_ids, text, kept_lps = [], [], []
+        with_lps = len(logprobs) == len(token_ids)
+        for i, token in enumerate(token_ids):
+            if self.finished:
+                break
+            token = int(token)
+            self.token_ids.append(token)
+            kept_ids.append(token)
+            if with_lps:
+                kept_lps.append(logprobs[i])
+            text.append(self._check_token(token))
+        return Delta(kept_ids, "".join(text), kept_lps)
+
+    def _check_token(self, token: int) -> str:
+        p = self._params
+        text = ""
+        if not p.ignore_eos and token in self._eos:
+            self.finish_reason = "stop"  # EOS text is never part of the output
+        elif token in p.stop_token_ids:
+            self.finish_reason, self.stop_reason = "stop", str(token)
+        else:
+            text = self._detok.add(token)
+            if self._detok.stopped:
+                self.finish_reason, self.stop_reason = "stop", self._detok.stop_reason or ""
+        n_out = len(self.token_ids)
+        if not self.finished and (n_out >= p.max_tokens or self._num_prompt_tokens + n_out >= self._max_model_len):
+            self.finish_reason = "length"
+        if self.finished:
+            text += self._detok.flush()
+        return text
+
+    def close(self, worker_reason: str, stop_token_id: int | None = None) -> str:
+        """The worker ended the stream with `worker_reason` before our checks did (e.g. its own
+        context limit); adopts that reason and returns the text still held back."""
+        if self.finished:
+            return ""
+        if worker_reason not in ("stop", "length"):
+            raise ValueError(f"unknown finish reason from a worker: {worker_reason!r}")
+        self.finish_reason = worker_reason
+        if worker_reason == "stop" and stop_token_id is not None and stop_token_id in self._params.stop_token_ids:
+            self.stop_reason = str(stop_token_id)
+        return self._detok.flush()

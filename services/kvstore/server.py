@@ -1,0 +1,333 @@
+"""The kvstore role: the gRPC KVStore service over a BlockStore, and its entry point.
+
+    splitserve kvstore --port 50070 --capacity-gb 2 --redis-url redis://127.0.0.1:6379/0
+
+Wire form (protos/splitserve/v1/kvstore.proto): a block travels as BlockChunks; its first chunk
+carries block_hash, header (and, on Put, lease_id/lease_ttl_s), later chunks carry slices of the
+payload, the chunk with last=true ends it. Blocks follow one another in one stream.
+
+Put stores each block when its last chunk arrives and verifies (header, hash, size, crc32);
+a block is never stored in part. A malformed stream is aborted with INVALID_ARGUMENT naming the
+problem; blocks completed earlier in the same stream stay stored (puts are idempotent: a retry
+reports them as already present). No room (everything else pinned) is RESOURCE_EXHAUSTED.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import threading
+from dataclasses import dataclass
+
+import grpc
+
+from splitserve import rpc
+from splitserve.config import add_config_args, config_from_args
+from splitserve.engine.kv_block import BlockHeader, KVBlockError
+from splitserve.kvstore.block_store import BlockStore, StoreFullError
+from splitserve.ownership import OwnershipRegistry, OwnershipReporter, redact_url
+from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
+
+log = logging.getLogger("splitserve.kvstore")
+
+SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name  # "splitserve.v1.KVStore"
+_GIB = 1 << 30
+_CHUNK_OVERHEAD = 64 << 10  # room for header, hash and framing beside a chunk's data, bytes
+
+
+@dataclass(frozen=True)
+class KVStoreConfig:
+    host: str = "127.0.0.1"
+    """Address to bind the gRPC server to (0.0.0.0 for all interfaces)."""
+    port: int = 50070
+    """gRPC port; 0 picks a free one."""
+    capacity_gb: float = 2.0
+    """Host-memory budget for blocks in GiB (headers + payloads); LRU eviction beyond it."""
+    lease_ttl_s: float = 60.0
+    """Lease lifetime when a Put names a lease without lease_ttl_s, in seconds."""
+    max_lease_ttl_s: float = 600.0
+    """Longest lease a client may ask for, in seconds; longer requests are cut to this."""
+    chunk_bytes: int = 1 << 20
+    """Payload bytes per BlockChunk sent by Get."""
+    redis_url: str = ""
+    """Redis holding block ownership (redis://host:port/db); empty: no ownership reporting."""
+    ownership_ttl_s: float = 600.0
+    """TTL of ownership entries in Redis, in seconds; held blocks are re-recorded every third of it."""
+    ownership_retry_s: float = 5.0
+    """While Redis is unreachable, seconds between attempts to rebuild this store's ownership."""
+    advertise_address: str = ""
+    """host:port other processes reach this store at (its owner id in Redis); empty: host:port."""
+    max_message_bytes: int = 16 << 20
+    """Largest gRPC message sent or received, in bytes."""
+    max_workers: int = 16
+    """gRPC server threads (concurrent RPCs)."""
+    shutdown_grace_s: float = 5.0
+    """On SIGTERM/SIGINT, seconds in-flight RPCs get to finish."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not self.capacity_bytes >= 1:
+            raise ValueError(f"capacity_gb must be > 0, got {self.capacity_gb}")
+        for name in ("lease_ttl_s", "max_lease_ttl_s", "ownership_ttl_s", "ownership_retry_s"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
+        if self.lease_ttl_s > self.max_lease_ttl_s:
+            raise ValueError(f"lease_ttl_s ({self.lease_ttl_s}) must be <= max_lease_ttl_s ({self.max_lease_ttl_s})")
+        if self.chunk_bytes < 1 or self.chunk_bytes + _CHUNK_OVERHEAD > self.max_message_bytes:
+            raise ValueError(f"chunk_bytes must be in [1, max_message_bytes - {_CHUNK_OVERHEAD}], "
+                             f"got {self.chunk_bytes} with max_message_bytes {self.max_message_bytes}")
+        if self.max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {self.max_workers}")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+
+    @property
+    def capacity_bytes(self) -> int:
+        return int(self.capacity_gb * _GIB)
+
+
+def block_chunks(block_hash: bytes, header: bytes, payload: bytes, chunk_bytes: int,
+                 lease_id: str = "", lease_ttl_s: float = 0.0):
+    """The BlockChunks of one block: header (and lease) on the first, payload slices of at most
+    chunk_bytes, last=true on the final one (a block of ceil(len/chunk_bytes) chunks, at least 1)."""
+    n = max(1, -(-len(payload) // chunk_bytes))
+    for i in range(n):
+        first = i == 0
+        yield kvstore_pb2.BlockChunk(
+            block_hash=block_hash, header=header if first else b"",
+            data=payload[i * chunk_bytes:(i + 1) * chunk_bytes], last=i == n - 1,
+            lease_id=lease_id if first else "", lease_ttl_s=lease_ttl_s if first else 0.0,
+        )
+
+
+class _Reject(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def _short(block_hash: bytes) -> str:
+    return block_hash.hex()[:16] + "..." if block_hash else "(empty hash)"
+
+
+class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
+    """Thin shell: wire chunks <-> BlockStore, status codes, ownership reports."""
+
+    def __init__(self, config: KVStoreConfig, store: BlockStore, reporter: OwnershipReporter | None):
+        self.config = config
+        self.store = store
+        self.reporter = reporter
+
+    def Put(self, request_iterator, context):
+        held: list[bytes] = []  # stored or already present in this stream: recorded as owned
+        counts = {"stored": 0, "present": 0, "bytes": 0}
+        try:
+            self._receive(request_iterator, held, counts)
+        except grpc.RpcError:  # the client cancelled or went away mid-stream
+            if self.reporter is not None:
+                self.reporter.record(held)
+            if context.is_active():
+                raise
+            return kvstore_pb2.PutResponse()
+        except _Reject as e:
+            if self.reporter is not None:
+                self.reporter.record(held)
+            log.warning("put rejected code=%s peer=%s error=%s", e.code.name, context.peer(), e)
+            context.abort(e.code, str(e))
+        if self.reporter is not None:
+            self.reporter.record(held)
+        return kvstore_pb2.PutResponse(num_stored=counts["stored"], num_already_present=counts["present"],
+                                       num_bytes=counts["bytes"])
+
+    def _receive(self, chunks, held: list[bytes], counts: dict) -> None:
+        cur = None  # the block being received: (hash, header bytes, BlockHeader, lease id, ttl, parts)
+        received = 0  # payload bytes of `cur` so far
+        for chunk in chunks:
+            if chunk.missing:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "Put chunk has missing=true (a Get-only field)")
+            if cur is None:
+                if not chunk.header:
+                    raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                                  f"data chunk for block {_short(chunk.block_hash)} without a preceding "
+                                  "header chunk")
+                cur = self._start_block(chunk)
+                received = 0
+            elif chunk.block_hash and chunk.block_hash != cur[0]:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"chunk for block {_short(chunk.block_hash)} arrived in the middle of block "
+                              f"{_short(cur[0])} (no chunk with last=true yet)")
+            elif chunk.header:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"second header chunk for block {_short(cur[0])} before its last chunk")
+            block_hash, header_bytes, header, lease_id, ttl, parts = cur
+            received += len(chunk.data)
+            if received > header.payload_size:  # bounds what one block may buffer
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"block {_short(block_hash)}: received more than the header's payload_size "
+                              f"of {header.payload_size} bytes")
+            parts.append(chunk.data)
+            if not chunk.last:
+                continue
+            cur = None
+            try:
+                result = self.store.put(block_hash, header_bytes, b"".join(parts), lease_id, ttl)
+            except KVBlockError as e:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"block {_short(block_hash)}: {e}") from None
+            except StoreFullError as e:
+                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+            held.append(block_hash)
+            counts["stored" if result.stored else "present"] += 1
+            counts["bytes"] += len(header_bytes) + received
+        if cur is not None:
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"stream ended in the middle of block {_short(cur[0])}: {received} of "
+                          f"{cur[2].payload_size} payload bytes received, no chunk with last=true")
+
+    def _start_block(self, chunk):
+        if not chunk.block_hash:
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "header chunk without block_hash")
+        try:
+            header = BlockHeader.from_bytes(chunk.header)
+        except KVBlockError as e:
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"block {_short(chunk.block_hash)}: {e}") from None
+        if header.block_hash != chunk.block_hash:
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"block {_short(chunk.block_hash)}: header's block_hash is "
+                          f"{_short(header.block_hash)}")
+        if len(chunk.header) + header.payload_size > self.store.capacity_bytes:
+            raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"block {_short(chunk.block_hash)} of {header.payload_size} payload bytes exceeds "
+                          f"the store's capacity of {self.store.capacity_bytes} bytes")
+        lease_id, ttl = chunk.lease_id or None, None
+        if lease_id is not None and chunk.lease_ttl_s != 0:
+            if not chunk.lease_ttl_s > 0 or math.isinf(chunk.lease_ttl_s):
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"lease_ttl_s must be a positive number of seconds, got {chunk.lease_ttl_s}")
+            ttl = min(float(chunk.lease_ttl_s), self.config.max_lease_ttl_s)
+        return chunk.block_hash, chunk.header, header, lease_id, ttl, []
+
+    def Get(self, request, context):
+        if any(not h for h in request.block_hashes):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "block_hashes contains an empty hash")
+        try:
+            for block_hash in request.block_hashes:
+                if not context.is_active():
+                    return
+                block = self.store.get(block_hash)
+                if block is None:
+                    yield kvstore_pb2.BlockChunk(block_hash=block_hash, missing=True)
+                    continue
+                header, payload = block
+                yield from block_chunks(block_hash, header, payload, self.config.chunk_bytes)
+        finally:
+            # Also on cancellation: the reader gave up on these blocks, they need no pin anymore.
+            if request.release_lease_id:
+                self.store.release(request.release_lease_id)
+
+    def Contains(self, request, context):
+        return kvstore_pb2.ContainsResponse(present=self.store.contains(list(request.block_hashes)))
+
+    def Release(self, request, context):
+        if not request.lease_id:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "lease_id is empty")
+        return kvstore_pb2.ReleaseResponse(num_released=self.store.release(request.lease_id))
+
+    def Stats(self, request, context):
+        s = self.store.stats()
+        return kvstore_pb2.StatsResponse(
+            num_blocks=s.num_blocks, used_bytes=s.used_bytes, capacity_bytes=s.capacity_bytes,
+            num_leases=s.num_leases, num_pinned_blocks=s.num_pinned_blocks,
+            num_evictions=s.num_evictions, bytes_in=s.bytes_in, bytes_out=s.bytes_out,
+        )
+
+
+class KVStoreServer:
+    """A running kvstore: the gRPC server, its store and ownership reporter. Built by serve()."""
+
+    def __init__(self, config: KVStoreConfig):
+        self.config = config
+        self.store = BlockStore(config.capacity_bytes, config.lease_ttl_s, on_evict=self._evicted)
+        self.registry = OwnershipRegistry(config.redis_url, config.ownership_ttl_s) if config.redis_url else None
+        self.server, self.port = rpc.create_server(config.host, config.port, config.max_workers,
+                                                   config.max_message_bytes)
+        self.address = rpc.format_address(config.host, self.port)  # where this process listens
+        self.owner_id = "kvstore:" + (config.advertise_address or self.address)
+        self.reporter = None
+        if self.registry is not None:
+            self.reporter = OwnershipReporter(self.registry, self.owner_id, self.store.hashes,
+                                              refresh_s=config.ownership_ttl_s / 3,
+                                              retry_s=config.ownership_retry_s)
+        kvstore_pb2_grpc.add_KVStoreServicer_to_server(
+            KVStoreServicer(config, self.store, self.reporter), self.server)
+        self.health = rpc.add_health_and_reflection(self.server, [SERVICE_NAME])
+        self._stopped = threading.Event()
+
+    def _evicted(self, hashes: list[bytes]) -> None:
+        if self.reporter is not None:
+            self.reporter.remove(hashes)
+
+    def start(self) -> "KVStoreServer":
+        if self.reporter is not None:
+            self.reporter.start()
+        self.server.start()
+        log.info("kvstore serving address=%s owner=%s capacity_bytes=%d redis=%s", self.address,
+                 self.owner_id, self.store.capacity_bytes,
+                 redact_url(self.config.redis_url) if self.config.redis_url else "off")
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """NOT_SERVING, then stop accepting RPCs and wait up to grace_s for in-flight ones."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(self.config.shutdown_grace_s if grace_s is None else grace_s).wait()
+        if self.reporter is not None:
+            self.reporter.stop()
+        if self.registry is not None:
+            self.registry.close()
+        log.info("kvstore stopped address=%s", self.address)
+
+    def __enter__(self) -> "KVStoreServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop(grace_s=0)
+
+
+def serve(config: KVStoreConfig) -> KVStoreServer:
+    """Starts the kvstore in this process (gRPC threads) and returns the running handle."""
+    return KVStoreServer(config).start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`splitserve kvstore [flags]`: serves until SIGTERM or SIGINT, then stops cleanly (exit 0)."""
+    parser = argparse.ArgumentParser(prog="splitserve kvstore", description=__doc__.splitlines()[0])
+    add_config_args(parser, KVStoreConfig)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        config = config_from_args(KVStoreConfig, args)
+    except ValueError as e:
+        parser.error(str(e))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        server = serve(config)
+    except OSError as e:
+        log.error("kvstore failed to start error=%s", e)
+        return 1
+    while not stop.wait(1.0):  # a timed wait keeps the main thread responsive to signals
+        pass
+    log.info("kvstore shutting down")
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,115 @@
+"""The prefill role: computes a prompt's KV cache and first token, ships the blocks to the kvstore.
+
+Concurrent Prefill calls are batched by the engine loop (chunked prefill, shared prefix cache).
+After the first token, the prompt's full blocks are read out before the sequence is freed, the
+ones the kvstore lacks are put under a lease named after the request, and the worker records that
+its own prefix cache holds them (Redis).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import queue
+import sys
+
+import grpc
+
+from splitserve.config import add_config_args, config_from_args
+from splitserve.engine.engine_loop import QueueFullError
+from splitserve.kvstore.client import KVStoreClient
+from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
+from splitserve.wire import logprob_to_proto, sampling_from_proto
+from splitserve.worker import Worker, WorkerConfig, abort_invalid, run_until_signal, serve_worker, wait_deadline
+
+logger = logging.getLogger("splitserve.prefill")
+SERVICE = "splitserve.v1.Prefill"
+
+
+class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        cfg = worker.config
+        self.kvstore = KVStoreClient(cfg.kvstore, cfg.max_message_bytes) if cfg.kvstore else None
+        self.num_blocks_put = 0  # blocks sent to the kvstore (those it lacked)
+        self.num_blocks_skipped = 0  # blocks the kvstore already had
+
+    def Prefill(self, request, context):
+        try:
+            params = sampling_from_proto(request.sampling)
+        except ValueError as exc:
+            abort_invalid(context, exc)
+        first_only = dataclasses.replace(params, max_tokens=1)
+        request_id = request.request_id or f"prefill-{id(request)}"
+        try:
+            stream = self.worker.loop.add_request(
+                request_id, list(request.prompt_token_ids), first_only, cache_salt=request.cache_salt or None,
+                detokenize=False, export_blocks=True,
+            )
+        except ValueError as exc:
+            abort_invalid(context, exc)
+        except QueueFullError as exc:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        context.add_callback(stream.abort)  # the gateway gave up: free the blocks at once
+        try:
+            out = stream.get(timeout=wait_deadline(context))
+        except queue.Empty:
+            stream.abort()
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "prefill did not finish before the deadline")
+        except Exception as exc:  # the engine step failed: reported, the worker keeps serving
+            stream.abort()
+            context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
+        hashes = [h.block_hash for h, _ in out.exported_blocks]
+        kv_address = self._ship(request_id, out.exported_blocks, context)
+        self.worker.sync_ownership(hashes)
+        return prefill_pb2.PrefillResponse(
+            request_id=request_id,
+            first_token_id=out.new_token_ids[0],
+            first_logprob=logprob_to_proto(out.new_logprobs[0]) if out.new_logprobs else None,
+            block_hashes=hashes,
+            num_cached_tokens=out.num_cached_tokens,
+            num_computed_tokens=out.num_prompt_tokens - out.num_cached_tokens,
+            kvstore_address=kv_address,
+            rng_state=out.rng_state,
+            worker_id=self.worker.worker_id,
+        )
+
+    def _ship(self, request_id: str, blocks, context) -> str:
+        """Puts the blocks the kvstore lacks; returns its address, or "" when the transfer failed
+        (the decode worker then recomputes the prompt)."""
+        if self.kvstore is None or not blocks:
+            return ""
+        try:
+            present = self.kvstore.contains([h.block_hash for h, _ in blocks])
+            missing = [b for b, p in zip(blocks, present) if not p]
+            if missing:
+                self.kvstore.put(missing, lease_id=request_id, lease_ttl_s=self.worker.config.kv_lease_ttl_s)
+            self.num_blocks_put += len(missing)
+            self.num_blocks_skipped += len(blocks) - len(missing)
+            return self.kvstore.address
+        except grpc.RpcError as exc:
+            logger.warning("request %s: kvstore put failed (%s): decode will recompute", request_id, exc.code())
+            return ""
+
+    def GetLoad(self, request, context):
+        return self.worker.load()
+
+
+def serve(config: WorkerConfig):
+    worker = Worker(config, "prefill")
+    servicer = PrefillServicer(worker)
+    server, port = serve_worker(worker, lambda s: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, s), SERVICE)
+    return server, worker, servicer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="splitserve prefill", description="Run one prefill worker.")
+    add_config_args(parser, WorkerConfig)
+    config = config_from_args(WorkerConfig, parser.parse_args(argv))
+    server, worker, _ = serve(config)
+    run_until_signal(server, worker)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
