@@ -11,13 +11,17 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass, fields
 
-import msgpack
-import torch
+from typing import TYPE_CHECKING
 
-from splitserve.engine.kv_cache import KVCache
+import msgpack
+
+if TYPE_CHECKING:  # torch is not imported at run time: the kvstore parses headers without it
+    import torch
+
+    from splitserve.engine.kv_cache import KVCache
 
 LAYOUT_VERSION = 1
-_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_WIRE_DTYPES = ("float32", "bfloat16", "float16")
 _MAX_HASH_BYTES = 64
 
 # field name -> msgpack key
@@ -71,9 +75,9 @@ class BlockHeader:
         if self.checksum >= 1 << 32:
             raise KVBlockError(f"KV block header field 'checksum' must be a crc32 (< 2**32), "
                                f"got {self.checksum}")
-        if self.dtype not in _DTYPE_NAMES.values():
+        if self.dtype not in _WIRE_DTYPES:
             raise KVBlockError(f"KV block header field 'dtype' must be one of "
-                               f"{', '.join(_DTYPE_NAMES.values())}, got {_describe(self.dtype)}")
+                               f"{', '.join(_WIRE_DTYPES)}, got {_describe(self.dtype)}")
         if self.layout_version != LAYOUT_VERSION:
             raise KVBlockError(f"KV block header field 'layout_version' is {self.layout_version}; "
                                f"this build reads only layout version {LAYOUT_VERSION}")
@@ -105,17 +109,20 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
-def dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: "torch.dtype") -> str:
     """The wire name of a cache dtype; KVBlockError for a dtype the wire format has no name for."""
+    import torch
+
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
     try:
-        return _DTYPE_NAMES[dtype]
+        return names[dtype]
     except KeyError:
         raise KVBlockError(f"KV cache dtype {dtype} has no wire name (supported: float32, bfloat16, "
                            "float16)") from None
 
 
 def encode_block(
-    cache: KVCache, block_id: int, block_hash: bytes, model_id: str
+    cache: "KVCache", block_id: int, block_hash: bytes, model_id: str
 ) -> tuple[BlockHeader, bytes]:
     """The header and payload of one cached block, ready to send."""
     payload = cache.read_block(block_id)
@@ -129,7 +136,7 @@ def encode_block(
 
 
 def check_block(
-    header: BlockHeader, payload: bytes, cache: KVCache, model_id: str, block_hash: bytes | None = None
+    header: BlockHeader, payload: bytes, cache: "KVCache", model_id: str, block_hash: bytes | None = None
 ) -> None:
     """Raises KVBlockError naming the first mismatch between a received block and the receiving cache
     (model id, expected hash if given, shape fields, dtype, payload size, checksum)."""
@@ -159,7 +166,7 @@ def check_block(
 
 
 def import_block(
-    cache: KVCache, block_id: int, header: BlockHeader, payload: bytes, model_id: str,
+    cache: "KVCache", block_id: int, header: BlockHeader, payload: bytes, model_id: str,
     block_hash: bytes | None = None,
 ) -> None:
     """check_block, then write the payload into page `block_id` (nothing is written on error)."""

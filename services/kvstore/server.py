@@ -26,6 +26,7 @@ from splitserve import rpc
 from splitserve.config import add_config_args, config_from_args
 from splitserve.engine.kv_block import BlockHeader, KVBlockError
 from splitserve.kvstore.block_store import BlockStore, StoreFullError
+from splitserve.kvstore.client import block_chunks
 from splitserve.ownership import OwnershipRegistry, OwnershipReporter, redact_url
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
@@ -86,20 +87,6 @@ class KVStoreConfig:
     @property
     def capacity_bytes(self) -> int:
         return int(self.capacity_gb * _GIB)
-
-
-def block_chunks(block_hash: bytes, header: bytes, payload: bytes, chunk_bytes: int,
-                 lease_id: str = "", lease_ttl_s: float = 0.0):
-    """The BlockChunks of one block: header (and lease) on the first, payload slices of at most
-    chunk_bytes, last=true on the final one (a block of ceil(len/chunk_bytes) chunks, at least 1)."""
-    n = max(1, -(-len(payload) // chunk_bytes))
-    for i in range(n):
-        first = i == 0
-        yield kvstore_pb2.BlockChunk(
-            block_hash=block_hash, header=header if first else b"",
-            data=payload[i * chunk_bytes:(i + 1) * chunk_bytes], last=i == n - 1,
-            lease_id=lease_id if first else "", lease_ttl_s=lease_ttl_s if first else 0.0,
-        )
 
 
 class _Reject(Exception):

@@ -1,0 +1,75 @@
+"""Starts `splitserve up` as a real process tree for end-to-end tests and parses its endpoints."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from splitserve.launcher import free_port
+from splitserve.rpc import channel
+from splitserve.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+_LINE = re.compile(r"^\s+(\S+)\s+(\S+:\d+)")
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen
+    gateway: str
+    roles: dict[str, str] = field(default_factory=dict)  # "prefill-0" -> address
+    redis_url: str = ""
+    log: list[str] = field(default_factory=list)
+
+    def prefill_load(self, name: str = "prefill-0") -> prefill_pb2.LoadResponse:
+        return prefill_pb2_grpc.PrefillStub(channel(self.roles[name])).GetLoad(prefill_pb2.LoadRequest(), timeout=10)
+
+    def decode_load(self, name: str = "decode-0") -> prefill_pb2.LoadResponse:
+        return decode_pb2_grpc.DecodeStub(channel(self.roles[name])).GetLoad(prefill_pb2.LoadRequest(), timeout=10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def start_stack(*args: str, timeout_s: float = 400.0) -> Stack:
+    port = free_port()
+    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--grpc-port", str(port), *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    stack = Stack(proc, gateway=f"127.0.0.1:{port}")
+    ready = threading.Event()
+
+    def pump():  # keeps reading so the pipe never fills; parses the endpoint block
+        in_block = False
+        for line in proc.stdout:
+            stack.log.append(line.rstrip())
+            if line.startswith("splitserve is up:"):
+                in_block = True
+                continue
+            if in_block:
+                m = _LINE.match(line)
+                if line.strip().startswith("redis"):
+                    stack.redis_url = line.split()[1]
+                elif m and not line.strip().startswith("gateway"):
+                    stack.roles[m.group(1)] = m.group(2)
+                if line.startswith("try:"):
+                    ready.set()
+
+    threading.Thread(target=pump, daemon=True).start()
+    deadline = time.monotonic() + timeout_s
+    while not ready.wait(0.5):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stack.stop()
+            raise RuntimeError("splitserve up did not come up:\n" + "\n".join(stack.log[-40:]))
+    return stack

@@ -1,0 +1,161 @@
+"""End to end: `splitserve up` as real processes, real gRPC on loopback, a real Redis.
+
+1. 1 prefill + 1 decode worker, float32: greedy outputs equal `LLM(dtype="float32").generate`,
+   one of them read as a stream chunk by chunk; 16 concurrent streams in one continuous batch;
+   cancelling mid-stream frees the decode worker's blocks.
+2. 2 prefill workers: a request sharing a long prefix goes to the worker that holds it, which
+   computes only the suffix, and the decode worker fetches only the blocks it lacks.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from services_fixture import start_stack
+from splitserve import SamplingParams
+from splitserve.client import generate, stream_generate
+from splitserve.ownership import OwnershipRegistry
+from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
+from splitserve.rpc import channel
+from splitserve.wire import sampling_to_proto
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a faraway kingdom,",
+    "La tour Eiffel est",
+    "1, 2, 3, 5, 8,",
+    "Water boils at a temperature of",
+    "The three primary colors are",
+]
+MAX_TOKENS = 16
+
+
+def _greedy(n: int = MAX_TOKENS) -> dict:
+    return {"max_tokens": n, "temperature": 0.0}
+
+
+@pytest.fixture(scope="module")
+def stack():
+    s = start_stack("--dtype", "float32", "--kv-cache-memory-gb", "0.1", "--prefill-workers", "1", "--decode-workers", "1")
+    yield s
+    assert s.stop() == 0, "\n".join(s.log[-30:])
+
+
+@pytest.fixture(scope="module")
+def references(llm_f32):
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    return {p: out for p, out in zip(PROMPTS, llm_f32.generate(PROMPTS, params))}
+
+
+def test_greedy_outputs_equal_offline_engine(stack, references):
+    for prompt in PROMPTS[:-1]:
+        ids, text, final = generate(stack.gateway, prompt=prompt, sampling=_greedy(), timeout_s=120)
+        ref = references[prompt]
+        assert ids == ref.token_ids, prompt
+        assert text == ref.text
+        assert final.finish_reason == ref.finish_reason
+        assert final.usage.prompt_tokens == len(ref.prompt_token_ids)
+        assert final.usage.completion_tokens == len(ref.token_ids)
+
+
+def test_streamed_chunks_arrive_one_by_one(stack, references):
+    prompt = PROMPTS[-1]
+    chunks = list(stream_generate(stack.gateway, prompt=prompt, sampling=_greedy(), timeout_s=120))
+    assert len(chunks) >= 4, "the answer must arrive as a stream, not in one message"
+    ids = [t for c in chunks for t in c.token_ids]
+    assert ids == references[prompt].token_ids
+    assert "".join(c.text for c in chunks) == references[prompt].text
+    assert chunks[-1].finish_reason and not any(c.finish_reason for c in chunks[:-1])
+    assert chunks[-1].timings.ttft_s > 0 and chunks[-1].timings.e2e_s >= chunks[-1].timings.ttft_s
+
+
+def test_sixteen_concurrent_streams_share_one_batch(stack, llm_f32):
+    prompts = [f"Write one sentence about the number {i}." for i in range(16)]
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    refs = llm_f32.generate(prompts, params)
+    sampling = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda p: generate(stack.gateway, prompt=p, sampling=sampling, timeout_s=300), prompts))
+    for (ids, text, final), ref in zip(results, refs):
+        assert ids == ref.token_ids
+        assert final.finish_reason == "length"
+    assert stack.decode_load().max_batch_size == 16
+
+
+def test_cancel_mid_stream_frees_decode_blocks(stack):
+    def usage():
+        return stack.decode_load().kv_cache_usage
+
+    before = usage()
+    stream = stream_generate(stack.gateway, prompt="Tell me a very long story about dragons.",
+                             sampling={"max_tokens": 300, "temperature": 0.0, "ignore_eos": True}, timeout_s=120)
+    got = 0
+    for msg in stream:
+        got += len(msg.token_ids)
+        if got >= 4:
+            break
+    busy = usage()
+    stream.close()  # cancels the call
+    deadline = time.monotonic() + 20
+    while usage() != before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert busy > before, "the decode worker held blocks for the running request"
+    assert usage() == before
+
+
+# --------------------------------------------------------------------------- two prefill workers
+
+
+@pytest.fixture(scope="module")
+def stack2():
+    s = start_stack("--dtype", "float32", "--kv-cache-memory-gb", "0.1", "--prefill-workers", "2", "--decode-workers", "1")
+    yield s
+    assert s.stop() == 0, "\n".join(s.log[-30:])
+
+
+def test_shared_prefix_goes_to_its_owner(stack2, llm_f32):
+    tok = llm_f32.tokenizer
+    prefix = tok.encode(
+        "You are a meticulous assistant. Read the following notes carefully before answering. "
+        "The warehouse opens at seven, the trucks leave at nine, and inventory is counted every Friday "
+        "by the night shift, who report to the logistics manager on the second floor."
+    )[:64]  # four full blocks
+    first = prefix + tok.encode(" Question one: when do the trucks leave?")
+    second = prefix + tok.encode(" Question two: who counts the inventory?")
+    third = prefix + tok.encode(" Question three: where is the logistics manager?")
+    owner = sorted(stack2.roles[n] for n in ("prefill-0", "prefill-1"))[1]  # not the tie-break's pick
+    other = next(a for n, a in stack2.roles.items() if n.startswith("prefill") and a != owner)
+    stub = prefill_pb2_grpc.PrefillStub(channel(owner))
+    warm = stub.Prefill(prefill_pb2.PrefillRequest(request_id="warm", prompt_token_ids=first,
+                                                   sampling=sampling_to_proto(SamplingParams(temperature=0, max_tokens=1))),
+                        timeout=60)
+    registry = OwnershipRegistry(stack2.redis_url)
+    prefix_hashes = list(warm.block_hashes)[:4]
+    for owners in registry.owners(prefix_hashes):
+        assert f"prefill:{owner}" in owners and f"prefill:{other}" not in owners
+
+    def load(addr):
+        return prefill_pb2_grpc.PrefillStub(channel(addr)).GetLoad(prefill_pb2.LoadRequest(), timeout=10)
+
+    owner_before, other_before = load(owner), load(other)
+    ids, _, final = generate(stack2.gateway, token_ids=second, sampling=_greedy(8), timeout_s=120)
+    owner_after, other_after = load(owner), load(other)
+    assert final.usage.cached_tokens == 64
+    assert owner_after.prompt_tokens_computed - owner_before.prompt_tokens_computed == len(second) - 64
+    assert other_after.prompt_tokens_computed == other_before.prompt_tokens_computed  # never asked
+    (ref,) = llm_f32.generate([second], SamplingParams(temperature=0, max_tokens=8))
+    assert ids == ref.token_ids
+    for owners in registry.owners(prefix_hashes):
+        assert {f"prefill:{owner}", f"decode:{stack2.roles['decode-0']}"} <= owners
+        assert any(o.startswith("kvstore:") for o in owners)
+
+    # The decode worker now holds the prefix: for a third request it imports only the new blocks.
+    dec_before = stack2.decode_load()
+    generate(stack2.gateway, token_ids=third, sampling=_greedy(4), timeout_s=120)
+    dec_after = stack2.decode_load()
+    new_full_blocks = len(third) // 16 - 4
+    assert dec_after.num_imported_blocks - dec_before.num_imported_blocks == new_full_blocks
+    assert dec_after.num_recomputed == dec_before.num_recomputed
