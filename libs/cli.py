@@ -97,11 +97,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sampling["seed"] = args.seed
     prompt = " ".join(args.prompt)
     kwargs = {"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt}
+    import grpc
+
     final = None
-    for msg in stream_generate(args.target, sampling=sampling, timeout_s=args.timeout_s, **kwargs):
-        sys.stdout.write(msg.text)
-        sys.stdout.flush()
-        final = msg
+    try:
+        for msg in stream_generate(args.target, sampling=sampling, timeout_s=args.timeout_s, **kwargs):
+            sys.stdout.write(msg.text)
+            sys.stdout.flush()
+            final = msg
+    except grpc.RpcError as exc:
+        print(f"\nsplitserve: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
     sys.stdout.write("\n")
     if final is not None and final.finish_reason:
         u, t = final.usage, final.timings

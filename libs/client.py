@@ -13,15 +13,40 @@ from typing import Iterator, NamedTuple, Sequence
 
 import grpc
 
-from splitserve.gateway_core import sampling_to_proto
 from splitserve.rpc import channel as open_channel
-from splitserve.v1 import gateway_pb2, gateway_pb2_grpc
+from splitserve.sampling_params import SamplingParams
+from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+# Fields of common_pb2.SamplingParams a dict may give (the names of SamplingParams' fields).
+_SAMPLING_FIELDS = frozenset(common_pb2.SamplingParams.DESCRIPTOR.fields_by_name)
 
 
 class GenerateResult(NamedTuple):
     token_ids: list[int]  # every generated token id, in order
     text: str  # the whole output text
     final: gateway_pb2.GenerateResponse  # the last message: finish_reason, stop_reason, usage, timings
+
+
+def sampling_message(sampling) -> common_pb2.SamplingParams:
+    """The wire form of `sampling`: a SamplingParams (every field set), a dict of some of its fields
+    (only those given and not None are set, unchecked: the gateway validates), a proto, or None."""
+    if sampling is None:
+        return common_pb2.SamplingParams()
+    if isinstance(sampling, common_pb2.SamplingParams):
+        return sampling
+    if isinstance(sampling, SamplingParams):
+        from splitserve.wire import sampling_to_proto  # imports the engine's sampler (torch): only here
+
+        return sampling_to_proto(sampling)
+    if not isinstance(sampling, dict):
+        raise TypeError(f"sampling must be a SamplingParams, a dict or None, got {type(sampling).__name__}")
+    unknown = set(sampling) - _SAMPLING_FIELDS
+    if unknown:
+        raise ValueError(f"unknown sampling field(s): {', '.join(sorted(unknown))}")
+    values = {k: v for k, v in sampling.items() if v is not None}
+    if isinstance(values.get("stop"), str):
+        values["stop"] = [values["stop"]]
+    return common_pb2.SamplingParams(**values)
 
 
 def build_request(prompt: str | None = None, token_ids: Sequence[int] | None = None,
@@ -33,7 +58,7 @@ def build_request(prompt: str | None = None, token_ids: Sequence[int] | None = N
              if value is not None]
     if len(given) != 1:
         raise ValueError(f"give exactly one of prompt, token_ids or messages (got {', '.join(given) or 'none'})")
-    req = gateway_pb2.GenerateRequest(request_id=request_id, sampling=sampling_to_proto(sampling),
+    req = gateway_pb2.GenerateRequest(request_id=request_id, sampling=sampling_message(sampling),
                                       cache_salt=cache_salt, model=model)
     if prompt is not None:
         req.prompt = prompt
@@ -79,3 +104,4 @@ def generate(target: str, prompt: str | None = None, token_ids: Sequence[int] | 
     if final is None or not final.finish_reason:
         raise RuntimeError("the gateway ended the stream without a finish reason")
     return GenerateResult(ids, "".join(text), final)
+

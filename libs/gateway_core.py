@@ -1,5 +1,5 @@
 """The gateway's request pipeline without the RPC glue: validation, tokenization, block hashing,
-sampling conversions, and the output stream (detokenization and every stop check).
+and the output stream (detokenization and every stop check).
 
 Stop semantics are those of `LLMEngine._append`, so a request served through the gateway ends
 exactly where it would end in one process:
@@ -19,13 +19,10 @@ from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.hashing import block_hashes, hash_namespace
 from splitserve.sampling_params import SamplingParams
 from splitserve.v1 import common_pb2
+from splitserve.wire import sampling_from_proto
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_REQUEST_ID_CHARS = 256
-# Optional proto fields: unset means "the engine's default" (SamplingParams' own defaults).
-_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "logprobs",
-                      "skip_special_tokens")
-_PLAIN_SAMPLING = ("ignore_eos", "include_stop_str_in_output")
 
 
 class InvalidRequest(ValueError):
@@ -62,37 +59,6 @@ class ModelInfo:
         return None
 
 
-def sampling_from_proto(pb: common_pb2.SamplingParams) -> SamplingParams:
-    """SamplingParams from the wire form (unset optional fields take the defaults).
-    Raises ValueError naming the field (SamplingParams validates)."""
-    kwargs = {name: getattr(pb, name) for name in _OPTIONAL_SAMPLING if pb.HasField(name)}
-    kwargs.update({name: getattr(pb, name) for name in _PLAIN_SAMPLING})
-    kwargs["stop"] = list(pb.stop)
-    kwargs["stop_token_ids"] = [int(t) for t in pb.stop_token_ids]
-    return SamplingParams(**kwargs)
-
-
-def sampling_to_proto(sampling: "SamplingParams | dict | common_pb2.SamplingParams | None") -> common_pb2.SamplingParams:
-    """The wire form of a SamplingParams (every field set), of a dict of some of its fields (only
-    those given and not None are set; values are not validated here, the gateway does), or a proto."""
-    if sampling is None:
-        return common_pb2.SamplingParams()
-    if isinstance(sampling, common_pb2.SamplingParams):
-        return sampling
-    if isinstance(sampling, SamplingParams):
-        values = {f: getattr(sampling, f) for f in (*_OPTIONAL_SAMPLING, *_PLAIN_SAMPLING, "stop", "stop_token_ids")}
-    elif isinstance(sampling, dict):
-        unknown = set(sampling) - {*_OPTIONAL_SAMPLING, *_PLAIN_SAMPLING, "stop", "stop_token_ids"}
-        if unknown:
-            raise ValueError(f"unknown sampling field(s): {', '.join(sorted(unknown))}")
-        values = dict(sampling)
-    else:
-        raise TypeError(f"sampling must be a SamplingParams, a dict or None, got {type(sampling).__name__}")
-    if isinstance(values.get("stop"), str):
-        values["stop"] = [values["stop"]]
-    return common_pb2.SamplingParams(**{k: v for k, v in values.items() if v is not None})
-
-
 @dataclass(frozen=True)
 class PreparedRequest:
     """A validated, tokenized request, ready for routing."""
@@ -104,7 +70,6 @@ class PreparedRequest:
     sampling: common_pb2.SamplingParams  # the wire form passed on to the workers
     cache_salt: str
     block_hashes: list[bytes]  # chained hashes of the prompt's full blocks (32 bytes each)
-    input_field: str  # "prompt" | "prompt_token_ids" | "chat": named in later errors
 
 
 def prepare_request(request, tokenizer, model: ModelInfo, served_names: Sequence[str] = ()) -> PreparedRequest:
@@ -130,7 +95,7 @@ def prepare_request(request, tokenizer, model: ModelInfo, served_names: Sequence
     hashes = block_hashes(ids, model.block_size, hash_namespace(model.model_id, request.cache_salt or None))
     request_id = request.request_id or uuid.uuid4().hex
     return PreparedRequest(request_id, f"{request_id}~{uuid.uuid4().hex[:8]}", ids, params,
-                           request.sampling, request.cache_salt, hashes, kind)
+                           request.sampling, request.cache_salt, hashes)
 
 
 def _tokenize(request, kind: str, tokenizer, vocab_size: int) -> list[int]:

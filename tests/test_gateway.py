@@ -17,13 +17,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from splitserve.client import generate, stream_generate
 from splitserve.engine.hashing import block_hashes, hash_namespace
 from splitserve.model.loader import default_model_path
-from splitserve.model.tokenizer import load_tokenizer
 from splitserve.ownership import OwnershipRegistry
 from splitserve.redis_server import EmbeddedRedis
 from splitserve.rpc import channel as open_channel
 from splitserve.services.gateway.owners import AsyncOwnersReader
 from splitserve.services.gateway.server import GatewayConfig, serve
-from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+from splitserve.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2,
+                           prefill_pb2_grpc)
 
 BS, MAX_LEN, VOCAB, EOS = 16, 2048, 49152, 2
 MODEL_ID = default_model_path().name
@@ -35,7 +35,8 @@ def first_token(prompt) -> int:
 
 
 def fake_logprob(t: int) -> common_pb2.TokenLogprob:
-    return common_pb2.TokenLogprob(token_id=t, logprob=-0.25, rank=1, top=[common_pb2.TopLogprob(token_id=t, logprob=-0.25)])
+    top = [common_pb2.TopLogprob(token_id=t, logprob=-0.25)]
+    return common_pb2.TokenLogprob(token_id=t, logprob=-0.25, rank=1, top=top)
 
 
 def load_response(worker_id: str, **fields) -> prefill_pb2.LoadResponse:
@@ -46,8 +47,9 @@ def load_response(worker_id: str, **fields) -> prefill_pb2.LoadResponse:
 
 class FakePrefill(prefill_pb2_grpc.PrefillServicer):
     def __init__(self) -> None:
-        self.port, self.queued_tokens, self.first_override = 0, 0, None
+        self.port, self.queued_tokens, self.first_override, self.delay_s = 0, 0, None, 0.0
         self.calls: list = []
+        self.cancelled: list[str] = []
         self.seen: set[bytes] = set()  # its "prefix cache"
 
     @property
@@ -57,6 +59,11 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
     async def Prefill(self, request, context):
         ids = list(request.prompt_token_ids)
         self.calls.append(request)
+        try:
+            await asyncio.sleep(self.delay_s)
+        except asyncio.CancelledError:
+            self.cancelled.append(request.request_id)
+            raise
         hashes = block_hashes(ids, BS, hash_namespace(MODEL_ID, request.cache_salt or None))
         hit = next((i for i, h in enumerate(hashes) if h not in self.seen), len(hashes))
         self.seen.update(hashes)
@@ -177,7 +184,7 @@ def env():
 def reset_fakes(env):
     yield
     for p in env.prefills:
-        p.queued_tokens, p.first_override = 0, None
+        p.queued_tokens, p.first_override, p.delay_s = 0, None, 0.0
     for d in env.decodes:
         d.delay_s, d.chunk, d.eos_at = 0.0, 2, None
     env.fail["armed"] = False
@@ -277,6 +284,25 @@ def test_client_cancel_cancels_decode(env):
     router = env.gw.pool.router
     assert wait_until(lambda: env.gw.service.num_inflight == 0)
     assert all(w.inflight_requests == 0 for role in ("prefill", "decode") for w in router.workers(role))
+
+
+def test_client_cancel_or_deadline_cancels_prefill(env):
+    for p in env.prefills:
+        p.delay_s = 5.0
+
+    def prefill_cancelled(rid: str) -> bool:
+        ids = [c.request_id for p in env.prefills for c in p.calls if c.request_id.startswith(rid + "~")]
+        return bool(ids) and ids[0] in {r for p in env.prefills for r in p.cancelled}
+
+    with pytest.raises(grpc.RpcError) as info:
+        call(env, token_ids=[4, 4], request_id="deadline-1", timeout_s=0.3)
+    assert info.value.code() == Code.DEADLINE_EXCEEDED
+    assert wait_until(lambda: prefill_cancelled("deadline-1"), timeout_s=2)
+    request = gateway_pb2.GenerateRequest(request_id="cancel-2", prompt_token_ids=gateway_pb2.TokenIds(ids=[4, 5]))
+    stream = gateway_pb2_grpc.GatewayStub(env.channel).Generate(request, timeout=30)
+    assert wait_until(lambda: any(c.request_id.startswith("cancel-2~") for p in env.prefills for c in p.calls))
+    stream.cancel()  # the gateway's own deadline is 30 s away: only the cancel can stop the prefill now
+    assert wait_until(lambda: prefill_cancelled("cancel-2"), timeout_s=2)
 
 
 def test_routes_to_the_prefix_owner_in_redis(env):

@@ -121,8 +121,10 @@ def test_shared_prefix_goes_to_its_owner(stack2, llm_f32):
     prefix = tok.encode(
         "You are a meticulous assistant. Read the following notes carefully before answering. "
         "The warehouse opens at seven, the trucks leave at nine, and inventory is counted every Friday "
-        "by the night shift, who report to the logistics manager on the second floor."
+        "by the night shift, who report to the logistics manager on the second floor. Deliveries that "
+        "arrive late are logged in the blue binder, and damaged goods are photographed before storage."
     )[:64]  # four full blocks
+    assert len(prefix) == 64
     first = prefix + tok.encode(" Question one: when do the trucks leave?")
     second = prefix + tok.encode(" Question two: who counts the inventory?")
     third = prefix + tok.encode(" Question three: where is the logistics manager?")

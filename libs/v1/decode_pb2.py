@@ -26,7 +26,7 @@ from splitserve.v1 import common_pb2 as splitserve_dot_v1_dot_common__pb2
 from splitserve.v1 import prefill_pb2 as splitserve_dot_v1_dot_prefill__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/decode.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\x1a\x1bsplitserve/v1/prefill.proto\"\xde\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x18\n\x10output_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x06 \x03(\x0c\x12\x17\n\x0fkvstore_address\x18\x07 \x01(\t\x12\x11\n\trng_state\x18\x08 \x01(\x0c\"\xcf\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12-\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x15\n\rstop_token_id\x18\x04 \x01(\r\x12\x1b\n\x13num_imported_blocks\x18\x05 \x01(\r\x12\x1c\n\x14num_local_hit_blocks\x18\x06 \x01(\r\x12\x12\n\nrecomputed\x18\x07 \x01(\x08\x32\x95\x01\n\x06\x44\x65\x63ode\x12G\n\x06\x44\x65\x63ode\x12\x1c.splitserve.v1.DecodeRequest\x1a\x1d.splitserve.v1.DecodeResponse0\x01\x12\x42\n\x07GetLoad\x12\x1a.splitserve.v1.LoadRequest\x1a\x1b.splitserve.v1.LoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asplitserve/v1/decode.proto\x12\rsplitserve.v1\x1a\x1asplitserve/v1/common.proto\x1a\x1bsplitserve/v1/prefill.proto\"\xde\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12\x18\n\x10output_token_ids\x18\x03 \x03(\r\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.splitserve.v1.SamplingParams\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x06 \x03(\x0c\x12\x17\n\x0fkvstore_address\x18\x07 \x01(\t\x12\x11\n\trng_state\x18\x08 \x01(\x0c\"\xe6\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12-\n\x08logprobs\x18\x02 \x03(\x0b\x32\x1b.splitserve.v1.TokenLogprob\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x1a\n\rstop_token_id\x18\x04 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x13num_imported_blocks\x18\x05 \x01(\r\x12\x1c\n\x14num_local_hit_blocks\x18\x06 \x01(\r\x12\x12\n\nrecomputed\x18\x07 \x01(\x08\x42\x10\n\x0e_stop_token_id2\x95\x01\n\x06\x44\x65\x63ode\x12G\n\x06\x44\x65\x63ode\x12\x1c.splitserve.v1.DecodeRequest\x1a\x1d.splitserve.v1.DecodeResponse0\x01\x12\x42\n\x07GetLoad\x12\x1a.splitserve.v1.LoadRequest\x1a\x1b.splitserve.v1.LoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,7 +36,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECODEREQUEST']._serialized_start=103
   _globals['_DECODEREQUEST']._serialized_end=325
   _globals['_DECODERESPONSE']._serialized_start=328
-  _globals['_DECODERESPONSE']._serialized_end=535
-  _globals['_DECODE']._serialized_start=538
-  _globals['_DECODE']._serialized_end=687
+  _globals['_DECODERESPONSE']._serialized_end=558
+  _globals['_DECODE']._serialized_start=561
+  _globals['_DECODE']._serialized_end=710
 # @@protoc_insertion_point(module_scope)

@@ -131,8 +131,8 @@ class RequestPipeline:
                 first_message = True
                 async for resp in call:
                     if first_message:
-                        info.update(imported_blocks=resp.num_imported_blocks, local_hit_blocks=resp.num_local_hit_blocks,
-                                    recomputed=resp.recomputed, decode_reason=decision.reason)
+                        info.update(imported_blocks=resp.num_imported_blocks, recomputed=resp.recomputed,
+                                    local_hit_blocks=resp.num_local_hit_blocks, decode_reason=decision.reason)
                         first_message = False
                     delta = out.add(resp.token_ids, resp.logprobs)
                     if resp.finish_reason:

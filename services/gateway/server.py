@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import signal
+import threading
 import time
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -101,7 +103,9 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         self._pipeline = RequestPipeline(pool, config.max_retries)
         self._served_names = [config.served_model_name] if config.served_model_name else []
         self.tokenizer = None  # set when ready
-        self.num_inflight = 0
+        # HF fast tokenizers may raise "Already borrowed" when two threads encode at once.
+        self._tokenize_lock = threading.Lock()
+        self.num_inflight = 0  # Generate calls past admission, not yet ended
 
     @property
     def ready(self) -> bool:
@@ -122,20 +126,26 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
                 async for response in responses:
                     yield response
         except GatewayError as exc:
-            log.info("request failed: request_id=%s code=%s error=%s", request.request_id, exc.code.name, exc)
+            log.info("request failed: request_id=%s code=%s error=%s", request.request_id or "-", exc.code.name, exc)
             await context.abort(exc.code, str(exc))
+        except Exception:  # a gateway bug: say so, never leak internals to the client
+            log.exception("request failed: request_id=%s internal error", request.request_id or "-")
+            await context.abort(Code.INTERNAL, "internal gateway error (see the gateway's log)")
         finally:
             self.num_inflight -= 1
+
+    def _prepare(self, request):
+        with self._tokenize_lock:
+            return prepare_request(request, self.tokenizer, self._pool.model, self._served_names)
 
     async def _generate(self, request, context, arrival: float):
         model = self._pool.model
         try:
-            req = await asyncio.to_thread(prepare_request, request, self.tokenizer, model, self._served_names)
+            req = await asyncio.to_thread(self._prepare, request)  # tokenizing a long prompt takes ms
         except InvalidRequest as exc:
             raise GatewayError(Code.INVALID_ARGUMENT, str(exc)) from None
         client_left = context.time_remaining()  # None: the client set no deadline
-        budget = self._config.request_timeout_s if client_left is None else min(client_left, self._config.request_timeout_s)
-        deadline = arrival + budget
+        deadline = arrival + min(self._config.request_timeout_s, math.inf if client_left is None else client_left)
         owners = await self._owners.owners(req.block_hashes)
         t_prefill = time.monotonic()
         first, decision = await self._pipeline.prefill(req, owners, deadline)
@@ -273,10 +283,10 @@ async def run_until_signalled(config: GatewayConfig) -> int:
     return status
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run_gateway(args: argparse.Namespace) -> int:
+    """Runs the gateway from parsed flags (add_gateway_args) until SIGTERM/SIGINT; the exit status.
+    For `splitserve gateway`: the CLI parses, this serves."""
+    logging.getLogger("splitserve").setLevel(getattr(logging, str(args.log_level).upper(), logging.INFO))
     try:
         config = config_from_namespace(args)
     except ValueError as exc:
@@ -287,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:  # the port is taken
         log.error("%s", exc)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_gateway(args)
 
 
 if __name__ == "__main__":

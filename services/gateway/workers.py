@@ -26,7 +26,9 @@ def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
             ("grpc.max_receive_message_length", max_message_bytes)]
 
 
-def create_aio_server(host: str, port: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[grpc.aio.Server, int]:
+def create_aio_server(
+    host: str, port: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server bound (insecure) to host:port, not started, and its bound port (port 0: any).
     SO_REUSEPORT off, as in splitserve.rpc: a second server on a busy port must fail loudly."""
     server = grpc.aio.server(options=_size_options(max_message_bytes) + [("grpc.so_reuseport", 0)])
@@ -40,7 +42,9 @@ def create_aio_server(host: str, port: int, max_message_bytes: int = DEFAULT_MAX
     return server, bound
 
 
-async def add_aio_health_and_reflection(server: grpc.aio.Server, service_full_names: list[str]) -> health.aio.HealthServicer:
+async def add_aio_health_and_reflection(
+    server: grpc.aio.Server, service_full_names: list[str]
+) -> health.aio.HealthServicer:
     """grpc.health.v1 (NOT_SERVING for "" and each service until the caller sets SERVING) and reflection."""
     servicer = health.aio.HealthServicer()
     for name in ["", *service_full_names]:
