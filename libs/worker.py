@@ -141,6 +141,28 @@ class Worker:
         self.loop.stop()
 
 
+def serve_role(config: WorkerConfig, role: str, make_servicer, add_to_server, service_name: str):
+    """Loads the engine, serves `make_servicer(worker)` over gRPC; returns (server, worker, servicer)."""
+    worker = Worker(config, role)
+    servicer = make_servicer(worker)
+    server, _ = serve_worker(worker, lambda s: add_to_server(servicer, s), service_name)
+    return server, worker, servicer
+
+
+def role_main(argv: list[str] | None, role: str, make_servicer, add_to_server, service_name: str) -> int:
+    """`splitserve prefill|decode`: flags from WorkerConfig, serve until SIGTERM/SIGINT."""
+    import argparse
+
+    from splitserve.config import add_config_args, config_from_args
+
+    parser = argparse.ArgumentParser(prog=f"splitserve {role}", description=f"Run one {role} worker.")
+    add_config_args(parser, WorkerConfig)
+    config = config_from_args(WorkerConfig, parser.parse_args(argv))
+    server, worker, _ = serve_role(config, role, make_servicer, add_to_server, service_name)
+    run_until_signal(server, worker)
+    return 0
+
+
 def serve_worker(worker: Worker, add_servicer, service_name: str) -> tuple[grpc.Server, int]:
     """Binds, registers the servicer, health and reflection; starts serving; returns (server, port)."""
     cfg = worker.config

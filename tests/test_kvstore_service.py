@@ -31,15 +31,6 @@ BIG = dict(num_layers=10, num_kv_heads=8, head_dim=128, block_size=16)  # 1.25 M
 PUT_CHUNK = 12 << 10  # bytes per Put chunk: small blocks travel in 3 chunks
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    with EmbeddedRedis() as server:
-        yield server.url
-
-
 def start(redis_url: str = "", **overrides):
     config = KVStoreConfig(port=0, redis_url=redis_url, max_workers=4, **overrides)
     server = serve(config)

@@ -16,15 +16,6 @@ from splitserve.ownership import (
 from splitserve.redis_server import EmbeddedRedis, redis_server_binary
 
 
-@pytest.fixture(scope="module")
-def redis_url():
-    if os.environ.get("REDIS_URL"):
-        yield os.environ["REDIS_URL"]
-        return
-    with EmbeddedRedis() as server:
-        yield server.url
-
-
 @pytest.fixture
 def owner() -> str:
     """A fresh owner id per test, so tests never see each other's keys (also on a shared Redis)."""

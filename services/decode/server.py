@@ -3,20 +3,18 @@ and streams token ids. When the import fails (block evicted, checksum mismatch, 
 recomputes the prompt locally; the output is the same."""
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
 import grpc
 
-from splitserve.config import add_config_args, config_from_args
 from splitserve.engine.engine_loop import QueueFullError
 from splitserve.engine.hashing import block_hashes
 from splitserve.engine.kv_block import KVBlockError
 from splitserve.kvstore.client import KVStoreClient
 from splitserve.v1 import decode_pb2, decode_pb2_grpc
 from splitserve.wire import logprob_to_proto, sampling_from_proto
-from splitserve.worker import Worker, WorkerConfig, abort_invalid, run_until_signal, serve_worker
+from splitserve.worker import Worker, WorkerConfig, abort_invalid, role_main, serve_role
 
 logger = logging.getLogger("splitserve.decode")
 SERVICE = "splitserve.v1.Decode"
@@ -95,19 +93,12 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
 
 def serve(config: WorkerConfig):
-    worker = Worker(config, "decode")
-    servicer = DecodeServicer(worker)
-    server, port = serve_worker(worker, lambda s: decode_pb2_grpc.add_DecodeServicer_to_server(servicer, s), SERVICE)
-    return server, worker, servicer
+    """(server, worker, servicer) of a decode worker serving on config.host:config.port."""
+    return serve_role(config, "decode", DecodeServicer, decode_pb2_grpc.add_DecodeServicer_to_server, SERVICE)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="splitserve decode", description="Run one decode worker.")
-    add_config_args(parser, WorkerConfig)
-    config = config_from_args(WorkerConfig, parser.parse_args(argv))
-    server, worker, _ = serve(config)
-    run_until_signal(server, worker)
-    return 0
+    return role_main(argv, "decode", DecodeServicer, decode_pb2_grpc.add_DecodeServicer_to_server, SERVICE)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ its own prefix cache holds them (Redis).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import queue
@@ -15,12 +14,11 @@ import sys
 
 import grpc
 
-from splitserve.config import add_config_args, config_from_args
 from splitserve.engine.engine_loop import QueueFullError
 from splitserve.kvstore.client import KVStoreClient
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
 from splitserve.wire import logprob_to_proto, sampling_from_proto
-from splitserve.worker import Worker, WorkerConfig, abort_invalid, run_until_signal, serve_worker, wait_deadline
+from splitserve.worker import Worker, WorkerConfig, abort_invalid, role_main, serve_role, wait_deadline
 
 logger = logging.getLogger("splitserve.prefill")
 SERVICE = "splitserve.v1.Prefill"
@@ -97,19 +95,12 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
 
 def serve(config: WorkerConfig):
-    worker = Worker(config, "prefill")
-    servicer = PrefillServicer(worker)
-    server, port = serve_worker(worker, lambda s: prefill_pb2_grpc.add_PrefillServicer_to_server(servicer, s), SERVICE)
-    return server, worker, servicer
+    """(server, worker, servicer) of a prefill worker serving on config.host:config.port."""
+    return serve_role(config, "prefill", PrefillServicer, prefill_pb2_grpc.add_PrefillServicer_to_server, SERVICE)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="splitserve prefill", description="Run one prefill worker.")
-    add_config_args(parser, WorkerConfig)
-    config = config_from_args(WorkerConfig, parser.parse_args(argv))
-    server, worker, _ = serve(config)
-    run_until_signal(server, worker)
-    return 0
+    return role_main(argv, "prefill", PrefillServicer, prefill_pb2_grpc.add_PrefillServicer_to_server, SERVICE)
 
 
 if __name__ == "__main__":
