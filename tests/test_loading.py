@@ -62,15 +62,20 @@ def test_hf_folder_matches_transformers(kind, tmp_path, llm_f32):
 
 
 def test_bfloat16_runs_close_to_float32(tmp_path, llm_f32):
+    """bf16 holds bf16 values (weights rounded to bf16, a bf16 KV cache) and stays near float32."""
     _tiny_checkpoint("llama", tmp_path, llm_f32.tokenizer.hf)
     prompt = llm_f32.tokenizer.encode("Hello there, how are you")
     params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=0)
     (f32,) = LLM(model=str(tmp_path), dtype="float32", kv_cache_memory_gb=0.01).generate([prompt], params)
     bf16_llm = LLM(model=str(tmp_path), dtype="bfloat16", kv_cache_memory_gb=0.01)
     assert bf16_llm.engine.kv_cache.dtype == torch.bfloat16
+    for name, t in bf16_llm.engine.model.state_dict().items():
+        if t.is_floating_point() and "rotary" not in name:
+            assert torch.equal(t, t.to(torch.bfloat16).to(t.dtype)), f"{name} holds values that are not bf16"
     (bf16,) = bf16_llm.generate([prompt], params)
     assert bf16.token_ids[0] == f32.token_ids[0]
-    assert abs(bf16.logprobs[0].logprob - f32.logprobs[0].logprob) < 0.1
+    # Rounding every weight to bf16 (relative error up to 2**-9) moves this model's logprobs a little.
+    assert abs(bf16.logprobs[0].logprob - f32.logprobs[0].logprob) < 0.25
 
 
 def test_missing_model_names_the_path(tmp_path):

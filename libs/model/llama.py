@@ -203,10 +203,6 @@ class TransposedLinear(nn.Module):
 
     Why: on x86 CPUs MKL's GEMM with a transposed right operand (what F.linear does with the usual
     [out, in] weight) is 2-4x slower for 1-48 rows (the decode regime) than a plain row-major one.
-    When the CPU has no native bfloat16 dot product (no AVX512-BF16/AMX), bfloat16 GEMMs are
-    emulated and 2-3x slower than float32 ones; the bfloat16 weights are then kept as exact float32
-    copies and the product runs in float32 on bf16-rounded inputs with float32 accumulation and a
-    bf16-rounded result, which is what a bf16 GEMM computes, at float32 speed (and twice the memory).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:

@@ -64,10 +64,15 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
         raise ModelLoadError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}")
     # The RoPE tables are buffers built from the config: rebuild them off the meta device.
     model_obj.rotary = type(model_obj.rotary)(args, positions)
-    model_obj = model_obj.to(device=device, dtype=TORCH_DTYPES[dtype])
+    storage = TORCH_DTYPES[dtype]
+    compute = compute_dtype(storage, device)
+    if compute != storage:  # bf16 values, float32 arithmetic (see compute_dtype)
+        for p in model_obj.parameters():
+            p.data = p.data.to(storage).to(compute)
+    model_obj = model_obj.to(device=device, dtype=compute)
     model_obj.rotary.to(dtype=torch.float32)  # cos/sin stay float32, as HF computes them
     if torch.device(device).type == "cpu":
-        model_obj.use_transposed_gemm(cpu_gemm_dtype(TORCH_DTYPES[dtype]))
+        model_obj.use_transposed_gemm(compute)
     model_obj.eval()
     return model_obj, path
 
@@ -81,9 +86,15 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def cpu_gemm_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype CPU projections multiply in: float32 for bfloat16 when the CPU would emulate it."""
-    if dtype == torch.bfloat16 and not cpu_has_native_bf16():
+def compute_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
+    """The dtype the model computes in for weights and KV cache stored as `dtype`.
+
+    bfloat16 on a CPU without bf16 instructions: every bf16 operation would be emulated, 2-3x
+    slower than float32 (GEMMs, and element-wise ops through conversions). The weights are then
+    rounded to bfloat16 (the same values as a bf16 model) and the arithmetic runs in float32; the
+    KV cache stays bfloat16 (half the memory). Elsewhere the model computes in `dtype` itself.
+    """
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_has_native_bf16():
         return torch.float32
     return dtype
 
