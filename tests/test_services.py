@@ -161,3 +161,25 @@ def test_shared_prefix_goes_to_its_owner(stack2, llm_f32):
     new_full_blocks = len(third) // 16 - 4
     assert dec_after.num_imported_blocks - dec_before.num_imported_blocks == new_full_blocks
     assert dec_after.num_recomputed == dec_before.num_recomputed
+
+
+@pytest.mark.parametrize("kvstore", ["live", "down"])
+def test_decode_recomputes_when_import_fails(stack2, llm_f32, kvstore):
+    """Blocks the kvstore does not have, or a kvstore that is down: the decode worker recomputes."""
+    from splitserve.v1 import decode_pb2, decode_pb2_grpc
+
+    text = f"A prompt no prefill worker has seen ({kvstore}): mountains, rivers, glaciers and the open sea."
+    ids = llm_f32.tokenizer.encode(text)
+    assert len(ids) >= 16
+    (ref,) = llm_f32.generate([ids], SamplingParams(temperature=0, max_tokens=8))
+    address = stack2.roles["kvstore"] if kvstore == "live" else "127.0.0.1:1"
+    before = stack2.decode_load()
+    stub = decode_pb2_grpc.DecodeStub(channel(stack2.roles["decode-0"]))
+    msgs = list(stub.Decode(decode_pb2.DecodeRequest(
+        request_id=f"orphan-{kvstore}", prompt_token_ids=ids, output_token_ids=ref.token_ids[:1],
+        sampling=sampling_to_proto(SamplingParams(temperature=0, max_tokens=8)), kvstore_address=address,
+    ), timeout=60))
+    assert msgs[0].recomputed and msgs[0].num_imported_blocks == 0
+    assert ref.token_ids[:1] + [t for m in msgs for t in m.token_ids] == ref.token_ids
+    assert msgs[-1].finish_reason == ref.finish_reason
+    assert stack2.decode_load().num_recomputed == before.num_recomputed + 1
