@@ -40,9 +40,10 @@ def _stream_chat(llm, messages: list[dict], params, out) -> str:
     except KeyboardInterrupt:
         engine.abort_request(request_id)
         out.write(" [interrupted]")
-    elapsed = time.monotonic() - start
+    end = time.monotonic()
     ttft = (first - start) * 1000 if first else float("nan")
-    print(f"\n[{n} tokens, first token {ttft:.0f} ms, {n / elapsed:.1f} tokens/s]", file=sys.stderr)
+    rate = (n - 1) / (end - first) if first and n > 1 and end > first else float("nan")
+    print(f"\n[{n} tokens, first token {ttft:.0f} ms, then {rate:.1f} tokens/s]", file=sys.stderr)
     return text
 
 
