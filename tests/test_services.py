@@ -74,9 +74,10 @@ def test_streamed_chunks_arrive_one_by_one(stack, references):
 
 def test_sixteen_concurrent_streams_share_one_batch(stack, llm_f32):
     prompts = [f"Write one sentence about the number {i}." for i in range(16)]
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    # Long enough that the first stream is still decoding when the last prefill returns.
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     refs = llm_f32.generate(prompts, params)
-    sampling = {"max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+    sampling = {"max_tokens": 48, "temperature": 0.0, "ignore_eos": True}
     with ThreadPoolExecutor(16) as pool:
         results = list(pool.map(lambda p: generate(stack.gateway, prompt=p, sampling=sampling, timeout_s=300), prompts))
     for (ids, text, final), ref in zip(results, refs):
