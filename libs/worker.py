@@ -59,8 +59,8 @@ class WorkerConfig:
     grpc_threads: int = 64
     """gRPC handler threads (each open stream holds one)."""
     torch_threads: int = 0
-    """CPU threads for the model (0 = torch's default, all cores); `splitserve up` splits the cores
-    between its workers, since OpenMP threads of two processes on the same core stall each other."""
+    """CPU threads for the model (0 = torch's default, all cores). Workers sharing cores should run
+    with OMP_WAIT_POLICY=PASSIVE (as `splitserve up` does), or idle OpenMP threads spin on them."""
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig.from_kwargs(
