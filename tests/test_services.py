@@ -143,6 +143,9 @@ def test_shared_prefix_goes_to_its_owner(stack2, llm_f32):
     def load(addr):
         return prefill_pb2_grpc.PrefillStub(channel(addr)).GetLoad(prefill_pb2.LoadRequest(), timeout=10)
 
+    # The warm-up bypassed the gateway, which polls loads every 0.5 s: let it see the owner idle
+    # again, or the owner's queue from a stale poll can outweigh its prefix.
+    time.sleep(1.5)
     owner_before, other_before = load(owner), load(other)
     ids, _, final = generate(stack2.gateway, token_ids=second, sampling=_greedy(8), timeout_s=120)
     owner_after, other_after = load(owner), load(other)
