@@ -17,7 +17,7 @@ MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 16 * MiB
 
 
-def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
+def size_options(max_message_bytes: int) -> list[tuple[str, int]]:
     if max_message_bytes < 1:
         raise ValueError(f"max_message_bytes must be >= 1, got {max_message_bytes}")
     return [
@@ -31,19 +31,8 @@ def format_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-def create_server(
-    host: str, port: int, max_workers: int = 16, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-) -> tuple[grpc.Server, int]:
-    """A sync gRPC server bound (insecure) to host:port, not started yet, and the bound port.
-
-    port 0 picks a free port. Raises OSError naming the address when it cannot be bound.
-    """
-    # so_reuseport off: gRPC turns SO_REUSEPORT on by default on Linux, which lets a second server
-    # bind a port that is already serving and silently split its traffic; we want a loud failure.
-    options = _size_options(max_message_bytes) + [("grpc.so_reuseport", 0)]
-    server = grpc.server(
-        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"), options=options
-    )
+def _bind(server, host: str, port: int) -> int:
+    """Binds (insecure) host:port on a sync or aio server; the bound port, or OSError naming it."""
     address = format_address(host, port)
     try:
         bound = server.add_insecure_port(address)
@@ -51,7 +40,34 @@ def create_server(
         raise OSError(f"cannot bind gRPC server to {address}: {e}") from None
     if bound == 0:
         raise OSError(f"cannot bind gRPC server to {address}")
-    return server, bound
+    return bound
+
+
+# so_reuseport off: gRPC turns SO_REUSEPORT on by default on Linux, which lets a second server
+# bind a port that is already serving and silently split its traffic; we want a loud failure.
+_NO_REUSEPORT = [("grpc.so_reuseport", 0)]
+
+
+def create_server(
+    host: str, port: int, max_workers: int = 16, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> tuple[grpc.Server, int]:
+    """A sync gRPC server bound (insecure) to host:port, not started yet, and the bound port.
+
+    port 0 picks a free port. Raises OSError naming the address when it cannot be bound.
+    """
+    server = grpc.server(
+        ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=size_options(max_message_bytes) + _NO_REUSEPORT,
+    )
+    return server, _bind(server, host, port)
+
+
+def create_aio_server(
+    host: str, port: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> tuple[grpc.aio.Server, int]:
+    """The grpc.aio counterpart of create_server (the gateway's event loop)."""
+    server = grpc.aio.server(options=size_options(max_message_bytes) + _NO_REUSEPORT)
+    return server, _bind(server, host, port)
 
 
 def add_health_and_reflection(server: grpc.Server, service_full_names: list[str]) -> health.HealthServicer:
@@ -69,10 +85,24 @@ def add_health_and_reflection(server: grpc.Server, service_full_names: list[str]
     return servicer
 
 
+async def add_aio_health_and_reflection(
+    server: grpc.aio.Server, service_full_names: list[str]
+) -> health.aio.HealthServicer:
+    """grpc.health.v1 (NOT_SERVING for "" and each service until the caller sets SERVING) and reflection."""
+    servicer = health.aio.HealthServicer()
+    for name in ["", *service_full_names]:
+        await servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    reflection.enable_server_reflection(
+        [*service_full_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    return servicer
+
+
 def channel(address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
             extra_options: tuple[tuple[str, int | str], ...] = ()) -> grpc.Channel:
     """An insecure client channel with the same message-size limits as the servers."""
-    return grpc.insecure_channel(address, options=_size_options(max_message_bytes) + list(extra_options))
+    return grpc.insecure_channel(address, options=size_options(max_message_bytes) + list(extra_options))
 
 
 # While waiting for a server to come up, reconnect quickly: gRPC's default backoff after a refused

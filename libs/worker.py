@@ -115,14 +115,13 @@ class Worker:
             self.reporter.record(held)
 
     def load(self) -> prefill_pb2.LoadResponse:
-        """Counters read without the loop thread (plain ints; a step may be running)."""
+        """Read without waiting for the loop thread: the queues as it last published them, and
+        counters that are plain ints (a step may be running)."""
         e = self.engine
-        waiting = list(e.scheduler.waiting)
-        queued = sum(s.num_tokens - s.num_computed_tokens for s in waiting)
-        queued += sum(s.num_tokens - s.num_computed_tokens for s in list(e.scheduler.running))
+        q = self.loop.queue_state
         return prefill_pb2.LoadResponse(
-            worker_id=self.worker_id, num_running=e.scheduler.num_running, num_waiting=len(waiting),
-            queued_tokens=queued, kv_cache_usage=e.block_manager.usage,
+            worker_id=self.worker_id, num_running=q.num_running, num_waiting=q.num_waiting,
+            queued_tokens=q.queued_tokens, kv_cache_usage=e.block_manager.usage,
             num_free_blocks=e.block_manager.num_free_blocks, num_total_blocks=e.block_manager.num_blocks,
             model_id=e.model_id, block_size=e.config.cache.block_size, max_model_len=e.max_model_len,
             vocab_size=e.model.args.vocab_size, model_path=str(e.model_path), batch_size=e.stats.last_batch_size,

@@ -11,11 +11,20 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from splitserve.engine.llm_engine import LLMEngine, StepOutput
 
 logger = logging.getLogger(__name__)
+
+
+class QueueState(NamedTuple):
+    """The scheduler's queues as of the last step, published by the loop thread for other threads
+    (reading the live queues from another thread races with the loop mutating them)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    queued_tokens: int = 0  # tokens accepted and not yet computed
 
 
 class QueueFullError(RuntimeError):
@@ -67,6 +76,7 @@ class EngineLoop:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.last_error: BaseException | None = None
+        self.queue_state = QueueState()  # replaced whole by the loop thread, read by any thread
 
     def start(self) -> "EngineLoop":
         self._thread.start()
@@ -138,9 +148,17 @@ class EngineLoop:
                 except BaseException as exc:  # handed to the caller, the loop goes on
                     fut.set_exception(exc)
 
+    def _publish(self) -> None:
+        sched = self.engine.scheduler
+        pending = list(sched.waiting) + sched.running
+        self.queue_state = QueueState(
+            sched.num_running, sched.num_waiting, sum(s.num_tokens - s.num_computed_tokens for s in pending)
+        )
+
     def _run(self) -> None:
         while not self._stop.is_set():
             self._drain_inbox()
+            self._publish()
             if not self.engine.has_unfinished():
                 self._wake.wait(0.5)
                 self._wake.clear()
@@ -152,6 +170,7 @@ class EngineLoop:
                 self.last_error = exc
                 self._fail_all(exc)
                 continue
+            self._publish()
             for out in outputs:
                 with self._lock:
                     stream = self._streams.get(out.request_id)

@@ -155,14 +155,20 @@ def check_block(
     if header.payload_size != cache.bytes_per_block:
         raise KVBlockError(f"KV block payload_size mismatch: header says {header.payload_size} bytes, "
                            f"this cache's blocks are {cache.bytes_per_block} bytes")
+    check_payload(header, payload)
+
+
+def check_payload(header: BlockHeader, payload: bytes, where: str = "") -> None:
+    """KVBlockError unless the payload has the header's size and checksum (`where` names the block
+    in the message). The one integrity check of a block's bytes, for the kvstore and the importer."""
     received = memoryview(payload).nbytes
     if received != header.payload_size:
         raise KVBlockError(f"KV block payload size mismatch: received {received} bytes, "
-                           f"header says {header.payload_size} (truncated or padded in transit)")
+                           f"header says {header.payload_size} (truncated or padded in transit){where}")
     checksum = zlib.crc32(payload)
     if checksum != header.checksum:
         raise KVBlockError(f"KV block checksum mismatch: payload crc32 {checksum:#010x}, "
-                           f"header says {header.checksum:#010x}")
+                           f"header says {header.checksum:#010x}{where}")
 
 
 def import_block(

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
-from splitserve.engine.kv_block import BlockHeader, KVBlockError
+from splitserve.engine.kv_block import BlockHeader, KVBlockError, check_payload
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +76,7 @@ def verify_block(block_hash: bytes, header_bytes: bytes, payload: bytes) -> Bloc
     if header.block_hash != block_hash:
         raise KVBlockError(f"KV block block_hash mismatch: header says {header.block_hash.hex()[:16]}..., "
                            f"sent as {block_hash.hex()[:16]}...")
-    if len(payload) != header.payload_size:
-        raise KVBlockError(f"KV block payload size mismatch: received {len(payload)} bytes, "
-                           f"header says {header.payload_size} (block {block_hash.hex()[:16]}...)")
-    checksum = zlib.crc32(payload)
-    if checksum != header.checksum:
-        raise KVBlockError(f"KV block checksum mismatch: payload crc32 {checksum:#010x}, header says "
-                           f"{header.checksum:#010x} (block {block_hash.hex()[:16]}...)")
+    check_payload(header, payload, where=f" (block {block_hash.hex()[:16]}...)")
     return header
 
 

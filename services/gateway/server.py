@@ -31,7 +31,8 @@ from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 from splitserve.services.gateway.owners import AsyncOwnersReader
 from splitserve.services.gateway.pipeline import GatewayError, RequestPipeline
-from splitserve.services.gateway.workers import WorkerPool, add_aio_health_and_reflection, create_aio_server
+from splitserve.rpc import add_aio_health_and_reflection, create_aio_server
+from splitserve.services.gateway.workers import WorkerPool
 
 log = logging.getLogger("splitserve.gateway")
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name  # "splitserve.v1.Gateway"

@@ -1,6 +1,5 @@
 """The gateway's view of its workers: grpc.aio channels and stubs, model discovery, load polling.
 
-Also the grpc.aio counterparts of `splitserve.rpc`'s helpers (that module is for sync servers).
 """
 from __future__ import annotations
 
@@ -9,49 +8,14 @@ import logging
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from splitserve.gateway_core import ModelInfo
 from splitserve.router import DECODE, PREFILL, Router, RouterConfig
-from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, format_address
+from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, format_address, size_options
 from splitserve.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 _WAIT_LOG_INTERVAL_S = 5.0  # how often discovery logs the workers it still waits for
-
-
-def _size_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
-
-
-def create_aio_server(
-    host: str, port: int, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server bound (insecure) to host:port, not started, and its bound port (port 0: any).
-    SO_REUSEPORT off, as in splitserve.rpc: a second server on a busy port must fail loudly."""
-    server = grpc.aio.server(options=_size_options(max_message_bytes) + [("grpc.so_reuseport", 0)])
-    address = format_address(host, port)
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as exc:
-        raise OSError(f"cannot bind gRPC server to {address}: {exc}") from None
-    if bound == 0:
-        raise OSError(f"cannot bind gRPC server to {address}")
-    return server, bound
-
-
-async def add_aio_health_and_reflection(
-    server: grpc.aio.Server, service_full_names: list[str]
-) -> health.aio.HealthServicer:
-    """grpc.health.v1 (NOT_SERVING for "" and each service until the caller sets SERVING) and reflection."""
-    servicer = health.aio.HealthServicer()
-    for name in ["", *service_full_names]:
-        await servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection([*service_full_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    return servicer
 
 
 class WorkerPool:
@@ -72,7 +36,7 @@ class WorkerPool:
         self._load_timeout_s = load_timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
         for address in {*prefill, *decode}:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=_size_options(max_message_bytes))
+            self._channels[address] = grpc.aio.insecure_channel(address, options=size_options(max_message_bytes))
         self._prefill = {a: prefill_pb2_grpc.PrefillStub(self._channels[a]) for a in prefill}
         self._decode = {a: decode_pb2_grpc.DecodeStub(self._channels[a]) for a in decode}
         self.model: ModelInfo | None = None
