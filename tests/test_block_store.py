@@ -4,11 +4,10 @@ from __future__ import annotations
 import hashlib
 import random
 import threading
-import zlib
 
 import pytest
 
-from splitserve.engine.kv_block import LAYOUT_VERSION, BlockHeader, KVBlockError
+from splitserve.engine.kv_block import LAYOUT_VERSION, BlockHeader, KVBlockError, payload_checksum
 from splitserve.kvstore.block_store import BlockStore, StoreFullError
 
 PAYLOAD = 4096  # bytes per test block
@@ -21,7 +20,7 @@ def make_block(name: str, payload_size: int = PAYLOAD) -> tuple[bytes, bytes, by
     header = BlockHeader(
         block_hash=block_hash, model_id="test-model", num_layers=1, num_kv_heads=1,
         head_dim=payload_size // 64, block_size=16, dtype="float32", layout_version=LAYOUT_VERSION,
-        checksum=zlib.crc32(payload), payload_size=payload_size,
+        checksum=payload_checksum(payload), payload_size=payload_size,
     ).to_bytes()
     return block_hash, header, payload
 

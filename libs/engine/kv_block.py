@@ -2,25 +2,26 @@
 
 payload: the bytes of [num_layers, 2 (K, V), block_size, kv_heads, head_dim] in `dtype`, little-endian
          (exactly `KVCache.read_block`); the transport may chunk it, the receiver reassembles it.
-header:  a msgpack map with the short keys of `_KEYS`; `checksum` is zlib.crc32 of the payload.
+header:  a msgpack map with the short keys of `_KEYS`; `checksum` is the 64-bit xxh3 of the payload
+         (`payload_checksum`: ~20 GB/s, so checking every block on put, get and import stays cheap).
 The receiver runs `check_block` (or `import_block`) before a page is written: a block computed for
 another model, shape or dtype, or damaged in transit, raises KVBlockError and is never written.
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, fields
 
 from typing import TYPE_CHECKING
 
 import msgpack
+import xxhash
 
 if TYPE_CHECKING:  # torch is not imported at run time: the kvstore parses headers without it
     import torch
 
     from splitserve.engine.kv_cache import KVCache
 
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2  # 2: xxh3-64 checksum (1 had crc32)
 _WIRE_DTYPES = ("float32", "bfloat16", "float16")
 _MAX_HASH_BYTES = 64
 
@@ -34,7 +35,7 @@ _KEYS = {
     "block_size": "block_size",
     "dtype": "dtype",
     "layout_version": "layout",
-    "checksum": "crc32",
+    "checksum": "xxh3",
     "payload_size": "size",
 }
 
@@ -55,7 +56,7 @@ class BlockHeader:
     block_size: int  # tokens
     dtype: str  # "float32" | "bfloat16" | "float16"
     layout_version: int  # == LAYOUT_VERSION
-    checksum: int  # zlib.crc32 of the payload, [0, 2**32)
+    checksum: int  # payload_checksum(payload), [0, 2**64)
     payload_size: int  # bytes
 
     def __post_init__(self) -> None:
@@ -72,8 +73,8 @@ class BlockHeader:
             if type(value) is not int or value < low:
                 raise KVBlockError(f"KV block header field '{name}' must be an integer >= {low}, "
                                    f"got {_describe(value)}")
-        if self.checksum >= 1 << 32:
-            raise KVBlockError(f"KV block header field 'checksum' must be a crc32 (< 2**32), "
+        if self.checksum >= 1 << 64:
+            raise KVBlockError(f"KV block header field 'checksum' must be a 64-bit xxh3 (< 2**64), "
                                f"got {self.checksum}")
         if self.dtype not in _WIRE_DTYPES:
             raise KVBlockError(f"KV block header field 'dtype' must be one of "
@@ -109,6 +110,11 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
+def payload_checksum(payload: bytes | bytearray | memoryview) -> int:
+    """The checksum a header carries for `payload`: 64-bit xxh3 (seed 0)."""
+    return xxhash.xxh3_64_intdigest(payload)
+
+
 def dtype_name(dtype: "torch.dtype") -> str:
     """The wire name of a cache dtype; KVBlockError for a dtype the wire format has no name for."""
     import torch
@@ -130,7 +136,7 @@ def encode_block(
         block_hash=block_hash, model_id=model_id, num_layers=cache.num_layers,
         num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim, block_size=cache.block_size,
         dtype=dtype_name(cache.dtype), layout_version=LAYOUT_VERSION,
-        checksum=zlib.crc32(payload), payload_size=len(payload),
+        checksum=payload_checksum(payload), payload_size=len(payload),
     )
     return header, payload
 
@@ -165,10 +171,10 @@ def check_payload(header: BlockHeader, payload: bytes, where: str = "") -> None:
     if received != header.payload_size:
         raise KVBlockError(f"KV block payload size mismatch: received {received} bytes, "
                            f"header says {header.payload_size} (truncated or padded in transit){where}")
-    checksum = zlib.crc32(payload)
+    checksum = payload_checksum(payload)
     if checksum != header.checksum:
-        raise KVBlockError(f"KV block checksum mismatch: payload crc32 {checksum:#010x}, "
-                           f"header says {header.checksum:#010x}{where}")
+        raise KVBlockError(f"KV block checksum mismatch: payload xxh3 {checksum:#018x}, "
+                           f"header says {header.checksum:#018x}{where}")
 
 
 def import_block(

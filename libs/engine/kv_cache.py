@@ -8,6 +8,7 @@ raw bytes, in the cache dtype and native (little-endian) byte order, of
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 _GIB = 1 << 30  # kv_cache_memory_gb is in GiB
@@ -44,6 +45,7 @@ class KVCache:
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.k_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
         self.v_caches = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self._views: list[np.ndarray] | None = None  # built on first use (_host_views)
 
     @staticmethod
     def block_nbytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
@@ -79,6 +81,9 @@ class KVCache:
     def read_block(self, block_id: int) -> bytes:
         """Raw bytes of one block, layout [layers, 2, block_size, kv_heads, head_dim]."""
         self._check_block_id(block_id)
+        views = self._host_views()
+        if views is not None:  # one copy: the 2 x layers page slices joined into the payload
+            return b"".join([view[block_id].data for view in views])
         # [layers, 2, block_size, kv_heads, head_dim], cache dtype; uint8 view since numpy lacks bf16.
         block = torch.stack(
             [torch.stack((k[block_id], v[block_id])) for k, v in zip(self.k_caches, self.v_caches)]
@@ -94,6 +99,12 @@ class KVCache:
                 f"KV block payload is {nbytes} bytes, expected {self.bytes_per_block} "
                 f"for this cache's shape and dtype {self.dtype}"
             )
+        views = self._host_views()
+        if views is not None:  # one copy per page slice, straight from the (read-only) payload
+            src = np.frombuffer(data, dtype=np.uint8).reshape(len(views), -1)
+            for view, part in zip(views, src):
+                view[block_id] = part
+            return
         # bytearray copy: torch.frombuffer needs a writable buffer it may alias.
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         block = raw.view(self.dtype).view(
@@ -102,6 +113,17 @@ class KVCache:
         for layer, (k, v) in enumerate(zip(self.k_caches, self.v_caches)):
             k[block_id].copy_(block[layer, 0])
             v[block_id].copy_(block[layer, 1])
+
+    def _host_views(self) -> list[np.ndarray] | None:
+        """For a CPU cache: numpy uint8 views [num_blocks, bytes per page] aliasing K0, V0, K1, V1, ...
+        (payload order), so block export and import are plain memory copies without per-call torch
+        overhead. None on other devices."""
+        if self.device.type != "cpu":
+            return None
+        if self._views is None:
+            self._views = [t.view(torch.uint8).numpy().reshape(self.num_blocks, -1)
+                           for k, v in zip(self.k_caches, self.v_caches) for t in (k, v)]
+        return self._views
 
     def _check_block_id(self, block_id: int) -> None:
         if not isinstance(block_id, int) or not 0 <= block_id < self.num_blocks:

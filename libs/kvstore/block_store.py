@@ -2,8 +2,8 @@
 
 Invariants (all under one lock; the gRPC server calls in from many threads):
 - used_bytes = sum over resident blocks of len(header) + len(payload) <= capacity_bytes.
-- A block is stored whole and verified (header parses, hash matches, size and crc32 match) or
-  not at all; get() re-verifies the crc32 and drops a block whose bytes changed in memory.
+- A block is stored whole and verified (header parses, hash matches, size and checksum match) or
+  not at all; get() re-verifies the checksum and drops a block whose bytes changed in memory.
 - LRU order is the order of last use, where a use is a put (new or already present) or a
   successful get. Pinning and unpinning do not change the order.
 - A block is pinned while at least one unexpired lease holds it; pinned blocks are never
@@ -18,12 +18,11 @@ import heapq
 import logging
 import threading
 import time
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
-from splitserve.engine.kv_block import BlockHeader, KVBlockError, check_payload
+from splitserve.engine.kv_block import BlockHeader, KVBlockError, check_payload, payload_checksum
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +48,14 @@ class StoreStats:
     num_evictions: int  # blocks evicted for room since start (corrupt drops not included)
     bytes_in: int  # header + payload bytes of blocks newly stored
     bytes_out: int  # header + payload bytes returned by get()
-    num_corrupt: int  # blocks dropped by get() because their crc32 no longer matched
+    num_corrupt: int  # blocks dropped by get() because their checksum no longer matched
 
 
 @dataclass
 class _Entry:
     header: bytes
     payload: bytes
-    checksum: int  # crc32 of payload, from the header
+    checksum: int  # checksum of payload, from the header
     leases: set[str] = field(default_factory=set)  # ids of the unexpired leases pinning it
 
     @property
@@ -123,7 +122,7 @@ class BlockStore:
         lease_ttl_s None takes the default. Raises KVBlockError (bad block, nothing stored),
         StoreFullError (no room, nothing evicted), ValueError (bad lease arguments).
         """
-        header = verify_block(block_hash, header_bytes, payload)  # outside the lock: crc32 of ~1 MiB
+        header = verify_block(block_hash, header_bytes, payload)  # outside the lock: checksum of ~1 MiB
         if lease_ttl_s is None:
             lease_ttl_s = self.default_lease_ttl_s
         if lease_id is not None and (not lease_id or not lease_ttl_s > 0):
@@ -160,7 +159,7 @@ class BlockStore:
     def get(self, block_hash: bytes) -> tuple[bytes, bytes] | None:
         """(header bytes, payload) of a resident, intact block, or None. Counts as a use.
 
-        A block whose payload no longer matches its crc32 is dropped (on_evict is told) and
+        A block whose payload no longer matches its checksum is dropped (on_evict is told) and
         reported as missing.
         """
         with self._lock:
@@ -168,7 +167,7 @@ class BlockStore:
             entry = self._blocks.get(block_hash)
         if entry is None:
             return None
-        intact = zlib.crc32(entry.payload) == entry.checksum  # outside the lock: bytes are immutable
+        intact = payload_checksum(entry.payload) == entry.checksum  # outside the lock: bytes are immutable
         with self._lock:
             if self._blocks.get(block_hash) is not entry:  # evicted or replaced meanwhile
                 return None

@@ -1,15 +1,21 @@
 """Client of the kvstore role: chunked streaming put and get of KV blocks."""
 from __future__ import annotations
 
+import logging
+import os
+import secrets
+import threading
 from typing import Iterable, Iterator
 
 import grpc
 
 from splitserve.engine.kv_block import BlockHeader, KVBlockError
+from splitserve.kvstore import shm
 from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, channel
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 CHUNK_BYTES = 1 << 20  # about 1 MiB of payload per message
+log = logging.getLogger(__name__)
 
 
 def block_chunks(block_hash: bytes, header: bytes, payload: bytes, chunk_bytes: int = CHUNK_BYTES,
@@ -22,19 +28,64 @@ def block_chunks(block_hash: bytes, header: bytes, payload: bytes, chunk_bytes: 
         first = i == 0
         yield kvstore_pb2.BlockChunk(
             block_hash=block_hash, header=header if first else b"",
-            data=bytes(view[i * chunk_bytes:(i + 1) * chunk_bytes]), last=i == n - 1,
+            data=payload if n == 1 else bytes(view[i * chunk_bytes:(i + 1) * chunk_bytes]), last=i == n - 1,
             lease_id=lease_id if first else "", lease_ttl_s=lease_ttl_s if first else 0.0,
         )
 
 
 class KVStoreClient:
+    """put/get of whole blocks. With use_shm (the default) the client asks the store for its
+    shared-memory directory once; when it can read the store's probe token there (same host, same
+    user) payloads travel through files (PutFile/GetFile), otherwise through the gRPC streams."""
+
     def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 chunk_bytes: int = CHUNK_BYTES, timeout_s: float = 30.0) -> None:
+                 chunk_bytes: int = CHUNK_BYTES, timeout_s: float = 30.0, use_shm: bool = True) -> None:
         self.address = address
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
+        self.use_shm = use_shm
+        self._shm_dir: str | None = None  # the store's directory once probed and readable
+        self._probed = False
+        self._lock = threading.Lock()
         self._channel = channel(address, max_message_bytes)
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+
+    @property
+    def transport(self) -> str:
+        """"shm" or "grpc": the path the next put/get takes (probes the store on first use)."""
+        return "shm" if self._shm() else "grpc"
+
+    def _shm(self) -> str | None:
+        if not self.use_shm:
+            return None
+        with self._lock:
+            if not self._probed:
+                self._shm_dir = self._probe()
+                self._probed = True
+            return self._shm_dir
+
+    def _probe(self) -> str | None:
+        try:
+            info = self._stub.Info(kvstore_pb2.InfoRequest(), timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNIMPLEMENTED:  # an older store: streams only
+                return None
+            raise
+        if not info.shm_dir or not info.shm_token:
+            return None
+        try:
+            with open(os.path.join(info.shm_dir, shm.PROBE_NAME), "rb") as f:
+                if secrets.compare_digest(f.read(64), info.shm_token):
+                    log.info("kvstore %s: same host, payloads go through %s", self.address, info.shm_dir)
+                    return info.shm_dir
+        except OSError:
+            pass
+        return None  # another host or container: the directory is not ours to see
+
+    def _disable_shm(self, why: object) -> None:
+        log.warning("kvstore %s: shared-memory path off, using gRPC streams: %s", self.address, why)
+        with self._lock:
+            self._shm_dir = None
 
     def contains(self, hashes: list[bytes]) -> list[bool]:
         if not hashes:
@@ -44,7 +95,24 @@ class KVStoreClient:
 
     def put(self, blocks: Iterable[tuple[BlockHeader, bytes]], lease_id: str = "",
             lease_ttl_s: float = 0.0) -> kvstore_pb2.PutResponse:
-        """Streams the blocks in one call, each pinned under `lease_id` for at most lease_ttl_s."""
+        """Stores the blocks in one call, each pinned under `lease_id` for at most lease_ttl_s."""
+        blocks = list(blocks)
+        directory = self._shm()
+        if directory is not None and blocks:
+            path = os.path.join(directory, shm.new_file_name("put"))
+            try:
+                offsets = shm.write_file(path, [payload for _, payload in blocks])
+            except OSError as e:  # the directory went away or tmpfs is full: stream this one
+                self._disable_shm(e)
+            else:
+                try:
+                    return self._stub.PutFile(kvstore_pb2.PutFileRequest(
+                        file_name=os.path.basename(path), lease_id=lease_id, lease_ttl_s=lease_ttl_s,
+                        blocks=[kvstore_pb2.FileBlock(block_hash=h.block_hash, header=h.to_bytes(), offset=off)
+                                for (h, _), off in zip(blocks, offsets)]), timeout=self.timeout_s)
+                finally:
+                    shm.remove_quietly(path)  # the store removed it already, unless the call never arrived
+
         def chunks():
             for header, payload in blocks:
                 yield from block_chunks(header.block_hash, header.to_bytes(), payload, self.chunk_bytes,
@@ -53,14 +121,52 @@ class KVStoreClient:
 
     def get(self, hashes: list[bytes], release_lease_id: str = "") -> list[tuple[BlockHeader, bytes]]:
         """The leading blocks of `hashes` the store has, reassembled, in order; stops at the first
-        missing one. KVBlockError when the stream is malformed (the caller recomputes)."""
+        missing one. KVBlockError when what arrived is malformed (the caller recomputes)."""
         if not hashes:
             return []
+        request = kvstore_pb2.GetRequest(block_hashes=hashes, release_lease_id=release_lease_id)
+        directory = self._shm()
+        if directory is not None:
+            try:
+                reply = self._stub.GetFile(request, timeout=self.timeout_s)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                log.warning("kvstore %s: GetFile refused (%s), streaming instead", self.address, e.details())
+            else:
+                return self._read_file(directory, reply, hashes)
+        return self._get_stream(request, hashes)
+
+    def _read_file(self, directory: str, reply, hashes: list[bytes]) -> list[tuple[BlockHeader, bytes]]:
+        if not reply.file_name:
+            return []
+        path = os.path.join(directory, shm.check_name(reply.file_name))
+        out: list[tuple[BlockHeader, bytes]] = []
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise KVBlockError(f"kvstore transfer file {reply.file_name} cannot be opened: {e}") from None
+        try:
+            size = os.fstat(fd).st_size
+            for i, block in enumerate(reply.blocks):
+                header = BlockHeader.from_bytes(block.header)
+                if i >= len(hashes) or block.block_hash != hashes[i] or header.block_hash != block.block_hash:
+                    raise KVBlockError("kvstore reply: blocks arrived out of order or under the wrong hash")
+                try:
+                    payload = shm.read_range(fd, block.offset, header.payload_size, size, f"block {i}")
+                except ValueError as e:
+                    raise KVBlockError(f"kvstore transfer file {reply.file_name}: {e}") from None
+                out.append((header, payload))
+        finally:
+            os.close(fd)
+            shm.remove_quietly(path)
+        return out
+
+    def _get_stream(self, request, hashes: list[bytes]) -> list[tuple[BlockHeader, bytes]]:
         out: list[tuple[BlockHeader, bytes]] = []
         header: BlockHeader | None = None
         parts: list[bytes] = []
-        stream = self._stub.Get(kvstore_pb2.GetRequest(block_hashes=hashes, release_lease_id=release_lease_id),
-                                timeout=self.timeout_s)
+        stream = self._stub.Get(request, timeout=self.timeout_s)
         try:
             for chunk in stream:
                 if chunk.missing:

@@ -1,8 +1,8 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable
-from typing import ClassVar as _ClassVar, Optional as _Optional
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -89,3 +89,47 @@ class StatsResponse(_message.Message):
     bytes_in: int
     bytes_out: int
     def __init__(self, num_blocks: _Optional[int] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., num_leases: _Optional[int] = ..., num_pinned_blocks: _Optional[int] = ..., num_evictions: _Optional[int] = ..., bytes_in: _Optional[int] = ..., bytes_out: _Optional[int] = ...) -> None: ...
+
+class InfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class InfoResponse(_message.Message):
+    __slots__ = ("shm_dir", "shm_probe", "shm_token")
+    SHM_DIR_FIELD_NUMBER: _ClassVar[int]
+    SHM_PROBE_FIELD_NUMBER: _ClassVar[int]
+    SHM_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    shm_dir: str
+    shm_probe: str
+    shm_token: bytes
+    def __init__(self, shm_dir: _Optional[str] = ..., shm_probe: _Optional[str] = ..., shm_token: _Optional[bytes] = ...) -> None: ...
+
+class FileBlock(_message.Message):
+    __slots__ = ("block_hash", "header", "offset")
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    block_hash: bytes
+    header: bytes
+    offset: int
+    def __init__(self, block_hash: _Optional[bytes] = ..., header: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class PutFileRequest(_message.Message):
+    __slots__ = ("file_name", "blocks", "lease_id", "lease_ttl_s")
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    file_name: str
+    blocks: _containers.RepeatedCompositeFieldContainer[FileBlock]
+    lease_id: str
+    lease_ttl_s: float
+    def __init__(self, file_name: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[FileBlock, _Mapping]]] = ..., lease_id: _Optional[str] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
+
+class GetFileResponse(_message.Message):
+    __slots__ = ("file_name", "blocks")
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    file_name: str
+    blocks: _containers.RepeatedCompositeFieldContainer[FileBlock]
+    def __init__(self, file_name: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[FileBlock, _Mapping]]] = ...) -> None: ...

@@ -59,6 +59,21 @@ class KVStoreStub:
                 request_serializer=splitserve_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
                 _registered_method=True)
+        self.Info = channel.unary_unary(
+                '/splitserve.v1.KVStore/Info',
+                request_serializer=splitserve_dot_v1_dot_kvstore__pb2.InfoRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.InfoResponse.FromString,
+                _registered_method=True)
+        self.PutFile = channel.unary_unary(
+                '/splitserve.v1.KVStore/PutFile',
+                request_serializer=splitserve_dot_v1_dot_kvstore__pb2.PutFileRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
+                _registered_method=True)
+        self.GetFile = channel.unary_unary(
+                '/splitserve.v1.KVStore/GetFile',
+                request_serializer=splitserve_dot_v1_dot_kvstore__pb2.GetRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.GetFileResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -98,6 +113,29 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Info(self, request, context):
+        """Where the store's shared-memory directory is and how a client proves it sees the same one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutFile(self, request, context):
+        """Same-host put: the client wrote the payloads into one file in shm_dir; the store reads,
+        verifies and stores them, then deletes the file (also on error).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetFile(self, request, context):
+        """Same-host get: the store writes the leading blocks it holds into one new file in shm_dir;
+        the client reads and deletes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +163,21 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Stats,
                     request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.StatsRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_kvstore__pb2.StatsResponse.SerializeToString,
+            ),
+            'Info': grpc.unary_unary_rpc_method_handler(
+                    servicer.Info,
+                    request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.InfoRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_kvstore__pb2.InfoResponse.SerializeToString,
+            ),
+            'PutFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutFile,
+                    request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.PutFileRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_kvstore__pb2.PutResponse.SerializeToString,
+            ),
+            'GetFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetFile,
+                    request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.GetRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_kvstore__pb2.GetFileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +315,87 @@ class KVStore:
             '/splitserve.v1.KVStore/Stats',
             splitserve_dot_v1_dot_kvstore__pb2.StatsRequest.SerializeToString,
             splitserve_dot_v1_dot_kvstore__pb2.StatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Info(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.KVStore/Info',
+            splitserve_dot_v1_dot_kvstore__pb2.InfoRequest.SerializeToString,
+            splitserve_dot_v1_dot_kvstore__pb2.InfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.KVStore/PutFile',
+            splitserve_dot_v1_dot_kvstore__pb2.PutFileRequest.SerializeToString,
+            splitserve_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.KVStore/GetFile',
+            splitserve_dot_v1_dot_kvstore__pb2.GetRequest.SerializeToString,
+            splitserve_dot_v1_dot_kvstore__pb2.GetFileResponse.FromString,
             options,
             channel_credentials,
             insecure,

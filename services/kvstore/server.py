@@ -6,7 +6,11 @@ Wire form (protos/splitserve/v1/kvstore.proto): a block travels as BlockChunks; 
 carries block_hash, header (and, on Put, lease_id/lease_ttl_s), later chunks carry slices of the
 payload, the chunk with last=true ends it. Blocks follow one another in one stream.
 
-Put stores each block when its last chunk arrives and verifies (header, hash, size, crc32);
+Same host: a client that can read the store's shared-memory directory (Info) moves payloads
+through files there instead (PutFile/GetFile, splitserve.kvstore.shm); the checks, leases and
+status codes are the same.
+
+Put stores each block when its last chunk arrives and verifies (header, hash, size, xxh3 checksum);
 a block is never stored in part. A malformed stream is aborted with INVALID_ARGUMENT naming the
 problem; blocks completed earlier in the same stream stay stored (puts are idempotent: a retry
 reports them as already present). No room (everything else pinned) is RESOURCE_EXHAUSTED.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import threading
 from dataclasses import dataclass
@@ -26,6 +31,7 @@ from splitserve import rpc
 from splitserve.config import add_config_args, config_from_args
 from splitserve.engine.kv_block import BlockHeader, KVBlockError
 from splitserve.kvstore.block_store import BlockStore, StoreFullError
+from splitserve.kvstore import shm
 from splitserve.kvstore.client import block_chunks
 from splitserve.ownership import OwnershipRegistry, OwnershipReporter, redact_url
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
@@ -51,6 +57,11 @@ class KVStoreConfig:
     """Longest lease a client may ask for, in seconds; longer requests are cut to this."""
     chunk_bytes: int = 1 << 20
     """Payload bytes per BlockChunk sent by Get."""
+    shm_dir: str = "/dev/shm"
+    """Shared-memory directory for same-host transfers (clients on this host move payloads through
+    files there instead of gRPC streams); empty: gRPC streams only."""
+    shm_file_ttl_s: float = 60.0
+    """Transfer files older than this (a client died mid-transfer) are deleted, in seconds."""
     redis_url: str = ""
     """Redis holding block ownership (redis://host:port/db); empty: no ownership reporting."""
     ownership_ttl_s: float = 600.0
@@ -71,7 +82,7 @@ class KVStoreConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not self.capacity_bytes >= 1:
             raise ValueError(f"capacity_gb must be > 0, got {self.capacity_gb}")
-        for name in ("lease_ttl_s", "max_lease_ttl_s", "ownership_ttl_s", "ownership_retry_s"):
+        for name in ("lease_ttl_s", "max_lease_ttl_s", "ownership_ttl_s", "ownership_retry_s", "shm_file_ttl_s"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
         if self.lease_ttl_s > self.max_lease_ttl_s:
@@ -102,10 +113,12 @@ def _short(block_hash: bytes) -> str:
 class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     """Thin shell: wire chunks <-> BlockStore, status codes, ownership reports."""
 
-    def __init__(self, config: KVStoreConfig, store: BlockStore, reporter: OwnershipReporter | None):
+    def __init__(self, config: KVStoreConfig, store: BlockStore, reporter: OwnershipReporter | None,
+                 area: shm.ShmArea | None = None):
         self.config = config
         self.store = store
         self.reporter = reporter
+        self.area = area
 
     def Put(self, request_iterator, context):
         held: list[bytes] = []  # stored or already present in this stream: recorded as owned
@@ -158,41 +171,52 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             if not chunk.last:
                 continue
             cur = None
-            try:
-                result = self.store.put(block_hash, header_bytes, b"".join(parts), lease_id, ttl)
-            except KVBlockError as e:
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"block {_short(block_hash)}: {e}") from None
-            except StoreFullError as e:
-                raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
-            held.append(block_hash)
-            counts["stored" if result.stored else "present"] += 1
-            counts["bytes"] += len(header_bytes) + received
+            self._store_block(block_hash, header_bytes, b"".join(parts), lease_id, ttl, held, counts)
         if cur is not None:
             raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
                           f"stream ended in the middle of block {_short(cur[0])}: {received} of "
                           f"{cur[2].payload_size} payload bytes received, no chunk with last=true")
 
-    def _start_block(self, chunk):
-        if not chunk.block_hash:
+    def _store_block(self, block_hash, header_bytes, payload, lease_id, ttl, held, counts) -> None:
+        try:
+            result = self.store.put(block_hash, header_bytes, payload, lease_id, ttl)
+        except KVBlockError as e:
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"block {_short(block_hash)}: {e}") from None
+        except StoreFullError as e:
+            raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
+        held.append(block_hash)
+        counts["stored" if result.stored else "present"] += 1
+        counts["bytes"] += len(header_bytes) + len(payload)
+
+    def _parse_header(self, block_hash: bytes, header_bytes: bytes) -> BlockHeader:
+        if not block_hash:
             raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, "header chunk without block_hash")
         try:
-            header = BlockHeader.from_bytes(chunk.header)
+            header = BlockHeader.from_bytes(header_bytes)
         except KVBlockError as e:
-            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"block {_short(chunk.block_hash)}: {e}") from None
-        if header.block_hash != chunk.block_hash:
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"block {_short(block_hash)}: {e}") from None
+        if header.block_hash != block_hash:
             raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"block {_short(chunk.block_hash)}: header's block_hash is "
-                          f"{_short(header.block_hash)}")
-        if len(chunk.header) + header.payload_size > self.store.capacity_bytes:
+                          f"block {_short(block_hash)}: header's block_hash is {_short(header.block_hash)}")
+        if len(header_bytes) + header.payload_size > self.store.capacity_bytes:
             raise _Reject(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"block {_short(chunk.block_hash)} of {header.payload_size} payload bytes exceeds "
+                          f"block {_short(block_hash)} of {header.payload_size} payload bytes exceeds "
                           f"the store's capacity of {self.store.capacity_bytes} bytes")
-        lease_id, ttl = chunk.lease_id or None, None
-        if lease_id is not None and chunk.lease_ttl_s != 0:
-            if not chunk.lease_ttl_s > 0 or math.isinf(chunk.lease_ttl_s):
+        return header
+
+    def _lease(self, lease_id: str, lease_ttl_s: float) -> tuple[str | None, float | None]:
+        """(lease id or None, ttl or None for the default), with the ttl cut to max_lease_ttl_s."""
+        lease, ttl = lease_id or None, None
+        if lease is not None and lease_ttl_s != 0:
+            if not lease_ttl_s > 0 or math.isinf(lease_ttl_s):
                 raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"lease_ttl_s must be a positive number of seconds, got {chunk.lease_ttl_s}")
-            ttl = min(float(chunk.lease_ttl_s), self.config.max_lease_ttl_s)
+                              f"lease_ttl_s must be a positive number of seconds, got {lease_ttl_s}")
+            ttl = min(float(lease_ttl_s), self.config.max_lease_ttl_s)
+        return lease, ttl
+
+    def _start_block(self, chunk):
+        header = self._parse_header(chunk.block_hash, chunk.header)
+        lease_id, ttl = self._lease(chunk.lease_id, chunk.lease_ttl_s)
         return chunk.block_hash, chunk.header, header, lease_id, ttl, []
 
     def Get(self, request, context):
@@ -210,6 +234,81 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                 yield from block_chunks(block_hash, header, payload, self.config.chunk_bytes)
         finally:
             # Also on cancellation: the reader gave up on these blocks, they need no pin anymore.
+            if request.release_lease_id:
+                self.store.release(request.release_lease_id)
+
+    def Info(self, request, context):
+        if self.area is None:
+            return kvstore_pb2.InfoResponse()
+        return kvstore_pb2.InfoResponse(shm_dir=self.area.path, shm_probe=shm.PROBE_NAME,
+                                        shm_token=self.area.token)
+
+    def _area_path(self, name: str, context) -> str:
+        if self.area is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this kvstore has no shared-memory directory (use Put/Get streams)")
+        try:
+            return self.area.file_path(name)
+        except shm.ShmNameError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    def PutFile(self, request, context):
+        path = self._area_path(request.file_name, context)
+        self.area.sweep()
+        held: list[bytes] = []
+        counts = {"stored": 0, "present": 0, "bytes": 0}
+        try:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"file_name {request.file_name!r} does not exist in the store's directory") from None
+            try:
+                size = os.fstat(fd).st_size
+                lease_id, ttl = self._lease(request.lease_id, request.lease_ttl_s)
+                for i, block in enumerate(request.blocks):
+                    header = self._parse_header(block.block_hash, block.header)
+                    try:
+                        payload = shm.read_range(fd, block.offset, header.payload_size, size,
+                                                 f"blocks[{i}] ({_short(block.block_hash)})")
+                    except ValueError as e:
+                        raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+                    self._store_block(block.block_hash, block.header, payload, lease_id, ttl, held, counts)
+            finally:
+                os.close(fd)
+        except _Reject as e:
+            log.warning("put rejected code=%s peer=%s error=%s", e.code.name, context.peer(), e)
+            context.abort(e.code, str(e))
+        finally:
+            shm.remove_quietly(path)
+            if self.reporter is not None:
+                self.reporter.record(held)
+        return kvstore_pb2.PutResponse(num_stored=counts["stored"], num_already_present=counts["present"],
+                                       num_bytes=counts["bytes"])
+
+    def GetFile(self, request, context):
+        if any(not h for h in request.block_hashes):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "block_hashes contains an empty hash")
+        name = shm.new_file_name("get")
+        path = self._area_path(name, context)
+        self.area.sweep()
+        try:
+            found = []
+            for block_hash in request.block_hashes:
+                block = self.store.get(block_hash)
+                if block is None:
+                    break
+                found.append((block_hash, *block))
+            if not found:
+                return kvstore_pb2.GetFileResponse()
+            try:
+                offsets = shm.write_file(path, [payload for _, _, payload in found])
+            except OSError as e:  # tmpfs full: the client falls back to the stream
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"cannot write the transfer file: {e}")
+            return kvstore_pb2.GetFileResponse(file_name=name, blocks=[
+                kvstore_pb2.FileBlock(block_hash=h, header=hdr, offset=off)
+                for (h, hdr, _), off in zip(found, offsets)])
+        finally:
             if request.release_lease_id:
                 self.store.release(request.release_lease_id)
 
@@ -236,6 +335,12 @@ class KVStoreServer:
     def __init__(self, config: KVStoreConfig):
         self.config = config
         self.store = BlockStore(config.capacity_bytes, config.lease_ttl_s, on_evict=self._evicted)
+        self.area = None
+        if config.shm_dir:
+            try:
+                self.area = shm.ShmArea(config.shm_dir, config.shm_file_ttl_s)
+            except OSError as e:
+                log.warning("no shared-memory path (gRPC streams only): %s", e)
         self.registry = OwnershipRegistry(config.redis_url, config.ownership_ttl_s) if config.redis_url else None
         self.server, self.port = rpc.create_server(config.host, config.port, config.max_workers,
                                                    config.max_message_bytes)
@@ -247,7 +352,7 @@ class KVStoreServer:
                                               refresh_s=config.ownership_ttl_s / 3,
                                               retry_s=config.ownership_retry_s)
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(
-            KVStoreServicer(config, self.store, self.reporter), self.server)
+            KVStoreServicer(config, self.store, self.reporter, self.area), self.server)
         self.health = rpc.add_health_and_reflection(self.server, [SERVICE_NAME])
         self._stopped = threading.Event()
 
@@ -259,8 +364,8 @@ class KVStoreServer:
         if self.reporter is not None:
             self.reporter.start()
         self.server.start()
-        log.info("kvstore serving address=%s owner=%s capacity_bytes=%d redis=%s", self.address,
-                 self.owner_id, self.store.capacity_bytes,
+        log.info("kvstore serving address=%s owner=%s capacity_bytes=%d shm=%s redis=%s", self.address,
+                 self.owner_id, self.store.capacity_bytes, self.area.path if self.area else "off",
                  redact_url(self.config.redis_url) if self.config.redis_url else "off")
         return self
 
@@ -275,6 +380,8 @@ class KVStoreServer:
             self.reporter.stop()
         if self.registry is not None:
             self.registry.close()
+        if self.area is not None:
+            self.area.close()
         log.info("kvstore stopped address=%s", self.address)
 
     def __enter__(self) -> "KVStoreServer":
