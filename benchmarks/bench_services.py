@@ -507,7 +507,7 @@ def run_kv(args: argparse.Namespace) -> dict:
             for s in range(0, n_blocks, per_call):
                 got += client.get(hashes[s:s + per_call], release_lease_id=lease)
             rates["get"].append(total / (time.perf_counter() - t) / 1e9)
-            if len(got) != n_blocks or any(g[1] != b[1] for g, b in zip(got[:8], blocks[:8])):
+            if len(got) != n_blocks or any(bytes(g[1]) != b[1] for g, b in zip(got[:8], blocks[:8])):
                 raise RuntimeError(f"kvstore get returned {len(got)} of {n_blocks} blocks or other bytes")
             # The same blocks through the gRPC streams (new hashes: the store has the others).
             moved = [(dataclasses.replace(h, block_hash=hashlib.sha256(b"grpc" + h.block_hash).digest()), p)

@@ -153,8 +153,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import importlib
 
+    from splitserve import logs
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        logs.configure(logging.INFO)
+    except ValueError as exc:  # a bad SPLITSERVE_LOG_FORMAT
+        print(f"splitserve: error: SPLITSERVE_LOG_FORMAT: {exc}", file=sys.stderr)
+        return 2
     if argv and argv[0] in ROLES:  # each role parses its own flags (generated from its config)
         return importlib.import_module(ROLES[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)

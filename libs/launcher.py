@@ -7,6 +7,11 @@ listen on free loopback ports; every worker may use all cores (OMP_WAIT_POLICY=P
 that is idle leaves them to the busy one). `up` waits until each answers its gRPC health check, prints the
 endpoints, and on Ctrl-C or SIGTERM stops all of them (SIGTERM, then SIGKILL after a grace period);
 children also die with it if it is killed (PR_SET_PDEATHSIG), so no process is left behind.
+
+Metrics: the kvstore and every worker serve Prometheus /metrics on a free loopback port of their
+own (--metrics-port); the gateway serves its own on its HTTP port (--http-port, beside the
+OpenAI-compatible API). The endpoint block lists every URL, one per line, in the stable form
+`  NAME metrics  URL` (NAME: gateway, kvstore, prefill-0, ...), and `Child.metrics_url` holds them.
 """
 from __future__ import annotations
 
@@ -48,6 +53,11 @@ class Child:
     address: str  # host:port of its gRPC server
     proc: subprocess.Popen | None = None
     extra: dict = field(default_factory=dict)
+    metrics_url: str = ""  # http://HOST:PORT/metrics of its Prometheus endpoint
+
+
+def metrics_url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
 
 
 class Launcher:
@@ -58,6 +68,7 @@ class Launcher:
         self.children: list[Child] = []
         self.redis = None
         self.redis_url = args.redis_url
+        self.http_base = ""  # http://HOST:PORT/v1 of the gateway's OpenAI-compatible API, once started
         self._stopping = threading.Event()
 
     # ----------------------------------------------------------------------------- start
@@ -101,34 +112,47 @@ class Launcher:
             "--redis-url", self.redis_url,
         ] + (["--model", a.model] if a.model else [])
         threads = a.torch_threads or (os.cpu_count() or 1)
-        kv_port = free_port()
+        kv_port, kv_metrics = free_port(), free_port()
         kv = self._spawn(Child("kvstore", ["kvstore", "--host", host, "--port", str(kv_port),
-                                           "--capacity-gb", str(a.kvstore_capacity_gb), "--redis-url", self.redis_url],
-                               f"{host}:{kv_port}"))
+                                           "--capacity-gb", str(a.kvstore_capacity_gb), "--redis-url", self.redis_url,
+                                           "--metrics-port", str(kv_metrics)],
+                               f"{host}:{kv_port}", metrics_url=metrics_url(host, kv_metrics)))
         workers = []
         for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
             for i in range(count):
-                port = free_port()
+                port, mport = free_port(), free_port()
                 workers.append(self._spawn(Child(
                     f"{role}-{i}", [role, "--host", host, "--port", str(port), "--kvstore", kv.address,
-                                    "--torch-threads", str(threads), *engine_flags],
-                    f"{host}:{port}",
+                                    "--torch-threads", str(threads), *engine_flags, "--metrics-port", str(mport)],
+                    f"{host}:{port}", metrics_url=metrics_url(host, mport),
                 )))
         for child in [kv, *workers]:
             self._wait_healthy(child, a.startup_timeout_s)
         prefill = ",".join(c.address for c in workers if c.name.startswith("prefill"))
         decode = ",".join(c.address for c in workers if c.name.startswith("decode"))
+        gw_host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host  # where a local client reaches it
+        http_port = a.http_port or free_port(a.host)  # resolved here, so the printed URLs are real
+        self.http_base = f"http://{f'[{gw_host}]' if ':' in gw_host else gw_host}:{http_port}/v1"
         gw = self._spawn(Child("gateway", ["gateway", "--host", a.host, "--port", str(a.grpc_port),
-                                           "--prefill", prefill, "--decode", decode, "--redis-url", self.redis_url],
-                               f"{'127.0.0.1' if a.host in ('0.0.0.0', '::') else a.host}:{a.grpc_port}"))
+                                           "--prefill", prefill, "--decode", decode, "--redis-url", self.redis_url,
+                                           "--http-port", str(http_port)],
+                               f"{gw_host}:{a.grpc_port}", metrics_url=metrics_url(gw_host, http_port)))
         self._wait_healthy(gw, a.startup_timeout_s)
         self.print_endpoints()
 
+    def metrics_urls(self) -> dict[str, str]:
+        """Child name -> its /metrics URL, the gateway first, then in start order (kvstore, prefill-0, ...)."""
+        ordered = sorted(self.children, key=lambda c: c.name != "gateway")  # stable: start order after it
+        return {c.name: c.metrics_url for c in ordered if c.metrics_url}
+
     def print_endpoints(self) -> None:
-        lines = ["splitserve is up:", f"  gateway (gRPC)  {self.children[-1].address}"]
+        gateway = self.children[-1]
+        lines = ["splitserve is up:", f"  gateway (gRPC)  {gateway.address}", f"  gateway (HTTP)  {self.http_base}"]
         for c in self.children[:-1]:
             lines.append(f"  {c.name:<15} {c.address} (pid {c.proc.pid})")
         lines.append(f"  redis           {self.redis_url}{' (embedded)' if self.redis else ''}")
+        for name, url in self.metrics_urls().items():
+            lines.append(f"  {name} metrics  {url}")
         lines.append(f"try: splitserve generate --target {self.children[-1].address} \"Hello, who are you?\"")
         print("\n".join(lines), flush=True)
 
@@ -171,6 +195,8 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", default="", help="use this Redis instead of starting the embedded one")
     p.add_argument("--host", default="127.0.0.1", help="address the gateway binds (internal roles stay on loopback)")
     p.add_argument("--grpc-port", type=int, default=50051, help="gateway gRPC port")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="gateway HTTP port: the OpenAI-compatible API under /v1 and its /metrics (0: a free one)")
     p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache budget of each worker, GiB")
     p.add_argument("--kvstore-capacity-gb", type=float, default=2.0, help="kvstore host-memory budget, GiB")
     p.add_argument("--block-size", type=int, default=16)
@@ -184,6 +210,8 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
 def cmd_up(args: argparse.Namespace) -> int:
     if args.prefill_workers < 1 or args.decode_workers < 1:
         raise ValueError("--prefill-workers and --decode-workers must be at least 1")
+    if not 0 <= args.http_port <= 65535:
+        raise ValueError(f"--http-port must be in [0, 65535] (0: a free one), got {args.http_port}")
     launcher = Launcher(args)
     try:
         launcher.start()

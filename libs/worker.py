@@ -1,5 +1,12 @@
 """What prefill and decode workers share: config, the engine in its loop thread, load reports,
-Redis ownership of the blocks in the worker's prefix cache, and the process lifecycle."""
+Redis ownership of the blocks in the worker's prefix cache, Prometheus metrics, and the process
+lifecycle.
+
+Metrics: the servicers record per-request series as requests end (tokens, successes, rejections,
+latencies, KV transfers); what the engine already counts (prefix-cache tokens, preemptions) and
+its load (queues, KV usage, batch size) are read on each scrape, without waiting for the loop
+thread, so a scrape never slows a step down and the step loop carries no metrics code.
+"""
 from __future__ import annotations
 
 import logging
@@ -12,7 +19,8 @@ import grpc
 
 from splitserve.config import EngineConfig
 from splitserve.engine.engine_loop import EngineLoop
-from splitserve.engine.llm_engine import LLMEngine
+from splitserve.engine.llm_engine import LLMEngine, StepOutput
+from splitserve.metrics import Metrics, MetricsServer
 from splitserve.ownership import OwnershipRegistry, OwnershipReporter
 from splitserve.rpc import add_health_and_reflection, create_server, format_address
 from splitserve.v1 import prefill_pb2
@@ -61,6 +69,15 @@ class WorkerConfig:
     torch_threads: int = 0
     """CPU threads for the model (0 = torch's default, all cores). Workers sharing cores should run
     with OMP_WAIT_POLICY=PASSIVE (as `splitserve up` does), or idle OpenMP threads spin on them."""
+    metrics_port: int = 0
+    """Port of the Prometheus /metrics endpoint (0 picks a free one, logged; -1 turns it off)."""
+    metrics_host: str = ""
+    """Address the /metrics endpoint binds ("" = the same as host)."""
+
+    def __post_init__(self) -> None:
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], or -1 for no metrics endpoint, "
+                             f"got {self.metrics_port}")
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig.from_kwargs(
@@ -87,6 +104,12 @@ class Worker:
         self.address = ""  # set by serve() once the port is bound
         self.counters = None  # () -> dict of extra LoadResponse counters, set by the servicer
         self.reporter: OwnershipReporter | None = None
+        self.metrics = Metrics(role, self.engine.model_id)
+        self.metrics_server: MetricsServer | None = None  # started by serve_worker unless metrics_port is -1
+        self.metrics.touch("generation_tokens", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
+        if role == "prefill":
+            self.metrics.touch("prompt_tokens")
+        self.metrics.on_collect(self._refresh_metrics)
 
     @property
     def worker_id(self) -> str:
@@ -130,11 +153,36 @@ class Worker:
             prompt_tokens_computed=e.stats.prompt_tokens, **self.role_counters(),
         )
 
+    def _refresh_metrics(self) -> None:
+        """Before each scrape: gauges from the queues the loop thread last published and the block
+        manager's plain-int counts (as load() reads them), and the engine's cumulative counters."""
+        e = self.engine
+        q = self.loop.queue_state
+        bm = e.block_manager
+        stats = bm.stats
+        self.metrics.set_load(running=q.num_running, waiting=q.num_waiting, kv_cache_usage=bm.usage,
+                              batch_size=e.stats.last_batch_size if q.num_running else 0)
+        self.metrics.sync_totals(prefix_cache_queries=stats.queries, prefix_cache_hits=stats.hits,
+                                 num_preemptions=e.scheduler.num_preemptions)
+
+    def observe_engine_times(self, out: StepOutput) -> None:
+        """Queue time (arrival at the worker to its first engine step) of a finished request."""
+        if out.first_scheduled_time and out.arrival_time:
+            self.metrics.observe_queue(max(0.0, out.first_scheduled_time - out.arrival_time))
+
+    @property
+    def metrics_url(self) -> str:
+        """http://HOST:PORT/metrics, or "" when the endpoint is off (or not started yet)."""
+        return self.metrics_server.url if self.metrics_server is not None else ""
+
     def role_counters(self) -> dict:
         """Role-specific LoadResponse counters (set by the role's servicer)."""
         return self.counters() if self.counters else {}
 
     def close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
         if self.reporter is not None:
             self.reporter.stop()
         self.loop.stop()
@@ -156,22 +204,35 @@ def role_main(argv: list[str] | None, role: str, make_servicer, add_to_server, s
 
     parser = argparse.ArgumentParser(prog=f"splitserve {role}", description=f"Run one {role} worker.")
     add_config_args(parser, WorkerConfig)
-    config = config_from_args(WorkerConfig, parser.parse_args(argv))
+    try:
+        config = config_from_args(WorkerConfig, parser.parse_args(argv))
+    except ValueError as exc:
+        parser.error(str(exc))
     server, worker, _ = serve_role(config, role, make_servicer, add_to_server, service_name)
     run_until_signal(server, worker)
     return 0
 
 
 def serve_worker(worker: Worker, add_servicer, service_name: str) -> tuple[grpc.Server, int]:
-    """Binds, registers the servicer, health and reflection; starts serving; returns (server, port)."""
+    """Binds, registers the servicer, health and reflection; starts serving and the metrics
+    endpoint (unless metrics_port is -1); returns (server, port)."""
     cfg = worker.config
     server, port = create_server(cfg.host, cfg.port, max_workers=cfg.grpc_threads, max_message_bytes=cfg.max_message_bytes)
+    if cfg.metrics_port >= 0:
+        try:  # bound before serving, so a taken port fails the start-up, not a scrape later
+            worker.metrics_server = MetricsServer(worker.metrics, cfg.metrics_host or cfg.host, cfg.metrics_port)
+        except OSError:
+            server.stop(0)
+            raise
     worker.address = cfg.advertise_address or format_address(cfg.host, port)
     add_servicer(server)
     add_health_and_reflection(server, [service_name])
     server.start()
+    if worker.metrics_server is not None:
+        worker.metrics_server.start()
     worker.start_ownership()
-    logger.info("%s worker serving on %s (model %s)", worker.role, worker.address, worker.engine.model_id)
+    logger.info("%s worker serving on %s (model %s), metrics %s", worker.role, worker.address,
+                worker.engine.model_id, worker.metrics_url or "off")
     return server, port
 
 

@@ -35,3 +35,15 @@ def redis_url():
         return
     with EmbeddedRedis() as server:
         yield server.url
+
+
+@pytest.fixture(scope="session")
+def http_stack():
+    """`splitserve up --dtype float32` (1 prefill, 1 decode worker) shared by the end-to-end tests
+    of the gRPC and HTTP APIs: starting a stack costs ~40 s."""
+    from services_fixture import start_stack
+
+    s = start_stack("--dtype", "float32", "--kv-cache-memory-gb", "0.1", "--prefill-workers", "1",
+                    "--decode-workers", "1")
+    yield s
+    assert s.stop() == 0, "\n".join(s.log[-30:])

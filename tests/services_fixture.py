@@ -23,6 +23,8 @@ class Stack:
     gateway: str
     roles: dict[str, str] = field(default_factory=dict)  # "prefill-0" -> address
     redis_url: str = ""
+    http_base: str = ""  # http://HOST:PORT/v1 of the OpenAI-compatible API
+    metrics: dict[str, str] = field(default_factory=dict)  # "gateway", "kvstore", "prefill-0" -> /metrics URL
     log: list[str] = field(default_factory=list)
 
     def prefill_load(self, name: str = "prefill-0") -> prefill_pb2.LoadResponse:
@@ -44,7 +46,8 @@ class Stack:
 
 def start_stack(*args: str, timeout_s: float = 400.0) -> Stack:
     port = free_port()
-    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--grpc-port", str(port), *args]
+    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--grpc-port", str(port), "--http-port", str(free_port()),
+           *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     stack = Stack(proc, gateway=f"127.0.0.1:{port}")
@@ -59,7 +62,12 @@ def start_stack(*args: str, timeout_s: float = 400.0) -> Stack:
                 continue
             if in_block:
                 m = _LINE.match(line)
-                if line.strip().startswith("redis"):
+                words = line.split()
+                if words[:2] == ["gateway", "(HTTP)"]:
+                    stack.http_base = words[2]
+                elif len(words) == 3 and words[1] == "metrics":
+                    stack.metrics[words[0]] = words[2]
+                elif line.strip().startswith("redis"):
                     stack.redis_url = line.split()[1]
                 elif m and not line.strip().startswith("gateway"):
                     stack.roles[m.group(1)] = m.group(2)

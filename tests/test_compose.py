@@ -34,7 +34,8 @@ IMAGE = "splitserve:latest"
 ROLES = ("gateway", "prefill", "decode", "kvstore")
 # flags that say where a role listens or what it dials: they differ between compose and
 # `splitserve up` by design (service names vs loopback ports); torch_threads too (`up` splits the cores)
-ADDRESSING = {"host", "port", "advertise_address", "redis_url", "kvstore", "prefill", "decode", "torch_threads"}
+ADDRESSING = {"host", "port", "advertise_address", "redis_url", "kvstore", "prefill", "decode", "torch_threads",
+              "metrics_port"}
 # a value for every compose variable the file uses, to check the workers stay in step when they are set
 OVERRIDES = {"MODEL": "/models/my-model.gguf", "DTYPE": "float32", "KV_CACHE_MEMORY_GB": "0.5", "TORCH_THREADS": "4"}
 

@@ -50,51 +50,58 @@ def test_same_host_client_moves_payloads_through_files_and_leaves_none(store):
         streamed = get_blocks(kvstore_pb2_grpc.KVStoreStub(client._channel), [h for h, _, _ in encoded])
         assert [streamed[h][1] for h, _, _ in encoded] == [p for _, _, p in encoded]
         got = client.get([h for h, _, _ in encoded], release_lease_id="req-1")
-        assert [(h.block_hash, p) for h, p in got] == [(h, p) for h, _, p in encoded]
+        assert [(h.block_hash, bytes(p)) for h, p in got] == [(h, p) for h, _, p in encoded]
         assert store.store.stats().num_leases == 0
+        # The store kept one file per block; the client's get links are gone.
+        assert [n[:4] for n in transfer_files(store)] == ["blk-"] * 4
         # Only the leading blocks the store holds come back.
         missing = b"\x01" * 32
         got = client.get([encoded[0][0], missing, encoded[1][0]])
         assert [h.block_hash for h, _ in got] == [encoded[0][0]]
         assert client.get([missing]) == []
-        assert transfer_files(store) == []
+        assert [n[:4] for n in transfer_files(store)] == ["blk-"] * 4
     finally:
         client.close()
 
 
-def test_put_file_rejects_names_outside_the_directory_and_bad_offsets(store):
+def test_put_file_rejects_names_outside_the_directory_and_bad_files(store):
     block = encode(random_cache(SMALL, 1, seed=3), 0)
+
+    def put_file(name: str):
+        return stub.PutFile(kvstore_pb2.PutFileRequest(blocks=[
+            kvstore_pb2.FileBlock(block_hash=block[0], header=block[1], file_name=name)]))
+
     with rpc.channel(store.address) as ch:
         stub = kvstore_pb2_grpc.KVStoreStub(ch)
-        for name in ("../../etc/passwd", "/etc/passwd", "probe", "put-xyz", ""):
+        for name in ("../../etc/passwd", "/etc/passwd", "probe", "put-xyz", "", "get-" + "0" * 32,
+                     "blk-" + "0" * 32):
             with pytest.raises(grpc.RpcError) as err:
-                stub.PutFile(kvstore_pb2.PutFileRequest(file_name=name, blocks=[
-                    kvstore_pb2.FileBlock(block_hash=block[0], header=block[1], offset=0)]))
+                put_file(name)
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert "file_name" in err.value.details()
+            assert "file_name" in err.value.details() and "blocks[0]" in err.value.details()
         name = shm.new_file_name("put")
         with pytest.raises(grpc.RpcError) as err:  # named well, never written
-            stub.PutFile(kvstore_pb2.PutFileRequest(file_name=name, blocks=[
-                kvstore_pb2.FileBlock(block_hash=block[0], header=block[1], offset=0)]))
+            put_file(name)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not exist" in err.value.details()
         # A file one byte short of the block: named, refused, and removed.
         shm.write_file(store.area.file_path(name), [block[2][:-1]])
         with pytest.raises(grpc.RpcError) as err:
-            stub.PutFile(kvstore_pb2.PutFileRequest(file_name=name, blocks=[
-                kvstore_pb2.FileBlock(block_hash=block[0], header=block[1], offset=0)]))
+            put_file(name)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert "outside the file" in err.value.details() and "blocks[0]" in err.value.details()
+        assert "payload_size" in err.value.details() and "blocks[0]" in err.value.details()
         # Damaged bytes: the checksum check of the stream path applies.
-        damaged = bytes([block[2][0] ^ 1]) + block[2][1:]
-        shm.write_file(store.area.file_path(name), [damaged])
+        shm.write_file(store.area.file_path(name), [bytes([block[2][0] ^ 1]) + block[2][1:]])
         with pytest.raises(grpc.RpcError) as err:
-            stub.PutFile(kvstore_pb2.PutFileRequest(file_name=name, blocks=[
-                kvstore_pb2.FileBlock(block_hash=block[0], header=block[1], offset=0)]))
+            put_file(name)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "checksum mismatch" in err.value.details()
         assert transfer_files(store) == [] and store.store.stats().num_blocks == 0
         shm.write_file(store.area.file_path(name), [block[2]])  # and the store keeps serving
-        assert stub.PutFile(kvstore_pb2.PutFileRequest(file_name=name, blocks=[
-            kvstore_pb2.FileBlock(block_hash=block[0], header=block[1], offset=0)])).num_stored == 1
+        assert put_file(name).num_stored == 1
+        assert [n[:4] for n in transfer_files(store)] == ["blk-"]  # the file is now the block's storage
+        # Evicted or dropped, the block's file goes with it.
+        assert store.store.release("nothing") == 0
+        store.store._remove(block[0])
+        assert transfer_files(store) == []
 
 
 def test_clients_that_cannot_see_the_directory_use_streams(store, tmp_path):
@@ -108,7 +115,7 @@ def test_clients_that_cannot_see_the_directory_use_streams(store, tmp_path):
     elsewhere = KVStoreClient(store.address)
     try:
         assert elsewhere.transport == "grpc"
-        assert [p for _, p in elsewhere.get([block[0]])] == [block[2]]
+        assert [bytes(p) for _, p in elsewhere.get([block[0]])] == [block[2]]
     finally:
         elsewhere.close()
     # A store without a directory says so, and refuses the file calls.

@@ -38,10 +38,8 @@ def _greedy(n: int = MAX_TOKENS) -> dict:
 
 
 @pytest.fixture(scope="module")
-def stack():
-    s = start_stack("--dtype", "float32", "--kv-cache-memory-gb", "0.1", "--prefill-workers", "1", "--decode-workers", "1")
-    yield s
-    assert s.stop() == 0, "\n".join(s.log[-30:])
+def stack(http_stack):
+    return http_stack  # the session's `splitserve up --dtype float32`, 1 prefill + 1 decode worker
 
 
 @pytest.fixture(scope="module")

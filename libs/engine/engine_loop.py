@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from typing import Any, Callable, NamedTuple
 
@@ -103,8 +104,10 @@ class EngineLoop:
     def add_request(self, request_id: str, prompt_token_ids: list[int], params, **kwargs) -> RequestStream:
         """Queues a request (kwargs as LLMEngine.add_request, plus `before=fn(engine)` run first,
         e.g. to import KV blocks right before admission). Raises QueueFullError, or ValueError
-        from the engine's validation."""
+        from the engine's validation. The request's arrival time is stamped here, not when the
+        loop thread gets to it, so queue-time metrics include the wait for a running step."""
         before = kwargs.pop("before", None)
+        kwargs.setdefault("arrival_time", time.monotonic())
         stream = RequestStream(request_id, self)
         with self._lock:
             if len(self._streams) >= self.max_pending:

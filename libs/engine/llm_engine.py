@@ -45,6 +45,11 @@ class StepOutput:
     # Requests added with export_blocks=True, in their last output only:
     exported_blocks: list[tuple[BlockHeader, bytes]] = field(default_factory=list)  # full prompt blocks
     rng_state: bytes = b""  # the seeded generator's state after the last token
+    # time.monotonic() stamps, for the workers' latency metrics (no extra work: the engine keeps them):
+    arrival_time: float = 0.0  # the request reached the engine (EngineLoop: when a server thread handed it over)
+    first_scheduled_time: float = 0.0  # the start of its first engine step
+    first_token_time: float = 0.0  # the first token this engine produced for it
+    token_time: float = 0.0  # when this output's token was produced (end of its step's sampling)
 
 
 @dataclass
@@ -128,11 +133,13 @@ class LLMEngine:
         detokenize: bool = True,
         export_blocks: bool = False,
         rng_state: bytes | None = None,
+        arrival_time: float | None = None,
     ) -> None:
         """Queues a request. `output_token_ids` continues a generation begun elsewhere (the first
         token from a prefill worker, or a stream being resumed); `detokenize=False` leaves text and
         stop strings to the caller (the gateway); `export_blocks` returns the prompt's full KV blocks
-        with the last output; `rng_state` continues a seeded generator from that state."""
+        with the last output; `rng_state` continues a seeded generator from that state; `arrival_time`
+        (time.monotonic()) is when the request arrived, if earlier than now (queue-time metrics)."""
         if request_id in self._seqs:
             raise ValueError(f"request_id {request_id!r} is already running")
         if not isinstance(params, SamplingParams):
@@ -162,6 +169,8 @@ class LLMEngine:
         for t in outputs:
             seq.append_token(t)
         seq.export_blocks = export_blocks
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
         self._seqs[request_id] = seq
         if detokenize:
             self._detok[request_id] = IncrementalDetokenizer(self.tokenizer.hf, seq.prompt_token_ids, params)
@@ -242,17 +251,18 @@ class LLMEngine:
         seqs = [sched.scheduled[i].seq for i in sampled_idx]
         out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
         results = []
+        token_time = time.monotonic()  # one clock read per step, shared by its tokens
         for seq, token, lp in zip(seqs, out.token_ids, out.logprobs):
-            results.append(self._append(seq, token, lp))
+            results.append(self._append(seq, token, lp, token_time))
         self.stats.generation_tokens += len(seqs)
         return results
 
-    def _append(self, seq: Sequence, token: int, lp: TokenLogprobs | None) -> StepOutput:
+    def _append(self, seq: Sequence, token: int, lp: TokenLogprobs | None, token_time: float) -> StepOutput:
         params = seq.params
         detok = self._detok.get(seq.seq_id)  # None: the caller detokenizes
         seq.append_token(token)
         if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
+            seq.first_token_time = token_time
         if lp is not None:
             seq.logprobs.append(lp)
         reason, stop_reason, text = None, None, ""
@@ -290,4 +300,8 @@ class LLMEngine:
             num_cached_tokens=seq.num_cached_tokens,
             exported_blocks=exported,
             rng_state=rng_state,
+            arrival_time=seq.arrival_time,
+            first_scheduled_time=seq.first_scheduled_time or 0.0,
+            first_token_time=seq.first_token_time,
+            token_time=token_time,
         )

@@ -4,6 +4,9 @@ Invariants (all under one lock; the gRPC server calls in from many threads):
 - used_bytes = sum over resident blocks of len(header) + len(payload) <= capacity_bytes.
 - A block is stored whole and verified (header parses, hash matches, size and checksum match) or
   not at all; get() re-verifies the checksum and drops a block whose bytes changed in memory.
+- A payload is bytes held in this process, or a FilePayload: a file in the kvstore's shared-memory
+  directory (blocks that arrived through it). The store owns a FilePayload once put() stored it and
+  deletes its file when the block leaves; a put that does not store it leaves it to the caller.
 - LRU order is the order of last use, where a use is a put (new or already present) or a
   successful get. Pinning and unpinning do not change the order.
 - A block is pinned while at least one unexpired lease holds it; pinned blocks are never
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import heapq
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 from splitserve.engine.kv_block import BlockHeader, KVBlockError, check_payload, payload_checksum
+from splitserve.kvstore import shm
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +56,68 @@ class StoreStats:
     num_corrupt: int  # blocks dropped by get() because their checksum no longer matched
 
 
+class FilePayload:
+    """A block payload kept as a file (see the module docstring): only its path is held in memory."""
+
+    __slots__ = ("path", "size")
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def checksum(self) -> int:
+        """payload_checksum of the file's bytes, read into a reusable per-thread buffer (reading is
+        faster than mapping on small VMs, and a fresh buffer per block would page-fault); OSError
+        when the file is gone or does not hold exactly `size` bytes."""
+        buf = getattr(_buffers, "buf", None)
+        if buf is None or len(buf) < self.size:
+            buf = _buffers.buf = bytearray(self.size)
+        view = memoryview(buf)[:self.size]
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            got = 0
+            while got < self.size:
+                n = os.readv(fd, [view[got:]])
+                if n == 0:
+                    break
+                got += n
+            if got != self.size or os.read(fd, 1):
+                raise OSError(f"{self.path} does not hold the block's {self.size} bytes")
+        finally:
+            os.close(fd)
+        return payload_checksum(view)
+
+    def read(self) -> bytes:
+        with open(self.path, "rb") as f:
+            data = f.read(self.size + 1)
+        if len(data) != self.size:
+            raise OSError(f"{self.path} holds {len(data)} bytes, the block has {self.size}")
+        return data
+
+    def discard(self) -> None:
+        shm.remove_quietly(self.path)
+
+
+_buffers = threading.local()
+
+
+def _checksum(payload: "bytes | FilePayload") -> int | None:
+    """The payload's checksum, or None when a FilePayload's file is gone or damaged."""
+    if isinstance(payload, FilePayload):
+        try:
+            return payload.checksum()
+        except OSError:
+            return None
+    return payload_checksum(payload)
+
+
 @dataclass
 class _Entry:
     header: bytes
-    payload: bytes
+    payload: "bytes | FilePayload"
     checksum: int  # checksum of payload, from the header
     leases: set[str] = field(default_factory=set)  # ids of the unexpired leases pinning it
 
@@ -69,13 +132,29 @@ class _Lease:
     hashes: set[bytes] = field(default_factory=set)
 
 
-def verify_block(block_hash: bytes, header_bytes: bytes, payload: bytes) -> BlockHeader:
-    """The parsed header; KVBlockError naming the first problem (header, hash, size, checksum)."""
-    header = BlockHeader.from_bytes(header_bytes)
+def verify_block(block_hash: bytes, header_bytes: bytes, payload: "bytes | FilePayload",
+                 header: BlockHeader | None = None) -> BlockHeader:
+    """The parsed header (`header`: header_bytes already parsed by the caller); KVBlockError naming
+    the first problem (header, hash, size, checksum)."""
+    if header is None:
+        header = BlockHeader.from_bytes(header_bytes)
     if header.block_hash != block_hash:
         raise KVBlockError(f"KV block block_hash mismatch: header says {header.block_hash.hex()[:16]}..., "
                            f"sent as {block_hash.hex()[:16]}...")
-    check_payload(header, payload, where=f" (block {block_hash.hex()[:16]}...)")
+    where = f" (block {block_hash.hex()[:16]}...)"
+    if isinstance(payload, FilePayload):
+        if payload.size != header.payload_size:
+            raise KVBlockError(f"KV block payload size mismatch: received {payload.size} bytes, header says "
+                               f"{header.payload_size} (truncated or padded in transit){where}")
+        try:
+            checksum = payload.checksum()
+        except OSError as e:
+            raise KVBlockError(f"KV block file unreadable: {e}{where}") from None
+        if checksum != header.checksum:
+            raise KVBlockError(f"KV block checksum mismatch: payload xxh3 {checksum:#018x}, "
+                               f"header says {header.checksum:#018x}{where}")
+    else:
+        check_payload(header, payload, where=where)
     return header
 
 
@@ -115,14 +194,15 @@ class BlockStore:
 
     # ------------------------------------------------------------------------------ public API
 
-    def put(self, block_hash: bytes, header_bytes: bytes, payload: bytes,
-            lease_id: str | None = None, lease_ttl_s: float | None = None) -> PutResult:
+    def put(self, block_hash: bytes, header_bytes: bytes, payload: "bytes | FilePayload",
+            lease_id: str | None = None, lease_ttl_s: float | None = None,
+            header: BlockHeader | None = None) -> PutResult:
         """Verifies and stores one block, pinned under `lease_id` when given.
 
         lease_ttl_s None takes the default. Raises KVBlockError (bad block, nothing stored),
         StoreFullError (no room, nothing evicted), ValueError (bad lease arguments).
         """
-        header = verify_block(block_hash, header_bytes, payload)  # outside the lock: checksum of ~1 MiB
+        header = verify_block(block_hash, header_bytes, payload, header)  # outside the lock
         if lease_ttl_s is None:
             lease_ttl_s = self.default_lease_ttl_s
         if lease_id is not None and (not lease_id or not lease_ttl_s > 0):
@@ -156,7 +236,7 @@ class BlockStore:
         self._notify_evicted(evicted)
         return PutResult(stored=True, already_present=False, evicted=evicted)
 
-    def get(self, block_hash: bytes) -> tuple[bytes, bytes] | None:
+    def get(self, block_hash: bytes) -> "tuple[bytes, bytes | FilePayload] | None":
         """(header bytes, payload) of a resident, intact block, or None. Counts as a use.
 
         A block whose payload no longer matches its checksum is dropped (on_evict is told) and
@@ -167,7 +247,7 @@ class BlockStore:
             entry = self._blocks.get(block_hash)
         if entry is None:
             return None
-        intact = payload_checksum(entry.payload) == entry.checksum  # outside the lock: bytes are immutable
+        intact = _checksum(entry.payload) == entry.checksum  # outside the lock: payloads are immutable
         with self._lock:
             if self._blocks.get(block_hash) is not entry:  # evicted or replaced meanwhile
                 return None
@@ -264,6 +344,8 @@ class BlockStore:
 
     def _remove(self, block_hash: bytes) -> None:
         entry = self._blocks.pop(block_hash)
+        if isinstance(entry.payload, FilePayload):
+            entry.payload.discard()
         self._used_bytes -= entry.nbytes
         if entry.leases:  # only a corrupt block is removed while pinned
             self._pinned_bytes -= entry.nbytes

@@ -15,7 +15,14 @@ from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, channel
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 CHUNK_BYTES = 1 << 20  # about 1 MiB of payload per message
+SHM_BATCH_BLOCKS = 32  # blocks per PutFile call: writing one batch overlaps the store checking the last
 log = logging.getLogger(__name__)
+
+
+def _add_counts(total: kvstore_pb2.PutResponse, part: kvstore_pb2.PutResponse) -> None:
+    total.num_stored += part.num_stored
+    total.num_already_present += part.num_already_present
+    total.num_bytes += part.num_bytes
 
 
 def block_chunks(block_hash: bytes, header: bytes, payload: bytes, chunk_bytes: int = CHUNK_BYTES,
@@ -97,31 +104,65 @@ class KVStoreClient:
             lease_ttl_s: float = 0.0) -> kvstore_pb2.PutResponse:
         """Stores the blocks in one call, each pinned under `lease_id` for at most lease_ttl_s."""
         blocks = list(blocks)
+        done = kvstore_pb2.PutResponse()
         directory = self._shm()
         if directory is not None and blocks:
-            path = os.path.join(directory, shm.new_file_name("put"))
-            try:
-                offsets = shm.write_file(path, [payload for _, payload in blocks])
-            except OSError as e:  # the directory went away or tmpfs is full: stream this one
-                self._disable_shm(e)
-            else:
-                try:
-                    return self._stub.PutFile(kvstore_pb2.PutFileRequest(
-                        file_name=os.path.basename(path), lease_id=lease_id, lease_ttl_s=lease_ttl_s,
-                        blocks=[kvstore_pb2.FileBlock(block_hash=h.block_hash, header=h.to_bytes(), offset=off)
-                                for (h, _), off in zip(blocks, offsets)]), timeout=self.timeout_s)
-                finally:
-                    shm.remove_quietly(path)  # the store removed it already, unless the call never arrived
+            sent = self._put_files(directory, blocks, lease_id, lease_ttl_s, done)
+            if sent == len(blocks):
+                return done
+            blocks = blocks[sent:]  # the directory failed part-way: stream the rest
 
         def chunks():
             for header, payload in blocks:
                 yield from block_chunks(header.block_hash, header.to_bytes(), payload, self.chunk_bytes,
                                         lease_id, lease_ttl_s)
-        return self._stub.Put(chunks(), timeout=self.timeout_s)
+        _add_counts(done, self._stub.Put(chunks(), timeout=self.timeout_s))
+        return done
+
+    def _put_files(self, directory: str, blocks: list, lease_id: str, lease_ttl_s: float,
+                   done: kvstore_pb2.PutResponse) -> int:
+        """Puts blocks through the shared-memory directory, SHM_BATCH_BLOCKS per PutFile call, writing
+        the next batch's files while the store checks the previous one (two cores, both busy).
+        Returns how many leading blocks were put; fewer than all only when writing a file failed
+        (the shared-memory path is then turned off). RpcError from the store propagates."""
+        written: list[str] = []
+        pending = None  # the PutFile call in flight
+        put = 0
+        try:
+            for start in range(0, len(blocks), SHM_BATCH_BLOCKS):
+                batch = blocks[start:start + SHM_BATCH_BLOCKS]
+                names = []
+                try:
+                    for _, payload in batch:
+                        names.append(shm.new_file_name("put"))
+                        written.append(os.path.join(directory, names[-1]))
+                        shm.write_file(written[-1], [payload])
+                except OSError as e:  # the directory went away or tmpfs is full
+                    self._disable_shm(e)
+                    break
+                call = self._stub.PutFile.future(kvstore_pb2.PutFileRequest(
+                    lease_id=lease_id, lease_ttl_s=lease_ttl_s,
+                    blocks=[kvstore_pb2.FileBlock(block_hash=h.block_hash, header=h.to_bytes(), file_name=n)
+                            for (h, _), n in zip(batch, names)]), timeout=self.timeout_s)
+                if pending is not None:
+                    _add_counts(done, pending[0].result())
+                    put += pending[1]
+                pending = (call, len(batch))
+            if pending is not None:
+                call, pending = pending, None
+                _add_counts(done, call[0].result())
+                put += call[1]
+        finally:
+            if pending is not None:
+                pending[0].cancel()
+            for path in written:  # the store took or removed them, unless a call never arrived
+                shm.remove_quietly(path)
+        return put
 
     def get(self, hashes: list[bytes], release_lease_id: str = "") -> list[tuple[BlockHeader, bytes]]:
-        """The leading blocks of `hashes` the store has, reassembled, in order; stops at the first
-        missing one. KVBlockError when what arrived is malformed (the caller recomputes)."""
+        """The leading blocks of `hashes` the store has, in order; stops at the first missing one.
+        A payload is bytes (streams) or a read-only mmap of the block's file (same host), a buffer
+        the importer reads once. KVBlockError when what arrived is malformed (the caller recomputes)."""
         if not hashes:
             return []
         request = kvstore_pb2.GetRequest(block_hashes=hashes, release_lease_id=release_lease_id)
@@ -138,28 +179,30 @@ class KVStoreClient:
         return self._get_stream(request, hashes)
 
     def _read_file(self, directory: str, reply, hashes: list[bytes]) -> list[tuple[BlockHeader, bytes]]:
-        if not reply.file_name:
-            return []
-        path = os.path.join(directory, shm.check_name(reply.file_name))
+        """Maps each block's file (read-only: the payload is the mapping, no copy) and deletes it."""
         out: list[tuple[BlockHeader, bytes]] = []
+        paths: list = []  # each block's path, or the ShmNameError of a name that is not ours to open
+        for block in reply.blocks:
+            try:
+                paths.append(os.path.join(directory, shm.check_name(block.file_name, "get")))
+            except shm.ShmNameError as e:
+                paths.append(e)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError as e:
-            raise KVBlockError(f"kvstore transfer file {reply.file_name} cannot be opened: {e}") from None
-        try:
-            size = os.fstat(fd).st_size
-            for i, block in enumerate(reply.blocks):
+            for i, (block, path) in enumerate(zip(reply.blocks, paths)):
+                if isinstance(path, Exception):
+                    raise KVBlockError(f"kvstore reply: {path}")
                 header = BlockHeader.from_bytes(block.header)
                 if i >= len(hashes) or block.block_hash != hashes[i] or header.block_hash != block.block_hash:
                     raise KVBlockError("kvstore reply: blocks arrived out of order or under the wrong hash")
                 try:
-                    payload = shm.read_range(fd, block.offset, header.payload_size, size, f"block {i}")
-                except ValueError as e:
-                    raise KVBlockError(f"kvstore transfer file {reply.file_name}: {e}") from None
+                    payload = shm.map_file(path, header.payload_size)
+                except (OSError, ValueError) as e:
+                    raise KVBlockError(f"kvstore transfer file {block.file_name}: {e}") from None
                 out.append((header, payload))
         finally:
-            os.close(fd)
-            shm.remove_quietly(path)
+            for path in paths:
+                if isinstance(path, str):
+                    shm.remove_quietly(path)
         return out
 
     def _get_stream(self, request, hashes: list[bytes]) -> list[tuple[BlockHeader, bytes]]:

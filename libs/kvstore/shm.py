@@ -1,25 +1,31 @@
-"""The kvstore's same-host data path: block payloads travel through files in a shared-memory
-directory (tmpfs, /dev/shm by default), gRPC carries only headers and offsets.
+"""The kvstore's same-host data path: block payloads travel as files in a shared-memory directory
+(tmpfs, /dev/shm by default), gRPC carries only headers and file names.
 
 Why: on one host a gRPC stream copies every byte through HTTP/2 framing, the loopback TCP stack
-and protobuf, and tops out near 1 GB/s on a small machine; a tmpfs file is two memory copies.
-Across hosts (or containers without a shared /dev/shm) the client cannot see the directory and
-the gRPC streams are used; nothing else changes (same checks, same leases).
+and protobuf, and tops out near 1 GB/s on a small machine. Here a put is one copy (the client's
+write into tmpfs; the store checks the file through a read-only mapping and keeps it as the
+block's storage), and a get is none on the store's side (a hard link) and a mapping on the
+client's. Across hosts (or containers without a shared /dev/shm) the client cannot see the
+directory and the gRPC streams are used; nothing else changes (same checks, same leases).
 
 The store owns one private directory (mode 0700, so only processes of the same user can use it):
     <base>/splitserve-kv-<pid>-<random>/
         probe            a random token; a client that reads the token Info returned shares the dir
         host             the store's host name (orphan removal skips other hosts' directories)
-        put-<id>         written by a client, read and deleted by the store (PutFile)
-        get-<id>         written by the store, read and deleted by the client (GetFile)
+        put-<id>         one block written by a client (PutFile); renamed to blk-<id> when stored,
+                         deleted otherwise
+        blk-<id>         a stored block's payload; deleted when the block leaves the store
+        get-<id>         a hard link to a blk-<id> for one GetFile; the client deletes it after
+                         mapping it (the data lives until the last link and mapping are gone)
 Files are created with O_EXCL and mode 0600. File names received over gRPC must match
-`_NAME` (no directory part), so a request can never name a path outside the directory. Files a
-crashed peer left behind are swept after `file_ttl_s`; the directory is removed when the store
-stops, and directories of store processes that no longer exist are removed at start-up.
+`_NAME` (no directory part), so a request can never name a path outside the directory. put- and
+get- files a crashed peer left behind are swept after `file_ttl_s`; the directory is removed when
+the store stops, and directories of store processes that no longer exist are removed at start-up.
 """
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import secrets
@@ -34,7 +40,7 @@ log = logging.getLogger(__name__)
 DIR_PREFIX = "splitserve-kv-"
 PROBE_NAME = "probe"
 HOST_NAME = "host"
-_NAME = re.compile(r"^(put|get)-[0-9a-f]{32}$")
+_NAME = re.compile(r"^(put|get)-[0-9a-f]{32}$")  # what clients may name; blk- files are the store's
 _IOV_BATCH = 512  # buffers per writev call (IOV_MAX is 1024 on Linux)
 
 
@@ -47,10 +53,24 @@ def new_file_name(kind: str) -> str:
     return f"{kind}-{secrets.token_hex(16)}"
 
 
-def check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise ShmNameError(f"file_name must look like 'put-<32 hex digits>', got {name[:80]!r}")
+def check_name(name: str, kind: str = "") -> str:
+    """`name` when it is a put-/get- file name (of `kind`, when given); ShmNameError otherwise."""
+    if not _NAME.match(name) or (kind and not name.startswith(kind + "-")):
+        raise ShmNameError(f"file_name must look like '{kind or 'put'}-<32 hex digits>', got {name[:80]!r}")
     return name
+
+
+def map_file(path: str, size: int) -> "mmap.mmap | bytes":
+    """A read-only mapping of a file that must hold exactly `size` bytes (b"" when size is 0);
+    ValueError naming the sizes when it does not."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        actual = os.fstat(fd).st_size
+        if actual != size:
+            raise ValueError(f"the file holds {actual} bytes, the block's header says {size}")
+        return mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else b""
+    finally:
+        os.close(fd)
 
 
 def write_file(path: str, payloads: Sequence[bytes]) -> list[int]:
@@ -117,9 +137,20 @@ class ShmArea:
         self._last_sweep = time.monotonic()
         self._sweep_lock = threading.Lock()
 
-    def file_path(self, name: str) -> str:
-        """Absolute path of a put/get file; ShmNameError for anything else."""
-        return os.path.join(self.path, check_name(name))
+    def file_path(self, name: str, kind: str = "") -> str:
+        """Absolute path of a put/get file (of `kind`, when given); ShmNameError for anything else."""
+        return os.path.join(self.path, check_name(name, kind))
+
+    def block_path(self, put_name: str) -> str:
+        """Where a stored block's file lives: put-<id> becomes blk-<id>."""
+        return os.path.join(self.path, "blk-" + check_name(put_name, "put")[4:])
+
+    def link_for_get(self, block_path: str) -> str:
+        """A new get-<id> hard link to a stored block's file; returns its name. OSError when the
+        block's file is gone (evicted meanwhile)."""
+        name = new_file_name("get")
+        os.link(block_path, os.path.join(self.path, name))
+        return name
 
     def sweep(self, force: bool = False) -> int:
         """Deletes put/get files older than file_ttl_s (a client that crashed between the two halves

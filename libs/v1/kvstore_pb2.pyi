@@ -105,31 +105,27 @@ class InfoResponse(_message.Message):
     def __init__(self, shm_dir: _Optional[str] = ..., shm_probe: _Optional[str] = ..., shm_token: _Optional[bytes] = ...) -> None: ...
 
 class FileBlock(_message.Message):
-    __slots__ = ("block_hash", "header", "offset")
+    __slots__ = ("block_hash", "header", "file_name")
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
     block_hash: bytes
     header: bytes
-    offset: int
-    def __init__(self, block_hash: _Optional[bytes] = ..., header: _Optional[bytes] = ..., offset: _Optional[int] = ...) -> None: ...
+    file_name: str
+    def __init__(self, block_hash: _Optional[bytes] = ..., header: _Optional[bytes] = ..., file_name: _Optional[str] = ...) -> None: ...
 
 class PutFileRequest(_message.Message):
-    __slots__ = ("file_name", "blocks", "lease_id", "lease_ttl_s")
-    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("blocks", "lease_id", "lease_ttl_s")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
-    file_name: str
     blocks: _containers.RepeatedCompositeFieldContainer[FileBlock]
     lease_id: str
     lease_ttl_s: float
-    def __init__(self, file_name: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[FileBlock, _Mapping]]] = ..., lease_id: _Optional[str] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, blocks: _Optional[_Iterable[_Union[FileBlock, _Mapping]]] = ..., lease_id: _Optional[str] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
 
 class GetFileResponse(_message.Message):
-    __slots__ = ("file_name", "blocks")
-    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("blocks",)
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    file_name: str
     blocks: _containers.RepeatedCompositeFieldContainer[FileBlock]
-    def __init__(self, file_name: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[FileBlock, _Mapping]]] = ...) -> None: ...
+    def __init__(self, blocks: _Optional[_Iterable[_Union[FileBlock, _Mapping]]] = ...) -> None: ...

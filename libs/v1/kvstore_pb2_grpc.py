@@ -121,16 +121,16 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PutFile(self, request, context):
-        """Same-host put: the client wrote the payloads into one file in shm_dir; the store reads,
-        verifies and stores them, then deletes the file (also on error).
+        """Same-host put: the client wrote each payload into its own file in shm_dir; the store checks
+        each and keeps the file as the block's storage (or deletes it: already present, or refused).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetFile(self, request, context):
-        """Same-host get: the store writes the leading blocks it holds into one new file in shm_dir;
-        the client reads and deletes it.
+        """Same-host get: the store links each leading block it holds to a new file in shm_dir (no copy);
+        the client maps, then deletes, each file.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

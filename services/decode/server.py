@@ -1,10 +1,22 @@
 """The decode role: imports the prompt blocks its prefix cache lacks, joins the continuous batch,
 and streams token ids. When the import fails (block evicted, checksum mismatch, kvstore down) it
-recomputes the prompt locally; the output is the same."""
+recomputes the prompt locally; the output is the same.
+
+Metrics (role "decode", splitserve.worker for the scrape-time ones), per Decode call:
+generation_tokens += the tokens this worker streamed (not the first one, which the prefill worker
+made); inter_token_latency_seconds between consecutive tokens of a request as the engine produced
+them (a request streaming k tokens gives k - 1 observations); at the end request_success{
+finished_reason} ("stop" | "length") with request_decode_time_seconds (its first engine step to its
+last token) and request_queue_time_seconds, or requests_rejected{reason} (invalid, queue_full,
+abort = the caller cancelled, error); kv_transfer_bytes/seconds{direction="get"} per kvstore fetch
+(payload bytes received, duration of the get call) and kv_transfer_failures{direction="get"} when
+a fetch did not deliver every block it asked for in usable form and the prompt is recomputed.
+"""
 from __future__ import annotations
 
 import logging
 import sys
+import time
 
 import grpc
 
@@ -27,6 +39,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         self.num_imported_blocks = 0  # cumulative, for tests and metrics
         self.num_recomputed = 0
         worker.counters = lambda: {"num_imported_blocks": self.num_imported_blocks, "num_recomputed": self.num_recomputed}
+        self.metrics = worker.metrics
+        self.metrics.touch("kv_transfer_bytes", "kv_transfer_seconds", "kv_transfer_failures", direction="get")
 
     def _client(self, address: str) -> KVStoreClient:
         if address not in self._clients:
@@ -35,6 +49,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     def Decode(self, request, context):
         engine = self.worker.engine
+        m = self.metrics
         try:
             params = sampling_from_proto(request.sampling)
             prompt = list(request.prompt_token_ids)
@@ -42,18 +57,23 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             if not outputs:
                 raise ValueError("output_token_ids must hold at least the first token")
         except ValueError as exc:
+            m.rejected("invalid")
             abort_invalid(context, exc)
         request_id = request.request_id or f"decode-{id(request)}"
         # The blocks to import are named by hashes computed here, never taken from the peer.
         hashes = block_hashes(prompt, engine.config.cache.block_size, engine.namespace(request.cache_salt or None))
         local = self.worker.loop.call(lambda e: e.num_local_prefix_blocks(hashes)).result()
         fetched, failed = [], False
-        if local < len(hashes) and request.kvstore_address:
+        fetching = local < len(hashes) and bool(request.kvstore_address)
+        if fetching:
+            t0 = time.monotonic()
             try:
                 fetched = self._client(request.kvstore_address).get(hashes[local:], release_lease_id=request_id)
             except (grpc.RpcError, KVBlockError) as exc:
                 logger.warning("request %s: KV fetch failed (%s): recomputing", request_id, exc)
                 failed = True
+            else:
+                m.kv_transfer("get", sum(len(payload) for _, payload in fetched), time.monotonic() - t0)
             failed = failed or len(fetched) < len(hashes) - local
         try:
             stream = self.worker.loop.add_request(
@@ -62,17 +82,33 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 before=lambda e: e.import_blocks(fetched),
             )
         except ValueError as exc:
+            m.rejected("invalid")
             abort_invalid(context, exc)
         except QueueFullError as exc:
+            m.rejected("queue_full")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         context.add_callback(stream.abort)
         imported = stream.setup_result or 0
         recomputed = (failed or imported < len(fetched)) and local < len(hashes)
         self.num_imported_blocks += imported
         self.num_recomputed += int(recomputed)
+        if fetching and recomputed:
+            m.kv_transfer_failed("get")
         first = True
+        last_token_time = None  # of the previous token this worker produced for the request
+        ended = False  # finished (success) or failed (error): counted; anything else is an abort
         try:
             for out in stream:
+                m.add_generation_tokens(len(out.new_token_ids))
+                if last_token_time is not None:
+                    m.observe_itl(max(0.0, out.token_time - last_token_time))
+                last_token_time = out.token_time
+                if out.finished:  # recorded before the last message leaves: a scrape after it sees all
+                    ended = True
+                    m.success(out.finish_reason or "")
+                    self.worker.observe_engine_times(out)
+                    if out.first_scheduled_time:
+                        m.observe_decode(max(0.0, out.token_time - out.first_scheduled_time))
                 msg = decode_pb2.DecodeResponse(
                     token_ids=out.new_token_ids,
                     logprobs=[logprob_to_proto(lp) for lp in out.new_logprobs],
@@ -84,7 +120,14 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                     msg.num_imported_blocks, msg.num_local_hit_blocks, msg.recomputed = imported, local, recomputed
                     first = False
                 yield msg
+        except Exception:  # the engine step failed (GeneratorExit, a cancel, is no Exception)
+            if not ended:
+                ended = True
+                m.rejected("error")
+            raise
         finally:
+            if not ended:  # the caller cancelled (client gone, stop string matched at the gateway)
+                m.rejected("abort")
             stream.abort()  # no-op when finished; frees the blocks when the caller went away
             self.worker.sync_ownership(hashes)
 

@@ -29,11 +29,13 @@ _RETRYABLE = (Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.CANCELLED)
 
 
 class GatewayError(Exception):
-    """Ends a request with a gRPC status (the message names the worker or the field)."""
+    """Ends a request with a gRPC status (the message names the worker or the field; `field` is the
+    request field at fault, when one is)."""
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, field: str | None = None) -> None:
         super().__init__(message)
         self.code = code
+        self.field = field
 
 
 def worker_error(role: str, address: str, exc: grpc.aio.AioRpcError) -> GatewayError:

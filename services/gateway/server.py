@@ -1,4 +1,5 @@
-"""The gateway process: public `splitserve.v1.Gateway/Generate` over grpc.aio.
+"""The gateway process: public `splitserve.v1.Gateway/Generate` over grpc.aio, and in the same event
+loop the HTTP server (OpenAI-compatible API, /health, /metrics: services/gateway/http.py).
 
     python -m splitserve.services.gateway.server --prefill H:P[,H:P] --decode H:P[,H:P] [--redis-url URL]
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import math
 import signal
@@ -22,13 +24,16 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2
 
+from splitserve import logs
 from splitserve.config import add_config_args, config_from_args
-from splitserve.gateway_core import InvalidRequest, OutputStream, prepare_request
+from splitserve.gateway_core import InvalidRequest, OutputStream, PreparedRequest, prepare_request
+from splitserve.metrics import Metrics
 from splitserve.model.tokenizer import load_tokenizer
 from splitserve.router import RouterConfig
 from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, format_address
 from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
+from splitserve.services.gateway.http import HttpApi, HttpServer
 from splitserve.services.gateway.owners import AsyncOwnersReader
 from splitserve.services.gateway.pipeline import GatewayError, RequestPipeline
 from splitserve.rpc import add_aio_health_and_reflection, create_aio_server
@@ -55,6 +60,11 @@ class GatewayConfig:
     """Tokenizer path (GGUF file or HF folder); empty: the model_path the workers report."""
     served_model_name: str = ""
     """Name accepted in GenerateRequest.model besides the workers' model_id; empty: model_id only."""
+    http_port: int = 8000
+    """Port of the HTTP server on `host`: the OpenAI-compatible API under /v1, /health and /metrics
+    (0: any free port; -1: no HTTP server)."""
+    log_prompts: bool = False
+    """Log each request's prompt token ids (left out of the logs by default)."""
     load_poll_interval_s: float = 0.5
     """Seconds between two GetLoad polls of every worker."""
     load_timeout_s: float = 1.0
@@ -82,6 +92,8 @@ class GatewayConfig:
         for name in ("load_poll_interval_s", "load_timeout_s", "request_timeout_s", "redis_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not -1 <= self.http_port <= 65535:
+            raise ValueError(f"http_port must be in [0, 65535] (or -1 for none), got {self.http_port}")
         if self.startup_timeout_s < 0 or self.max_retries < 0 or self.max_inflight_requests < 1:
             raise ValueError("startup_timeout_s and max_retries must be >= 0, max_inflight_requests >= 1")
 
@@ -94,79 +106,155 @@ class GatewayConfig:
         return [a.strip() for a in self.decode.split(",") if a.strip()]
 
 
-class GatewayService(gateway_pb2_grpc.GatewayServicer):
-    """Generate: validate, tokenize, hash, route, prefill, stream the first token, relay decode."""
+# Rejection reasons (requests_rejected{reason}) by the status a request ended with.
+_REJECT_REASONS = {Code.INVALID_ARGUMENT: "invalid", Code.NOT_FOUND: "unknown_model", Code.UNAVAILABLE: "unavailable",
+                   Code.RESOURCE_EXHAUSTED: "queue_full", Code.DEADLINE_EXCEEDED: "deadline",
+                   Code.CANCELLED: "cancelled"}
 
-    def __init__(self, config: GatewayConfig, pool: WorkerPool, owners: AsyncOwnersReader) -> None:
+
+class GatewayService(gateway_pb2_grpc.GatewayServicer):
+    """Generate: validate, tokenize, hash, route, prefill, stream the first token, relay decode.
+
+    The HTTP API (services/gateway/http.py) drives the same steps: `admit`, `prepare`, `run`.
+    """
+
+    def __init__(self, config: GatewayConfig, pool: WorkerPool, owners: AsyncOwnersReader,
+                 metrics: Metrics | None = None) -> None:
         self._config = config
         self._pool = pool
         self._owners = owners
         self._pipeline = RequestPipeline(pool, config.max_retries)
         self._served_names = [config.served_model_name] if config.served_model_name else []
+        self.metrics = metrics if metrics is not None else Metrics("gateway")
+        self.metrics.on_collect(self._publish_load)
         self.tokenizer = None  # set when ready
         # HF fast tokenizers may raise "Already borrowed" when two threads encode at once.
         self._tokenize_lock = threading.Lock()
-        self.num_inflight = 0  # Generate calls past admission, not yet ended
+        self.num_inflight = 0  # requests past admission, not yet ended
+        self.num_prefilling = 0  # of those, the ones that have no first token yet
 
     @property
     def ready(self) -> bool:
         return self.tokenizer is not None
 
-    async def Generate(self, request, context):
-        arrival = time.monotonic()
+    @property
+    def pool(self) -> WorkerPool:
+        return self._pool
+
+    @property
+    def served_model_name(self) -> str:
+        """The name clients use (and /v1/models lists): --served-model-name, else the model id."""
+        return self._config.served_model_name or self._pool.model.model_id
+
+    def _publish_load(self) -> None:
+        self.metrics.set_load(running=self.num_inflight - self.num_prefilling, waiting=self.num_prefilling)
+
+    def rejected(self, code: grpc.StatusCode) -> None:
+        self.metrics.rejected(_REJECT_REASONS.get(code, "error"))
+
+    @contextlib.contextmanager
+    def admit(self):
+        """Holds one in-flight slot; GatewayError UNAVAILABLE before startup, RESOURCE_EXHAUSTED at capacity."""
         if not self.ready:
-            await context.abort(Code.UNAVAILABLE, "gateway not ready: waiting for a prefill and a decode worker")
+            raise GatewayError(Code.UNAVAILABLE, "gateway not ready: waiting for a prefill and a decode worker")
         if self.num_inflight >= self._config.max_inflight_requests:
-            await context.abort(Code.RESOURCE_EXHAUSTED,
-                                f"gateway at capacity ({self._config.max_inflight_requests} requests in progress)")
+            raise GatewayError(Code.RESOURCE_EXHAUSTED,
+                               f"gateway at capacity ({self._config.max_inflight_requests} requests in progress)")
         self.num_inflight += 1
         try:
-            # aclosing: when the client goes away while we are suspended at a yield, closing this
-            # generator closes the inner ones at once, and their finally blocks cancel the workers' calls.
-            async with aclosing(self._generate(request, context, arrival)) as responses:
-                async for response in responses:
-                    yield response
-        except GatewayError as exc:
-            log.info("request failed: request_id=%s code=%s error=%s", request.request_id or "-", exc.code.name, exc)
-            await context.abort(exc.code, str(exc))
-        except Exception:  # a gateway bug: say so, never leak internals to the client
-            log.exception("request failed: request_id=%s internal error", request.request_id or "-")
-            await context.abort(Code.INTERNAL, "internal gateway error (see the gateway's log)")
+            yield
         finally:
             self.num_inflight -= 1
+
+    async def Generate(self, request, context):
+        arrival = time.monotonic()
+        if not request.request_id:  # the id may also come as x-request-id metadata
+            rid = dict(context.invocation_metadata() or ()).get("x-request-id", "")
+            if rid:
+                request.request_id = rid
+        try:
+            with self.admit():
+                req = await self.prepare(request)
+                # aclosing: when the client goes away while we are suspended at a yield, closing this
+                # generator closes the inner ones at once, and their finally blocks cancel the workers' calls.
+                async with aclosing(self.run(req, arrival, context.time_remaining())) as responses:
+                    async for response in responses:
+                        yield response
+        except GatewayError as exc:
+            self.rejected(exc.code)
+            await context.abort(exc.code, str(exc))
+        except Exception:  # a gateway bug: say so, never leak internals to the client
+            self.rejected(Code.INTERNAL)
+            log.exception("request failed: request_id=%s internal error", request.request_id or "-")
+            await context.abort(Code.INTERNAL, "internal gateway error (see the gateway's log)")
 
     def _prepare(self, request):
         with self._tokenize_lock:
             return prepare_request(request, self.tokenizer, self._pool.model, self._served_names)
 
-    async def _generate(self, request, context, arrival: float):
-        model = self._pool.model
+    async def prepare(self, request) -> PreparedRequest:
+        """Validates and tokenizes; GatewayError INVALID_ARGUMENT (or NOT_FOUND for the model)."""
         try:
             req = await asyncio.to_thread(self._prepare, request)  # tokenizing a long prompt takes ms
         except InvalidRequest as exc:
-            raise GatewayError(Code.INVALID_ARGUMENT, str(exc)) from None
-        client_left = context.time_remaining()  # None: the client set no deadline
-        deadline = arrival + min(self._config.request_timeout_s, math.inf if client_left is None else client_left)
-        owners = await self._owners.owners(req.block_hashes)
-        t_prefill = time.monotonic()
-        first, decision = await self._pipeline.prefill(req, owners, deadline)
-        t_prefilled = time.monotonic()
-        out = OutputStream(self.tokenizer, req.prompt_token_ids, req.params, model.max_model_len)
-        delta = out.add([first.first_token_id], [first.first_logprob] if first.HasField("first_logprob") else [])
-        info: dict = {"prefill_worker": decision.worker.address, "prefill_reason": decision.reason}
-        times = {"arrival": arrival, "prefill": t_prefill, "prefilled": t_prefilled, "first": time.monotonic()}
-        if out.finished:
-            yield self._final(req, delta, out, first, times, info)
-            return
-        yield gateway_pb2.GenerateResponse(request_id=req.request_id, token_ids=delta.token_ids, text=delta.text,
-                                           logprobs=delta.logprobs)
-        async with aclosing(self._pipeline.decode(req, first, owners, out, deadline, info)) as deltas:
-            async for delta in deltas:
-                if out.finished:
-                    yield self._final(req, delta, out, first, times, info)
-                    return
-                yield gateway_pb2.GenerateResponse(request_id=req.request_id, token_ids=delta.token_ids,
-                                                   text=delta.text, logprobs=delta.logprobs)
+            code = Code.NOT_FOUND if exc.field == "model" else Code.INVALID_ARGUMENT
+            raise GatewayError(code, str(exc), exc.field) from None
+        if self._config.log_prompts:
+            log.info("request prompt: request_id=%s prompt_token_ids=%s", req.request_id, req.prompt_token_ids)
+        return req
+
+    async def run(self, req: PreparedRequest, arrival: float, time_remaining: float | None = None):
+        """The response stream of a prepared request (GatewayError on failure). Records the request's
+        metrics: TTFT, inter-token gaps, stage times, tokens and the finish reason."""
+        deadline = arrival + min(self._config.request_timeout_s, math.inf if time_remaining is None else time_remaining)
+        m = self.metrics
+        self.num_prefilling += 1
+        prefilling, done = True, False
+        try:
+            owners = await self._owners.owners(req.block_hashes)
+            t_prefill = time.monotonic()
+            first, decision = await self._pipeline.prefill(req, owners, deadline)
+            m.routed("prefill", decision.reason)
+            t_prefilled = time.monotonic()
+            self.num_prefilling -= 1
+            prefilling = False
+            out = OutputStream(self.tokenizer, req.prompt_token_ids, req.params, self._pool.model.max_model_len)
+            delta = out.add([first.first_token_id], [first.first_logprob] if first.HasField("first_logprob") else [])
+            info: dict = {"prefill_worker": decision.worker.address, "prefill_reason": decision.reason}
+            times = {"arrival": arrival, "prefill": t_prefill, "prefilled": t_prefilled, "first": time.monotonic()}
+            m.observe_queue(t_prefill - arrival)
+            m.observe_prefill(t_prefilled - t_prefill)
+            m.observe_ttft(times["first"] - arrival)
+            if out.finished:
+                done = True
+                yield self._final(req, delta, out, first, times, info)
+                return
+            yield gateway_pb2.GenerateResponse(request_id=req.request_id, token_ids=delta.token_ids, text=delta.text,
+                                               logprobs=delta.logprobs)
+            last = times["first"]
+            async with aclosing(self._pipeline.decode(req, first, owners, out, deadline, info)) as deltas:
+                async for delta in deltas:
+                    if "decode_reason" in info and "routed" not in info:
+                        info["routed"] = True
+                        m.routed("decode", info["decode_reason"])
+                    now = time.monotonic()
+                    for _ in delta.token_ids:  # tokens that arrive together share the gap
+                        m.observe_itl((now - last) / len(delta.token_ids))
+                    if delta.token_ids:
+                        last = now
+                    if out.finished:
+                        done = True
+                        yield self._final(req, delta, out, first, times, info)
+                        return
+                    yield gateway_pb2.GenerateResponse(request_id=req.request_id, token_ids=delta.token_ids,
+                                                       text=delta.text, logprobs=delta.logprobs)
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away (or closed us early)
+            if not done:
+                self.rejected(Code.CANCELLED)
+            raise
+        finally:
+            if prefilling:
+                self.num_prefilling -= 1
 
     def _final(self, req, delta, out: OutputStream, first, times: dict, info: dict) -> gateway_pb2.GenerateResponse:
         end = time.monotonic()
@@ -175,10 +263,16 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         timings = common_pb2.Timings(
             queue_s=times["prefill"] - times["arrival"], prefill_s=times["prefilled"] - times["prefill"],
             ttft_s=times["first"] - times["arrival"], decode_s=end - times["first"], e2e_s=end - times["arrival"])
+        m = self.metrics
+        m.observe_decode(timings.decode_s)
+        m.observe_e2e(timings.e2e_s)
+        m.add_prompt_tokens(usage.prompt_tokens)
+        m.add_generation_tokens(usage.completion_tokens)
+        m.success(out.finish_reason)
         log.info("request done: request_id=%s prompt_tokens=%d completion_tokens=%d cached_tokens=%d finish=%s "
                  "ttft_s=%.3f e2e_s=%.3f %s", req.request_id, usage.prompt_tokens, usage.completion_tokens,
                  usage.cached_tokens, out.finish_reason, timings.ttft_s, timings.e2e_s,
-                 " ".join(f"{k}={v}" for k, v in sorted(info.items())))
+                 " ".join(f"{k}={v}" for k, v in sorted(info.items()) if k != "routed"))
         return gateway_pb2.GenerateResponse(
             request_id=req.request_id, token_ids=delta.token_ids, text=delta.text, logprobs=delta.logprobs,
             finish_reason=out.finish_reason, stop_reason=out.stop_reason, usage=usage, timings=timings)
@@ -188,9 +282,10 @@ class GatewayHandle:
     """A running gateway: `address`, `port`, `service`, `pool`; await stop() to shut it down."""
 
     def __init__(self, config: GatewayConfig, server: grpc.aio.Server, port: int, service: GatewayService,
-                 pool: WorkerPool, owners: AsyncOwnersReader, health) -> None:
+                 pool: WorkerPool, owners: AsyncOwnersReader, health, http: HttpServer | None = None) -> None:
         self.config, self.server, self.port, self.service, self.pool = config, server, port, service, pool
         self.address = format_address(config.host, port)
+        self.http = http  # the HTTP server (OpenAI API, /health, /metrics), None with http_port -1
         self._owners, self._health = owners, health
         self._startup: asyncio.Task | None = None
 
@@ -202,10 +297,12 @@ class GatewayHandle:
             raise TimeoutError(f"no prefill and decode worker answered within {self.config.startup_timeout_s:g} s "
                                f"(prefill={self.config.prefill} decode={self.config.decode})") from None
         path = Path(self.config.tokenizer or model.model_path).expanduser()
+        self.service.metrics.set_model_name(model.model_id)
         self.service.tokenizer = await asyncio.to_thread(load_tokenizer, path)
         for name in ("", SERVICE_NAME):
             await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("gateway serving: address=%s model_id=%s tokenizer=%s", self.address, model.model_id, path)
+        log.info("gateway serving: address=%s http=%s model_id=%s tokenizer=%s", self.address,
+                 self.http.base_url if self.http else "off", model.model_id, path)
 
     async def wait_ready(self) -> None:
         """Returns once SERVING; raises what startup raised (TimeoutError after startup_timeout_s)."""
@@ -217,7 +314,8 @@ class GatewayHandle:
         if self._startup is not None and not self._startup.done():
             self._startup.cancel()
             await asyncio.gather(self._startup, return_exceptions=True)
-        await self.server.stop(grace_s)
+        stops = [self.server.stop(grace_s)] + ([self.http.stop()] if self.http is not None else [])
+        await asyncio.gather(*stops)
         await self.pool.close()
         await self._owners.close()
 
@@ -232,11 +330,21 @@ async def serve(config: GatewayConfig, wait_ready: bool = True) -> GatewayHandle
     service = GatewayService(config, pool, owners)
     gateway_pb2_grpc.add_GatewayServicer_to_server(service, server)
     health = await add_aio_health_and_reflection(server, [SERVICE_NAME])
+    http = None
+    if config.http_port >= 0:
+        try:
+            http = HttpServer(HttpApi(service), config.host, config.http_port)
+        except OSError:
+            await server.stop(0)
+            raise
     await server.start()
-    handle = GatewayHandle(config, server, port, service, pool, owners, health)
+    if http is not None:
+        await http.start()
+    handle = GatewayHandle(config, server, port, service, pool, owners, health, http)
     handle._startup = asyncio.create_task(handle._start(), name="gateway-startup")
-    log.info("gateway listening: address=%s prefill=%s decode=%s redis=%s", handle.address,
-             config.prefill_addresses, config.decode_addresses, owners.url or "off")
+    log.info("gateway listening: address=%s http=%s prefill=%s decode=%s redis=%s", handle.address,
+             http.base_url if http else "off", config.prefill_addresses, config.decode_addresses,
+             owners.url or "off")
     if wait_ready:
         try:
             await handle.wait_ready()
@@ -247,7 +355,7 @@ async def serve(config: GatewayConfig, wait_ready: bool = True) -> GatewayHandle
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="splitserve gateway", description="The splitserve gateway (gRPC).")
+    parser = argparse.ArgumentParser(prog="splitserve gateway", description="The splitserve gateway (gRPC and HTTP).")
     add_gateway_args(parser)
     return parser
 
@@ -302,7 +410,7 @@ def run_gateway(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(logging.WARNING)
     return run_gateway(args)
 
 

@@ -14,15 +14,26 @@ Put stores each block when its last chunk arrives and verifies (header, hash, si
 a block is never stored in part. A malformed stream is aborted with INVALID_ARGUMENT naming the
 problem; blocks completed earlier in the same stream stay stored (puts are idempotent: a retry
 reports them as already present). No room (everything else pinned) is RESOURCE_EXHAUSTED.
+
+Metrics (Prometheus, GET /metrics on metrics_port; role "kvstore", model_name "": one store may hold
+blocks of several models, each block's header names its own, so no single model label fits):
+per successful Put/PutFile (direction "put") and Get/GetFile (direction "get") call,
+kv_transfer_bytes += the block payload bytes moved (headers not counted; on put also blocks the
+store already had, they crossed the wire too) and one kv_transfer_seconds observation (the call's
+duration); kv_transfer_failures{direction} per call rejected or failed. A Get the client cancels
+counts as a transfer of what was sent. kv_cache_usage_perc = used_bytes / capacity_bytes, read on
+each scrape.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -30,9 +41,10 @@ import grpc
 from splitserve import rpc
 from splitserve.config import add_config_args, config_from_args
 from splitserve.engine.kv_block import BlockHeader, KVBlockError
-from splitserve.kvstore.block_store import BlockStore, StoreFullError
+from splitserve.kvstore.block_store import BlockStore, FilePayload, PutResult, StoreFullError
 from splitserve.kvstore import shm
 from splitserve.kvstore.client import block_chunks
+from splitserve.metrics import Metrics, MetricsServer
 from splitserve.ownership import OwnershipRegistry, OwnershipReporter, redact_url
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
@@ -76,10 +88,17 @@ class KVStoreConfig:
     """gRPC server threads (concurrent RPCs)."""
     shutdown_grace_s: float = 5.0
     """On SIGTERM/SIGINT, seconds in-flight RPCs get to finish."""
+    metrics_port: int = 0
+    """Port of the Prometheus /metrics endpoint (0 picks a free one, logged; -1 turns it off)."""
+    metrics_host: str = ""
+    """Address the /metrics endpoint binds ("" = the same as host)."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port must be in [0, 65535], or -1 for no metrics endpoint, "
+                             f"got {self.metrics_port}")
         if not self.capacity_bytes >= 1:
             raise ValueError(f"capacity_gb must be > 0, got {self.capacity_gb}")
         for name in ("lease_ttl_s", "max_lease_ttl_s", "ownership_ttl_s", "ownership_retry_s", "shm_file_ttl_s"):
@@ -106,6 +125,11 @@ class _Reject(Exception):
         self.code = code
 
 
+class _ClientGone(Exception):
+    """A Put whose client cancelled mid-stream: counted as a failed transfer, answered with an
+    empty PutResponse nobody reads."""
+
+
 def _short(block_hash: bytes) -> str:
     return block_hash.hex()[:16] + "..." if block_hash else "(empty hash)"
 
@@ -114,15 +138,34 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     """Thin shell: wire chunks <-> BlockStore, status codes, ownership reports."""
 
     def __init__(self, config: KVStoreConfig, store: BlockStore, reporter: OwnershipReporter | None,
-                 area: shm.ShmArea | None = None):
+                 area: shm.ShmArea | None = None, metrics: Metrics | None = None):
         self.config = config
         self.store = store
         self.reporter = reporter
         self.area = area
+        self.metrics = metrics if metrics is not None else Metrics("kvstore")
+
+    def _metered(self, direction: str, handler, request, context):
+        """Runs a unary transfer handler returning (response, payload bytes) and records the call:
+        bytes and duration when it succeeds, a failure when it aborts or raises."""
+        t0 = time.monotonic()
+        try:
+            response, nbytes = handler(request, context)
+        except BaseException:  # context.abort raises too
+            self.metrics.kv_transfer_failed(direction)
+            raise
+        self.metrics.kv_transfer(direction, nbytes, time.monotonic() - t0)
+        return response
 
     def Put(self, request_iterator, context):
+        try:
+            return self._metered("put", self._put, request_iterator, context)
+        except _ClientGone:
+            return kvstore_pb2.PutResponse()
+
+    def _put(self, request_iterator, context):
         held: list[bytes] = []  # stored or already present in this stream: recorded as owned
-        counts = {"stored": 0, "present": 0, "bytes": 0}
+        counts = {"stored": 0, "present": 0, "bytes": 0, "payload": 0}
         try:
             self._receive(request_iterator, held, counts)
         except grpc.RpcError:  # the client cancelled or went away mid-stream
@@ -130,7 +173,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                 self.reporter.record(held)
             if context.is_active():
                 raise
-            return kvstore_pb2.PutResponse()
+            raise _ClientGone() from None
         except _Reject as e:
             if self.reporter is not None:
                 self.reporter.record(held)
@@ -139,7 +182,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         if self.reporter is not None:
             self.reporter.record(held)
         return kvstore_pb2.PutResponse(num_stored=counts["stored"], num_already_present=counts["present"],
-                                       num_bytes=counts["bytes"])
+                                       num_bytes=counts["bytes"]), counts["payload"]
 
     def _receive(self, chunks, held: list[bytes], counts: dict) -> None:
         cur = None  # the block being received: (hash, header bytes, BlockHeader, lease id, ttl, parts)
@@ -171,15 +214,16 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             if not chunk.last:
                 continue
             cur = None
-            self._store_block(block_hash, header_bytes, b"".join(parts), lease_id, ttl, held, counts)
+            self._store_block(block_hash, header_bytes, b"".join(parts), lease_id, ttl, held, counts, header)
         if cur is not None:
             raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
                           f"stream ended in the middle of block {_short(cur[0])}: {received} of "
                           f"{cur[2].payload_size} payload bytes received, no chunk with last=true")
 
-    def _store_block(self, block_hash, header_bytes, payload, lease_id, ttl, held, counts) -> None:
+    def _store_block(self, block_hash, header_bytes, payload, lease_id, ttl, held, counts,
+                     header: BlockHeader | None = None) -> PutResult:
         try:
-            result = self.store.put(block_hash, header_bytes, payload, lease_id, ttl)
+            result = self.store.put(block_hash, header_bytes, payload, lease_id, ttl, header)
         except KVBlockError as e:
             raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"block {_short(block_hash)}: {e}") from None
         except StoreFullError as e:
@@ -187,6 +231,8 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         held.append(block_hash)
         counts["stored" if result.stored else "present"] += 1
         counts["bytes"] += len(header_bytes) + len(payload)
+        counts["payload"] += len(payload)
+        return result
 
     def _parse_header(self, block_hash: bytes, header_bytes: bytes) -> BlockHeader:
         if not block_hash:
@@ -220,8 +266,11 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         return chunk.block_hash, chunk.header, header, lease_id, ttl, []
 
     def Get(self, request, context):
+        t0 = time.monotonic()
         if any(not h for h in request.block_hashes):
+            self.metrics.kv_transfer_failed("get")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "block_hashes contains an empty hash")
+        sent, failed = 0, False  # payload bytes of the blocks streamed out whole
         try:
             for block_hash in request.block_hashes:
                 if not context.is_active():
@@ -231,11 +280,25 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                     yield kvstore_pb2.BlockChunk(block_hash=block_hash, missing=True)
                     continue
                 header, payload = block
+                if isinstance(payload, FilePayload):  # put through the shared-memory directory
+                    try:
+                        payload = payload.read()
+                    except OSError:  # evicted since get(): as if missing
+                        yield kvstore_pb2.BlockChunk(block_hash=block_hash, missing=True)
+                        continue
                 yield from block_chunks(block_hash, header, payload, self.config.chunk_bytes)
+                sent += len(payload)
+        except Exception:
+            failed = True
+            raise
         finally:
             # Also on cancellation: the reader gave up on these blocks, they need no pin anymore.
             if request.release_lease_id:
                 self.store.release(request.release_lease_id)
+            if failed:
+                self.metrics.kv_transfer_failed("get")
+            else:  # complete, or cut short by the client (GeneratorExit): what it was sent
+                self.metrics.kv_transfer("get", sent, time.monotonic() - t0)
 
     def Info(self, request, context):
         if self.area is None:
@@ -243,71 +306,89 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
         return kvstore_pb2.InfoResponse(shm_dir=self.area.path, shm_probe=shm.PROBE_NAME,
                                         shm_token=self.area.token)
 
-    def _area_path(self, name: str, context) -> str:
+    def _need_area(self, context) -> shm.ShmArea:
         if self.area is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "this kvstore has no shared-memory directory (use Put/Get streams)")
-        try:
-            return self.area.file_path(name)
-        except shm.ShmNameError as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        return self.area
 
     def PutFile(self, request, context):
-        path = self._area_path(request.file_name, context)
-        self.area.sweep()
+        return self._metered("put", self._put_file, request, context)
+
+    def _put_file(self, request, context):
+        area = self._need_area(context)
+        area.sweep()
         held: list[bytes] = []
-        counts = {"stored": 0, "present": 0, "bytes": 0}
+        counts = {"stored": 0, "present": 0, "bytes": 0, "payload": 0}
         try:
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"file_name {request.file_name!r} does not exist in the store's directory") from None
-            try:
-                size = os.fstat(fd).st_size
-                lease_id, ttl = self._lease(request.lease_id, request.lease_ttl_s)
-                for i, block in enumerate(request.blocks):
-                    header = self._parse_header(block.block_hash, block.header)
-                    try:
-                        payload = shm.read_range(fd, block.offset, header.payload_size, size,
-                                                 f"blocks[{i}] ({_short(block.block_hash)})")
-                    except ValueError as e:
-                        raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
-                    self._store_block(block.block_hash, block.header, payload, lease_id, ttl, held, counts)
-            finally:
-                os.close(fd)
+            lease_id, ttl = self._lease(request.lease_id, request.lease_ttl_s)
+            for i, block in enumerate(request.blocks):
+                where = f"blocks[{i}] ({_short(block.block_hash)})"
+                try:
+                    path = area.file_path(block.file_name, "put")
+                except shm.ShmNameError as e:
+                    raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {e}") from None
+                header = self._parse_header(block.block_hash, block.header)
+                try:
+                    size = os.stat(path).st_size
+                except FileNotFoundError:
+                    raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: file_name {block.file_name!r} "
+                                  "does not exist in the store's directory") from None
+                if size != header.payload_size:
+                    raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: the file holds {size} bytes, "
+                                  f"the header's payload_size is {header.payload_size}")
+                # The file becomes the block's storage (verified through a mapping, never copied).
+                payload = FilePayload(area.block_path(block.file_name), size)
+                os.rename(path, payload.path)
+                stored = False
+                try:
+                    stored = self._store_block(block.block_hash, block.header, payload, lease_id, ttl,
+                                               held, counts, header).stored
+                finally:
+                    if not stored:  # already present, refused or damaged: the store did not take it
+                        payload.discard()
         except _Reject as e:
             log.warning("put rejected code=%s peer=%s error=%s", e.code.name, context.peer(), e)
             context.abort(e.code, str(e))
         finally:
-            shm.remove_quietly(path)
+            for block in request.blocks:  # those not reached (after an error) are removed too
+                with contextlib.suppress(shm.ShmNameError):
+                    shm.remove_quietly(area.file_path(block.file_name, "put"))
             if self.reporter is not None:
                 self.reporter.record(held)
         return kvstore_pb2.PutResponse(num_stored=counts["stored"], num_already_present=counts["present"],
-                                       num_bytes=counts["bytes"])
+                                       num_bytes=counts["bytes"]), counts["payload"]
 
     def GetFile(self, request, context):
+        return self._metered("get", self._get_file, request, context)
+
+    def _get_file(self, request, context):
         if any(not h for h in request.block_hashes):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "block_hashes contains an empty hash")
-        name = shm.new_file_name("get")
-        path = self._area_path(name, context)
-        self.area.sweep()
+        area = self._need_area(context)
+        area.sweep()
+        blocks, nbytes = [], 0
         try:
-            found = []
             for block_hash in request.block_hashes:
                 block = self.store.get(block_hash)
                 if block is None:
                     break
-                found.append((block_hash, *block))
-            if not found:
-                return kvstore_pb2.GetFileResponse()
-            try:
-                offsets = shm.write_file(path, [payload for _, _, payload in found])
-            except OSError as e:  # tmpfs full: the client falls back to the stream
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"cannot write the transfer file: {e}")
-            return kvstore_pb2.GetFileResponse(file_name=name, blocks=[
-                kvstore_pb2.FileBlock(block_hash=h, header=hdr, offset=off)
-                for (h, hdr, _), off in zip(found, offsets)])
+                header, payload = block
+                try:
+                    if isinstance(payload, FilePayload):
+                        name = area.link_for_get(payload.path)  # no copy
+                    else:  # a block that came through a stream lives in memory
+                        name = shm.new_file_name("get")
+                        shm.write_file(area.file_path(name), [payload])
+                except FileNotFoundError:  # evicted since get(): as if missing
+                    break
+                except OSError as e:  # tmpfs full: the client falls back to the stream
+                    for b in blocks:
+                        shm.remove_quietly(area.file_path(b.file_name))
+                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"cannot write a transfer file: {e}")
+                blocks.append(kvstore_pb2.FileBlock(block_hash=block_hash, header=header, file_name=name))
+                nbytes += len(payload)
+            return kvstore_pb2.GetFileResponse(blocks=blocks), nbytes
         finally:
             if request.release_lease_id:
                 self.store.release(request.release_lease_id)
@@ -344,6 +425,22 @@ class KVStoreServer:
         self.registry = OwnershipRegistry(config.redis_url, config.ownership_ttl_s) if config.redis_url else None
         self.server, self.port = rpc.create_server(config.host, config.port, config.max_workers,
                                                    config.max_message_bytes)
+        self.metrics = Metrics("kvstore")
+        self.metrics.touch("kv_transfer_bytes", "kv_transfer_seconds", "kv_transfer_failures", direction="put")
+        self.metrics.touch("kv_transfer_bytes", "kv_transfer_seconds", "kv_transfer_failures", direction="get")
+        self.metrics.on_collect(self._refresh_metrics)
+        self.metrics_server = None
+        if config.metrics_port >= 0:
+            try:  # bound now, so a taken port fails the start-up like a taken gRPC port
+                self.metrics_server = MetricsServer(self.metrics, config.metrics_host or config.host,
+                                                    config.metrics_port)
+            except OSError:
+                self.server.stop(0)
+                if self.area is not None:
+                    self.area.close()
+                if self.registry is not None:
+                    self.registry.close()
+                raise
         self.address = rpc.format_address(config.host, self.port)  # where this process listens
         self.owner_id = "kvstore:" + (config.advertise_address or self.address)
         self.reporter = None
@@ -352,9 +449,18 @@ class KVStoreServer:
                                               refresh_s=config.ownership_ttl_s / 3,
                                               retry_s=config.ownership_retry_s)
         kvstore_pb2_grpc.add_KVStoreServicer_to_server(
-            KVStoreServicer(config, self.store, self.reporter, self.area), self.server)
+            KVStoreServicer(config, self.store, self.reporter, self.area, self.metrics), self.server)
         self.health = rpc.add_health_and_reflection(self.server, [SERVICE_NAME])
         self._stopped = threading.Event()
+
+    @property
+    def metrics_url(self) -> str:
+        """http://HOST:PORT/metrics, or "" when the endpoint is off."""
+        return self.metrics_server.url if self.metrics_server is not None else ""
+
+    def _refresh_metrics(self) -> None:
+        s = self.store.stats()
+        self.metrics.set_load(kv_cache_usage=s.used_bytes / s.capacity_bytes)
 
     def _evicted(self, hashes: list[bytes]) -> None:
         if self.reporter is not None:
@@ -364,9 +470,11 @@ class KVStoreServer:
         if self.reporter is not None:
             self.reporter.start()
         self.server.start()
-        log.info("kvstore serving address=%s owner=%s capacity_bytes=%d shm=%s redis=%s", self.address,
+        if self.metrics_server is not None:
+            self.metrics_server.start()
+        log.info("kvstore serving address=%s owner=%s capacity_bytes=%d shm=%s redis=%s metrics=%s", self.address,
                  self.owner_id, self.store.capacity_bytes, self.area.path if self.area else "off",
-                 redact_url(self.config.redis_url) if self.config.redis_url else "off")
+                 redact_url(self.config.redis_url) if self.config.redis_url else "off", self.metrics_url or "off")
         return self
 
     def stop(self, grace_s: float | None = None) -> None:
@@ -376,6 +484,8 @@ class KVStoreServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.server.stop(self.config.shutdown_grace_s if grace_s is None else grace_s).wait()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self.reporter is not None:
             self.reporter.stop()
         if self.registry is not None:

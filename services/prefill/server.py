@@ -4,6 +4,14 @@ Concurrent Prefill calls are batched by the engine loop (chunked prefill, shared
 After the first token, the prompt's full blocks are read out before the sequence is freed, the
 ones the kvstore lacks are put under a lease named after the request, and the worker records that
 its own prefix cache holds them (Redis).
+
+Metrics (role "prefill", splitserve.worker for the scrape-time ones), per Prefill call:
+prompt_tokens += its prompt length and generation_tokens += 1 (the first token) when answered,
+request_success{finished_reason} of the one-token run, requests_rejected{reason} (invalid,
+queue_full, deadline, abort, error) otherwise; request_queue_time_seconds (arrival at this worker
+to its first engine step) and request_prefill_time_seconds (first engine step to first token);
+kv_transfer_bytes/seconds{direction="put"} (payload bytes of the blocks put, duration of the put
+call) and kv_transfer_failures{direction="put"} when the kvstore could not take them.
 """
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import dataclasses
 import logging
 import queue
 import sys
+import time
 
 import grpc
 
@@ -31,12 +40,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.kvstore = KVStoreClient(cfg.kvstore, cfg.max_message_bytes) if cfg.kvstore else None
         self.num_blocks_put = 0  # blocks sent to the kvstore (those it lacked)
         self.num_blocks_skipped = 0  # blocks the kvstore already had
+        self.metrics = worker.metrics
+        if self.kvstore is not None:
+            self.metrics.touch("kv_transfer_bytes", "kv_transfer_seconds", "kv_transfer_failures", direction="put")
         worker.counters = lambda: {"num_blocks_put": self.num_blocks_put}
 
     def Prefill(self, request, context):
+        m = self.metrics
         try:
             params = sampling_from_proto(request.sampling)
         except ValueError as exc:
+            m.rejected("invalid")
             abort_invalid(context, exc)
         first_only = dataclasses.replace(params, max_tokens=1)
         request_id = request.request_id or f"prefill-{id(request)}"
@@ -46,21 +60,26 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
                 detokenize=False, export_blocks=True,
             )
         except ValueError as exc:
+            m.rejected("invalid")
             abort_invalid(context, exc)
         except QueueFullError as exc:
+            m.rejected("queue_full")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         context.add_callback(stream.abort)  # the gateway gave up: free the blocks at once
         try:
             out = stream.get(timeout=wait_deadline(context))
         except queue.Empty:
             stream.abort()
+            m.rejected("deadline" if context.is_active() else "abort")
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "prefill did not finish before the deadline")
         except Exception as exc:  # the engine step failed: reported, the worker keeps serving
             stream.abort()
+            m.rejected("error")
             context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
         hashes = [h.block_hash for h, _ in out.exported_blocks]
         kv_address = self._ship(request_id, out.exported_blocks, context)
         self.worker.sync_ownership(hashes)
+        self._record(out)
         return prefill_pb2.PrefillResponse(
             request_id=request_id,
             first_token_id=out.new_token_ids[0],
@@ -73,6 +92,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             worker_id=self.worker.worker_id,
         )
 
+    def _record(self, out) -> None:
+        """The series of one answered prefill (before the answer leaves, so a scrape after it sees them)."""
+        m = self.metrics
+        m.add_prompt_tokens(out.num_prompt_tokens)
+        m.add_generation_tokens(len(out.new_token_ids))
+        m.success(out.finish_reason or "")
+        self.worker.observe_engine_times(out)
+        if out.first_scheduled_time and out.first_token_time:
+            m.observe_prefill(max(0.0, out.first_token_time - out.first_scheduled_time))
+
     def _ship(self, request_id: str, blocks, context) -> str:
         """Puts the blocks the kvstore lacks; returns its address, or "" when the transfer failed
         (the decode worker then recomputes the prompt)."""
@@ -82,11 +111,14 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             present = self.kvstore.contains([h.block_hash for h, _ in blocks])
             missing = [b for b, p in zip(blocks, present) if not p]
             if missing:
+                t0 = time.monotonic()
                 self.kvstore.put(missing, lease_id=request_id, lease_ttl_s=self.worker.config.kv_lease_ttl_s)
+                self.metrics.kv_transfer("put", sum(len(payload) for _, payload in missing), time.monotonic() - t0)
             self.num_blocks_put += len(missing)
             self.num_blocks_skipped += len(blocks) - len(missing)
             return self.kvstore.address
         except grpc.RpcError as exc:
+            self.metrics.kv_transfer_failed("put")
             logger.warning("request %s: kvstore put failed (%s): decode will recompute", request_id, exc.code())
             return ""
 

@@ -1,0 +1,49 @@
+"""Process-wide logging set-up shared by every role: text (default) or one JSON object per line.
+
+Log messages are written as `event: key=value key=value ...` (request_id=... wherever a request is
+concerned), so the text form reads well and greps well; the JSON form carries the same keys as
+fields, for log pipelines (Loki, Elasticsearch, Cloud Logging). Prompt text is never logged (the
+gateway logs prompt token ids only with --log-prompts).
+
+    SPLITSERVE_LOG_FORMAT=json   (or `splitserve up --log-format json`, which sets it for every role)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+
+FORMATS = ("text", "json")
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_PAIR = re.compile(r"(?<![\w.])([A-Za-z_][\w.]*)=(\S+)")
+
+
+class JsonFormatter(logging.Formatter):
+    """{"time", "level", "logger", "pid", "message", ...key=value pairs of the message...}."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        out = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+               "level": record.levelname, "logger": record.name, "pid": record.process, "message": message}
+        for key, value in _PAIR.findall(message):
+            if key not in out:
+                out[key] = value
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def configure(level: int | str = logging.INFO, fmt: str | None = None) -> None:
+    """Sets the root handler's format (from SPLITSERVE_LOG_FORMAT when fmt is None) and level."""
+    fmt = (fmt or os.environ.get("SPLITSERVE_LOG_FORMAT") or "text").lower()
+    if fmt not in FORMATS:
+        raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
