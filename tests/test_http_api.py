@@ -3,6 +3,7 @@ HTTP and gRPC on loopback, real Redis), driven with the official `openai` client
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -207,6 +208,14 @@ def test_malformed_requests_and_routes(http_stack, model):
     assert code == 200 and headers.get("x-request-id") == "trace-me-42" and reply["id"] == "cmpl-trace-me-42"
     code, _, reply = http("GET", base + "/models/" + model)
     assert code == 200 and reply["id"] == model
+    # The id follows the request into the gateway's, the prefill worker's and the decode worker's logs.
+    deadline = time.monotonic() + 10
+    loggers: set[str] = set()
+    while loggers != {"splitserve.gateway:", "splitserve.prefill:", "splitserve.decode:"} and time.monotonic() < deadline:
+        loggers = {w for line in list(http_stack.log) if "request_id=trace-me-42" in line
+                   for w in line.split() if w.startswith("splitserve.")}
+        time.sleep(0.1)
+    assert loggers == {"splitserve.gateway:", "splitserve.prefill:", "splitserve.decode:"}
 
 
 def test_health_reports_the_workers(http_stack):
@@ -272,3 +281,32 @@ def test_metrics_of_every_role_count_a_known_workload(http_stack, api, model):
     for role in ("gateway", "prefill-0", "decode-0"):
         assert {dict(ls)["role"] for (_, ls) in after[role]} == {role.split("-")[0]}
         assert {dict(ls)["model_name"] for (_, ls) in after[role]} == {model}
+
+
+def test_no_worker_means_503_and_an_unready_health(tmp_path):
+    """A gateway whose workers never answer: /health and the API say 503, naming why, at once."""
+    import asyncio
+
+    from splitserve.launcher import free_port
+    from splitserve.services.gateway.server import GatewayConfig, serve
+
+    dead = f"127.0.0.1:{free_port()}"
+
+    async def scenario():
+        handle = await serve(GatewayConfig(port=0, http_port=0, prefill=dead, decode=dead, load_timeout_s=0.2),
+                             wait_ready=False)
+        try:
+            base = handle.http.base_url
+            health = await asyncio.to_thread(http, "GET", base + "/health")
+            completion = await asyncio.to_thread(http, "POST", base + "/v1/completions",
+                                                 {"model": "any", "prompt": "hi"})
+            models = await asyncio.to_thread(http, "GET", base + "/v1/models")
+            return health, completion, models
+        finally:
+            await handle.stop(grace_s=0)
+
+    (hc, _, health), (cc, _, completion), (mc, _, models) = asyncio.run(scenario())
+    assert hc == 503 and health["status"] == "unavailable" and health["prefill"]["healthy"] == 0
+    assert cc == 503 and completion["error"]["type"] == "server_error"
+    assert "waiting for a prefill and a decode worker" in completion["error"]["message"]
+    assert mc == 200 and models["data"] == []

@@ -70,7 +70,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             try:
                 fetched = self._client(request.kvstore_address).get(hashes[local:], release_lease_id=request_id)
             except (grpc.RpcError, KVBlockError) as exc:
-                logger.warning("request %s: KV fetch failed (%s): recomputing", request_id, exc)
+                logger.warning("KV fetch failed: request_id=%s error=%s (recomputing)", request_id, exc)
                 failed = True
             else:
                 m.kv_transfer("get", sum(len(payload) for _, payload in fetched), time.monotonic() - t0)
@@ -98,6 +98,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         last_token_time = None  # of the previous token this worker produced for the request
         ended = False  # finished (success) or failed (error): counted; anything else is an abort
         try:
+            produced = 0  # tokens this worker generated for the request
             for out in stream:
                 m.add_generation_tokens(len(out.new_token_ids))
                 if last_token_time is not None:
@@ -105,6 +106,9 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 last_token_time = out.token_time
                 if out.finished:  # recorded before the last message leaves: a scrape after it sees all
                     ended = True
+                    logger.info("decode done: request_id=%s finish=%s tokens=%d imported_blocks=%d "
+                                "local_hit_blocks=%d recomputed=%s", request_id, out.finish_reason,
+                                produced + len(out.new_token_ids), imported, local, recomputed)
                     m.success(out.finish_reason or "")
                     self.worker.observe_engine_times(out)
                     if out.first_scheduled_time:
@@ -119,6 +123,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 if first:
                     msg.num_imported_blocks, msg.num_local_hit_blocks, msg.recomputed = imported, local, recomputed
                     first = False
+                produced += len(out.new_token_ids)
                 yield msg
         except Exception:  # the engine step failed (GeneratorExit, a cancel, is no Exception)
             if not ended:
@@ -128,6 +133,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         finally:
             if not ended:  # the caller cancelled (client gone, stop string matched at the gateway)
                 m.rejected("abort")
+                logger.info("decode aborted: request_id=%s (the caller went away)", request_id)
             stream.abort()  # no-op when finished; frees the blocks when the caller went away
             self.worker.sync_ownership(hashes)
 

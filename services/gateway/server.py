@@ -64,7 +64,7 @@ class GatewayConfig:
     """Port of the HTTP server on `host`: the OpenAI-compatible API under /v1, /health and /metrics
     (0: any free port; -1: no HTTP server)."""
     log_prompts: bool = False
-    """Log each request's prompt token ids (left out of the logs by default)."""
+    """Log each request's prompt (text and token ids); prompts are left out of the logs by default."""
     load_poll_interval_s: float = 0.5
     """Seconds between two GetLoad polls of every worker."""
     load_timeout_s: float = 1.0
@@ -199,8 +199,10 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         except InvalidRequest as exc:
             code = Code.NOT_FOUND if exc.field == "model" else Code.INVALID_ARGUMENT
             raise GatewayError(code, str(exc), exc.field) from None
-        if self._config.log_prompts:
-            log.info("request prompt: request_id=%s prompt_token_ids=%s", req.request_id, req.prompt_token_ids)
+        if self._config.log_prompts:  # off by default: prompts may hold anything
+            text = self.tokenizer.decode(req.prompt_token_ids, skip_special_tokens=False)
+            log.info("request prompt: request_id=%s prompt=%r prompt_token_ids=%s", req.request_id, text,
+                     req.prompt_token_ids)
         return req
 
     async def run(self, req: PreparedRequest, arrival: float, time_remaining: float | None = None):

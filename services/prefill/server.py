@@ -80,6 +80,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         kv_address = self._ship(request_id, out.exported_blocks, context)
         self.worker.sync_ownership(hashes)
         self._record(out)
+        logger.info("prefill done: request_id=%s prompt_tokens=%d cached_tokens=%d blocks=%d kvstore=%s",
+                    request_id, out.num_prompt_tokens, out.num_cached_tokens, len(hashes), kv_address or "-")
         return prefill_pb2.PrefillResponse(
             request_id=request_id,
             first_token_id=out.new_token_ids[0],
@@ -119,7 +121,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             return self.kvstore.address
         except grpc.RpcError as exc:
             self.metrics.kv_transfer_failed("put")
-            logger.warning("request %s: kvstore put failed (%s): decode will recompute", request_id, exc.code())
+            logger.warning("kvstore put failed: request_id=%s code=%s (decode will recompute)", request_id,
+                           exc.code().name)
             return ""
 
     def GetLoad(self, request, context):
