@@ -4,6 +4,7 @@
     splitserve gateway|prefill|decode|kvstore [flags]     one role (what compose and Kubernetes run)
     splitserve generate [--target HOST:PORT] [--max-tokens N] [--temperature T] PROMPT
     splitserve demo [--model M] [--dtype D] [PROMPT]     the engine in this process, no services
+    splitserve bench --base-url URL --num-prompts N ...  the serving benchmark (any OpenAI-compatible server)
 
 `demo` streams a chat answer to stdout: once for PROMPT, or for every line read from standard
 input (an interactive session on a terminal).
@@ -92,6 +93,7 @@ ROLES = {
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from splitserve.client import stream_generate
+    from splitserve.config import env_setting
 
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.seed is not None:
@@ -102,7 +104,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     final = None
     try:
-        for msg in stream_generate(args.target, sampling=sampling, timeout_s=args.timeout_s, **kwargs):
+        api_key = args.api_key or env_setting("SPLITSERVE_API_KEY")
+        for msg in stream_generate(args.target, sampling=sampling, timeout_s=args.timeout_s, api_key=api_key,
+                                   tls=args.tls, tls_ca_file=args.tls_ca, **kwargs):
             sys.stdout.write(msg.text)
             sys.stdout.flush()
             final = msg
@@ -136,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                      help="send the prompt as a chat message (default) or as raw text")
     gen.add_argument("--timeout-s", type=float, default=300.0)
+    gen.add_argument("--api-key", default="", help="the gateway's API key (default: $SPLITSERVE_API_KEY)")
+    gen.add_argument("--tls", action="store_true", help="connect with TLS (trusting the system's CAs)")
+    gen.add_argument("--tls-ca", default="", help="connect with TLS, trusting this PEM CA certificate")
     gen.add_argument("prompt", nargs="+")
     gen.set_defaults(func=cmd_generate)
     demo = sub.add_parser("demo", help="chat with the engine in this process (streams the answer)")
@@ -145,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None)
     demo.add_argument("prompt", nargs="*", help="answer this once instead of reading standard input")
     demo.set_defaults(func=cmd_demo)
+    from splitserve.bench.cli import add_bench_args, cmd_bench
+
+    bench = sub.add_parser("bench", help="benchmark a running server over the OpenAI completions API")
+    add_bench_args(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -14,6 +14,7 @@ from typing import Iterator, NamedTuple, Sequence
 import grpc
 
 from splitserve.rpc import channel as open_channel
+from splitserve.rpc import channel_credentials
 from splitserve.sampling_params import SamplingParams
 from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -74,15 +75,21 @@ def build_request(prompt: str | None = None, token_ids: Sequence[int] | None = N
 def stream_generate(target: str, prompt: str | None = None, token_ids: Sequence[int] | None = None,
                     messages: Sequence[dict] | None = None, sampling=None, *, timeout_s: float | None = 600.0,
                     request_id: str = "", cache_salt: str = "", model: str = "",
-                    channel: grpc.Channel | None = None) -> Iterator[gateway_pb2.GenerateResponse]:
+                    channel: grpc.Channel | None = None, api_key: str = "",
+                    tls: bool = False, tls_ca_file: str = "") -> Iterator[gateway_pb2.GenerateResponse]:
     """Streams the GenerateResponses of one request to the gateway at `target` (HOST:PORT).
 
     `timeout_s` is the whole call's deadline (None: none). `channel`: reuse an open channel
-    (it is left open); otherwise one is opened and closed for this call."""
+    (it is left open); otherwise one is opened and closed for this call. `api_key`: sent as
+    `authorization: Bearer KEY` metadata (gateways started with --api-key require it). `tls` (or a
+    `tls_ca_file` to trust instead of the system roots): talk TLS to a gateway started with a
+    certificate."""
     req = build_request(prompt, token_ids, messages, sampling, request_id, cache_salt, model)
     own = channel is None
-    ch = open_channel(target) if own else channel
-    call = gateway_pb2_grpc.GatewayStub(ch).Generate(req, timeout=timeout_s)
+    credentials = channel_credentials(tls_ca_file) if tls or tls_ca_file else None
+    ch = open_channel(target, credentials=credentials) if own else channel
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+    call = gateway_pb2_grpc.GatewayStub(ch).Generate(req, timeout=timeout_s, metadata=metadata)
     try:
         yield from call
     finally:

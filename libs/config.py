@@ -109,6 +109,14 @@ def env_overrides() -> dict:
     return out
 
 
+def env_setting(name: str) -> str:
+    """A SPLITSERVE_* setting from the environment ("" when unset): SPLITSERVE_LOG_FORMAT,
+    SPLITSERVE_API_KEY. Env is read here and in env_overrides/cache_dir only."""
+    if not name.startswith("SPLITSERVE_"):
+        raise ValueError(f"not a splitserve setting: {name}")
+    return os.environ.get(name, "")
+
+
 def cache_dir() -> "os.PathLike[str]":
     """Where derived artifacts (converted tokenizers) are kept: $SPLITSERVE_CACHE_DIR or ~/.cache/splitserve."""
     from pathlib import Path

@@ -9,6 +9,15 @@ threads spin N rounds before they sleep instead). `up` waits until each answers 
 endpoints, and on Ctrl-C or SIGTERM stops all of them (SIGTERM, then SIGKILL after a grace period);
 children also die with it if it is killed (PR_SET_PDEATHSIG), so no process is left behind.
 
+Restarts (DESIGN.md, failure policy): a worker or the kvstore that exits or is killed is started
+again with the same command line, so on the same gRPC and metrics ports: the gateway's address
+list stays valid and the worker rejoins routing as soon as it answers GetLoad again (the kvstore
+comes back empty; decode workers recompute what it lost). The delay doubles with each restart of
+the same child (1 s, 2 s, 4 s ... at most 30 s) and falls back to 1 s once the child stayed up for
+60 s, so a child that dies at once on every start (a taken port, a broken model file) does not
+spin. The gateway and the embedded Redis are not restarted: when either exits, everything stops
+(as does every death with --no-restart). Ctrl-C or SIGTERM during a back-off stops at once.
+
 Metrics: the kvstore and every worker serve Prometheus /metrics on a free loopback port of their
 own (--metrics-port); the gateway serves its own on its HTTP port (--http-port, beside the
 OpenAI-compatible API). The endpoint block lists every URL, one per line, in the stable form
@@ -47,6 +56,11 @@ def _die_with_parent() -> None:
         pass
 
 
+RESTART_DELAY_S = 1.0  # first back-off before restarting a child that died
+RESTART_MAX_DELAY_S = 30.0  # the back-off doubles per restart up to this
+RESTART_RESET_AFTER_S = 60.0  # a child up this long is healthy again: the next death waits RESTART_DELAY_S
+
+
 @dataclass
 class Child:
     name: str
@@ -55,6 +69,27 @@ class Child:
     proc: subprocess.Popen | None = None
     extra: dict = field(default_factory=dict)
     metrics_url: str = ""  # http://HOST:PORT/metrics of its Prometheus endpoint
+    restartable: bool = False  # workers and the kvstore; never the gateway
+    started_s: float = 0.0  # time.monotonic() of the last start
+    restarts: int = 0  # restarts since it last stayed up RESTART_RESET_AFTER_S (sets the back-off)
+    restart_at_s: float | None = None  # time.monotonic() of a restart that is due, while backing off
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'exit code 3' or 'killed by SIGKILL' (Popen reports death by signal N as -N)."""
+    if returncode is None:
+        return "still running"
+    if returncode < 0:
+        try:
+            return f"killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit code {returncode}"
+
+
+def restart_delay_s(restarts: int) -> float:
+    """Back-off before restart number `restarts` + 1 of one child: 1, 2, 4 ... 30 s."""
+    return min(RESTART_DELAY_S * 2 ** restarts, RESTART_MAX_DELAY_S)
 
 
 def metrics_url(host: str, port: int) -> str:
@@ -74,6 +109,13 @@ class Launcher:
 
     # ----------------------------------------------------------------------------- start
     def _spawn(self, child: Child) -> Child:
+        self._launch(child)
+        self.children.append(child)
+        logger.info("started %s pid=%d on %s", child.name, child.proc.pid, child.address)
+        return child
+
+    def _launch(self, child: Child) -> None:
+        """Starts (or starts again) the child's process with its command line."""
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         # Workers share the cores: an idle OpenMP thread must sleep at once instead of spinning
@@ -86,9 +128,7 @@ class Launcher:
         child.proc = subprocess.Popen(
             [sys.executable, "-m", "splitserve.cli", *child.argv], env=env, preexec_fn=_die_with_parent,
         )
-        self.children.append(child)
-        logger.info("started %s pid=%d on %s", child.name, child.proc.pid, child.address)
-        return child
+        child.started_s = time.monotonic()
 
     def _wait_healthy(self, child: Child, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -120,7 +160,7 @@ class Launcher:
         kv = self._spawn(Child("kvstore", ["kvstore", "--host", host, "--port", str(kv_port),
                                            "--capacity-gb", str(a.kvstore_capacity_gb), "--redis-url", self.redis_url,
                                            "--metrics-port", str(kv_metrics)],
-                               f"{host}:{kv_port}", metrics_url=metrics_url(host, kv_metrics)))
+                               f"{host}:{kv_port}", metrics_url=metrics_url(host, kv_metrics), restartable=True))
         workers = []
         for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
             for i in range(count):
@@ -128,7 +168,7 @@ class Launcher:
                 workers.append(self._spawn(Child(
                     f"{role}-{i}", [role, "--host", host, "--port", str(port), "--kvstore", kv.address,
                                     "--torch-threads", str(threads), *engine_flags, "--metrics-port", str(mport)],
-                    f"{host}:{port}", metrics_url=metrics_url(host, mport),
+                    f"{host}:{port}", metrics_url=metrics_url(host, mport), restartable=True,
                 )))
         for child in [kv, *workers]:
             self._wait_healthy(child, a.startup_timeout_s)
@@ -154,7 +194,7 @@ class Launcher:
         lines = ["splitserve is up:", f"  gateway (gRPC)  {gateway.address}", f"  gateway (HTTP)  {self.http_base}"]
         for c in self.children[:-1]:
             lines.append(f"  {c.name:<15} {c.address} (pid {c.proc.pid})")
-        lines.append(f"  redis           {self.redis_url}{' (embedded)' if self.redis else ''}")
+        lines.append(f"  redis           {self.redis_url}{f' (embedded, pid {self.redis.pid})' if self.redis else ''}")
         for name, url in self.metrics_urls().items():
             lines.append(f"  {name} metrics  {url}")
         lines.append(f"try: splitserve generate --target {self.children[-1].address} \"Hello, who are you?\"")
@@ -162,15 +202,47 @@ class Launcher:
 
     # ----------------------------------------------------------------------------- run / stop
     def wait(self) -> int:
-        """Blocks until a signal or until a child dies (then everything is stopped)."""
+        """Blocks until a signal (then returns 0) or until a child that is not restarted dies
+        (returns 1; the caller stops everything). Restarts the others (see the module docstring)."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stopping.set())
         while not self._stopping.wait(0.5):
+            if self.redis is not None and not self.redis.running:
+                logger.error("embedded redis exited (%s); Redis is not restarted, stopping everything: pid=%s url=%s",
+                             describe_exit(self.redis.returncode), self.redis.pid, self.redis_url)
+                return 1
             for c in self.children:
-                if c.proc.poll() is not None:
-                    logger.error("%s exited with code %s; stopping everything", c.name, c.proc.returncode)
+                if not self._watch(c):
                     return 1
         return 0
+
+    def _watch(self, c: Child) -> bool:
+        """One look at a child: restarts it when due; False when it died and may not be restarted."""
+        now = time.monotonic()
+        if self._stopping.is_set():  # Ctrl-C reaches the children too: their deaths are no faults
+            return True
+        if c.restart_at_s is not None:
+            if now >= c.restart_at_s:
+                c.restart_at_s = None
+                self._launch(c)
+                logger.warning("%s restarted: pid=%d attempt=%d address=%s", c.name, c.proc.pid, c.restarts, c.address)
+            return True
+        code = c.proc.poll()
+        if code is None:
+            if c.restarts and now - c.started_s >= RESTART_RESET_AFTER_S:
+                c.restarts = 0  # it stayed up: the next death starts the back-off afresh
+            return True
+        if not c.restartable or self.args.no_restart:
+            why = "--no-restart is set" if c.restartable else f"the {c.name} is not restarted"
+            logger.error("%s exited (%s); %s, stopping everything: pid=%d", c.name, describe_exit(code), why,
+                         c.proc.pid)
+            return False
+        delay = restart_delay_s(c.restarts)
+        c.restarts += 1
+        c.restart_at_s = now + delay
+        logger.warning("%s exited (%s); restarting it on the same ports in %g s: pid=%d attempt=%d address=%s",
+                       c.name, describe_exit(code), delay, c.proc.pid, c.restarts, c.address)
+        return True
 
     def stop(self, grace_s: float = 10.0) -> None:
         for c in reversed(self.children):
@@ -209,6 +281,10 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch threads per worker (0: all cores; the workers share them, idle threads sleep)")
     p.add_argument("--startup-timeout-s", type=float, default=300.0)
+    p.add_argument("--no-restart", action="store_true",
+                   help="stop everything when any process exits, instead of restarting a worker or the kvstore "
+                        f"that died (on the same ports, after {RESTART_DELAY_S:g} s, doubling up to "
+                        f"{RESTART_MAX_DELAY_S:g} s)")
     p.add_argument("--log-format", choices=["text", "json"], default=None,
                    help="every role's log lines: key=value text or one JSON object per line "
                         "(default: $SPLITSERVE_LOG_FORMAT, else text)")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
+
+from splitserve.config import env_setting
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -37,7 +38,7 @@ class JsonFormatter(logging.Formatter):
 
 def configure(level: int | str = logging.INFO, fmt: str | None = None) -> None:
     """Sets the root handler's format (from SPLITSERVE_LOG_FORMAT when fmt is None) and level."""
-    fmt = (fmt or os.environ.get("SPLITSERVE_LOG_FORMAT") or "text").lower()
+    fmt = (fmt or env_setting("SPLITSERVE_LOG_FORMAT") or "text").lower()
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     handler = logging.StreamHandler()

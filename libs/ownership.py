@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
@@ -140,6 +141,15 @@ class OwnershipRegistry:
         self._run("clear_owner", pipe)
         return len(members)
 
+    def has_owner(self, owner: str) -> bool:
+        """Whether Redis holds `owner`'s entries (its ss:own key); one round trip. False after a
+        flush, a restart of a Redis without persistence, or a failover to an empty replica."""
+        self._check_owner(owner)
+        pipe = self._client.pipeline(transaction=False)
+        pipe.exists(OWNER_KEY_PREFIX + owner)
+        (count,) = self._run("has_owner", pipe)
+        return bool(count)
+
     def ping(self) -> bool:
         """True when Redis answers PING; never raises."""
         with self._lock:
@@ -163,19 +173,27 @@ class OwnershipReporter:
     - The thread re-records every held block (`snapshot()`) each refresh_s, so resident blocks
       outlive the key TTL, and after an outage it clears and rebuilds the owner's entries every
       retry_s until Redis answers again.
+    - Between refreshes it checks every check_s (default: retry_s) that Redis still has the owner's
+      entries (one EXISTS): a Redis that went down and came back empty while this process had no
+      traffic (nothing failed on the hot path) is noticed within check_s, not after refresh_s
+      (minutes), and the entries are rebuilt; an unreachable Redis starts the outage handling.
     Entries may be stale for up to the registry's TTL (a block evicted during a resync).
     """
 
     _BATCH = 1024  # hashes per pipelined record during a resync
 
     def __init__(self, registry: OwnershipRegistry, owner: str, snapshot, refresh_s: float,
-                 retry_s: float = 5.0):
+                 retry_s: float = 5.0, check_s: float | None = None):
         OwnershipRegistry._check_owner(owner)
         self.registry = registry
         self.owner = owner
         self._snapshot = snapshot  # () -> list[bytes]: the block hashes held right now
         self.refresh_s = refresh_s
         self.retry_s = retry_s
+        self.check_s = retry_s if check_s is None else check_s
+        for name in ("refresh_s", "retry_s", "check_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         self._synced = False  # Redis reflects our holdings; hot-path updates are sent
         self._warned = False  # the current outage has been logged
         self._stop = threading.Event()
@@ -240,12 +258,39 @@ class OwnershipReporter:
             self._warned = False
             log.info("ownership synced to redis owner=%s blocks=%d", self.owner, len(held))
 
+    def _check(self) -> None:
+        """Rebuilds the owner's entries when Redis lost them while we held blocks (see the class
+        docstring); an unreachable Redis starts the outage handling."""
+        try:
+            if self.registry.has_owner(self.owner) or not self._snapshot():
+                return
+        except OwnershipUnavailable as e:
+            self._lost(e)
+            return
+        log.warning("ownership entries missing from redis (flushed or restarted empty): owner=%s; rebuilding",
+                    self.owner)
+        self._synced = False
+        self._resync()
+
     def _run(self) -> None:
+        next_refresh = time.monotonic() + self.refresh_s
         while not self._stop.is_set():
-            woke = self._wake.wait(self.refresh_s if self._synced else self.retry_s)
+            if self._synced:
+                timeout = max(0.0, min(self.check_s, next_refresh - time.monotonic()))
+            else:
+                timeout = self.retry_s
+            woke = self._wake.wait(timeout)
             if self._stop.is_set():
                 return
             if woke:  # an outage began: wait retry_s, not the rest of refresh_s
                 self._wake.clear()
                 continue
-            self._resync()
+            try:
+                if not self._synced or time.monotonic() >= next_refresh:
+                    self._resync()
+                    if self._synced:
+                        next_refresh = time.monotonic() + self.refresh_s
+                else:
+                    self._check()
+            except Exception:  # e.g. the snapshot timed out: report again later, never stop the thread
+                log.exception("ownership report failed owner=%s", self.owner)

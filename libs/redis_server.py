@@ -96,6 +96,16 @@ class EmbeddedRedis:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The redis-server's process id while started (for logs, and for tests that stop it)."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once it exited (negative: killed by that signal), else None."""
+        return self._proc.poll() if self._proc is not None else None
+
     def start(self) -> "EmbeddedRedis":
         """Starts the server and returns once PING answers; RuntimeError (with its log) if it cannot."""
         if self._proc is not None:

@@ -22,7 +22,7 @@ from splitserve.engine.engine_loop import EngineLoop
 from splitserve.engine.llm_engine import LLMEngine, StepOutput
 from splitserve.metrics import Metrics, MetricsServer
 from splitserve.ownership import OwnershipRegistry, OwnershipReporter
-from splitserve.rpc import add_health_and_reflection, create_server, format_address
+from splitserve.rpc import add_health_and_reflection, check_mtls_files, create_server, format_address, mtls_credentials
 from splitserve.v1 import prefill_pb2
 
 logger = logging.getLogger(__name__)
@@ -62,6 +62,14 @@ class WorkerConfig:
     """TTL of this worker's ownership entries (refreshed while the blocks stay cached)."""
     kv_lease_ttl_s: float = 60.0
     """How long the kvstore pins a request's blocks for the decode worker."""
+    tls_ca_file: str = ""
+    """Mutual TLS between roles: the PEM CA that signed every role's certificate (with tls_cert_file
+    and tls_key_file; all three or none). The gRPC server then requires client certificates and
+    this process's own calls present its certificate."""
+    tls_cert_file: str = ""
+    """Mutual TLS: this process's PEM certificate (its SANs must name the address others dial)."""
+    tls_key_file: str = ""
+    """Mutual TLS: the PEM private key of tls_cert_file."""
     max_message_bytes: int = 64 << 20
     """Largest gRPC message accepted or sent."""
     grpc_threads: int = 64
@@ -75,9 +83,14 @@ class WorkerConfig:
     """Address the /metrics endpoint binds ("" = the same as host)."""
 
     def __post_init__(self) -> None:
+        check_mtls_files(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], or -1 for no metrics endpoint, "
                              f"got {self.metrics_port}")
+
+    def channel_credentials(self):
+        """Credentials for this worker's own calls (to the kvstore): mutual TLS, or None."""
+        return mtls_credentials(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)[1]
 
     def engine_config(self) -> EngineConfig:
         return EngineConfig.from_kwargs(
@@ -217,7 +230,9 @@ def serve_worker(worker: Worker, add_servicer, service_name: str) -> tuple[grpc.
     """Binds, registers the servicer, health and reflection; starts serving and the metrics
     endpoint (unless metrics_port is -1); returns (server, port)."""
     cfg = worker.config
-    server, port = create_server(cfg.host, cfg.port, max_workers=cfg.grpc_threads, max_message_bytes=cfg.max_message_bytes)
+    server_creds, _ = mtls_credentials(cfg.tls_ca_file, cfg.tls_cert_file, cfg.tls_key_file)
+    server, port = create_server(cfg.host, cfg.port, max_workers=cfg.grpc_threads,
+                                 max_message_bytes=cfg.max_message_bytes, credentials=server_creds)
     if cfg.metrics_port >= 0:
         try:  # bound before serving, so a taken port fails the start-up, not a scrape later
             worker.metrics_server = MetricsServer(worker.metrics, cfg.metrics_host or cfg.host, cfg.metrics_port)

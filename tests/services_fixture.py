@@ -1,4 +1,8 @@
-"""Starts `splitserve up` as a real process tree for end-to-end tests and parses its endpoints."""
+"""Starts `splitserve up` as a real process tree for end-to-end tests and parses its endpoints.
+
+`Stack.pid(name)` finds a role's process as it is now (a restarted worker has a new pid) by its
+command line among the launcher's children in /proc (Linux), for the fault-injection tests.
+"""
 from __future__ import annotations
 
 import os
@@ -15,6 +19,26 @@ from splitserve.rpc import channel
 from splitserve.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 _LINE = re.compile(r"^\s+(\S+)\s+(\S+:\d+)")
+_PID = re.compile(r"\(.*\bpid (\d+)\)")
+
+
+def _children(ppid: int) -> list[tuple[int, list[str]]]:
+    """(pid, argv) of the live processes whose parent is `ppid`, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:  # gone meanwhile
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) ": state, ppid, ...
+        if int(fields[1]) == ppid and fields[0] != "Z":
+            out.append((int(entry), argv))
+    return out
 
 
 @dataclass
@@ -25,7 +49,28 @@ class Stack:
     redis_url: str = ""
     http_base: str = ""  # http://HOST:PORT/v1 of the OpenAI-compatible API
     metrics: dict[str, str] = field(default_factory=dict)  # "gateway", "kvstore", "prefill-0" -> /metrics URL
+    pids: dict[str, int] = field(default_factory=dict)  # "prefill-0", "redis" -> pid printed at start-up
     log: list[str] = field(default_factory=list)
+
+    def port(self, name: str) -> int:
+        """The port a role listens on ("redis": the Redis port of redis_url)."""
+        address = self.redis_url.split("//", 1)[1].split("/", 1)[0] if name == "redis" else self.roles[name]
+        return int(address.rsplit(":", 1)[1])
+
+    def pid(self, name: str) -> int | None:
+        """The pid of the launcher's child serving `name` ("decode-0", "kvstore", "redis", ...) now,
+        found by the `--port PORT` on its command line; None while it is down (between restarts)."""
+        port = str(self.port(name))
+        for pid, argv in _children(self.proc.pid):
+            if any(a == "--port" and b == port for a, b in zip(argv, argv[1:])):
+                return pid
+            if name == "redis" and argv and argv[0].endswith(f":{port}"):  # redis-server retitles itself
+                return pid
+        return None
+
+    def child_pids(self) -> list[int]:
+        """Pids of every live process the launcher started (workers, kvstore, gateway, Redis)."""
+        return [pid for pid, _ in _children(self.proc.pid)]
 
     def prefill_load(self, name: str = "prefill-0") -> prefill_pb2.LoadResponse:
         return prefill_pb2_grpc.PrefillStub(channel(self.roles[name])).GetLoad(prefill_pb2.LoadRequest(), timeout=10)
@@ -69,8 +114,12 @@ def start_stack(*args: str, timeout_s: float = 400.0) -> Stack:
                     stack.metrics[words[0]] = words[2]
                 elif line.strip().startswith("redis"):
                     stack.redis_url = line.split()[1]
+                    if _PID.search(line):
+                        stack.pids["redis"] = int(_PID.search(line).group(1))
                 elif m and not line.strip().startswith("gateway"):
                     stack.roles[m.group(1)] = m.group(2)
+                    if _PID.search(line):
+                        stack.pids[m.group(1)] = int(_PID.search(line).group(1))
                 if line.startswith("try:"):
                     ready.set()
 

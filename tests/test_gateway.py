@@ -165,7 +165,7 @@ def env():
     e.decodes = [FakeDecode(e.fail), FakeDecode(e.fail)]
     e.servers = [e.run(start_fake(p, prefill_pb2_grpc.add_PrefillServicer_to_server)) for p in e.prefills]
     e.servers += [e.run(start_fake(d, decode_pb2_grpc.add_DecodeServicer_to_server)) for d in e.decodes]
-    config = GatewayConfig(port=0, prefill=",".join(f"127.0.0.1:{p.port}" for p in e.prefills),
+    config = GatewayConfig(port=0, http_port=0, prefill=",".join(f"127.0.0.1:{p.port}" for p in e.prefills),
                            decode=",".join(f"127.0.0.1:{d.port}" for d in e.decodes), redis_url=e.redis.url,
                            load_poll_interval_s=0.1, startup_timeout_s=20)
     e.gw = e.run(serve(config))
@@ -362,14 +362,15 @@ def test_invalid_requests_name_the_field(env, kwargs, field):
         request.prompt_token_ids.SetInParent()
     with pytest.raises(grpc.RpcError) as info:
         list(gateway_pb2_grpc.GatewayStub(env.channel).Generate(request, timeout=10))
-    assert info.value.code() == Code.INVALID_ARGUMENT
+    # An unknown model is NOT_FOUND (HTTP 404), like OpenAI's model_not_found.
+    assert info.value.code() == (Code.NOT_FOUND if field == "model" else Code.INVALID_ARGUMENT)
     assert field in info.value.details()
 
 
 def test_unavailable_when_the_decode_worker_is_down(env):
     decode = FakeDecode({"armed": False})
     server = env.run(start_fake(decode, decode_pb2_grpc.add_DecodeServicer_to_server))
-    config = GatewayConfig(port=0, prefill=f"127.0.0.1:{env.prefills[0].port}", decode=f"127.0.0.1:{decode.port}",
+    config = GatewayConfig(port=0, http_port=0, prefill=f"127.0.0.1:{env.prefills[0].port}", decode=f"127.0.0.1:{decode.port}",
                            load_poll_interval_s=0.1, startup_timeout_s=20)
     gw = env.run(serve(config))
     try:

@@ -310,3 +310,33 @@ def test_no_worker_means_503_and_an_unready_health(tmp_path):
     assert cc == 503 and completion["error"]["type"] == "server_error"
     assert "waiting for a prefill and a decode worker" in completion["error"]["message"]
     assert mc == 200 and models["data"] == []
+
+
+def test_client_hanging_up_mid_stream_frees_the_workers(http_stack, model):
+    """An HTTP client that goes away mid-stream cancels the request downstream: the decode worker's
+    KV usage returns to what it was before."""
+    import http.client
+    from urllib.parse import urlparse
+
+    def decode_usage():
+        return http_stack.decode_load().kv_cache_usage
+
+    idle = decode_usage()
+    url = urlparse(http_stack.http_base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    conn.request("POST", "/v1/completions", json.dumps({
+        "model": model, "prompt": LONG, "max_tokens": 200, "temperature": 0, "stream": True, "ignore_eos": True}),
+        {"content-type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    seen = 0
+    while seen < 3:  # a few tokens in: the request is decoding now
+        line = resp.fp.readline()
+        seen += line.startswith(b"data: {")
+    assert decode_usage() > idle
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.monotonic() + 15
+    while decode_usage() != idle and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert decode_usage() == idle

@@ -158,3 +158,25 @@ def test_directories_of_dead_stores_are_removed_at_start(tmp_path):
         assert not orphan.exists() and alive.exists()
     finally:
         server.stop(grace_s=0)
+
+
+def test_client_follows_a_restarted_store_to_its_new_directory(tmp_path):
+    block = encode(random_cache(SMALL, 1, seed=5), 0)
+    first = serve(KVStoreConfig(port=0, capacity_gb=0.01, max_workers=2, shm_dir=str(tmp_path), metrics_port=-1))
+    port, old_dir = first.port, first.area.path
+    client = KVStoreClient(first.address)
+    try:
+        assert client.transport == "shm"
+        first.stop(grace_s=0)
+        second = serve(KVStoreConfig(port=port, capacity_gb=0.01, max_workers=2, shm_dir=str(tmp_path),
+                                     metrics_port=-1))
+        try:
+            assert second.area.path != old_dir
+            assert client.put(as_blocks([block])).num_stored == 1  # asked the new store where it keeps files
+            assert client.transport == "shm"
+            assert [n[:4] for n in transfer_files(second)] == ["blk-"]
+            assert [bytes(p) for _, p in client.get([block[0]])] == [block[2]]
+        finally:
+            second.stop(grace_s=0)
+    finally:
+        client.close()

@@ -46,7 +46,8 @@ class KVStoreClient:
     user) payloads travel through files (PutFile/GetFile), otherwise through the gRPC streams."""
 
     def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 chunk_bytes: int = CHUNK_BYTES, timeout_s: float = 30.0, use_shm: bool = True) -> None:
+                 chunk_bytes: int = CHUNK_BYTES, timeout_s: float = 30.0, use_shm: bool = True,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.address = address
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
@@ -54,7 +55,7 @@ class KVStoreClient:
         self._shm_dir: str | None = None  # the store's directory once probed and readable
         self._probed = False
         self._lock = threading.Lock()
-        self._channel = channel(address, max_message_bytes)
+        self._channel = channel(address, max_message_bytes, credentials=credentials)
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
 
     @property
@@ -66,6 +67,11 @@ class KVStoreClient:
         if not self.use_shm:
             return None
         with self._lock:
+            if self._probed and self._shm_dir is not None and \
+                    not os.path.exists(os.path.join(self._shm_dir, shm.PROBE_NAME)):
+                # The store restarted (a new process has a new directory): ask it again.
+                log.info("kvstore %s: its shared-memory directory is gone, asking the store again", self.address)
+                self._probed = False
             if not self._probed:
                 self._shm_dir = self._probe()
                 self._probed = True
@@ -90,9 +96,11 @@ class KVStoreClient:
         return None  # another host or container: the directory is not ours to see
 
     def _disable_shm(self, why: object) -> None:
-        log.warning("kvstore %s: shared-memory path off, using gRPC streams: %s", self.address, why)
+        """This call streams; the next one asks the store for its directory again (it may have
+        restarted, or tmpfs had no room for a moment)."""
+        log.warning("kvstore %s: shared-memory path failed, streaming this call: %s", self.address, why)
         with self._lock:
-            self._shm_dir = None
+            self._shm_dir, self._probed = None, False
 
     def contains(self, hashes: list[bytes]) -> list[bool]:
         if not hashes:
@@ -175,7 +183,10 @@ class KVStoreClient:
                     raise
                 log.warning("kvstore %s: GetFile refused (%s), streaming instead", self.address, e.details())
             else:
-                return self._read_file(directory, reply, hashes)
+                try:
+                    return self._read_file(directory, reply, hashes)
+                except FileNotFoundError as e:  # the store's directory went away under us
+                    self._disable_shm(e)
         return self._get_stream(request, hashes)
 
     def _read_file(self, directory: str, reply, hashes: list[bytes]) -> list[tuple[BlockHeader, bytes]]:
@@ -196,6 +207,8 @@ class KVStoreClient:
                     raise KVBlockError("kvstore reply: blocks arrived out of order or under the wrong hash")
                 try:
                     payload = shm.map_file(path, header.payload_size)
+                except FileNotFoundError:
+                    raise
                 except (OSError, ValueError) as e:
                     raise KVBlockError(f"kvstore transfer file {block.file_name}: {e}") from None
                 out.append((header, payload))

@@ -20,6 +20,7 @@ import time
 
 import grpc
 
+from splitserve import rpc
 from splitserve.engine.engine_loop import QueueFullError
 from splitserve.engine.hashing import block_hashes
 from splitserve.engine.kv_block import KVBlockError
@@ -44,7 +45,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
 
     def _client(self, address: str) -> KVStoreClient:
         if address not in self._clients:
-            self._clients[address] = KVStoreClient(address, self.worker.config.max_message_bytes)
+            self._clients[address] = KVStoreClient(address, self.worker.config.max_message_bytes,
+                                                   credentials=self.worker.config.channel_credentials())
         return self._clients[address]
 
     def Decode(self, request, context):
@@ -70,7 +72,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             try:
                 fetched = self._client(request.kvstore_address).get(hashes[local:], release_lease_id=request_id)
             except (grpc.RpcError, KVBlockError) as exc:
-                logger.warning("KV fetch failed: request_id=%s error=%s (recomputing)", request_id, exc)
+                detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
+                logger.warning("KV fetch failed: request_id=%s error=%r (recomputing)", request_id, detail)
                 failed = True
             else:
                 m.kv_transfer("get", sum(len(payload) for _, payload in fetched), time.monotonic() - t0)
@@ -141,13 +144,18 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return self.worker.load()
 
 
+
+def _add_to_server(servicer, server) -> None:
+    """Registers the servicer; malformed requests are INVALID_ARGUMENT (splitserve.rpc.add_servicer)."""
+    rpc.add_servicer(servicer, decode_pb2.DESCRIPTOR.services_by_name["Decode"], server)
+
 def serve(config: WorkerConfig):
     """(server, worker, servicer) of a decode worker serving on config.host:config.port."""
-    return serve_role(config, "decode", DecodeServicer, decode_pb2_grpc.add_DecodeServicer_to_server, SERVICE)
+    return serve_role(config, "decode", DecodeServicer, _add_to_server, SERVICE)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return role_main(argv, "decode", DecodeServicer, decode_pb2_grpc.add_DecodeServicer_to_server, SERVICE)
+    return role_main(argv, "decode", DecodeServicer, _add_to_server, SERVICE)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ OpenAI-compatible API, /health and /metrics.
 
     GET  /v1/models, /v1/models/{model}
     POST /v1/completions, /v1/chat/completions   (stream: server-sent events ending in [DONE])
-    GET  /health    200 when at least one prefill and one decode worker answer, else 503
+    GET  /health    200 when at least one prefill and one decode worker answer, else 503; the JSON
+                    counts healthy workers per role and says whether Redis is ok, degraded or off
     GET  /metrics   Prometheus text format
 
 Each request runs through the same steps as the gRPC Generate call (GatewayService.admit /
@@ -124,6 +125,9 @@ class HttpApi:
             healthy = sum(1 for w in workers if w.healthy)
             body[role] = {"healthy": healthy, "total": len(workers)}
             ready = ready and healthy > 0
+        # Redis only steers routing (prefix hits): while it is down requests are still served by
+        # load, so "degraded" is reported but never makes the gateway unready.
+        body["redis"] = self.service.owners.status  # "ok" | "degraded" | "off"
         if not ready:
             body["status"] = "unavailable"
         return ready, body
@@ -140,10 +144,23 @@ class HttpApi:
         return {"id": name, "object": "model", "created": 0, "owned_by": "splitserve",
                 "root": self.service.pool.model.model_path, "max_model_len": self.service.pool.model.max_model_len}
 
+    def _check_key(self, request: Request) -> None:
+        if not self.service.authorized(request.headers.get("authorization")):
+            raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                           None, "invalid_api_key")
+
     async def models(self, request: Request) -> JSONResponse:
+        try:
+            self._check_key(request)
+        except ApiError as err:
+            return error_response(err)
         return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self._served()[:1]]})
 
     async def model(self, request: Request) -> JSONResponse:
+        try:
+            self._check_key(request)
+        except ApiError as err:
+            return error_response(err)
         name = request.path_params["model"]
         if name not in self._served():
             return error_response(ApiError(404, f"The model '{name[:200]}' does not exist", "model", "model_not_found"))
@@ -161,6 +178,7 @@ class HttpApi:
         request_id = ""
         stack = contextlib.ExitStack()
         try:
+            self._check_key(request)
             request_id = oa.new_request_id(request.headers.get("x-request-id"))
             raw = await self._body(request)
             if not self.service.ready:
@@ -172,7 +190,7 @@ class HttpApi:
             prepared = [await self.service.prepare(c.request) for c in parsed.choices]
         except ApiError as err:
             stack.close()
-            self.service.metrics.rejected("unknown_model" if err.status == 404 else "invalid")
+            self.service.metrics.rejected({404: "unknown_model", 401: "unauthenticated"}.get(err.status, "invalid"))
             return error_response(err, request_id)
         except GatewayError as exc:
             stack.close()
@@ -192,16 +210,25 @@ class HttpApi:
         return JSONResponse(self._full_response(parsed, results), headers=headers)
 
     async def _body(self, request: Request) -> bytes:
+        """The body, at most max_body_bytes; beyond that 413. An oversize body is read on and dropped
+        (up to 4x the limit, never kept) so the client, still sending, can read the answer."""
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+        too_big = bool(declared and declared.isdigit() and int(declared) > self.max_body_bytes)
+        if too_big and int(declared) > 4 * self.max_body_bytes:
             raise ApiError(413, f"the request body is {declared} bytes; at most {self.max_body_bytes} are accepted",
                            None, "request_too_large")
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > self.max_body_bytes:
-                raise ApiError(413, f"the request body exceeds {self.max_body_bytes} bytes", None, "request_too_large")
-            chunks.append(chunk)
+                too_big = True
+                chunks = []
+                if size > 4 * self.max_body_bytes:
+                    break
+            elif not too_big:
+                chunks.append(chunk)
+        if too_big:
+            raise ApiError(413, f"the request body exceeds {self.max_body_bytes} bytes", None, "request_too_large")
         return b"".join(chunks)
 
     async def _pump(self, index: int, prepared, arrival: float, queue: asyncio.Queue) -> None:
@@ -351,7 +378,8 @@ class _EmbeddedServer(uvicorn.Server):
 class HttpServer:
     """Binds at construction (OSError naming the address when it cannot), serves after start()."""
 
-    def __init__(self, api: HttpApi, host: str, port: int, grace_s: float = 5.0) -> None:
+    def __init__(self, api: HttpApi, host: str, port: int, grace_s: float = 5.0,
+                 tls: tuple[str, str] | None = None) -> None:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -365,15 +393,17 @@ class HttpServer:
         self.socket = sock
         self.host = host
         self.port = sock.getsockname()[1]
+        self.scheme = "https" if tls else "http"
         config = uvicorn.Config(api.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=grace_s, server_header=False)
+                                timeout_graceful_shutdown=grace_s, server_header=False,
+                                ssl_certfile=tls[0] if tls else None, ssl_keyfile=tls[1] if tls else None)
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task | None = None
 
     @property
     def base_url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else ("::1" if self.host == "::" else self.host)
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return f"{self.scheme}://[{host}]:{self.port}" if ":" in host else f"{self.scheme}://{host}:{self.port}"
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._server.serve(sockets=[self.socket]), name="http-server")

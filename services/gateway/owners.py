@@ -4,9 +4,14 @@ Reads the keys `splitserve.ownership.OwnershipRegistry` writes (ss:blk:<hash hex
 ids), in one pipelined round trip per request. Ownership is a routing hint only: when Redis is
 unreachable the reader answers "nobody owns anything" (the router then routes by load), logs the
 outage once, and skips Redis for `backoff_s` so requests do not each pay a connect timeout.
+
+A probe task (started on first use in the event loop) PINGs Redis every `probe_interval_s`, so
+`status` (the gateway's /health) is current without traffic, requests skip Redis for the whole of
+an outage, and prefix routing resumes within one probe of Redis answering again.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -27,7 +32,8 @@ class AsyncOwnersReader:
     An empty redis_url disables Redis: every answer is empty sets, with no round trip.
     """
 
-    def __init__(self, redis_url: str, timeout_s: float = 0.5, backoff_s: float = 2.0) -> None:
+    def __init__(self, redis_url: str, timeout_s: float = 0.5, backoff_s: float = 2.0,
+                 probe_interval_s: float = 1.0) -> None:
         self.url = redact_url(redis_url) if redis_url else ""
         self._client = None
         if redis_url:
@@ -36,13 +42,55 @@ class AsyncOwnersReader:
                 retry=Retry(NoBackoff(), 0),
             )
         self._backoff_s = backoff_s
+        self._probe_interval_s = probe_interval_s
+        self._probe_task: asyncio.Task | None = None
         self._down_until = 0.0  # time.monotonic() before which Redis is not asked
         self.available = bool(redis_url)
         self.round_trips = 0
 
+    @property
+    def status(self) -> str:
+        """"off" (no Redis configured), "ok", or "degraded" (unreachable: routing by load only)."""
+        if self._client is None:
+            return "off"
+        self._ensure_probe()
+        return "ok" if self.available else "degraded"
+
+    def _ensure_probe(self) -> None:
+        if self._client is None or (self._probe_task is not None and not self._probe_task.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in the event loop: the next call from it starts the probe
+            return
+        self._probe_task = loop.create_task(self._probe(), name="redis-probe")
+
+    async def _probe(self) -> None:
+        while True:
+            try:
+                await self._client.ping()
+            except (redis.RedisError, OSError) as exc:
+                self._down(exc)
+            else:
+                self._up()
+            await asyncio.sleep(self._probe_interval_s)
+
+    def _down(self, exc: Exception) -> None:
+        self._down_until = time.monotonic() + self._backoff_s
+        if self.available:
+            log.warning("redis unavailable, routing by load only: url=%s error=%s", self.url, exc)
+        self.available = False
+
+    def _up(self) -> None:
+        self._down_until = 0.0
+        if not self.available:
+            log.info("redis available again, routing by prefix and load: url=%s", self.url)
+            self.available = True
+
     async def owners(self, hashes: list[bytes]) -> list[set[str]]:
         """The owner ids of each block hash, in order (empty sets when unknown or Redis is down)."""
         empty = [set() for _ in hashes]
+        self._ensure_probe()
         if self._client is None or not hashes or time.monotonic() < self._down_until:
             return empty
         pipe = self._client.pipeline(transaction=False)
@@ -52,16 +100,15 @@ class AsyncOwnersReader:
         try:
             replies = await pipe.execute()
         except (redis.RedisError, OSError) as exc:
-            self._down_until = time.monotonic() + self._backoff_s
-            if self.available:
-                log.warning("redis unavailable, routing by load only: url=%s error=%s", self.url, exc)
-            self.available = False
+            self._down(exc)
             return empty
-        if not self.available:
-            log.info("redis available again, routing by prefix and load: url=%s", self.url)
-            self.available = True
+        self._up()
         return [{m.decode() for m in members} for members in replies]
 
     async def close(self) -> None:
+        if self._probe_task is not None:
+            self._probe_task.cancel()
+            await asyncio.gather(self._probe_task, return_exceptions=True)
+            self._probe_task = None
         if self._client is not None:
             await self._client.aclose()

@@ -5,7 +5,9 @@ stops early (client cancel, deadline, a stop string, an error), so a worker free
 blocks at once. Failure policy (DESIGN.md): a prefill that fails with UNAVAILABLE (or finds the
 worker at capacity) is retried on another prefill worker; a decode stream that breaks is resumed
 on another decode worker from prompt + the tokens already streamed, so the client sees no gap and
-no duplicate. At most `max_retries` retries per role.
+no duplicate. At most `max_retries` retries per role. While no decode worker is healthy a request
+is refused (UNAVAILABLE) before its prefill: the client learns at once, and no prefill work is
+spent on a request that could not be decoded.
 """
 from __future__ import annotations
 
@@ -75,6 +77,10 @@ class RequestPipeline:
     async def prefill(self, req: PreparedRequest, owners: list[set[str]], deadline: float):
         """(PrefillResponse, RouteDecision) from the cheapest prefill worker that answers."""
         router, bs = self._pool.router, self._pool.model.block_size
+        decode = router.workers(DECODE)
+        if not any(w.healthy for w in decode):
+            raise GatewayError(Code.UNAVAILABLE, f"no decode worker available: none of {len(decode)} is healthy "
+                                                 f"({'; '.join(f'{w.address}: {w.last_error}' for w in decode)})")
         tried: set[str] = set()
         last: GatewayError | None = None
         while True:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import hmac
 import logging
 import math
 import signal
@@ -25,7 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from splitserve import logs
-from splitserve.config import add_config_args, config_from_args
+from splitserve.config import add_config_args, config_from_args, env_setting
 from splitserve.gateway_core import InvalidRequest, OutputStream, PreparedRequest, prepare_request
 from splitserve.metrics import Metrics
 from splitserve.model.tokenizer import load_tokenizer
@@ -36,7 +38,7 @@ from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from splitserve.services.gateway.http import HttpApi, HttpServer
 from splitserve.services.gateway.owners import AsyncOwnersReader
 from splitserve.services.gateway.pipeline import GatewayError, RequestPipeline
-from splitserve.rpc import add_aio_health_and_reflection, create_aio_server
+from splitserve.rpc import add_aio_health_and_reflection, add_aio_servicer, create_aio_server, server_credentials
 from splitserve.services.gateway.workers import WorkerPool
 
 log = logging.getLogger("splitserve.gateway")
@@ -63,6 +65,14 @@ class GatewayConfig:
     http_port: int = 8000
     """Port of the HTTP server on `host`: the OpenAI-compatible API under /v1, /health and /metrics
     (0: any free port; -1: no HTTP server)."""
+    tls_cert_file: str = ""
+    """PEM certificate (chain) of the gateway: with tls_key_file, gRPC and HTTP are served over TLS."""
+    tls_key_file: str = ""
+    """PEM private key of tls_cert_file."""
+    api_key: str = ""
+    """Require `Authorization: Bearer KEY` on the HTTP API and `authorization: Bearer KEY` metadata on
+    gRPC Generate (/health, /metrics and the gRPC health service stay open); default
+    $SPLITSERVE_API_KEY; empty: no key."""
     log_prompts: bool = False
     """Log each request's prompt (text and token ids); prompts are left out of the logs by default."""
     load_poll_interval_s: float = 0.5
@@ -92,6 +102,8 @@ class GatewayConfig:
         for name in ("load_poll_interval_s", "load_timeout_s", "request_timeout_s", "redis_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
         if not -1 <= self.http_port <= 65535:
             raise ValueError(f"http_port must be in [0, 65535] (or -1 for none), got {self.http_port}")
         if self.startup_timeout_s < 0 or self.max_retries < 0 or self.max_inflight_requests < 1:
@@ -142,6 +154,11 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
         return self._pool
 
     @property
+    def owners(self) -> AsyncOwnersReader:
+        """The Redis ownership reader (its `status`: "ok" | "degraded" | "off")."""
+        return self._owners
+
+    @property
     def served_model_name(self) -> str:
         """The name clients use (and /v1/models lists): --served-model-name, else the model id."""
         return self._config.served_model_name or self._pool.model.model_id
@@ -151,6 +168,14 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     def rejected(self, code: grpc.StatusCode) -> None:
         self.metrics.rejected(_REJECT_REASONS.get(code, "error"))
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an Authorization value ("Bearer KEY") carries the API key (always, with no key)."""
+        key = self._config.api_key
+        if not key:
+            return True
+        scheme, _, token = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
     @contextlib.contextmanager
     def admit(self):
@@ -168,9 +193,14 @@ class GatewayService(gateway_pb2_grpc.GatewayServicer):
 
     async def Generate(self, request, context):
         arrival = time.monotonic()
+        metadata = dict(context.invocation_metadata() or ())
+        if not self.authorized(metadata.get("authorization")):
+            self.metrics.rejected("unauthenticated")
+            await context.abort(Code.UNAUTHENTICATED, "missing or wrong API key: send metadata "
+                                                      "'authorization: Bearer <key>'")
         if not request.request_id:  # the id may also come as x-request-id metadata
-            rid = dict(context.invocation_metadata() or ()).get("x-request-id", "")
-            if rid:
+            rid = metadata.get("x-request-id", "")
+            if isinstance(rid, str) and rid:
                 request.request_id = rid
         try:
             with self.admit():
@@ -325,17 +355,19 @@ class GatewayHandle:
 async def serve(config: GatewayConfig, wait_ready: bool = True) -> GatewayHandle:
     """Starts the gateway on the running event loop; with wait_ready, returns once it is SERVING
     (bounded by config.startup_timeout_s; on failure the server is stopped and the error raised)."""
-    server, port = create_aio_server(config.host, config.port, config.max_message_bytes)
+    credentials = server_credentials(config.tls_cert_file, config.tls_key_file) if config.tls_cert_file else None
+    server, port = create_aio_server(config.host, config.port, config.max_message_bytes, credentials)
     pool = WorkerPool(config.prefill_addresses, config.decode_addresses, config.router,
                       config.load_poll_interval_s, config.load_timeout_s, config.max_message_bytes)
     owners = AsyncOwnersReader(config.redis_url, timeout_s=config.redis_timeout_s)
     service = GatewayService(config, pool, owners)
-    gateway_pb2_grpc.add_GatewayServicer_to_server(service, server)
+    add_aio_servicer(service, gateway_pb2.DESCRIPTOR.services_by_name["Gateway"], server)  # bad bytes: INVALID_ARGUMENT
     health = await add_aio_health_and_reflection(server, [SERVICE_NAME])
     http = None
     if config.http_port >= 0:
         try:
-            http = HttpServer(HttpApi(service), config.host, config.http_port)
+            http = HttpServer(HttpApi(service), config.host, config.http_port,
+                              tls=(config.tls_cert_file, config.tls_key_file) if config.tls_cert_file else None)
         except OSError:
             await server.stop(0)
             raise
@@ -370,7 +402,10 @@ def add_gateway_args(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_namespace(args: argparse.Namespace) -> GatewayConfig:
-    return config_from_args(GatewayConfig, args, router=config_from_args(RouterConfig, args))
+    config = config_from_args(GatewayConfig, args, router=config_from_args(RouterConfig, args))
+    if not config.api_key and env_setting("SPLITSERVE_API_KEY"):
+        config = dataclasses.replace(config, api_key=env_setting("SPLITSERVE_API_KEY"))
+    return config
 
 
 async def run_until_signalled(config: GatewayConfig) -> int:

@@ -1,5 +1,10 @@
 """The gateway's view of its workers: grpc.aio channels and stubs, model discovery, load polling.
 
+A worker that dies is unhealthy from its first failed poll or call; one that comes back on the same
+address (`splitserve up` restarts workers on their ports) is healthy again from its first good
+poll. The channels reconnect within RECONNECT_MAX_MS of the worker listening again: gRPC's default
+reconnect back-off grows to two minutes, which would keep a restarted worker out of routing long
+after it is ready.
 """
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ from splitserve.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)
 _WAIT_LOG_INTERVAL_S = 5.0  # how often discovery logs the workers it still waits for
+RECONNECT_MAX_MS = 1000  # longest gap between two connection attempts to a worker that is down
+_RECONNECT_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 250), ("grpc.min_reconnect_backoff_ms", 250),
+                      ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS)]
 
 
 class WorkerPool:
@@ -29,14 +37,17 @@ class WorkerPool:
 
     def __init__(self, prefill: list[str], decode: list[str], router_config: RouterConfig,
                  poll_interval_s: float, load_timeout_s: float,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self._addresses = {PREFILL: list(prefill), DECODE: list(decode)}
         self._router_config = router_config
         self._poll_interval_s = poll_interval_s
         self._load_timeout_s = load_timeout_s
         self._channels: dict[str, grpc.aio.Channel] = {}
-        for address in {*prefill, *decode}:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=size_options(max_message_bytes))
+        options = size_options(max_message_bytes) + _RECONNECT_OPTIONS
+        for address in {*prefill, *decode}:  # credentials: TLS to the workers (mutual with a client cert)
+            self._channels[address] = grpc.aio.insecure_channel(address, options=options) if credentials is None \
+                else grpc.aio.secure_channel(address, credentials, options=options)
         self._prefill = {a: prefill_pb2_grpc.PrefillStub(self._channels[a]) for a in prefill}
         self._decode = {a: decode_pb2_grpc.DecodeStub(self._channels[a]) for a in decode}
         self.model: ModelInfo | None = None

@@ -82,6 +82,14 @@ class KVStoreConfig:
     """While Redis is unreachable, seconds between attempts to rebuild this store's ownership."""
     advertise_address: str = ""
     """host:port other processes reach this store at (its owner id in Redis); empty: host:port."""
+    tls_ca_file: str = ""
+    """Mutual TLS between roles: the PEM CA that signed every role's certificate (with tls_cert_file
+    and tls_key_file; all three or none). The gRPC server then requires client certificates and
+    this process's own calls present its certificate."""
+    tls_cert_file: str = ""
+    """Mutual TLS: this process's PEM certificate (its SANs must name the address others dial)."""
+    tls_key_file: str = ""
+    """Mutual TLS: the PEM private key of tls_cert_file."""
     max_message_bytes: int = 16 << 20
     """Largest gRPC message sent or received, in bytes."""
     max_workers: int = 16
@@ -94,6 +102,7 @@ class KVStoreConfig:
     """Address the /metrics endpoint binds ("" = the same as host)."""
 
     def __post_init__(self) -> None:
+        rpc.check_mtls_files(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
@@ -423,8 +432,9 @@ class KVStoreServer:
             except OSError as e:
                 log.warning("no shared-memory path (gRPC streams only): %s", e)
         self.registry = OwnershipRegistry(config.redis_url, config.ownership_ttl_s) if config.redis_url else None
+        server_creds, _ = rpc.mtls_credentials(config.tls_ca_file, config.tls_cert_file, config.tls_key_file)
         self.server, self.port = rpc.create_server(config.host, config.port, config.max_workers,
-                                                   config.max_message_bytes)
+                                                   config.max_message_bytes, credentials=server_creds)
         self.metrics = Metrics("kvstore")
         self.metrics.touch("kv_transfer_bytes", "kv_transfer_seconds", "kv_transfer_failures", direction="put")
         self.metrics.touch("kv_transfer_bytes", "kv_transfer_seconds", "kv_transfer_failures", direction="get")
@@ -448,8 +458,8 @@ class KVStoreServer:
             self.reporter = OwnershipReporter(self.registry, self.owner_id, self.store.hashes,
                                               refresh_s=config.ownership_ttl_s / 3,
                                               retry_s=config.ownership_retry_s)
-        kvstore_pb2_grpc.add_KVStoreServicer_to_server(
-            KVStoreServicer(config, self.store, self.reporter, self.area, self.metrics), self.server)
+        rpc.add_servicer(KVStoreServicer(config, self.store, self.reporter, self.area, self.metrics),
+                         kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"], self.server)
         self.health = rpc.add_health_and_reflection(self.server, [SERVICE_NAME])
         self._stopped = threading.Event()
 

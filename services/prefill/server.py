@@ -23,6 +23,7 @@ import time
 
 import grpc
 
+from splitserve import rpc
 from splitserve.engine.engine_loop import QueueFullError
 from splitserve.kvstore.client import KVStoreClient
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
@@ -37,7 +38,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         cfg = worker.config
-        self.kvstore = KVStoreClient(cfg.kvstore, cfg.max_message_bytes) if cfg.kvstore else None
+        self.kvstore = KVStoreClient(cfg.kvstore, cfg.max_message_bytes,
+                                     credentials=cfg.channel_credentials()) if cfg.kvstore else None
         self.num_blocks_put = 0  # blocks sent to the kvstore (those it lacked)
         self.num_blocks_skipped = 0  # blocks the kvstore already had
         self.metrics = worker.metrics
@@ -129,13 +131,18 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return self.worker.load()
 
 
+
+def _add_to_server(servicer, server) -> None:
+    """Registers the servicer; malformed requests are INVALID_ARGUMENT (splitserve.rpc.add_servicer)."""
+    rpc.add_servicer(servicer, prefill_pb2.DESCRIPTOR.services_by_name["Prefill"], server)
+
 def serve(config: WorkerConfig):
     """(server, worker, servicer) of a prefill worker serving on config.host:config.port."""
-    return serve_role(config, "prefill", PrefillServicer, prefill_pb2_grpc.add_PrefillServicer_to_server, SERVICE)
+    return serve_role(config, "prefill", PrefillServicer, _add_to_server, SERVICE)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return role_main(argv, "prefill", PrefillServicer, prefill_pb2_grpc.add_PrefillServicer_to_server, SERVICE)
+    return role_main(argv, "prefill", PrefillServicer, _add_to_server, SERVICE)
 
 
 if __name__ == "__main__":
