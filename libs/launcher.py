@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from splitserve.rpc import wait_until_serving
+from splitserve.rpc import channel_credentials, check_mtls_files, mtls_credentials, wait_until_serving
 
 logger = logging.getLogger("splitserve.up")
 
@@ -130,13 +130,44 @@ class Launcher:
         )
         child.started_s = time.monotonic()
 
+    def _credentials(self, child: Child):
+        """How the launcher's health checks reach a child: mutual TLS to the internal roles when
+        --internal-tls-* are given; TLS to the gateway when it has a certificate (trusting
+        --tls-ca-file, default the certificate itself)."""
+        a = self.args
+        if child.name == "gateway":
+            if not a.tls_cert_file:
+                return None
+            return channel_credentials(a.tls_ca_file or a.tls_cert_file)
+        return mtls_credentials(a.internal_tls_ca_file, a.internal_tls_cert_file, a.internal_tls_key_file)[1]
+
+    def _tls_flags(self, role: str) -> list[str]:
+        """The TLS and API-key flags `up` passes on to one role."""
+        a = self.args
+        internal = [a.internal_tls_ca_file, a.internal_tls_cert_file, a.internal_tls_key_file]
+        if role != "gateway":
+            if not a.internal_tls_ca_file:
+                return []
+            return [x for flag, value in zip(("--tls-ca-file", "--tls-cert-file", "--tls-key-file"), internal)
+                    for x in (flag, value)]
+        flags = []
+        if a.internal_tls_ca_file:
+            flags += [x for flag, value in zip(("--internal-tls-ca-file", "--internal-tls-cert-file",
+                                                "--internal-tls-key-file"), internal) for x in (flag, value)]
+        if a.tls_cert_file:
+            flags += ["--tls-cert-file", a.tls_cert_file, "--tls-key-file", a.tls_key_file]
+        if a.api_key:
+            flags += ["--api-key", a.api_key]
+        return flags
+
     def _wait_healthy(self, child: Child, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             if child.proc.poll() is not None:
                 raise RuntimeError(f"{child.name} exited with code {child.proc.returncode} during start-up")
             try:
-                wait_until_serving(child.address, timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
+                wait_until_serving(child.address, timeout_s=min(2.0, max(0.1, deadline - time.monotonic())),
+                                   credentials=self._credentials(child))
                 return
             except TimeoutError:
                 if time.monotonic() > deadline:
@@ -159,7 +190,7 @@ class Launcher:
         kv_port, kv_metrics = free_port(), free_port()
         kv = self._spawn(Child("kvstore", ["kvstore", "--host", host, "--port", str(kv_port),
                                            "--capacity-gb", str(a.kvstore_capacity_gb), "--redis-url", self.redis_url,
-                                           "--metrics-port", str(kv_metrics)],
+                                           "--metrics-port", str(kv_metrics), *self._tls_flags("kvstore")],
                                f"{host}:{kv_port}", metrics_url=metrics_url(host, kv_metrics), restartable=True))
         workers = []
         for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
@@ -167,7 +198,8 @@ class Launcher:
                 port, mport = free_port(), free_port()
                 workers.append(self._spawn(Child(
                     f"{role}-{i}", [role, "--host", host, "--port", str(port), "--kvstore", kv.address,
-                                    "--torch-threads", str(threads), *engine_flags, "--metrics-port", str(mport)],
+                                    "--torch-threads", str(threads), *engine_flags, "--metrics-port", str(mport),
+                                    *self._tls_flags(role)],
                     f"{host}:{port}", metrics_url=metrics_url(host, mport), restartable=True,
                 )))
         for child in [kv, *workers]:
@@ -176,10 +208,11 @@ class Launcher:
         decode = ",".join(c.address for c in workers if c.name.startswith("decode"))
         gw_host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host  # where a local client reaches it
         http_port = a.http_port or free_port(a.host)  # resolved here, so the printed URLs are real
-        self.http_base = f"http://{f'[{gw_host}]' if ':' in gw_host else gw_host}:{http_port}/v1"
+        scheme = "https" if a.tls_cert_file else "http"
+        self.http_base = f"{scheme}://{f'[{gw_host}]' if ':' in gw_host else gw_host}:{http_port}/v1"
         gw = self._spawn(Child("gateway", ["gateway", "--host", a.host, "--port", str(a.grpc_port),
                                            "--prefill", prefill, "--decode", decode, "--redis-url", self.redis_url,
-                                           "--http-port", str(http_port)],
+                                           "--http-port", str(http_port), *self._tls_flags("gateway")],
                                f"{gw_host}:{a.grpc_port}", metrics_url=metrics_url(gw_host, http_port)))
         self._wait_healthy(gw, a.startup_timeout_s)
         self.print_endpoints()
@@ -285,6 +318,17 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
                    help="stop everything when any process exits, instead of restarting a worker or the kvstore "
                         f"that died (on the same ports, after {RESTART_DELAY_S:g} s, doubling up to "
                         f"{RESTART_MAX_DELAY_S:g} s)")
+    p.add_argument("--api-key", default="", help="require this key on the gateway's APIs (default: "
+                   "$SPLITSERVE_API_KEY, which the gateway reads itself)")
+    p.add_argument("--tls-cert-file", default="", help="serve the gateway's gRPC and HTTP over TLS with this PEM certificate")
+    p.add_argument("--tls-key-file", default="", help="the key of --tls-cert-file")
+    p.add_argument("--tls-ca-file", default="", help="the CA of --tls-cert-file, for up's own health checks "
+                   "(default: the certificate itself)")
+    p.add_argument("--internal-tls-ca-file", default="", help="mutual TLS between the roles: the CA that signed "
+                   "--internal-tls-cert-file (all three --internal-tls-* or none)")
+    p.add_argument("--internal-tls-cert-file", default="", help="mutual TLS: the certificate every role presents "
+                   "(its SANs must include 127.0.0.1)")
+    p.add_argument("--internal-tls-key-file", default="", help="mutual TLS: the key of --internal-tls-cert-file")
     p.add_argument("--log-format", choices=["text", "json"], default=None,
                    help="every role's log lines: key=value text or one JSON object per line "
                         "(default: $SPLITSERVE_LOG_FORMAT, else text)")
@@ -295,6 +339,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise ValueError("--prefill-workers and --decode-workers must be at least 1")
     if not 0 <= args.http_port <= 65535:
         raise ValueError(f"--http-port must be in [0, 65535] (0: a free one), got {args.http_port}")
+    if bool(args.tls_cert_file) != bool(args.tls_key_file):
+        raise ValueError("--tls-cert-file and --tls-key-file go together")
+    check_mtls_files(args.internal_tls_ca_file, args.internal_tls_cert_file, args.internal_tls_key_file)
     launcher = Launcher(args)
     try:
         launcher.start()

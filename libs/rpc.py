@@ -266,14 +266,15 @@ _FAST_RECONNECT = (("grpc.initial_reconnect_backoff_ms", 50), ("grpc.min_reconne
                    ("grpc.max_reconnect_backoff_ms", 250))
 
 
-def wait_until_serving(address: str, timeout_s: float, service: str = "") -> None:
-    """Polls the health service at `address` until `service` is SERVING.
+def wait_until_serving(address: str, timeout_s: float, service: str = "",
+                       credentials: grpc.ChannelCredentials | None = None) -> None:
+    """Polls the health service at `address` (over TLS with `credentials`) until `service` is SERVING.
 
     Raises TimeoutError naming the address (and the last status or error) after timeout_s seconds.
     """
     deadline = time.monotonic() + timeout_s
     last = "no answer"
-    with channel(address, extra_options=_FAST_RECONNECT) as ch:
+    with channel(address, extra_options=_FAST_RECONNECT, credentials=credentials) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while True:
             remaining = deadline - time.monotonic()

@@ -317,3 +317,47 @@ def test_mutual_tls_between_roles(tmp_path):
             bad.close()
     finally:
         store.stop(grace_s=0)
+
+
+@pytest.mark.timeout(400)
+def test_splitserve_up_with_every_guard_on(tmp_path):
+    """`splitserve up` with an API key, TLS on the gateway and mutual TLS between the roles: a client
+    with the key and the CA is served over gRPC and HTTPS; the internal roles refuse plaintext."""
+    import ssl
+    import subprocess
+    import sys
+
+    from services_fixture import start_stack
+    from splitserve.v1 import prefill_pb2_grpc
+
+    ca = Authority(tmp_path)
+    gw_cert, gw_key = ca.issue("gateway")
+    role_cert, role_key = ca.issue("roles")
+    stack = start_stack("--dtype", "float32", "--kv-cache-memory-gb", "0.05", "--api-key", KEY,
+                        "--tls-cert-file", gw_cert, "--tls-key-file", gw_key, "--tls-ca-file", ca.ca_file,
+                        "--internal-tls-ca-file", ca.ca_file, "--internal-tls-cert-file", role_cert,
+                        "--internal-tls-key-file", role_key)
+    try:
+        assert stack.http_base.startswith("https://")
+        out = subprocess.run([sys.executable, "-m", "splitserve.cli", "generate", "--target", stack.gateway,
+                              "--tls-ca", ca.ca_file, "--api-key", KEY, "--max-tokens", "4", "--temperature", "0",
+                              "Hi"], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip(), out.stderr
+        denied = subprocess.run([sys.executable, "-m", "splitserve.cli", "generate", "--target", stack.gateway,
+                                 "--tls-ca", ca.ca_file, "--max-tokens", "4", "Hi"],
+                                capture_output=True, text=True, timeout=120)
+        assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr
+        context = ssl.create_default_context(cafile=ca.ca_file)
+        models = urllib.request.Request(stack.http_base + "/models", headers=AUTH)
+        with urllib.request.urlopen(models, context=context, timeout=30) as resp:
+            model = json.loads(resp.read())["data"][0]["id"]
+        req = urllib.request.Request(stack.http_base + "/completions", headers={**AUTH, "content-type": "application/json"},
+                                     data=json.dumps({"model": model, "prompt": "Hi", "max_tokens": 3}).encode())
+        with urllib.request.urlopen(req, context=context, timeout=60) as resp:
+            assert json.loads(resp.read())["usage"]["completion_tokens"] == 3
+        with grpc.insecure_channel(stack.roles["prefill-0"]) as ch:  # plaintext to an internal role
+            with pytest.raises(grpc.RpcError) as err:
+                prefill_pb2_grpc.PrefillStub(ch).GetLoad(prefill_pb2.LoadRequest(), timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        assert stack.stop() == 0, "\n".join(stack.log[-30:])

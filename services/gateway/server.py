@@ -38,7 +38,8 @@ from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from splitserve.services.gateway.http import HttpApi, HttpServer
 from splitserve.services.gateway.owners import AsyncOwnersReader
 from splitserve.services.gateway.pipeline import GatewayError, RequestPipeline
-from splitserve.rpc import add_aio_health_and_reflection, add_aio_servicer, create_aio_server, server_credentials
+from splitserve.rpc import (add_aio_health_and_reflection, add_aio_servicer, check_mtls_files, create_aio_server,
+                            mtls_credentials, server_credentials)
 from splitserve.services.gateway.workers import WorkerPool
 
 log = logging.getLogger("splitserve.gateway")
@@ -69,6 +70,13 @@ class GatewayConfig:
     """PEM certificate (chain) of the gateway: with tls_key_file, gRPC and HTTP are served over TLS."""
     tls_key_file: str = ""
     """PEM private key of tls_cert_file."""
+    internal_tls_ca_file: str = ""
+    """Mutual TLS to the workers: the CA that signed every role's certificate (with
+    internal_tls_cert_file and internal_tls_key_file, the gateway's client certificate)."""
+    internal_tls_cert_file: str = ""
+    """Mutual TLS to the workers: the gateway's client certificate (PEM)."""
+    internal_tls_key_file: str = ""
+    """Mutual TLS to the workers: the key of internal_tls_cert_file (PEM)."""
     api_key: str = ""
     """Require `Authorization: Bearer KEY` on the HTTP API and `authorization: Bearer KEY` metadata on
     gRPC Generate (/health, /metrics and the gRPC health service stay open); default
@@ -102,6 +110,7 @@ class GatewayConfig:
         for name in ("load_poll_interval_s", "load_timeout_s", "request_timeout_s", "redis_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        check_mtls_files(self.internal_tls_ca_file, self.internal_tls_cert_file, self.internal_tls_key_file)
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
         if not -1 <= self.http_port <= 65535:
@@ -358,7 +367,9 @@ async def serve(config: GatewayConfig, wait_ready: bool = True) -> GatewayHandle
     credentials = server_credentials(config.tls_cert_file, config.tls_key_file) if config.tls_cert_file else None
     server, port = create_aio_server(config.host, config.port, config.max_message_bytes, credentials)
     pool = WorkerPool(config.prefill_addresses, config.decode_addresses, config.router,
-                      config.load_poll_interval_s, config.load_timeout_s, config.max_message_bytes)
+                      config.load_poll_interval_s, config.load_timeout_s, config.max_message_bytes,
+                      credentials=mtls_credentials(config.internal_tls_ca_file, config.internal_tls_cert_file,
+                                                   config.internal_tls_key_file)[1])
     owners = AsyncOwnersReader(config.redis_url, timeout_s=config.redis_timeout_s)
     service = GatewayService(config, pool, owners)
     add_aio_servicer(service, gateway_pb2.DESCRIPTOR.services_by_name["Gateway"], server)  # bad bytes: INVALID_ARGUMENT
