@@ -15,8 +15,10 @@ list stays valid and the worker rejoins routing as soon as it answers GetLoad ag
 comes back empty; decode workers recompute what it lost). The delay doubles with each restart of
 the same child (1 s, 2 s, 4 s ... at most 30 s) and falls back to 1 s once the child stayed up for
 60 s, so a child that dies at once on every start (a taken port, a broken model file) does not
-spin. The gateway and the embedded Redis are not restarted: when either exits, everything stops
-(as does every death with --no-restart). Ctrl-C or SIGTERM during a back-off stops at once.
+spin. The embedded Redis is restarted the same way, on the same port (requests are routed by load
+meanwhile, and every process re-records its ownership once it answers). The gateway is not
+restarted: when it exits, everything stops (as does every death with --no-restart). Ctrl-C or
+SIGTERM during a back-off stops at once.
 
 Metrics: the kvstore and every worker serve Prometheus /metrics on a free loopback port of their
 own (--metrics-port); the gateway serves its own on its HTTP port (--http-port, beside the
@@ -106,6 +108,8 @@ class Launcher:
         self.redis_url = args.redis_url
         self.http_base = ""  # http://HOST:PORT/v1 of the gateway's OpenAI-compatible API, once started
         self._stopping = threading.Event()
+        self._redis_restart_at: float | None = None  # when the embedded Redis is due to be started again
+        self._redis_restarts = 0
 
     # ----------------------------------------------------------------------------- start
     def _spawn(self, child: Child) -> Child:
@@ -241,13 +245,45 @@ class Launcher:
             signal.signal(sig, lambda *_: self._stopping.set())
         while not self._stopping.wait(0.5):
             if self.redis is not None and not self.redis.running:
-                logger.error("embedded redis exited (%s); Redis is not restarted, stopping everything: pid=%s url=%s",
-                             describe_exit(self.redis.returncode), self.redis.pid, self.redis_url)
-                return 1
+                self._restart_redis()
             for c in self.children:
                 if not self._watch(c):
                     return 1
         return 0
+
+    def _restart_redis(self) -> None:
+        """The embedded Redis died: start a fresh one on the same port after the back-off. Meanwhile
+        requests are routed by load only; the workers and the kvstore re-record what they hold once
+        it answers (an empty Redis looks like a restarted one to them)."""
+        from splitserve.redis_server import EmbeddedRedis
+
+        if self._stopping.is_set():
+            return
+        now = time.monotonic()
+        if self._redis_restart_at is None:
+            delay = restart_delay_s(self._redis_restarts)
+            self._redis_restarts += 1
+            self._redis_restart_at = now + delay
+            logger.warning("embedded redis exited (%s); restarting it on port %d in %g s (routing by load "
+                           "meanwhile): pid=%s attempt=%d", describe_exit(self.redis.returncode), self.redis.port,
+                           delay, self.redis.pid, self._redis_restarts)
+            return
+        if now < self._redis_restart_at:
+            return
+        self._redis_restart_at = None
+        old = self.redis
+        try:
+            old.stop()  # its temporary directory
+        except Exception:
+            logger.exception("cleaning up the dead redis failed")
+        try:
+            self.redis = EmbeddedRedis(port=old.port).start()
+        except RuntimeError as e:  # the port is taken or the binary fails: try again after the next delay
+            logger.error("embedded redis restart failed: %s", e)
+            self.redis = old
+            return
+        logger.warning("embedded redis restarted: pid=%d url=%s attempt=%d", self.redis.pid, self.redis_url,
+                       self._redis_restarts)
 
     def _watch(self, c: Child) -> bool:
         """One look at a child: restarts it when due; False when it died and may not be restarted."""

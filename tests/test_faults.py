@@ -239,6 +239,27 @@ def test_redis_outage_serves_by_load_then_ownership_and_prefix_routing_return(st
     assert prefill_routes(stack, "prefix") == prefix_before + 1
 
 
+@pytest.mark.timeout(200)
+def test_embedded_redis_killed_is_restarted_on_its_port(stack, llm_f32):
+    """kill -9 of the embedded Redis: requests go on (by load), `up` starts a new one on the same
+    port, and the processes re-record what they hold in it."""
+    old_pid = stack.pid("redis")
+    ids = long_ids(llm_f32, "redis-kill", 3 * BLOCK + 3)
+    ref = reference(llm_f32, ids, 6)
+    os.kill(old_pid, signal.SIGKILL)
+    got, _, _ = generate(stack.gateway, token_ids=ids, sampling=greedy(6), timeout_s=60)
+    assert got == ref.token_ids
+    new_pid = wait_for(lambda: (p := stack.pid("redis")) not in (None, old_pid) and p, 30,
+                       "the launcher to restart Redis")
+    assert new_pid != old_pid
+    wait_for(lambda: health(stack)[1]["redis"] == "ok", 15, "/health to report Redis ok again")
+    client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)  # the same URL as before
+    hashes = block_hashes(ids, BLOCK, llm_f32.engine.namespace(None))
+    wait_for(lambda: all(client.exists("ss:blk:" + h.hex()) for h in hashes), 30,
+             "the blocks to be re-recorded in the new Redis")
+    assert log_lines(stack, 0, "embedded redis restarted")
+
+
 # ------------------------------------------------------------- 2. decode worker killed mid-stream
 @pytest.mark.timeout(300)
 def test_decode_worker_killed_mid_stream_resumes_token_exact(stack, llm_f32):
