@@ -361,3 +361,82 @@ def test_splitserve_up_with_every_guard_on(tmp_path):
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         assert stack.stop() == 0, "\n".join(stack.log[-30:])
+
+
+def _decode_usage(http_stack) -> float:
+    return http_stack.decode_load().kv_cache_usage
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+@pytest.mark.timeout(300)
+def test_many_more_requests_than_room_are_served_or_refused_and_nothing_leaks(guarded, model, http_stack):
+    """24 concurrent requests (HTTP and gRPC) against room for one: each is served correctly or
+    refused with 429 / RESOURCE_EXHAUSTED, nothing else; the process's memory does not grow with
+    the refusals; afterwards the decode worker's KV usage and the kvstore's leases are idle."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from splitserve.v1 import kvstore_pb2_grpc
+
+    idle = _decode_usage(http_stack)
+    reference = http("POST", guarded.base + "/v1/completions",
+                     {"model": model, "prompt": "Name three colors:", "max_tokens": 6, "temperature": 0,
+                      "ignore_eos": True}, AUTH)[1]["choices"][0]["text"]
+    rss_before = _rss_mib(os.getpid())  # the gateway runs in this process
+
+    def one(i: int):
+        if i % 2:
+            status, reply = http("POST", guarded.base + "/v1/completions",
+                                 {"model": model, "prompt": "Name three colors:", "max_tokens": 6, "temperature": 0,
+                                  "ignore_eos": True}, AUTH)
+            if status == 200:
+                return "served" if reply["choices"][0]["text"] == reference else f"wrong {reply}"
+            return "refused" if status == 429 else f"http {status} {reply}"
+        try:
+            out = list(stub(guarded).Generate(gateway_pb2.GenerateRequest(
+                prompt="Name three colors:", sampling=common_pb2.SamplingParams(max_tokens=6, temperature=0,
+                                                                                ignore_eos=True)),
+                timeout=120, metadata=tuple(AUTH.items())))
+            return "served" if "".join(m.text for m in out) == reference else "wrong grpc"
+        except grpc.RpcError as e:
+            return "refused" if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED else f"grpc {e.code().name}"
+
+    for _ in range(2):  # two waves: a leak would show as growth between them
+        with ThreadPoolExecutor(24) as pool:
+            outcomes = list(pool.map(one, range(24)))
+        assert set(outcomes) <= {"served", "refused"}, outcomes
+        assert "served" in outcomes and "refused" in outcomes
+    assert _rss_mib(os.getpid()) - rss_before < 64
+    deadline = time.monotonic() + 15
+    while _decode_usage(http_stack) != idle and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _decode_usage(http_stack) == idle
+    with rpc.channel(http_stack.roles["kvstore"]) as ch:
+        stats = kvstore_pb2_grpc.KVStoreStub(ch)
+        wait = time.monotonic() + 15
+        while stats.Stats(kvstore_pb2.StatsRequest(), timeout=10).num_leases and time.monotonic() < wait:
+            time.sleep(0.2)
+        assert stats.Stats(kvstore_pb2.StatsRequest(), timeout=10).num_leases == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_client_deadline_ends_the_request_and_frees_its_blocks(guarded, http_stack):
+    idle = _decode_usage(http_stack)
+    request = gateway_pb2.GenerateRequest(prompt="Write a very long story about the sea:",
+                                          sampling=common_pb2.SamplingParams(max_tokens=400, ignore_eos=True))
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub(guarded).Generate(request, timeout=3.0, metadata=tuple(AUTH.items())))
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert time.monotonic() - t0 < 6
+    deadline = time.monotonic() + 15
+    while _decode_usage(http_stack) != idle and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _decode_usage(http_stack) == idle
