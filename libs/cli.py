@@ -88,6 +88,7 @@ ROLES = {
     "prefill": "splitserve.services.prefill.server",
     "decode": "splitserve.services.decode.server",
     "kvstore": "splitserve.services.kvstore.server",
+    "colocated": "splitserve.services.colocated.server",
 }
 
 

@@ -191,25 +191,31 @@ class Launcher:
             "--redis-url", self.redis_url,
         ] + (["--model", a.model] if a.model else [])
         threads = a.torch_threads or (os.cpu_count() or 1)
-        kv_port, kv_metrics = free_port(), free_port()
-        kv = self._spawn(Child("kvstore", ["kvstore", "--host", host, "--port", str(kv_port),
-                                           "--capacity-gb", str(a.kvstore_capacity_gb), "--redis-url", self.redis_url,
-                                           "--metrics-port", str(kv_metrics), *self._tls_flags("kvstore")],
-                               f"{host}:{kv_port}", metrics_url=metrics_url(host, kv_metrics), restartable=True))
+        kv = None
+        if not a.colocated:  # colocated workers keep each prompt's blocks in their own cache
+            kv_port, kv_metrics = free_port(), free_port()
+            kv = self._spawn(Child("kvstore", ["kvstore", "--host", host, "--port", str(kv_port),
+                                               "--capacity-gb", str(a.kvstore_capacity_gb), "--redis-url",
+                                               self.redis_url, "--metrics-port", str(kv_metrics),
+                                               *self._tls_flags("kvstore")],
+                                   f"{host}:{kv_port}", metrics_url=metrics_url(host, kv_metrics), restartable=True))
         workers = []
-        for role, count in (("prefill", a.prefill_workers), ("decode", a.decode_workers)):
+        roles = (("colocated", a.prefill_workers),) if a.colocated else \
+            (("prefill", a.prefill_workers), ("decode", a.decode_workers))
+        for role, count in roles:
             for i in range(count):
                 port, mport = free_port(), free_port()
                 workers.append(self._spawn(Child(
-                    f"{role}-{i}", [role, "--host", host, "--port", str(port), "--kvstore", kv.address,
+                    f"{role}-{i}", [role, "--host", host, "--port", str(port),
+                                    *(["--kvstore", kv.address] if kv is not None else []),
                                     "--torch-threads", str(threads), *engine_flags, "--metrics-port", str(mport),
                                     *self._tls_flags(role)],
                     f"{host}:{port}", metrics_url=metrics_url(host, mport), restartable=True,
                 )))
-        for child in [kv, *workers]:
+        for child in [c for c in (kv, *workers) if c is not None]:
             self._wait_healthy(child, a.startup_timeout_s)
-        prefill = ",".join(c.address for c in workers if c.name.startswith("prefill"))
-        decode = ",".join(c.address for c in workers if c.name.startswith("decode"))
+        prefill = ",".join(c.address for c in workers if c.name.startswith(("prefill", "colocated")))
+        decode = ",".join(c.address for c in workers if c.name.startswith(("decode", "colocated")))
         gw_host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host  # where a local client reaches it
         http_port = a.http_port or free_port(a.host)  # resolved here, so the printed URLs are real
         scheme = "https" if a.tls_cert_file else "http"
@@ -365,6 +371,9 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--internal-tls-cert-file", default="", help="mutual TLS: the certificate every role presents "
                    "(its SANs must include 127.0.0.1)")
     p.add_argument("--internal-tls-key-file", default="", help="mutual TLS: the key of --internal-tls-cert-file")
+    p.add_argument("--colocated", action="store_true",
+                   help="the baseline to compare with: --prefill-workers workers that each prefill and decode "
+                        "in one engine (no kvstore), behind the same gateway")
     p.add_argument("--log-format", choices=["text", "json"], default=None,
                    help="every role's log lines: key=value text or one JSON object per line "
                         "(default: $SPLITSERVE_LOG_FORMAT, else text)")

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 prometheus_client.disable_created_metrics()
 
 PREFIX = "splitserve_"
-ROLES = ("gateway", "prefill", "decode", "kvstore")
+ROLES = ("gateway", "prefill", "decode", "kvstore", "colocated")
 
 # Buckets in seconds: from a fast CPU token (ms) to a long prefill on a busy machine (minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,

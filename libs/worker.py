@@ -226,7 +226,7 @@ def role_main(argv: list[str] | None, role: str, make_servicer, add_to_server, s
     return 0
 
 
-def serve_worker(worker: Worker, add_servicer, service_name: str) -> tuple[grpc.Server, int]:
+def serve_worker(worker: Worker, add_servicer, service_name: str | list[str]) -> tuple[grpc.Server, int]:
     """Binds, registers the servicer, health and reflection; starts serving and the metrics
     endpoint (unless metrics_port is -1); returns (server, port)."""
     cfg = worker.config
@@ -241,7 +241,7 @@ def serve_worker(worker: Worker, add_servicer, service_name: str) -> tuple[grpc.
             raise
     worker.address = cfg.advertise_address or format_address(cfg.host, port)
     add_servicer(server)
-    add_health_and_reflection(server, [service_name])
+    add_health_and_reflection(server, [service_name] if isinstance(service_name, str) else list(service_name))
     server.start()
     if worker.metrics_server is not None:
         worker.metrics_server.start()
