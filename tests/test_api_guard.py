@@ -390,6 +390,8 @@ def test_many_more_requests_than_room_are_served_or_refused_and_nothing_leaks(gu
                      {"model": model, "prompt": "Name three colors:", "max_tokens": 6, "temperature": 0,
                       "ignore_eos": True}, AUTH)[1]["choices"][0]["text"]
     rss_before = _rss_mib(os.getpid())  # the gateway runs in this process
+    workers = {name: http_stack.pid(name) for name in ("prefill-0", "decode-0", "kvstore")}
+    workers_before = {name: _rss_mib(pid) for name, pid in workers.items()}
 
     def one(i: int):
         if i % 2:
@@ -414,6 +416,8 @@ def test_many_more_requests_than_room_are_served_or_refused_and_nothing_leaks(gu
         assert set(outcomes) <= {"served", "refused"}, outcomes
         assert "served" in outcomes and "refused" in outcomes
     assert _rss_mib(os.getpid()) - rss_before < 64
+    for name, pid in workers.items():  # the workers' memory is bounded too (their pools are fixed)
+        assert _rss_mib(pid) - workers_before[name] < 64, name
     deadline = time.monotonic() + 15
     while _decode_usage(http_stack) != idle and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -440,3 +444,24 @@ def test_a_client_deadline_ends_the_request_and_frees_its_blocks(guarded, http_s
     while _decode_usage(http_stack) != idle and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _decode_usage(http_stack) == idle
+
+
+@pytest.mark.timeout(120)
+def test_the_gateways_request_timeout_gives_504_over_http_and_frees_the_blocks(http_stack):
+    gw = BackgroundGateway(GatewayConfig(
+        port=0, http_port=0, prefill=http_stack.roles["prefill-0"], decode=http_stack.roles["decode-0"],
+        request_timeout_s=2.0, startup_timeout_s=60))
+    try:
+        idle = _decode_usage(http_stack)
+        t0 = time.monotonic()
+        status, reply = http("POST", gw.base + "/v1/completions",
+                             {"model": gw.handle.service.served_model_name, "prompt": "Tell a long story:",
+                              "max_tokens": 400, "ignore_eos": True})
+        assert status == 504 and "deadline" in reply["error"]["message"], reply
+        assert time.monotonic() - t0 < 6
+        deadline = time.monotonic() + 15
+        while _decode_usage(http_stack) != idle and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _decode_usage(http_stack) == idle
+    finally:
+        gw.close()
