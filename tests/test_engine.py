@@ -1,6 +1,8 @@
 """Engine behaviour on the default model: prefix caching, preemption, seeds, stops, validation."""
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from splitserve import SamplingParams
@@ -170,3 +172,34 @@ def test_abort_frees_blocks(llm_f32, text_ids):
     assert engine.block_manager.usage == 0.0
     assert not engine.has_unfinished()
     assert not engine.abort_request("r1")  # idempotent
+
+
+def test_import_stops_at_a_damaged_block_and_the_rest_is_recomputed(llm_f32):
+    """Blocks shipped from another engine, the second one damaged in transit: the importer keeps the
+    first, writes nothing of the damaged one, and the request's output is unchanged (recomputed)."""
+    from splitserve.engine.kv_block import BlockHeader
+
+    source = llm_f32.with_config(kv_cache_memory_gb=0.05)
+    target = llm_f32.with_config(kv_cache_memory_gb=0.05)
+    ids = llm_f32.tokenizer.encode("Blocks travel between engines: " + "one two three four five six " * 8)
+    assert len(ids) >= 48
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    (ref,) = llm_f32.generate([ids], params)
+    source.engine.add_request("src", ids, dataclasses.replace(params, max_tokens=1), export_blocks=True)
+    exported = []
+    while source.engine.has_unfinished():
+        for out in source.engine.step():
+            exported += out.exported_blocks
+    assert len(exported) >= 3
+    header, payload = exported[1]
+    damaged = bytearray(payload)
+    damaged[100] ^= 0xFF
+    blocks = [exported[0], (header, bytes(damaged)), *exported[2:]]
+    free_before = target.engine.block_manager.num_free_blocks
+    assert target.engine.import_blocks(blocks) == 1
+    hashes = [h.block_hash for h, _ in exported]
+    assert target.engine.num_local_prefix_blocks(hashes) == 1  # the damaged one (and after) not cached
+    assert target.engine.block_manager.num_free_blocks == free_before  # imported blocks are free, cached
+    (out,) = target.generate([ids], params)
+    assert out.token_ids == ref.token_ids
+    assert out.num_cached_tokens == 16  # the one good block served the prefix; the rest was computed
