@@ -203,3 +203,32 @@ def test_import_stops_at_a_damaged_block_and_the_rest_is_recomputed(llm_f32):
     (out,) = target.generate([ids], params)
     assert out.token_ids == ref.token_ids
     assert out.num_cached_tokens == 16  # the one good block served the prefix; the rest was computed
+
+
+def test_engine_loop_refuses_past_max_pending_at_once_and_frees_on_abort(llm_f32):
+    """The worker's bounded queue: past max_pending a request is refused at once (the servers turn
+    QueueFullError into RESOURCE_EXHAUSTED); aborting the held ones frees every block."""
+    import time
+
+    from splitserve.engine.engine_loop import EngineLoop, QueueFullError
+
+    llm = llm_f32.with_config(kv_cache_memory_gb=0.05)
+    loop = EngineLoop(llm.engine, max_pending=2).start()
+    try:
+        free = llm.engine.block_manager.num_free_blocks
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        held = [loop.add_request(f"r{i}", [1, 2, 3, 4, 5], params) for i in range(2)]
+        t0 = time.monotonic()
+        with pytest.raises(QueueFullError, match="full"):
+            loop.add_request("r2", [1, 2, 3], params)
+        assert time.monotonic() - t0 < 0.5
+        for stream in held:
+            stream.abort()
+        deadline = time.monotonic() + 10
+        while (loop.num_pending or llm.engine.block_manager.num_free_blocks != free) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert loop.num_pending == 0 and llm.engine.block_manager.num_free_blocks == free
+        out = loop.add_request("r3", [1, 2, 3], SamplingParams(temperature=0, max_tokens=2))  # room again
+        assert sum(len(o.new_token_ids) for o in out) == 2
+    finally:
+        loop.stop()
