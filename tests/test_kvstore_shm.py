@@ -84,18 +84,18 @@ def test_put_file_rejects_names_outside_the_directory_and_bad_files(store):
             put_file(name)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "does not exist" in err.value.details()
         # A file one byte short of the block: named, refused, and removed.
-        shm.write_file(store.area.file_path(name), [block[2][:-1]])
+        shm.write_file(store.area.file_path(name), block[2][:-1])
         with pytest.raises(grpc.RpcError) as err:
             put_file(name)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "payload_size" in err.value.details() and "blocks[0]" in err.value.details()
         # Damaged bytes: the checksum check of the stream path applies.
-        shm.write_file(store.area.file_path(name), [bytes([block[2][0] ^ 1]) + block[2][1:]])
+        shm.write_file(store.area.file_path(name), bytes([block[2][0] ^ 1]) + block[2][1:])
         with pytest.raises(grpc.RpcError) as err:
             put_file(name)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "checksum mismatch" in err.value.details()
         assert transfer_files(store) == [] and store.store.stats().num_blocks == 0
-        shm.write_file(store.area.file_path(name), [block[2]])  # and the store keeps serving
+        shm.write_file(store.area.file_path(name), block[2])  # and the store keeps serving
         assert put_file(name).num_stored == 1
         assert [n[:4] for n in transfer_files(store)] == ["blk-"]  # the file is now the block's storage
         # Evicted or dropped, the block's file goes with it.
@@ -136,8 +136,8 @@ def test_stale_files_are_swept_and_the_directory_removed_on_stop(tmp_path):
                                  shm_file_ttl_s=30))
     area = server.area
     old, fresh = area.file_path(shm.new_file_name("get")), area.file_path(shm.new_file_name("put"))
-    shm.write_file(old, [b"left by a client that died"])
-    shm.write_file(fresh, [b"in flight"])
+    shm.write_file(old, b"left by a client that died")
+    shm.write_file(fresh, b"in flight")
     os.utime(old, (time.time() - 60, time.time() - 60))
     assert area.sweep(force=True) == 1
     assert transfer_files(server) == [os.path.basename(fresh)]

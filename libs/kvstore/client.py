@@ -144,7 +144,7 @@ class KVStoreClient:
                     for _, payload in batch:
                         names.append(shm.new_file_name("put"))
                         written.append(os.path.join(directory, names[-1]))
-                        shm.write_file(written[-1], [payload])
+                        shm.write_file(written[-1], payload)
                 except OSError as e:  # the directory went away or tmpfs is full
                     self._disable_shm(e)
                     break

@@ -33,7 +33,6 @@ import shutil
 import socket
 import threading
 import time
-from typing import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +40,6 @@ DIR_PREFIX = "splitserve-kv-"
 PROBE_NAME = "probe"
 HOST_NAME = "host"
 _NAME = re.compile(r"^(put|get)-[0-9a-f]{32}$")  # what clients may name; blk- files are the store's
-_IOV_BATCH = 512  # buffers per writev call (IOV_MAX is 1024 on Linux)
 
 
 class ShmNameError(ValueError):
@@ -73,42 +71,20 @@ def map_file(path: str, size: int) -> "mmap.mmap | bytes":
         os.close(fd)
 
 
-def write_file(path: str, payloads: Sequence[bytes]) -> list[int]:
-    """Creates `path` (O_EXCL, mode 0600) holding the payloads back to back; returns their offsets.
-    On any error the partial file is removed and the OSError raised."""
-    offsets, pos = [], 0
-    for p in payloads:
-        offsets.append(pos)
-        pos += len(p)
+def write_file(path: str, data: bytes | memoryview) -> None:
+    """Creates `path` (O_EXCL, mode 0600) holding `data`. On any error the partial file is removed
+    and the OSError raised."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        written = 0
-        for start in range(0, len(payloads), _IOV_BATCH):
-            batch = list(payloads[start:start + _IOV_BATCH])
-            want = sum(len(p) for p in batch)
-            done = os.writev(fd, batch)
-            while done < want:  # a short write (rare on tmpfs): finish it with plain writes
-                view = memoryview(b"".join(batch))[done:]
-                done += os.write(fd, view)
-            written += want
-        if written != pos:
-            raise OSError(f"wrote {written} of {pos} bytes to {path}")
+        view = memoryview(data)
+        done = 0
+        while done < view.nbytes:  # one write on tmpfs; a short one is finished here
+            done += os.write(fd, view[done:])
     except BaseException:
         os.close(fd)
         remove_quietly(path)
         raise
     os.close(fd)
-    return offsets
-
-
-def read_range(fd: int, offset: int, size: int, file_size: int, what: str) -> bytes:
-    """`size` bytes at `offset`; ValueError naming `what` when the file is too short."""
-    if offset < 0 or size < 0 or offset + size > file_size:
-        raise ValueError(f"{what}: bytes [{offset}, {offset + size}) lie outside the file of {file_size} bytes")
-    data = os.pread(fd, size, offset)
-    if len(data) != size:
-        raise ValueError(f"{what}: read {len(data)} of {size} bytes at offset {offset}")
-    return data
 
 
 def remove_quietly(path: str) -> None:
@@ -131,8 +107,8 @@ class ShmArea:
         self.path = os.path.join(self.base, f"{DIR_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
         os.mkdir(self.path, 0o700)
         self.token = secrets.token_bytes(16)
-        write_file(os.path.join(self.path, PROBE_NAME), [self.token])
-        write_file(os.path.join(self.path, HOST_NAME), [socket.gethostname().encode()])
+        write_file(os.path.join(self.path, PROBE_NAME), self.token)
+        write_file(os.path.join(self.path, HOST_NAME), socket.gethostname().encode())
         self.file_ttl_s = file_ttl_s
         self._last_sweep = time.monotonic()
         self._sweep_lock = threading.Lock()

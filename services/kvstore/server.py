@@ -388,7 +388,7 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
                         name = area.link_for_get(payload.path)  # no copy
                     else:  # a block that came through a stream lives in memory
                         name = shm.new_file_name("get")
-                        shm.write_file(area.file_path(name), [payload])
+                        shm.write_file(area.file_path(name), payload)
                 except FileNotFoundError:  # evicted since get(): as if missing
                     break
                 except OSError as e:  # tmpfs full: the client falls back to the stream
