@@ -5,6 +5,7 @@
     splitserve generate [--target HOST:PORT] [--max-tokens N] [--temperature T] PROMPT
     splitserve demo [--model M] [--dtype D] [PROMPT]     the engine in this process, no services
     splitserve bench --base-url URL --num-prompts N ...  the serving benchmark (any OpenAI-compatible server)
+    splitserve hf-serve [--model M] [--port 8001] ...     HF transformers static batching over the same API
 
 `demo` streams a chat answer to stdout: once for PROMPT, or for every line read from standard
 input (an interactive session on a terminal).
@@ -158,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmark a running server over the OpenAI completions API")
     add_bench_args(bench)
     bench.set_defaults(func=cmd_bench)
+    from splitserve.bench import hf_server
+
+    hf = sub.add_parser("hf-serve", help="serve HF transformers with static batching (the baseline for bench --compare)")
+    hf_server.add_args(hf)
+    hf.set_defaults(func=hf_server.cmd_hf_serve)
     return parser
 
 
