@@ -205,6 +205,28 @@ def test_import_stops_at_a_damaged_block_and_the_rest_is_recomputed(llm_f32):
     assert out.num_cached_tokens == 16  # the one good block served the prefix; the rest was computed
 
 
+def test_export_skips_the_blocks_the_kvstore_holds(llm_f32):
+    """export_skip (what the prefill worker's Contains call found stored) leaves those blocks out
+    of exported_blocks, while prompt_block_hashes still names every full prompt block, in order."""
+    from splitserve.engine.hashing import block_hashes
+
+    llm = llm_f32.with_config(kv_cache_memory_gb=0.05)
+    ids = llm.tokenizer.encode("Only the missing blocks leave the engine: " + "alpha beta gamma delta " * 10)
+    hashes = block_hashes(ids, 16, llm.engine.namespace(None))
+    assert len(hashes) >= 3
+    params = SamplingParams(temperature=0, max_tokens=1)
+    outs = []
+    for rid, skip in (("all", ()), ("less", frozenset(hashes[:2]))):
+        llm.engine.add_request(rid, ids, params, export_blocks=True, export_skip=skip)
+        while llm.engine.has_unfinished():
+            outs += [o for o in llm.engine.step() if o.finished]
+    full, less = outs
+    assert full.prompt_block_hashes == less.prompt_block_hashes == hashes
+    assert [h.block_hash for h, _ in full.exported_blocks] == hashes
+    assert [h.block_hash for h, _ in less.exported_blocks] == hashes[2:]
+    assert [p for _, p in less.exported_blocks] == [p for _, p in full.exported_blocks[2:]]
+
+
 def test_engine_loop_refuses_past_max_pending_at_once_and_frees_on_abort(llm_f32):
     """The worker's bounded queue: past max_pending a request is refused at once (the servers turn
     QueueFullError into RESOURCE_EXHAUSTED); aborting the held ones frees every block."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 import torch
@@ -43,7 +44,8 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     # Requests added with export_blocks=True, in their last output only:
-    exported_blocks: list[tuple[BlockHeader, bytes]] = field(default_factory=list)  # full prompt blocks
+    exported_blocks: list[tuple[BlockHeader, bytes]] = field(default_factory=list)  # full prompt blocks, less export_skip
+    prompt_block_hashes: list[bytes] = field(default_factory=list)  # every full prompt block, exported or not
     rng_state: bytes = b""  # the seeded generator's state after the last token
     # time.monotonic() stamps, for the workers' latency metrics (no extra work: the engine keeps them):
     arrival_time: float = 0.0  # the request reached the engine (EngineLoop: when a server thread handed it over)
@@ -132,13 +134,15 @@ class LLMEngine:
         output_token_ids: list[int] | None = None,
         detokenize: bool = True,
         export_blocks: bool = False,
+        export_skip: Container[bytes] = (),
         rng_state: bytes | None = None,
         arrival_time: float | None = None,
     ) -> None:
         """Queues a request. `output_token_ids` continues a generation begun elsewhere (the first
         token from a prefill worker, or a stream being resumed); `detokenize=False` leaves text and
         stop strings to the caller (the gateway); `export_blocks` returns the prompt's full KV blocks
-        with the last output; `rng_state` continues a seeded generator from that state; `arrival_time`
+        with the last output, less those whose hash is in `export_skip` (blocks the kvstore already
+        holds: copying them out would be wasted); `rng_state` continues a seeded generator from that state; `arrival_time`
         (time.monotonic()) is when the request arrived, if earlier than now (queue-time metrics)."""
         if request_id in self._seqs:
             raise ValueError(f"request_id {request_id!r} is already running")
@@ -169,6 +173,7 @@ class LLMEngine:
         for t in outputs:
             seq.append_token(t)
         seq.export_blocks = export_blocks
+        seq.export_skip = export_skip
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         self._seqs[request_id] = seq
@@ -208,11 +213,15 @@ class LLMEngine:
             done += 1
         return done
 
-    def _export(self, seq: Sequence) -> list[tuple[BlockHeader, bytes]]:
-        """The computed full blocks of the prompt (read before the sequence's blocks are freed)."""
+    def _export(self, seq: Sequence) -> tuple[list[tuple[BlockHeader, bytes]], list[bytes]]:
+        """(the computed full blocks of the prompt not in seq.export_skip, the hashes of all of them);
+        read before the sequence's blocks are freed."""
         table = self.block_manager.block_table(seq.seq_id)
         n = min(seq.num_prompt_tokens, seq.num_computed_tokens) // self.config.cache.block_size
-        return [encode_block(self.kv_cache, table[i], seq.block_hashes[i], self.model_id) for i in range(n)]
+        hashes = seq.block_hashes[:n]
+        skip = seq.export_skip
+        return [encode_block(self.kv_cache, table[i], h, self.model_id)
+                for i, h in enumerate(hashes) if h not in skip], hashes
 
     def abort_request(self, request_id: str) -> bool:
         """Ends a request at once and frees its blocks; False if it is unknown or already done."""
@@ -276,13 +285,13 @@ class LLMEngine:
                 reason, stop_reason = "stop", detok.stop_reason
         if reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
             reason = "length"
-        exported, rng_state = [], b""
+        exported, prompt_hashes, rng_state = [], [], b""
         if reason is not None:
             if detok is not None:
                 text += detok.flush()
             seq.stop_reason = stop_reason
             if seq.export_blocks:
-                exported = self._export(seq)
+                exported, prompt_hashes = self._export(seq)
                 if seq.generator is not None:
                     rng_state = seq.generator.get_state().numpy().tobytes()
             self.scheduler.finish(seq, reason)
@@ -299,6 +308,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             exported_blocks=exported,
+            prompt_block_hashes=prompt_hashes,
             rng_state=rng_state,
             arrival_time=seq.arrival_time,
             first_scheduled_time=seq.first_scheduled_time or 0.0,

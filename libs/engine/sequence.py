@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Container
 
 import torch
 
@@ -45,6 +46,7 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served by the prefix cache at first admission
         self.num_preemptions = 0
         self.export_blocks = False  # hand the prompt's KV blocks out when it finishes (prefill role)
+        self.export_skip: Container[bytes] = ()  # ... less these (the kvstore holds them)
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it

@@ -1,9 +1,11 @@
 """The prefill role: computes a prompt's KV cache and first token, ships the blocks to the kvstore.
 
 Concurrent Prefill calls are batched by the engine loop (chunked prefill, shared prefix cache).
-After the first token, the prompt's full blocks are read out before the sequence is freed, the
-ones the kvstore lacks are put under a lease named after the request, and the worker records that
-its own prefix cache holds them (Redis).
+Before the prompt is queued, one Contains call asks the kvstore which of its full blocks it
+already holds; after the first token, the others are read out before the sequence is freed and
+put under a lease named after the request, and the worker records that its own prefix cache holds
+all of them (Redis). On a prefix-cache hit nearly every block is already stored, so the hit costs
+the suffix's compute and little more.
 
 Metrics (role "prefill", splitserve.worker for the scrape-time ones), per Prefill call:
 prompt_tokens += its prompt length and generation_tokens += 1 (the first token) when answered,
@@ -25,6 +27,7 @@ import grpc
 
 from splitserve import rpc
 from splitserve.engine.engine_loop import QueueFullError
+from splitserve.engine.hashing import block_hashes, hash_namespace
 from splitserve.kvstore.client import KVStoreClient
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
 from splitserve.wire import logprob_to_proto, sampling_from_proto
@@ -56,10 +59,11 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             abort_invalid(context, exc)
         first_only = dataclasses.replace(params, max_tokens=1)
         request_id = request.request_id or f"prefill-{id(request)}"
+        prompt = list(request.prompt_token_ids)
         try:
             stream = self.worker.loop.add_request(
-                request_id, list(request.prompt_token_ids), first_only, cache_salt=request.cache_salt or None,
-                detokenize=False, export_blocks=True,
+                request_id, prompt, first_only, cache_salt=request.cache_salt or None,
+                detokenize=False, export_blocks=True, export_skip=self._stored(prompt, request.cache_salt),
             )
         except ValueError as exc:
             m.rejected("invalid")
@@ -78,7 +82,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             stream.abort()
             m.rejected("error")
             context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
-        hashes = [h.block_hash for h, _ in out.exported_blocks]
+        hashes = out.prompt_block_hashes
+        self.num_blocks_skipped += len(hashes) - len(out.exported_blocks)
         kv_address = self._ship(request_id, out.exported_blocks, context)
         self.worker.sync_ownership(hashes)
         self._record(out)
@@ -106,20 +111,35 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if out.first_scheduled_time and out.first_token_time:
             m.observe_prefill(max(0.0, out.first_token_time - out.first_scheduled_time))
 
+    def _stored(self, prompt: list[int], cache_salt: str) -> frozenset[bytes]:
+        """The hashes of the prompt's full blocks that the kvstore already holds: the engine does not
+        export those (on a prefix-cache hit that is nearly all of them, and reading them out would
+        cost more than computing the suffix). One Contains call before the prompt is queued; if the
+        kvstore cannot answer, every block is exported and the put decides."""
+        if self.kvstore is None:
+            return frozenset()
+        engine = self.worker.engine
+        hashes = block_hashes(prompt, engine.config.cache.block_size,
+                              hash_namespace(engine.model_id, cache_salt or None))
+        if not hashes:
+            return frozenset()
+        try:
+            present = self.kvstore.contains(hashes)
+        except grpc.RpcError:
+            return frozenset()
+        return frozenset(h for h, p in zip(hashes, present) if p)
+
     def _ship(self, request_id: str, blocks, context) -> str:
-        """Puts the blocks the kvstore lacks; returns its address, or "" when the transfer failed
-        (the decode worker then recomputes the prompt)."""
-        if self.kvstore is None or not blocks:
+        """Puts the exported blocks (those the kvstore lacked when the prompt was queued); returns its
+        address, or "" when the transfer failed (the decode worker then recomputes the prompt)."""
+        if self.kvstore is None:
             return ""
         try:
-            present = self.kvstore.contains([h.block_hash for h, _ in blocks])
-            missing = [b for b, p in zip(blocks, present) if not p]
-            if missing:
+            if blocks:
                 t0 = time.monotonic()
-                self.kvstore.put(missing, lease_id=request_id, lease_ttl_s=self.worker.config.kv_lease_ttl_s)
-                self.metrics.kv_transfer("put", sum(len(payload) for _, payload in missing), time.monotonic() - t0)
-            self.num_blocks_put += len(missing)
-            self.num_blocks_skipped += len(blocks) - len(missing)
+                self.kvstore.put(blocks, lease_id=request_id, lease_ttl_s=self.worker.config.kv_lease_ttl_s)
+                self.metrics.kv_transfer("put", sum(len(payload) for _, payload in blocks), time.monotonic() - t0)
+            self.num_blocks_put += len(blocks)
             return self.kvstore.address
         except grpc.RpcError as exc:
             self.metrics.kv_transfer_failed("put")
