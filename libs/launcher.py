@@ -5,7 +5,8 @@ kvstore, the prefill and decode workers and the gateway each run as a child proc
 (`python -m splitserve.cli ROLE ...`, the same commands compose and Kubernetes run). Internal roles
 listen on free loopback ports; every worker may use all cores (OMP_WAIT_POLICY=PASSIVE, so a worker
 that is idle leaves them to the busy one; with GOMP_SPINCOUNT=N in the environment idle OpenMP
-threads spin N rounds before they sleep instead). `up` waits until each answers its gRPC health check, prints the
+threads spin N rounds before they sleep instead), unless --prefill-cpus / --decode-cpus pin each
+role's workers to cores of their own (`--cpus` of the role, torch threads = cores). `up` waits until each answers its gRPC health check, prints the
 endpoints, and on Ctrl-C or SIGTERM stops all of them (SIGTERM, then SIGKILL after a grace period);
 children also die with it if it is killed (PR_SET_PDEATHSIG), so no process is left behind.
 
@@ -39,6 +40,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from splitserve.config import parse_cpu_list
 from splitserve.rpc import channel_credentials, check_mtls_files, mtls_credentials, wait_until_serving
 
 logger = logging.getLogger("splitserve.up")
@@ -190,7 +192,7 @@ class Launcher:
             "--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", str(a.max_num_batched_tokens),
             "--redis-url", self.redis_url,
         ] + (["--model", a.model] if a.model else [])
-        threads = a.torch_threads or (os.cpu_count() or 1)
+        cpus = {"prefill": a.prefill_cpus, "colocated": a.prefill_cpus, "decode": a.decode_cpus}
         kv = None
         if not a.colocated:  # colocated workers keep each prompt's blocks in their own cache
             kv_port, kv_metrics = free_port(), free_port()
@@ -203,13 +205,15 @@ class Launcher:
         roles = (("colocated", a.prefill_workers),) if a.colocated else \
             (("prefill", a.prefill_workers), ("decode", a.decode_workers))
         for role, count in roles:
+            pinned = parse_cpu_list(cpus[role]) if cpus[role] else []
+            threads = a.torch_threads or len(pinned) or (os.cpu_count() or 1)
             for i in range(count):
                 port, mport = free_port(), free_port()
                 workers.append(self._spawn(Child(
                     f"{role}-{i}", [role, "--host", host, "--port", str(port),
                                     *(["--kvstore", kv.address] if kv is not None else []),
                                     "--torch-threads", str(threads), *engine_flags, "--metrics-port", str(mport),
-                                    *self._tls_flags(role)],
+                                    *(["--cpus", cpus[role]] if cpus[role] else []), *self._tls_flags(role)],
                     f"{host}:{port}", metrics_url=metrics_url(host, mport), restartable=True,
                 )))
         for child in [c for c in (kv, *workers) if c is not None]:
@@ -355,6 +359,12 @@ def add_up_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--torch-threads", type=int, default=0,
                    help="torch threads per worker (0: all cores; the workers share them, idle threads sleep)")
+    p.add_argument("--prefill-cpus", default="",
+                   help="pin the prefill workers (with --colocated: the colocated workers) to these cores, "
+                        "taskset's format: '0', '0-3,8' (default: all cores, shared)")
+    p.add_argument("--decode-cpus", default="",
+                   help="pin the decode workers to these cores (e.g. --prefill-cpus 0 --decode-cpus 1: a long "
+                        "prefill no longer takes cycles from the running decodes)")
     p.add_argument("--startup-timeout-s", type=float, default=300.0)
     p.add_argument("--no-restart", action="store_true",
                    help="stop everything when any process exits, instead of restarting a worker or the kvstore "
@@ -387,6 +397,15 @@ def cmd_up(args: argparse.Namespace) -> int:
     if bool(args.tls_cert_file) != bool(args.tls_key_file):
         raise ValueError("--tls-cert-file and --tls-key-file go together")
     check_mtls_files(args.internal_tls_ca_file, args.internal_tls_cert_file, args.internal_tls_key_file)
+    if args.colocated and args.decode_cpus:
+        raise ValueError("--decode-cpus: with --colocated there are no decode workers (pin the colocated "
+                         "workers with --prefill-cpus)")
+    for flag, spec in (("--prefill-cpus", args.prefill_cpus), ("--decode-cpus", args.decode_cpus)):
+        if spec:
+            try:
+                parse_cpu_list(spec)
+            except ValueError as exc:
+                raise ValueError(f"{flag}: {exc}") from None
     launcher = Launcher(args)
     try:
         launcher.start()

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from splitserve.config import EngineConfig
+from splitserve.config import EngineConfig, parse_cpu_list, pin_process
 from splitserve.engine.engine_loop import EngineLoop
 from splitserve.engine.llm_engine import LLMEngine, StepOutput
 from splitserve.metrics import Metrics, MetricsServer
@@ -75,8 +75,13 @@ class WorkerConfig:
     grpc_threads: int = 64
     """gRPC handler threads (each open stream holds one)."""
     torch_threads: int = 0
-    """CPU threads for the model (0 = torch's default, all cores). Workers sharing cores should run
-    with OMP_WAIT_POLICY=PASSIVE (as `splitserve up` does), or idle OpenMP threads spin on them."""
+    """CPU threads for the model (0 = one per core of `cpus`, else torch's default: all cores).
+    Workers sharing cores should run with OMP_WAIT_POLICY=PASSIVE (as `splitserve up` does), or
+    idle OpenMP threads spin on them."""
+    cpus: str = ""
+    """Cores this worker runs on, in the cpu-list format of taskset ('0', '2-3', '0,4-7'; '' = all).
+    Pinning prefill and decode workers to different cores keeps a long prefill from delaying the
+    running decodes' next tokens."""
     metrics_port: int = 0
     """Port of the Prometheus /metrics endpoint (0 picks a free one, logged; -1 turns it off)."""
     metrics_host: str = ""
@@ -84,6 +89,8 @@ class WorkerConfig:
 
     def __post_init__(self) -> None:
         check_mtls_files(self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if self.cpus:
+            parse_cpu_list(self.cpus)  # a bad list fails here, naming the cores
         if not -1 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port must be in [0, 65535], or -1 for no metrics endpoint, "
                              f"got {self.metrics_port}")
@@ -107,10 +114,14 @@ class Worker:
     def __init__(self, config: WorkerConfig, role: str) -> None:
         self.config = config
         self.role = role
-        if config.torch_threads > 0:
+        cpus = parse_cpu_list(config.cpus) if config.cpus else None
+        if cpus is not None:
+            pin_process(cpus)
+        threads = config.torch_threads or (len(cpus) if cpus else 0)
+        if threads > 0:
             import torch
 
-            torch.set_num_threads(config.torch_threads)
+            torch.set_num_threads(threads)
         self.engine = LLMEngine(config.engine_config())
         self.engine.block_manager.track_evictions = bool(config.redis_url)
         self.loop = EngineLoop(self.engine, max_pending=config.max_pending).start()

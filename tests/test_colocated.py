@@ -3,12 +3,15 @@ kvstore) behind the same gateway, serving the same outputs."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import urllib.request
 
 import pytest
 
 from services_fixture import start_stack
 from splitserve.client import generate
+from splitserve.config import available_cpus, format_cpu_list, parse_cpu_list
 from splitserve.sampling_params import SamplingParams
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time, in a small village,"]
@@ -17,9 +20,15 @@ PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time, in a
 @pytest.mark.timeout(400)
 def test_colocated_stack_serves_the_offline_engines_outputs(llm_f32):
     refs = llm_f32.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
-    stack = start_stack("--colocated", "--dtype", "float32", "--kv-cache-memory-gb", "0.1")
+    pin = str(available_cpus()[-1])  # pinned to one core (any machine has one): --prefill-cpus reaches it
+    stack = start_stack("--colocated", "--dtype", "float32", "--kv-cache-memory-gb", "0.1", "--prefill-cpus", pin)
     try:
         assert set(stack.roles) >= {"colocated-0"} and "kvstore" not in stack.roles
+        pid = stack.pids["colocated-0"]
+        threads = os.listdir(f"/proc/{pid}/task")
+        assert len(threads) > 3  # the engine loop, gRPC and torch's threads: all of them pinned
+        for tid in threads:
+            assert os.sched_getaffinity(int(tid)) == {int(pin)}, tid
         for prompt, ref in zip(PROMPTS, refs):
             ids, text, final = generate(stack.gateway, prompt=prompt,
                                         sampling={"max_tokens": 10, "temperature": 0, "ignore_eos": True},
@@ -36,3 +45,25 @@ def test_colocated_stack_serves_the_offline_engines_outputs(llm_f32):
         assert health["prefill"] == {"healthy": 1, "total": 1} and health["decode"] == {"healthy": 1, "total": 1}
     finally:
         assert stack.stop() == 0, "\n".join(stack.log[-30:])
+
+
+def test_cpu_lists_parse_in_tasksets_format_and_name_what_is_wrong():
+    cpus = available_cpus()
+    assert parse_cpu_list(format_cpu_list(cpus)) == cpus
+    assert format_cpu_list([0, 1, 2, 3, 8, 10, 11]) == "0-3,8,10-11"
+    assert parse_cpu_list(f"{cpus[0]}") == [cpus[0]]
+    for bad, words in (("x", "'x' is not a core number"), ("3-1", "'3-1' is not a range"),
+                       ("", "'' is not a core number"), ("4096", "[4096] are not available")):
+        with pytest.raises(ValueError, match=re.escape(words)):
+            parse_cpu_list(bad)
+
+
+def test_up_refuses_a_bad_cpu_list_before_starting_anything():
+    import subprocess
+    import sys
+
+    for flags, words in ((["--decode-cpus", "99999"], "--decode-cpus: cpu list '99999'"),
+                         (["--colocated", "--decode-cpus", "0"], "no decode workers")):
+        out = subprocess.run([sys.executable, "-m", "splitserve.cli", "up", *flags], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode != 0 and words in out.stderr, out.stderr
