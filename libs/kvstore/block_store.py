@@ -3,15 +3,18 @@
 Invariants (all under one lock; the gRPC server calls in from many threads):
 - used_bytes = sum over resident blocks of len(header) + len(payload) <= capacity_bytes.
 - A block is stored whole and verified (header parses, hash matches, size and checksum match) or
-  not at all; get() re-verifies the checksum and drops a block whose bytes changed in memory.
-- A payload is bytes held in this process, or a FilePayload: a file in the kvstore's shared-memory
-  directory (blocks that arrived through it). The store owns a FilePayload once put() stored it and
-  deletes its file when the block leaves; a put that does not store it leaves it to the caller.
+  not at all; get() re-verifies the checksum (unless its caller checks: a same-host reader) and
+  drops a block whose bytes changed in memory.
+- A payload is bytes held in this process, or a StoredPayload (an arena slot in the kvstore's
+  shared-memory directory, for blocks that arrived through it). The store owns a StoredPayload once
+  put() stored it and discards it when the block leaves; a put that does not store it leaves it to
+  the caller.
 - LRU order is the order of last use, where a use is a put (new or already present) or a
   successful get. Pinning and unpinning do not change the order.
 - A block is pinned while at least one unexpired lease holds it; pinned blocks are never
   evicted. Eviction takes the least recently used unpinned blocks, and only when the new block
-  then fits: a put that cannot fit evicts nothing and raises StoreFullError.
+  then fits: a put that cannot fit evicts nothing and raises StoreFullError. evict_where() evicts
+  the same way among blocks of one kind (the arena frees slots of one payload size with it).
 - Leases expire lazily: every public call first drops leases whose deadline (on `clock`, in
   seconds) has passed.
 """
@@ -19,15 +22,13 @@ from __future__ import annotations
 
 import heapq
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Protocol, Union
 
 from splitserve.engine.kv_block import BlockHeader, KVBlockError, check_payload, payload_checksum
-from splitserve.kvstore import shm
 
 log = logging.getLogger(__name__)
 
@@ -56,68 +57,41 @@ class StoreStats:
     num_corrupt: int  # blocks dropped by get() because their checksum no longer matched
 
 
-class FilePayload:
-    """A block payload kept as a file (see the module docstring): only its path is held in memory."""
+class StoredPayload(Protocol):
+    """A payload kept outside this process's heap (an arena slot, splitserve.kvstore.arena). The store
+    owns it once put() stored it and discards it when the block leaves; a put that does not store it
+    leaves it to the caller."""
 
-    __slots__ = ("path", "size")
-
-    def __init__(self, path: str, size: int) -> None:
-        self.path = path
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
+    def __len__(self) -> int: ...
 
     def checksum(self) -> int:
-        """payload_checksum of the file's bytes, read into a reusable per-thread buffer (reading is
-        faster than mapping on small VMs, and a fresh buffer per block would page-fault); OSError
-        when the file is gone or does not hold exactly `size` bytes."""
-        buf = getattr(_buffers, "buf", None)
-        if buf is None or len(buf) < self.size:
-            buf = _buffers.buf = bytearray(self.size)
-        view = memoryview(buf)[:self.size]
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            got = 0
-            while got < self.size:
-                n = os.readv(fd, [view[got:]])
-                if n == 0:
-                    break
-                got += n
-            if got != self.size or os.read(fd, 1):
-                raise OSError(f"{self.path} does not hold the block's {self.size} bytes")
-        finally:
-            os.close(fd)
-        return payload_checksum(view)
+        """payload_checksum of its bytes; OSError when they cannot be read."""
 
     def read(self) -> bytes:
-        with open(self.path, "rb") as f:
-            data = f.read(self.size + 1)
-        if len(data) != self.size:
-            raise OSError(f"{self.path} holds {len(data)} bytes, the block has {self.size}")
-        return data
+        """A copy of its bytes."""
 
     def discard(self) -> None:
-        shm.remove_quietly(self.path)
+        """Gives its storage back (idempotent)."""
 
 
-_buffers = threading.local()
+Payload = Union[bytes, StoredPayload]
+_BUFFERS = (bytes, bytearray, memoryview)
 
 
-def _checksum(payload: "bytes | FilePayload") -> int | None:
-    """The payload's checksum, or None when a FilePayload's file is gone or damaged."""
-    if isinstance(payload, FilePayload):
-        try:
-            return payload.checksum()
-        except OSError:
-            return None
-    return payload_checksum(payload)
+def _checksum(payload: Payload) -> int | None:
+    """The payload's checksum, or None when a stored payload cannot be read."""
+    if isinstance(payload, _BUFFERS):
+        return payload_checksum(payload)
+    try:
+        return payload.checksum()
+    except OSError:
+        return None
 
 
 @dataclass
 class _Entry:
     header: bytes
-    payload: "bytes | FilePayload"
+    payload: Payload
     checksum: int  # checksum of payload, from the header
     leases: set[str] = field(default_factory=set)  # ids of the unexpired leases pinning it
 
@@ -132,7 +106,7 @@ class _Lease:
     hashes: set[bytes] = field(default_factory=set)
 
 
-def verify_block(block_hash: bytes, header_bytes: bytes, payload: "bytes | FilePayload",
+def verify_block(block_hash: bytes, header_bytes: bytes, payload: Payload,
                  header: BlockHeader | None = None) -> BlockHeader:
     """The parsed header (`header`: header_bytes already parsed by the caller); KVBlockError naming
     the first problem (header, hash, size, checksum)."""
@@ -142,14 +116,14 @@ def verify_block(block_hash: bytes, header_bytes: bytes, payload: "bytes | FileP
         raise KVBlockError(f"KV block block_hash mismatch: header says {header.block_hash.hex()[:16]}..., "
                            f"sent as {block_hash.hex()[:16]}...")
     where = f" (block {block_hash.hex()[:16]}...)"
-    if isinstance(payload, FilePayload):
-        if payload.size != header.payload_size:
-            raise KVBlockError(f"KV block payload size mismatch: received {payload.size} bytes, header says "
+    if not isinstance(payload, _BUFFERS):
+        if len(payload) != header.payload_size:
+            raise KVBlockError(f"KV block payload size mismatch: received {len(payload)} bytes, header says "
                                f"{header.payload_size} (truncated or padded in transit){where}")
         try:
             checksum = payload.checksum()
         except OSError as e:
-            raise KVBlockError(f"KV block file unreadable: {e}{where}") from None
+            raise KVBlockError(f"KV block payload unreadable: {e}{where}") from None
         if checksum != header.checksum:
             raise KVBlockError(f"KV block checksum mismatch: payload xxh3 {checksum:#018x}, "
                                f"header says {header.checksum:#018x}{where}")
@@ -194,7 +168,7 @@ class BlockStore:
 
     # ------------------------------------------------------------------------------ public API
 
-    def put(self, block_hash: bytes, header_bytes: bytes, payload: "bytes | FilePayload",
+    def put(self, block_hash: bytes, header_bytes: bytes, payload: Payload,
             lease_id: str | None = None, lease_ttl_s: float | None = None,
             header: BlockHeader | None = None) -> PutResult:
         """Verifies and stores one block, pinned under `lease_id` when given.
@@ -236,15 +210,23 @@ class BlockStore:
         self._notify_evicted(evicted)
         return PutResult(stored=True, already_present=False, evicted=evicted)
 
-    def get(self, block_hash: bytes) -> "tuple[bytes, bytes | FilePayload] | None":
-        """(header bytes, payload) of a resident, intact block, or None. Counts as a use.
+    def get(self, block_hash: bytes, verify: bool = True, lease_id: str | None = None,
+            lease_ttl_s: float | None = None) -> "tuple[bytes, Payload] | None":
+        """(header bytes, payload) of a resident, intact block, or None. Counts as a use; pinned
+        under `lease_id` (for lease_ttl_s, None: the default) when given, before it is returned.
 
-        A block whose payload no longer matches its checksum is dropped (on_evict is told) and
-        reported as missing.
+        With verify, a block whose payload no longer matches its checksum is dropped (on_evict is
+        told) and reported as missing; without, the caller checks (a same-host reader does).
         """
+        if lease_id is not None and (not lease_id or (lease_ttl_s is not None and not lease_ttl_s > 0)):
+            raise ValueError(f"lease needs a non-empty id and lease_ttl_s > 0, got {lease_id!r}, {lease_ttl_s}")
+        ttl = self.default_lease_ttl_s if lease_ttl_s is None else lease_ttl_s
         with self._lock:
-            self._expire_leases(self._clock())
+            now = self._clock()
+            self._expire_leases(now)
             entry = self._blocks.get(block_hash)
+            if entry is not None and not verify:
+                return self._use(block_hash, entry, lease_id, now + ttl)
         if entry is None:
             return None
         intact = _checksum(entry.payload) == entry.checksum  # outside the lock: payloads are immutable
@@ -252,14 +234,39 @@ class BlockStore:
             if self._blocks.get(block_hash) is not entry:  # evicted or replaced meanwhile
                 return None
             if intact:
-                self._blocks.move_to_end(block_hash)
-                self._bytes_out += entry.nbytes
-                return entry.header, entry.payload
+                return self._use(block_hash, entry, lease_id, self._clock() + ttl)
             self._remove(block_hash)
             self._num_corrupt += 1
         log.error("kv block corrupted in memory, dropped block=%s", block_hash.hex()[:16])
         self._notify_evicted([block_hash])
         return None
+
+    def make_room(self, nbytes: int) -> list[bytes]:
+        """Evicts least recently used unpinned blocks, as a put of `nbytes` would, until nbytes fit
+        (or nothing unpinned is left). The arena does this before it allocates new shared memory,
+        so that slots of blocks a put would evict anyway are reused. Returns their hashes."""
+        with self._lock:
+            self._expire_leases(self._clock())
+            evicted = self._evict_for(nbytes)
+        self._notify_evicted(evicted)
+        return evicted
+
+    def evict_where(self, wanted: Callable[[Payload], bool], count: int) -> list[bytes]:
+        """Evicts up to `count` unpinned blocks whose payload is `wanted`, least recently used first
+        (the arena frees slots of one size this way). Returns their hashes; on_evict is told."""
+        with self._lock:
+            self._expire_leases(self._clock())
+            evicted: list[bytes] = []
+            for block_hash, entry in self._blocks.items():  # least recently used first
+                if len(evicted) >= count:
+                    break
+                if not entry.leases and wanted(entry.payload):
+                    evicted.append(block_hash)
+            for block_hash in evicted:
+                self._remove(block_hash)
+            self._num_evictions += len(evicted)
+        self._notify_evicted(evicted)
+        return evicted
 
     def contains(self, hashes: list[bytes]) -> list[bool]:
         """Whether each block is resident (not a use: LRU order is unchanged)."""
@@ -289,6 +296,13 @@ class BlockStore:
             )
 
     # ------------------------------------------------------------------ internals (lock held)
+
+    def _use(self, block_hash: bytes, entry: _Entry, lease_id: str | None, expires_at: float):
+        self._blocks.move_to_end(block_hash)
+        self._bytes_out += entry.nbytes
+        if lease_id is not None:
+            self._pin(lease_id, block_hash, expires_at)
+        return entry.header, entry.payload
 
     def _pin(self, lease_id: str, block_hash: bytes, expires_at: float) -> None:
         lease = self._leases.get(lease_id)
@@ -327,8 +341,8 @@ class BlockStore:
                 self._release(lease_id)
 
     def _evict_for(self, nbytes: int) -> list[bytes]:
-        """Evicts unpinned blocks, least recently used first, until nbytes fit (caller checked
-        that they can). Returns the evicted hashes."""
+        """Evicts unpinned blocks, least recently used first, until nbytes fit (put() checked that
+        they can; make_room() takes what there is). Returns the evicted hashes."""
         need = nbytes - (self.capacity_bytes - self._used_bytes)
         evicted: list[bytes] = []
         for block_hash, entry in self._blocks.items():  # least recently used first
@@ -344,7 +358,7 @@ class BlockStore:
 
     def _remove(self, block_hash: bytes) -> None:
         entry = self._blocks.pop(block_hash)
-        if isinstance(entry.payload, FilePayload):
+        if not isinstance(entry.payload, _BUFFERS):
             entry.payload.discard()
         self._used_bytes -= entry.nbytes
         if entry.leases:  # only a corrupt block is removed while pinned

@@ -1,21 +1,25 @@
-"""Client of the kvstore role: chunked streaming put and get of KV blocks."""
+"""Client of the kvstore role: put and get of whole KV blocks, through the store's shared-memory
+arenas when it runs on this host (splitserve.kvstore.arena), through chunked gRPC streams otherwise."""
 from __future__ import annotations
 
+import io
 import logging
 import os
 import secrets
 import threading
+import time
 from typing import Iterable, Iterator
 
 import grpc
 
-from splitserve.engine.kv_block import BlockHeader, KVBlockError
+from splitserve.engine.kv_block import BlockHeader, KVBlockError, payload_checksum
 from splitserve.kvstore import shm
 from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, channel
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 CHUNK_BYTES = 1 << 20  # about 1 MiB of payload per message
-SHM_BATCH_BLOCKS = 32  # blocks per PutFile call: writing one batch overlaps the store checking the last
+SHM_BATCH_BLOCKS = 32  # blocks per CommitSlots call: writing one batch overlaps the store checking the last
+MAX_RESERVE_BLOCKS = 1024  # slots asked for per ReserveSlots call
 log = logging.getLogger(__name__)
 
 
@@ -43,7 +47,9 @@ def block_chunks(block_hash: bytes, header: bytes, payload: bytes, chunk_bytes: 
 class KVStoreClient:
     """put/get of whole blocks. With use_shm (the default) the client asks the store for its
     shared-memory directory once; when it can read the store's probe token there (same host, same
-    user) payloads travel through files (PutFile/GetFile), otherwise through the gRPC streams."""
+    user) payloads travel through arena slots (ReserveSlots/CommitSlots/GetSlots), otherwise through
+    the gRPC streams. Payloads are written and read with pwrite/pread on the arena files: no mapping,
+    so a shared-memory fault is an OSError here, never a signal."""
 
     def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  chunk_bytes: int = CHUNK_BYTES, timeout_s: float = 30.0, use_shm: bool = True,
@@ -54,6 +60,9 @@ class KVStoreClient:
         self.use_shm = use_shm
         self._shm_dir: str | None = None  # the store's directory once probed and readable
         self._probed = False
+        # arena path -> the open file. Never closed while a call may use it: dropped from here, it
+        # closes when the last call holding it is done (a closed fd's number could name another file).
+        self._files: dict[str, io.FileIO] = {}
         self._lock = threading.Lock()
         self._channel = channel(address, max_message_bytes, credentials=credentials)
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
@@ -71,7 +80,7 @@ class KVStoreClient:
                     not os.path.exists(os.path.join(self._shm_dir, shm.PROBE_NAME)):
                 # The store restarted (a new process has a new directory): ask it again.
                 log.info("kvstore %s: its shared-memory directory is gone, asking the store again", self.address)
-                self._probed = False
+                self._forget()
             if not self._probed:
                 self._shm_dir = self._probe()
                 self._probed = True
@@ -95,12 +104,26 @@ class KVStoreClient:
             pass
         return None  # another host or container: the directory is not ours to see
 
+    def _forget(self) -> None:
+        """Drops the probed directory and its open arenas (lock held)."""
+        self._shm_dir, self._probed = None, False
+        self._files = {}
+
     def _disable_shm(self, why: object) -> None:
         """This call streams; the next one asks the store for its directory again (it may have
-        restarted, or tmpfs had no room for a moment)."""
+        restarted, or shared memory was short for a moment)."""
         log.warning("kvstore %s: shared-memory path failed, streaming this call: %s", self.address, why)
         with self._lock:
-            self._shm_dir, self._probed = None, False
+            self._forget()
+
+    def _arena_file(self, directory: str, name: str) -> io.FileIO:
+        """The open arena file `name` of the store's directory; ShmNameError, OSError."""
+        path = os.path.join(directory, shm.check_arena_name(name))
+        with self._lock:
+            f = self._files.get(path)
+            if f is None:
+                f = self._files[path] = io.FileIO(path, "r+")
+            return f
 
     def contains(self, hashes: list[bytes]) -> list[bool]:
         if not hashes:
@@ -110,15 +133,15 @@ class KVStoreClient:
 
     def put(self, blocks: Iterable[tuple[BlockHeader, bytes]], lease_id: str = "",
             lease_ttl_s: float = 0.0) -> kvstore_pb2.PutResponse:
-        """Stores the blocks in one call, each pinned under `lease_id` for at most lease_ttl_s."""
+        """Stores the blocks, each pinned under `lease_id` for at most lease_ttl_s. RpcError from the
+        store (a refused block: INVALID_ARGUMENT; no room: RESOURCE_EXHAUSTED) propagates."""
         blocks = list(blocks)
         done = kvstore_pb2.PutResponse()
         directory = self._shm()
         if directory is not None and blocks:
-            sent = self._put_files(directory, blocks, lease_id, lease_ttl_s, done)
-            if sent == len(blocks):
-                return done
-            blocks = blocks[sent:]  # the directory failed part-way: stream the rest
+            blocks = self._put_slots(directory, blocks, lease_id, lease_ttl_s, done)
+        if not blocks:
+            return done
 
         def chunks():
             for header, payload in blocks:
@@ -127,96 +150,137 @@ class KVStoreClient:
         _add_counts(done, self._stub.Put(chunks(), timeout=self.timeout_s))
         return done
 
-    def _put_files(self, directory: str, blocks: list, lease_id: str, lease_ttl_s: float,
-                   done: kvstore_pb2.PutResponse) -> int:
-        """Puts blocks through the shared-memory directory, SHM_BATCH_BLOCKS per PutFile call, writing
-        the next batch's files while the store checks the previous one (two cores, both busy).
-        Returns how many leading blocks were put; fewer than all only when writing a file failed
-        (the shared-memory path is then turned off). RpcError from the store propagates."""
-        written: list[str] = []
-        pending = None  # the PutFile call in flight
-        put = 0
-        try:
-            for start in range(0, len(blocks), SHM_BATCH_BLOCKS):
-                batch = blocks[start:start + SHM_BATCH_BLOCKS]
-                names = []
-                try:
-                    for _, payload in batch:
-                        names.append(shm.new_file_name("put"))
-                        written.append(os.path.join(directory, names[-1]))
-                        shm.write_file(written[-1], payload)
-                except OSError as e:  # the directory went away or tmpfs is full
-                    self._disable_shm(e)
+    def _put_slots(self, directory: str, blocks: list, lease_id: str, lease_ttl_s: float,
+                   done: kvstore_pb2.PutResponse) -> list:
+        """Puts blocks through arena slots, each run of equal payload size under its own reservations.
+        Returns the blocks left for the stream: those the store had no slots for, or all from the
+        point where the shared-memory path failed."""
+        left: list = []
+        start = 0
+        while start < len(blocks):
+            size = len(blocks[start][1])
+            end = start
+            while end < len(blocks) and len(blocks[end][1]) == size:
+                end += 1
+            run = blocks[start:end]
+            while run:
+                n, failure = self._put_reserved(directory, run[:MAX_RESERVE_BLOCKS], lease_id, lease_ttl_s, done)
+                run = run[n:]
+                if failure is not None:  # the arena went away (store restarted) or a write failed
+                    self._disable_shm(failure)
+                    return left + run + blocks[end:]
+                if n == 0:  # no slots to be had: the rest of this size streams
+                    left += run
                     break
-                call = self._stub.PutFile.future(kvstore_pb2.PutFileRequest(
-                    lease_id=lease_id, lease_ttl_s=lease_ttl_s,
-                    blocks=[kvstore_pb2.FileBlock(block_hash=h.block_hash, header=h.to_bytes(), file_name=n)
-                            for (h, _), n in zip(batch, names)]), timeout=self.timeout_s)
-                if pending is not None:
-                    _add_counts(done, pending[0].result())
-                    put += pending[1]
-                pending = (call, len(batch))
-            if pending is not None:
-                call, pending = pending, None
-                _add_counts(done, call[0].result())
-                put += call[1]
+            start = end
+        return left
+
+    def _put_reserved(self, directory: str, blocks: list, lease_id: str, lease_ttl_s: float,
+                      done: kvstore_pb2.PutResponse) -> tuple[int, Exception | None]:
+        """Reserves slots for `blocks` (one payload size), then writes and commits them
+        SHM_BATCH_BLOCKS per CommitSlots call, writing the next batch while the store checks the
+        last (two processes, both busy). Returns how many leading blocks were put (fewer than
+        asked when fewer slots were granted, or the reservation got close to its expiry) and the
+        error that stopped the shared-memory path, if any. RpcError from the store propagates."""
+        size = len(blocks[0][1])
+        try:
+            res = self._stub.ReserveSlots(kvstore_pb2.ReserveSlotsRequest(payload_size=size, num_slots=len(blocks)),
+                                          timeout=self.timeout_s)
+        except grpc.RpcError as e:  # a store restarted without shared memory, or an older one
+            if e.code() not in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                raise
+            return 0, e
+        if not res.slots:
+            return 0, None
+        # Stop at half the store's deadline: a slot it took back may be reserved to someone else.
+        use_by = time.monotonic() + res.ttl_s / 2
+        granted = list(zip(blocks, res.slots))
+        inflight: list = []  # [(CommitSlots future, number of blocks)]: at most two, oldest first
+        put, failure = 0, None
+        try:
+            try:
+                arena = self._arena_file(directory, res.arena)
+                for first in range(0, len(granted), SHM_BATCH_BLOCKS):
+                    if time.monotonic() > use_by:
+                        log.warning("kvstore %s: slot reservation nearly expired, streaming the rest", self.address)
+                        break
+                    batch = granted[first:first + SHM_BATCH_BLOCKS]
+                    for (_, payload), slot in batch:
+                        _pwrite_all(arena.fileno(), payload, slot * res.slot_stride)
+                    inflight.append((self._stub.CommitSlots.future(kvstore_pb2.CommitSlotsRequest(
+                        reservation_id=res.reservation_id, lease_id=lease_id, lease_ttl_s=lease_ttl_s,
+                        blocks=[kvstore_pb2.SlotBlock(block_hash=h.block_hash, header=h.to_bytes(), slot=slot)
+                                for (h, _), slot in batch]), timeout=self.timeout_s), len(batch)))
+                    if len(inflight) == 2:  # the store checks this batch while we write the next
+                        _add_counts(done, inflight[0][0].result())
+                        put += inflight.pop(0)[1]
+            except (OSError, shm.ShmNameError) as e:
+                failure = e
+            while inflight:
+                _add_counts(done, inflight[0][0].result())
+                put += inflight.pop(0)[1]
         finally:
-            if pending is not None:
-                pending[0].cancel()
-            for path in written:  # the store took or removed them, unless a call never arrived
-                shm.remove_quietly(path)
-        return put
+            for call, _ in inflight:
+                call.cancel()
+        return put, failure
 
     def get(self, hashes: list[bytes], release_lease_id: str = "") -> list[tuple[BlockHeader, bytes]]:
-        """The leading blocks of `hashes` the store has, in order; stops at the first missing one.
-        A payload is bytes (streams) or a read-only mmap of the block's file (same host), a buffer
-        the importer reads once. KVBlockError when what arrived is malformed (the caller recomputes)."""
+        """The leading blocks of `hashes` the store has, in order; stops at the first missing one
+        (a block whose bytes fail their checksum counts as missing). KVBlockError when what arrived
+        is malformed (the caller recomputes)."""
         if not hashes:
             return []
         request = kvstore_pb2.GetRequest(block_hashes=hashes, release_lease_id=release_lease_id)
         directory = self._shm()
-        if directory is not None:
-            try:
-                reply = self._stub.GetFile(request, timeout=self.timeout_s)
-            except grpc.RpcError as e:
-                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
-                    raise
-                log.warning("kvstore %s: GetFile refused (%s), streaming instead", self.address, e.details())
-            else:
-                try:
-                    return self._read_file(directory, reply, hashes)
-                except FileNotFoundError as e:  # the store's directory went away under us
-                    self._disable_shm(e)
-        return self._get_stream(request, hashes)
-
-    def _read_file(self, directory: str, reply, hashes: list[bytes]) -> list[tuple[BlockHeader, bytes]]:
-        """Maps each block's file (read-only: the payload is the mapping, no copy) and deletes it."""
-        out: list[tuple[BlockHeader, bytes]] = []
-        paths: list = []  # each block's path, or the ShmNameError of a name that is not ours to open
-        for block in reply.blocks:
-            try:
-                paths.append(os.path.join(directory, shm.check_name(block.file_name, "get")))
-            except shm.ShmNameError as e:
-                paths.append(e)
+        if directory is None:
+            return self._get_stream(request, hashes)
         try:
-            for i, (block, path) in enumerate(zip(reply.blocks, paths)):
-                if isinstance(path, Exception):
-                    raise KVBlockError(f"kvstore reply: {path}")
+            reply = self._stub.GetSlots(request, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                raise
+            self._disable_shm(e.details())  # a store restarted without shared memory
+            return self._get_stream(request, hashes)
+        try:
+            out, intact = self._read_slots(directory, reply, hashes)
+        except OSError as e:  # the store's directory went away under us
+            self._disable_shm(e)
+            out, intact = [], True
+            if not reply.rest_by_stream:  # the store dropped the lease already: what it still has
+                return self._get_stream(kvstore_pb2.GetRequest(block_hashes=hashes), hashes)
+        if not reply.rest_by_stream:
+            return out
+        if not intact:  # stopped at a damaged block: the lease the store kept for Get goes now
+            if release_lease_id:
+                self.release(release_lease_id)
+            return out
+        rest = hashes[len(out):]
+        return out + self._get_stream(kvstore_pb2.GetRequest(block_hashes=rest, release_lease_id=release_lease_id),
+                                      rest)
+
+    def _read_slots(self, directory: str, reply, hashes: list[bytes]) -> tuple[list, bool]:
+        """Copies each block out of its slot and checks it against its header, then drops the read
+        lease. Returns (the leading intact blocks, False when one failed its checksum)."""
+        out: list[tuple[BlockHeader, bytes]] = []
+        try:
+            for i, block in enumerate(reply.blocks):
                 header = BlockHeader.from_bytes(block.header)
                 if i >= len(hashes) or block.block_hash != hashes[i] or header.block_hash != block.block_hash:
                     raise KVBlockError("kvstore reply: blocks arrived out of order or under the wrong hash")
                 try:
-                    payload = shm.map_file(path, header.payload_size)
-                except FileNotFoundError:
-                    raise
-                except (OSError, ValueError) as e:
-                    raise KVBlockError(f"kvstore transfer file {block.file_name}: {e}") from None
+                    arena = self._arena_file(directory, block.arena)
+                except shm.ShmNameError as e:
+                    raise KVBlockError(f"kvstore reply: {e}") from None
+                payload = os.pread(arena.fileno(), header.payload_size, block.offset)
+                if len(payload) != header.payload_size or payload_checksum(payload) != header.checksum:
+                    log.warning("kvstore %s: block %s failed its checksum in shared memory (treated as "
+                                "missing)", self.address, block.block_hash.hex()[:16])
+                    return out, False
                 out.append((header, payload))
+            return out, True
         finally:
-            for path in paths:
-                if isinstance(path, str):
-                    shm.remove_quietly(path)
-        return out
+            if reply.read_lease_id:
+                self.release(reply.read_lease_id)
 
     def _get_stream(self, request, hashes: list[bytes]) -> list[tuple[BlockHeader, bytes]]:
         out: list[tuple[BlockHeader, bytes]] = []
@@ -247,4 +311,14 @@ class KVStoreClient:
         return self._stub.Release(kvstore_pb2.ReleaseRequest(lease_id=lease_id), timeout=self.timeout_s).num_released
 
     def close(self) -> None:
+        with self._lock:
+            self._forget()
         self._channel.close()
+
+
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """Writes all of `data` at `offset` (one write on tmpfs; a short one is finished here)."""
+    view = memoryview(data)
+    done = 0
+    while done < view.nbytes:
+        done += os.pwrite(fd, view[done:], offset + done)

@@ -104,28 +104,68 @@ class InfoResponse(_message.Message):
     shm_token: bytes
     def __init__(self, shm_dir: _Optional[str] = ..., shm_probe: _Optional[str] = ..., shm_token: _Optional[bytes] = ...) -> None: ...
 
-class FileBlock(_message.Message):
-    __slots__ = ("block_hash", "header", "file_name")
+class ReserveSlotsRequest(_message.Message):
+    __slots__ = ("payload_size", "num_slots")
+    PAYLOAD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    payload_size: int
+    num_slots: int
+    def __init__(self, payload_size: _Optional[int] = ..., num_slots: _Optional[int] = ...) -> None: ...
+
+class ReserveSlotsResponse(_message.Message):
+    __slots__ = ("reservation_id", "arena", "slot_stride", "slots", "ttl_s")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
+    ARENA_FIELD_NUMBER: _ClassVar[int]
+    SLOT_STRIDE_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    TTL_S_FIELD_NUMBER: _ClassVar[int]
+    reservation_id: str
+    arena: str
+    slot_stride: int
+    slots: _containers.RepeatedScalarFieldContainer[int]
+    ttl_s: float
+    def __init__(self, reservation_id: _Optional[str] = ..., arena: _Optional[str] = ..., slot_stride: _Optional[int] = ..., slots: _Optional[_Iterable[int]] = ..., ttl_s: _Optional[float] = ...) -> None: ...
+
+class SlotBlock(_message.Message):
+    __slots__ = ("block_hash", "header", "slot")
     BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    FILE_NAME_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
     block_hash: bytes
     header: bytes
-    file_name: str
-    def __init__(self, block_hash: _Optional[bytes] = ..., header: _Optional[bytes] = ..., file_name: _Optional[str] = ...) -> None: ...
+    slot: int
+    def __init__(self, block_hash: _Optional[bytes] = ..., header: _Optional[bytes] = ..., slot: _Optional[int] = ...) -> None: ...
 
-class PutFileRequest(_message.Message):
-    __slots__ = ("blocks", "lease_id", "lease_ttl_s")
+class CommitSlotsRequest(_message.Message):
+    __slots__ = ("reservation_id", "blocks", "lease_id", "lease_ttl_s")
+    RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_TTL_S_FIELD_NUMBER: _ClassVar[int]
-    blocks: _containers.RepeatedCompositeFieldContainer[FileBlock]
+    reservation_id: str
+    blocks: _containers.RepeatedCompositeFieldContainer[SlotBlock]
     lease_id: str
     lease_ttl_s: float
-    def __init__(self, blocks: _Optional[_Iterable[_Union[FileBlock, _Mapping]]] = ..., lease_id: _Optional[str] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
+    def __init__(self, reservation_id: _Optional[str] = ..., blocks: _Optional[_Iterable[_Union[SlotBlock, _Mapping]]] = ..., lease_id: _Optional[str] = ..., lease_ttl_s: _Optional[float] = ...) -> None: ...
 
-class GetFileResponse(_message.Message):
-    __slots__ = ("blocks",)
+class ArenaBlock(_message.Message):
+    __slots__ = ("block_hash", "header", "arena", "offset")
+    BLOCK_HASH_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    ARENA_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    block_hash: bytes
+    header: bytes
+    arena: str
+    offset: int
+    def __init__(self, block_hash: _Optional[bytes] = ..., header: _Optional[bytes] = ..., arena: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class GetSlotsResponse(_message.Message):
+    __slots__ = ("blocks", "read_lease_id", "rest_by_stream")
     BLOCKS_FIELD_NUMBER: _ClassVar[int]
-    blocks: _containers.RepeatedCompositeFieldContainer[FileBlock]
-    def __init__(self, blocks: _Optional[_Iterable[_Union[FileBlock, _Mapping]]] = ...) -> None: ...
+    READ_LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    REST_BY_STREAM_FIELD_NUMBER: _ClassVar[int]
+    blocks: _containers.RepeatedCompositeFieldContainer[ArenaBlock]
+    read_lease_id: str
+    rest_by_stream: bool
+    def __init__(self, blocks: _Optional[_Iterable[_Union[ArenaBlock, _Mapping]]] = ..., read_lease_id: _Optional[str] = ..., rest_by_stream: _Optional[bool] = ...) -> None: ...

@@ -64,15 +64,20 @@ class KVStoreStub:
                 request_serializer=splitserve_dot_v1_dot_kvstore__pb2.InfoRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.InfoResponse.FromString,
                 _registered_method=True)
-        self.PutFile = channel.unary_unary(
-                '/splitserve.v1.KVStore/PutFile',
-                request_serializer=splitserve_dot_v1_dot_kvstore__pb2.PutFileRequest.SerializeToString,
+        self.ReserveSlots = channel.unary_unary(
+                '/splitserve.v1.KVStore/ReserveSlots',
+                request_serializer=splitserve_dot_v1_dot_kvstore__pb2.ReserveSlotsRequest.SerializeToString,
+                response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.ReserveSlotsResponse.FromString,
+                _registered_method=True)
+        self.CommitSlots = channel.unary_unary(
+                '/splitserve.v1.KVStore/CommitSlots',
+                request_serializer=splitserve_dot_v1_dot_kvstore__pb2.CommitSlotsRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
                 _registered_method=True)
-        self.GetFile = channel.unary_unary(
-                '/splitserve.v1.KVStore/GetFile',
+        self.GetSlots = channel.unary_unary(
+                '/splitserve.v1.KVStore/GetSlots',
                 request_serializer=splitserve_dot_v1_dot_kvstore__pb2.GetRequest.SerializeToString,
-                response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.GetFileResponse.FromString,
+                response_deserializer=splitserve_dot_v1_dot_kvstore__pb2.GetSlotsResponse.FromString,
                 _registered_method=True)
 
 
@@ -120,17 +125,27 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PutFile(self, request, context):
-        """Same-host put: the client wrote each payload into its own file in shm_dir; the store checks
-        each and keeps the file as the block's storage (or deletes it: already present, or refused).
+    def ReserveSlots(self, request, context):
+        """Same-host put, once per put call: slots for payloads of one size in an arena file in shm_dir,
+        for the client to write into. Fewer (or none) than asked when shared memory is short: the client
+        streams the rest with Put.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def GetFile(self, request, context):
-        """Same-host get: the store links each leading block it holds to a new file in shm_dir (no copy);
-        the client maps, then deletes, each file.
+    def CommitSlots(self, request, context):
+        """Same-host put, once per batch: the client wrote each payload into its reserved slot; the store
+        checks each in place and keeps the slot as the block's storage (or frees it: already present,
+        or refused). The first bad block aborts the call (INVALID_ARGUMENT naming it).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetSlots(self, request, context):
+        """Same-host get: where the leading blocks the store holds lie (arena, offset), each pinned under a
+        read lease until the client, having copied them, drops it with Release.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -169,15 +184,20 @@ def add_KVStoreServicer_to_server(servicer, server):
                     request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.InfoRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_kvstore__pb2.InfoResponse.SerializeToString,
             ),
-            'PutFile': grpc.unary_unary_rpc_method_handler(
-                    servicer.PutFile,
-                    request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.PutFileRequest.FromString,
+            'ReserveSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReserveSlots,
+                    request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.ReserveSlotsRequest.FromString,
+                    response_serializer=splitserve_dot_v1_dot_kvstore__pb2.ReserveSlotsResponse.SerializeToString,
+            ),
+            'CommitSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitSlots,
+                    request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.CommitSlotsRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_kvstore__pb2.PutResponse.SerializeToString,
             ),
-            'GetFile': grpc.unary_unary_rpc_method_handler(
-                    servicer.GetFile,
+            'GetSlots': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSlots,
                     request_deserializer=splitserve_dot_v1_dot_kvstore__pb2.GetRequest.FromString,
-                    response_serializer=splitserve_dot_v1_dot_kvstore__pb2.GetFileResponse.SerializeToString,
+                    response_serializer=splitserve_dot_v1_dot_kvstore__pb2.GetSlotsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -353,7 +373,7 @@ class KVStore:
             _registered_method=True)
 
     @staticmethod
-    def PutFile(request,
+    def ReserveSlots(request,
             target,
             options=(),
             channel_credentials=None,
@@ -366,8 +386,35 @@ class KVStore:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/splitserve.v1.KVStore/PutFile',
-            splitserve_dot_v1_dot_kvstore__pb2.PutFileRequest.SerializeToString,
+            '/splitserve.v1.KVStore/ReserveSlots',
+            splitserve_dot_v1_dot_kvstore__pb2.ReserveSlotsRequest.SerializeToString,
+            splitserve_dot_v1_dot_kvstore__pb2.ReserveSlotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitSlots(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/splitserve.v1.KVStore/CommitSlots',
+            splitserve_dot_v1_dot_kvstore__pb2.CommitSlotsRequest.SerializeToString,
             splitserve_dot_v1_dot_kvstore__pb2.PutResponse.FromString,
             options,
             channel_credentials,
@@ -380,7 +427,7 @@ class KVStore:
             _registered_method=True)
 
     @staticmethod
-    def GetFile(request,
+    def GetSlots(request,
             target,
             options=(),
             channel_credentials=None,
@@ -393,9 +440,9 @@ class KVStore:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/splitserve.v1.KVStore/GetFile',
+            '/splitserve.v1.KVStore/GetSlots',
             splitserve_dot_v1_dot_kvstore__pb2.GetRequest.SerializeToString,
-            splitserve_dot_v1_dot_kvstore__pb2.GetFileResponse.FromString,
+            splitserve_dot_v1_dot_kvstore__pb2.GetSlotsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,8 +7,8 @@ carries block_hash, header (and, on Put, lease_id/lease_ttl_s), later chunks car
 payload, the chunk with last=true ends it. Blocks follow one another in one stream.
 
 Same host: a client that can read the store's shared-memory directory (Info) moves payloads
-through files there instead (PutFile/GetFile, splitserve.kvstore.shm); the checks, leases and
-status codes are the same.
+through slots of arena files there instead (ReserveSlots/CommitSlots/GetSlots,
+splitserve.kvstore.arena); the checks, leases and status codes are the same.
 
 Put stores each block when its last chunk arrives and verifies (header, hash, size, xxh3 checksum);
 a block is never stored in part. A malformed stream is aborted with INVALID_ARGUMENT naming the
@@ -17,7 +17,7 @@ reports them as already present). No room (everything else pinned) is RESOURCE_E
 
 Metrics (Prometheus, GET /metrics on metrics_port; role "kvstore", model_name "": one store may hold
 blocks of several models, each block's header names its own, so no single model label fits):
-per successful Put/PutFile (direction "put") and Get/GetFile (direction "get") call,
+per successful Put/CommitSlots (direction "put") and Get/GetSlots (direction "get") call,
 kv_transfer_bytes += the block payload bytes moved (headers not counted; on put also blocks the
 store already had, they crossed the wire too) and one kv_transfer_seconds observation (the call's
 duration); kv_transfer_failures{direction} per call rejected or failed. A Get the client cancels
@@ -27,10 +27,9 @@ each scrape.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
-import os
+import secrets
 import signal
 import threading
 import time
@@ -41,7 +40,8 @@ import grpc
 from splitserve import rpc
 from splitserve.config import add_config_args, config_from_args
 from splitserve.engine.kv_block import BlockHeader, KVBlockError
-from splitserve.kvstore.block_store import BlockStore, FilePayload, PutResult, StoreFullError
+from splitserve.kvstore.arena import Arena, ArenaManager, ArenaPayload, SlotError
+from splitserve.kvstore.block_store import BlockStore, PutResult, StoreFullError
 from splitserve.kvstore import shm
 from splitserve.kvstore.client import block_chunks
 from splitserve.metrics import Metrics, MetricsServer
@@ -53,6 +53,7 @@ log = logging.getLogger("splitserve.kvstore")
 SERVICE_NAME = kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"].full_name  # "splitserve.v1.KVStore"
 _GIB = 1 << 30
 _CHUNK_OVERHEAD = 64 << 10  # room for header, hash and framing beside a chunk's data, bytes
+MAX_RESERVE_SLOTS = 4096  # slots one ReserveSlots call may grant
 
 
 @dataclass(frozen=True)
@@ -71,9 +72,14 @@ class KVStoreConfig:
     """Payload bytes per BlockChunk sent by Get."""
     shm_dir: str = "/dev/shm"
     """Shared-memory directory for same-host transfers (clients on this host move payloads through
-    files there instead of gRPC streams); empty: gRPC streams only."""
-    shm_file_ttl_s: float = 60.0
-    """Transfer files older than this (a client died mid-transfer) are deleted, in seconds."""
+    arena files there instead of gRPC streams); empty: gRPC streams only."""
+    shm_slot_ttl_s: float = 60.0
+    """Seconds a client has to commit the arena slots it reserved (those of a client that died come
+    back after it), and that a same-host get pins the blocks it hands out while the client copies."""
+    shm_arena_gb: float = -1.0
+    """Most shared memory (tmpfs) the arenas may allocate, in GiB (allocated in 64 MiB steps as
+    needed, kept until the store stops); negative: capacity_gb. Past it (or when tmpfs is full),
+    same-host clients stream."""
     redis_url: str = ""
     """Redis holding block ownership (redis://host:port/db); empty: no ownership reporting."""
     ownership_ttl_s: float = 600.0
@@ -110,9 +116,11 @@ class KVStoreConfig:
                              f"got {self.metrics_port}")
         if not self.capacity_bytes >= 1:
             raise ValueError(f"capacity_gb must be > 0, got {self.capacity_gb}")
-        for name in ("lease_ttl_s", "max_lease_ttl_s", "ownership_ttl_s", "ownership_retry_s", "shm_file_ttl_s"):
+        for name in ("lease_ttl_s", "max_lease_ttl_s", "ownership_ttl_s", "ownership_retry_s", "shm_slot_ttl_s"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
+        if math.isnan(self.shm_arena_gb) or math.isinf(self.shm_arena_gb):
+            raise ValueError(f"shm_arena_gb must be a number of GiB, got {self.shm_arena_gb}")
         if self.lease_ttl_s > self.max_lease_ttl_s:
             raise ValueError(f"lease_ttl_s ({self.lease_ttl_s}) must be <= max_lease_ttl_s ({self.max_lease_ttl_s})")
         if self.chunk_bytes < 1 or self.chunk_bytes + _CHUNK_OVERHEAD > self.max_message_bytes:
@@ -127,6 +135,11 @@ class KVStoreConfig:
     def capacity_bytes(self) -> int:
         return int(self.capacity_gb * _GIB)
 
+    @property
+    def arena_bytes(self) -> int:
+        """Most tmpfs bytes the arenas may allocate."""
+        return self.capacity_bytes if self.shm_arena_gb < 0 else int(self.shm_arena_gb * _GIB)
+
 
 class _Reject(Exception):
     def __init__(self, code: grpc.StatusCode, message: str):
@@ -139,6 +152,11 @@ class _ClientGone(Exception):
     empty PutResponse nobody reads."""
 
 
+def _read_lease_id() -> str:
+    """A lease that pins blocks while a get hands them out."""
+    return "read-" + secrets.token_hex(8)
+
+
 def _short(block_hash: bytes) -> str:
     return block_hash.hex()[:16] + "..." if block_hash else "(empty hash)"
 
@@ -147,11 +165,13 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
     """Thin shell: wire chunks <-> BlockStore, status codes, ownership reports."""
 
     def __init__(self, config: KVStoreConfig, store: BlockStore, reporter: OwnershipReporter | None,
-                 area: shm.ShmArea | None = None, metrics: Metrics | None = None):
+                 area: shm.ShmArea | None = None, metrics: Metrics | None = None,
+                 arenas: ArenaManager | None = None):
         self.config = config
         self.store = store
         self.reporter = reporter
         self.area = area
+        self.arenas = arenas  # in area's directory; None: streams only
         self.metrics = metrics if metrics is not None else Metrics("kvstore")
 
     def _metered(self, direction: str, handler, request, context):
@@ -284,17 +304,11 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             for block_hash in request.block_hashes:
                 if not context.is_active():
                     return
-                block = self.store.get(block_hash)
+                block = self._copy_out(block_hash)
                 if block is None:
                     yield kvstore_pb2.BlockChunk(block_hash=block_hash, missing=True)
                     continue
                 header, payload = block
-                if isinstance(payload, FilePayload):  # put through the shared-memory directory
-                    try:
-                        payload = payload.read()
-                    except OSError:  # evicted since get(): as if missing
-                        yield kvstore_pb2.BlockChunk(block_hash=block_hash, missing=True)
-                        continue
                 yield from block_chunks(block_hash, header, payload, self.config.chunk_bytes)
                 sent += len(payload)
         except Exception:
@@ -309,98 +323,123 @@ class KVStoreServicer(kvstore_pb2_grpc.KVStoreServicer):
             else:  # complete, or cut short by the client (GeneratorExit): what it was sent
                 self.metrics.kv_transfer("get", sent, time.monotonic() - t0)
 
+    def _copy_out(self, block_hash: bytes) -> tuple[bytes, bytes] | None:
+        """(header, payload bytes) of a held block, or None; an arena slot is copied while a lease
+        pins its block (so the slot is not reused meanwhile)."""
+        lease = _read_lease_id()
+        block = self.store.get(block_hash, lease_id=lease, lease_ttl_s=self.config.shm_slot_ttl_s)
+        if block is None:
+            return None
+        try:
+            header, payload = block
+            return header, payload.read() if isinstance(payload, ArenaPayload) else payload
+        finally:
+            self.store.release(lease)
+
     def Info(self, request, context):
-        if self.area is None:
+        if self.area is None or self.arenas is None:
             return kvstore_pb2.InfoResponse()
         return kvstore_pb2.InfoResponse(shm_dir=self.area.path, shm_probe=shm.PROBE_NAME,
                                         shm_token=self.area.token)
 
-    def _need_area(self, context) -> shm.ShmArea:
-        if self.area is None:
+    def _need_arenas(self, context) -> ArenaManager:
+        if self.arenas is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "this kvstore has no shared-memory directory (use Put/Get streams)")
-        return self.area
+        return self.arenas
 
-    def PutFile(self, request, context):
-        return self._metered("put", self._put_file, request, context)
+    def ReserveSlots(self, request, context):
+        arenas = self._need_arenas(context)
+        if request.payload_size < 1 or request.num_slots < 1:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"payload_size and num_slots must be >= 1, got "
+                          f"{request.payload_size} and {request.num_slots}")
+        if request.payload_size > self.store.capacity_bytes:
+            return kvstore_pb2.ReserveSlotsResponse()  # cannot fit at all: Put says why
+        res = arenas.reserve(request.payload_size, min(request.num_slots, MAX_RESERVE_SLOTS),
+                             make_room=self.store.make_room, evict_slots=self._evict_slots)
+        if res is None:
+            return kvstore_pb2.ReserveSlotsResponse()
+        return kvstore_pb2.ReserveSlotsResponse(reservation_id=res.id, arena=res.arena.name,
+                                                slot_stride=res.arena.stride, slots=res.slots, ttl_s=res.ttl_s)
 
-    def _put_file(self, request, context):
-        area = self._need_area(context)
-        area.sweep()
+    def _evict_slots(self, arena: Arena, count: int) -> None:
+        """Frees up to `count` slots of `arena` by evicting its least recently used unpinned blocks."""
+        evicted = self.store.evict_where(lambda p: isinstance(p, ArenaPayload) and p.arena is arena, count)
+        if evicted:
+            log.info("evicted %d block(s) for slots of %s", len(evicted), arena.name)
+
+    def CommitSlots(self, request, context):
+        return self._metered("put", self._commit_slots, request, context)
+
+    def _commit_slots(self, request, context):
+        arenas = self._need_arenas(context)
         held: list[bytes] = []
         counts = {"stored": 0, "present": 0, "bytes": 0, "payload": 0}
         try:
             lease_id, ttl = self._lease(request.lease_id, request.lease_ttl_s)
             for i, block in enumerate(request.blocks):
-                where = f"blocks[{i}] ({_short(block.block_hash)})"
                 try:
-                    path = area.file_path(block.file_name, "put")
-                except shm.ShmNameError as e:
-                    raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {e}") from None
-                header = self._parse_header(block.block_hash, block.header)
-                try:
-                    size = os.stat(path).st_size
-                except FileNotFoundError:
-                    raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: file_name {block.file_name!r} "
-                                  "does not exist in the store's directory") from None
-                if size != header.payload_size:
-                    raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: the file holds {size} bytes, "
-                                  f"the header's payload_size is {header.payload_size}")
-                # The file becomes the block's storage (verified through a mapping, never copied).
-                payload = FilePayload(area.block_path(block.file_name), size)
-                os.rename(path, payload.path)
-                stored = False
-                try:
-                    stored = self._store_block(block.block_hash, block.header, payload, lease_id, ttl,
-                                               held, counts, header).stored
-                finally:
-                    if not stored:  # already present, refused or damaged: the store did not take it
-                        payload.discard()
+                    self._commit_block(arenas, request.reservation_id, block, lease_id, ttl, held, counts)
+                except _Reject as e:
+                    raise _Reject(e.code, f"blocks[{i}]: {e}") from None
         except _Reject as e:
             log.warning("put rejected code=%s peer=%s error=%s", e.code.name, context.peer(), e)
             context.abort(e.code, str(e))
         finally:
-            for block in request.blocks:  # those not reached (after an error) are removed too
-                with contextlib.suppress(shm.ShmNameError):
-                    shm.remove_quietly(area.file_path(block.file_name, "put"))
+            # Slots of this call not reached (after an error) go back at once.
+            arenas.cancel(request.reservation_id, [b.slot for b in request.blocks])
             if self.reporter is not None:
                 self.reporter.record(held)
         return kvstore_pb2.PutResponse(num_stored=counts["stored"], num_already_present=counts["present"],
                                        num_bytes=counts["bytes"]), counts["payload"]
 
-    def GetFile(self, request, context):
-        return self._metered("get", self._get_file, request, context)
+    def _commit_block(self, arenas: ArenaManager, reservation_id: str, block, lease_id, ttl, held, counts) -> None:
+        try:
+            payload = arenas.take(reservation_id, block.slot)  # the slot is ours to store or free
+        except SlotError as e:
+            raise _Reject(grpc.StatusCode.INVALID_ARGUMENT, f"block {_short(block.block_hash)}: {e}") from None
+        stored = False
+        try:
+            header = self._parse_header(block.block_hash, block.header)
+            if header.payload_size != len(payload):
+                raise _Reject(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"block {_short(block.block_hash)}: the header's payload_size is "
+                              f"{header.payload_size}, the reservation's slots hold {len(payload)} bytes")
+            # Checked in place (never copied); the slot is the block's storage from now on.
+            stored = self._store_block(block.block_hash, block.header, payload, lease_id, ttl, held, counts,
+                                       header).stored
+        finally:
+            if not stored:  # already present, refused or damaged: the store did not take it
+                payload.discard()
 
-    def _get_file(self, request, context):
+    def GetSlots(self, request, context):
+        return self._metered("get", self._get_slots, request, context)
+
+    def _get_slots(self, request, context):
         if any(not h for h in request.block_hashes):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "block_hashes contains an empty hash")
-        area = self._need_area(context)
-        area.sweep()
-        blocks, nbytes = [], 0
-        try:
-            for block_hash in request.block_hashes:
-                block = self.store.get(block_hash)
-                if block is None:
-                    break
-                header, payload = block
-                try:
-                    if isinstance(payload, FilePayload):
-                        name = area.link_for_get(payload.path)  # no copy
-                    else:  # a block that came through a stream lives in memory
-                        name = shm.new_file_name("get")
-                        shm.write_file(area.file_path(name), payload)
-                except FileNotFoundError:  # evicted since get(): as if missing
-                    break
-                except OSError as e:  # tmpfs full: the client falls back to the stream
-                    for b in blocks:
-                        shm.remove_quietly(area.file_path(b.file_name))
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"cannot write a transfer file: {e}")
-                blocks.append(kvstore_pb2.FileBlock(block_hash=block_hash, header=header, file_name=name))
-                nbytes += len(payload)
-            return kvstore_pb2.GetFileResponse(blocks=blocks), nbytes
-        finally:
-            if request.release_lease_id:
-                self.store.release(request.release_lease_id)
+        self._need_arenas(context)
+        read_lease = _read_lease_id()
+        blocks, nbytes, rest = [], 0, False
+        for block_hash in request.block_hashes:
+            # The client checks the checksum as it copies (no read here); the lease keeps the slot.
+            block = self.store.get(block_hash, verify=False, lease_id=read_lease,
+                                   lease_ttl_s=self.config.shm_slot_ttl_s)
+            if block is None:
+                break
+            header, payload = block
+            if not isinstance(payload, ArenaPayload):  # arrived through Put: in this process's memory
+                rest = True
+                break
+            blocks.append(kvstore_pb2.ArenaBlock(block_hash=block_hash, header=header, arena=payload.arena.name,
+                                                 offset=payload.offset))
+            nbytes += len(payload)
+        if not blocks:
+            self.store.release(read_lease)
+        if request.release_lease_id and not rest:
+            self.store.release(request.release_lease_id)
+        return kvstore_pb2.GetSlotsResponse(blocks=blocks, read_lease_id=read_lease if blocks else "",
+                                            rest_by_stream=rest), nbytes
 
     def Contains(self, request, context):
         return kvstore_pb2.ContainsResponse(present=self.store.contains(list(request.block_hashes)))
@@ -425,12 +464,14 @@ class KVStoreServer:
     def __init__(self, config: KVStoreConfig):
         self.config = config
         self.store = BlockStore(config.capacity_bytes, config.lease_ttl_s, on_evict=self._evicted)
-        self.area = None
-        if config.shm_dir:
+        self.area, self.arenas = None, None
+        if config.shm_dir and config.arena_bytes > 0:
             try:
-                self.area = shm.ShmArea(config.shm_dir, config.shm_file_ttl_s)
+                self.area = shm.ShmArea(config.shm_dir)
             except OSError as e:
                 log.warning("no shared-memory path (gRPC streams only): %s", e)
+            else:
+                self.arenas = ArenaManager(self.area.path, config.arena_bytes, config.shm_slot_ttl_s)
         self.registry = OwnershipRegistry(config.redis_url, config.ownership_ttl_s) if config.redis_url else None
         server_creds, _ = rpc.mtls_credentials(config.tls_ca_file, config.tls_cert_file, config.tls_key_file)
         self.server, self.port = rpc.create_server(config.host, config.port, config.max_workers,
@@ -447,6 +488,7 @@ class KVStoreServer:
             except OSError:
                 self.server.stop(0)
                 if self.area is not None:
+                    self.arenas.close()
                     self.area.close()
                 if self.registry is not None:
                     self.registry.close()
@@ -458,7 +500,7 @@ class KVStoreServer:
             self.reporter = OwnershipReporter(self.registry, self.owner_id, self.store.hashes,
                                               refresh_s=config.ownership_ttl_s / 3,
                                               retry_s=config.ownership_retry_s)
-        rpc.add_servicer(KVStoreServicer(config, self.store, self.reporter, self.area, self.metrics),
+        rpc.add_servicer(KVStoreServicer(config, self.store, self.reporter, self.area, self.metrics, self.arenas),
                          kvstore_pb2.DESCRIPTOR.services_by_name["KVStore"], self.server)
         self.health = rpc.add_health_and_reflection(self.server, [SERVICE_NAME])
         self._stopped = threading.Event()
@@ -501,6 +543,7 @@ class KVStoreServer:
         if self.registry is not None:
             self.registry.close()
         if self.area is not None:
+            self.arenas.close()
             self.area.close()
         log.info("kvstore stopped address=%s", self.address)
 
