@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Callable
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -17,6 +18,7 @@ from splitserve.bench.hf_batcher import BatchInfo, Job, LoadedModel, RowEnd, Sta
 from splitserve.bench.hf_server import HfServeConfig
 from splitserve.gateway_core import OutputStream
 from splitserve.openai_api import ApiError
+from splitserve.sampling_params import SamplingParams
 from splitserve.wire import sampling_from_proto
 
 QUEUE_POLL_S = 0.5  # how often a request waiting for its batch checks that its client is still there
@@ -25,7 +27,8 @@ QUEUE_POLL_S = 0.5  # how often a request waiting for its batch checks that its 
 class HfServer:
     """The Starlette app over a StaticBatcher."""
 
-    def __init__(self, loaded: LoadedModel, cfg: HfServeConfig) -> None:
+    def __init__(self, loaded: LoadedModel, cfg: HfServeConfig, on_ready: Callable[[], None] = lambda: None) -> None:
+        self._on_ready = on_ready  # called once warmed up, before serving
         self.m = loaded
         self.cfg = cfg
         self.model_id = loaded.path.name
@@ -41,9 +44,25 @@ class HfServer:
         self.batcher = StaticBatcher(self.m, self.cfg, asyncio.get_running_loop())
         self.batcher.start()
         try:
+            await self._warm_up()
+            self._on_ready()
             yield
         finally:
             self.batcher.stop()
+
+    async def _warm_up(self) -> None:
+        """One small batch (2 rows of different lengths, 4 tokens) before serving, as bench_engine.py
+        warms HF up: the first real batch then does not pay the one-off costs (allocations, kernel
+        selection)."""
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        jobs = [Job(self.m.tokenizer.encode(text), params) for text in ("Hello, world.", "Once upon a time, there")]
+        for job in jobs:
+            self.batcher.submit(job)
+        for job in jobs:
+            while not isinstance(item := await job.events.get(), (RowEnd, Exception)):
+                pass
+            if isinstance(item, Exception):
+                raise RuntimeError(f"warm-up batch failed: {item}")
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse(ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}").body(),

@@ -101,9 +101,13 @@ def cmd_hf_serve(args) -> int:
     except OSError as e:
         sock.close()
         raise RuntimeError(f"cannot bind to {cfg.host}:{cfg.port}: {e.strerror or e}") from None
-    server = HfServer(loaded, cfg)
-    config = uvicorn.Config(server.app, log_level="warning", access_log=False, lifespan="on", server_header=False)
-    log.info("hf-serve listening: url=http://%s:%d/v1 max_batch_size=%d batch_wait_ms=%g", cfg.host,
-             sock.getsockname()[1], cfg.max_batch_size, cfg.batch_wait_ms)
-    uvicorn.Server(config).run(sockets=[sock])
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    url = f"http://{host}:{sock.getsockname()[1]}/v1"
+    app = HfServer(loaded, cfg, lambda: log.info("hf-serve listening: url=%s max_batch_size=%d batch_wait_ms=%g",
+                                                 url, cfg.max_batch_size, cfg.batch_wait_ms))
+    config = uvicorn.Config(app.app, log_level="warning", access_log=False, lifespan="on", server_header=False)
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    if not server.started:
+        raise RuntimeError("hf-serve failed to start (see the log above)")
     return 0
