@@ -93,7 +93,8 @@ class StaticBatcher:
         self._pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else hf_tok.eos_token_id
         self._eos = loaded.tokenizer.eos_token_ids
         # transformers 5 names the cache argument `cache`, earlier versions `past_key_values`
-        self._cache_arg = "cache" if "cache" in inspect.signature(loaded.model.forward).parameters else "past_key_values"
+        forward_args = inspect.signature(loaded.model.forward).parameters
+        self._cache_arg = "cache" if "cache" in forward_args else "past_key_values"
         self._num_batches = 0
         self._thread = threading.Thread(target=self._run, name="hf-batch", daemon=True)
 

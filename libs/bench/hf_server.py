@@ -65,7 +65,8 @@ class HfServeConfig:
 
 def add_args(p) -> None:
     d = HfServeConfig()
-    p.add_argument("--model", default=None, help="GGUF file or HF checkpoint folder (default: SmolLM2-135M-Instruct Q4_1)")
+    p.add_argument("--model", default=None,
+                   help="GGUF file or HF checkpoint folder (default: SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES))
     p.add_argument("--host", default=d.host)
     p.add_argument("--port", type=int, default=d.port, help="0: a free port (logged)")
