@@ -179,6 +179,27 @@ def test_a_damaged_slot_is_refused_and_freed(store):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def test_get_buffers_are_reused_only_once_dropped(store):
+    cache = random_cache(SMALL, 4, seed=14)
+    encoded = [encode(cache, i) for i in range(4)]
+    client = KVStoreClient(store.address)
+    try:
+        client.put(as_blocks(encoded))
+        first = client.get([encoded[0][0], encoded[1][0]])
+        kept = [p for _, p in first]
+        with pytest.raises(TypeError):
+            kept[0][0] = 0  # read-only
+        del first
+        second = client.get([encoded[2][0], encoded[3][0]])  # kept buffers are in use: fresh ones
+        assert kept == [encoded[0][2], encoded[1][2]] and [p for _, p in second] == [encoded[2][2], encoded[3][2]]
+        assert len(client._buffers._pool) == 4
+        del kept, second
+        third = client.get([encoded[1][0], encoded[0][0]])  # everything was dropped: reused
+        assert [p for _, p in third] == [encoded[1][2], encoded[0][2]] and len(client._buffers._pool) == 4
+    finally:
+        client.close()
+
+
 def test_a_slot_damaged_after_the_put_reads_as_missing(store):
     cache = random_cache(SMALL, 3, seed=8)
     encoded = [encode(cache, i) for i in range(3)]

@@ -2,6 +2,7 @@
 arenas when it runs on this host (splitserve.kvstore.arena), through chunked gRPC streams otherwise."""
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import os
@@ -20,6 +21,7 @@ from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 CHUNK_BYTES = 1 << 20  # about 1 MiB of payload per message
 SHM_BATCH_BLOCKS = 32  # blocks per CommitSlots call: writing one batch overlaps the store checking the last
 MAX_RESERVE_BLOCKS = 1024  # slots asked for per ReserveSlots call
+RECEIVE_BUFFER_BYTES = 512 << 20  # most bytes of get buffers a client keeps for reuse
 log = logging.getLogger(__name__)
 
 
@@ -48,12 +50,14 @@ class KVStoreClient:
     """put/get of whole blocks. With use_shm (the default) the client asks the store for its
     shared-memory directory once; when it can read the store's probe token there (same host, same
     user) payloads travel through arena slots (ReserveSlots/CommitSlots/GetSlots), otherwise through
-    the gRPC streams. Payloads are written and read with pwrite/pread on the arena files: no mapping,
-    so a shared-memory fault is an OSError here, never a signal."""
+    the gRPC streams. Payloads are written and read with pwrite/pread on the arena files, never
+    through a mapping: a shared-memory fault is an OSError here, never a SIGBUS, and the copies run
+    without the GIL (a store in the same process checks one batch while the next is written)."""
 
     def __init__(self, address: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
                  chunk_bytes: int = CHUNK_BYTES, timeout_s: float = 30.0, use_shm: bool = True,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None,
+                 receive_buffer_bytes: int = RECEIVE_BUFFER_BYTES) -> None:
         self.address = address
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
@@ -62,7 +66,8 @@ class KVStoreClient:
         self._probed = False
         # arena path -> the open file. Never closed while a call may use it: dropped from here, it
         # closes when the last call holding it is done (a closed fd's number could name another file).
-        self._files: dict[str, io.FileIO] = {}
+        self._arenas: dict[str, io.FileIO] = {}
+        self._buffers = _ReceiveBuffers(receive_buffer_bytes)
         self._lock = threading.Lock()
         self._channel = channel(address, max_message_bytes, credentials=credentials)
         self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
@@ -107,7 +112,7 @@ class KVStoreClient:
     def _forget(self) -> None:
         """Drops the probed directory and its open arenas (lock held)."""
         self._shm_dir, self._probed = None, False
-        self._files = {}
+        self._arenas = {}
 
     def _disable_shm(self, why: object) -> None:
         """This call streams; the next one asks the store for its directory again (it may have
@@ -120,10 +125,10 @@ class KVStoreClient:
         """The open arena file `name` of the store's directory; ShmNameError, OSError."""
         path = os.path.join(directory, shm.check_arena_name(name))
         with self._lock:
-            f = self._files.get(path)
-            if f is None:
-                f = self._files[path] = io.FileIO(path, "r+")
-            return f
+            arena = self._arenas.get(path)
+            if arena is None:
+                arena = self._arenas[path] = io.FileIO(path, "r+")
+            return arena
 
     def contains(self, hashes: list[bytes]) -> list[bool]:
         if not hashes:
@@ -226,8 +231,9 @@ class KVStoreClient:
 
     def get(self, hashes: list[bytes], release_lease_id: str = "") -> list[tuple[BlockHeader, bytes]]:
         """The leading blocks of `hashes` the store has, in order; stops at the first missing one
-        (a block whose bytes fail their checksum counts as missing). KVBlockError when what arrived
-        is malformed (the caller recomputes)."""
+        (a block whose bytes fail their checksum counts as missing). A payload is bytes (streams) or
+        a read-only memoryview of a receive buffer (same host) that is reused once every view of it
+        is gone. KVBlockError when what arrived is malformed (the caller recomputes)."""
         if not hashes:
             return []
         request = kvstore_pb2.GetRequest(block_hashes=hashes, release_lease_id=release_lease_id)
@@ -271,12 +277,13 @@ class KVStoreClient:
                     arena = self._arena_file(directory, block.arena)
                 except shm.ShmNameError as e:
                     raise KVBlockError(f"kvstore reply: {e}") from None
-                payload = os.pread(arena.fileno(), header.payload_size, block.offset)
-                if len(payload) != header.payload_size or payload_checksum(payload) != header.checksum:
+                buf = self._buffers.take(header.payload_size)
+                got = os.preadv(arena.fileno(), [buf], block.offset)
+                if got != header.payload_size or payload_checksum(buf) != header.checksum:
                     log.warning("kvstore %s: block %s failed its checksum in shared memory (treated as "
                                 "missing)", self.address, block.block_hash.hex()[:16])
                     return out, False
-                out.append((header, payload))
+                out.append((header, buf.toreadonly()))
             return out, True
         finally:
             if reply.read_lease_id:
@@ -314,6 +321,46 @@ class KVStoreClient:
         with self._lock:
             self._forget()
         self._channel.close()
+
+
+class _ReceiveBuffers:
+    """Buffers that same-host gets copy payloads into, reused once the caller dropped every view
+    of them: on small VMs the first touch of fresh memory costs more than the copy (about 1 GB/s
+    against 4), so a decode worker that imports and drops what it fetched reads the next request's
+    blocks at memcpy speed. Keeps at most limit_bytes; beyond that, buffers are fresh and not kept."""
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._pool: collections.deque[bytearray] = collections.deque()  # handed out oldest first
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> memoryview:
+        """A writable view of a `size`-byte buffer no one else holds (the view, made under the lock,
+        keeps it taken: no other thread can be handed it)."""
+        with self._lock:
+            if self._pool and len(self._pool[0]) == size and _unused(self._pool[0]):
+                buf = self._pool.popleft()
+                self._pool.append(buf)
+                return memoryview(buf)
+            buf = bytearray(size)
+            if self._bytes + size <= self.limit_bytes:
+                self._pool.append(buf)
+                self._bytes += size
+            elif self._pool and _unused(self._pool[0]):  # full: the oldest, if free, makes way
+                self._bytes -= len(self._pool.popleft())
+            return memoryview(buf)
+
+
+def _unused(buf: bytearray) -> bool:
+    """Whether no view of `buf` is alive: a bytearray with exported buffers refuses to shrink
+    (pop raises BufferError); otherwise it shrinks by one byte and append restores it in place."""
+    try:
+        last = buf.pop()
+    except BufferError:
+        return False
+    buf.append(last)
+    return True
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
