@@ -245,24 +245,18 @@ def run_hf(job: dict) -> dict:
 
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    try:  # ask for a plain dense model: some versions otherwise try to keep GGUF weights packed
-        from transformers.utils.quantization_config import GgufConfig
+    from splitserve.bench.hf_batcher import load_dense_model
 
-        dense = {"quantization_config": GgufConfig(dequantize=True)}
-    except ImportError:
-        dense = {}
     path = Path(job["model_path"])
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[job["dtype"]]
     t0 = time.perf_counter()
     if path.is_dir():
         tok = AutoTokenizer.from_pretrained(str(path))
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     else:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **dense)
-    model.eval()
+    model = load_dense_model(path, dtype)
     # What the baseline really computes with, shown in the report.
     linear = next((m for n, m in model.named_modules() if n.endswith("mlp.down_proj")), None)
     weight = getattr(linear, "weight", None)

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import dataclasses
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from services_fixture import start_stack  # noqa: E402
 from splitserve.bench import datasets, runner  # noqa: E402
 from splitserve.bench.metrics import RequestRecord, latency_stats, summarize  # noqa: E402
 from splitserve.bench.report import format_compare, format_table, write_json  # noqa: E402
+from splitserve.launcher import free_port  # noqa: E402
 
 TARGET_BATCHING = 2.0  # splitserve output tok/s over HF static batching
 TARGET_PREFIX = 20.0  # miss TTFT over hit TTFT
@@ -55,12 +55,6 @@ TARGET_ITL = 0.5  # disaggregated p99 ITL over colocated
 
 def log(msg: str) -> None:
     print(f"[perf] {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ----------------------------------------------------------------------------- servers
@@ -150,7 +144,7 @@ def warm_up(base_url: str, ids: np.ndarray, n: int = 2) -> None:
         raise SystemExit(f"warm-up against {base_url} failed: {bad[0]}")
 
 
-def header(args) -> None:
+def header() -> None:
     import torch
 
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); torch {torch.__version__}; "
@@ -188,7 +182,7 @@ def cmd_batching(args) -> dict:
         check_ok(name, records)
         summaries[name] = summarize(records, duration)
         runs[name] = (records, duration)
-    header(args)
+    header()
     print(f"{len(reqs)} requests: prompts {min(r.prompt_len for r in reqs)}-{max(r.prompt_len for r in reqs)} "
           f"tokens, outputs {int(outs.min())}-{int(outs.max())} (mean {outs.mean():.0f}, ignore_eos), "
           f"{args.concurrency} in flight, greedy, {args.dtype}; each system alone on the machine")
@@ -229,7 +223,7 @@ def cmd_prefix(args) -> dict:
     fill, hits = hit[0], hit[1:]
     miss_ttft = [r.ttft * 1000 for r in miss]
     hit_ttft = [r.ttft * 1000 for r in hits]
-    header(args)
+    header()
     prompt_len = args.prefix_len + args.suffix_len
     print(f"prompts of {prompt_len} tokens: a {args.prefix_len}-token prefix + a {args.suffix_len}-token suffix of "
           f"their own; {args.output_len} output tokens; one request at a time; {args.dtype}; "
@@ -284,7 +278,7 @@ def cmd_itl(args) -> dict:
                          "decode_tokens_per_s": sum(r.output_tokens for r in dec) / dec_s,
                          "prefill_ttft_ms": latency_stats([r.ttft for r in pre])["mean"],
                          "decode_seconds": dec_s}
-    header(args)
+    header()
     print(f"{args.decodes} decodes ({args.decode_prompt}-token prompts, {args.decode_output} tokens each, ignore_eos) "
           f"while {args.prefills} prompts of {args.prefill_len} tokens ({args.prefill_output} output tokens) arrive "
           f"from {args.first_prefill_s:g}s every {args.prefill_every_s:g}s; {args.dtype}; disaggregated: prefill on "

@@ -30,12 +30,10 @@ class LoadedModel(NamedTuple):
     vocab_size: int  # rows of the embedding table
 
 
-def load(model: str | None, dtype: str) -> LoadedModel:
-    """The HF model as `run_hf` loads it (GGUF dequantized to dense weights), and the tokenizer."""
+def load_dense_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """HF transformers' model of an HF folder, or of a GGUF file dequantized to dense weights in
+    `dtype` (the baseline of `splitserve hf-serve` and `benchmarks/bench_engine.py`), in eval mode."""
     from transformers import AutoModelForCausalLM
-
-    from splitserve.model.loader import resolve_model_path
-    from splitserve.model.tokenizer import load_tokenizer
 
     try:  # a plain dense model: some versions otherwise try to keep GGUF weights packed
         from transformers.utils.quantization_config import GgufConfig
@@ -43,12 +41,20 @@ def load(model: str | None, dtype: str) -> LoadedModel:
         dense = {"quantization_config": GgufConfig(dequantize=True)}
     except ImportError:
         dense = {}
-    path = resolve_model_path(model)
     if path.is_dir():
-        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype])
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     else:
-        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=DTYPES[dtype], **dense)
-    hf.eval()
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype, **dense)
+    return hf.eval()
+
+
+def load(model: str | None, dtype: str) -> LoadedModel:
+    """The HF model (load_dense_model) and splitserve's tokenizer of the same file."""
+    from splitserve.model.loader import resolve_model_path
+    from splitserve.model.tokenizer import load_tokenizer
+
+    path = resolve_model_path(model)
+    hf = load_dense_model(path, DTYPES[dtype])
     cfg = hf.config
     return LoadedModel(hf, load_tokenizer(path), path, int(cfg.max_position_embeddings), int(cfg.vocab_size))
 

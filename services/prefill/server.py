@@ -22,7 +22,6 @@ import logging
 import queue
 import sys
 import time
-from collections.abc import Container
 
 import grpc
 
@@ -36,16 +35,6 @@ from splitserve.worker import Worker, WorkerConfig, abort_invalid, role_main, se
 
 logger = logging.getLogger("splitserve.prefill")
 SERVICE = "splitserve.v1.Prefill"
-
-
-class _EveryBlock:
-    """export_skip that skips every block (no kvstore to put them in)."""
-
-    def __contains__(self, block_hash: object) -> bool:
-        return True
-
-
-_EVERY_BLOCK = _EveryBlock()
 
 
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
@@ -122,18 +111,16 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if out.first_scheduled_time and out.first_token_time:
             m.observe_prefill(max(0.0, out.first_token_time - out.first_scheduled_time))
 
-    def _stored(self, prompt: list[int], cache_salt: str) -> Container[bytes]:
-        """The hashes of the prompt's full blocks that the kvstore already holds: the engine does not
-        export those (on a prefix-cache hit that is nearly all of them, and reading them out would
-        cost more than computing the suffix). One Contains call before the prompt is queued; if the
+    def _stored(self, prompt: list[int], cache_salt: str) -> frozenset[bytes]:
+        """The hashes of the prompt's full blocks that the kvstore already holds (all of them when there
+        is no kvstore): the engine does not export those (on a prefix-cache hit that is nearly all of
+        them, and reading them out would cost more than computing the suffix). One Contains call before the prompt is queued; if the
         kvstore cannot answer, every block is exported and the put decides."""
-        if self.kvstore is None:  # colocated: the blocks stay in this engine's cache, nothing to ship
-            return _EVERY_BLOCK
         engine = self.worker.engine
         hashes = block_hashes(prompt, engine.config.cache.block_size,
                               hash_namespace(engine.model_id, cache_salt or None))
-        if not hashes:
-            return frozenset()
+        if self.kvstore is None or not hashes:  # colocated: the blocks stay in this cache, nothing to ship
+            return frozenset(hashes)
         try:
             present = self.kvstore.contains(hashes)
         except grpc.RpcError:
