@@ -118,3 +118,25 @@ def test_corrupt_safetensors_is_reported(tmp_path, llm_f32):
         name = f.name
     with pytest.raises(ModelLoadError, match=name):
         LLM(model=str(tmp_path))
+
+
+def test_concurrent_tokenizer_conversions_share_one_cache(tmp_path):
+    """A prefill and a decode worker started together both convert the GGUF tokenizer into an empty
+    cache: every process must load it, and the cache ends with one complete folder, no leftovers."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys; from splitserve.model.tokenizer import load_tokenizer; "
+            "from splitserve.model.loader import default_model_path; "
+            "t = load_tokenizer(default_model_path()); print(t.encode('Hello world'))")
+    env = {**os.environ, "SPLITSERVE_CACHE_DIR": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    results = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err[-2000:]
+    assert len({out for out, _ in results}) == 1
+    folders = sorted(x.name for x in (tmp_path / "tokenizers").iterdir())
+    assert len(folders) == 1 and not folders[0].endswith(".tmp"), folders
+    assert (tmp_path / "tokenizers" / folders[0] / "splitserve.json").is_file()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -57,11 +59,21 @@ def load_tokenizer(model_path: Path) -> Tokenizer:
         return Tokenizer(hf, eos)
     hf = AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
     eos = [hf.eos_token_id] if hf.eos_token_id is not None else []
-    tmp = saved.with_name(saved.name + ".tmp")
-    hf.save_pretrained(str(tmp))
-    (tmp / "splitserve.json").write_text(json.dumps({"eos_token_ids": eos, "source": str(model_path)}))
-    if not saved.exists():
-        tmp.rename(saved)  # atomic: a concurrent process sees either nothing or a complete folder
+    # Several processes (a prefill and a decode worker started together) may convert at once: each
+    # writes its own folder, and the first rename wins. A rename onto an existing folder fails, and
+    # the loser's copy is removed; a reader sees either nothing or a complete folder.
+    saved.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=saved.name + ".", suffix=".tmp", dir=saved.parent))
+    try:
+        hf.save_pretrained(str(tmp))
+        (tmp / "splitserve.json").write_text(json.dumps({"eos_token_ids": eos, "source": str(model_path)}))
+        try:
+            tmp.rename(saved)
+        except OSError:
+            if not (saved / "splitserve.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return Tokenizer(hf, eos)
 
 
