@@ -6,12 +6,15 @@ no prefix-cache hits anywhere; nothing is disabled) and --output-len new tokens 
 ignore_eos). Per system:
   colocated      the engine in one process (`LLM(...).engine`): a batch is added at once, then
                  stepped until done; TTFT and token times are stamped as the step outputs appear.
-                 Runs in its own child process (this script with the hidden `--worker colocated`).
+                 Runs in its own child process (this script with the hidden `--worker colocated`),
+                 which takes one batch at a time over its stdin.
   disaggregated  `splitserve up` (gateway, 1 prefill worker, 1 decode worker, kvstore, Redis, each
                  its own process); one client thread per request calls Gateway/Generate with the
                  token ids; TTFT is measured at the client (time to the first streamed message),
                  the gateway's own timings (queue, prefill call, TTFT) are reported beside it.
-The two never run at the same time (colocated first, the stack after it has exited).
+Both are started before the first round and stay up; their rounds alternate (colocated first on
+even rounds, the stack first on odd ones) and never overlap, so a change of the machine's speed
+during the run (other tenants, thermal) hits both systems alike.
 Output tok/s = all output tokens of a batch / wall time of the batch (first send to last token),
 summed over the rounds. Target (from the issue): disaggregated TTFT at 1 request <= 1.2x colocated.
 
@@ -199,9 +202,13 @@ def level_summary(concurrency: int, batches: list[dict], meter: CpuMeter, output
 
 
 # ----------------------------------------------------------------------------- colocated (child)
-def run_colocated(job: dict) -> dict:
+def colocated_worker() -> None:
+    """The child process of the colocated system: loads the engine, then runs one batch per JSON
+    line read from stdin ({"prompts": [...], "n": N}) and answers each with a marked JSON line;
+    an empty line (or EOF) ends it with the engine's totals."""
     import torch
 
+    job = json.loads(sys.stdin.readline())
     if job["threads"]:
         torch.set_num_threads(job["threads"])
     from splitserve import LLM, SamplingParams
@@ -211,15 +218,19 @@ def run_colocated(job: dict) -> dict:
     load_s = time.perf_counter() - t0
     engine = llm.engine
     counter = iter(range(10**9))
-
-    def batch(prompts: list[list[int]], n: int) -> tuple[dict, list[list[int]]]:
-        params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        ids = [f"coloc-{next(counter)}" for _ in prompts]
+    reply = lambda obj: print(RESULT_MARKER + json.dumps(obj), flush=True)  # noqa: E731
+    reply({"load_seconds": load_s, "threads": torch.get_num_threads(), "model_path": str(engine.model_path)})
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        cmd = json.loads(line)
+        params = SamplingParams(temperature=0, max_tokens=cmd["n"], ignore_eos=True)
+        ids = [f"coloc-{next(counter)}" for _ in cmd["prompts"]]
         first: dict[str, float] = {}
         end: dict[str, float] = {}
         tokens: dict[str, list[int]] = {rid: [] for rid in ids}
         start = time.perf_counter()
-        for rid, p in zip(ids, prompts):
+        for rid, p in zip(ids, cmd["prompts"]):
             engine.add_request(rid, p, params)
         while engine.has_unfinished():
             for out in engine.step():
@@ -231,124 +242,175 @@ def run_colocated(job: dict) -> dict:
                     end[out.request_id] = now
         wall = time.perf_counter() - start
         reqs = [{"ttft_s": first[r] - start, "end_s": end[r] - start, "num_tokens": len(tokens[r])} for r in ids]
-        return batch_stats(reqs, wall), [tokens[r] for r in ids]
-
-    batch(job["warmup"], job["warmup_output_len"])
-    levels, outputs = [], []
-    for level in job["levels"]:
-        meter, batches, outs = CpuMeter(), [], []
-        for prompts in level["rounds"]:
-            with meter:
-                stats, toks = batch(prompts, job["output_len"])
-            batches.append(stats)
-            outs.append(toks)
-        levels.append(level_summary(level["concurrency"], batches, meter, job["output_len"]))
-        outputs.append(outs)
-        s = levels[-1]
-        print(f"[colocated] concurrency {s['concurrency']}: TTFT mean {s['ttft_mean_s'] * 1e3:.0f} ms, "
-              f"{s['tok_s']:.1f} out tok/s", file=sys.stderr, flush=True)
-    return {"system": "colocated", "levels": levels, "outputs": outputs, "load_seconds": load_s,
-            "threads": torch.get_num_threads(), "model_path": str(engine.model_path),
-            "prefix_cache_hits": engine.block_manager.stats.hits,
-            "num_preemptions": engine.scheduler.num_preemptions}
+        reply({"stats": batch_stats(reqs, wall), "tokens": [tokens[r] for r in ids]})
+    reply({"prefix_cache_hits": engine.block_manager.stats.hits,
+           "num_preemptions": engine.scheduler.num_preemptions})
 
 
-def run_child(argv: list[str], job: dict | None) -> dict:
-    """Runs this script as a child (`argv` after the script), the job as JSON on stdin; returns the
-    result from its marked JSON line (its other output goes to our stderr)."""
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], input=json.dumps(job),
-                          stdout=subprocess.PIPE, text=True, env=os.environ | {"TQDM_DISABLE": "1"})
-    result = None
-    for line in proc.stdout.splitlines():
-        if line.startswith(RESULT_MARKER):
-            result = json.loads(line[len(RESULT_MARKER):])
-        elif line.strip():
-            print(f"[child stdout] {line}", file=sys.stderr)
-    if proc.returncode != 0 or result is None:
-        raise SystemExit(f"child {' '.join(argv)} failed (exit code {proc.returncode}); see its output above")
-    return result
+class Colocated:
+    """The engine in one process (a child running `colocated_worker`), driven batch by batch."""
+
+    name = "colocated"
+
+    def __init__(self, job: dict) -> None:
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "colocated"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=os.environ | {"TQDM_DISABLE": "1"})
+        self._send(job)
+        self.info = self._reply()
+
+    def _send(self, obj) -> None:
+        self.proc.stdin.write((json.dumps(obj) if obj is not None else "") + "\n")
+        self.proc.stdin.flush()
+
+    def _reply(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith(RESULT_MARKER):
+                return json.loads(line[len(RESULT_MARKER):])
+            if line.strip():
+                print(f"[colocated stdout] {line.rstrip()}", file=sys.stderr)
+        raise SystemExit(f"the colocated child exited (code {self.proc.wait()}); see its output above")
+
+    def cpu(self) -> float:
+        return proc_tree_cpu(self.proc.pid)
+
+    def batch(self, prompts: list[list[int]], n: int) -> tuple[dict, list[list[int]], dict]:
+        self._send({"prompts": prompts, "n": n})
+        r = self._reply()
+        return r["stats"], r["tokens"], {}
+
+    def finish(self) -> dict:
+        self._send(None)
+        totals = self._reply()
+        self.proc.wait(60)
+        return {"system": "colocated", **self.info, **totals}
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 # ----------------------------------------------------------------------------- disaggregated
-def run_stack(args: argparse.Namespace, job: dict) -> dict:
-    from services_fixture import start_stack
+class Stack:
+    """`splitserve up` (1 prefill, 1 decode worker), driven over Gateway/Generate batch by batch."""
 
-    from splitserve.client import stream_generate
-    from splitserve.rpc import channel
+    name = "disaggregated"
 
-    flags = ["--dtype", args.dtype, "--prefill-workers", "1", "--decode-workers", "1",
-             "--kv-cache-memory-gb", str(args.kv_cache_memory_gb)]
-    if args.model:
-        flags += ["--model", args.model]
-    if args.stack_torch_threads:
-        flags += ["--torch-threads", str(args.stack_torch_threads)]
-    t0 = time.perf_counter()
-    stack = start_stack(*flags, timeout_s=args.startup_timeout_s)
+    def __init__(self, args: argparse.Namespace) -> None:
+        from services_fixture import start_stack
+
+        from splitserve.rpc import channel
+
+        flags = ["--dtype", args.dtype, "--prefill-workers", "1", "--decode-workers", "1",
+                 "--kv-cache-memory-gb", str(args.kv_cache_memory_gb)]
+        if args.model:
+            flags += ["--model", args.model]
+        if args.stack_torch_threads:
+            flags += ["--torch-threads", str(args.stack_torch_threads)]
+        self.args = args
+        t0 = time.perf_counter()
+        self.stack = start_stack(*flags, timeout_s=args.startup_timeout_s)
+        self.startup_s = time.perf_counter() - t0
+        log(f"stack up in {self.startup_s:.1f}s: gateway {self.stack.gateway}, {self.stack.roles}")
+        self.channel = channel(self.stack.gateway)
+        self.before = _stack_counters(self.stack)
+
+    def cpu(self) -> float:
+        return proc_tree_cpu(self.stack.proc.pid) + own_cpu()  # the stack and this client
+
+    def _one(self, ids: list[int], n: int, barrier: threading.Barrier) -> dict:
+        from splitserve.client import stream_generate
+
+        barrier.wait()
+        sent = time.perf_counter()
+        first, tokens, final = None, [], None
+        for msg in stream_generate(self.stack.gateway, token_ids=ids, channel=self.channel, timeout_s=600.0,
+                                   sampling={"temperature": 0.0, "max_tokens": n, "ignore_eos": True}):
+            now = time.perf_counter()
+            if msg.token_ids and first is None:
+                first = now
+            tokens.extend(msg.token_ids)
+            if msg.finish_reason:
+                final = msg
+        end = time.perf_counter()
+        if final is None:
+            raise RuntimeError("the gateway ended a stream without a finish reason")
+        t = final.timings
+        return {"sent": sent, "first": first, "end": end, "tokens": tokens,
+                "gateway": {"ttft_s": t.ttft_s, "queue_s": t.queue_s, "prefill_s": t.prefill_s,
+                            "decode_s": t.decode_s, "e2e_s": t.e2e_s},
+                "cached_tokens": final.usage.cached_tokens}
+
+    def batch(self, prompts: list[list[int]], n: int) -> tuple[dict, list[list[int]], dict]:
+        barrier = threading.Barrier(len(prompts))
+        with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+            rs = list(pool.map(lambda p: self._one(p, n, barrier), prompts))
+        start = min(r["sent"] for r in rs)
+        wall = max(r["end"] for r in rs) - start
+        # TTFT from each request's own send; token times from the batch start (as colocated,
+        # where every request of the batch is added at the same instant).
+        reqs = [{"ttft_s": r["first"] - r["sent"], "end_s": r["end"] - r["sent"], "num_tokens": len(r["tokens"])}
+                for r in rs]
+        extra = {"gateway": [r["gateway"] for r in rs], "cached_tokens": sum(r["cached_tokens"] for r in rs)}
+        return batch_stats(reqs, wall), [r["tokens"] for r in rs], extra
+
+    def finish(self) -> dict:
+        after = _stack_counters(self.stack)
+        counters = {k: after[k] - self.before.get(k, 0) for k in after}
+        self.kill()
+        return {"system": "disaggregated", "startup_seconds": self.startup_s, "counters": counters,
+                "threads": _stack_threads(self.args)}
+
+    def kill(self) -> None:
+        if self.stack.proc.poll() is None:
+            code = self.stack.stop()
+            log(f"stack stopped (exit code {code})")
+
+
+def run_requests(args: argparse.Namespace, job: dict) -> tuple[dict | None, dict | None]:
+    """Both systems alive at once, their rounds interleaved (colocated first on even rounds, the
+    stack first on odd ones), so a drift of the machine's speed during the run hits both alike.
+    Only one system runs at any instant; the idle one only waits on its sockets and pipes."""
+    systems: list = []
     try:
-        startup_s = time.perf_counter() - t0
-        log(f"stack up in {startup_s:.1f}s: gateway {stack.gateway}, {stack.roles}")
-        ch = channel(stack.gateway)
-        sut_cpu = lambda: proc_tree_cpu(stack.proc.pid) + own_cpu()  # noqa: E731 (stack + this client)
-
-        def one(ids: list[int], n: int, barrier: threading.Barrier) -> dict:
-            barrier.wait()
-            sent = time.perf_counter()
-            first, tokens, final = None, [], None
-            for msg in stream_generate(stack.gateway, token_ids=ids, channel=ch, timeout_s=600.0,
-                                       sampling={"temperature": 0.0, "max_tokens": n, "ignore_eos": True}):
-                now = time.perf_counter()
-                if msg.token_ids and first is None:
-                    first = now
-                tokens.extend(msg.token_ids)
-                if msg.finish_reason:
-                    final = msg
-            end = time.perf_counter()
-            if final is None:
-                raise RuntimeError("the gateway ended a stream without a finish reason")
-            t = final.timings
-            return {"sent": sent, "first": first, "end": end, "tokens": tokens,
-                    "gateway": {"ttft_s": t.ttft_s, "queue_s": t.queue_s, "prefill_s": t.prefill_s,
-                                "decode_s": t.decode_s, "e2e_s": t.e2e_s},
-                    "cached_tokens": final.usage.cached_tokens}
-
-        def batch(prompts: list[list[int]], n: int) -> tuple[dict, list[list[int]], list[dict]]:
-            barrier = threading.Barrier(len(prompts))
-            with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-                rs = list(pool.map(lambda p: one(p, n, barrier), prompts))
-            start = min(r["sent"] for r in rs)
-            wall = max(r["end"] for r in rs) - start
-            # TTFT from each request's own send; token times from the batch start (as colocated,
-            # where every request of the batch is added at the same instant).
-            reqs = [{"ttft_s": r["first"] - r["sent"], "end_s": r["end"] - r["sent"], "num_tokens": len(r["tokens"])}
-                    for r in rs]
-            return batch_stats(reqs, wall), [r["tokens"] for r in rs], rs
-
-        before = _stack_counters(stack)
-        batch(job["warmup"], job["warmup_output_len"])
-        levels, outputs = [], []
+        if not args.skip_colocated:
+            log("colocated: the engine in a child process")
+            systems.append(Colocated(job))
+        if not args.skip_stack:
+            log("disaggregated: starting `splitserve up`")
+            systems.append(Stack(args))
+        for system in systems:
+            system.batch(job["warmup"], job["warmup_output_len"])
+        levels = {s.name: [] for s in systems}
+        outputs = {s.name: [] for s in systems}
         for level in job["levels"]:
-            meter, batches, outs, gw, cached = CpuMeter(sut_cpu), [], [], [], 0
-            for prompts in level["rounds"]:
-                with meter:
-                    stats, toks, rs = batch(prompts, job["output_len"])
-                batches.append(stats)
-                outs.append(toks)
-                gw += [r["gateway"] for r in rs]
-                cached += sum(r["cached_tokens"] for r in rs)
-            s = level_summary(level["concurrency"], batches, meter, job["output_len"])
-            s["gateway"] = {k: statistics.fmean(g[k] for g in gw) for k in gw[0]}  # means, seconds
-            s["cached_tokens"] = cached
-            levels.append(s)
-            outputs.append(outs)
-            log(f"disaggregated concurrency {s['concurrency']}: TTFT mean {s['ttft_mean_s'] * 1e3:.0f} ms "
-                f"(gateway {s['gateway']['ttft_s'] * 1e3:.0f} ms), {s['tok_s']:.1f} out tok/s")
-        after = _stack_counters(stack)
-        counters = {k: after[k] - before.get(k, 0) for k in after}
-        return {"system": "disaggregated", "levels": levels, "outputs": outputs, "startup_seconds": startup_s,
-                "counters": counters, "threads": _stack_threads(args)}
+            meters = {s.name: CpuMeter(s.cpu) for s in systems}
+            batches = {s.name: [] for s in systems}
+            outs = {s.name: [] for s in systems}
+            extras = {s.name: [] for s in systems}
+            for r, prompts in enumerate(level["rounds"]):
+                for system in (systems if r % 2 == 0 else systems[::-1]):
+                    with meters[system.name]:
+                        stats, toks, extra = system.batch(prompts, job["output_len"])
+                    batches[system.name].append(stats)
+                    outs[system.name].append(toks)
+                    extras[system.name].append(extra)
+            for system in systems:
+                s = level_summary(level["concurrency"], batches[system.name], meters[system.name], job["output_len"])
+                if system.name == "disaggregated":
+                    gw = [g for e in extras[system.name] for g in e["gateway"]]
+                    s["gateway"] = {k: statistics.fmean(g[k] for g in gw) for k in gw[0]}  # means, seconds
+                    s["cached_tokens"] = sum(e["cached_tokens"] for e in extras[system.name])
+                levels[system.name].append(s)
+                outputs[system.name].append(outs[system.name])
+                log(f"{system.name} concurrency {s['concurrency']}: TTFT mean {s['ttft_mean_s'] * 1e3:.0f} ms, "
+                    f"{s['tok_s']:.1f} out tok/s")
+        results = {s.name: {**s.finish(), "levels": levels[s.name], "outputs": outputs[s.name]} for s in systems}
     finally:
-        code = stack.stop()
-        log(f"stack stopped (exit code {code})")
+        for system in systems:
+            system.kill()
+    return results.get("colocated"), results.get("disaggregated")
 
 
 def _stack_counters(stack) -> dict:
@@ -727,29 +789,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker == "colocated":
-        result = run_colocated(json.loads(sys.stdin.read()))
-        print(RESULT_MARKER + json.dumps(result), flush=True)
+        colocated_worker()
         return
     if args.worker == "kvserver":
         run_kv_server_child(args.kv_capacity_gb)
         return
-    run_requests = not (args.skip_stack and args.skip_colocated)
+    wanted = not (args.skip_stack and args.skip_colocated)
     need_blocks = max(args.concurrency) * math.ceil((args.prompt_len + args.output_len) / BLOCK_SIZE)
     per_block = 2 * BLOCK_SIZE * KV_SHAPE["num_layers"] * KV_SHAPE["num_kv_heads"] * KV_SHAPE["head_dim"] * (
         4 if args.dtype == "float32" else 2)
     have = int(args.kv_cache_memory_gb * (1 << 30)) // per_block
-    if run_requests and have < need_blocks:
+    if wanted and have < need_blocks:
         log(f"WARNING: --kv-cache-memory-gb {args.kv_cache_memory_gb} holds {have} blocks, "
             f"{need_blocks} needed for {max(args.concurrency)} requests of {args.prompt_len}+{args.output_len} "
             f"tokens (default model): expect preemptions")
-    job = build_job(args) if run_requests else None
+    job = build_job(args) if wanted else None
     coloc = disagg = kv = None
-    if run_requests and not args.skip_colocated:
-        log("colocated: the engine in a child process")
-        coloc = run_child(["--worker", "colocated"], job)
-    if run_requests and not args.skip_stack:
-        log("disaggregated: starting `splitserve up`")
-        disagg = run_stack(args, job)
+    if wanted:
+        coloc, disagg = run_requests(args, job)
     if not args.skip_kv:
         log("KV transfer")
         kv = run_kv(args)
