@@ -85,6 +85,23 @@ def test_chunked_prefill_matches_unchunked(llm_f32, text_ids):
     assert a.token_ids == b.token_ids
 
 
+def test_decode_rows_of_very_different_lengths_match_each_alone(llm_f32, text_ids):
+    """One long context among short ones: the CPU decode attention splits the batch into length
+    groups (each padded to its own longest); every output equals that prompt generated alone."""
+    from splitserve.engine.attention import plan_decode_groups
+
+    long_prompt = (text_ids * 20)[:640]
+    short = [text_ids[:5], text_ids[3:9], text_ids[7:12], text_ids[1:4]]
+    prompts = [short[0], long_prompt, *short[1:]]
+    blocks = [-(-len(p) // 16) for p in prompts]
+    assert len(plan_decode_groups(blocks)) >= 2  # the case this test is about
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = llm_f32.with_config(enable_prefix_caching=False)
+    together = llm.generate(prompts, params)
+    alone = [llm.generate([p], params)[0] for p in prompts]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+
+
 def test_seeded_sampling_is_independent_of_batch(llm_f32, text_ids):
     seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=16, ignore_eos=True)
     other = SamplingParams(temperature=1.2, max_tokens=10, ignore_eos=True)

@@ -28,6 +28,71 @@ class AttentionMetadata:
     prefill_seq_lens: tuple[int, ...]  # context length (cached prefix + query) of each
     prefill_block_tables: tuple[torch.Tensor, ...]  # [num_blocks_i] int64 each
     use_triton: bool = False
+    # CPU path: the decode rows split by context length (see `plan_decode_groups`); empty means one
+    # group of every row, padded to the longest (decode_block_tables / decode_mask).
+    decode_groups: tuple["DecodeGroup", ...] = ()
+
+
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Decode rows of similar context length, attended together (padded to their own longest)."""
+
+    rows: torch.Tensor | None  # [n] int64 rows of the decode batch, or None for all rows in order
+    block_tables: torch.Tensor  # [n, max_blocks] int32
+    seq_lens: torch.Tensor  # [n] int32
+    mask: torch.Tensor  # [n, 1, 1, max_blocks * block_size] bool
+
+
+# A group of its own costs about as much as gathering this many (row, block) pairs more: measured
+# on a 2-core x86 CPU with the default model (~0.09 ms per row-block over 30 layers, ~4.5 ms of
+# per-group ops). Only the order of magnitude matters.
+GROUP_COST_ROW_BLOCKS = 48
+
+
+def plan_decode_groups(num_blocks: list[int], group_cost: int = GROUP_COST_ROW_BLOCKS) -> list[list[int]]:
+    """Splits decode rows into groups that minimise the padded gather.
+
+    The torch decode path gathers every row's pages padded to the longest row of its group, so a
+    batch mixing 10-block and 60-block contexts spends most of its attention on padding. Sorted by
+    length, rows are cut into consecutive runs minimising sum(rows * longest + group_cost) (an exact
+    O(n^2) dynamic programme). Returns the row indices of each group, each group sorted by length.
+    """
+    order = sorted(range(len(num_blocks)), key=num_blocks.__getitem__)
+    n = len(order)
+    best = [0] + [None] * n  # best[i]: cost of grouping the i shortest rows
+    cut = [0] * (n + 1)
+    for end in range(1, n + 1):
+        longest = num_blocks[order[end - 1]]
+        for start in range(end):
+            cost = best[start] + (end - start) * longest + group_cost
+            if best[end] is None or cost < best[end]:
+                best[end], cut[end] = cost, start
+    groups, end = [], n
+    while end > 0:
+        groups.append(order[cut[end]:end])
+        end = cut[end]
+    return groups[::-1]
+
+
+def decode_groups(tables: list[list[int]], seq_lens: list[int], block_size: int,
+                  device: torch.device) -> tuple[DecodeGroup, ...]:
+    """The decode batch's `DecodeGroup`s (block tables padded with 0 within each group)."""
+    plan = plan_decode_groups([len(t) for t in tables])
+    if len(plan) == 1:  # one group: keep the batch's own row order (no permutation needed)
+        plan = [list(range(len(tables)))]
+    groups = []
+    for rows in plan:
+        max_blocks = max(len(tables[r]) for r in rows)
+        bt = torch.zeros((len(rows), max_blocks), dtype=torch.int32)
+        for i, r in enumerate(rows):
+            bt[i, : len(tables[r])] = torch.tensor(tables[r], dtype=torch.int32)
+        lens = torch.tensor([seq_lens[r] for r in rows], dtype=torch.int32)
+        groups.append(DecodeGroup(
+            rows=None if len(plan) == 1 else torch.tensor(rows, dtype=torch.long, device=device),
+            block_tables=bt.to(device), seq_lens=lens.to(device),
+            mask=decode_mask(lens, max_blocks, block_size).to(device),
+        ))
+    return tuple(groups)
 
 
 def write_kv_torch(
@@ -88,6 +153,20 @@ def paged_decode_attention_torch(
     return out.permute(0, 3, 1, 2).reshape(batch, heads, head_dim).to(q.dtype)
 
 
+def _grouped_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                              groups: tuple[DecodeGroup, ...], scale: float) -> torch.Tensor:
+    """`paged_decode_attention_torch` over each group of rows, results put back in row order."""
+    if len(groups) == 1 and groups[0].rows is None:
+        g = groups[0]
+        return paged_decode_attention_torch(q, k_cache, v_cache, g.block_tables, g.seq_lens, scale, g.mask)
+    out = torch.empty_like(q)
+    for g in groups:
+        part = paged_decode_attention_torch(q.index_select(0, g.rows), k_cache, v_cache, g.block_tables,
+                                            g.seq_lens, scale, g.mask)
+        out.index_copy_(0, g.rows, part)
+    return out
+
+
 def prefill_attention_torch(
     q: torch.Tensor,  # [n, heads, head_dim] the new query tokens
     k: torch.Tensor,  # [n, kv_heads, head_dim] their keys
@@ -145,6 +224,8 @@ def paged_attention(
                     q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
                 )
             )
+        elif meta.decode_groups:
+            outputs.append(_grouped_decode_attention(q[:nd], k_cache, v_cache, meta.decode_groups, scale))
         else:
             outputs.append(
                 paged_decode_attention_torch(

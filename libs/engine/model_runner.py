@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 import torch
 
-from splitserve.engine.attention import AttentionMetadata, decode_mask
+from splitserve.engine.attention import AttentionMetadata, decode_groups
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.kv_cache import KVCache
 from splitserve.engine.scheduler import ScheduledSeq
@@ -59,22 +59,28 @@ class ModelRunner:
                 sample_indices.append(len(input_ids) - 1)
                 sampled.append(idx)
         num_decodes = len(decode_tables)
-        max_blocks = max((len(t) for t in decode_tables), default=0)
-        tables = torch.zeros((num_decodes, max_blocks), dtype=torch.int32)
-        for row, t in enumerate(decode_tables):
-            tables[row, : len(t)] = torch.tensor(t, dtype=torch.int32)
-        seq_lens = torch.tensor(decode_lens, dtype=torch.int32)
-        tables, seq_lens = tables.to(self.device), seq_lens.to(self.device)
+        if self.use_triton:  # the kernel walks each row's own length: one padded table
+            max_blocks = max((len(t) for t in decode_tables), default=0)
+            tables = torch.zeros((num_decodes, max_blocks), dtype=torch.int32)
+            for row, t in enumerate(decode_tables):
+                tables[row, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            tables = tables.to(self.device)
+            seq_lens = torch.tensor(decode_lens, dtype=torch.int32, device=self.device)
+            groups = ()
+        else:  # the torch path gathers padded pages: rows of similar length go together
+            tables = seq_lens = torch.empty(0, dtype=torch.int32)
+            groups = decode_groups(decode_tables, decode_lens, bs, self.device) if num_decodes else ()
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decodes=num_decodes,
             decode_block_tables=tables,
             decode_seq_lens=seq_lens,
-            decode_mask=None if (self.use_triton or not num_decodes) else decode_mask(seq_lens, max_blocks, bs),
+            decode_mask=None,
             prefill_query_lens=tuple(prefill_q),
             prefill_seq_lens=tuple(prefill_len),
             prefill_block_tables=tuple(prefill_tables),
             use_triton=self.use_triton,
+            decode_groups=groups,
         )
         return StepInputs(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),

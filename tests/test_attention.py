@@ -1,0 +1,56 @@
+"""The torch attention path on the CPU: decode rows grouped by context length."""
+from __future__ import annotations
+
+import torch
+
+
+def _cache(num_blocks, block_size, kv_heads, head_dim, dtype, gen):
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    return torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
+
+
+def test_decode_groups_plan_covers_every_row_once():
+    from splitserve.engine.attention import plan_decode_groups
+
+    assert plan_decode_groups([5, 5, 5, 5]) == [[0, 1, 2, 3]]  # equal lengths: one group
+    assert plan_decode_groups([]) == []
+    lengths = [3, 60, 4, 58, 2, 61, 5, 59] * 4  # two clusters: short and long contexts
+    plan = plan_decode_groups(lengths, group_cost=48)
+    assert sorted(r for g in plan for r in g) == list(range(len(lengths)))
+    assert len(plan) == 2 and {lengths[r] < 10 for r in plan[0]} == {True}
+    # the plan never pads more than one group would, plus its group costs
+    padded = sum(len(g) * max(lengths[r] for r in g) + 48 for g in plan)
+    assert padded <= len(lengths) * max(lengths) + 48
+    assert plan_decode_groups(lengths, group_cost=10**6) == [sorted(range(len(lengths)), key=lengths.__getitem__)]
+
+
+def test_grouped_decode_attention_equals_one_padded_batch():
+    """Rows attended in length groups (permuted, then put back) equal the single padded batch."""
+    from splitserve.engine.attention import AttentionMetadata, decode_groups, paged_attention
+
+    gen = torch.Generator().manual_seed(11)
+    block_size, heads, kv_heads, head_dim = 16, 6, 2, 32
+    lens = [1, 40, 700, 17, 650, 33, 690, 5]  # short and long contexts interleaved
+    k_cache, v_cache = _cache(160, block_size, kv_heads, head_dim, torch.float32, gen)
+    ids = torch.randperm(160, generator=gen).tolist()
+    tables, used = [], 0
+    for n in lens:
+        nb = -(-n // block_size)
+        tables.append(ids[used:used + nb])
+        used += nb
+    groups = decode_groups(tables, lens, block_size, torch.device("cpu"))
+    assert len(groups) >= 2 and all(g.rows is not None for g in groups)
+    q = torch.randn(len(lens), heads, head_dim, generator=gen)
+    k = torch.randn(len(lens), kv_heads, head_dim, generator=gen)
+    v = torch.randn(len(lens), kv_heads, head_dim, generator=gen)
+    pos = torch.tensor(lens) - 1
+    slots = torch.tensor([tables[i][p // block_size] * block_size + p % block_size for i, p in enumerate(pos.tolist())])
+    padded = torch.zeros(len(lens), max(len(t) for t in tables), dtype=torch.int32)
+    for i, t in enumerate(tables):
+        padded[i, :len(t)] = torch.tensor(t, dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    one = AttentionMetadata(slots, len(lens), padded, seq_lens, None, (), (), ())
+    grouped = AttentionMetadata(slots, len(lens), padded, seq_lens, None, (), (), (), decode_groups=groups)
+    ref = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), one, head_dim ** -0.5)
+    out = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), grouped, head_dim ** -0.5)
+    assert (out - ref).abs().max().item() <= 1e-5
