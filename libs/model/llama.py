@@ -8,6 +8,7 @@ attention layer is the only place where sequences are told apart (through `Atten
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -188,17 +189,17 @@ class LlamaModel(nn.Module):
             return F.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
-    def use_transposed_gemm(self, compute_dtype: torch.dtype) -> None:
-        """CPU: swaps every projection for a `TransposedLinear` (and unties the LM head)."""
+    def use_cpu_gemm(self, compute_dtype: torch.dtype) -> None:
+        """CPU: swaps every projection for a `CpuLinear` (and unties the LM head)."""
         for module in list(self.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(module, name, TransposedLinear(child.weight, child.bias, compute_dtype))
+                    setattr(module, name, CpuLinear(child.weight, child.bias, compute_dtype))
         if self.lm_head is None:
-            self.lm_head = TransposedLinear(self.embed_tokens.weight, None, compute_dtype)
+            self.lm_head = CpuLinear(self.embed_tokens.weight, None, compute_dtype)
 
 
-class TransposedLinear(nn.Module):
+class CpuLinear(nn.Module):
     """y = x @ W^T for CPUs, with W laid out once at load time for the GEMM that runs it.
 
     Float32 with MKL: the weight is packed with MKL's `sgemm_pack` (torch.ops.mkl, the packing
@@ -244,8 +245,6 @@ class TransposedLinear(nn.Module):
 def mkl_packed_gemm_available() -> bool:
     """torch was built with MKL and has its packed-GEMM ops (CPU builds on x86 do).
     SPLITSERVE_MKL_PACKED=0 turns the packed path off (to compare, or to rule it out)."""
-    import os
-
     if os.environ.get("SPLITSERVE_MKL_PACKED", "1") == "0":
         return False
     return bool(torch.backends.mkl.is_available()) and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") \
