@@ -46,10 +46,25 @@ from splitserve.rpc import channel_credentials, check_mtls_files, mtls_credentia
 logger = logging.getLogger("splitserve.up")
 
 
+_TAKEN_PORTS: set[int] = set()  # handed out by free_port or reserved in this process
+
+
+def reserve_ports(*ports: int) -> None:
+    """Ports this process will bind later (the gateway's): free_port never hands them out."""
+    _TAKEN_PORTS.update(p for p in ports if p)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port free now that this process has neither handed out nor reserved before: the children
+    bind theirs seconds later, and the OS may offer a released port again in between."""
+    for _ in range(100):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _TAKEN_PORTS:
+            _TAKEN_PORTS.add(port)
+            return port
+    raise RuntimeError("no free port found that is not already handed out")
 
 
 def _die_with_parent() -> None:
@@ -182,10 +197,11 @@ class Launcher:
     def start(self) -> None:
         a = self.args
         host = "127.0.0.1"  # internal roles stay on loopback
+        reserve_ports(a.grpc_port, a.http_port)  # the gateway binds them last, after every other child
         if not self.redis_url:
             from splitserve.redis_server import EmbeddedRedis
 
-            self.redis = EmbeddedRedis().start()
+            self.redis = EmbeddedRedis(port=free_port()).start()
             self.redis_url = self.redis.url
         engine_flags = [
             "--dtype", a.dtype, "--kv-cache-memory-gb", str(a.kv_cache_memory_gb), "--block-size", str(a.block_size),

@@ -456,3 +456,16 @@ def test_docker_compose_config_accepts_the_file():
     result = subprocess.run([*cmd, "-f", str(COMPOSE_FILE), "config", "--quiet"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_free_port_never_hands_out_a_port_twice_or_a_reserved_one():
+    """`up` picks every child's ports with free_port and binds the gateway's given ports last:
+    a port released after the pick may be offered again by the OS, so free_port skips them."""
+    from splitserve import launcher
+
+    reserved = launcher.free_port()
+    launcher._TAKEN_PORTS.discard(reserved)
+    launcher.reserve_ports(reserved, 0)
+    picked = [launcher.free_port() for _ in range(300)]
+    assert len(set(picked)) == len(picked)
+    assert reserved not in picked
