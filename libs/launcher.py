@@ -201,7 +201,7 @@ class Launcher:
         if not self.redis_url:
             from splitserve.redis_server import EmbeddedRedis
 
-            self.redis = EmbeddedRedis(port=free_port()).start()
+            self.redis = EmbeddedRedis().start()  # bound before any other pick: no clash, and it retries
             self.redis_url = self.redis.url
         engine_flags = [
             "--dtype", a.dtype, "--kv-cache-memory-gb", str(a.kv_cache_memory_gb), "--block-size", str(a.block_size),

@@ -166,4 +166,3 @@ def test_engine_dispatch_matches_torch_path():
     (ref, ref_k, ref_v), (out, out_k, out_v) = results
     assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
     assert (out - ref).abs().max().item() <= 1e-5
-
