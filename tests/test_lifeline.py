@@ -1,0 +1,107 @@
+"""Children die with their parent (splitserve.lifeline): armed by the child, no preexec_fn."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from splitserve import lifeline
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
+
+
+def _gone(pid: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        # a zombie (reparented, not yet reaped) counts as gone
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _parent_then_kill(child_code: str) -> int:
+    """Runs a parent process that starts a child (as `child_code` says) and prints its pid; kills the
+    parent with SIGKILL (no cleanup runs) and returns the child's pid."""
+    parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent(child_code)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline()
+        assert line.strip().isdigit(), f"parent printed {line!r}"
+        child_pid = int(line)
+        time.sleep(0.5)  # let the child arm its signal (the test also holds if it has not: it then exits)
+        assert not _gone(child_pid, 0.1), "the child exited while its parent was alive"
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    return child_pid
+
+
+def test_wrapped_program_dies_with_its_parent():
+    child = _parent_then_kill("""
+        import subprocess, time
+        from splitserve import lifeline
+        p = subprocess.Popen(lifeline.wrap(["/bin/sleep", "60"]))
+        print(p.pid, flush=True)
+        time.sleep(60)
+    """)
+    assert _gone(child), "the wrapped sleep outlived its killed parent"
+
+
+def test_cli_child_with_parent_pid_in_env_dies_with_its_parent():
+    child = _parent_then_kill("""
+        import os, subprocess, sys, time
+        from splitserve import lifeline
+        code = "from splitserve import lifeline; import time; assert lifeline.arm_from_env(); time.sleep(60)"
+        p = subprocess.Popen([sys.executable, "-c", code], env=lifeline.child_env(dict(os.environ)))
+        print(p.pid, flush=True)
+        time.sleep(60)
+    """)
+    assert _gone(child), "the child outlived its killed parent"
+
+
+def test_child_whose_parent_is_already_gone_exits_at_once():
+    # The named parent is not this child's parent: as if the parent had died before the child armed.
+    env = {**os.environ, lifeline.ENV: "1"}
+    code = "from splitserve import lifeline; lifeline.arm_from_env(); print('survived')"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "survived" not in out.stdout
+
+
+def test_parent_pid_is_not_passed_on_to_grandchildren():
+    env = lifeline.child_env(dict(os.environ))
+    code = "import os; from splitserve import lifeline; lifeline.arm_from_env(); print(os.environ.get(lifeline.ENV))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "None"
+
+
+def test_bad_parent_pid_is_a_clear_error():
+    env = {**os.environ, lifeline.ENV: "not-a-pid"}
+    out = subprocess.run([sys.executable, "-m", "splitserve.cli", "--help"], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    assert "SPLITSERVE_PARENT_PID must be a process id, got 'not-a-pid'" in out.stderr
+
+
+def test_embedded_redis_dies_with_its_parent():
+    child = _parent_then_kill("""
+        import time
+        from splitserve.redis_server import EmbeddedRedis
+        r = EmbeddedRedis().start()
+        print(r._proc.pid, flush=True)
+        time.sleep(60)
+    """)
+    assert _gone(child), "redis-server outlived its killed parent"
