@@ -76,8 +76,8 @@ class WorkerConfig:
     """gRPC handler threads (each open stream holds one)."""
     torch_threads: int = 0
     """CPU threads for the model (0 = one per core of `cpus`, else torch's default: all cores).
-    Workers sharing cores should run with OMP_WAIT_POLICY=PASSIVE (as `splitserve up` does), or
-    idle OpenMP threads spin on them."""
+    Workers sharing cores should run with a short OpenMP spin (GOMP_SPINCOUNT=10000, as `splitserve
+    up` sets), or libgomp's default spin keeps idle threads busy on them for milliseconds."""
     cpus: str = ""
     """Cores this worker runs on, in the cpu-list format of taskset ('0', '2-3', '0,4-7'; '' = all).
     Pinning prefill and decode workers to different cores keeps a long prefill from delaying the
@@ -117,14 +117,18 @@ class Worker:
         cpus = parse_cpu_list(config.cpus) if config.cpus else None
         if cpus is not None:
             pin_process(cpus)
-        threads = config.torch_threads or (len(cpus) if cpus else 0)
-        if threads > 0:
-            import torch
+        import torch
 
-            torch.set_num_threads(threads)
+        threads = config.torch_threads or (len(cpus) if cpus else torch.get_num_threads())
+        # Every step runs on the loop thread. The model is loaded on this thread with one torch
+        # thread, so that no OpenMP thread team is ever made here: libgomp counts the threads of all
+        # teams, and once they outnumber the cores it cuts the spin of idle threads (GOMP_SPINCOUNT)
+        # to a throttled 1,000 rounds, so each of the hundreds of small ops of a step waits for its
+        # threads to wake from sleep: measured 20% slower prefix hits and decode steps.
+        torch.set_num_threads(1)
         self.engine = LLMEngine(config.engine_config())
         self.engine.block_manager.track_evictions = bool(config.redis_url)
-        self.loop = EngineLoop(self.engine, max_pending=config.max_pending).start()
+        self.loop = EngineLoop(self.engine, max_pending=config.max_pending, num_threads=threads).start()
         self.address = ""  # set by serve() once the port is bound
         self.counters = None  # () -> dict of extra LoadResponse counters, set by the servicer
         self.reporter: OwnershipReporter | None = None

@@ -67,9 +67,12 @@ class RequestStream:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, max_pending: int = 256) -> None:
+    def __init__(self, engine: LLMEngine, max_pending: int = 256, num_threads: int = 0) -> None:
+        """`num_threads` > 0: the loop thread runs the model on that many torch threads (see
+        `Worker`: the engine is loaded on one thread, so this thread's OpenMP team is the only one)."""
         self.engine = engine
         self.max_pending = max_pending
+        self.num_threads = num_threads
         self._inbox: queue.Queue[tuple[Callable[[LLMEngine], Any], Future]] = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()  # guards _streams (read by other threads for counts)
@@ -159,6 +162,10 @@ class EngineLoop:
         )
 
     def _run(self) -> None:
+        if self.num_threads > 0:
+            import torch
+
+            torch.set_num_threads(self.num_threads)
         while not self._stop.is_set():
             self._drain_inbox()
             self._publish()

@@ -1,0 +1,51 @@
+"""How a worker runs its torch threads: one OpenMP team (the loop thread's), and a short spin.
+
+libgomp counts the threads of every team in a process; once they outnumber the cores it throttles
+the spin of waiting threads to 1,000 rounds, and each small op of a step then waits for its
+threads to wake. So a worker loads its model on one torch thread and only the loop thread runs
+parallel regions; `splitserve up` gives its children a short GOMP_SPINCOUNT instead of the default
+(milliseconds of spinning after every step, which starves the other worker) or PASSIVE (no spin).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from splitserve.launcher import GOMP_SPINCOUNT
+
+
+def test_worker_runs_torch_threads_on_its_loop_thread_only():
+    code = """
+import json, torch
+from splitserve.sampling_params import SamplingParams
+from splitserve.worker import Worker, WorkerConfig
+w = Worker(WorkerConfig(dtype="float32", torch_threads=2, kv_cache_memory_gb=0.05, metrics_port=-1), "prefill")
+out = w.loop.add_request("r", [1, 2, 3, 4, 5], SamplingParams(max_tokens=2, temperature=0)).get(timeout=120)
+loop_threads = w.loop.call(lambda e: torch.get_num_threads()).result(timeout=30)
+print(json.dumps({"main": torch.get_num_threads(), "loop": loop_threads, "tokens": len(out.new_token_ids)}))
+w.loop.stop()
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"main": 1, "loop": 2, "tokens": 1}
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+    return {k.decode(): v.decode(errors="replace") for k, v in pairs}
+
+
+def test_up_gives_workers_a_short_openmp_spin(http_stack):
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        expected = os.environ.get("GOMP_SPINCOUNT")  # the caller's own setting is kept
+    else:
+        expected = str(GOMP_SPINCOUNT)
+    for role in ("prefill-0", "decode-0"):
+        env = _environ(http_stack.pids[role])
+        assert env.get("GOMP_SPINCOUNT") == expected, role
+        assert env.get("OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY"), role
