@@ -114,6 +114,8 @@ class StaticBatcher:
         self._queue.put(job)
 
     def _run(self) -> None:
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
         while True:
             batch = self._collect()
             if batch is None:

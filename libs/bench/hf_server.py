@@ -27,6 +27,7 @@ Modules: this one (config, flags, start-up), `hf_batcher` (the model and the bat
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -88,12 +89,14 @@ def cmd_hf_serve(args) -> int:
     from splitserve.bench.hf_batcher import load
     from splitserve.bench.hf_http import HfServer
 
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
+    # The batch thread runs the model on cfg.threads; loading on one thread here keeps its OpenMP
+    # team the process's only one, as in splitserve's workers (splitserve.worker.Worker says why).
+    cfg = dataclasses.replace(cfg, threads=cfg.threads or torch.get_num_threads())
+    torch.set_num_threads(1)
     t0 = time.monotonic()
     loaded = load(cfg.model, cfg.dtype)
     log.info("hf-serve model loaded: model=%s dtype=%s max_model_len=%d threads=%d attention=%s in %.1fs",
-             loaded.path.name, cfg.dtype, loaded.max_model_len, torch.get_num_threads(),
+             loaded.path.name, cfg.dtype, loaded.max_model_len, cfg.threads,
              loaded.model.config._attn_implementation, time.monotonic() - t0)
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
