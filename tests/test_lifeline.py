@@ -74,8 +74,9 @@ def test_cli_child_with_parent_pid_in_env_dies_with_its_parent():
 
 
 def test_child_whose_parent_is_already_gone_exits_at_once():
-    # The named parent is not this child's parent: as if the parent had died before the child armed.
-    env = {**os.environ, lifeline.ENV: "1"}
+    # The named parent (this process's own parent) is not the child's parent (this process): as if
+    # the parent had died before the child armed.
+    env = {**os.environ, lifeline.ENV: str(os.getppid())}
     code = "from splitserve import lifeline; lifeline.arm_from_env(); print('survived')"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "survived" not in out.stdout
