@@ -118,6 +118,7 @@ class Launcher:
         self.redis_url = args.redis_url
         self.http_base = ""  # http://HOST:PORT/v1 of the gateway's OpenAI-compatible API, once started
         self._stopping = threading.Event()
+        self._signals: lifeline.SignalFlag | None = None  # installed by wait()
         self._redis_restart_at: float | None = None  # when the embedded Redis is due to be started again
         self._redis_restarts = 0
 
@@ -262,15 +263,19 @@ class Launcher:
     def wait(self) -> int:
         """Blocks until a signal (then returns 0) or until a child that is not restarted dies
         (returns 1; the caller stops everything). Restarts the others (see the module docstring)."""
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stopping.set())
-        while not self._stopping.wait(0.5):
+        self._signals = lifeline.SignalFlag()  # a handler must take no lock (see SignalFlag)
+        while not self._stop_requested():
             if self.redis is not None and not self.redis.running:
                 self._restart_redis()
             for c in self.children:
                 if not self._watch(c):
                     return 1
+            time.sleep(0.5)
+        self._stopping.set()
         return 0
+
+    def _stop_requested(self) -> bool:
+        return self._stopping.is_set() or (self._signals is not None and self._signals.received is not None)
 
     def _restart_redis(self) -> None:
         """The embedded Redis died: start a fresh one on the same port after the back-off. Meanwhile
@@ -278,7 +283,7 @@ class Launcher:
         it answers (an empty Redis looks like a restarted one to them)."""
         from splitserve.redis_server import EmbeddedRedis
 
-        if self._stopping.is_set():
+        if self._stop_requested():
             return
         now = time.monotonic()
         if self._redis_restart_at is None:
@@ -309,7 +314,7 @@ class Launcher:
     def _watch(self, c: Child) -> bool:
         """One look at a child: restarts it when due; False when it died and may not be restarted."""
         now = time.monotonic()
-        if self._stopping.is_set():  # Ctrl-C reaches the children too: their deaths are no faults
+        if self._stop_requested():  # Ctrl-C reaches the children too: their deaths are no faults
             return True
         if c.restart_at_s is not None:
             if now >= c.restart_at_s:

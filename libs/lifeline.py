@@ -25,6 +25,7 @@ import ctypes.util
 import os
 import signal
 import sys
+import time
 
 ENV = "SPLITSERVE_PARENT_PID"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -66,6 +67,31 @@ def arm_from_env() -> bool:
 def wrap(argv: list[str]) -> list[str]:
     """The command line that runs `argv` as a child that dies with this process."""
     return [sys.executable, "-m", "splitserve.lifeline", str(os.getpid()), "--", *argv]
+
+
+class SignalFlag:
+    """Records SIGTERM / SIGINT in a plain attribute, for a main thread that waits for one.
+
+    A Python signal handler runs in the main thread between two bytecodes, possibly while that
+    thread is inside `threading.Event.set()` or `.wait()` holding the event's lock; a handler that
+    calls `Event.set()` then blocks on that lock for ever. Seen: `splitserve up` hung in its shutdown
+    when a second SIGTERM came while the first one's handler was setting the event. This handler
+    takes no lock; the waiter polls."""
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+        self.received: int | None = None  # the first signal number, once one came
+        for sig in signals:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def wait(self, poll_s: float = 0.5) -> int:
+        """Blocks until a signal came; returns its number."""
+        while self.received is None:
+            time.sleep(poll_s)
+        return self.received
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -10,14 +10,13 @@ thread, so a scrape never slows a step down and the step loop carries no metrics
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 import time
 from dataclasses import dataclass
 
 import grpc
 
 from splitserve.config import EngineConfig, parse_cpu_list, pin_process
+from splitserve.lifeline import SignalFlag
 from splitserve.engine.engine_loop import EngineLoop
 from splitserve.engine.llm_engine import LLMEngine, StepOutput
 from splitserve.metrics import Metrics, MetricsServer
@@ -268,11 +267,7 @@ def serve_worker(worker: Worker, add_servicer, service_name: str | list[str]) ->
 
 def run_until_signal(server: grpc.Server, worker: Worker, grace_s: float = 5.0) -> None:
     """Blocks until SIGTERM/SIGINT, then stops the server (in-flight calls get `grace_s`)."""
-    done = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: done.set())
-    while not done.wait(1.0):
-        pass
+    SignalFlag().wait()  # a handler must take no lock (see SignalFlag)
     logger.info("%s worker shutting down", worker.role)
     server.stop(grace_s).wait(grace_s + 1)
     worker.close()

@@ -30,7 +30,6 @@ import argparse
 import logging
 import math
 import secrets
-import signal
 import threading
 import time
 from dataclasses import dataclass
@@ -43,6 +42,7 @@ from splitserve.engine.kv_block import BlockHeader, KVBlockError
 from splitserve.kvstore.arena import Arena, ArenaManager, ArenaPayload, SlotError
 from splitserve.kvstore.block_store import BlockStore, PutResult, StoreFullError
 from splitserve.kvstore import shm
+from splitserve.lifeline import SignalFlag
 from splitserve.kvstore.client import block_chunks
 from splitserve.metrics import Metrics, MetricsServer
 from splitserve.ownership import OwnershipRegistry, OwnershipReporter, redact_url
@@ -571,16 +571,13 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(KVStoreConfig, args)
     except ValueError as e:
         parser.error(str(e))
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.set())
+    signals = SignalFlag()  # before serving: a signal during start-up is kept, not lost
     try:
         server = serve(config)
     except OSError as e:
         log.error("kvstore failed to start error=%s", e)
         return 1
-    while not stop.wait(1.0):  # a timed wait keeps the main thread responsive to signals
-        pass
+    signals.wait()  # a handler must take no lock (see SignalFlag)
     log.info("kvstore shutting down")
     server.stop()
     return 0
