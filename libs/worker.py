@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import grpc
 
 from splitserve.config import EngineConfig, parse_cpu_list, pin_process
-from splitserve.lifeline import SignalFlag
 from splitserve.engine.engine_loop import EngineLoop
 from splitserve.engine.llm_engine import LLMEngine, StepOutput
+from splitserve.lifeline import SignalFlag
 from splitserve.metrics import Metrics, MetricsServer
 from splitserve.ownership import OwnershipRegistry, OwnershipReporter
 from splitserve.rpc import add_health_and_reflection, check_mtls_files, create_server, format_address, mtls_credentials
