@@ -202,14 +202,20 @@ class LlamaModel(nn.Module):
 class CpuLinear(nn.Module):
     """y = x @ W^T for CPUs, with W laid out once at load time for the GEMM that runs it.
 
-    Float32 with MKL: the weight is packed with MKL's `sgemm_pack` (torch.ops.mkl, the packing
-    torch's own CPU compiler uses) and every call runs on the packed panels. Plain `torch.mm`
-    repacks the weight on every call: on a 2-core x86 VM the 30 layers of the default model take
-    42 ms instead of 70 ms at 32 rows (a batch of decodes), 40 instead of 63 at 24 (a prefix hit)
-    and 158 instead of 227 at 200, with the same result bits from 24 rows up.
-    Otherwise (bf16/fp16 compute, no MKL): W is stored transposed, [in, out] contiguous, because
-    MKL's GEMM with a transposed right operand (what F.linear does with the usual [out, in] weight)
-    is 2-4x slower for 1-48 rows than a plain row-major one.
+    Float32 runs on pre-packed weights, so no call repacks them (plain `torch.mm` hands the BLAS an
+    ordinary matrix, which it repacks on every call):
+    - "onednn" (the default where torch has it): the weight is reordered into oneDNN's blocked
+      layout (`mkldnn._reorder_linear_weight`, the op torch's own CPU compiler uses) and every call
+      runs oneDNN's inner-product primitive on it. On a 2-core AMD EPYC VM the 30 layers' projections
+      of the default model take 56 ms at 24 rows (a prefix hit) against 85-111 ms with MKL's packed
+      GEMM, and 77 against 138 ms at 32 rows (a batch of decodes); 824 against 857 ms at 512 rows.
+      MKL splits a skinny GEMM over the threads badly (2 threads were no faster than 1 there).
+    - "mkl": MKL's `sgemm_pack` panels (`mkl._mkl_reorder_linear_weight` / `mkl._mkl_linear`).
+    Otherwise (bf16/fp16 compute, "plain", or neither library), W is stored transposed, [in, out]
+    contiguous: the BLAS's GEMM with a transposed right operand (what F.linear does with the usual
+    [out, in] weight) is 2-4x slower for 1-48 rows than a plain row-major one.
+    SPLITSERVE_CPU_GEMM=onednn|mkl|plain picks one (to compare, or to rule one out); a backend
+    this torch lacks falls back to the next one that it has.
     """
 
     PACK_ROWS_HINT = 512  # MKL packs for an expected row count; 512 (a prefill chunk) suits 8-512
@@ -219,22 +225,29 @@ class CpuLinear(nn.Module):
         self.out_dtype = weight.dtype
         self.out_features, self.in_features = weight.shape
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
-        if compute_dtype == torch.float32 and weight.device.type == "cpu" and mkl_packed_gemm_available():
+        self.backend = "plain"
+        self.packed = None  # an opaque (MkldnnCPU) tensor: a plain attribute, outside state_dict() and .to()
+        if compute_dtype == torch.float32 and weight.device.type == "cpu":
+            self.backend = cpu_gemm_backend()
+        if self.backend != "plain":
             w = weight.detach().to(torch.float32).contiguous()
-            # An MKL-layout (MkldnnCPU) tensor: a plain attribute, outside state_dict() and .to().
-            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(w, self.PACK_ROWS_HINT)
-            # The op takes the original weight only for its shape (it would fall back to it for a
-            # row count other than the one passed, and we always pass the real one): a
-            # zero-stride view of the right shape, no memory.
-            self._shape_only = w.new_zeros(1).expand(self.out_features, self.in_features)
+            if self.backend == "onednn":
+                self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            else:
+                self.packed = torch.ops.mkl._mkl_reorder_linear_weight(w, self.PACK_ROWS_HINT)
+                # The op takes the original weight only for its shape (it would fall back to it for
+                # a row count other than the one passed, and we always pass the real one): a
+                # zero-stride view of the right shape, no memory.
+                self._shape_only = w.new_zeros(1).expand(self.out_features, self.in_features)
             self.register_buffer("weight_t", None)
         else:
-            self.packed = None
             self.register_buffer("weight_t", weight.detach().t().to(compute_dtype).contiguous())  # [in, out]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if self.packed is not None:
+        if self.backend == "onednn":
+            y = torch.ops.mkldnn._linear_pointwise(x2.to(torch.float32), self.packed, self.bias, "none", [], "")
+        elif self.backend == "mkl":
             y = torch.ops.mkl._mkl_linear(x2.to(torch.float32), self.packed, self._shape_only, self.bias, x2.shape[0])
         else:
             x2 = x2.to(self.weight_t.dtype)
@@ -242,10 +255,23 @@ class CpuLinear(nn.Module):
         return y.to(self.out_dtype).view(*x.shape[:-1], y.shape[-1])
 
 
-def mkl_packed_gemm_available() -> bool:
-    """torch was built with MKL and has its packed-GEMM ops (CPU builds on x86 do).
-    SPLITSERVE_MKL_PACKED=0 turns the packed path off (to compare, or to rule it out)."""
-    if os.environ.get("SPLITSERVE_MKL_PACKED", "1") == "0":
-        return False
-    return bool(torch.backends.mkl.is_available()) and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") \
-        and hasattr(torch.ops.mkl, "_mkl_linear")
+CPU_GEMM_BACKENDS = ("onednn", "mkl", "plain")
+
+
+def cpu_gemm_backend() -> str:
+    """The float32 CPU GEMM `CpuLinear` uses: SPLITSERVE_CPU_GEMM (onednn, mkl or plain; default
+    onednn), or the next one in that order that this torch build has (x86 CPU builds have both)."""
+    wanted = os.environ.get("SPLITSERVE_CPU_GEMM", "onednn").strip().lower() or "onednn"
+    if wanted not in CPU_GEMM_BACKENDS:
+        raise ValueError(f"SPLITSERVE_CPU_GEMM={wanted!r}: expected one of {', '.join(CPU_GEMM_BACKENDS)}")
+    available = {
+        "onednn": bool(torch.backends.mkldnn.is_available())
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"),
+        "mkl": bool(torch.backends.mkl.is_available())
+        and hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") and hasattr(torch.ops.mkl, "_mkl_linear"),
+        "plain": True,
+    }
+    for name in CPU_GEMM_BACKENDS[CPU_GEMM_BACKENDS.index(wanted):]:
+        if available[name]:
+            return name
+    return "plain"
