@@ -31,7 +31,12 @@ WORKDIR /opt/splitserve
 COPY pyproject.toml README.md ./
 COPY libs ./libs
 COPY services ./services
-RUN pip install . && rm -rf build ./*.egg-info
+# gcc only for the build of the C kernel (libs/kernels/cpu_attention.c), removed in the same layer;
+# at run time the kernel uses the OpenMP runtime that torch ships.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && pip install . && rm -rf build ./*.egg-info \
+    && python -c "from splitserve.kernels import _cpu_attention" \
+    && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 
 # Non-root. Converted tokenizers are cached under ~/.cache/splitserve (docker-compose.yml mounts a
 # volume there; the folder exists in the image so that a new volume is created owned by this user).
