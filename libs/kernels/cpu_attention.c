@@ -24,6 +24,7 @@
 #include <Python.h>
 
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -189,13 +190,20 @@ static void decode_all(const float *q, const char *k_cache, const char *v_cache,
                        int max_blocks, const int32_t *seq_lens, int batch, int heads, int kv_heads, int dim,
                        int block_size, float scale, float *out) {
     const int group = heads / kv_heads;
-    const int items = batch * kv_heads;
+    /* A row's kv heads go to one thread, one after another: the tokens' K/V rows hold every kv
+     * head side by side, so the second head reads lines the first one brought into cache. Only
+     * batches too small to keep the team busy split rows by kv head. */
+    const int by_row = batch >= 4 * omp_get_max_threads();
+    const int items = by_row ? batch : batch * kv_heads;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int it = 0; it < items; it++) {
-        int b = it / kv_heads, h = it % kv_heads;
-        size_t offset = ((size_t)b * heads + (size_t)h * group) * dim;
-        attend_any(q + offset, k_cache, v_cache, bf16, tables + (size_t)b * max_blocks, seq_lens[b], block_size,
-                   kv_heads, h, dim, group, scale, out + offset);
+        const int b = by_row ? it : it / kv_heads;
+        const int first = by_row ? 0 : it % kv_heads, last = by_row ? kv_heads : first + 1;
+        for (int h = first; h < last; h++) {
+            size_t offset = ((size_t)b * heads + (size_t)h * group) * dim;
+            attend_any(q + offset, k_cache, v_cache, bf16, tables + (size_t)b * max_blocks, seq_lens[b], block_size,
+                       kv_heads, h, dim, group, scale, out + offset);
+        }
     }
 }
 
