@@ -13,9 +13,9 @@ and the target line; `--result-json FILE` keeps the summaries and every request'
   [--min-output, --max-output] (ignore_eos), at most --concurrency in flight, against HF
   transformers static batching (`splitserve hf-serve`, batches of --concurrency), the
   disaggregated stack and the colocated one. Target: splitserve output tokens/s >= 2x HF.
-- prefix: --num-requests requests one after another that share one --prefix-len prefix (the first
-  fills the cache; the rest are hits), then as many with distinct prefixes of the same length (all
-  misses), each with its own --suffix-len suffix. Target: mean hit TTFT <= 1/20 of mean miss TTFT.
+- prefix: one request fills the cache with a --prefix-len prefix; then, one at a time, --num-requests
+  misses (distinct prefixes of the same length) alternate with as many hits (the shared prefix),
+  each with its own --suffix-len suffix. Target: mean hit TTFT <= 1/20 of mean miss TTFT.
 - itl: --decodes requests with short prompts and --decode-output tokens each start together; after
   --first-prefill-s a long prompt (--prefill-len tokens, distinct) arrives every --prefill-every-s
   seconds. The ITL of the decodes (not of the long prompts) is measured against: the disaggregated
@@ -213,9 +213,14 @@ def cmd_prefix(args) -> dict:
     server = start_up("disaggregated", "--dtype", args.dtype)
     try:
         warm_up(server.base_url, ids)
-        log(f"{n} misses (distinct prefixes), then {n + 1} requests sharing one prefix, one at a time")
-        miss, miss_s = run_flow(server.base_url, distinct, [0.0] * n, concurrency=1)
-        hit, hit_s = run_flow(server.base_url, shared, [0.0] * (n + 1), concurrency=1)
+        log(f"one request fills the shared prefix, then {n} misses (distinct prefixes) alternate with {n} hits, "
+            f"one at a time")
+        # Alternating, a miss and a hit see the same minutes of a machine whose speed drifts (all
+        # misses first, then all hits, made the ratio swing with the drift).
+        hit, miss = run_flow(server.base_url, shared[:1], [0.0], concurrency=1)[0], []
+        for i in range(n):
+            miss += run_flow(server.base_url, distinct[i:i + 1], [0.0], concurrency=1)[0]
+            hit += run_flow(server.base_url, shared[i + 1:i + 2], [0.0], concurrency=1)[0]
     finally:
         server.stop()
     check_ok("distinct", miss)
@@ -226,7 +231,7 @@ def cmd_prefix(args) -> dict:
     header()
     prompt_len = args.prefix_len + args.suffix_len
     print(f"prompts of {prompt_len} tokens: a {args.prefix_len}-token prefix + a {args.suffix_len}-token suffix of "
-          f"their own; {args.output_len} output tokens; one request at a time; {args.dtype}; "
+          f"their own; {args.output_len} output tokens; one request at a time, misses and hits alternating; {args.dtype}; "
           f"disaggregated stack (1 prefill, 1 decode worker)")
     print(f"{'requests':<34} {'n':>3} {'TTFT mean':>10} {'median':>8} {'min':>8} {'max':>8} {'cached tok':>11}")
 
