@@ -1,7 +1,14 @@
 """Shared fixtures: one float32 engine and one HF oracle per test session (each load costs seconds)."""
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# test_triton_kernels runs the Triton kernels on the CPU through triton's interpreter, which must
+# be on before anything imports triton: set here, before any test module is collected (some import
+# transformers modules that import triton at once).
+os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(scope="session")
