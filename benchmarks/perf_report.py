@@ -124,8 +124,8 @@ def model_of(base_url: str) -> str:
     return asyncio.run(runner.fetch_server_info(base_url)).model
 
 
-def run_flow(base_url: str, requests, arrivals, concurrency: int | None = None):
-    model = model_of(base_url)
+def run_flow(base_url: str, requests, arrivals, concurrency: int | None = None, model: str | None = None):
+    model = model or model_of(base_url)
     return asyncio.run(runner.run(base_url, model, requests, arrivals, max_concurrency=concurrency,
                                   progress=False, timeout_s=1800.0))
 
@@ -217,10 +217,11 @@ def cmd_prefix(args) -> dict:
             f"one at a time")
         # Alternating, a miss and a hit see the same minutes of a machine whose speed drifts (all
         # misses first, then all hits, made the ratio swing with the drift).
-        hit, miss = run_flow(server.base_url, shared[:1], [0.0], concurrency=1)[0], []
+        model = model_of(server.base_url)
+        hit, miss = run_flow(server.base_url, shared[:1], [0.0], 1, model)[0], []
         for i in range(n):
-            miss += run_flow(server.base_url, distinct[i:i + 1], [0.0], concurrency=1)[0]
-            hit += run_flow(server.base_url, shared[i + 1:i + 2], [0.0], concurrency=1)[0]
+            miss += run_flow(server.base_url, distinct[i:i + 1], [0.0], 1, model)[0]
+            hit += run_flow(server.base_url, shared[i + 1:i + 2], [0.0], 1, model)[0]
     finally:
         server.stop()
     check_ok("distinct", miss)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from splitserve.kernels import cpu_attention
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:
@@ -223,8 +225,6 @@ def paged_attention(
                 )
             )
         elif meta.cpu_kernel:
-            from splitserve.kernels import cpu_attention
-
             outputs.append(cpu_attention.paged_decode_attention(
                 q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale))
         elif meta.decode_groups:

@@ -5,8 +5,8 @@
  * long query blocks, pays its setup for each single-token query. This kernel reads K and V straight
  * from the pages, row by row up to each row's own length (no padding), with an online softmax over
  * chunks of a page; the query heads that share a kv head are scored together, so each key and value
- * row is loaded once per (sequence, kv head). Work items (sequence, kv head) are spread over the
- * calling thread's OpenMP team (torch's own libgomp, already loaded: one runtime, one team).
+ * row is loaded once per (sequence, kv head). Rows are spread over the calling thread's OpenMP team
+ * (torch's own libgomp, already loaded: one runtime, one team), see `decode_all`.
  *
  * Layout (the engine's KV cache):
  *   q          [B, heads, head_dim] float32, contiguous

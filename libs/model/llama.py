@@ -81,14 +81,16 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)  # [P, head_dim] f32
         self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)
+        # the sin with its first half negated, what `apply_rope` multiplies by (negation is exact,
+        # in float32 here and after rounding to any dtype)
+        half = args.head_dim // 2
+        self.register_buffer("signed_sin", torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1),
+                             persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin of each token's position: [T, 1, head_dim] in `dtype` (once per step,
-        not per layer). The sin's first half is negated (see `apply_rope`)."""
-        cos = self.cos[positions].to(dtype).unsqueeze(1)
-        sin = self.sin[positions].to(dtype).unsqueeze(1)
-        half = sin.shape[-1] // 2
-        return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        not per layer)."""
+        return self.cos[positions].to(dtype).unsqueeze(1), self.signed_sin[positions].to(dtype).unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
