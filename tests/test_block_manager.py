@@ -2,7 +2,7 @@
 import pytest
 
 from splitserve.engine.block_manager import BlockManager, PrefixCacheStats, PrefixMatch
-from splitserve.engine.hashing import block_hashes, hash_namespace
+from splitserve.engine.hashing import ROOT_HASH, block_hashes, hash_namespace
 
 BS = 4
 NS = hash_namespace("test-model")
@@ -312,4 +312,121 @@ def test_misuse_raises_named_errors():
     bm.reset_prefix_cache()
     with pytest.raises(ValueError, match="evicted after find_cached_prefix"):
         bm.allocate_slots("b", 9, match)
+    assert not bm.has_seq("b")
+
+
+# ----------------------------------------------------------------------------- partial hits
+class Copies:
+    """The KV copy hook: records (src, dst, n) and what src cached at the time of the copy."""
+
+    def __init__(self):
+        self.bm = None
+        self.calls = []
+
+    def __call__(self, src, dst, n):
+        self.calls.append((src, dst, n, self.bm._block_hash[src]))
+
+
+def partial_manager(num_blocks):
+    copies = Copies()
+    bm = BlockManager(num_blocks, BS, copy_tokens=copies)
+    copies.bm = bm
+    return bm, copies
+
+
+def run_tokens(bm, seq_id, tokens):
+    """Like run_seq, with the tokens given to the lookup and the cache (what the scheduler does)."""
+    h = hashes(tokens)
+    match = bm.find_cached_prefix(h, len(tokens), token_ids=tokens)
+    assert bm.allocate_slots(seq_id, len(tokens), match)
+    bm.cache_full_blocks(seq_id, h, len(tokens), tokens)
+    return match
+
+
+def test_partial_hit_copies_the_shared_tokens_of_the_diverging_block():
+    bm, copies = partial_manager(10)
+    a = list(range(12))  # 3 full blocks: [0-3] [4-7] [8-11]
+    run_tokens(bm, "a", a)
+    assert bm.block_table("a") == [0, 1, 2]
+    b = list(range(10)) + [500, 501, 502]  # shares blocks 0 and 1, then 2 tokens of block 2
+    match = run_tokens(bm, "b", b)
+    # block 0 and 1 whole (8 tokens), then 2 of block 2's tokens
+    assert (match.block_ids, match.partial_block, match.partial_tokens, match.num_cached_tokens) == ([0, 1], 2, 2, 10)
+    assert bm.block_table("b") == [0, 1, 3, 4]
+    assert copies.calls == [(2, 3, 2, hashes(a)[2])]  # into b's own block, while block 2 still held its KV
+    assert refcounts(bm)[:5] == [2, 2, 1, 1, 1]  # the source is not b's: its reference was temporary
+    assert bm.stats == PrefixCacheStats(len(a) + len(b), 10)
+
+
+def test_partial_hit_on_the_first_block_and_on_a_repeated_prompt():
+    bm, copies = partial_manager(10)
+    run_tokens(bm, "a", [1, 2, 3, 4, 5, 6, 7, 8])  # exactly 2 blocks
+    bm.free("a")
+    m = bm.find_cached_prefix(hashes([1, 2, 9]), 3, token_ids=[1, 2, 9])  # diverges inside block 0
+    assert (m.block_ids, m.partial_block, m.partial_tokens) == ([], 0, 2)
+    # The same prompt again: one whole block (the cap leaves a token to compute), then 3 of the second.
+    m = bm.find_cached_prefix(hashes([1, 2, 3, 4, 5, 6, 7, 8]), 8, token_ids=[1, 2, 3, 4, 5, 6, 7, 8])
+    assert (m.block_ids, m.partial_block, m.partial_tokens, m.num_cached_tokens) == ([0], 1, 3, 7)
+    assert bm.allocate_slots("again", 8, m)
+    assert copies.calls[-1][:3] == (1, bm.block_table("again")[1], 3)
+    # A prompt that is one token of block 0: nothing is left to compute after a hit, so no hit.
+    assert bm.find_cached_prefix(hashes([1]), 1, token_ids=[1]).num_cached_tokens == 0
+
+
+def test_partial_hit_source_survives_the_allocation_that_would_evict_it():
+    bm, copies = partial_manager(3)
+    run_tokens(bm, "a", [1, 2, 3, 4, 5, 6, 7, 8])  # blocks 0, 1
+    bm.free("a")  # free queue: 2, 1, 0 (1 is evicted before 0)
+    b = [1, 2, 3, 4, 5, 6, 9, 9, 9]
+    m = bm.find_cached_prefix(hashes(b), len(b), token_ids=b)
+    assert (m.block_ids, m.partial_block, m.partial_tokens) == ([0], 1, 2)
+    # b needs 2 fresh blocks and block 0; only 2 and 1 are left, so the source (1) counts against them
+    assert not bm.allocate_slots("b", len(b), m)
+    assert copies.calls == [] and not bm.has_seq("b")
+    c = [1, 2, 3, 4, 5, 6, 9]  # 2 blocks: block 0 and one fresh one (2, not the source)
+    m = bm.find_cached_prefix(hashes(c), len(c), token_ids=c)
+    assert bm.allocate_slots("c", len(c), m)
+    assert bm.block_table("c") == [0, 2]
+    assert copies.calls == [(1, 2, 2, hashes([1, 2, 3, 4, 5, 6, 7, 8])[1])]
+    assert bm.lookup(hashes([1, 2, 3, 4, 5, 6, 7, 8])[1]) == 1  # still cached, now the most recently used
+
+
+def test_partial_candidates_leave_with_their_hash():
+    bm, copies = partial_manager(2)
+    run_tokens(bm, "a", [1, 2, 3, 4])
+    bm.free("a")
+    run_tokens(bm, "x", [7, 7, 7, 7, 7])  # takes both blocks: block 0 (a's) is evicted
+    bm.free("x")
+    assert bm.find_cached_prefix(hashes([1, 2, 9]), 3, token_ids=[1, 2, 9]).num_cached_tokens == 0
+    assert bm._children.keys() == {(ROOT_HASH, 7)}  # x's block only
+    m = bm.find_cached_prefix(hashes([7, 7, 1]), 3, token_ids=[7, 7, 1])
+    bm.reset_prefix_cache()
+    assert bm._children == {} and bm.find_cached_prefix(hashes([7, 7, 1]), 3, token_ids=[7, 7, 1]).num_cached_tokens == 0
+    with pytest.raises(ValueError, match="partial-hit block 1 was evicted"):  # stale match
+        bm.allocate_slots("y", 3, m)
+    assert not bm.has_seq("y")
+
+
+def test_no_partial_hits_without_a_copy_hook_or_tokens():
+    bm = BlockManager(10, BS)
+    run_tokens(bm, "a", list(range(8)))
+    assert bm.find_cached_prefix(hashes([0, 1, 2, 3, 4, 9]), 6, token_ids=[0, 1, 2, 3, 4, 9]).num_cached_tokens == 4
+    bm, _ = partial_manager(10)
+    run_seq(bm, "a", list(range(8)))  # cached without its tokens: whole-block hits only
+    assert bm.find_cached_prefix(hashes([0, 1, 2, 3, 4, 9]), 6, token_ids=[0, 1, 2, 3, 4, 9]).num_cached_tokens == 4
+    bm, _ = partial_manager(10)
+    run_tokens(bm, "a", list(range(8)))
+    assert bm.find_cached_prefix(hashes([0, 1, 2, 3, 4, 9]), 6).num_cached_tokens == 4  # no tokens given
+    assert bm.find_cached_prefix(hashes([0, 1, 2, 3, 4, 9]), 6, token_ids=[0, 1, 2, 3, 4, 9]).num_cached_tokens == 5
+
+
+def test_partial_prefix_misuse():
+    bm, _ = partial_manager(10)
+    run_tokens(bm, "a", list(range(8)))
+    with pytest.raises(ValueError, match="partial_tokens must be in"):
+        bm.allocate_slots("b", 9, PrefixMatch([0], 8, (), 1, 4, hashes(list(range(8)))[1]))
+    with pytest.raises(ValueError, match="needs a token to compute"):
+        bm.allocate_slots("b", 6, PrefixMatch([0], 6, (), 1, 2, hashes(list(range(8)))[1]))
+    with pytest.raises(ValueError, match=r"4 blocks|1 blocks \* block_size 4 \+ 2"):
+        bm.allocate_slots("b", 9, PrefixMatch([0], 5, (), 1, 2, hashes(list(range(8)))[1]))
     assert not bm.has_seq("b")

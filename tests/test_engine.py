@@ -46,8 +46,25 @@ def test_fully_cached_prompt_still_computes_last_token(llm_f32, text_ids):
     prompt = text_ids[:32]  # exactly two blocks
     (a,) = llm.generate([prompt], GREEDY)
     (b,) = llm.generate([prompt], GREEDY)
-    assert b.num_cached_tokens == 16  # the last block is recomputed for its logits
+    # One whole block, then 15 tokens of the second copied from the cached one: only the last
+    # token is computed, for its logits.
+    assert b.num_cached_tokens == 31
     assert a.token_ids == b.token_ids
+
+
+def test_prompt_diverging_inside_a_block_reuses_its_shared_tokens(llm_f32, text_ids):
+    llm = llm_f32.with_config(kv_cache_memory_gb=0.05)
+    stats = llm.engine.stats
+    first = text_ids[:40]  # blocks [0, 16) [16, 32) cached, 8 tokens more
+    second = text_ids[:27] + llm_f32.tokenizer.encode(" and then something else entirely.")
+    assert second[27] != first[27]
+    llm.generate([first], GREEDY)
+    before = stats.prompt_tokens
+    (out,) = llm.generate([second], GREEDY)
+    assert out.num_cached_tokens == 27  # block 0 whole, 11 tokens of block 1 copied
+    assert stats.prompt_tokens - before == len(second) - 27
+    (reference,) = llm_f32.with_config(kv_cache_memory_gb=0.05, enable_prefix_caching=False).generate([second], GREEDY)
+    assert out.token_ids == reference.token_ids
 
 
 def test_preemption_with_small_pool_gives_identical_outputs(llm_f32, text_ids):

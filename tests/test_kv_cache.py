@@ -57,6 +57,20 @@ def test_block_round_trip_between_caches(dtype):
     assert dst.read_block(1) == data
 
 
+def test_copy_tokens_copies_the_leading_slots_of_every_layer():
+    cache = make_cache(torch.float32, seed=3)
+    before = [t.clone() for t in cache.k_caches + cache.v_caches]
+    cache.copy_tokens(1, 4, 3)
+    for t, old in zip(cache.k_caches + cache.v_caches, before):
+        assert torch.equal(t[4, :3], old[1, :3])  # the shared tokens, K and V, in every layer
+        assert torch.equal(t[4, 3:], old[4, 3:])  # the rest of the block is untouched
+        assert torch.equal(t[:4], old[:4])
+    for args, what in (((1, 5, 2), "outside"), ((9, 0, 2), "outside"), ((1, 2, 0), "num_tokens"),
+                       ((1, 2, 5), "num_tokens")):
+        with pytest.raises(ValueError, match=what):
+            cache.copy_tokens(*args)
+
+
 def test_payload_layout_is_layers_kv_tokens_heads_dim():
     src = make_cache(torch.float32, seed=1)
     raw = torch.frombuffer(bytearray(src.read_block(3)), dtype=torch.float32).view(3, 2, 4, 2, 8)

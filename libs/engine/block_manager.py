@@ -7,24 +7,35 @@ State and its invariants (nothing else in the code base touches these):
 - `_hash_to_block` and `_block_hash` are inverse maps: `_hash_to_block[h] == b` iff
   `_block_hash[b] == h`. A block whose hash is already held by another block stays unhashed.
 - `_tables[seq]`: the block ids of a sequence, in token order; token t lives in block t // block_size.
+- Partial hits: a block cached by `cache_full_blocks` with its tokens also keeps those tokens
+  (`_block_tokens`) under `_children[(parent hash, first token)]`, so a prompt that diverges inside a
+  block can still reuse the block's leading tokens (copied into a block of its own, see
+  `find_cached_prefix`). An entry leaves `_children` exactly when its block's hash leaves the cache.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from splitserve.engine.hashing import ROOT_HASH
 
 
 @dataclass(frozen=True)
 class PrefixMatch:
-    """The cached leading full blocks of a sequence, as found by `BlockManager.find_cached_prefix`.
+    """The cached prefix of a sequence, as found by `BlockManager.find_cached_prefix`: its leading
+    full blocks, then possibly the leading tokens of one more cached block (a partial hit).
 
     Valid only until the next call that can evict blocks (`allocate_slots`, `allocate_cached_block`,
     `reset_prefix_cache`): pass it to `allocate_slots` right after the lookup.
     """
 
     block_ids: list[int]
-    num_cached_tokens: int  # len(block_ids) * block_size
+    num_cached_tokens: int  # len(block_ids) * block_size + partial_tokens
     block_hashes: tuple[bytes, ...] = ()  # the hashes looked up; lets allocate_slots detect staleness
+    partial_block: int | None = None  # a cached block whose first partial_tokens tokens the sequence shares
+    partial_tokens: int = 0
+    partial_hash: bytes | None = None  # partial_block's hash at lookup (staleness check)
 
 
 @dataclass
@@ -42,7 +53,11 @@ class BlockManager:
     and then leave the state unchanged; misuse (bad ids, stale prefixes) raises ValueError.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 copy_tokens: Callable[[int, int, int], None] | None = None):
+        """`copy_tokens(src, dst, n)` copies the KV of the first n token slots of block src into
+        block dst (the engine passes `KVCache.copy_tokens`). Without it there are no partial hits:
+        only whole blocks are shared."""
         if not isinstance(num_blocks, int) or num_blocks < 1:
             raise ValueError(f"num_blocks must be a positive integer, got {num_blocks!r}")
         if not isinstance(block_size, int) or block_size < 1:
@@ -63,6 +78,10 @@ class BlockManager:
         self._stats = PrefixCacheStats()
         self.track_evictions = False  # a worker turns this on to keep Redis ownership in step
         self.evicted_hashes: list[bytes] = []
+        self._copy_tokens = copy_tokens
+        self._block_tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self._block_parent: list[bytes | None] = [None] * num_blocks
+        self._children: dict[tuple[bytes, int], set[int]] = {}
 
     # ----- counters -----
 
@@ -90,31 +109,54 @@ class BlockManager:
 
     # ----- sequences -----
 
-    def find_cached_prefix(self, block_hashes: list[bytes], num_tokens: int, record: bool = True) -> PrefixMatch:
-        """The longest run of leading blocks whose hashes are cached; takes no references.
+    def find_cached_prefix(self, block_hashes: list[bytes], num_tokens: int, record: bool = True,
+                           token_ids: Sequence[int] | None = None) -> PrefixMatch:
+        """The longest cached prefix of a sequence; takes no references.
 
-        Capped at (num_tokens - 1) // block_size blocks, so at least one token is left to compute
-        (the model needs the last token's logits) and hashes past num_tokens are ignored. A block
-        still being imported (allocate_cached_block, not yet released) ends the run. Counts
-        queries += num_tokens and hits += num_cached_tokens (nothing when caching is disabled), unless
-        `record` is False: a caller that may not use the match (admission can fail) records it with
-        `record_prefix_query` once it does.
+        First the longest run of leading blocks whose hashes are cached, capped at
+        (num_tokens - 1) // block_size blocks, so at least one token is left to compute (the model
+        needs the last token's logits) and hashes past num_tokens are ignored. A block still being
+        imported (allocate_cached_block, not yet released) ends the run.
+
+        Then, given the sequence's `token_ids` (and a `copy_tokens` hook), a partial hit: among the
+        cached blocks that follow the same parent block, the one sharing the most leading tokens
+        with the sequence's next block (still leaving one token to compute). `allocate_slots` copies
+        those tokens' KV into the sequence's own block, so a prompt that diverges in the middle of a
+        block, or a repeated prompt, recomputes only what is new (a prompt sharing a 1,000-token
+        prefix computes its own suffix, not the prefix's last 8 tokens as well).
+
+        Counts queries += num_tokens and hits += num_cached_tokens (nothing when caching is
+        disabled), unless `record` is False: a caller that may not use the match (admission can
+        fail) records it with `record_prefix_query` once it does.
         """
         if not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
         if not self.enable_prefix_caching:
             return PrefixMatch([], 0)
-        max_blocks = min(len(block_hashes), (num_tokens - 1) // self.block_size)
+        bs = self.block_size
+        max_blocks = min(len(block_hashes), (num_tokens - 1) // bs)
         block_ids: list[int] = []
         for h in block_hashes[:max_blocks]:
             block_id = self._hash_to_block.get(h)
             if block_id is None or block_id in self._importing:
                 break
             block_ids.append(block_id)
-        num_cached = len(block_ids) * self.block_size
+        k = len(block_ids)
+        partial_block, partial = None, 0
+        if token_ids is not None and self._copy_tokens is not None and self._children:
+            start = k * bs
+            want = token_ids[start:start + min(bs - 1, num_tokens - 1 - start)]
+            if want:
+                parent = block_hashes[k - 1] if k else ROOT_HASH
+                for b in self._children.get((parent, want[0]), ()):
+                    n = _common_prefix(self._block_tokens[b], want)
+                    if n > partial:
+                        partial_block, partial = b, n
+        num_cached = k * bs + partial
         if record:
             self.record_prefix_query(num_tokens, num_cached)
-        return PrefixMatch(block_ids, num_cached, tuple(block_hashes[: len(block_ids)]))
+        return PrefixMatch(block_ids, num_cached, tuple(block_hashes[:k]), partial_block, partial,
+                           None if partial_block is None else self._block_hash[partial_block])
 
     def record_prefix_query(self, num_tokens: int, num_cached_tokens: int) -> None:
         """Counts one prefix-cache query of num_tokens tokens of which num_cached_tokens hit."""
@@ -127,27 +169,40 @@ class BlockManager:
 
         On the first call (seq_id unknown) the prefix blocks come first: refcount +1, out of the free
         queue if they were unreferenced. Then fresh blocks are popped from the free-queue head, which
-        evicts their hashes. Returns False, changing nothing, when too few blocks are free. A prefix
-        is only accepted on the first call and must be fresh (see PrefixMatch); else ValueError.
+        evicts their hashes. With a partial hit, the first fresh block receives the shared tokens'
+        KV from the prefix's partial block (held meanwhile, so the pops cannot evict it). Returns
+        False, changing nothing, when too few blocks are free. A prefix is only accepted on the first
+        call and must be fresh (see PrefixMatch); else ValueError.
         """
         if not isinstance(num_tokens, int) or num_tokens < 0:
             raise ValueError(f"num_tokens must be a non-negative integer, got {num_tokens!r}")
         table = self._tables.get(seq_id)
         prefix_ids = self._check_prefix(seq_id, table, num_tokens, prefix)
+        partial = None if prefix_ids is None else prefix.partial_block
+        prefix_ids = prefix_ids or []
         have = len(table) if table is not None else 0
         num_fresh = max(0, -(-num_tokens // self.block_size) - have - len(prefix_ids))
-        # Unreferenced prefix blocks leave the free queue too, so they count against it.
+        # Unreferenced prefix blocks (and the partial hit's source) leave the free queue too.
         num_revived = sum(1 for b in prefix_ids if self._ref_counts[b] == 0)
+        if partial is not None and self._ref_counts[partial] == 0:
+            num_revived += 1
         if num_fresh + num_revived > len(self._free):
             return False
         if table is None:
             table = self._tables[seq_id] = []
             self._num_cache_checked[seq_id] = 0
+        if partial is not None:
+            self._take_ref(partial)
         for b in prefix_ids:
             self._take_ref(b)
             table.append(b)
         for _ in range(num_fresh):
             table.append(self._pop_free())
+        if partial is not None:
+            try:
+                self._copy_tokens(partial, table[len(prefix_ids)], prefix.partial_tokens)
+            finally:
+                self._drop_ref(partial)  # back to the free-queue tail: just used
         return True
 
     def block_table(self, seq_id: str) -> list[int]:
@@ -160,9 +215,11 @@ class BlockManager:
     def has_seq(self, seq_id: str) -> bool:
         return seq_id in self._tables
 
-    def cache_full_blocks(self, seq_id: str, block_hashes: list[bytes], num_computed_tokens: int) -> None:
+    def cache_full_blocks(self, seq_id: str, block_hashes: list[bytes], num_computed_tokens: int,
+                          token_ids: Sequence[int] | None = None) -> None:
         """Registers the sequence's fully computed blocks (i < num_computed_tokens // block_size and
-        i < len(block_hashes)) in the prefix cache.
+        i < len(block_hashes)) in the prefix cache; with the sequence's `token_ids`, each newly
+        registered block also becomes a candidate for partial hits (find_cached_prefix).
 
         A block already registered is skipped. If another block already holds the hash (two sequences
         computed the same block concurrently), the existing mapping stays and this block stays
@@ -192,6 +249,11 @@ class BlockManager:
             elif h not in self._hash_to_block:
                 self._block_hash[block_id] = h
                 self._hash_to_block[h] = block_id
+                if token_ids is not None and self._copy_tokens is not None:
+                    tokens = tuple(token_ids[i * self.block_size:(i + 1) * self.block_size])
+                    parent = block_hashes[i - 1] if i else ROOT_HASH
+                    self._block_tokens[block_id], self._block_parent[block_id] = tokens, parent
+                    self._children.setdefault((parent, tokens[0]), set()).add(block_id)
         self._num_cache_checked[seq_id] = max(self._num_cache_checked[seq_id], num_full)
 
     def free(self, seq_id: str) -> None:
@@ -265,22 +327,36 @@ class BlockManager:
 
     def _check_prefix(
         self, seq_id: str, table: list[int] | None, num_tokens: int, prefix: PrefixMatch | None
-    ) -> list[int]:
-        if prefix is None or not prefix.block_ids:
-            return []
+    ) -> list[int] | None:
+        """The prefix's full block ids ([] for none), or None when it has no blocks and no partial hit."""
+        if prefix is None or (not prefix.block_ids and prefix.partial_block is None):
+            return None
         if table is not None:
             raise ValueError(f"allocate_slots: prefix given for {seq_id!r}, which already has blocks")
         ids = prefix.block_ids
-        if prefix.num_cached_tokens != len(ids) * self.block_size:
+        if prefix.num_cached_tokens != len(ids) * self.block_size + prefix.partial_tokens:
             raise ValueError(
                 f"allocate_slots: prefix num_cached_tokens {prefix.num_cached_tokens} != "
-                f"{len(ids)} blocks * block_size {self.block_size}"
+                f"{len(ids)} blocks * block_size {self.block_size} + {prefix.partial_tokens} partial tokens"
             )
         if prefix.num_cached_tokens > num_tokens:
             raise ValueError(
                 f"allocate_slots: prefix covers {prefix.num_cached_tokens} tokens, "
                 f"more than num_tokens {num_tokens}"
             )
+        if prefix.partial_block is not None:
+            b = self._check_block_id(prefix.partial_block)
+            if not 0 < prefix.partial_tokens < self.block_size:
+                raise ValueError(f"allocate_slots: partial_tokens must be in [1, {self.block_size}), "
+                                 f"got {prefix.partial_tokens}")
+            if prefix.num_cached_tokens >= num_tokens:
+                raise ValueError("allocate_slots: a partial hit needs a token to compute after it "
+                                 f"(num_tokens {num_tokens}, cached {prefix.num_cached_tokens})")
+            if self._block_hash[b] is None or self._block_hash[b] != prefix.partial_hash:
+                raise ValueError(
+                    f"allocate_slots: partial-hit block {b} was evicted after find_cached_prefix; "
+                    "look the prefix up again right before allocating"
+                )
         if len(set(ids)) != len(ids):
             raise ValueError(f"allocate_slots: prefix repeats a block id: {ids}")
         for i, b in enumerate(ids):
@@ -315,6 +391,14 @@ class BlockManager:
         if h is not None:
             self._block_hash[block_id] = None
             del self._hash_to_block[h]
+            tokens = self._block_tokens[block_id]
+            if tokens is not None:
+                key = (self._block_parent[block_id], tokens[0])
+                siblings = self._children[key]
+                siblings.discard(block_id)
+                if not siblings:
+                    del self._children[key]
+                self._block_tokens[block_id] = self._block_parent[block_id] = None
             if self.track_evictions:
                 self.evicted_hashes.append(h)
 
@@ -327,3 +411,13 @@ class BlockManager:
     def cached_hashes(self) -> list[bytes]:
         """Every hash in the prefix cache now (a worker's ownership snapshot)."""
         return list(self._hash_to_block)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading elements a and b share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n

@@ -114,6 +114,17 @@ class KVCache:
             k[block_id].copy_(block[layer, 0])
             v[block_id].copy_(block[layer, 1])
 
+    def copy_tokens(self, src: int, dst: int, num_tokens: int) -> None:
+        """Copies the K and V of the first num_tokens token slots of block src into block dst, in
+        every layer (a partial prefix-cache hit: BlockManager's `copy_tokens` hook)."""
+        self._check_block_id(src)
+        self._check_block_id(dst)
+        if not isinstance(num_tokens, int) or not 0 < num_tokens <= self.block_size:
+            raise ValueError(f"num_tokens must be in [1, {self.block_size}], got {num_tokens!r}")
+        for k, v in zip(self.k_caches, self.v_caches):
+            k[dst, :num_tokens] = k[src, :num_tokens]
+            v[dst, :num_tokens] = v[src, :num_tokens]
+
     def _host_views(self) -> list[np.ndarray] | None:
         """For a CPU cache: numpy uint8 views [num_blocks, bytes per page] aliasing K0, V0, K1, V1, ...
         (payload order), so block export and import are plain memory copies without per-call torch

@@ -86,7 +86,8 @@ class LLMEngine:
             cc.kv_cache_memory_gb, args.num_layers, args.num_kv_heads, args.head_dim, cc.block_size, dtype
         )
         self.kv_cache = KVCache(args.num_layers, args.num_kv_heads, args.head_dim, cc.block_size, num_blocks, dtype, mc.device)
-        self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, cc.block_size, cc.enable_prefix_caching,
+                                          copy_tokens=self.kv_cache.copy_tokens)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.runner = ModelRunner(self.model, self.kv_cache, self.block_manager, config.triton_enabled)
         self.sampler = Sampler()
@@ -251,7 +252,8 @@ class LLMEngine:
                 seq.first_scheduled_time = now
             self.stats.prompt_tokens += max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens))
             seq.num_computed_tokens += n
-            self.block_manager.cache_full_blocks(seq.seq_id, seq.block_hashes, seq.num_computed_tokens)
+            self.block_manager.cache_full_blocks(seq.seq_id, seq.block_hashes, seq.num_computed_tokens,
+                                                 seq.token_ids)
         self.stats.num_steps += 1
         self.stats.last_batch_size = len(sched.scheduled)
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(sched.scheduled))

@@ -99,7 +99,8 @@ class Scheduler:
             seq = self.waiting[0]
             prefix = None
             if seq.num_computed_tokens == 0:
-                prefix = self.block_manager.find_cached_prefix(seq.block_hashes, seq.num_tokens, record=False)
+                prefix = self.block_manager.find_cached_prefix(seq.block_hashes, seq.num_tokens, record=False,
+                                                               token_ids=seq.token_ids)
                 start = prefix.num_cached_tokens
             else:  # KV imported into its blocks before admission
                 start = seq.num_computed_tokens
