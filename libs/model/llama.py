@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata, paged_attention
+from splitserve.kernels import cpu_ops
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused_ops = False  # float32 on the CPU: kernels.cpu_ops (LlamaModel.use_cpu_kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_ops and x.is_contiguous():  # one pass instead of six kernels
+            return cpu_ops.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32 and x.device.type == "cpu":
             # one op instead of eight, the same bits on the CPU (tests/test_model_parts.py)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
@@ -128,12 +132,14 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(args.hidden_size, self.q_size + 2 * self.kv_size, bias=args.attention_bias)
         self.o_proj = nn.Linear(self.q_size, args.hidden_size, bias=False)
         self.scale = args.head_dim**-0.5
+        self.fused_ops = False  # float32 on the CPU: RoPE in kernels.cpu_ops (the same bits)
 
     def forward(self, x, rope, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         # x: [T, hidden]; rope: (cos, sin) [T, 1, head_dim]
         t = x.shape[0]
         qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        qk = apply_rope(qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        qk = qk.view(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        qk = cpu_ops.rope(qk, *rope) if self.fused_ops else apply_rope(qk, *rope)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, heads, head_dim]
@@ -147,9 +153,13 @@ class MLP(nn.Module):
         # Fused gate and up projections: weight [2 * intermediate, hidden]
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.fused_ops = False  # float32 on the CPU: SiLU-and-multiply in kernels.cpu_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused_ops:
+            return self.down_proj(cpu_ops.silu_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -196,14 +206,19 @@ class LlamaModel(nn.Module):
             return F.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
-    def use_cpu_gemm(self, compute_dtype: torch.dtype) -> None:
-        """CPU: swaps every projection for a `CpuLinear` (and unties the LM head)."""
+    def use_cpu_kernels(self, compute_dtype: torch.dtype) -> None:
+        """CPU: swaps every projection for a `CpuLinear` (and unties the LM head); in float32, runs
+        RMSNorm, SiLU-and-multiply and RoPE in `kernels.cpu_ops` where it is built."""
         for module in list(self.modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):
                     setattr(module, name, CpuLinear(child.weight, child.bias, compute_dtype))
         if self.lm_head is None:
             self.lm_head = CpuLinear(self.embed_tokens.weight, None, compute_dtype)
+        fused = compute_dtype == torch.float32 and cpu_ops.available()
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, Attention, MLP)):
+                module.fused_ops = fused
 
 
 class CpuLinear(nn.Module):

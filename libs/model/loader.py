@@ -72,7 +72,7 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
     model_obj = model_obj.to(device=device, dtype=compute)
     model_obj.rotary.to(dtype=torch.float32)  # cos/sin stay float32, as HF computes them
     if torch.device(device).type == "cpu":
-        model_obj.use_cpu_gemm(compute)
+        model_obj.use_cpu_kernels(compute)
     model_obj.eval()
     return model_obj, path
 

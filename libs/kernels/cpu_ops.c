@@ -1,0 +1,227 @@
+/* The small per-layer ops of a Llama layer on the CPU, float32, each one pass over its rows:
+ *
+ *   rms_norm(x, w)    out = w * (x * 1/sqrt(mean(x^2) + eps))      x, out [rows, dim]
+ *   silu_mul(gu)      out = silu(gu[:, :n]) * gu[:, n:]             gu [rows, 2n], out [rows, n]
+ *   rope(x, c, s)     out = x * c + roll(x, dim/2) * s per head     x, out [rows, heads, dim]; c, s [rows, dim]
+ *                     (x's rows may be strided: it is usually a view of the fused qkv projection)
+ *
+ * torch runs each of these as 3 to 8 kernels (RMSNorm: pow, mean, add, rsqrt, mul, mul; SiLU-and-mul
+ * over two strided halves: silu, mul), every one a pass over memory and a dispatch; at the row
+ * counts of a decode batch or a prefix hit (16-32 rows of 576) the dispatches cost more than the
+ * arithmetic. Rows are split over the calling thread's OpenMP team (torch's libgomp, loaded once)
+ * only when there are enough of them to pay for the team's wake-up.
+ *
+ * Numerics: rope and the multiplications are the same float32 operations in the same order as
+ * torch's (this file is built with -ffp-contract=off: no fused multiply-adds), so rope is
+ * bit-identical to HF's rotate-half. rms_norm's mean and silu's exp may differ from torch's in
+ * the last bit (their summation order and exp polynomial are not torch's).
+ *
+ * The Python wrapper (cpu_ops.py) checks shapes, dtypes and contiguity; these functions trust the
+ * pointers they are handed.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define PARALLEL_ROWS 64 /* fewer rows run on the calling thread alone */
+
+#if defined(__x86_64__) || defined(__i386__)
+#define X86 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+
+static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+
+/* exp(x) for x <= 0: 2^n * e^r, |r| <= ln2/2, degree-6 Taylor polynomial (relative error ~1e-7);
+ * below -87 the result is ~1e-38 instead of underflowing. */
+static inline v8f exp_nonpositive(v8f x) {
+    const v8f lo = splat(-87.0f);
+    v8i below = x < lo;
+    x = (v8f)(((v8i)x & ~below) | ((v8i)lo & below));
+    const v8f magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    v8f t = x * splat(1.44269504088896341f) + magic;
+    v8f n = t - magic;
+    v8i ni = (v8i)t - (v8i)magic;
+    v8f r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    v8f p = splat(1.0f / 720);
+    p = p * r + splat(1.0f / 120);
+    p = p * r + splat(1.0f / 24);
+    p = p * r + splat(1.0f / 6);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    return p * (v8f)((ni + 127) << 23);
+}
+
+static void rms_norm_rows(const float *x, const float *w, float *out, long rows, int dim, float eps) {
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
+    for (long r = 0; r < rows; r++) {
+        const float *xr = x + r * dim;
+        float *o = out + r * dim;
+        v8f acc[4] = {splat(0), splat(0), splat(0), splat(0)};
+        int i = 0;
+        for (; i + 32 <= dim; i += 32)
+            for (int a = 0; a < 4; a++) {
+                v8f v = load8(xr + i + 8 * a);
+                acc[a] += v * v;
+            }
+        for (; i + 8 <= dim; i += 8) {
+            v8f v = load8(xr + i);
+            acc[0] += v * v;
+        }
+        v8f s = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        float sum = ((s[0] + s[4]) + (s[1] + s[5])) + ((s[2] + s[6]) + (s[3] + s[7]));
+        for (; i < dim; i++) sum += xr[i] * xr[i];
+        float inv = 1.0f / sqrtf(sum / (float)dim + eps);
+        v8f vi = splat(inv);
+        int j = 0;
+        for (; j + 8 <= dim; j += 8) store8(o + j, load8(w + j) * (load8(xr + j) * vi));
+        for (; j < dim; j++) o[j] = w[j] * (xr[j] * inv);
+    }
+}
+
+static inline float silu1(float g) {
+    float e = expf(-fabsf(g));
+    return g >= 0 ? g / (1.0f + e) : g * e / (1.0f + e);
+}
+
+static void silu_mul_rows(const float *gu, float *out, long rows, int n) {
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
+    for (long r = 0; r < rows; r++) {
+        const float *g = gu + r * 2L * n, *u = g + n;
+        float *o = out + r * n;
+        int j = 0;
+        for (; j + 8 <= n; j += 8) {
+            /* silu(g) = g / (1 + e^-g), from e = e^-|g| <= 1 (no overflow): g / (1 + e) for g >= 0,
+             * g * e / (1 + e) below */
+            v8f gv = load8(g + j);
+            v8i neg = gv < splat(0.0f);
+            v8f e = exp_nonpositive((v8f)((v8i)gv | (v8i)splat(-0.0f))); /* e^-|g| */
+            v8f num = (v8f)(((v8i)(gv * e) & neg) | ((v8i)gv & ~neg));
+            store8(o + j, (num / (splat(1.0f) + e)) * load8(u + j));
+        }
+        for (; j < n; j++) o[j] = silu1(g[j]) * u[j];
+    }
+}
+
+static void rope_rows(const float *x, long x_stride, const float *c, const float *s, float *out, long rows,
+                      int heads, int dim) {
+    const int half = dim / 2;
+#pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
+    for (long r = 0; r < rows; r++) {
+        const float *cr = c + r * dim, *sr = s + r * dim;
+        for (int h = 0; h < heads; h++) {
+            const float *xh = x + r * x_stride + (long)h * dim;
+            float *o = out + (r * heads + h) * dim;
+            /* roll by half: position j reads x[(j + half) % dim] */
+            int j = 0;
+            if (half % 8 == 0) {
+                for (; j < dim; j += 8) {
+                    int k = j < half ? j + half : j - half;
+                    store8(o + j, load8(xh + j) * load8(cr + j) + load8(xh + k) * load8(sr + j));
+                }
+            }
+            for (; j < dim; j++) {
+                int k = j < half ? j + half : j - half;
+                o[j] = xh[j] * cr[j] + xh[k] * sr[j];
+            }
+        }
+    }
+}
+
+#ifdef X86
+#pragma GCC pop_options
+#endif
+
+#define PTR(v) ((float *)(uintptr_t)(v))
+
+/* rms_norm(x, w, out: data pointers as ints, rows, dim, eps) */
+static PyObject *py_rms_norm(PyObject *self, PyObject *args) {
+    unsigned long long x, w, out;
+    long rows;
+    int dim;
+    float eps;
+    if (!PyArg_ParseTuple(args, "KKKlif", &x, &w, &out, &rows, &dim, &eps)) return NULL;
+    if (rows < 0 || dim <= 0) {
+        PyErr_Format(PyExc_ValueError, "rms_norm: bad sizes: rows %ld, dim %d", rows, dim);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rms_norm_rows(PTR(x), PTR(w), PTR(out), rows, dim, eps);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* silu_mul(gate_up, out: data pointers as ints, rows, n) */
+static PyObject *py_silu_mul(PyObject *self, PyObject *args) {
+    unsigned long long gu, out;
+    long rows;
+    int n;
+    if (!PyArg_ParseTuple(args, "KKli", &gu, &out, &rows, &n)) return NULL;
+    if (rows < 0 || n <= 0) {
+        PyErr_Format(PyExc_ValueError, "silu_mul: bad sizes: rows %ld, n %d", rows, n);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    silu_mul_rows(PTR(gu), PTR(out), rows, n);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* rope(x, cos, signed_sin, out: data pointers as ints, rows, x's row stride in floats, heads, dim) */
+static PyObject *py_rope(PyObject *self, PyObject *args) {
+    unsigned long long x, c, s, out;
+    long rows, x_stride;
+    int heads, dim;
+    if (!PyArg_ParseTuple(args, "KKKKllii", &x, &c, &s, &out, &rows, &x_stride, &heads, &dim)) return NULL;
+    if (rows < 0 || heads <= 0 || dim <= 0 || dim % 2 || x_stride < (long)heads * dim) {
+        PyErr_Format(PyExc_ValueError, "rope: bad sizes: rows %ld, row stride %ld, heads %d, dim %d (even)", rows,
+                     x_stride, heads, dim);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rope_rows(PTR(x), x_stride, PTR(c), PTR(s), PTR(out), rows, heads, dim);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of float32 rows (see cpu_ops.py, which checks the tensors)."},
+    {"silu_mul", py_silu_mul, METH_VARARGS, "silu(gate) * up of float32 rows (see cpu_ops.py)."},
+    {"rope", py_rope, METH_VARARGS, "Rotate-half RoPE of float32 rows of heads (see cpu_ops.py)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_ops", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__cpu_ops(void) {
+    PyObject *mod = PyModule_Create(&module);
+    if (mod == NULL) return NULL;
+#ifdef X86
+    __builtin_cpu_init();
+    int supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    int supported = 1;
+#endif
+    if (PyModule_AddIntConstant(mod, "supported", supported) < 0) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}
