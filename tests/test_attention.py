@@ -1,4 +1,4 @@
-"""The torch attention path on the CPU: decode rows grouped by context length."""
+"""The torch attention path on the CPU: decode rows grouped by context length; prefill masks."""
 from __future__ import annotations
 
 import torch
@@ -54,3 +54,29 @@ def test_grouped_decode_attention_equals_one_padded_batch():
     ref = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), one, head_dim ** -0.5)
     out = paged_attention(q, k, v, k_cache.clone(), v_cache.clone(), grouped, head_dim ** -0.5)
     assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_prefill_after_a_cached_prefix_with_the_steps_mask_equals_a_boolean_causal_mask():
+    """The runner builds one additive mask per prefill sequence a step (shared by the layers); the
+    attention over the pages gives the same bits as SDPA with the plain boolean causal mask."""
+    import torch.nn.functional as F
+
+    from splitserve.engine.attention import prefill_attention_torch, prefill_mask
+
+    gen = torch.Generator().manual_seed(5)
+    bs, kv_heads, heads, dim, n, seq_len = 4, 2, 6, 16, 5, 19
+    k_cache = torch.randn(8, bs, kv_heads, dim, generator=gen)
+    v_cache = torch.randn(8, bs, kv_heads, dim, generator=gen)
+    table = torch.tensor([6, 2, 7, 0, 3], dtype=torch.long)
+    q = torch.randn(n, heads, dim, generator=gen)
+    flat_k = k_cache[table].reshape(-1, kv_heads, dim)[:seq_len]  # the new K/V are already written
+    flat_v = v_cache[table].reshape(-1, kv_heads, dim)[:seq_len]
+    mask = prefill_mask(n, seq_len, torch.float32, torch.device("cpu"))
+    assert mask.shape == (n, seq_len) and mask[0, seq_len - n].item() == 0 and mask[0, seq_len - n + 1] == float("-inf")
+    out = prefill_attention_torch(q, flat_k[-n:], flat_v[-n:], k_cache, v_cache, table, seq_len, 0.25, mask)
+    assert torch.equal(out, prefill_attention_torch(q, flat_k[-n:], flat_v[-n:], k_cache, v_cache, table, seq_len, 0.25))
+    allowed = torch.arange(seq_len)[None, :] <= torch.arange(seq_len - n, seq_len)[:, None]
+    ref = F.scaled_dot_product_attention(q.transpose(0, 1)[None], flat_k.transpose(0, 1)[None],
+                                         flat_v.transpose(0, 1)[None], attn_mask=allowed, scale=0.25,
+                                         enable_gqa=True)[0].transpose(0, 1)
+    assert torch.equal(out, ref)

@@ -30,6 +30,9 @@ class AttentionMetadata:
     prefill_seq_lens: tuple[int, ...]  # context length (cached prefix + query) of each
     prefill_block_tables: tuple[torch.Tensor, ...]  # [num_blocks_i] int64 each
     use_triton: bool = False
+    # per prefill sequence, its causal mask over the whole context when it has a cached prefix
+    # (`prefill_mask`, built once per step, shared by the layers), else None; () builds them per layer
+    prefill_masks: tuple[torch.Tensor | None, ...] = ()
     # CPU: decode rows go to the C kernel (`kernels.cpu_attention`), which walks each row's own length
     # through decode_block_tables / decode_seq_lens like the Triton kernel does.
     cpu_kernel: bool = False
@@ -165,6 +168,16 @@ def _grouped_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     return out
 
 
+def prefill_mask(n: int, seq_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[n, seq_len] additive mask of the last n tokens of a seq_len context: 0 where query i (at
+    position seq_len - n + i) sees the key, -inf after it. In the query's dtype, so that SDPA adds
+    it as it is (a boolean mask is converted on every call)."""
+    q_pos = torch.arange(seq_len - n, seq_len, device=device)
+    k_pos = torch.arange(seq_len, device=device)
+    mask = torch.zeros((n, seq_len), dtype=dtype, device=device)
+    return mask.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+
+
 def prefill_attention_torch(
     q: torch.Tensor,  # [n, heads, head_dim] the new query tokens
     k: torch.Tensor,  # [n, kv_heads, head_dim] their keys
@@ -174,6 +187,7 @@ def prefill_attention_torch(
     block_table: torch.Tensor,  # [num_blocks] int64
     seq_len: int,  # cached prefix + n
     scale: float,
+    mask: torch.Tensor | None = None,  # prefill_mask(n, seq_len, q.dtype, ...), else built here
 ) -> torch.Tensor:  # [n, heads, head_dim]
     """Causal attention of a chunk of new tokens over the cached prefix and themselves."""
     n, heads, head_dim = q.shape
@@ -192,9 +206,8 @@ def prefill_attention_torch(
         keys = k_cache.index_select(0, bt).view(-1, kv_heads, head_dim)[:seq_len].transpose(0, 1).unsqueeze(0)
         values = v_cache.index_select(0, bt).view(-1, kv_heads, head_dim)[:seq_len].transpose(0, 1).unsqueeze(0)
         keys, values = keys.to(q.dtype), values.to(q.dtype)
-        q_pos = torch.arange(seq_len - n, seq_len, device=q.device)
-        k_pos = torch.arange(seq_len, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]  # [n, seq_len]
+        if mask is None:
+            mask = prefill_mask(n, seq_len, q.dtype, q.device)
         out = F.scaled_dot_product_attention(qt, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out.squeeze(0).transpose(0, 1)
 
@@ -237,10 +250,11 @@ def paged_attention(
                 )
             )
     start = nd
-    for qlen, slen, bt in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_block_tables):
+    masks = meta.prefill_masks or (None,) * len(meta.prefill_query_lens)
+    for qlen, slen, bt, mask in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_block_tables, masks):
         end = start + qlen
         outputs.append(
-            prefill_attention_torch(q[start:end], k[start:end], v[start:end], k_cache, v_cache, bt, slen, scale)
+            prefill_attention_torch(q[start:end], k[start:end], v[start:end], k_cache, v_cache, bt, slen, scale, mask)
         )
         start = end
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

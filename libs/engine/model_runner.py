@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 import torch
 
-from splitserve.engine.attention import AttentionMetadata, decode_groups
+from splitserve.engine.attention import AttentionMetadata, decode_groups, prefill_mask
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.kv_cache import KVCache
 from splitserve.engine.scheduler import ScheduledSeq
@@ -30,6 +30,7 @@ class ModelRunner:
         self.device = kv_cache.k_caches[0].device
         self.block_size = kv_cache.block_size
         self._kv_pairs = list(zip(kv_cache.k_caches, kv_cache.v_caches))
+        self.compute_dtype = model.embed_tokens.weight.dtype  # of q in attention: its masks' dtype
         args = model.args
         # CPU decode attention: the C kernel where it is built and handles this cache, else the torch path
         self.cpu_kernel = (not use_triton and self.device.type == "cpu" and cpu_attention.available()
@@ -44,7 +45,7 @@ class ModelRunner:
         slots: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefill_q, prefill_len, prefill_tables = [], [], []
+        prefill_q, prefill_len, prefill_tables, prefill_masks = [], [], [], []
         sample_indices: list[int] = []
         sampled: list[int] = []
         for idx, (seq, n) in enumerate(scheduled):
@@ -61,6 +62,8 @@ class ModelRunner:
                 prefill_q.append(n)
                 prefill_len.append(end)
                 prefill_tables.append(torch.tensor(table[: (end + bs - 1) // bs], dtype=torch.long, device=self.device))
+                # after a cached prefix: one mask for all the layers (none needed without one: causal)
+                prefill_masks.append(prefill_mask(n, end, self.compute_dtype, self.device) if start else None)
             if end == seq.num_tokens:  # the chunk reaches the last token: its logits are sampled
                 sample_indices.append(len(input_ids) - 1)
                 sampled.append(idx)
@@ -86,6 +89,7 @@ class ModelRunner:
             prefill_seq_lens=tuple(prefill_len),
             prefill_block_tables=tuple(prefill_tables),
             use_triton=self.use_triton,
+            prefill_masks=tuple(prefill_masks),
             cpu_kernel=self.cpu_kernel,
             decode_groups=groups,
         )
