@@ -40,48 +40,13 @@
 #pragma GCC target("avx2,fma")
 #endif
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
-
-static inline v8f load8(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+#include "simd.h"
 
 static inline v8f load8_bf16(const uint16_t *p) {
     v8h h;
     memcpy(&h, p, sizeof h);
     v8i wide = __builtin_convertvector(h, v8i) << 16; /* bf16 is the top half of a float32 */
     return (v8f)wide;
-}
-
-static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
-
-static inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
-
-/* exp(x) for x <= 0 (scores minus their running max): 2^n * e^r, |r| <= ln2/2, degree-6 Taylor
- * polynomial (relative error ~1e-7). Inputs below -87 give ~1e-38 instead of underflowing. */
-static inline v8f exp_nonpositive(v8f x) {
-    const v8f lo = splat(-87.0f);
-    v8i below = x < lo;
-    x = (v8f)(((v8i)x & ~below) | ((v8i)lo & below));
-    const v8f magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    v8f t = x * splat(1.44269504088896341f) + magic;
-    v8f n = t - magic;
-    v8i ni = (v8i)t - (v8i)magic;
-    v8f r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-    v8f p = splat(1.0f / 720);
-    p = p * r + splat(1.0f / 120);
-    p = p * r + splat(1.0f / 24);
-    p = p * r + splat(1.0f / 6);
-    p = p * r + splat(0.5f);
-    p = p * r + splat(1.0f);
-    p = p * r + splat(1.0f);
-    return p * (v8f)((ni + 127) << 23);
 }
 
 /* Copies the rows of a chunk (n tokens from position `start`, through the block table) of one kv

@@ -1,0 +1,47 @@
+/* Float32 x 8 vector helpers shared by the CPU kernels (cpu_attention.c, cpu_ops.c), in GCC's
+ * vector extensions. Include it after `#pragma GCC target("avx2,fma")` (on x86), so that these
+ * inline functions are compiled for the same instructions as the kernels that use them. */
+#ifndef SPLITSERVE_SIMD_H
+#define SPLITSERVE_SIMD_H
+
+#include <stdint.h>
+#include <string.h>
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+static inline v8f load8(const float *p) {
+    v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
+
+static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
+
+static inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+
+/* exp(x) for x <= 0 (scores minus their running max): 2^n * e^r, |r| <= ln2/2, degree-6 Taylor
+ * polynomial (relative error ~1e-7). Inputs below -87 give ~1e-38 instead of underflowing. */
+static inline v8f exp_nonpositive(v8f x) {
+    const v8f lo = splat(-87.0f);
+    v8i below = x < lo;
+    x = (v8f)(((v8i)x & ~below) | ((v8i)lo & below));
+    const v8f magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
+    v8f t = x * splat(1.44269504088896341f) + magic;
+    v8f n = t - magic;
+    v8i ni = (v8i)t - (v8i)magic;
+    v8f r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
+    v8f p = splat(1.0f / 720);
+    p = p * r + splat(1.0f / 120);
+    p = p * r + splat(1.0f / 24);
+    p = p * r + splat(1.0f / 6);
+    p = p * r + splat(0.5f);
+    p = p * r + splat(1.0f);
+    p = p * r + splat(1.0f);
+    return p * (v8f)((ni + 127) << 23);
+}
+
+#endif /* SPLITSERVE_SIMD_H */
