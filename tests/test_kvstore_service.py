@@ -125,6 +125,34 @@ def test_contains_and_stats(kvstore):
     assert after.capacity_bytes == 64 << 20
 
 
+def test_prefill_export_skip_from_a_contains_call_that_ran_during_the_prefill(kvstore):
+    """The prefill worker's `StoredBlocks`: the stored hashes once the call answered; nothing
+    (export everything) when the kvstore is unreachable or does not answer in time."""
+    from splitserve.kvstore.client import KVStoreClient
+    from splitserve.services.prefill.server import StoredBlocks
+
+    server, stub = kvstore
+    a, b = encode(random_cache(SMALL, 1, seed=13), 0), encode(random_cache(SMALL, 1, seed=14), 0)
+    stub.Put(chunks_of(a))
+    client = KVStoreClient(server.address)
+    skip = StoredBlocks([a[0], b[0]], client.contains_future([a[0], b[0]]))
+    assert a[0] in skip and b[0] not in skip
+    with socket.socket() as dead:  # bound, never listening: the call fails at once
+        dead.bind(("127.0.0.1", 0))
+        gone = KVStoreClient(f"127.0.0.1:{dead.getsockname()[1]}")
+        assert a[0] not in StoredBlocks([a[0]], gone.contains_future([a[0]]), wait_s=5.0)
+    with socket.socket() as mute:  # accepts connections, never speaks HTTP/2: no answer
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        silent = KVStoreClient(f"127.0.0.1:{mute.getsockname()[1]}")
+        future = silent.contains_future([a[0]])
+        t0 = time.monotonic()
+        assert a[0] not in StoredBlocks([a[0]], future, wait_s=0.2)
+        assert 0.15 < time.monotonic() - t0 < 5 and future.cancelled()
+    for c in (client, gone, silent):
+        c.close()
+
+
 def test_lease_protects_from_eviction_and_eviction_clears_ownership(redis_url):
     cache = random_cache(SMALL, 5, seed=5)
     a, b, c, d, e = (encode(cache, i) for i in range(5))

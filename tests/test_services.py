@@ -149,6 +149,9 @@ def test_shared_prefix_goes_to_its_owner(stack2, llm_f32):
     owner_after, other_after = load(owner), load(other)
     assert final.usage.cached_tokens == 64
     assert owner_after.prompt_tokens_computed - owner_before.prompt_tokens_computed == len(second) - 64
+    # the kvstore holds the prefix's blocks already (the Contains call that ran during the prefill
+    # said so): only the new full blocks were put
+    assert owner_after.num_blocks_put - owner_before.num_blocks_put == len(second) // 16 - 4
     assert other_after.prompt_tokens_computed == other_before.prompt_tokens_computed  # never asked
     (ref,) = llm_f32.generate([second], SamplingParams(temperature=0, max_tokens=8))
     assert ids == ref.token_ids

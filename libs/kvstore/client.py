@@ -136,6 +136,10 @@ class KVStoreClient:
         resp = self._stub.Contains(kvstore_pb2.ContainsRequest(block_hashes=hashes), timeout=self.timeout_s)
         return list(resp.present)
 
+    def contains_future(self, hashes: list[bytes]) -> "grpc.Future":
+        """`contains` without waiting: a grpc.Future of the ContainsResponse (its `present` flags)."""
+        return self._stub.Contains.future(kvstore_pb2.ContainsRequest(block_hashes=hashes), timeout=self.timeout_s)
+
     def put(self, blocks: Iterable[tuple[BlockHeader, bytes]], lease_id: str = "",
             lease_ttl_s: float = 0.0) -> kvstore_pb2.PutResponse:
         """Stores the blocks, each pinned under `lease_id` for at most lease_ttl_s. RpcError from the

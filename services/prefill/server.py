@@ -1,11 +1,11 @@
 """The prefill role: computes a prompt's KV cache and first token, ships the blocks to the kvstore.
 
 Concurrent Prefill calls are batched by the engine loop (chunked prefill, shared prefix cache).
-Before the prompt is queued, one Contains call asks the kvstore which of its full blocks it
-already holds; after the first token, the others are read out before the sequence is freed and
-put under a lease named after the request, and the worker records that its own prefix cache holds
-all of them (Redis). On a prefix-cache hit nearly every block is already stored, so the hit costs
-the suffix's compute and little more.
+When the prompt is queued, one Contains call asks the kvstore which of its full blocks it already
+holds (it runs during the prefill: `StoredBlocks`); after the first token, the others are read out
+before the sequence is freed and put under a lease named after the request, while the worker
+records that its own prefix cache holds all of them (Redis). On a prefix-cache hit nearly every
+block is already stored, so the hit costs the suffix's compute and little more.
 
 Metrics (role "prefill", splitserve.worker for the scrape-time ones), per Prefill call:
 prompt_tokens += its prompt length and generation_tokens += 1 (the first token) when answered,
@@ -22,6 +22,7 @@ import logging
 import queue
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -37,6 +38,34 @@ logger = logging.getLogger("splitserve.prefill")
 SERVICE = "splitserve.v1.Prefill"
 
 
+class StoredBlocks:
+    """The engine's `export_skip` for one prompt: the hashes of its full blocks the kvstore already
+    holds, from a Contains call started when the prompt is queued and read when the prefill ends
+    (so the call overlaps the prefill instead of preceding it). The answer is normally there long
+    before; the loop thread waits at most `wait_s` more for it. Without it (a slow kvstore, or the
+    call failed) nothing is skipped: every block is exported and the put decides. Read only by the
+    engine's loop thread."""
+
+    def __init__(self, hashes: list[bytes], future, wait_s: float = 0.1) -> None:
+        self._hashes, self._future, self._wait_s = hashes, future, wait_s
+        self._present: frozenset[bytes] | None = None
+
+    def _resolve(self) -> frozenset[bytes]:
+        if self._present is None:
+            try:
+                flags = self._future.result(timeout=self._wait_s).present
+            except grpc.FutureTimeoutError:
+                self._future.cancel()
+                flags = ()
+            except grpc.RpcError:  # the kvstore is down or refused: export everything
+                flags = ()
+            self._present = frozenset(h for h, p in zip(self._hashes, flags) if p)
+        return self._present
+
+    def __contains__(self, block_hash: bytes) -> bool:
+        return block_hash in self._resolve()
+
+
 class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -46,6 +75,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         self.num_blocks_put = 0  # blocks sent to the kvstore (those it lacked)
         self.num_blocks_skipped = 0  # blocks the kvstore already had
         self.metrics = worker.metrics
+        # records a prefill's blocks in Redis while its handler puts them in the kvstore
+        self._recorder = ThreadPoolExecutor(max_workers=4, thread_name_prefix="prefill-ownership")
         if self.kvstore is not None:
             self.metrics.touch("kv_transfer_bytes", "kv_transfer_seconds", "kv_transfer_failures", direction="put")
         worker.counters = lambda: {"num_blocks_put": self.num_blocks_put}
@@ -84,8 +115,9 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             context.abort(grpc.StatusCode.INTERNAL, f"prefill failed: {exc}")
         hashes = out.prompt_block_hashes
         self.num_blocks_skipped += len(hashes) - len(out.exported_blocks)
+        recorded = self._recorder.submit(self.worker.sync_ownership, hashes)
         kv_address = self._ship(request_id, out.exported_blocks, context)
-        self.worker.sync_ownership(hashes)
+        recorded.result()  # recorded before the answer: the next request is routed here
         self._record(out)
         logger.info("prefill done: request_id=%s prompt_tokens=%d cached_tokens=%d blocks=%d kvstore=%s",
                     request_id, out.num_prompt_tokens, out.num_cached_tokens, len(hashes), kv_address or "-")
@@ -111,21 +143,17 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if out.first_scheduled_time and out.first_token_time:
             m.observe_prefill(max(0.0, out.first_token_time - out.first_scheduled_time))
 
-    def _stored(self, prompt: list[int], cache_salt: str) -> frozenset[bytes]:
-        """The hashes of the prompt's full blocks that the kvstore already holds (all of them when there
-        is no kvstore): the engine does not export those (on a prefix-cache hit that is nearly all of
-        them, and reading them out would cost more than computing the suffix). One Contains call before the prompt is queued; if the
-        kvstore cannot answer, every block is exported and the put decides."""
+    def _stored(self, prompt: list[int], cache_salt: str):
+        """The engine's `export_skip`: the prompt's full blocks that need no export. All of them
+        without a kvstore (colocated: they stay in this cache); else a `StoredBlocks` whose Contains
+        call runs during the prefill (on a prefix-cache hit it finds nearly all of them stored, and
+        reading them out would cost more than computing the suffix)."""
         engine = self.worker.engine
         hashes = block_hashes(prompt, engine.config.cache.block_size,
                               hash_namespace(engine.model_id, cache_salt or None))
-        if self.kvstore is None or not hashes:  # colocated: the blocks stay in this cache, nothing to ship
+        if self.kvstore is None or not hashes:
             return frozenset(hashes)
-        try:
-            present = self.kvstore.contains(hashes)
-        except grpc.RpcError:
-            return frozenset()
-        return frozenset(h for h, p in zip(hashes, present) if p)
+        return StoredBlocks(hashes, self.kvstore.contains_future(hashes))
 
     def _ship(self, request_id: str, blocks, context) -> str:
         """Puts the exported blocks (those the kvstore lacked when the prompt was queued); returns its
