@@ -100,6 +100,7 @@ def cmd_hf_serve(args) -> int:
              loaded.model.config._attn_implementation, time.monotonic() - t0)
     sock = socket.socket(socket.AF_INET6 if ":" in cfg.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as the gateway's (services/gateway/http.py)
     try:
         sock.bind((cfg.host, cfg.port))
     except OSError as e:
