@@ -32,15 +32,14 @@
 #define MAX_HEAD_DIM 256
 #define CHUNK 32          /* keys scored before each softmax rescale */
 
-#if defined(__x86_64__) || defined(__i386__)
-#define X86 1
+#include "simd.h"
+
+#ifdef X86
 /* The kernel is compiled for AVX2 + FMA; the module says whether this CPU has them (`supported`)
  * and the Python side falls back to the torch path where it does not. */
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif
-
-#include "simd.h"
 
 static inline v8f load8_bf16(const uint16_t *p) {
     v8h h;
@@ -231,18 +230,4 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_attention", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__cpu_attention(void) {
-    PyObject *mod = PyModule_Create(&module);
-    if (mod == NULL) return NULL;
-#ifdef X86
-    __builtin_cpu_init();
-    int supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    int supported = 1;
-#endif
-    if (PyModule_AddIntConstant(mod, "supported", supported) < 0) {
-        Py_DECREF(mod);
-        return NULL;
-    }
-    return mod;
-}
+PyMODINIT_FUNC PyInit__cpu_attention(void) { return simd_module_create(&module); }

@@ -29,13 +29,12 @@
 
 #define PARALLEL_ROWS 64 /* fewer rows run on the calling thread alone */
 
-#if defined(__x86_64__) || defined(__i386__)
-#define X86 1
+#include "simd.h"
+
+#ifdef X86
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif
-
-#include "simd.h"
 
 static void rms_norm_rows(const float *x, const float *w, float *out, long rows, int dim, float eps) {
 #pragma omp parallel for schedule(static) if (rows >= PARALLEL_ROWS)
@@ -178,18 +177,4 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_ops", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__cpu_ops(void) {
-    PyObject *mod = PyModule_Create(&module);
-    if (mod == NULL) return NULL;
-#ifdef X86
-    __builtin_cpu_init();
-    int supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-    int supported = 1;
-#endif
-    if (PyModule_AddIntConstant(mod, "supported", supported) < 0) {
-        Py_DECREF(mod);
-        return NULL;
-    }
-    return mod;
-}
+PyMODINIT_FUNC PyInit__cpu_ops(void) { return simd_module_create(&module); }

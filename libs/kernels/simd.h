@@ -1,11 +1,39 @@
-/* Float32 x 8 vector helpers shared by the CPU kernels (cpu_attention.c, cpu_ops.c), in GCC's
- * vector extensions. Include it after `#pragma GCC target("avx2,fma")` (on x86), so that these
- * inline functions are compiled for the same instructions as the kernels that use them. */
+/* What the CPU kernels (cpu_attention.c, cpu_ops.c) share: their module object, and float32 x 8
+ * vector helpers in GCC's vector extensions, compiled (on x86) for AVX2 + FMA like the kernels
+ * that inline them. Include it after <Python.h>. */
 #ifndef SPLITSERVE_SIMD_H
 #define SPLITSERVE_SIMD_H
 
 #include <stdint.h>
 #include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define X86 1
+#endif
+
+/* The extension module of `def`, with `supported`: whether this CPU has what the kernels were
+ * compiled for (AVX2 and FMA on x86); the Python side falls back to torch where it has not.
+ * Compiled for the baseline instruction set: it runs on any CPU. */
+static PyObject *simd_module_create(struct PyModuleDef *def) {
+    PyObject *mod = PyModule_Create(def);
+    if (mod == NULL) return NULL;
+#ifdef X86
+    __builtin_cpu_init();
+    int supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    int supported = 1;
+#endif
+    if (PyModule_AddIntConstant(mod, "supported", supported) < 0) {
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
+}
+
+#ifdef X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -43,5 +71,9 @@ static inline v8f exp_nonpositive(v8f x) {
     p = p * r + splat(1.0f);
     return p * (v8f)((ni + 127) << 23);
 }
+
+#ifdef X86
+#pragma GCC pop_options
+#endif
 
 #endif /* SPLITSERVE_SIMD_H */
