@@ -31,11 +31,11 @@ WORKDIR /opt/splitserve
 COPY pyproject.toml README.md ./
 COPY libs ./libs
 COPY services ./services
-# gcc only for the build of the C kernels (libs/kernels/cpu_attention.c, cpu_ops.c), removed in the
+# gcc only for the build of the C kernels (libs/kernels/cpu_attention.c, cpu_ops.c, cpu_quant.c), removed in the
 # same layer; at run time they use the OpenMP runtime that torch ships.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install . && rm -rf build ./*.egg-info \
-    && python -c "from splitserve.kernels import _cpu_attention, _cpu_ops" \
+    && python -c "from splitserve.kernels import _cpu_attention, _cpu_ops, _cpu_quant" \
     && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 
 # Non-root. Converted tokenizers are cached under ~/.cache/splitserve (docker-compose.yml mounts a

@@ -413,7 +413,7 @@ def test_dockerfile(parsed):
     # build is checked (the extension is optional in pyproject, so a missing gcc would not fail it)
     install_run = next(arg for op, arg in instr if op == "RUN" and re.search(r"pip install \.(\s|$)", arg))
     assert re.search(r"apt-get install .*\bgcc\b", install_run)
-    assert "from splitserve.kernels import _cpu_attention, _cpu_ops" in install_run
+    assert "from splitserve.kernels import _cpu_attention, _cpu_ops, _cpu_quant" in install_run
     users = [arg for op, arg in instr if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image runs as a non-root user"
     assert [arg for op, arg in instr if op == "ENTRYPOINT"][-1] == '["splitserve"]'

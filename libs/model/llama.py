@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitserve.engine.attention import AttentionMetadata, paged_attention
-from splitserve.kernels import cpu_ops
+from splitserve.kernels import cpu_ops, cpu_quant
 
 
 @dataclass(frozen=True)
@@ -206,13 +206,17 @@ class LlamaModel(nn.Module):
             return F.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
-    def use_cpu_kernels(self, compute_dtype: torch.dtype) -> None:
+    def use_cpu_kernels(self, compute_dtype: torch.dtype, quantized: dict | None = None) -> None:
         """CPU: swaps every projection for a `CpuLinear` (and unties the LM head); in float32, runs
-        RMSNorm, SiLU-and-multiply and RoPE in `kernels.cpu_ops` where it is built."""
-        for module in list(self.modules()):
+        RMSNorm, SiLU-and-multiply and RoPE in `kernels.cpu_ops` where it is built. `quantized`:
+        parameter name -> `cpu_quant.Q4_1Weight` of that weight, the very values of its float32 copy
+        (the loader's, from a GGUF file), which small batches compute with."""
+        quantized = quantized or {}
+        for prefix, module in list(self.named_modules()):
             for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):
-                    setattr(module, name, CpuLinear(child.weight, child.bias, compute_dtype))
+                    quant = quantized.get(f"{prefix}.{name}.weight" if prefix else f"{name}.weight")
+                    setattr(module, name, CpuLinear(child.weight, child.bias, compute_dtype, quant))
         if self.lm_head is None:
             self.lm_head = CpuLinear(self.embed_tokens.weight, None, compute_dtype)
         fused = compute_dtype == torch.float32 and cpu_ops.available()
@@ -242,8 +246,16 @@ class CpuLinear(nn.Module):
 
     PACK_ROWS_HINT = 512  # MKL packs for an expected row count; 512 (a prefill chunk) suits 8-512
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                 quant: "cpu_quant.Q4_1Weight | None" = None) -> None:
         super().__init__()
+        # Up to `quant_rows` rows run on the Q4_1 blocks (kernels.cpu_quant): the same weights in a
+        # fifth of the bytes, 1.3-3x faster than the float32 GEMM at 1-32 rows; more rows go to it.
+        self.quant = None
+        if quant is not None and compute_dtype == torch.float32 and cpu_quant.available():
+            if quant.shape != tuple(weight.shape):
+                raise ValueError(f"Q4_1 weight {quant.shape} does not match the float32 weight {tuple(weight.shape)}")
+            self.quant, self.quant_rows = quant, cpu_quant.max_rows()
         self.out_dtype = weight.dtype
         self.out_features, self.in_features = weight.shape
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
@@ -267,7 +279,9 @@ class CpuLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if self.backend == "onednn":
+        if self.quant is not None and x2.shape[0] <= self.quant_rows:
+            y = cpu_quant.linear(x2, self.quant, self.bias)
+        elif self.backend == "onednn":
             y = torch.ops.mkldnn._linear_pointwise(x2.to(torch.float32), self.packed, self.bias, "none", [], "")
         elif self.backend == "mkl":
             y = torch.ops.mkl._mkl_linear(x2.to(torch.float32), self.packed, self._shape_only, self.bias, x2.shape[0])

