@@ -1,23 +1,26 @@
-/* y = x @ W^T for CPUs with W kept in GGUF's Q4_1 blocks: the projections of a quantized model at
- * the row counts of decoding (1-32 rows), where a float32 GEMM is bound by reading its weights.
+/* y = x @ W^T for CPUs with W kept in GGUF's blocks (Q4_1 or Q8_0): the projections and LM head of
+ * a quantized model at the row counts of decoding and prefix hits (1-48 rows), where a float32 GEMM
+ * is bound by reading its weights.
  *
- * Q4_1 stores 32 weights as a float16 scale d, a float16 minimum m and 32 four-bit codes q; the
- * weight is d * q + m. A float32 copy of the default model's projections is 430 MB, which a
- * 2-core VM streams at ~10 GB/s: ~40 ms a step whatever the rows, 34 ms for a single decode row.
- * Kept as codes it is 80 MB. This kernel turns a tile of 4 weight rows back into float32 in an L1
- * buffer, then runs every row of x against it: the arithmetic per weight grows with the rows, the
- * unpacking does not.
+ * Both formats store 32 weights a block with a float16 scale d: Q4_1 has a float16 minimum m and
+ * four-bit codes (weight = d * q + m), Q8_0 signed bytes (weight = d * q). A float32 copy of the
+ * default model's projections is 430 MB, which a 2-core VM streams at ~10 GB/s: ~40 ms a step
+ * whatever the rows, 34 ms for a single decode row. As Q4_1 blocks it is 80 MB. This kernel turns a
+ * tile of 4 weight rows back into float32 in an L1 buffer, then runs every row of x against it: the
+ * arithmetic per weight grows with the rows, the unpacking does not.
  *
- * Layout (made at load time by cpu_quant.py from GGUF's 20-byte blocks):
- *   codes   [N, K / 2] uint8: per block of 32, byte j holds q[j] (low nibble) and q[j + 16] (high)
+ * Layout (made at load time by cpu_quant.py from GGUF's blocks):
+ *   codes   Q4_1: [N, K / 2] uint8, per block of 32, byte j holds q[j] (low nibble) and q[j + 16] (high)
+ *           Q8_0: [N, K] int8
  *   scales  [N, K / 32] float32 (d, converted exactly from float16)
- *   mins    [N, K / 32] float32 (m)
+ *   mins    [N, K / 32] float32 (m; Q4_1 only)
  *   x       [M, K] float32 contiguous;  y [M, N] float32 contiguous;  bias [N] float32 or none
  *
- * Numerics: each weight is fma(q, d, m), one rounding of an exact product: the very float32 value
- * that GGUF's reference dequantization (d * q + m in float32) and so HF transformers compute. Each
- * output is a float32 dot product over K in 8 lanes, summed at the end: the summation order
- * differs from a BLAS's (last-bit differences), and does not depend on M or on the other rows.
+ * Numerics: a Q4_1 weight is fma(q, d, m), one rounding of an exact product, and a Q8_0 weight d * q
+ * (exact): the very float32 values of GGUF's reference dequantization, and so of HF transformers and
+ * of the model's float32 copy. Each output is a float32 dot product over K in 8 lanes, summed at the
+ * end: the order differs from a BLAS's (last-bit differences) and does not depend on M or on the
+ * other rows.
  *
  * Work is split by tiles of output features over the calling thread's OpenMP team (torch's libgomp).
  * The Python wrapper (cpu_quant.py) checks the tensors; this code trusts the pointers it is handed.
@@ -32,7 +35,7 @@
 
 #include "simd.h"
 
-#define QBLOCK 32 /* weights per Q4_1 block */
+#define QBLOCK 32 /* weights per block */
 #define TILE_N 4  /* weight rows unpacked together */
 #define TILE_M 3  /* rows of x run against them at once: 3 x 4 accumulators + 4 weight vectors */
 
@@ -41,7 +44,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-/* The 32 weights of one block, as float32, into dst[0..31]. */
+/* Q4_1: the 32 weights of one block, as float32, into dst[0..31]. */
 static inline void unpack_block(const uint8_t *codes, float d, float m, float *dst) {
     const __m128i bytes = _mm_loadu_si128((const __m128i *)codes);
     const __m128i nib = _mm_set1_epi8(0x0F);
@@ -52,6 +55,15 @@ static inline void unpack_block(const uint8_t *codes, float d, float m, float *d
     _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm));
     _mm256_storeu_ps(dst + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm));
     _mm256_storeu_ps(dst + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm));
+}
+
+/* Q8_0: the 32 weights d * q of one block (q int8; the product is exact in float32). */
+static inline void unpack_block_q8_0(const uint8_t *codes, float d, float *dst) {
+    const __m256 vd = _mm256_set1_ps(d);
+    for (int i = 0; i < 4; i++) {
+        const __m128i q = _mm_loadl_epi64((const __m128i *)(codes + 8 * i));
+        _mm256_storeu_ps(dst + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), vd));
+    }
 }
 
 static inline float hsum256(__m256 v) {
@@ -92,8 +104,9 @@ static void tile_any(const float *x, long ldx, const float *w, long k, const flo
     }
 }
 
-static int linear_q4_1(const float *x, const uint8_t *codes, const float *scales, const float *mins,
-                       const float *bias, float *y, long m_rows, long n, long k) {
+/* mins == NULL: Q8_0 codes (k bytes a row), else Q4_1 (k / 2 bytes a row). */
+static int linear_quant(const float *x, const uint8_t *codes, const float *scales, const float *mins,
+                        const float *bias, float *y, long m_rows, long n, long k) {
     const long blocks = k / QBLOCK, tiles = (n + TILE_N - 1) / TILE_N;
     int failed = 0;
 #pragma omp parallel
@@ -110,9 +123,14 @@ static int linear_q4_1(const float *x, const uint8_t *codes, const float *scales
             const int nb = n - n0 < TILE_N ? (int)(n - n0) : TILE_N;
             for (int j = 0; j < nb; j++) {
                 const long row = n0 + j;
-                for (long b = 0; b < blocks; b++)
-                    unpack_block(codes + (row * blocks + b) * (QBLOCK / 2), scales[row * blocks + b],
-                                 mins[row * blocks + b], w + j * k + b * QBLOCK);
+                if (mins)
+                    for (long b = 0; b < blocks; b++)
+                        unpack_block(codes + (row * blocks + b) * (QBLOCK / 2), scales[row * blocks + b],
+                                     mins[row * blocks + b], w + j * k + b * QBLOCK);
+                else
+                    for (long b = 0; b < blocks; b++)
+                        unpack_block_q8_0(codes + (row * blocks + b) * QBLOCK, scales[row * blocks + b],
+                                          w + j * k + b * QBLOCK);
             }
             for (long i0 = 0; i0 < m_rows; i0 += TILE_M) {
                 const int mb = m_rows - i0 < TILE_M ? (int)(m_rows - i0) : TILE_M;
@@ -129,31 +147,33 @@ static int linear_q4_1(const float *x, const uint8_t *codes, const float *scales
 
 #define PTR(v) ((void *)(uintptr_t)(v))
 
-/* linear_q4_1(x, codes, scales, mins, bias (0: none), y: data pointers as ints, rows, n, k) */
-static PyObject *py_linear_q4_1(PyObject *self, PyObject *args) {
+/* linear(x, codes, scales, mins (0: Q8_0, else Q4_1), bias (0: none), y: data pointers as ints,
+ *        rows, n, k) */
+static PyObject *py_linear(PyObject *self, PyObject *args) {
     unsigned long long x, codes, scales, mins, bias, y;
     long rows, n, k;
     if (!PyArg_ParseTuple(args, "KKKKKKlll", &x, &codes, &scales, &mins, &bias, &y, &rows, &n, &k)) return NULL;
     if (rows < 0 || n <= 0 || k <= 0 || k % QBLOCK) {
-        PyErr_Format(PyExc_ValueError, "linear_q4_1: bad sizes: rows %ld, n %ld, k %ld (a multiple of %d)", rows, n,
+        PyErr_Format(PyExc_ValueError, "linear: bad sizes: rows %ld, n %ld, k %ld (a multiple of %d)", rows, n,
                      k, QBLOCK);
         return NULL;
     }
 #ifdef X86
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = linear_q4_1(PTR(x), PTR(codes), PTR(scales), PTR(mins), bias ? PTR(bias) : NULL, PTR(y), rows, n, k);
+    rc = linear_quant(PTR(x), PTR(codes), PTR(scales), mins ? PTR(mins) : NULL, bias ? PTR(bias) : NULL, PTR(y),
+                      rows, n, k);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 #else
-    PyErr_SetString(PyExc_RuntimeError, "linear_q4_1 is built for x86 (AVX2) only");
+    PyErr_SetString(PyExc_RuntimeError, "the quantized linear kernel is built for x86 (AVX2) only");
     return NULL;
 #endif
 }
 
 static PyMethodDef methods[] = {
-    {"linear_q4_1", py_linear_q4_1, METH_VARARGS, "x @ W^T with W in Q4_1 blocks (see cpu_quant.py)."},
+    {"linear", py_linear, METH_VARARGS, "x @ W^T with W in Q4_1 or Q8_0 blocks (see cpu_quant.py)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -209,8 +209,9 @@ class LlamaModel(nn.Module):
     def use_cpu_kernels(self, compute_dtype: torch.dtype, quantized: dict | None = None) -> None:
         """CPU: swaps every projection for a `CpuLinear` (and unties the LM head); in float32, runs
         RMSNorm, SiLU-and-multiply and RoPE in `kernels.cpu_ops` where it is built. `quantized`:
-        parameter name -> `cpu_quant.Q4_1Weight` of that weight, the very values of its float32 copy
-        (the loader's, from a GGUF file), which small batches compute with."""
+        parameter name -> `cpu_quant.QuantWeight` of that weight (the tied LM head as `lm_head.weight`),
+        the very values of its float32 copy (the loader's, from a GGUF file), which small batches
+        compute with."""
         quantized = quantized or {}
         for prefix, module in list(self.named_modules()):
             for name, child in list(module.named_children()):
@@ -218,7 +219,7 @@ class LlamaModel(nn.Module):
                     quant = quantized.get(f"{prefix}.{name}.weight" if prefix else f"{name}.weight")
                     setattr(module, name, CpuLinear(child.weight, child.bias, compute_dtype, quant))
         if self.lm_head is None:
-            self.lm_head = CpuLinear(self.embed_tokens.weight, None, compute_dtype)
+            self.lm_head = CpuLinear(self.embed_tokens.weight, None, compute_dtype, quantized.get("lm_head.weight"))
         fused = compute_dtype == torch.float32 and cpu_ops.available()
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
@@ -247,14 +248,16 @@ class CpuLinear(nn.Module):
     PACK_ROWS_HINT = 512  # MKL packs for an expected row count; 512 (a prefill chunk) suits 8-512
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
-                 quant: "cpu_quant.Q4_1Weight | None" = None) -> None:
+                 quant: "cpu_quant.QuantWeight | None" = None) -> None:
         super().__init__()
-        # Up to `quant_rows` rows run on the Q4_1 blocks (kernels.cpu_quant): the same weights in a
-        # fifth of the bytes, 1.3-3x faster than the float32 GEMM at 1-32 rows; more rows go to it.
+        # Up to `quant_rows` rows run on the GGUF blocks (kernels.cpu_quant): the same weights in a
+        # fifth (Q4_1) or a quarter (Q8_0) of the bytes, 1.2-3x faster than the float32 GEMM at 1-48
+        # rows; more rows go to the GEMM.
         self.quant = None
         if quant is not None and compute_dtype == torch.float32 and cpu_quant.available():
             if quant.shape != tuple(weight.shape):
-                raise ValueError(f"Q4_1 weight {quant.shape} does not match the float32 weight {tuple(weight.shape)}")
+                raise ValueError(f"{quant.kind} weight {quant.shape} does not match the float32 weight "
+                                 f"{tuple(weight.shape)}")
             self.quant, self.quant_rows = quant, cpu_quant.max_rows()
         self.out_dtype = weight.dtype
         self.out_features, self.in_features = weight.shape

@@ -53,7 +53,7 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
     path = resolve_model_path(model)
     storage = TORCH_DTYPES[dtype]
     compute = compute_dtype(storage, device)
-    # float32 on a CPU with the Q4_1 kernel: small batches compute from the GGUF blocks themselves
+    # float32 on a CPU with the quantized kernel: small batches compute from the GGUF blocks themselves
     quantized = {} if storage == compute == torch.float32 and torch.device(device).type == "cpu" \
         and cpu_quant.available() else None
     if path.is_dir():
@@ -82,9 +82,11 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
 
 
 def _fuse_quantized(args: ModelArgs, quantized: dict) -> dict:
-    """The Q4_1 projections under the model's fused parameter names (as `_to_state_dict` fuses the
-    float32 ones); a fused projection whose parts are not all Q4_1 is left to the float32 GEMM."""
-    fused = {}
+    """The quantized matrices under the model's parameter names (fused as `_to_state_dict` fuses the
+    float32 ones; the LM head as `lm_head.weight`, tied or not). A fused projection whose parts are
+    not all in one format the kernel takes is left to the float32 GEMM."""
+    head = quantized.get("embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight")
+    fused = {} if head is None else {"lm_head.weight": head}
     for i in range(args.num_layers):
         p = f"layers.{i}."
         for target, parts in ((p + "self_attn.qkv_proj.weight", ("q_proj", "k_proj", "v_proj")),
@@ -92,8 +94,8 @@ def _fuse_quantized(args: ModelArgs, quantized: dict) -> dict:
                               (p + "mlp.gate_up_proj.weight", ("gate_proj", "up_proj")),
                               (p + "mlp.down_proj.weight", ("down_proj",))):
             found = [quantized.get(f"{p}{part}.weight") for part in parts]
-            if all(w is not None for w in found):
-                fused[target] = found[0] if len(found) == 1 else cpu_quant.Q4_1Weight.cat(found)
+            if all(w is not None for w in found) and len({w.kind for w in found}) == 1:
+                fused[target] = found[0] if len(found) == 1 else cpu_quant.QuantWeight.cat(found)
     return fused
 
 
@@ -175,6 +177,13 @@ def _dequantize(tensor) -> np.ndarray:
     return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
 
 
+def _keep_blocks(quantized: dict, name: str, tensor) -> None:
+    """Keeps a matrix's raw blocks when the CPU kernel computes with its format (cpu_quant)."""
+    kind = tensor.tensor_type.name
+    if kind in cpu_quant.BLOCK_BYTES and len(tensor.data.shape) == 2:
+        quantized[name] = cpu_quant.QuantWeight.from_gguf(kind, np.asarray(tensor.data))
+
+
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Inverse of llama.cpp's Q/K row permutation (interleaved pairs back to rotate-half halves)."""
     rows = w.shape[0]
@@ -187,7 +196,8 @@ _QUANT_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 
 def _read_gguf(path: Path, quantized: dict | None = None) -> tuple[ModelArgs, dict[str, np.ndarray]]:
     """The model's arguments and its tensors dequantized to float32. `quantized`, when given, also
-    receives the Q4_1 projections as `Q4_1Weight`s (same names, rows in the same order)."""
+    receives the projections and LM head stored as Q4_1 or Q8_0, as `cpu_quant.QuantWeight`s (same
+    names, rows in the same order)."""
     import gguf
 
     try:
@@ -223,9 +233,8 @@ def _read_gguf(path: Path, quantized: dict | None = None) -> tuple[ModelArgs, di
             if base is None:
                 raise ModelLoadError(f"{path}: unexpected tensor {t.name}")
             name = f"layers.{parts[1]}.{base}.{parts[3]}"
-            if (quantized is not None and base in _QUANT_PROJECTIONS and parts[3] == "weight"
-                    and t.tensor_type == gguf.GGMLQuantizationType.Q4_1):
-                quantized[name] = cpu_quant.Q4_1Weight.from_gguf(np.asarray(t.data))
+            if quantized is not None and base in _QUANT_PROJECTIONS and parts[3] == "weight":
+                _keep_blocks(quantized, name, t)
             if args.architecture == "llama" and base in ("q_proj", "k_proj"):
                 heads = args.num_heads if base == "q_proj" else args.num_kv_heads
                 data = _unpermute(data, heads)
@@ -233,7 +242,10 @@ def _read_gguf(path: Path, quantized: dict | None = None) -> tuple[ModelArgs, di
                     quantized[name] = quantized[name].select_rows(_unpermute(np.arange(data.shape[0]), heads))
             tensors[name] = data
         elif parts[0] in names:
-            tensors[f"{names[parts[0]]}.{parts[1]}"] = data
+            name = f"{names[parts[0]]}.{parts[1]}"
+            if quantized is not None and name in ("embed_tokens.weight", "lm_head.weight"):
+                _keep_blocks(quantized, name, t)  # the LM head (the embedding's, when tied)
+            tensors[name] = data
         else:
             raise ModelLoadError(f"{path}: unexpected tensor {t.name}")
     return args, tensors
