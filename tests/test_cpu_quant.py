@@ -2,6 +2,7 @@
 values, the products match a float64 reference, and the loaded model computes with them."""
 from __future__ import annotations
 
+import dataclasses
 import platform
 
 import numpy as np
@@ -93,18 +94,14 @@ def test_refusals_name_the_argument():
     w = QuantWeight.from_gguf("Q4_1", random_blocks("Q4_1", 8, 64, seed=3))
     with pytest.raises(ValueError, match="x has 32 features; the weight takes 64"):
         cpu_quant.linear(torch.zeros(2, 32), w)
-    with pytest.raises(ValueError, match="bias must be contiguous"):
+    with pytest.raises(ValueError, match=r"bias must be contiguous float32 \[8\]"):
         cpu_quant.linear(torch.zeros(2, 64), w, torch.zeros(7))
-    with pytest.raises(ValueError, match="codes must be contiguous torch.uint8"):
-        cpu_quant.linear(torch.zeros(2, 64), QuantWeight("Q4_1", w.codes.to(torch.int8), w.scales, w.mins))
-    with pytest.raises(ValueError, match="Q8_0 weight with mins"):
-        cpu_quant.linear(torch.zeros(2, 64), QuantWeight("Q8_0", w.codes, w.scales, w.mins))
+    with pytest.raises(ValueError, match=r"packed must be contiguous uint8 \[2, 2, 144\] for a Q8_0"):
+        cpu_quant.linear(torch.zeros(2, 64), dataclasses.replace(w, kind="Q8_0"))
     with pytest.raises(ValueError, match=r"Q4_1 data must be uint8 \[rows, blocks \* 20\]"):
         QuantWeight.from_gguf("Q4_1", np.zeros((4, 30), np.uint8))
     with pytest.raises(ValueError, match="unsupported block format 'Q5_K'"):
         QuantWeight.from_gguf("Q5_K", np.zeros((4, 20), np.uint8))
-    with pytest.raises(ValueError, match="different formats"):
-        QuantWeight.cat([w, QuantWeight.from_gguf("Q8_0", random_blocks("Q8_0", 2, 64, seed=4))])
 
 
 def test_the_switches(monkeypatch):

@@ -9,12 +9,12 @@
  * tile of 4 weight rows back into float32 in an L1 buffer, then runs every row of x against it: the
  * arithmetic per weight grows with the rows, the unpacking does not.
  *
- * Layout (made at load time by cpu_quant.py from GGUF's blocks):
- *   codes   Q4_1: [N, K / 2] uint8, per block of 32, byte j holds q[j] (low nibble) and q[j + 16] (high)
- *           Q8_0: [N, K] int8
- *   scales  [N, K / 32] float32 (d, converted exactly from float16)
- *   mins    [N, K / 32] float32 (m; Q4_1 only)
- *   x       [M, K] float32 contiguous;  y [M, N] float32 contiguous;  bias [N] float32 or none
+ * Layout (made at load time by cpu_quant.py from GGUF's blocks): the weight rows in tiles of 4
+ * (the last one padded with zero rows), each tile's blocks in order, one *group* per (tile, block):
+ *   Q4_1: float32 d[4], float32 m[4], then 4 x 16 bytes of codes (byte j: q[j] low nibble, q[j+16] high)
+ *   Q8_0: float32 d[4], then 4 x 32 int8 codes
+ * (d and m converted exactly from float16): a tile is read as one forward stream.
+ *   x [M, K] float32 contiguous;  y [M, N] float32 contiguous;  bias [N] float32 or none
  *
  * Numerics: a Q4_1 weight is fma(q, d, m), one rounding of an exact product, and a Q8_0 weight d * q
  * (exact): the very float32 values of GGUF's reference dequantization, and so of HF transformers and
@@ -36,34 +36,46 @@
 #include "simd.h"
 
 #define QBLOCK 32 /* weights per block */
+/* bytes of one group: TILE_N scales (and mins), then TILE_N rows of codes */
+#define GROUP_BYTES(q4) ((q4) ? TILE_N * (2 * sizeof(float) + QBLOCK / 2) : TILE_N * (sizeof(float) + QBLOCK))
 #define TILE_N 4  /* weight rows unpacked together */
 #define TILE_M 3  /* rows of x run against them at once: 3 x 4 accumulators + 4 weight vectors */
+#define FEW_ROWS 2 /* up to this many rows of x take `few_rows` (no L1 tile) */
 
 #ifdef X86
 #include <immintrin.h>
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-/* Q4_1: the 32 weights of one block, as float32, into dst[0..31]. */
-static inline void unpack_block(const uint8_t *codes, float d, float m, float *dst) {
+/* Q4_1: the 32 weights of one block as float32, w[0] holding weights 0-7 ... w[3] 24-31. */
+static inline __attribute__((always_inline)) void unpack_q4_1(const uint8_t *codes, float d, float m,
+                                                             __m256 w[4]) {
     const __m128i bytes = _mm_loadu_si128((const __m128i *)codes);
     const __m128i nib = _mm_set1_epi8(0x0F);
     const __m128i lo = _mm_and_si128(bytes, nib);
     const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
     const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
-    _mm256_storeu_ps(dst, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm));
-    _mm256_storeu_ps(dst + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm));
-    _mm256_storeu_ps(dst + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm));
-    _mm256_storeu_ps(dst + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm));
+    w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm);
+    w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm);
+    w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm);
+    w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm);
 }
 
 /* Q8_0: the 32 weights d * q of one block (q int8; the product is exact in float32). */
-static inline void unpack_block_q8_0(const uint8_t *codes, float d, float *dst) {
+static inline __attribute__((always_inline)) void unpack_q8_0(const uint8_t *codes, float d, __m256 w[4]) {
     const __m256 vd = _mm256_set1_ps(d);
-    for (int i = 0; i < 4; i++) {
-        const __m128i q = _mm_loadl_epi64((const __m128i *)(codes + 8 * i));
-        _mm256_storeu_ps(dst + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), vd));
-    }
+    for (int i = 0; i < 4; i++)
+        w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(codes + 8 * i)))),
+                             vd);
+}
+
+/* Row j of a group (see the layout above): its 32 weights of one block. */
+static inline __attribute__((always_inline)) void unpack(const uint8_t *group, int q4, int j, __m256 w[4]) {
+    const float *f = (const float *)group;
+    if (q4)
+        unpack_q4_1(group + 8 * sizeof(float) + j * (QBLOCK / 2), f[j], f[TILE_N + j], w);
+    else
+        unpack_q8_0(group + 4 * sizeof(float) + j * QBLOCK, f[j], w);
 }
 
 static inline float hsum256(__m256 v) {
@@ -104,34 +116,70 @@ static void tile_any(const float *x, long ldx, const float *w, long k, const flo
     }
 }
 
-/* mins == NULL: Q8_0 codes (k bytes a row), else Q4_1 (k / 2 bytes a row). */
-static int linear_quant(const float *x, const uint8_t *codes, const float *scales, const float *mins,
-                        const float *bias, float *y, long m_rows, long n, long k) {
+/* One or two rows of x (a decode step): each block is unpacked into registers and used at once,
+ * no L1 tile. The same single accumulator per output, over k in the same order, as `tile`: a row
+ * gives the same bits on either path. */
+static inline __attribute__((always_inline)) void few_rows(const float *x, long k, const uint8_t *groups,
+                                                          size_t group_bytes, int q4, const float *bias, float *y,
+                                                          long ldy, const int mb, const int nb) {
+    const long blocks = k / QBLOCK;
+    __m256 acc[FEW_ROWS][TILE_N];
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) acc[i][j] = _mm256_setzero_ps();
+    for (long b = 0; b < blocks; b++) {
+        const uint8_t *group = groups + b * group_bytes;
+        for (int j = 0; j < nb; j++) {
+            __m256 w[4];
+            unpack(group, q4, j, w);
+            for (int i = 0; i < mb; i++)
+                for (int v = 0; v < 4; v++)
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + b * QBLOCK + v * 8), w[v], acc[i][j]);
+        }
+    }
+    for (int i = 0; i < mb; i++)
+        for (int j = 0; j < nb; j++) y[i * ldy + j] = hsum256(acc[i][j]) + (bias ? bias[j] : 0.0f);
+}
+
+static void few_rows_any(const float *x, long k, const uint8_t *groups, size_t group_bytes, int q4,
+                         const float *bias, float *y, long ldy, int mb, int nb) {
+#define FEW_CASE(MB, NB) \
+    case (MB) * 8 + (NB): few_rows(x, k, groups, group_bytes, q4, bias, y, ldy, MB, NB); break;
+    switch (mb * 8 + nb) {
+        FEW_CASE(1, 1) FEW_CASE(1, 2) FEW_CASE(1, 3) FEW_CASE(1, 4)
+        FEW_CASE(2, 1) FEW_CASE(2, 2) FEW_CASE(2, 3) FEW_CASE(2, 4)
+    }
+#undef FEW_CASE
+}
+
+/* q4: Q4_1 groups, else Q8_0 (see the layout above). */
+static int linear_quant(const float *x, const uint8_t *packed, int q4, const float *bias, float *y, long m_rows,
+                        long n, long k) {
     const long blocks = k / QBLOCK, tiles = (n + TILE_N - 1) / TILE_N;
+    const size_t group_bytes = GROUP_BYTES(q4);
     int failed = 0;
 #pragma omp parallel
     {
-        float *w = aligned_alloc(32, (size_t)TILE_N * k * sizeof(float));
-        if (w == NULL) {
+        float *w = m_rows > FEW_ROWS ? aligned_alloc(32, (size_t)TILE_N * k * sizeof(float)) : NULL;
+        if (m_rows > FEW_ROWS && w == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(static)
         for (long t = 0; t < tiles; t++) {
-            if (w == NULL) continue;
             const long n0 = t * TILE_N;
             const int nb = n - n0 < TILE_N ? (int)(n - n0) : TILE_N;
-            for (int j = 0; j < nb; j++) {
-                const long row = n0 + j;
-                if (mins)
-                    for (long b = 0; b < blocks; b++)
-                        unpack_block(codes + (row * blocks + b) * (QBLOCK / 2), scales[row * blocks + b],
-                                     mins[row * blocks + b], w + j * k + b * QBLOCK);
-                else
-                    for (long b = 0; b < blocks; b++)
-                        unpack_block_q8_0(codes + (row * blocks + b) * QBLOCK, scales[row * blocks + b],
-                                          w + j * k + b * QBLOCK);
+            const uint8_t *groups = packed + (size_t)t * blocks * group_bytes;
+            if (m_rows <= FEW_ROWS) {
+                few_rows_any(x, k, groups, group_bytes, q4, bias ? bias + n0 : NULL, y + n0, n, (int)m_rows, nb);
+                continue;
             }
+            if (w == NULL) continue;
+            for (long b = 0; b < blocks; b++)
+                for (int j = 0; j < nb; j++) {
+                    __m256 v[4];
+                    unpack(groups + b * group_bytes, q4, j, v);
+                    for (int q = 0; q < 4; q++) _mm256_storeu_ps(w + j * k + b * QBLOCK + q * 8, v[q]);
+                }
             for (long i0 = 0; i0 < m_rows; i0 += TILE_M) {
                 const int mb = m_rows - i0 < TILE_M ? (int)(m_rows - i0) : TILE_M;
                 tile_any(x + i0 * k, k, w, k, bias ? bias + n0 : NULL, y + i0 * n + n0, n, mb, nb);
@@ -147,12 +195,12 @@ static int linear_quant(const float *x, const uint8_t *codes, const float *scale
 
 #define PTR(v) ((void *)(uintptr_t)(v))
 
-/* linear(x, codes, scales, mins (0: Q8_0, else Q4_1), bias (0: none), y: data pointers as ints,
- *        rows, n, k) */
+/* linear(x, packed, bias (0: none), y: data pointers as ints, q4 (else Q8_0), rows, n, k) */
 static PyObject *py_linear(PyObject *self, PyObject *args) {
-    unsigned long long x, codes, scales, mins, bias, y;
+    unsigned long long x, packed, bias, y;
+    int q4;
     long rows, n, k;
-    if (!PyArg_ParseTuple(args, "KKKKKKlll", &x, &codes, &scales, &mins, &bias, &y, &rows, &n, &k)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKKKplll", &x, &packed, &bias, &y, &q4, &rows, &n, &k)) return NULL;
     if (rows < 0 || n <= 0 || k <= 0 || k % QBLOCK) {
         PyErr_Format(PyExc_ValueError, "linear: bad sizes: rows %ld, n %ld, k %ld (a multiple of %d)", rows, n,
                      k, QBLOCK);
@@ -161,8 +209,7 @@ static PyObject *py_linear(PyObject *self, PyObject *args) {
 #ifdef X86
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = linear_quant(PTR(x), PTR(codes), PTR(scales), mins ? PTR(mins) : NULL, bias ? PTR(bias) : NULL, PTR(y),
-                      rows, n, k);
+    rc = linear_quant(PTR(x), PTR(packed), q4, bias ? PTR(bias) : NULL, PTR(y), rows, n, k);
     Py_END_ALLOW_THREADS
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;

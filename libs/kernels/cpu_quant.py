@@ -54,89 +54,95 @@ def max_rows() -> int:
     return rows
 
 
+TILE_N = 4  # weight rows per tile of the packed layout (cpu_quant.c)
+
+
 @dataclass(frozen=True)
 class QuantWeight:
-    """A [out_features, in_features] matrix in GGUF's Q4_1 or Q8_0, laid out for the kernel."""
+    """A [out_features, in_features] matrix in GGUF's Q4_1 or Q8_0, packed for the kernel: per tile
+    of 4 rows and block of 32 weights, one group of their float32 scales (and mins), then their
+    codes (see cpu_quant.c)."""
 
     kind: str  # "Q4_1" or "Q8_0"
-    codes: torch.Tensor  # Q4_1: [N, K / 2] uint8 (two codes a byte); Q8_0: [N, K] int8
-    scales: torch.Tensor  # [N, K / 32] float32
-    mins: torch.Tensor | None  # [N, K / 32] float32 (Q4_1), None (Q8_0)
+    out_features: int
+    in_features: int
+    packed: torch.Tensor  # [tiles, blocks, group bytes] uint8
 
     @property
     def shape(self) -> tuple[int, int]:
-        n, width = self.codes.shape
-        return n, width * 2 if self.kind == "Q4_1" else width
+        return self.out_features, self.in_features
+
+    @staticmethod
+    def _code_bytes(kind: str) -> int:
+        return QBLOCK // 2 if kind == "Q4_1" else QBLOCK
 
     @classmethod
     def from_gguf(cls, kind: str, blocks: np.ndarray) -> "QuantWeight":
-        """From GGUF's raw data of a matrix: uint8 [N, K / 32 * block bytes] (numpy's view of the tensor)."""
+        """From GGUF's raw data of a matrix: uint8 [N, K / 32 * block bytes] (numpy's view of the
+        tensor; rows may be permuted or stacked before, as raw rows)."""
         if kind not in BLOCK_BYTES:
             raise ValueError(f"unsupported block format {kind!r}: expected one of {', '.join(BLOCK_BYTES)}")
         size = BLOCK_BYTES[kind]
         blocks = np.asarray(blocks)
-        if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] % size:
+        if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] % size or not blocks.shape[1]:
             raise ValueError(f"{kind} data must be uint8 [rows, blocks * {size}], got {blocks.dtype} {blocks.shape}")
-        n = blocks.shape[0]
-        b = np.ascontiguousarray(blocks).reshape(n, -1, size)
+        n, nblocks = blocks.shape[0], blocks.shape[1] // size
+        tiles = -(-n // TILE_N)
+        raw = np.zeros((tiles * TILE_N, nblocks, size), np.uint8)  # padding rows: all-zero blocks
+        raw[:n] = blocks.reshape(n, nblocks, size)
 
-        def half(col: int) -> torch.Tensor:  # the float16 at byte `col` of every block, as float32
-            return torch.from_numpy(np.ascontiguousarray(b[:, :, col:col + 2]).view(np.float16)[:, :, 0]
-                                    .astype(np.float32))
+        def by_group(a: np.ndarray) -> np.ndarray:  # [tiles*4, blocks, w] -> [tiles, blocks, 4 * w]
+            return a.reshape(tiles, TILE_N, nblocks, -1).transpose(0, 2, 1, 3).reshape(tiles, nblocks, -1)
 
-        if kind == "Q4_1":
-            codes = torch.from_numpy(np.ascontiguousarray(b[:, :, 4:]).reshape(n, -1))
-            return cls(kind, codes, half(0), half(2))
-        codes = torch.from_numpy(np.ascontiguousarray(b[:, :, 2:]).reshape(n, -1).view(np.int8))
-        return cls(kind, codes, half(0), None)
+        def floats(col: int) -> np.ndarray:  # the float16 at byte `col` of every block, as float32 bytes
+            f16 = np.ascontiguousarray(raw[:, :, col:col + 2]).view(np.float16)
+            return by_group(f16.astype(np.float32).view(np.uint8))
 
-    @classmethod
-    def cat(cls, parts: list["QuantWeight"]) -> "QuantWeight":
-        """The rows of several matrices of one format and in_features, stacked (a fused projection)."""
-        kinds = {p.kind for p in parts}
-        if len(kinds) != 1:
-            raise ValueError(f"cannot stack blocks of different formats: {sorted(kinds)}")
-        mins = None if parts[0].mins is None else torch.cat([p.mins for p in parts])
-        return cls(parts[0].kind, torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]), mins)
-
-    def select_rows(self, index: np.ndarray) -> "QuantWeight":
-        """These rows, in this order (a row permutation of the matrix)."""
-        idx = torch.as_tensor(index, dtype=torch.long)
-        return QuantWeight(self.kind, self.codes[idx].contiguous(), self.scales[idx].contiguous(),
-                           None if self.mins is None else self.mins[idx].contiguous())
+        code_start = 4 if kind == "Q4_1" else 2
+        parts = [floats(0)] + ([floats(2)] if kind == "Q4_1" else []) + [by_group(raw[:, :, code_start:])]
+        packed = np.ascontiguousarray(np.concatenate(parts, axis=2))
+        return cls(kind, n, nblocks * QBLOCK, torch.from_numpy(packed))
 
     def dequantize(self) -> torch.Tensor:
         """[N, K] float32 with torch ops (d * q + m, or d * q): the reference of the kernel's unpacking."""
-        n = self.codes.shape[0]
-        if self.kind == "Q8_0":
-            return (self.codes.view(n, -1, QBLOCK).to(torch.float32) * self.scales[..., None]).reshape(n, -1)
-        c = self.codes.view(n, -1, QBLOCK // 2).to(torch.int32)
-        q = torch.cat([c & 0x0F, c >> 4], dim=-1).to(torch.float32)  # [N, blocks, 32]
-        return (q * self.scales[..., None] + self.mins[..., None]).reshape(n, -1)
+        tiles, nblocks, _ = self.packed.shape
+        q4 = self.kind == "Q4_1"
+        nf = 2 if q4 else 1
+        g = self.packed
+        f = g[:, :, : nf * TILE_N * 4].contiguous().view(torch.float32).view(tiles, nblocks, nf, TILE_N)
+        codes = g[:, :, nf * TILE_N * 4:].reshape(tiles, nblocks, TILE_N, self._code_bytes(self.kind))
+        if q4:
+            c = codes.to(torch.int32)
+            q = torch.cat([c & 0x0F, c >> 4], dim=-1).to(torch.float32)
+            w = q * f[:, :, 0, :, None] + f[:, :, 1, :, None]
+        else:
+            w = codes.view(torch.int8).to(torch.float32) * f[:, :, 0, :, None]
+        # [tiles, blocks, 4, 32] -> [tiles * 4, blocks * 32], padding rows dropped
+        return w.permute(0, 2, 1, 3).reshape(tiles * TILE_N, nblocks * QBLOCK)[: self.out_features]
 
 
 def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ W^T (+ bias) in float32: x [..., K] -> [..., N]. ValueError names a mismatched argument."""
     if _ext is None:
         raise RuntimeError("the quantized CPU kernel is not built: reinstall splitserve (pip install -e .)")
-    q4 = weight.kind == "Q4_1"
-    if weight.kind not in BLOCK_BYTES or (weight.mins is None) == q4:
-        raise ValueError(f"{weight.kind} weight {'without' if q4 else 'with'} mins")
+    if weight.kind not in BLOCK_BYTES:
+        raise ValueError(f"unsupported block format {weight.kind!r}")
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features; the weight takes {k}")
     if x.device.type != "cpu":
         raise ValueError(f"x is on {x.device}; the quantized kernel takes CPU tensors")
-    for name, t, dtype, shape in (("codes", weight.codes, torch.uint8 if q4 else torch.int8, (n, k // 2 if q4 else k)),
-                                  ("scales", weight.scales, torch.float32, (n, k // QBLOCK)),
-                                  ("mins", weight.mins, torch.float32, (n, k // QBLOCK)),
-                                  ("bias", bias, torch.float32, (n,))):
-        if t is not None and (t.dtype != dtype or tuple(t.shape) != shape or not t.is_contiguous()):
-            raise ValueError(f"{name} must be contiguous {dtype} {list(shape)}, got {t.dtype} {list(t.shape)}")
+    group = TILE_N * ((8 if weight.kind == "Q4_1" else 4) + QuantWeight._code_bytes(weight.kind))
+    expected = (-(-n // TILE_N), k // QBLOCK, group)
+    p = weight.packed
+    if k % QBLOCK or p.dtype != torch.uint8 or tuple(p.shape) != expected or not p.is_contiguous():
+        raise ValueError(f"packed must be contiguous uint8 {list(expected)} for a {weight.kind} [{n}, {k}] weight, "
+                         f"got {p.dtype} {list(p.shape)}")
+    if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be contiguous float32 [{n}], got {bias.dtype} {list(bias.shape)}")
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     y = torch.empty((x2.shape[0], n), dtype=torch.float32)
     if x2.shape[0]:
-        _ext.linear(x2.data_ptr(), weight.codes.data_ptr(), weight.scales.data_ptr(),
-                    0 if weight.mins is None else weight.mins.data_ptr(), 0 if bias is None else bias.data_ptr(),
-                    y.data_ptr(), x2.shape[0], n, k)
+        _ext.linear(x2.data_ptr(), p.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                    weight.kind == "Q4_1", x2.shape[0], n, k)
     return y.view(*x.shape[:-1], n)

@@ -86,7 +86,7 @@ def _fuse_quantized(args: ModelArgs, quantized: dict) -> dict:
     float32 ones; the LM head as `lm_head.weight`, tied or not). A fused projection whose parts are
     not all in one format the kernel takes is left to the float32 GEMM."""
     head = quantized.get("embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight")
-    fused = {} if head is None else {"lm_head.weight": head}
+    fused = {} if head is None else {"lm_head.weight": cpu_quant.QuantWeight.from_gguf(*head)}
     for i in range(args.num_layers):
         p = f"layers.{i}."
         for target, parts in ((p + "self_attn.qkv_proj.weight", ("q_proj", "k_proj", "v_proj")),
@@ -94,8 +94,8 @@ def _fuse_quantized(args: ModelArgs, quantized: dict) -> dict:
                               (p + "mlp.gate_up_proj.weight", ("gate_proj", "up_proj")),
                               (p + "mlp.down_proj.weight", ("down_proj",))):
             found = [quantized.get(f"{p}{part}.weight") for part in parts]
-            if all(w is not None for w in found) and len({w.kind for w in found}) == 1:
-                fused[target] = found[0] if len(found) == 1 else cpu_quant.QuantWeight.cat(found)
+            if all(w is not None for w in found) and len({kind for kind, _ in found}) == 1:
+                fused[target] = cpu_quant.QuantWeight.from_gguf(found[0][0], np.concatenate([raw for _, raw in found]))
     return fused
 
 
@@ -178,10 +178,11 @@ def _dequantize(tensor) -> np.ndarray:
 
 
 def _keep_blocks(quantized: dict, name: str, tensor) -> None:
-    """Keeps a matrix's raw blocks when the CPU kernel computes with its format (cpu_quant)."""
+    """Keeps a matrix's raw blocks, (format, uint8 [rows, bytes]), when the CPU kernel computes
+    with its format (cpu_quant)."""
     kind = tensor.tensor_type.name
     if kind in cpu_quant.BLOCK_BYTES and len(tensor.data.shape) == 2:
-        quantized[name] = cpu_quant.QuantWeight.from_gguf(kind, np.asarray(tensor.data))
+        quantized[name] = (kind, np.asarray(tensor.data))
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -196,8 +197,8 @@ _QUANT_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 
 def _read_gguf(path: Path, quantized: dict | None = None) -> tuple[ModelArgs, dict[str, np.ndarray]]:
     """The model's arguments and its tensors dequantized to float32. `quantized`, when given, also
-    receives the projections and LM head stored as Q4_1 or Q8_0, as `cpu_quant.QuantWeight`s (same
-    names, rows in the same order)."""
+    receives the projections and LM head stored as Q4_1 or Q8_0, as (format, raw uint8 rows) under
+    the same names, rows in the same order (Q and K un-permuted)."""
     import gguf
 
     try:
@@ -238,8 +239,9 @@ def _read_gguf(path: Path, quantized: dict | None = None) -> tuple[ModelArgs, di
             if args.architecture == "llama" and base in ("q_proj", "k_proj"):
                 heads = args.num_heads if base == "q_proj" else args.num_kv_heads
                 data = _unpermute(data, heads)
-                if quantized is not None and name in quantized:
-                    quantized[name] = quantized[name].select_rows(_unpermute(np.arange(data.shape[0]), heads))
+                if quantized is not None and name in quantized:  # the same row permutation, on raw rows
+                    kind, raw = quantized[name]
+                    quantized[name] = (kind, _unpermute(raw, heads))
             tensors[name] = data
         elif parts[0] in names:
             name = f"{names[parts[0]]}.{parts[1]}"
