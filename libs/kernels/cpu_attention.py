@@ -8,9 +8,10 @@ compare, or to rule it out).
 """
 from __future__ import annotations
 
-import os
 
 import torch  # first: the extension then shares torch's OpenMP runtime (libgomp is loaded once)
+
+from splitserve.kernels import ext_ready, switched_on
 
 try:
     from splitserve.kernels import _cpu_attention as _ext
@@ -24,15 +25,12 @@ MAX_HEAD_DIM = 256
 
 def built() -> bool:
     """The extension is importable and this CPU has what it was compiled for (AVX2 and FMA on x86)."""
-    return _ext is not None and bool(_ext.supported)
+    return ext_ready(_ext)
 
 
 def available() -> bool:
     """`built()`, and SPLITSERVE_CPU_ATTENTION (kernel, the default, or torch) does not turn it off."""
-    choice = os.environ.get("SPLITSERVE_CPU_ATTENTION", "kernel").strip().lower() or "kernel"
-    if choice not in ("kernel", "torch"):
-        raise ValueError(f"SPLITSERVE_CPU_ATTENTION={choice!r}: expected kernel or torch")
-    return choice == "kernel" and built()
+    return switched_on("SPLITSERVE_CPU_ATTENTION", "kernel", "torch") and built()
 
 
 def supports(cache_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:

@@ -11,9 +11,10 @@ RoPE gives the same bits as torch's ops; RMSNorm and SiLU may differ in the last
 """
 from __future__ import annotations
 
-import os
 
 import torch  # first: the extension then shares torch's OpenMP runtime (libgomp is loaded once)
+
+from splitserve.kernels import ext_ready, switched_on
 
 try:
     from splitserve.kernels import _cpu_ops as _ext
@@ -23,15 +24,12 @@ except ImportError:  # not built (a source tree used without `pip install`): the
 
 def built() -> bool:
     """The extension is importable and this CPU has what it was compiled for (AVX2 and FMA on x86)."""
-    return _ext is not None and bool(_ext.supported)
+    return ext_ready(_ext)
 
 
 def available() -> bool:
     """`built()`, and SPLITSERVE_CPU_OPS (kernel, the default, or torch) does not turn it off."""
-    choice = os.environ.get("SPLITSERVE_CPU_OPS", "kernel").strip().lower() or "kernel"
-    if choice not in ("kernel", "torch"):
-        raise ValueError(f"SPLITSERVE_CPU_OPS={choice!r}: expected kernel or torch")
-    return choice == "kernel" and built()
+    return switched_on("SPLITSERVE_CPU_OPS", "kernel", "torch") and built()
 
 
 def _check(name: str, t: torch.Tensor) -> None:

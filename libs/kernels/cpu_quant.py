@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch  # first: the extension then shares torch's OpenMP runtime (libgomp is loaded once)
 
+from splitserve.kernels import ext_ready, switched_on
+
 try:
     from splitserve.kernels import _cpu_quant as _ext
 except ImportError:  # not built (a source tree used without `pip install`): float32 GEMMs run
@@ -28,15 +30,12 @@ DEFAULT_MAX_ROWS = 48  # measured crossover on a 2-core AMD EPYC VM: ~100 rows; 
 
 def built() -> bool:
     """The extension is importable and this CPU has what it was compiled for (x86 with AVX2 and FMA)."""
-    return _ext is not None and bool(_ext.supported)
+    return ext_ready(_ext)
 
 
 def available() -> bool:
     """`built()`, and SPLITSERVE_CPU_QUANT (kernel, the default, or off) does not turn it off."""
-    choice = os.environ.get("SPLITSERVE_CPU_QUANT", "kernel").strip().lower() or "kernel"
-    if choice not in ("kernel", "off"):
-        raise ValueError(f"SPLITSERVE_CPU_QUANT={choice!r}: expected kernel or off")
-    return choice == "kernel" and built()
+    return switched_on("SPLITSERVE_CPU_QUANT", "kernel", "off") and built()
 
 
 def max_rows() -> int:
