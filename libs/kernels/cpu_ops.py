@@ -11,7 +11,6 @@ RoPE gives the same bits as torch's ops; RMSNorm and SiLU may differ in the last
 """
 from __future__ import annotations
 
-
 import torch  # first: the extension then shares torch's OpenMP runtime (libgomp is loaded once)
 
 from splitserve.kernels import ext_ready, switched_on
