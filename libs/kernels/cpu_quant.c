@@ -36,9 +36,9 @@
 #include "simd.h"
 
 #define QBLOCK 32 /* weights per block */
+#define TILE_N 4  /* weight rows unpacked together */
 /* bytes of one group: TILE_N scales (and mins), then TILE_N rows of codes */
 #define GROUP_BYTES(q4) ((q4) ? TILE_N * (2 * sizeof(float) + QBLOCK / 2) : TILE_N * (sizeof(float) + QBLOCK))
-#define TILE_N 4  /* weight rows unpacked together */
 #define TILE_M 3  /* rows of x run against them at once: 3 x 4 accumulators + 4 weight vectors */
 #define FEW_ROWS 2 /* up to this many rows of x take `few_rows` (no L1 tile) */
 
@@ -78,13 +78,6 @@ static inline __attribute__((always_inline)) void unpack(const uint8_t *group, i
         unpack_q8_0(group + 4 * sizeof(float) + j * QBLOCK, f[j], w);
 }
 
-static inline float hsum256(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
 /* y[i][j] = dot(x row i, w row j) (+ bias[j]) for i < mb, j < nb; w [nb][k] float32 (the L1 tile). */
 static inline __attribute__((always_inline)) void tile(const float *x, long ldx, const float *w, long k,
                                                       const float *bias, float *y, long ldy, const int mb,
@@ -101,7 +94,7 @@ static inline __attribute__((always_inline)) void tile(const float *x, long ldx,
         }
     }
     for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) y[i * ldy + j] = hsum256(acc[i][j]) + (bias ? bias[j] : 0.0f);
+        for (int j = 0; j < nb; j++) y[i * ldy + j] = hsum((v8f)acc[i][j]) + (bias ? bias[j] : 0.0f);
 }
 
 #define TILE_CASE(MB, NB) \
@@ -137,7 +130,7 @@ static inline __attribute__((always_inline)) void few_rows(const float *x, long 
         }
     }
     for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) y[i * ldy + j] = hsum256(acc[i][j]) + (bias ? bias[j] : 0.0f);
+        for (int j = 0; j < nb; j++) y[i * ldy + j] = hsum((v8f)acc[i][j]) + (bias ? bias[j] : 0.0f);
 }
 
 static void few_rows_any(const float *x, long k, const uint8_t *groups, size_t group_bytes, int q4,

@@ -56,6 +56,21 @@ def max_rows() -> int:
 TILE_N = 4  # weight rows per tile of the packed layout (cpu_quant.c)
 
 
+def _floats(kind: str) -> int:
+    """float32 values a block row carries in a group: d and m (Q4_1), d (Q8_0)."""
+    return 2 if kind == "Q4_1" else 1
+
+
+def _code_bytes(kind: str) -> int:
+    """Bytes of one row's codes in a block: two 4-bit codes a byte (Q4_1), one int8 each (Q8_0)."""
+    return QBLOCK // 2 if kind == "Q4_1" else QBLOCK
+
+
+def _group_bytes(kind: str) -> int:
+    """Bytes of one group (a tile's block): its rows' floats, then their codes (GROUP_BYTES in C)."""
+    return TILE_N * (4 * _floats(kind) + _code_bytes(kind))
+
+
 @dataclass(frozen=True)
 class QuantWeight:
     """A [out_features, in_features] matrix in GGUF's Q4_1 or Q8_0, packed for the kernel: per tile
@@ -67,13 +82,19 @@ class QuantWeight:
     in_features: int
     packed: torch.Tensor  # [tiles, blocks, group bytes] uint8
 
+    def __post_init__(self) -> None:
+        """The packed tensor must match the format and shape: checked once here, not on every call."""
+        if self.kind not in BLOCK_BYTES:
+            raise ValueError(f"unsupported block format {self.kind!r}")
+        n, k, p = self.out_features, self.in_features, self.packed
+        expected = (-(-n // TILE_N), k // QBLOCK, _group_bytes(self.kind))
+        if k % QBLOCK or p.dtype != torch.uint8 or tuple(p.shape) != expected or not p.is_contiguous():
+            raise ValueError(f"packed must be contiguous uint8 {list(expected)} for a {self.kind} [{n}, {k}] weight, "
+                             f"got {p.dtype} {list(p.shape)}")
+
     @property
     def shape(self) -> tuple[int, int]:
         return self.out_features, self.in_features
-
-    @staticmethod
-    def _code_bytes(kind: str) -> int:
-        return QBLOCK // 2 if kind == "Q4_1" else QBLOCK
 
     @classmethod
     def from_gguf(cls, kind: str, blocks: np.ndarray) -> "QuantWeight":
@@ -105,12 +126,11 @@ class QuantWeight:
     def dequantize(self) -> torch.Tensor:
         """[N, K] float32 with torch ops (d * q + m, or d * q): the reference of the kernel's unpacking."""
         tiles, nblocks, _ = self.packed.shape
-        q4 = self.kind == "Q4_1"
-        nf = 2 if q4 else 1
+        nf = _floats(self.kind)
         g = self.packed
         f = g[:, :, : nf * TILE_N * 4].contiguous().view(torch.float32).view(tiles, nblocks, nf, TILE_N)
-        codes = g[:, :, nf * TILE_N * 4:].reshape(tiles, nblocks, TILE_N, self._code_bytes(self.kind))
-        if q4:
+        codes = g[:, :, nf * TILE_N * 4:].reshape(tiles, nblocks, TILE_N, _code_bytes(self.kind))
+        if self.kind == "Q4_1":
             c = codes.to(torch.int32)
             q = torch.cat([c & 0x0F, c >> 4], dim=-1).to(torch.float32)
             w = q * f[:, :, 0, :, None] + f[:, :, 1, :, None]
@@ -121,27 +141,20 @@ class QuantWeight:
 
 
 def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias) in float32: x [..., K] -> [..., N]. ValueError names a mismatched argument."""
+    """x @ W^T (+ bias) in float32: x [..., K] -> [..., N]. ValueError names a mismatched argument
+    (the weight itself was checked when it was made)."""
     if _ext is None:
         raise RuntimeError("the quantized CPU kernel is not built: reinstall splitserve (pip install -e .)")
-    if weight.kind not in BLOCK_BYTES:
-        raise ValueError(f"unsupported block format {weight.kind!r}")
-    n, k = weight.shape
+    n, k = weight.out_features, weight.in_features
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features; the weight takes {k}")
     if x.device.type != "cpu":
         raise ValueError(f"x is on {x.device}; the quantized kernel takes CPU tensors")
-    group = TILE_N * ((8 if weight.kind == "Q4_1" else 4) + QuantWeight._code_bytes(weight.kind))
-    expected = (-(-n // TILE_N), k // QBLOCK, group)
-    p = weight.packed
-    if k % QBLOCK or p.dtype != torch.uint8 or tuple(p.shape) != expected or not p.is_contiguous():
-        raise ValueError(f"packed must be contiguous uint8 {list(expected)} for a {weight.kind} [{n}, {k}] weight, "
-                         f"got {p.dtype} {list(p.shape)}")
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,) or not bias.is_contiguous()):
         raise ValueError(f"bias must be contiguous float32 [{n}], got {bias.dtype} {list(bias.shape)}")
     x2 = x.reshape(-1, k).to(torch.float32).contiguous()
     y = torch.empty((x2.shape[0], n), dtype=torch.float32)
     if x2.shape[0]:
-        _ext.linear(x2.data_ptr(), p.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+        _ext.linear(x2.data_ptr(), weight.packed.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
                     weight.kind == "Q4_1", x2.shape[0], n, k)
     return y.view(*x.shape[:-1], n)
