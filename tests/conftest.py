@@ -1,9 +1,33 @@
-"""Shared fixtures: one float32 engine and one HF oracle per test session (each load costs seconds)."""
+"""Shared fixtures (one float32 engine and one HF oracle per test session: each load costs seconds)
+and the test tiers.
+
+The tests live in one folder per tier; each test gets the marker of its folder, so
+`pytest -m unit` selects by tier, and `make test-fast` runs what loads no model and starts no
+process (unit, engine and kernels, less the tests marked loads_model):
+
+    unit      pure logic: hashing, block store, router, sampling, OpenAI wire format, protos
+    engine    block manager, KV cache and the engine (the engine tests load the model)
+    kernels   CPU and Triton kernels against a torch reference with a stated tolerance
+    model     the model against HF transformers token for token, loading, tokenizer
+    services  one role at a time through real processes, real gRPC and a real Redis
+    e2e       the whole system started the way a user starts it (`splitserve up`)
+"""
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+TESTS = Path(__file__).resolve().parent
+TIERS = ("unit", "engine", "kernels", "model", "services", "e2e")
+# fixtures that load the model (a test using one is also marked loads_model: `make test-fast` skips it)
+MODEL_FIXTURES = {"llm_f32", "hf_model", "http_stack"}
+
+# The helpers shared by the tiers (services_fixture, certs) are imported as top-level modules.
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
 
 # test_triton_kernels runs the Triton kernels on the CPU through triton's interpreter, which must
 # be on before anything imports triton: set here, before any test module is collected (some import
@@ -54,3 +78,15 @@ def http_stack():
                     "--decode-workers", "1")
     yield s
     assert s.stop() == 0, "\n".join(s.log[-30:])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks every test with the tier of the folder it lives in (tests/<tier>/test_*.py)."""
+    for item in items:
+        rel = Path(str(item.fspath)).resolve().relative_to(TESTS)
+        tier = rel.parts[0] if len(rel.parts) > 1 else None
+        if tier not in TIERS:
+            raise pytest.UsageError(f"{rel}: a test file belongs in one of the tier folders {', '.join(TIERS)}")
+        item.add_marker(getattr(pytest.mark, tier))
+        if MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.loads_model)

@@ -1,4 +1,4 @@
-"""Generates the gRPC Python code in libs/v1/ (package `splitserve.v1`) from protos/ with grpcio-tools.
+"""Generates the gRPC Python code in libs/splitserve/v1/ (package `splitserve.v1`) from protos/ with grpcio-tools.
 
     python -m splitserve.protogen            # regenerate in place
     python -m splitserve.protogen --check    # exit 1 when the checked-in code is stale
@@ -15,10 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO / "protos"
 PROTO_DIR = PROTO_ROOT / "splitserve" / "v1"
-OUT_DIR = REPO / "libs" / "v1"
+OUT_DIR = REPO / "libs" / "splitserve" / "v1"
 INIT = '"""Generated gRPC code for package splitserve.v1 (python -m splitserve.protogen); do not edit."""\n'
 
 

@@ -26,7 +26,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is not installed in this environment")
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.yml"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
