@@ -457,7 +457,8 @@ def start_plain_server():
 
 
 def start_kv_servers(capacity_gb: float):
-    from splitserve.services.kvstore.server import KVStoreConfig, serve
+    from splitserve.services.kvstore.server import serve
+    from splitserve.config.kvstore import KVStoreConfig
 
     kv = serve(KVStoreConfig(host="127.0.0.1", port=0, capacity_gb=capacity_gb))
     plain, plain_address = start_plain_server()
@@ -478,7 +479,7 @@ def run_kv(args: argparse.Namespace) -> dict:
     import torch
 
     from splitserve import rpc
-    from splitserve.engine.kv_block import encode_block, import_block
+    from splitserve.transfer.block import encode_block, import_block
     from splitserve.engine.kv_cache import KVCache
     from splitserve.kvstore.client import CHUNK_BYTES, KVStoreClient
 

@@ -146,7 +146,7 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
 
 
 def engine_for(folder: Path, dtype: str, use_triton: bool, max_num_seqs: int = 64):
-    from splitserve.config import EngineConfig
+    from splitserve.config.engine import EngineConfig
     from splitserve.engine.llm_engine import LLMEngine
 
     on_gpu = DEVICE == "cuda"

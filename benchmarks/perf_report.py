@@ -46,7 +46,7 @@ from services_fixture import start_stack  # noqa: E402
 from splitserve.bench import datasets, runner  # noqa: E402
 from splitserve.bench.metrics import RequestRecord, latency_stats, summarize  # noqa: E402
 from splitserve.bench.report import format_compare, format_table, write_json  # noqa: E402
-from splitserve.launcher import free_port  # noqa: E402
+from splitserve.launch.up import free_port  # noqa: E402
 
 TARGET_BATCHING = 2.0  # splitserve output tok/s over HF static batching
 TARGET_PREFIX = 20.0  # miss TTFT over hit TTFT
@@ -81,7 +81,7 @@ def start_up(name: str, *flags: str) -> Server:
 
 def start_hf(name: str, dtype: str, max_batch_size: int, timeout_s: float = 400.0) -> Server:
     port = free_port()
-    argv = [sys.executable, "-m", "splitserve.cli", "hf-serve", "--port", str(port), "--dtype", dtype,
+    argv = [sys.executable, "-m", "splitserve.launch.cli", "hf-serve", "--port", str(port), "--dtype", dtype,
             "--max-batch-size", str(max_batch_size)]
     log(f"starting {name}: splitserve {' '.join(argv[3:])}")
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=open(f"/tmp/perf-{name}-{port}.log", "w"),

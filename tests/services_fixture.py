@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from splitserve.launcher import free_port
+from splitserve.launch.up import free_port
 from splitserve.rpc import channel
 from splitserve.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -91,7 +91,7 @@ class Stack:
 
 def start_stack(*args: str, timeout_s: float = 400.0) -> Stack:
     port = free_port()
-    cmd = [sys.executable, "-m", "splitserve.cli", "up", "--grpc-port", str(port), "--http-port", str(free_port()),
+    cmd = [sys.executable, "-m", "splitserve.launch.cli", "up", "--grpc-port", str(port), "--http-port", str(free_port()),
            *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})

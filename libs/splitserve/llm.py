@@ -5,7 +5,7 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
-from splitserve.config import EngineConfig
+from splitserve.config.engine import EngineConfig
 from splitserve.engine.llm_engine import LLMEngine
 from splitserve.engine.sampler import TokenLogprobs
 from splitserve.sampling_params import SamplingParams

@@ -14,7 +14,7 @@ import logging
 import re
 import time
 
-from splitserve.config import env_setting
+from splitserve.config.env import env_setting
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -18,7 +18,8 @@ from splitserve.services.decode.server import _add_to_server as add_decode
 from splitserve.services.prefill.server import SERVICE as PREFILL_SERVICE
 from splitserve.services.prefill.server import PrefillServicer
 from splitserve.services.prefill.server import _add_to_server as add_prefill
-from splitserve.worker import Worker, WorkerConfig, role_main, serve_role
+from splitserve.worker import Worker, role_main, serve_role
+from splitserve.config.worker import WorkerConfig
 
 ROLE = "colocated"
 SERVICES = [PREFILL_SERVICE, DECODE_SERVICE]

@@ -23,11 +23,12 @@ import grpc
 from splitserve import rpc
 from splitserve.engine.engine_loop import QueueFullError
 from splitserve.engine.hashing import block_hashes
-from splitserve.engine.kv_block import KVBlockError
+from splitserve.transfer.block import KVBlockError
 from splitserve.kvstore.client import KVStoreClient
 from splitserve.v1 import decode_pb2, decode_pb2_grpc
 from splitserve.wire import logprob_to_proto, sampling_from_proto
-from splitserve.worker import Worker, WorkerConfig, abort_invalid, role_main, serve_role
+from splitserve.worker import Worker, abort_invalid, role_main, serve_role
+from splitserve.config.worker import WorkerConfig
 
 logger = logging.getLogger("splitserve.decode")
 SERVICE = "splitserve.v1.Decode"

@@ -20,111 +20,32 @@ import signal
 import threading
 import time
 from contextlib import aclosing
-from dataclasses import dataclass, field
+
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2
 
 from splitserve import logs
-from splitserve.config import add_config_args, config_from_args, env_setting
-from splitserve.gateway_core import InvalidRequest, OutputStream, PreparedRequest, prepare_request
+from splitserve.config.flags import add_config_args, config_from_args
+from splitserve.config.env import env_setting
+from splitserve.gateway.prepare import InvalidRequest, OutputStream, PreparedRequest, prepare_request
 from splitserve.metrics import Metrics
 from splitserve.model.tokenizer import load_tokenizer
-from splitserve.router import RouterConfig
-from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, format_address
+from splitserve.config.gateway import GatewayConfig, RouterConfig
+from splitserve.rpc import format_address
 from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
-from splitserve.services.gateway.http import HttpApi, HttpServer
-from splitserve.services.gateway.owners import AsyncOwnersReader
-from splitserve.services.gateway.pipeline import GatewayError, RequestPipeline
-from splitserve.rpc import (add_aio_health_and_reflection, add_aio_servicer, check_mtls_files, create_aio_server,
+from splitserve.gateway.http import HttpApi, HttpServer
+from splitserve.ownership.reader import AsyncOwnersReader
+from splitserve.gateway.failover import GatewayError, RequestPipeline
+from splitserve.rpc import (add_aio_health_and_reflection, add_aio_servicer, create_aio_server,
                             mtls_credentials, server_credentials)
-from splitserve.services.gateway.workers import WorkerPool
+from splitserve.gateway.workers import WorkerPool
 
 log = logging.getLogger("splitserve.gateway")
 SERVICE_NAME = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name  # "splitserve.v1.Gateway"
 Code = grpc.StatusCode
-
-
-@dataclass(frozen=True)
-class GatewayConfig:
-    host: str = "127.0.0.1"
-    """Interface the gateway's gRPC server binds."""
-    port: int = 50051
-    """Port of the gateway's gRPC server (0: any free port)."""
-    prefill: str = "127.0.0.1:50061"
-    """Prefill workers, comma-separated HOST:PORT."""
-    decode: str = "127.0.0.1:50062"
-    """Decode workers, comma-separated HOST:PORT."""
-    redis_url: str = ""
-    """Redis holding block ownership (redis://HOST:PORT/DB); empty: route by load only."""
-    tokenizer: str = ""
-    """Tokenizer path (GGUF file or HF folder); empty: the model_path the workers report."""
-    served_model_name: str = ""
-    """Name accepted in GenerateRequest.model besides the workers' model_id; empty: model_id only."""
-    http_port: int = 8000
-    """Port of the HTTP server on `host`: the OpenAI-compatible API under /v1, /health and /metrics
-    (0: any free port; -1: no HTTP server)."""
-    tls_cert_file: str = ""
-    """PEM certificate (chain) of the gateway: with tls_key_file, gRPC and HTTP are served over TLS."""
-    tls_key_file: str = ""
-    """PEM private key of tls_cert_file."""
-    internal_tls_ca_file: str = ""
-    """Mutual TLS to the workers: the CA that signed every role's certificate (with
-    internal_tls_cert_file and internal_tls_key_file, the gateway's client certificate)."""
-    internal_tls_cert_file: str = ""
-    """Mutual TLS to the workers: the gateway's client certificate (PEM)."""
-    internal_tls_key_file: str = ""
-    """Mutual TLS to the workers: the key of internal_tls_cert_file (PEM)."""
-    api_key: str = ""
-    """Require `Authorization: Bearer KEY` on the HTTP API and `authorization: Bearer KEY` metadata on
-    gRPC Generate (/health, /metrics and the gRPC health service stay open); default
-    $SPLITSERVE_API_KEY; empty: no key."""
-    log_prompts: bool = False
-    """Log each request's prompt (text and token ids); prompts are left out of the logs by default."""
-    load_poll_interval_s: float = 0.5
-    """Seconds between two GetLoad polls of every worker."""
-    load_timeout_s: float = 1.0
-    """A worker that does not answer GetLoad within this many seconds is unhealthy."""
-    startup_timeout_s: float = 0.0
-    """Seconds to wait for a prefill and a decode worker at startup (0: wait for ever)."""
-    request_timeout_s: float = 600.0
-    """Longest a request may run, in seconds (a shorter client deadline wins)."""
-    max_retries: int = 2
-    """Retries per role after a worker fails: prefill on another worker, decode resumed on another."""
-    max_inflight_requests: int = 1024
-    """Requests in progress beyond which new ones get RESOURCE_EXHAUSTED at once."""
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    """Largest gRPC message sent or received, in bytes."""
-    redis_timeout_s: float = 0.5
-    """Socket timeout of the ownership lookup; after a failure Redis is skipped for 2 s."""
-    router: RouterConfig = field(default_factory=RouterConfig)
-    """Routing policy weights and thresholds."""
-
-    def __post_init__(self) -> None:
-        if not self.prefill_addresses:
-            raise ValueError("prefill must name at least one HOST:PORT")
-        if not self.decode_addresses:
-            raise ValueError("decode must name at least one HOST:PORT")
-        for name in ("load_poll_interval_s", "load_timeout_s", "request_timeout_s", "redis_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        check_mtls_files(self.internal_tls_ca_file, self.internal_tls_cert_file, self.internal_tls_key_file)
-        if bool(self.tls_cert_file) != bool(self.tls_key_file):
-            raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
-        if not -1 <= self.http_port <= 65535:
-            raise ValueError(f"http_port must be in [0, 65535] (or -1 for none), got {self.http_port}")
-        if self.startup_timeout_s < 0 or self.max_retries < 0 or self.max_inflight_requests < 1:
-            raise ValueError("startup_timeout_s and max_retries must be >= 0, max_inflight_requests >= 1")
-
-    @property
-    def prefill_addresses(self) -> list[str]:
-        return [a.strip() for a in self.prefill.split(",") if a.strip()]
-
-    @property
-    def decode_addresses(self) -> list[str]:
-        return [a.strip() for a in self.decode.split(",") if a.strip()]
 
 
 # Rejection reasons (requests_rejected{reason}) by the status a request ended with.

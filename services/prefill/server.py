@@ -32,7 +32,8 @@ from splitserve.engine.hashing import block_hashes, hash_namespace
 from splitserve.kvstore.client import KVStoreClient
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
 from splitserve.wire import logprob_to_proto, sampling_from_proto
-from splitserve.worker import Worker, WorkerConfig, abort_invalid, role_main, serve_role, wait_deadline
+from splitserve.worker import Worker, abort_invalid, role_main, serve_role, wait_deadline
+from splitserve.config.worker import WorkerConfig
 
 logger = logging.getLogger("splitserve.prefill")
 SERVICE = "splitserve.v1.Prefill"

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 
 from certs import Authority
 from splitserve import rpc
-from splitserve.services.gateway.server import GatewayConfig, serve
+from splitserve.services.gateway.server import serve
+from splitserve.config.gateway import GatewayConfig
 from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, kvstore_pb2, prefill_pb2
 
 KEY = "s3cret-key"
@@ -290,7 +291,7 @@ def test_mutual_tls_between_roles(tmp_path):
     """A kvstore with mutual TLS: a client with a certificate from the roles' CA is served; one
     without a certificate, or with one from another CA, is refused."""
     from splitserve.kvstore.client import KVStoreClient
-    from splitserve.services.kvstore.server import KVStoreConfig
+    from splitserve.config.kvstore import KVStoreConfig
     from splitserve.services.kvstore.server import serve as serve_kvstore
 
     (tmp_path / "a").mkdir()
@@ -339,11 +340,11 @@ def test_splitserve_up_with_every_guard_on(tmp_path):
                         "--internal-tls-key-file", role_key)
     try:
         assert stack.http_base.startswith("https://")
-        out = subprocess.run([sys.executable, "-m", "splitserve.cli", "generate", "--target", stack.gateway,
+        out = subprocess.run([sys.executable, "-m", "splitserve.launch.cli", "generate", "--target", stack.gateway,
                               "--tls-ca", ca.ca_file, "--api-key", KEY, "--max-tokens", "4", "--temperature", "0",
                               "Hi"], capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and out.stdout.strip(), out.stderr
-        denied = subprocess.run([sys.executable, "-m", "splitserve.cli", "generate", "--target", stack.gateway,
+        denied = subprocess.run([sys.executable, "-m", "splitserve.launch.cli", "generate", "--target", stack.gateway,
                                  "--tls-ca", ca.ca_file, "--max-tokens", "4", "Hi"],
                                 capture_output=True, text=True, timeout=120)
         assert denied.returncode == 1 and "UNAUTHENTICATED" in denied.stderr

@@ -267,7 +267,7 @@ def test_send_one_records_connection_errors():
 # ------------------------------------------------------------------------- against the stack
 def test_bench_against_splitserve_up(http_stack, tmp_path):
     out, png = tmp_path / "result.json", tmp_path / "plot.png"
-    cmd = [sys.executable, "-m", "splitserve.cli", "bench", "--base-url", http_stack.http_base,
+    cmd = [sys.executable, "-m", "splitserve.launch.cli", "bench", "--base-url", http_stack.http_base,
            "--dataset", "random", "--input-len", "24", "--output-len", "4", "--num-prompts", "4",
            "--request-rate", "inf", "--seed", "1", "--goodput", "ttft:600000", "--no-progress",
            "--result-json", str(out), "--plot", str(png)]

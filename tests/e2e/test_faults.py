@@ -423,13 +423,13 @@ def test_sigterm_during_restart_backoff_stops_everything(stack):
 
 # -------------------------------------------------------------------------- without a stack
 def test_restart_backoff_doubles_up_to_its_cap():
-    from splitserve.launcher import restart_delay_s
+    from splitserve.launch.up import restart_delay_s
 
     assert [restart_delay_s(n) for n in range(7)] == [1, 2, 4, 8, 16, 30, 30]
 
 
 def _launcher(*flags: str):
-    from splitserve.launcher import Launcher, add_up_args
+    from splitserve.launch.up import Launcher, add_up_args
 
     p = argparse.ArgumentParser()
     add_up_args(p)
@@ -439,7 +439,7 @@ def _launcher(*flags: str):
 def _kvstore_child(port: int, shm_dir) -> "Child":
     """A kvstore child whose same-host directory lives under `shm_dir` (a killed store leaves its
     directory behind: in the test's tmp_path, not in /dev/shm)."""
-    from splitserve.launcher import Child
+    from splitserve.launch.up import Child
 
     return Child("kvstore", ["kvstore", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1",
                              "--shm-dir", str(shm_dir)], f"127.0.0.1:{port}", restartable=True)
@@ -448,7 +448,7 @@ def _kvstore_child(port: int, shm_dir) -> "Child":
 @pytest.mark.timeout(120)
 def test_launcher_restarts_a_dead_child_on_its_port_unless_no_restart(tmp_path):
     """The supervision step of `splitserve up` on a real kvstore process (no model: quick)."""
-    from splitserve.launcher import free_port
+    from splitserve.launch.up import free_port
 
     launcher = _launcher()
     child = launcher._spawn(_kvstore_child(free_port(), tmp_path))
@@ -481,8 +481,8 @@ def test_launcher_restarts_a_dead_child_on_its_port_unless_no_restart(tmp_path):
 def test_reporter_rebuilds_entries_a_restarted_redis_lost_without_traffic():
     """No record or remove fails while Redis is away (no traffic): the periodic check notices the
     empty Redis and re-records what the process holds."""
-    from splitserve.ownership import OwnershipRegistry, OwnershipReporter
-    from splitserve.redis_server import EmbeddedRedis
+    from splitserve.ownership.registry import OwnershipRegistry, OwnershipReporter
+    from splitserve.ownership.redis_server import EmbeddedRedis
 
     server = EmbeddedRedis().start()
     held = [bytes([i]) * 32 for i in range(3)]

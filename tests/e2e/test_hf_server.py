@@ -25,7 +25,7 @@ START_TIMEOUT_S = 240.0  # loading the GGUF into transformers is slow on a busy 
 
 class Server:
     def __init__(self, *flags: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "hf-serve", "--port", "0", *flags],
+        self.proc = subprocess.Popen([sys.executable, "-m", "splitserve.launch.cli", "hf-serve", "--port", "0", *flags],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.log: list[str] = []
         self.url = ""
@@ -167,7 +167,7 @@ def test_bad_requests_are_400_naming_the_field(server, patch, param):
 
 
 def test_splitserve_bench_against_it(server):
-    cmd = [sys.executable, "-m", "splitserve.cli", "bench", "--base-url", server.url, "--num-prompts", "3",
+    cmd = [sys.executable, "-m", "splitserve.launch.cli", "bench", "--base-url", server.url, "--num-prompts", "3",
            "--input-len", "8", "--output-len", "4", "--no-progress"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout + done.stderr

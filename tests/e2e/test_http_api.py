@@ -309,8 +309,9 @@ def test_no_worker_means_503_and_an_unready_health(tmp_path):
     """A gateway whose workers never answer: /health and the API say 503, naming why, at once."""
     import asyncio
 
-    from splitserve.launcher import free_port
-    from splitserve.services.gateway.server import GatewayConfig, serve
+    from splitserve.launch.up import free_port
+    from splitserve.services.gateway.server import serve
+    from splitserve.config.gateway import GatewayConfig
 
     dead = f"127.0.0.1:{free_port()}"
 

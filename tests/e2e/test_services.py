@@ -16,7 +16,7 @@ import pytest
 from services_fixture import start_stack
 from splitserve import SamplingParams
 from splitserve.client import generate, stream_generate
-from splitserve.ownership import OwnershipRegistry
+from splitserve.ownership.registry import OwnershipRegistry
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
 from splitserve.rpc import channel
 from splitserve.wire import sampling_to_proto

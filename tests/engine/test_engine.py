@@ -211,7 +211,6 @@ def test_abort_frees_blocks(llm_f32, text_ids):
 def test_import_stops_at_a_damaged_block_and_the_rest_is_recomputed(llm_f32):
     """Blocks shipped from another engine, the second one damaged in transit: the importer keeps the
     first, writes nothing of the damaged one, and the request's output is unchanged (recomputed)."""
-    from splitserve.engine.kv_block import BlockHeader
 
     source = llm_f32.with_config(kv_cache_memory_gb=0.05)
     target = llm_f32.with_config(kv_cache_memory_gb=0.05)

@@ -5,7 +5,7 @@ import pytest
 import xxhash
 import torch
 
-from splitserve.engine.kv_block import (
+from splitserve.transfer.block import (
     LAYOUT_VERSION,
     BlockHeader,
     KVBlockError,

@@ -1,7 +1,6 @@
 """Loading: HF checkpoint folders (Llama, Qwen2, Mistral; tiny seeded random weights) and bad files."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch

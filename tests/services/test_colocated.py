@@ -11,7 +11,7 @@ import pytest
 
 from services_fixture import start_stack
 from splitserve.client import generate
-from splitserve.config import available_cpus, format_cpu_list, parse_cpu_list
+from splitserve.config.cpus import available_cpus, format_cpu_list, parse_cpu_list
 from splitserve.sampling_params import SamplingParams
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time, in a small village,"]
@@ -64,6 +64,6 @@ def test_up_refuses_a_bad_cpu_list_before_starting_anything():
 
     for flags, words in ((["--decode-cpus", "99999"], "--decode-cpus: cpu list '99999'"),
                          (["--colocated", "--decode-cpus", "0"], "no decode workers")):
-        out = subprocess.run([sys.executable, "-m", "splitserve.cli", "up", *flags], capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "splitserve.launch.cli", "up", *flags], capture_output=True, text=True,
                              timeout=60)
         assert out.returncode != 0 and words in out.stderr, out.stderr

@@ -128,7 +128,7 @@ def _stop_after_parse_known_args(self, args=None, namespace=None):
 def parse_role(argv: list[str]) -> argparse.Namespace:
     """Parses a role command (`ROLE --flag ...`, what the image's `splitserve` entry point gets)
     exactly as `splitserve ROLE` does: cli.main hands argv[1:] to the role module's main()."""
-    from splitserve import cli
+    from splitserve.launch import cli
 
     assert argv and argv[0] in cli.ROLES, f"command {argv!r} does not start with a role ({', '.join(cli.ROLES)})"
     module = importlib.import_module(cli.ROLES[argv[0]])
@@ -147,17 +147,17 @@ def parse_role(argv: list[str]) -> argparse.Namespace:
 
 def build_config(role: str, ns: argparse.Namespace):
     """The role's frozen config from parsed flags, as its main() builds it (validation runs)."""
-    from splitserve.config import config_from_args
+    from splitserve.config.flags import config_from_args
 
     if role == "gateway":
         from splitserve.services.gateway.server import config_from_namespace
 
         return config_from_namespace(ns)
     if role == "kvstore":
-        from splitserve.services.kvstore.server import KVStoreConfig
+        from splitserve.config.kvstore import KVStoreConfig
 
         return config_from_args(KVStoreConfig, ns)
-    from splitserve.worker import WorkerConfig
+    from splitserve.config.worker import WorkerConfig
 
     config = config_from_args(WorkerConfig, ns)
     config.engine_config()  # model/dtype/cache/scheduler validation, without loading anything
@@ -358,7 +358,7 @@ def test_gateway_published_internal_roles_not(parsed, compose):
 
 def _up_commands() -> dict[str, list[str]]:
     """The role commands `splitserve up` runs (with its defaults), without starting anything."""
-    from splitserve.launcher import Launcher, add_up_args
+    from splitserve.launch.up import Launcher, add_up_args
 
     p = argparse.ArgumentParser()
     add_up_args(p)
@@ -466,7 +466,7 @@ def test_docker_compose_config_accepts_the_file():
 def test_free_port_never_hands_out_a_port_twice_or_a_reserved_one():
     """`up` picks every child's ports with free_port and binds the gateway's given ports last:
     a port released after the pick may be offered again by the OS, so free_port skips them."""
-    from splitserve import launcher
+    from splitserve.launch import up as launcher
 
     reserved = launcher.free_port()
     launcher._TAKEN_PORTS.discard(reserved)

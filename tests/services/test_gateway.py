@@ -17,11 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from splitserve.client import generate, stream_generate
 from splitserve.engine.hashing import block_hashes, hash_namespace
 from splitserve.model.loader import default_model_path
-from splitserve.ownership import OwnershipRegistry
-from splitserve.redis_server import EmbeddedRedis
+from splitserve.ownership.registry import OwnershipRegistry
+from splitserve.ownership.redis_server import EmbeddedRedis
 from splitserve.rpc import channel as open_channel
-from splitserve.services.gateway.owners import AsyncOwnersReader
-from splitserve.services.gateway.server import GatewayConfig, serve
+from splitserve.ownership.reader import AsyncOwnersReader
+from splitserve.services.gateway.server import serve
+from splitserve.config.gateway import GatewayConfig
 from splitserve.v1 import (common_pb2, decode_pb2, decode_pb2_grpc, gateway_pb2, gateway_pb2_grpc, prefill_pb2,
                            prefill_pb2_grpc)
 

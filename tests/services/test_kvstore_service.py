@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -18,11 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from splitserve import rpc
-from splitserve.engine import kv_block
+from splitserve.transfer import block as kv_block
 from splitserve.engine.kv_cache import KVCache
-from splitserve.ownership import OwnershipRegistry
-from splitserve.redis_server import EmbeddedRedis
-from splitserve.services.kvstore.server import SERVICE_NAME, KVStoreConfig, block_chunks, serve
+from splitserve.ownership.registry import OwnershipRegistry
+from splitserve.ownership.redis_server import EmbeddedRedis
+from splitserve.services.kvstore.server import SERVICE_NAME, block_chunks, serve
+from splitserve.config.kvstore import KVStoreConfig
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 MODEL = "test-model"
@@ -315,7 +315,7 @@ def test_get_and_release_validate_their_arguments(kvstore):
 def test_config_flags_and_validation():
     import argparse
 
-    from splitserve.config import add_config_args, config_from_args
+    from splitserve.config.flags import add_config_args, config_from_args
 
     parser = argparse.ArgumentParser()
     add_config_args(parser, KVStoreConfig)

@@ -12,11 +12,12 @@ import grpc
 import pytest
 
 from splitserve import rpc
-from splitserve.engine import kv_block
+from splitserve.transfer import block as kv_block
 from splitserve.kvstore import shm
 from splitserve.kvstore.arena import ArenaPayload
 from splitserve.kvstore.client import KVStoreClient
-from splitserve.services.kvstore.server import KVStoreConfig, serve
+from splitserve.services.kvstore.server import serve
+from splitserve.config.kvstore import KVStoreConfig
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 from test_kvstore_service import BIG, SMALL, encode, get_blocks, random_cache

@@ -1,4 +1,4 @@
-"""Children die with their parent (splitserve.lifeline): armed by the child, no preexec_fn."""
+"""Children die with their parent (splitserve.launch.lifeline): armed by the child, no preexec_fn."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from splitserve import lifeline
+from splitserve.launch import lifeline
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 
@@ -53,7 +53,7 @@ def _parent_then_kill(child_code: str) -> int:
 def test_wrapped_program_dies_with_its_parent():
     child = _parent_then_kill("""
         import subprocess, time
-        from splitserve import lifeline
+        from splitserve.launch import lifeline
         p = subprocess.Popen(lifeline.wrap(["/bin/sleep", "60"]))
         print(p.pid, flush=True)
         time.sleep(60)
@@ -64,7 +64,7 @@ def test_wrapped_program_dies_with_its_parent():
 def test_cli_child_with_parent_pid_in_env_dies_with_its_parent():
     child = _parent_then_kill("""
         import os, subprocess, sys, time
-        from splitserve import lifeline
+        from splitserve.launch import lifeline
         code = "from splitserve import lifeline; import time; assert lifeline.arm_from_env(); time.sleep(60)"
         p = subprocess.Popen([sys.executable, "-c", code], env=lifeline.child_env(dict(os.environ)))
         print(p.pid, flush=True)
@@ -91,7 +91,7 @@ def test_parent_pid_is_not_passed_on_to_grandchildren():
 
 def test_bad_parent_pid_is_a_clear_error():
     env = {**os.environ, lifeline.ENV: "not-a-pid"}
-    out = subprocess.run([sys.executable, "-m", "splitserve.cli", "--help"], env=env, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "splitserve.launch.cli", "--help"], env=env, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2
     assert "SPLITSERVE_PARENT_PID must be a process id, got 'not-a-pid'" in out.stderr
@@ -100,7 +100,7 @@ def test_bad_parent_pid_is_a_clear_error():
 def test_embedded_redis_dies_with_its_parent():
     child = _parent_then_kill("""
         import time
-        from splitserve.redis_server import EmbeddedRedis
+        from splitserve.ownership.redis_server import EmbeddedRedis
         r = EmbeddedRedis().start()
         print(r._proc.pid, flush=True)
         time.sleep(60)
@@ -123,7 +123,7 @@ def test_signal_flag_survives_a_burst_of_signals():
     reproduce it with the old Event-setting handler, it checks that the shutdown stays clean."""
     code = """
 import threading, time
-from splitserve.lifeline import SignalFlag
+from splitserve.launch.lifeline import SignalFlag
 flag = SignalFlag()
 print("ready", flush=True)
 got = flag.wait(0.05)
@@ -143,9 +143,9 @@ print("done", got, flush=True)
 
 
 def test_kvstore_stops_cleanly_on_a_burst_of_sigterms():
-    from splitserve.launcher import free_port
+    from splitserve.launch.up import free_port
 
-    p = subprocess.Popen([sys.executable, "-m", "splitserve.cli", "kvstore", "--port", str(free_port()),
+    p = subprocess.Popen([sys.executable, "-m", "splitserve.launch.cli", "kvstore", "--port", str(free_port()),
                           "--metrics-port", "-1"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

@@ -16,11 +16,12 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from splitserve.engine import kv_block
+from splitserve.transfer import block as kv_block
 from splitserve.engine.kv_cache import KVCache
 from splitserve.kvstore.client import KVStoreClient
 from splitserve.metrics import Metrics, MetricsServer
-from splitserve.services.kvstore.server import KVStoreConfig, serve
+from splitserve.services.kvstore.server import serve
+from splitserve.config.kvstore import KVStoreConfig
 
 DIMS = dict(num_layers=2, num_kv_heads=2, head_dim=64, block_size=16)  # 32 KiB per block (float32)
 
@@ -268,7 +269,7 @@ def test_kvstore_metrics_port_config():
 
 
 def test_worker_config_checks_metrics_port():
-    from splitserve.worker import WorkerConfig
+    from splitserve.config.worker import WorkerConfig
 
     assert WorkerConfig().metrics_port == 0
     WorkerConfig(metrics_port=-1)

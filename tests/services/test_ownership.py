@@ -9,11 +9,11 @@ import uuid
 import pytest
 import redis
 
-from splitserve.ownership import (
+from splitserve.ownership.registry import (
     BLOCK_KEY_PREFIX, OWNER_KEY_PREFIX, OwnershipRegistry, OwnershipReporter, OwnershipUnavailable,
     redact_url,
 )
-from splitserve.redis_server import EmbeddedRedis, redis_server_binary
+from splitserve.ownership.redis_server import EmbeddedRedis, redis_server_binary
 
 
 @pytest.fixture

@@ -13,14 +13,15 @@ import os
 import subprocess
 import sys
 
-from splitserve.launcher import GOMP_SPINCOUNT
+from splitserve.launch.up import GOMP_SPINCOUNT
 
 
 def test_worker_runs_torch_threads_on_its_loop_thread_only():
     code = """
 import json, torch
 from splitserve.sampling_params import SamplingParams
-from splitserve.worker import Worker, WorkerConfig
+from splitserve.worker import Worker
+from splitserve.config.worker import WorkerConfig
 w = Worker(WorkerConfig(dtype="float32", torch_threads=2, kv_cache_memory_gb=0.05, metrics_port=-1), "prefill")
 out = w.loop.add_request("r", [1, 2, 3, 4, 5], SamplingParams(max_tokens=2, temperature=0)).get(timeout=120)
 loop_threads = w.loop.call(lambda e: torch.get_num_threads()).result(timeout=30)

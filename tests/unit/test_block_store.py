@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from splitserve.engine.kv_block import LAYOUT_VERSION, BlockHeader, KVBlockError, payload_checksum
+from splitserve.transfer.block import LAYOUT_VERSION, BlockHeader, KVBlockError, payload_checksum
 from splitserve.kvstore.block_store import BlockStore, StoreFullError
 
 PAYLOAD = 4096  # bytes per test block

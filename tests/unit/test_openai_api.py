@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from splitserve import logs
-from splitserve import openai_api as oa
+from splitserve.gateway import openai_api as oa
 from splitserve.v1 import common_pb2
 
 SERVED = ["smol"]

@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from splitserve.router import (DECODE, PREFILL, NoWorkerAvailable, Router, RouterConfig, WorkerState,
-                               prefix_hit_blocks)
+from splitserve.gateway.router import DECODE, PREFILL, NoWorkerAvailable, Router, WorkerState, prefix_hit_blocks
+from splitserve.config.gateway import RouterConfig
 
 BS = 16
 HASHES = [bytes([i]) * 32 for i in range(4)]  # 4 full blocks: a prompt of 64..79 tokens

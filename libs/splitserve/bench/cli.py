@@ -149,7 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from splitserve.bench import report, runner
     from splitserve.bench.arrivals import arrival_times
     from splitserve.bench.metrics import parse_goodput, summarize
-    from splitserve.config import env_setting
+    from splitserve.config.env import env_setting
 
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)

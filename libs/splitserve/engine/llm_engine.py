@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from splitserve.config import EngineConfig
+from splitserve.config.engine import EngineConfig
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.hashing import hash_namespace
-from splitserve.engine.kv_block import BlockHeader, KVBlockError, encode_block, import_block
+from splitserve.transfer.block import BlockHeader, KVBlockError, encode_block, import_block
 from splitserve.engine.kv_cache import KVCache
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.sampler import Sampler, TokenLogprobs

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import deque
 from typing import NamedTuple
 
-from splitserve.config import SchedulerConfig
+from splitserve.config.engine import SchedulerConfig
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.sequence import Sequence, SequenceStatus
 

@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
-from splitserve.engine.kv_block import payload_checksum
+from splitserve.transfer.block import payload_checksum
 from splitserve.kvstore import shm
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Protocol, Union
 
-from splitserve.engine.kv_block import BlockHeader, KVBlockError, check_payload, payload_checksum
+from splitserve.transfer.block import BlockHeader, KVBlockError, check_payload, payload_checksum
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 
 import grpc
 
-from splitserve.engine.kv_block import BlockHeader, KVBlockError, payload_checksum
+from splitserve.transfer.block import BlockHeader, KVBlockError, payload_checksum
 from splitserve.kvstore import shm
 from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, channel
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc

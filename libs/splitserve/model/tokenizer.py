@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from splitserve.config import cache_dir
+from splitserve.config.env import cache_dir
 
 
 class Tokenizer:

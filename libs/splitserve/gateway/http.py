@@ -31,10 +31,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from splitserve import openai_api as oa
-from splitserve.openai_api import ApiError
+from splitserve.gateway import openai_api as oa
+from splitserve.gateway.openai_api import ApiError
 
-from splitserve.services.gateway.pipeline import GatewayError
+from splitserve.gateway.failover import GatewayError
 
 log = logging.getLogger("splitserve.gateway.http")
 Code = grpc.StatusCode

@@ -6,9 +6,9 @@ poller threads race the child (seen as `epoll_wait error: Bad file descriptor` a
 new process). Without a preexec_fn, Popen spawns with vfork/exec and nothing runs in between.
 
 So the child asks for its own death signal (Linux PR_SET_PDEATHSIG) as its first step instead:
-- a `splitserve.cli` child reads the parent's pid from SPLITSERVE_PARENT_PID (`child_env`) and
+- a `splitserve.launch.cli` child reads the parent's pid from SPLITSERVE_PARENT_PID (`child_env`) and
   calls `arm_from_env` before anything else;
-- any other program (redis-server) is started through this module, `python -m splitserve.lifeline
+- any other program (redis-server) is started through this module, `python -m splitserve.launch.lifeline
   PARENT_PID -- PROGRAM ARGS...` (`wrap`), which arms the signal and then execs the program (the
   death signal survives exec).
 Either way the child checks that its parent is still the one that started it: if the parent died
@@ -45,7 +45,7 @@ def arm(parent_pid: int) -> bool:
 
 
 def child_env(env: dict[str, str]) -> dict[str, str]:
-    """`env` for a `splitserve.cli` child that must die with this process."""
+    """`env` for a `splitserve.launch.cli` child that must die with this process."""
     return {**env, ENV: str(os.getpid())}
 
 
@@ -64,7 +64,7 @@ def arm_from_env() -> bool:
 
 def wrap(argv: list[str]) -> list[str]:
     """The command line that runs `argv` as a child that dies with this process."""
-    return [sys.executable, "-m", "splitserve.lifeline", str(os.getpid()), "--", *argv]
+    return [sys.executable, "-m", "splitserve.launch.lifeline", str(os.getpid()), "--", *argv]
 
 
 class SignalFlag:
@@ -95,7 +95,7 @@ class SignalFlag:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 3 or args[1] != "--" or not args[0].isdigit():
-        sys.exit("usage: python -m splitserve.lifeline PARENT_PID -- PROGRAM [ARGS...]")
+        sys.exit("usage: python -m splitserve.launch.lifeline PARENT_PID -- PROGRAM [ARGS...]")
     arm(int(args[0]))
     program = args[2:]
     os.execv(program[0], program)

@@ -19,7 +19,7 @@ import time
 
 import redis
 
-from splitserve import lifeline
+from splitserve.launch import lifeline
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class EmbeddedRedis:
             cmd = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                    "--appendonly", "no", "--dir", self._dir, "--logfile", logfile,
                    "--daemonize", "no"]
-            if self.die_with_parent:  # armed by the child itself: no preexec_fn (see splitserve.lifeline)
+            if self.die_with_parent:  # armed by the child itself: no preexec_fn (see splitserve.launch.lifeline)
                 cmd = lifeline.wrap(cmd)
             self._proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

