@@ -1,0 +1,3 @@
+# Typed surface of the C extension built from cpu_quant.c (pointers are tensors' data_ptr();
+# cpu_quant.py checks every tensor before it calls in; bias 0 means none).
+def linear(x: int, packed: int, bias: int, y: int, q4_1: bool, rows: int, n: int, k: int, /) -> None: ...
