@@ -68,17 +68,7 @@ class ModelRunner:
                 sample_indices.append(len(input_ids) - 1)
                 sampled.append(idx)
         num_decodes = len(decode_tables)
-        if self.use_triton or self.cpu_kernel:  # the kernel walks each row's own length: one padded table
-            max_blocks = max((len(t) for t in decode_tables), default=0)
-            tables = torch.zeros((num_decodes, max_blocks), dtype=torch.int32)
-            for row, t in enumerate(decode_tables):
-                tables[row, : len(t)] = torch.tensor(t, dtype=torch.int32)
-            tables = tables.to(self.device)
-            seq_lens = torch.tensor(decode_lens, dtype=torch.int32, device=self.device)
-            groups = ()
-        else:  # the torch path gathers padded pages: rows of similar length go together
-            tables = seq_lens = torch.empty(0, dtype=torch.int32)
-            groups = decode_groups(decode_tables, decode_lens, bs, self.device) if num_decodes else ()
+        tables, seq_lens, groups = self._decode_tables(decode_tables, decode_lens)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             num_decodes=num_decodes,
@@ -100,6 +90,21 @@ class ModelRunner:
             torch.tensor(sample_indices, dtype=torch.long, device=self.device),
             sampled,
         )
+
+    def _decode_tables(self, decode_tables: list[list[int]], decode_lens: list[int]):
+        """The decode rows' block tables in the form the attention path takes: for a kernel one padded
+        int32 table [rows, max_blocks] and the lengths [rows] (the kernel walks each row's own
+        length); for the torch path, groups of rows of similar length (it gathers padded pages)."""
+        if self.use_triton or self.cpu_kernel:
+            max_blocks = max((len(t) for t in decode_tables), default=0)
+            tables = torch.zeros((len(decode_tables), max_blocks), dtype=torch.int32)
+            for row, t in enumerate(decode_tables):
+                tables[row, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            seq_lens = torch.tensor(decode_lens, dtype=torch.int32, device=self.device)
+            return tables.to(self.device), seq_lens, ()
+        empty = torch.empty(0, dtype=torch.int32)
+        groups = decode_groups(decode_tables, decode_lens, self.block_size, self.device) if decode_tables else ()
+        return empty, empty, groups
 
     @torch.inference_mode()
     def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
