@@ -21,7 +21,8 @@ from splitserve.transfer import block as kv_block
 from splitserve.engine.kv_cache import KVCache
 from splitserve.ownership.registry import OwnershipRegistry
 from splitserve.ownership.redis_server import EmbeddedRedis
-from splitserve.services.kvstore.server import SERVICE_NAME, block_chunks, serve
+from splitserve.kvstore.protocol import block_chunks
+from splitserve.services.kvstore.server import SERVICE_NAME, serve
 from splitserve.config.kvstore import KVStoreConfig
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 

@@ -9,16 +9,16 @@ import os
 import secrets
 import threading
 import time
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import grpc
 
 from splitserve.transfer.block import BlockHeader, KVBlockError, payload_checksum
 from splitserve.kvstore import shm
+from splitserve.kvstore.protocol import CHUNK_BYTES, block_chunks, reassemble_get
 from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, channel
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
-CHUNK_BYTES = 1 << 20  # about 1 MiB of payload per message
 SHM_BATCH_BLOCKS = 32  # blocks per CommitSlots call: writing one batch overlaps the store checking the last
 MAX_RESERVE_BLOCKS = 1024  # slots asked for per ReserveSlots call
 RECEIVE_BUFFER_BYTES = 512 << 20  # most bytes of get buffers a client keeps for reuse
@@ -29,21 +29,6 @@ def _add_counts(total: kvstore_pb2.PutResponse, part: kvstore_pb2.PutResponse) -
     total.num_stored += part.num_stored
     total.num_already_present += part.num_already_present
     total.num_bytes += part.num_bytes
-
-
-def block_chunks(block_hash: bytes, header: bytes, payload: bytes, chunk_bytes: int = CHUNK_BYTES,
-                 lease_id: str = "", lease_ttl_s: float = 0.0) -> Iterator[kvstore_pb2.BlockChunk]:
-    """The BlockChunks of one block: header (and lease) on the first, payload slices of at most
-    chunk_bytes, last=true on the final one (a block of ceil(len/chunk_bytes) chunks, at least 1)."""
-    n = max(1, -(-len(payload) // chunk_bytes))
-    view = memoryview(payload)
-    for i in range(n):
-        first = i == 0
-        yield kvstore_pb2.BlockChunk(
-            block_hash=block_hash, header=header if first else b"",
-            data=payload if n == 1 else bytes(view[i * chunk_bytes:(i + 1) * chunk_bytes]), last=i == n - 1,
-            lease_id=lease_id if first else "", lease_ttl_s=lease_ttl_s if first else 0.0,
-        )
 
 
 class KVStoreClient:
@@ -294,29 +279,11 @@ class KVStoreClient:
                 self.release(reply.read_lease_id)
 
     def _get_stream(self, request, hashes: list[bytes]) -> list[tuple[BlockHeader, bytes]]:
-        out: list[tuple[BlockHeader, bytes]] = []
-        header: BlockHeader | None = None
-        parts: list[bytes] = []
         stream = self._stub.Get(request, timeout=self.timeout_s)
         try:
-            for chunk in stream:
-                if chunk.missing:
-                    break
-                if header is None:
-                    if not chunk.header:
-                        raise KVBlockError("kvstore stream: a data chunk arrived before its block's header")
-                    header = BlockHeader.from_bytes(chunk.header)
-                    if chunk.block_hash != hashes[len(out)] or header.block_hash != chunk.block_hash:
-                        raise KVBlockError("kvstore stream: blocks arrived out of order or under the wrong hash")
-                parts.append(chunk.data)
-                if chunk.last:
-                    out.append((header, b"".join(parts)))
-                    header, parts = None, []
+            return reassemble_get(stream, hashes)
         finally:
             stream.cancel()  # no-op when complete; stops the server at once when we broke off
-        if header is not None:
-            raise KVBlockError("kvstore stream ended inside a block (truncated)")
-        return out
 
     def release(self, lease_id: str) -> int:
         return self._stub.Release(kvstore_pb2.ReleaseRequest(lease_id=lease_id), timeout=self.timeout_s).num_released
