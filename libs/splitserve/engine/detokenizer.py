@@ -1,14 +1,19 @@
-"""Incremental detokenization of generated tokens, and stop strings.
+"""Incremental detokenization of generated tokens, stop strings, and the stop rules.
 
-Two layers, one per concern:
+Three layers, one per concern:
 - `_DecodeWindow` turns token ids into text deltas with the prefix/read-offset method: it decodes
   only a short window of recent ids, twice (the already-emitted prefix of the window, and the whole
   window), and emits the difference once it no longer ends in U+FFFD (a UTF-8 character whose
   bytes are split over several byte-level tokens).
 - `IncrementalDetokenizer` runs stop-string matching over the text that has not been emitted yet,
   holding back any tail that could still become a stop string.
+- `apply_stop_rules` decides whether one generated token ends its request. The engine and the
+  gateway's output stream both call it, so a request ends on the same token whichever serves it.
 """
 from __future__ import annotations
+
+from collections.abc import Container
+from typing import NamedTuple
 
 from splitserve.sampling_params import SamplingParams
 
@@ -153,3 +158,36 @@ class IncrementalDetokenizer:
                     longest = n
                     break
         return longest
+
+
+class StopCheck(NamedTuple):
+    """What one generated token does to its request (see apply_stop_rules)."""
+
+    text: str  # text the token makes safe to show, plus what a finish flushed ("" without a detokenizer)
+    finish_reason: str | None  # "stop" | "length"; None while the request goes on
+    stop_reason: int | str | None  # the stop token id or the stop string; None for EOS, length or going on
+
+
+def apply_stop_rules(token: int, params: SamplingParams, eos_token_ids: Container[int],
+                     detok: IncrementalDetokenizer | None, num_output_tokens: int, num_tokens: int,
+                     max_model_len: int) -> StopCheck:
+    """The stop rules for `token`, just appended (the counts include it), first match wins:
+    1. EOS (unless params.ignore_eos): "stop"; its text is never part of the output;
+    2. a stop token id: "stop", stop_reason the id; its text is not part of the output either;
+    3. a stop string completed by the token's text (needs `detok`): "stop", stop_reason the string;
+    4. otherwise "length" once num_output_tokens reaches max_tokens or num_tokens max_model_len.
+    With `detok` (None: the caller detokenizes), a finish flushes what it held back into `text`."""
+    text, reason, stop_reason = "", None, None
+    if not params.ignore_eos and token in eos_token_ids:
+        reason = "stop"
+    elif token in params.stop_token_ids:
+        reason, stop_reason = "stop", token
+    elif detok is not None:
+        text = detok.add(token)
+        if detok.stopped:
+            reason, stop_reason = "stop", detok.stop_reason
+    if reason is None and (num_output_tokens >= params.max_tokens or num_tokens >= max_model_len):
+        reason = "length"
+    if reason is not None and detok is not None:
+        text += detok.flush()
+    return StopCheck(text, reason, stop_reason)

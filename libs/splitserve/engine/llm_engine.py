@@ -15,14 +15,14 @@ import torch
 
 from splitserve.config.engine import EngineConfig
 from splitserve.engine.block_manager import BlockManager
-from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.engine.detokenizer import IncrementalDetokenizer, apply_stop_rules
 from splitserve.engine.hashing import hash_namespace
 from splitserve.transfer.block import BlockHeader, KVBlockError, encode_block, import_block
 from splitserve.engine.kv_cache import KVCache
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.sampler import Sampler, TokenLogprobs
 from splitserve.engine.scheduler import Scheduler
-from splitserve.engine.sequence import Sequence
+from splitserve.engine.sequence import Sequence, check_token_ids
 from splitserve.model.loader import TORCH_DTYPES, load_model
 from splitserve.model.tokenizer import load_tokenizer
 from splitserve.sampling_params import SamplingParams
@@ -115,10 +115,7 @@ class LLMEngine:
     def validate_prompt(self, prompt_token_ids: list[int]) -> None:
         if not prompt_token_ids:
             raise ValueError("prompt is empty: give at least one token")
-        vocab = self.model.args.vocab_size
-        for t in prompt_token_ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"prompt token id {t!r} is outside the vocabulary [0, {vocab})")
+        check_token_ids("prompt_token_ids", prompt_token_ids, self.model.args.vocab_size)
         if len(prompt_token_ids) >= self.max_model_len:
             raise ValueError(
                 f"prompt is {len(prompt_token_ids)} tokens; the context window (max_model_len) is "
@@ -151,10 +148,7 @@ class LLMEngine:
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         self.validate_prompt(prompt_token_ids)
         outputs = list(output_token_ids or ())
-        vocab = self.model.args.vocab_size
-        for t in outputs:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
-                raise ValueError(f"output token id {t!r} is outside the vocabulary [0, {vocab})")
+        check_token_ids("output_token_ids", outputs, self.model.args.vocab_size)
         if len(prompt_token_ids) + len(outputs) >= self.max_model_len:
             raise ValueError(f"prompt plus output ({len(prompt_token_ids) + len(outputs)} tokens) fills the "
                              f"context window (max_model_len {self.max_model_len})")
@@ -276,21 +270,10 @@ class LLMEngine:
             seq.first_token_time = token_time
         if lp is not None:
             seq.logprobs.append(lp)
-        reason, stop_reason, text = None, None, ""
-        if not params.ignore_eos and token in self.tokenizer.eos_token_ids:
-            reason = "stop"  # EOS text is never part of the output
-        elif token in params.stop_token_ids:
-            reason, stop_reason = "stop", token
-        elif detok is not None:
-            text = detok.add(token)
-            if detok.stopped:
-                reason, stop_reason = "stop", detok.stop_reason
-        if reason is None and (seq.num_output_tokens >= params.max_tokens or seq.num_tokens >= self.max_model_len):
-            reason = "length"
+        text, reason, stop_reason = apply_stop_rules(token, params, self.tokenizer.eos_token_ids, detok,
+                                                     seq.num_output_tokens, seq.num_tokens, self.max_model_len)
         exported, prompt_hashes, rng_state = [], [], b""
         if reason is not None:
-            if detok is not None:
-                text += detok.flush()
             seq.stop_reason = stop_reason
             if seq.export_blocks:
                 exported, prompt_hashes = self._export(seq)

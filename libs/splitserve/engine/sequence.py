@@ -17,6 +17,14 @@ from splitserve.engine.sampler import TokenLogprobs
 from splitserve.sampling_params import SamplingParams
 
 
+def check_token_ids(field: str, token_ids: list[int], vocab_size: int) -> None:
+    """Raises ValueError naming `field` and the index of the first id that is not an int in
+    [0, vocab_size): the one range check for ids from a user or a peer (engine and gateway)."""
+    for i, t in enumerate(token_ids):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(f"{field}[{i}] = {t!r} is outside the vocabulary [0, {vocab_size})")
+
+
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
