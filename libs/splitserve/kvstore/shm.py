@@ -27,6 +27,8 @@ import secrets
 import shutil
 import socket
 
+from splitserve.launch.preflight import owned_prefix, remove_dead_owners
+
 log = logging.getLogger(__name__)
 
 DIR_PREFIX = "splitserve-kv-"
@@ -71,7 +73,7 @@ class ShmArea:
         if not os.path.isdir(self.base):
             raise OSError(f"shared-memory directory {self.base} does not exist")
         remove_orphans(self.base)
-        self.path = os.path.join(self.base, f"{DIR_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+        self.path = os.path.join(self.base, f"{owned_prefix(DIR_PREFIX)}{secrets.token_hex(4)}")
         os.mkdir(self.path, 0o700)
         self.token = secrets.token_bytes(16)
         write_file(os.path.join(self.path, PROBE_NAME), self.token)
@@ -81,38 +83,19 @@ class ShmArea:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def remove_orphans(base: str) -> None:
+def remove_orphans(base: str) -> list[str]:
     """Removes directories of kvstore processes that no longer run (killed before they could clean
-    up), with their arenas. Only our own directories (by name and owner) are touched."""
+    up), with their arenas; returns their paths. Only our own directories (by name and owner) of
+    this host are touched."""
+    return remove_dead_owners(base, DIR_PREFIX, keep=_other_host)
+
+
+def _other_host(path: str) -> bool:
+    """Whether the directory is another host's (or container's) store sharing this directory: its
+    pid says nothing here. Without a host file (created before it was written, or damaged) it is
+    judged by pid alone."""
     try:
-        entries = list(os.scandir(base))
+        with open(os.path.join(path, HOST_NAME), "rb") as f:
+            return f.read().decode(errors="replace") != socket.gethostname()
     except OSError:
-        return
-    for entry in entries:
-        if not entry.name.startswith(DIR_PREFIX):
-            continue
-        try:
-            pid = int(entry.name[len(DIR_PREFIX):].split("-", 1)[0])
-            if entry.stat(follow_symlinks=False).st_uid != os.getuid() or not entry.is_dir(follow_symlinks=False):
-                continue
-        except (ValueError, OSError):
-            continue
-        try:
-            with open(os.path.join(entry.path, HOST_NAME), "rb") as f:
-                if f.read().decode(errors="replace") != socket.gethostname():
-                    continue  # another host's (or container's) store sharing this directory
-        except OSError:
-            pass  # created before its host file was written, or damaged: judged by pid alone
-        if not _pid_alive(pid):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            log.info("removed the shared-memory directory of a kvstore that is gone: %s", entry.path)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    return True

