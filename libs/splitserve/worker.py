@@ -10,19 +10,20 @@ thread, so a scrape never slows a step down and the step loop carries no metrics
 from __future__ import annotations
 
 import logging
-import time
-
 
 import grpc
 
 from splitserve.config.cpus import parse_cpu_list, pin_process
 from splitserve.config.worker import WorkerConfig
-from splitserve.engine.engine_loop import EngineLoop
+from splitserve.engine.engine_loop import EngineLoop, QueueFullError, RequestStream
+from splitserve.engine.hashing import block_hashes, hash_namespace
 from splitserve.engine.llm_engine import LLMEngine, StepOutput
+from splitserve.kvstore.client import KVStoreClient
 from splitserve.launch.lifeline import SignalFlag
 from splitserve.metrics import Metrics, MetricsServer
 from splitserve.ownership.registry import OwnershipRegistry, OwnershipReporter
 from splitserve.rpc import add_health_and_reflection, create_server, format_address, mtls_credentials
+from splitserve.sampling_params import SamplingParams
 from splitserve.v1 import prefill_pb2
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,41 @@ class Worker:
             self.reporter.remove(evicted)
         if held:
             self.reporter.record(held)
+
+    # ----------------------------------------------------------------- what the servicers call
+    def prompt_hashes(self, prompt: list[int], cache_salt: str | None) -> list[bytes]:
+        """The hashes of a prompt's full blocks under this model's namespace (a pure function of
+        the prompt: computed on the calling thread, never taken from a peer)."""
+        return block_hashes(prompt, self.engine.config.cache.block_size,
+                            hash_namespace(self.engine.model_id, cache_salt or None))
+
+    def num_local_prefix_blocks(self, hashes: list[bytes]) -> int:
+        """Leading blocks of `hashes` this worker's prefix cache holds now (asked on the loop thread)."""
+        return self.loop.call(lambda e: e.num_local_prefix_blocks(hashes)).result()
+
+    def kvstore_client(self, address: str) -> KVStoreClient:
+        """A client of the kvstore at `address`, with this worker's message limit and TLS."""
+        return KVStoreClient(address, self.config.max_message_bytes, credentials=self.config.channel_credentials())
+
+    def reject_invalid(self, context: grpc.ServicerContext, exc: Exception) -> None:
+        """Ends the call with INVALID_ARGUMENT naming the problem, counted as requests_rejected{invalid}."""
+        self.metrics.rejected("invalid")
+        abort_invalid(context, exc)
+
+    def admit(self, context: grpc.ServicerContext, request_id: str, prompt: list[int], params: SamplingParams,
+              **kwargs) -> RequestStream:
+        """Queues a request on the engine loop (kwargs as EngineLoop.add_request) and ties it to the
+        call: the caller going away aborts it and frees its blocks. A request the engine refuses
+        ends the call: INVALID_ARGUMENT naming the problem, RESOURCE_EXHAUSTED when the queue is full."""
+        try:
+            stream = self.loop.add_request(request_id, prompt, params, **kwargs)
+        except ValueError as exc:
+            self.reject_invalid(context, exc)
+        except QueueFullError as exc:
+            self.metrics.rejected("queue_full")
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        context.add_callback(stream.abort)
+        return stream
 
     def load(self) -> prefill_pb2.LoadResponse:
         """Read without waiting for the loop thread: the queues as it last published them, and
@@ -202,7 +238,3 @@ def wait_deadline(context: grpc.ServicerContext, limit_s: float = 600.0) -> floa
     """Seconds left before the caller's deadline (at most limit_s; grpc reports no deadline as huge)."""
     remaining = context.time_remaining()
     return limit_s if remaining is None else max(0.0, min(remaining, limit_s))
-
-
-def now() -> float:
-    return time.monotonic()

@@ -31,9 +31,9 @@ class ColocatedServicers:
     def __init__(self, worker: Worker) -> None:
         self.prefill = PrefillServicer(worker)
         self.decode = DecodeServicer(worker)
-        worker.counters = lambda: {"num_blocks_put": self.prefill.num_blocks_put,
-                                   "num_imported_blocks": self.decode.num_imported_blocks,
-                                   "num_recomputed": self.decode.num_recomputed}
+        worker.counters = lambda: {"num_blocks_put": self.prefill.exporter.num_blocks_put,
+                                   "num_imported_blocks": self.decode.fetcher.num_imported_blocks,
+                                   "num_recomputed": self.decode.fetcher.num_recomputed}
 
 
 def _add_to_server(servicers: ColocatedServicers, server) -> None:

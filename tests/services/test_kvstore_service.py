@@ -130,7 +130,7 @@ def test_prefill_export_skip_from_a_contains_call_that_ran_during_the_prefill(kv
     """The prefill worker's `StoredBlocks`: the stored hashes once the call answered; nothing
     (export everything) when the kvstore is unreachable or does not answer in time."""
     from splitserve.kvstore.client import KVStoreClient
-    from splitserve.services.prefill.server import StoredBlocks
+    from splitserve.transfer.export import StoredBlocks
 
     server, stub = kvstore
     a, b = encode(random_cache(SMALL, 1, seed=13), 0), encode(random_cache(SMALL, 1, seed=14), 0)

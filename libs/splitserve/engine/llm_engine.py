@@ -17,7 +17,8 @@ from splitserve.config.engine import EngineConfig
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.detokenizer import IncrementalDetokenizer, apply_stop_rules
 from splitserve.engine.hashing import hash_namespace
-from splitserve.transfer.block import BlockHeader, KVBlockError, encode_block, import_block
+from splitserve.transfer.block import BlockHeader
+from splitserve.transfer.pages import blocks_to_export, import_blocks, read_blocks
 from splitserve.engine.kv_cache import KVCache
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.sampler import Sampler, TokenLogprobs
@@ -187,36 +188,18 @@ class LLMEngine:
         return n
 
     def import_blocks(self, blocks: list[tuple[BlockHeader, bytes]]) -> int:
-        """Writes received blocks into free pages and registers them in the prefix cache, in order,
-        stopping at the first that is invalid or finds no free page; blocks already cached are
-        skipped. Returns how many leading blocks are now cached. Nothing half-written is kept."""
-        done = 0
-        for header, payload in blocks:
-            if self.block_manager.lookup(header.block_hash) is not None:
-                done += 1
-                continue
-            block_id = self.block_manager.allocate_cached_block(header.block_hash)
-            if block_id is None:
-                break
-            try:
-                import_block(self.kv_cache, block_id, header, payload, self.model_id, header.block_hash)
-            except KVBlockError as exc:
-                logger.warning("KV block import failed, the rest is recomputed: %s", exc)
-                self.block_manager.release_block(block_id, keep_cached=False)
-                break
-            self.block_manager.release_block(block_id)
-            done += 1
-        return done
+        """Received blocks into free pages of the prefix cache, in order, up to the first that is
+        invalid or finds no page; returns how many leading blocks are now cached
+        (splitserve.transfer.pages.import_blocks)."""
+        return import_blocks(self.block_manager, self.kv_cache, self.model_id, blocks)
 
     def _export(self, seq: Sequence) -> tuple[list[tuple[BlockHeader, bytes]], list[bytes]]:
         """(the computed full blocks of the prompt not in seq.export_skip, the hashes of all of them);
         read before the sequence's blocks are freed."""
-        table = self.block_manager.block_table(seq.seq_id)
-        n = min(seq.num_prompt_tokens, seq.num_computed_tokens) // self.config.cache.block_size
-        hashes = seq.block_hashes[:n]
-        skip = seq.export_skip
-        return [encode_block(self.kv_cache, table[i], h, self.model_id)
-                for i, h in enumerate(hashes) if h not in skip], hashes
+        selected, hashes = blocks_to_export(seq.block_hashes, seq.num_prompt_tokens, seq.num_computed_tokens,
+                                            self.config.cache.block_size, seq.export_skip)
+        return read_blocks(self.kv_cache, self.block_manager.block_table(seq.seq_id), selected,
+                           self.model_id), hashes
 
     def abort_request(self, request_id: str) -> bool:
         """Ends a request at once and frees its blocks; False if it is unknown or already done."""

@@ -1,0 +1,257 @@
+"""KV transfer without gRPC: which blocks a prefill exports, which a decode fetches, imports or
+recomputes, against fake stores with exact answers (block hashes, block ids, counts, metrics)."""
+from __future__ import annotations
+
+import concurrent.futures
+from types import SimpleNamespace
+
+import grpc
+import pytest
+import torch
+
+from splitserve.engine.block_manager import BlockManager
+from splitserve.engine.hashing import block_hashes, hash_namespace
+from splitserve.engine.kv_cache import KVCache
+from splitserve.transfer.block import KVBlockError, encode_block
+from splitserve.transfer.export import BlockExporter, StoredBlocks
+from splitserve.transfer.fetch import NOTHING_FETCHED, BlockFetcher, Fetched, FetchPlan, fetch, settle
+from splitserve.transfer.pages import blocks_to_export, import_blocks, read_blocks
+
+BS = 4
+MODEL = "test-model"
+H = block_hashes(list(range(6 * BS)), BS, hash_namespace(MODEL))  # 6 full blocks: H[0] .. H[5]
+
+
+class FakeMetrics:
+    def __init__(self):
+        self.calls = []
+
+    def touch(self, *names, **labels):
+        pass
+
+    def kv_transfer(self, direction, nbytes, seconds):
+        self.calls.append(("bytes", direction, nbytes))
+
+    def kv_transfer_failed(self, direction):
+        self.calls.append(("failed", direction))
+
+
+class Unavailable(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self):
+        return "connection refused"
+
+
+def cache_with_blocks(num_blocks: int, seed: int = 0) -> KVCache:
+    cache = KVCache(num_layers=2, num_kv_heads=1, head_dim=4, block_size=BS, num_blocks=num_blocks,
+                    dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    for t in cache.k_caches + cache.v_caches:
+        t.copy_(torch.randn(t.shape, generator=gen))
+    return cache
+
+
+def wire_blocks(hashes, seed: int = 0):
+    """One encoded block per hash, block i of a seeded cache under hashes[i]."""
+    cache = cache_with_blocks(max(1, len(hashes)), seed)
+    return [encode_block(cache, i, h, MODEL) for i, h in enumerate(hashes)]
+
+
+# ------------------------------------------------------------------ export (prefill side)
+def test_export_selects_computed_full_prompt_blocks_not_skipped():
+    # 22 prompt tokens: 5 full blocks; all computed; the store holds blocks 1 and 3.
+    selected, hashes = blocks_to_export(H, num_prompt_tokens=22, num_computed_tokens=23, block_size=BS,
+                                        skip={H[1], H[3]})
+    assert hashes == H[:5]
+    assert selected == [(0, H[0]), (2, H[2]), (4, H[4])]
+    # Only 9 tokens computed (an aborted chunked prefill): the 2 full blocks so far.
+    selected, hashes = blocks_to_export(H, 22, 9, BS, skip=())
+    assert (selected, hashes) == ([(0, H[0]), (1, H[1])], H[:2])
+
+
+def test_read_blocks_reads_the_pages_of_the_block_table():
+    cache = cache_with_blocks(6)
+    blocks = read_blocks(cache, block_table=[5, 2, 0], selected=[(0, H[0]), (2, H[2])], model_id=MODEL)
+    assert [h.block_hash for h, _ in blocks] == [H[0], H[2]]
+    assert [p for _, p in blocks] == [cache.read_block(5), cache.read_block(0)]
+
+
+class FakeSink:
+    address = "kv:1"
+
+    def __init__(self, present=(), fail=False):
+        self.present, self.fail, self.puts = set(present), fail, []
+
+    def contains_future(self, hashes):
+        future = concurrent.futures.Future()
+        future.set_result(SimpleNamespace(present=[h in self.present for h in hashes]))
+        return future
+
+    def put(self, blocks, lease_id="", lease_ttl_s=0.0):
+        if self.fail:
+            raise Unavailable()
+        self.puts.append(([h.block_hash for h, _ in blocks], lease_id, lease_ttl_s))
+
+
+def test_stored_blocks_are_the_hashes_the_store_reported():
+    skip = BlockExporter(FakeSink(present={H[0], H[2]}), FakeMetrics(), lambda hashes: None, 30.0).skip(H[:3])
+    assert isinstance(skip, StoredBlocks)
+    assert [h in skip for h in H[:4]] == [True, False, True, False]
+
+
+def test_stored_blocks_skip_nothing_when_the_call_failed():
+    future = concurrent.futures.Future()
+    future.set_exception(Unavailable())
+    assert H[0] not in StoredBlocks([H[0]], future)
+
+
+def test_without_a_kvstore_every_block_is_skipped_and_nothing_put():
+    exporter = BlockExporter(None, FakeMetrics(), lambda hashes: None, 30.0)
+    assert exporter.skip(H[:3]) == frozenset(H[:3])
+    assert exporter.export("r1", H[:3], []) == ("", 0, 3, "")
+
+
+def test_export_puts_the_missing_blocks_under_the_request_lease_and_records_all():
+    sink, metrics, recorded = FakeSink(), FakeMetrics(), []
+    exporter = BlockExporter(sink, metrics, recorded.extend, lease_ttl_s=30.0)
+    blocks = wire_blocks([H[1], H[2]])
+    result = exporter.export("req-7", H[:3], blocks)
+    assert result == ("kv:1", 2, 1, "")
+    assert sink.puts == [([H[1], H[2]], "req-7", 30.0)]
+    assert recorded == H[:3]  # ownership names every prompt block, exported or not
+    assert metrics.calls == [("bytes", "put", 2 * len(blocks[0][1]))]
+    assert (exporter.num_blocks_put, exporter.num_blocks_skipped) == (2, 1)
+
+
+def test_a_failed_put_answers_no_address_so_decode_recomputes():
+    metrics, recorded = FakeMetrics(), []
+    exporter = BlockExporter(FakeSink(fail=True), metrics, recorded.extend, 30.0)
+    assert exporter.export("req-8", H[:2], wire_blocks(H[:2])) == ("", 0, 0, "UNAVAILABLE")
+    assert recorded == H[:2] and metrics.calls == [("failed", "put")]
+    assert exporter.num_blocks_put == 0
+
+
+# ------------------------------------------------------------------ fetch (decode side)
+class FakeSource:
+    def __init__(self, blocks=(), error=None):
+        self.blocks, self.error, self.asked = {h.block_hash: (h, p) for h, p in blocks}, error, []
+
+    def get(self, hashes, release_lease_id=""):
+        self.asked.append((list(hashes), release_lease_id))
+        if self.error is not None:
+            raise self.error
+        out = []
+        for h in hashes:  # the leading blocks held, as the store answers
+            if h not in self.blocks:
+                break
+            out.append(self.blocks[h])
+        return out
+
+
+def test_plan_fetches_what_follows_the_local_prefix():
+    plan = FetchPlan(H[:5], num_local=2, kvstore_address="kv:1")
+    assert plan.to_fetch == H[2:5] and plan.fetching
+    assert FetchPlan(H[:5], 5, "kv:1").to_fetch == []  # all local
+    assert FetchPlan(H[:5], 0, "").to_fetch == []  # the prefill's put failed: nowhere to fetch from
+
+
+def test_all_blocks_fetched_and_imported_is_no_recompute():
+    plan = FetchPlan(H[:4], 1, "kv:1")
+    source = FakeSource(wire_blocks(H[:4]))
+    fetched = fetch(plan, source, lease_id="req-1")
+    assert source.asked == [(H[1:4], "req-1")]
+    assert [h.block_hash for h, _ in fetched.blocks] == H[1:4] and not fetched.failed
+    assert settle(plan, fetched, num_imported=3) == (1, 3, False, False)
+
+
+def test_an_evicted_block_fetches_the_prefix_before_it_and_recomputes():
+    plan = FetchPlan(H[:4], 0, "kv:1")
+    fetched = fetch(plan, FakeSource(wire_blocks([H[0], H[1], H[3]])), "req-2")  # H[2] was evicted
+    assert [h.block_hash for h, _ in fetched.blocks] == H[:2] and fetched.failed and fetched.error == ""
+    assert settle(plan, fetched, 2) == (0, 2, True, True)
+
+
+def test_kvstore_down_or_a_malformed_answer_fetches_nothing_and_recomputes():
+    plan = FetchPlan(H[:3], 1, "kv:1")
+    down = fetch(plan, FakeSource(error=Unavailable()), "req-3")
+    assert (down.blocks, down.failed, down.error) == ([], True, "UNAVAILABLE: connection refused")
+    bad = fetch(plan, FakeSource(error=KVBlockError("kvstore stream ended inside a block (truncated)")), "req-3")
+    assert (bad.blocks, bad.failed, bad.error) == ([], True, "kvstore stream ended inside a block (truncated)")
+    assert settle(plan, down, 0) == (1, 0, True, True)
+
+
+def test_a_block_that_fails_import_is_recomputed():
+    plan = FetchPlan(H[:3], 0, "kv:1")
+    fetched = fetch(plan, FakeSource(wire_blocks(H[:3])), "req-4")
+    assert not fetched.failed
+    assert settle(plan, fetched, num_imported=1) == (0, 1, True, True)  # block 1 failed its checksum
+
+
+def test_nothing_to_fetch_is_no_failure():
+    assert fetch(FetchPlan(H[:3], 3, "kv:1"), FakeSource(), "r") == NOTHING_FETCHED
+    assert settle(FetchPlan(H[:3], 3, "kv:1"), NOTHING_FETCHED, 0) == (3, 0, False, False)
+    # No kvstore address (the put failed): the engine computes the prompt; no fetch failed.
+    assert settle(FetchPlan(H[:3], 0, ""), NOTHING_FETCHED, 0) == (0, 0, False, False)
+
+
+def test_fetcher_counts_and_records_metrics_per_call():
+    metrics, sources = FakeMetrics(), {"kv:1": FakeSource(wire_blocks(H[:2])), "kv:2": FakeSource(error=Unavailable())}
+    fetcher = BlockFetcher(sources.__getitem__, metrics)
+    ok_plan = FetchPlan(H[:2], 0, "kv:1")
+    ok = fetcher.fetch(ok_plan, "a")
+    fetcher.settle(ok_plan, ok, 2)
+    down_plan = FetchPlan(H[:2], 0, "kv:2")
+    down = fetcher.fetch(down_plan, "b")
+    fetcher.settle(down_plan, down, 0)
+    payload = len(ok.blocks[0][1])
+    assert metrics.calls == [("bytes", "get", 2 * payload), ("failed", "get")]
+    assert (fetcher.num_imported_blocks, fetcher.num_recomputed) == (2, 1)
+    assert fetcher.source("kv:1") is sources["kv:1"]
+
+
+# ------------------------------------------------------------------ import into the paged cache
+def test_import_writes_free_pages_in_order_and_caches_them():
+    bm, cache = BlockManager(num_blocks=4, block_size=BS), cache_with_blocks(4, seed=1)
+    blocks = wire_blocks(H[:3], seed=2)
+    assert import_blocks(bm, cache, MODEL, blocks) == 3
+    assert [bm.lookup(h) for h in H[:3]] == [0, 1, 2]
+    assert [cache.read_block(i) for i in range(3)] == [p for _, p in blocks]
+    assert import_blocks(bm, cache, MODEL, blocks) == 3  # already cached: counted, not written again
+    assert bm.num_free_blocks == 4  # imported blocks are cached, unreferenced (evictable)
+
+
+def test_import_stops_at_a_damaged_block_and_frees_its_page():
+    bm, cache = BlockManager(num_blocks=4, block_size=BS), cache_with_blocks(4, seed=1)
+    blocks = wire_blocks(H[:3], seed=2)
+    damaged = bytearray(blocks[1][1])
+    damaged[0] ^= 0xFF
+    assert import_blocks(bm, cache, MODEL, [blocks[0], (blocks[1][0], bytes(damaged)), blocks[2]]) == 1
+    assert [bm.lookup(h) for h in H[:3]] == [0, None, None]
+
+
+def test_import_stops_when_no_page_is_free():
+    bm, cache = BlockManager(num_blocks=2, block_size=BS), cache_with_blocks(2)
+    assert bm.allocate_slots("busy", 2 * BS)  # both pages referenced by a running sequence
+    assert import_blocks(bm, cache, MODEL, wire_blocks(H[:1])) == 0
+    assert bm.lookup(H[0]) is None
+
+
+def test_import_refuses_a_block_of_another_model():
+    bm, cache = BlockManager(num_blocks=2, block_size=BS), cache_with_blocks(2)
+    assert import_blocks(bm, cache, "other-model", wire_blocks(H[:1])) == 0
+    assert bm.lookup(H[0]) is None and bm.num_free_blocks == 2
+
+
+@pytest.mark.parametrize("num_local", [0, 2])
+def test_plan_over_a_real_prefix_cache(num_local):
+    """The decode worker's plan end to end without gRPC: local prefix, fetch, import, settle."""
+    bm, cache = BlockManager(num_blocks=8, block_size=BS), cache_with_blocks(8)
+    import_blocks(bm, cache, MODEL, wire_blocks(H[:num_local], seed=3))
+    local = next((i for i, h in enumerate(H[:5]) if bm.lookup(h) is None), 5)
+    plan = FetchPlan(H[:5], local, "kv:1")
+    fetched = fetch(plan, FakeSource(wire_blocks(H[:5], seed=3)), "r")
+    outcome = settle(plan, fetched, import_blocks(bm, cache, MODEL, fetched.blocks))
+    assert outcome == (num_local, 5 - num_local, False, False)
+    assert [bm.lookup(h) is not None for h in H[:5]] == [True] * 5
