@@ -45,6 +45,3 @@ def logprob_to_proto(lp: TokenLogprobs) -> common_pb2.TokenLogprob:
         top=[common_pb2.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
     )
 
-
-def logprob_from_proto(msg: common_pb2.TokenLogprob) -> TokenLogprobs:
-    return TokenLogprobs(msg.token_id, msg.logprob, msg.rank, [(t.token_id, t.logprob) for t in msg.top])

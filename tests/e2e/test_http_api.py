@@ -218,6 +218,21 @@ def test_malformed_requests_and_routes(http_stack, model):
     assert loggers == {"splitserve.gateway:", "splitserve.prefill:", "splitserve.decode:"}
 
 
+def test_models_show_the_served_name_and_when_the_gateway_started_never_a_path(http_stack, model):
+    from splitserve.model.loader import default_model_path
+
+    code, _, listing = http("GET", http_stack.http_base + "/models")
+    assert code == 200 and listing["object"] == "list"
+    (card,) = listing["data"]
+    assert (card["id"], card["object"], card["owned_by"]) == (model, "model", "splitserve")
+    assert time.time() - 3600 < card["created"] <= time.time()  # Unix seconds: when the gateway started
+    assert card["root"] == default_model_path().name and card["max_model_len"] > 0
+    assert str(default_model_path().parent) not in json.dumps(card)
+    assert not any(isinstance(v, str) and v.startswith("/") for v in card.values()), card
+    code, _, one = http("GET", http_stack.http_base + "/models/" + model)
+    assert code == 200 and one == card
+
+
 def test_health_reports_the_workers(http_stack):
     code, _, reply = http("GET", http_stack.http_base.removesuffix("/v1") + "/health")
     assert code == 200 and reply["status"] == "ok"

@@ -14,7 +14,7 @@ HASHES = [bytes([i]) * 32 for i in range(4)]  # 4 full blocks: a prompt of 64..7
 
 def load(worker_id: str, **fields) -> SimpleNamespace:
     base = dict(num_running=0, num_waiting=0, queued_tokens=0, kv_cache_usage=0.0, num_free_blocks=1000,
-                num_total_blocks=1000, batch_size=0)
+                num_total_blocks=1000)
     base.update(fields)
     return SimpleNamespace(worker_id=worker_id, **base)
 
@@ -23,7 +23,7 @@ def make_router(prefill=("a:1", "b:2"), decode=("c:3", "d:4"), **cfg) -> Router:
     router = Router(RouterConfig(**cfg), BS, list(prefill), list(decode))
     for role, addresses in ((PREFILL, prefill), (DECODE, decode)):
         for a in addresses:
-            router.observe_load(role, a, load(f"{role}:{a}"), now_s=0.0)
+            router.observe_load(role, a, load(f"{role}:{a}"))
     return router
 
 
@@ -107,7 +107,7 @@ def test_only_unhealthy_and_excluded_workers():
     r.observe_failure(PREFILL, "b:2", "GetLoad failed")
     d = r.pick_prefill(HASHES, owners_of(*[{"prefill:b:2"}] * 4), 64)
     assert (d.worker.address, d.hit_blocks, d.reason) == ("a:1", 0, "only")
-    r.observe_load(PREFILL, "b:2", load("prefill:b:2"), now_s=1.0)  # healed by a good poll
+    r.observe_load(PREFILL, "b:2", load("prefill:b:2"))  # healed by a good poll
     d = r.pick_prefill(HASHES, owners_of(*[set()] * 4), 64, exclude={"a:1"})
     assert (d.worker.address, d.reason) == ("b:2", "fallback")  # a retry after a failure
     with pytest.raises(NoWorkerAvailable, match=r"no prefill worker available: none of 2 is healthy \(2 tried\)"):

@@ -32,9 +32,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from splitserve.gateway import openai_api as oa
+from splitserve.gateway.errors import GatewayError
 from splitserve.gateway.openai_api import ApiError
-
-from splitserve.gateway.failover import GatewayError
+from splitserve.gateway.service import INTERNAL_MESSAGE
 
 log = logging.getLogger("splitserve.gateway.http")
 Code = grpc.StatusCode
@@ -43,7 +43,7 @@ _STATUS = {Code.INVALID_ARGUMENT: 400, Code.NOT_FOUND: 404, Code.RESOURCE_EXHAUS
            Code.UNAVAILABLE: 503, Code.DEADLINE_EXCEEDED: 504, Code.UNAUTHENTICATED: 401}
 _CODES = {400: "invalid_value", 404: "model_not_found", 429: "rate_limit_exceeded", 503: "service_unavailable",
           504: "timeout", 500: "internal_error"}
-# gateway_core's field names -> the HTTP API's
+# the request fields GatewayError names (gateway/prepare.py) -> the HTTP API's
 _PARAMS = {"prompt_token_ids": "prompt", "chat": "messages", "input": "prompt"}
 
 
@@ -55,7 +55,7 @@ def api_error(exc: GatewayError, kind: str) -> ApiError:
     param = _PARAMS.get(param, param)
     if kind == "chat" and param == "prompt":
         param = "messages"
-    message = str(exc) if status != 500 else "internal gateway error (see the gateway's log)"
+    message = str(exc) if status != 500 else INTERNAL_MESSAGE
     if exc.field and param and param != exc.field and message.startswith(exc.field):
         message = param + message[len(exc.field):]  # "chat is 9031 tokens" -> "messages is 9031 tokens"
     return ApiError(status, message, param, _CODES.get(status))
@@ -105,17 +105,9 @@ class HttpApi:
 
     async def _internal(self, request: Request, exc: Exception) -> JSONResponse:
         log.exception("http request failed: path=%s", request.url.path)
-        return JSONResponse(ApiError(500, "internal gateway error (see the gateway's log)", None,
-                                     "internal_error").body(), status_code=500)
+        return JSONResponse(ApiError(500, INTERNAL_MESSAGE, None, "internal_error").body(), status_code=500)
 
     # ------------------------------------------------------------------------------ plain GETs
-    def _served(self) -> list[str]:
-        if not self.service.ready:
-            return []
-        names = [self.service.served_model_name]
-        model_id = self.service.pool.model.model_id
-        return names if model_id in names else names + [model_id]
-
     def _ready_state(self) -> tuple[bool, dict]:
         body: dict = {"status": "ok"}
         ready = self.service.ready
@@ -141,8 +133,11 @@ class HttpApi:
         return Response(body, media_type=self.service.metrics.content_type)
 
     def _model_card(self, name: str) -> dict:
-        return {"id": name, "object": "model", "created": 0, "owned_by": "splitserve",
-                "root": self.service.pool.model.model_path, "max_model_len": self.service.pool.model.max_model_len}
+        """A model's card: its name, never a filesystem path (`root` is the model file's name, the
+        block-hash model id); `created` is when this gateway started, in Unix seconds."""
+        model = self.service.pool.model
+        return {"id": name, "object": "model", "created": self.service.created, "owned_by": "splitserve",
+                "root": model.model_id, "max_model_len": model.max_model_len}
 
     def _check_key(self, request: Request) -> None:
         if not self.service.authorized(request.headers.get("authorization")):
@@ -154,7 +149,7 @@ class HttpApi:
             self._check_key(request)
         except ApiError as err:
             return error_response(err)
-        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self._served()[:1]]})
+        return JSONResponse({"object": "list", "data": [self._model_card(n) for n in self.service.model_names[:1]]})
 
     async def model(self, request: Request) -> JSONResponse:
         try:
@@ -162,7 +157,7 @@ class HttpApi:
         except ApiError as err:
             return error_response(err)
         name = request.path_params["model"]
-        if name not in self._served():
+        if name not in self.service.model_names:
             return error_response(ApiError(404, f"The model '{name[:200]}' does not exist", "model", "model_not_found"))
         return JSONResponse(self._model_card(name))
 
@@ -184,7 +179,7 @@ class HttpApi:
             if not self.service.ready:
                 raise GatewayError(Code.UNAVAILABLE, "gateway not ready: waiting for a prefill and a decode worker")
             parse = oa.parse_completion if kind == "completion" else oa.parse_chat
-            parsed = parse(oa.parse_json(raw), self._served(), request_id)
+            parsed = parse(oa.parse_json(raw), self.service.model_names, request_id)
             for _ in parsed.choices:
                 stack.enter_context(self.service.admit())
             prepared = [await self.service.prepare(c.request) for c in parsed.choices]

@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
+from splitserve.gateway.prepare import CHAT_ROLES, MAX_REQUEST_ID_CHARS
 from splitserve.sampling_params import MAX_LOGPROBS, SamplingParams
 from splitserve.v1 import common_pb2, gateway_pb2
+from splitserve.wire import sampling_to_proto
 
 MAX_N = 16  # choices per request (each is a full request through the workers)
 MAX_PROMPTS = 64  # prompts in one completions call
 MAX_STOP = 16  # stop strings
-MAX_REQUEST_ID_CHARS = 256
 
 # HTTP status -> OpenAI error type
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -163,8 +164,8 @@ class ParsedRequest:
         return ("cmpl-" if self.kind == "completion" else "chatcmpl-") + self.request_id
 
 
-def _sampling(f: _Fields, max_tokens_names: tuple[str, ...], logprobs: int | None) -> dict:
-    """SamplingParams fields from the body (validated again by SamplingParams itself)."""
+def _sampling(f: _Fields, max_tokens_names: tuple[str, ...], logprobs: int | None) -> common_pb2.SamplingParams:
+    """The wire SamplingParams from the body's fields, checked here and again by SamplingParams."""
     max_tokens = None
     for name in max_tokens_names:  # chat: max_completion_tokens wins over the deprecated max_tokens
         value = f.int(name, None, 1)
@@ -194,24 +195,10 @@ def _sampling(f: _Fields, max_tokens_names: tuple[str, ...], logprobs: int | Non
         include_stop_str_in_output=f.bool("include_stop_str_in_output"),
     )
     try:
-        SamplingParams(**kwargs)
+        return sampling_to_proto(SamplingParams(**kwargs))
     except ValueError as e:  # the message starts with the field's name
         name = str(e).split(" ", 1)[0]
         raise bad(name, str(e)) from None
-    return kwargs
-
-
-def _to_proto(kwargs: dict) -> common_pb2.SamplingParams:
-    sp = common_pb2.SamplingParams(
-        max_tokens=kwargs["max_tokens"], temperature=kwargs["temperature"], top_p=kwargs["top_p"],
-        top_k=kwargs["top_k"], min_p=kwargs["min_p"], stop=kwargs["stop"], stop_token_ids=kwargs["stop_token_ids"],
-        ignore_eos=kwargs["ignore_eos"], skip_special_tokens=kwargs["skip_special_tokens"],
-        include_stop_str_in_output=kwargs["include_stop_str_in_output"])
-    if kwargs["seed"] is not None:
-        sp.seed = kwargs["seed"]
-    if kwargs["logprobs"] is not None:
-        sp.logprobs = kwargs["logprobs"]
-    return sp
 
 
 def _common(f: _Fields, served: list[str]) -> tuple[str, bool, bool, int]:
@@ -275,8 +262,7 @@ def parse_completion(body: dict, served: list[str], request_id: str) -> ParsedRe
     f.unsupported("suffix", why=" (no fill-in-the-middle)")
     prompt = body.get("prompt")
     prompts = _prompts(prompt)
-    kwargs = _sampling(f, ("max_tokens",), logprobs)
-    sampling = _to_proto(kwargs)
+    sampling = _sampling(f, ("max_tokens",), logprobs)
     cache_salt = f.string("cache_salt", "", 256)
     choices = []
     for pi, p in enumerate(prompts):
@@ -349,12 +335,11 @@ def parse_chat(body: dict, served: list[str], request_id: str) -> ParsedRequest:
         role = m.get("role")
         if role == "developer":  # OpenAI's newer name for system instructions
             role = "system"
-        if role not in ("system", "user", "assistant"):
+        if role not in CHAT_ROLES:
             raise bad(f"{where}.role", f"{where}.role must be one of system, user, assistant (or developer), "
                                        f"got {json.dumps(role)[:40]}")
         chat.messages.add(role=role, content=_content(m.get("content"), f"{where}.content"))
-    kwargs = _sampling(f, ("max_completion_tokens", "max_tokens"), logprobs)
-    sampling = _to_proto(kwargs)
+    sampling = _sampling(f, ("max_completion_tokens", "max_tokens"), logprobs)
     cache_salt = f.string("cache_salt", "", 256)
     choices = []
     for i in range(n):

@@ -1,22 +1,16 @@
-"""The gateway's request pipeline without the RPC glue: validation, tokenization, block hashing,
-and the output stream (detokenization and every stop check).
-
-Stop semantics are those of `LLMEngine._append`, so a request served through the gateway ends
-exactly where it would end in one process:
-- EOS (unless ignore_eos) or a stop token id: finish "stop"; the id is in token_ids, its text is
-  not in the output; stop_reason is the stop token id as a decimal string ("" for EOS);
-- a stop string: finish "stop", the text is cut before it (after it with include_stop_str_in_output),
-  stop_reason is the string, the token that completed it is the last one sent;
-- otherwise "length" once the output holds max_tokens tokens or prompt + output fills max_model_len.
+"""Request preparation, the gateway's first step: a GenerateRequest is checked against the served
+model (`ModelInfo`), tokenized (prompt, token ids or chat), and its prompt's block hashes computed,
+giving a `PreparedRequest` ready for routing. Refusals are `InvalidRequest`s naming the field.
+The output side (detokenization and the stop rules) is gateway/output.py.
 """
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
-from splitserve.engine.detokenizer import IncrementalDetokenizer
 from splitserve.engine.hashing import block_hashes, hash_namespace
+from splitserve.engine.sequence import check_token_ids
 from splitserve.sampling_params import SamplingParams
 from splitserve.v1 import common_pb2
 from splitserve.wire import sampling_from_proto
@@ -107,10 +101,10 @@ def _tokenize(request, kind: str, tokenizer, vocab_size: int) -> list[int]:
         ids = [int(t) for t in request.prompt_token_ids.ids]
         if not ids:
             raise InvalidRequest("prompt_token_ids", "prompt_token_ids is empty")
-        for i, t in enumerate(ids):
-            if t >= vocab_size:  # uint32 on the wire: never negative
-                raise InvalidRequest("prompt_token_ids", f"prompt_token_ids[{i}] = {t} is outside the "
-                                                         f"vocabulary [0, {vocab_size})")
+        try:
+            check_token_ids("prompt_token_ids", ids, vocab_size)
+        except ValueError as exc:
+            raise InvalidRequest("prompt_token_ids", str(exc)) from None
     else:
         messages = list(request.chat.messages)
         if not messages:
@@ -126,82 +120,3 @@ def _tokenize(request, kind: str, tokenizer, vocab_size: int) -> list[int]:
     if not ids:
         raise InvalidRequest(kind, f"{kind} tokenizes to no tokens")
     return ids
-
-
-class Delta(NamedTuple):
-    """What one batch of tokens adds to the client's stream."""
-
-    token_ids: list[int]  # tokens kept (those after the finishing one are dropped)
-    text: str  # new text, whole UTF-8 characters (may be "" while held back)
-    logprobs: list  # common_pb2.TokenLogprob per kept token, or [] when not asked for
-
-
-class OutputStream:
-    """One request's generated tokens in, client deltas out; owns the stop decision.
-
-    Invariant: once `finish_reason` is set, add() keeps nothing more; `token_ids` are exactly the
-    ids sent to the client and `text` the concatenation of the texts sent.
-    """
-
-    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer.hf, prompt_token_ids, params)
-        self._eos = tokenizer.eos_token_ids
-        self._params = params
-        self._num_prompt_tokens = len(prompt_token_ids)
-        self._max_model_len = max_model_len
-        self.token_ids: list[int] = []
-        self.finish_reason = ""  # "" until finished: "stop" | "length"
-        self.stop_reason = ""  # the stop string, or a stop token id in decimal; "" for EOS and length
-
-    @property
-    def finished(self) -> bool:
-        return bool(self.finish_reason)
-
-    @property
-    def text(self) -> str:
-        return self._detok.text
-
-    def add(self, token_ids: Sequence[int], logprobs: Sequence = ()) -> Delta:
-        """Appends tokens from a worker (in order) and runs the stop checks after each."""
-        kept_ids, text, kept_lps = [], [], []
-        with_lps = len(logprobs) == len(token_ids)
-        for i, token in enumerate(token_ids):
-            if self.finished:
-                break
-            token = int(token)
-            self.token_ids.append(token)
-            kept_ids.append(token)
-            if with_lps:
-                kept_lps.append(logprobs[i])
-            text.append(self._check_token(token))
-        return Delta(kept_ids, "".join(text), kept_lps)
-
-    def _check_token(self, token: int) -> str:
-        p = self._params
-        text = ""
-        if not p.ignore_eos and token in self._eos:
-            self.finish_reason = "stop"  # EOS text is never part of the output
-        elif token in p.stop_token_ids:
-            self.finish_reason, self.stop_reason = "stop", str(token)
-        else:
-            text = self._detok.add(token)
-            if self._detok.stopped:
-                self.finish_reason, self.stop_reason = "stop", self._detok.stop_reason or ""
-        n_out = len(self.token_ids)
-        if not self.finished and (n_out >= p.max_tokens or self._num_prompt_tokens + n_out >= self._max_model_len):
-            self.finish_reason = "length"
-        if self.finished:
-            text += self._detok.flush()
-        return text
-
-    def close(self, worker_reason: str, stop_token_id: int | None = None) -> str:
-        """The worker ended the stream with `worker_reason` before our checks did (e.g. its own
-        context limit); adopts that reason and returns the text still held back."""
-        if self.finished:
-            return ""
-        if worker_reason not in ("stop", "length"):
-            raise ValueError(f"unknown finish reason from a worker: {worker_reason!r}")
-        self.finish_reason = worker_reason
-        if worker_reason == "stop" and stop_token_id is not None and stop_token_id in self._params.stop_token_ids:
-            self.stop_reason = str(stop_token_id)
-        return self._detok.flush()

@@ -35,7 +35,6 @@ from splitserve.config.gateway import RouterConfig
 
 PREFILL, DECODE = "prefill", "decode"
 ROLES = (PREFILL, DECODE)
-REASONS = ("prefix", "load", "only", "fallback")
 _COST_DIGITS = 9  # costs equal to 1e-9 blocks tie (float noise must not decide)
 
 
@@ -51,9 +50,8 @@ class NoWorkerAvailable(RuntimeError):
 class WorkerState:
     """What the gateway knows of one worker: its last load report and its own in-flight work.
 
-    The load fields are as of the last GetLoad answer (`last_load_s`, time.monotonic seconds);
-    the in-flight counters are this gateway's requests sent and not yet answered, which covers
-    the work a stale report cannot show yet.
+    The load fields are as of the last GetLoad answer; the in-flight counters are this gateway's
+    requests sent and not yet answered, which covers the work a stale report cannot show yet.
     """
 
     address: str
@@ -61,14 +59,12 @@ class WorkerState:
     worker_id: str = ""  # "prefill:HOST:PORT" / "decode:HOST:PORT" (the Redis owner id); "" until it answers
     healthy: bool = False  # answered its last poll and no call to it failed since
     last_error: str = ""
-    last_load_s: float | None = None
     num_running: int = 0
     num_waiting: int = 0
     queued_tokens: int = 0  # tokens accepted by the worker and not yet computed
     kv_cache_usage: float = 0.0  # 0..1
     num_free_blocks: int = 0
     num_total_blocks: int = 0
-    batch_size: int = 0
     inflight_requests: int = 0  # calls this gateway has open to the worker
     inflight_tokens: int = 0  # prefill: uncached prompt tokens of those calls
 
@@ -131,15 +127,14 @@ class Router:
     def worker(self, role: str, address: str) -> WorkerState:
         return self._workers[_check_role(role)][address]
 
-    def observe_load(self, role: str, address: str, load, now_s: float) -> WorkerState:
+    def observe_load(self, role: str, address: str, load) -> WorkerState:
         """Records a GetLoad answer (a LoadResponse or anything with its fields); marks it healthy."""
         w = self.worker(role, address)
         w.worker_id = load.worker_id
-        for name in ("num_running", "num_waiting", "queued_tokens", "num_free_blocks", "num_total_blocks",
-                     "batch_size"):
+        for name in ("num_running", "num_waiting", "queued_tokens", "num_free_blocks", "num_total_blocks"):
             setattr(w, name, int(getattr(load, name)))
         w.kv_cache_usage = float(load.kv_cache_usage)
-        w.last_load_s, w.healthy, w.last_error = now_s, True, ""
+        w.healthy, w.last_error = True, ""
         return w
 
     def observe_failure(self, role: str, address: str, error: str) -> WorkerState:

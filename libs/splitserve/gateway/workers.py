@@ -101,8 +101,6 @@ class WorkerPool:
         return self.model
 
     def _observe(self, results, announce: bool = False) -> None:
-        assert self.router is not None and self.model is not None
-        now = time.monotonic()
         for role, address, load in results:
             was_healthy = self.router.worker(role, address).healthy
             if isinstance(load, Exception):
@@ -118,7 +116,7 @@ class WorkerPool:
                 if was_healthy or announce:
                     log.error("worker rejected: role=%s address=%s reason=%s", role, address, mismatch)
                 continue
-            self.router.observe_load(role, address, load, now)
+            self.router.observe_load(role, address, load)
             if not was_healthy and not announce:
                 log.info("worker healthy: role=%s address=%s worker_id=%s", role, address, load.worker_id)
 

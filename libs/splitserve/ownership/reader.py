@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from splitserve.ownership.registry import BLOCK_KEY_PREFIX, redact_url
+from splitserve.ownership.registry import owner_sets, queue_owner_reads, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class AsyncOwnersReader:
     """owners(hashes) -> list[set[str]]; never raises for Redis errors (see the module docstring).
 
-    `available` is False while Redis is considered down; `round_trips` counts pipelines sent.
+    `available` is False while Redis is considered down.
     An empty redis_url disables Redis: every answer is empty sets, with no round trip.
     """
 
@@ -46,7 +46,6 @@ class AsyncOwnersReader:
         self._probe_task: asyncio.Task | None = None
         self._down_until = 0.0  # time.monotonic() before which Redis is not asked
         self.available = bool(redis_url)
-        self.round_trips = 0
 
     @property
     def status(self) -> str:
@@ -94,16 +93,14 @@ class AsyncOwnersReader:
         if self._client is None or not hashes or time.monotonic() < self._down_until:
             return empty
         pipe = self._client.pipeline(transaction=False)
-        for h in hashes:
-            pipe.smembers(BLOCK_KEY_PREFIX + bytes(h).hex())
-        self.round_trips += 1
+        queue_owner_reads(pipe, hashes)
         try:
             replies = await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             self._down(exc)
             return empty
         self._up()
-        return [{m.decode() for m in members} for members in replies]
+        return owner_sets(replies)
 
     async def close(self) -> None:
         if self._probe_task is not None:

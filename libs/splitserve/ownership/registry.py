@@ -47,10 +47,23 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-def _block_key(block_hash: bytes) -> str:
+def block_key(block_hash: bytes) -> str:
+    """The Redis key of a block's owner set; ValueError unless the hash is non-empty bytes."""
     if not isinstance(block_hash, (bytes, bytearray)) or not block_hash:
         raise ValueError(f"block hash must be non-empty bytes, got {type(block_hash).__name__} {block_hash!r:.40}")
     return BLOCK_KEY_PREFIX + bytes(block_hash).hex()
+
+
+def queue_owner_reads(pipe, hashes: list[bytes]) -> None:
+    """Queues one SMEMBERS per block hash on `pipe`, a redis or a redis.asyncio pipeline (the one
+    owner read of both the registry and the gateway's async reader); owner_sets parses the replies."""
+    for h in hashes:
+        pipe.smembers(block_key(h))
+
+
+def owner_sets(replies: list) -> list[set[str]]:
+    """The owner ids per block from the replies of queue_owner_reads' commands, in order."""
+    return [{m.decode() for m in members} for members in replies]
 
 
 class OwnershipRegistry:
@@ -89,7 +102,7 @@ class OwnershipRegistry:
     def record(self, owner: str, hashes: list[bytes]) -> None:
         """Marks `owner` as holding each block and refreshes the blocks' TTL (one round trip)."""
         self._check_owner(owner)
-        keys = [_block_key(h) for h in hashes]
+        keys = [block_key(h) for h in hashes]
         if not keys:
             return
         own_key = OWNER_KEY_PREFIX + owner
@@ -104,7 +117,7 @@ class OwnershipRegistry:
     def remove(self, owner: str, hashes: list[bytes]) -> None:
         """Drops `owner` from each block (evicted or freed); empty sets vanish (one round trip)."""
         self._check_owner(owner)
-        keys = [_block_key(h) for h in hashes]
+        keys = [block_key(h) for h in hashes]
         if not keys:
             return
         pipe = self._client.pipeline(transaction=False)
@@ -115,14 +128,11 @@ class OwnershipRegistry:
 
     def owners(self, hashes: list[bytes]) -> list[set[str]]:
         """The owner ids of each block, in input order (empty set: nobody); one round trip."""
-        keys = [_block_key(h) for h in hashes]
-        if not keys:
+        if not hashes:
             return []
         pipe = self._client.pipeline(transaction=False)
-        for key in keys:
-            pipe.smembers(key)
-        replies = self._run("owners", pipe)
-        return [{m.decode() for m in members} for members in replies]
+        queue_owner_reads(pipe, hashes)
+        return owner_sets(self._run("owners", pipe))
 
     def clear_owner(self, owner: str) -> int:
         """Removes every block ownership `owner` recorded (a restarted process holds nothing).
