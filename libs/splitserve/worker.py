@@ -10,6 +10,7 @@ thread, so a scrape never slows a step down and the step loop carries no metrics
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -22,7 +23,7 @@ from splitserve.kvstore.client import KVStoreClient
 from splitserve.launch.lifeline import SignalFlag
 from splitserve.metrics import Metrics, MetricsServer
 from splitserve.ownership.registry import OwnershipRegistry, OwnershipReporter
-from splitserve.rpc import add_health_and_reflection, create_server, format_address, mtls_credentials
+from splitserve.rpc import add_health_and_reflection, add_servicer, create_server, format_address, mtls_credentials
 from splitserve.sampling_params import SamplingParams
 from splitserve.v1 import prefill_pb2
 
@@ -178,6 +179,12 @@ def serve_role(config: WorkerConfig, role: str, make_servicer, add_to_server, se
     servicer = make_servicer(worker)
     server, _ = serve_worker(worker, lambda s: add_to_server(servicer, s), service_name)
     return server, worker, servicer
+
+
+def servicer_adder(service) -> Callable[[object, grpc.Server], None]:
+    """The role's `add_to_server(servicer, server)` for one service of a proto's DESCRIPTOR:
+    registers it so that malformed requests are INVALID_ARGUMENT (splitserve.rpc.add_servicer)."""
+    return lambda servicer, server: add_servicer(servicer, service, server)
 
 
 def role_main(argv: list[str] | None, role: str, make_servicer, add_to_server, service_name: str) -> int:

@@ -18,14 +18,13 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from splitserve import rpc
 from splitserve.config.worker import WorkerConfig
 from splitserve.engine.llm_engine import StepOutput
 from splitserve.sampling_params import SamplingParams
 from splitserve.transfer.fetch import BlockFetcher, FetchPlan, TransferOutcome
 from splitserve.v1 import decode_pb2, decode_pb2_grpc
 from splitserve.wire import logprob_to_proto, sampling_from_proto
-from splitserve.worker import Worker, role_main, serve_role
+from splitserve.worker import Worker, role_main, serve_role, servicer_adder
 
 logger = logging.getLogger("splitserve.decode")
 SERVICE = "splitserve.v1.Decode"
@@ -136,9 +135,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return self.worker.load()
 
 
-def _add_to_server(servicer, server) -> None:
-    """Registers the servicer; malformed requests are INVALID_ARGUMENT (splitserve.rpc.add_servicer)."""
-    rpc.add_servicer(servicer, decode_pb2.DESCRIPTOR.services_by_name["Decode"], server)
+_add_to_server = servicer_adder(decode_pb2.DESCRIPTOR.services_by_name["Decode"])
+
 
 def serve(config: WorkerConfig):
     """(server, worker, servicer) of a decode worker serving on config.host:config.port."""

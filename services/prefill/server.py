@@ -20,13 +20,12 @@ import sys
 
 import grpc
 
-from splitserve import rpc
 from splitserve.config.worker import WorkerConfig
 from splitserve.engine.llm_engine import StepOutput
 from splitserve.transfer.export import BlockExporter
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
 from splitserve.wire import logprob_to_proto, sampling_from_proto
-from splitserve.worker import Worker, role_main, serve_role, wait_deadline
+from splitserve.worker import Worker, role_main, serve_role, servicer_adder, wait_deadline
 
 logger = logging.getLogger("splitserve.prefill")
 SERVICE = "splitserve.v1.Prefill"
@@ -103,9 +102,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return self.worker.load()
 
 
-def _add_to_server(servicer, server) -> None:
-    """Registers the servicer; malformed requests are INVALID_ARGUMENT (splitserve.rpc.add_servicer)."""
-    rpc.add_servicer(servicer, prefill_pb2.DESCRIPTOR.services_by_name["Prefill"], server)
+_add_to_server = servicer_adder(prefill_pb2.DESCRIPTOR.services_by_name["Prefill"])
+
 
 def serve(config: WorkerConfig):
     """(server, worker, servicer) of a prefill worker serving on config.host:config.port."""
