@@ -65,7 +65,7 @@ def test_cli_child_with_parent_pid_in_env_dies_with_its_parent():
     child = _parent_then_kill("""
         import os, subprocess, sys, time
         from splitserve.launch import lifeline
-        code = "from splitserve import lifeline; import time; assert lifeline.arm_from_env(); time.sleep(60)"
+        code = "from splitserve.launch import lifeline; import time; assert lifeline.arm_from_env(); time.sleep(60)"
         p = subprocess.Popen([sys.executable, "-c", code], env=lifeline.child_env(dict(os.environ)))
         print(p.pid, flush=True)
         time.sleep(60)
@@ -77,14 +77,15 @@ def test_child_whose_parent_is_already_gone_exits_at_once():
     # The named parent (this process's own parent) is not the child's parent (this process): as if
     # the parent had died before the child armed.
     env = {**os.environ, lifeline.ENV: str(os.getppid())}
-    code = "from splitserve import lifeline; lifeline.arm_from_env(); print('survived')"
+    code = "from splitserve.launch import lifeline; lifeline.arm_from_env(); print('survived')"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "survived" not in out.stdout
 
 
 def test_parent_pid_is_not_passed_on_to_grandchildren():
     env = lifeline.child_env(dict(os.environ))
-    code = "import os; from splitserve import lifeline; lifeline.arm_from_env(); print(os.environ.get(lifeline.ENV))"
+    code = ("import os; from splitserve.launch import lifeline; lifeline.arm_from_env(); "
+            "print(os.environ.get(lifeline.ENV))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "None"
 

@@ -1,26 +1,20 @@
 """The checks `splitserve up` and the worker roles make before they start anything
 (splitserve.launch.preflight): the model, the fixed ports, who answers on the gateway's port, and
-the removal of what killed processes left in temporary directories; and `splitserve --version`."""
+the removal of what killed processes left in temporary directories."""
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import socket
 import struct
-import tomllib
-from pathlib import Path
 
 import pytest
 
-import splitserve
 from splitserve.kvstore import shm
-from splitserve.launch import cli, preflight
+from splitserve.launch import preflight
 from splitserve.launch.preflight import PreflightError
 from splitserve.model.paths import default_model_path
 from splitserve.ownership import redis_server
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _dead_pid() -> int:
@@ -196,19 +190,3 @@ def test_remove_leftovers_covers_the_redis_and_kvstore_directories(tmp_path, mon
     redis_dir.mkdir()
     kv_dir.mkdir()
     assert sorted(preflight.remove_leftovers(str(tmp_path / "shm"))) == sorted([str(redis_dir), str(kv_dir)])
-
-
-# ---------------------------------------------------------------------------------------- version
-def test_version_flag_prints_the_package_version(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["--version"])
-    assert exit_info.value.code == 0
-    assert capsys.readouterr().out == f"splitserve {splitserve.__version__}\n"
-
-
-def test_the_version_is_written_once():
-    """pyproject.toml takes the version from splitserve.__version__ (no second literal to drift)."""
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())
-    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "splitserve.__version__"}
-    assert importlib.metadata.version("splitserve") == splitserve.__version__  # the installed metadata agrees

