@@ -6,6 +6,8 @@ fields, for log pipelines (Loki, Elasticsearch, Cloud Logging). Prompts are left
 gateway runs with --log-prompts.
 
     SPLITSERVE_LOG_FORMAT=json   (or `splitserve up --log-format json`, which sets it for every role)
+
+Every process sets logging up through `configure` (levels from its --log-level, `add_log_args`).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import logging
 import re
 import time
 
-from splitserve.config.env import env_setting
+from splitserve.config import env
 
 FORMATS = ("text", "json")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -36,15 +38,33 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, ensure_ascii=False)
 
 
+LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 def configure(level: int | str = logging.INFO, fmt: str | None = None) -> None:
-    """Sets the root handler's format (from SPLITSERVE_LOG_FORMAT when fmt is None) and level."""
-    fmt = (fmt or env_setting("SPLITSERVE_LOG_FORMAT") or "text").lower()
+    """The one logging set-up every splitserve process calls (each role's main, `up`, the CLI).
+
+    One handler on the root logger, in `fmt` (default $SPLITSERVE_LOG_FORMAT: text or json); the
+    `splitserve` loggers log at `level`, other libraries' loggers (grpc, asyncio, httpx ...) at
+    WARNING and above whatever `level` is, so DEBUG shows splitserve's detail, not theirs."""
+    fmt = (fmt or str(env.LOG_FORMAT.read())).lower()
     if fmt not in FORMATS:
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if isinstance(level, str):
+        if level.upper() not in LEVELS:
+            raise ValueError(f"log level must be one of {', '.join(LEVELS)}, got {level!r}")
+        level = getattr(logging, level.upper())
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level)
+    root.setLevel(max(level, logging.WARNING))
+    logging.getLogger("splitserve").setLevel(level)
+
+
+def add_log_args(parser, default: str = "INFO") -> None:
+    """The --log-level flag every role and `splitserve up` take (the format is SPLITSERVE_LOG_FORMAT)."""
+    parser.add_argument("--log-level", default=default, type=str.upper, choices=LEVELS,
+                        help=f"level of splitserve's log lines (default: {default})")

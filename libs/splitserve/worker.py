@@ -191,12 +191,16 @@ def role_main(argv: list[str] | None, role: str, make_servicer, add_to_server, s
     """`splitserve prefill|decode`: flags from WorkerConfig, serve until SIGTERM/SIGINT."""
     import argparse
 
+    from splitserve import logs
     from splitserve.config.flags import add_config_args, config_from_args
 
     parser = argparse.ArgumentParser(prog=f"splitserve {role}", description=f"Run one {role} worker.")
     add_config_args(parser, WorkerConfig)
+    logs.add_log_args(parser)
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level)
     try:
-        config = config_from_args(WorkerConfig, parser.parse_args(argv))
+        config = config_from_args(WorkerConfig, args)
     except ValueError as exc:
         parser.error(str(exc))
     server, worker, _ = serve_role(config, role, make_servicer, add_to_server, service_name)

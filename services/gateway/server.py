@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 from contextlib import aclosing
 
 from splitserve import logs
-from splitserve.config.env import env_setting
+from splitserve.config import env
 from splitserve.config.flags import add_config_args, config_from_args
-from splitserve.config.gateway import GatewayConfig, RouterConfig
+from splitserve.config.gateway import GatewayConfig
 from splitserve.gateway import app
 from splitserve.gateway.app import GatewayHandle
 from splitserve.gateway.errors import GatewayError
@@ -71,23 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_gateway_args(parser: argparse.ArgumentParser) -> None:
-    """The gateway's flags (from GatewayConfig and RouterConfig), for `splitserve gateway` too."""
-    add_config_args(parser, GatewayConfig, skip=("router",))
-    add_config_args(parser, RouterConfig)
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    """The gateway's flags (generated from GatewayConfig, its parts and RouterConfig) and --log-level."""
+    add_config_args(parser, GatewayConfig)
+    logs.add_log_args(parser)
 
 
 def config_from_namespace(args: argparse.Namespace) -> GatewayConfig:
-    config = config_from_args(GatewayConfig, args, router=config_from_args(RouterConfig, args))
-    if not config.api_key and env_setting("SPLITSERVE_API_KEY"):
-        config = dataclasses.replace(config, api_key=env_setting("SPLITSERVE_API_KEY"))
-    return config
+    """The config from parsed flags; an empty --api-key takes $SPLITSERVE_API_KEY."""
+    return config_from_args(GatewayConfig, args, api_key=args.api_key or str(env.API_KEY.read()))
 
 
 def run_gateway(args: argparse.Namespace) -> int:
     """Runs the gateway from parsed flags (add_gateway_args) until SIGTERM/SIGINT; the exit status.
     For `splitserve gateway`: the CLI parses, this serves."""
-    logging.getLogger("splitserve").setLevel(getattr(logging, str(args.log_level).upper(), logging.INFO))
     try:
         config = config_from_namespace(args)
     except ValueError as exc:
@@ -102,7 +97,7 @@ def run_gateway(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logs.configure(logging.WARNING)
+    logs.configure(args.log_level)
     return run_gateway(args)
 
 

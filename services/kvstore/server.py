@@ -16,7 +16,7 @@ import argparse
 import logging
 import threading
 
-from splitserve import rpc
+from splitserve import logs, rpc
 from splitserve.config.flags import add_config_args, config_from_args
 from splitserve.config.kvstore import KVStoreConfig
 from splitserve.kvstore import shm
@@ -168,10 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     """`splitserve kvstore [flags]`: serves until SIGTERM or SIGINT, then stops cleanly (exit 0)."""
     parser = argparse.ArgumentParser(prog="splitserve kvstore", description=__doc__.splitlines()[0])
     add_config_args(parser, KVStoreConfig)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    logs.add_log_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(args.log_level)
     try:
         config = config_from_args(KVStoreConfig, args)
     except ValueError as e:

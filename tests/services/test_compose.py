@@ -366,7 +366,8 @@ def _up_commands() -> dict[str, list[str]]:
     launcher._spawn = lambda child: launcher.children.append(child) or child
     launcher._wait_healthy = lambda child, timeout_s: None
     launcher.print_endpoints = lambda: None
-    launcher.start()
+    with mock.patch("splitserve.launch.preflight.check_serves"):  # no process was started
+        launcher.start()
     return {c.argv[0]: c.argv for c in launcher.children}
 
 

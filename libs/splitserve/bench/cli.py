@@ -149,7 +149,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from splitserve.bench import report, runner
     from splitserve.bench.arrivals import arrival_times
     from splitserve.bench.metrics import parse_goodput, summarize
-    from splitserve.config.env import env_setting
+    from splitserve.config import env
 
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -161,7 +161,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.num_warmups < 0:
         raise ValueError(f"--num-warmups must be >= 0, got {args.num_warmups}")
     slos = parse_goodput(args.goodput)
-    api_key = args.api_key or env_setting("SPLITSERVE_API_KEY") or None
+    api_key = args.api_key or env.API_KEY.read() or None
     targets = args.compare or [("target", runner.normalize_base_url(args.base_url))]
     names = [n for n, _ in targets]
     if len(set(names)) != len(names):

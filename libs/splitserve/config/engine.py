@@ -13,7 +13,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 class ModelConfig:
     model: str | None = None
     """GGUF file or Hugging Face checkpoint folder; None loads the default SmolLM2-135M-Instruct Q4_1."""
-    dtype: str = "bfloat16"
+    dtype: str = field(default="bfloat16", metadata={"choices": DTYPES})
     """Compute and KV-cache dtype: float32 or bfloat16 on the CPU; float16 or bfloat16 on CUDA."""
     device: str = "cpu"
     """Torch device the weights and the KV cache live on ("cpu" or "cuda")."""

@@ -1,10 +1,14 @@
-"""The gateway's config and its routing policy's weights."""
+"""The gateway's config (its server and internal-TLS parts, the workers it routes to, its HTTP API)
+and its routing policy's weights."""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, check_mtls_files
+from splitserve.config.flags import composed
+from splitserve.config.parts import ServerConfig, TLSConfig
+
+GATEWAY_PORT = 50051  # the default gRPC port clients call (`up --grpc-port`)
 
 
 @dataclass(frozen=True)
@@ -31,12 +35,11 @@ class RouterConfig:
             raise ValueError(f"decode_busy_kv_usage must be in (0, 1], got {self.decode_busy_kv_usage!r}")
 
 
+@composed
 @dataclass(frozen=True)
 class GatewayConfig:
-    host: str = "127.0.0.1"
-    """Interface the gateway's gRPC server binds."""
-    port: int = 50051
-    """Port of the gateway's gRPC server (0: any free port)."""
+    server: ServerConfig = field(default_factory=lambda: ServerConfig(port=GATEWAY_PORT))
+    """The gRPC server clients call: host (the HTTP server binds it too), port, max_message_bytes."""
     prefill: str = "127.0.0.1:50061"
     """Prefill workers, comma-separated HOST:PORT."""
     decode: str = "127.0.0.1:50062"
@@ -54,13 +57,10 @@ class GatewayConfig:
     """PEM certificate (chain) of the gateway: with tls_key_file, gRPC and HTTP are served over TLS."""
     tls_key_file: str = ""
     """PEM private key of tls_cert_file."""
-    internal_tls_ca_file: str = ""
-    """Mutual TLS to the workers: the CA that signed every role's certificate (with
-    internal_tls_cert_file and internal_tls_key_file, the gateway's client certificate)."""
-    internal_tls_cert_file: str = ""
-    """Mutual TLS to the workers: the gateway's client certificate (PEM)."""
-    internal_tls_key_file: str = ""
-    """Mutual TLS to the workers: the key of internal_tls_cert_file (PEM)."""
+    internal_tls: TLSConfig = field(default_factory=TLSConfig, metadata={"flag_prefix": "internal_"})
+    """Mutual TLS to the workers (flags --internal-tls-ca-file, --internal-tls-cert-file,
+    --internal-tls-key-file): the CA that signed every role's certificate and the gateway's client
+    certificate and key."""
     api_key: str = ""
     """Require `Authorization: Bearer KEY` on the HTTP API and `authorization: Bearer KEY` metadata on
     gRPC Generate (/health, /metrics and the gRPC health service stay open); default
@@ -79,8 +79,6 @@ class GatewayConfig:
     """Retries per role after a worker fails: prefill on another worker, decode resumed on another."""
     max_inflight_requests: int = 1024
     """Requests in progress beyond which new ones get RESOURCE_EXHAUSTED at once."""
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    """Largest gRPC message sent or received, in bytes."""
     redis_timeout_s: float = 0.5
     """Socket timeout of the ownership lookup; after a failure Redis is skipped for 2 s."""
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -94,7 +92,6 @@ class GatewayConfig:
         for name in ("load_poll_interval_s", "load_timeout_s", "request_timeout_s", "redis_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        check_mtls_files(self.internal_tls_ca_file, self.internal_tls_cert_file, self.internal_tls_key_file)
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ValueError("tls_cert_file and tls_key_file go together: give both or neither")
         if not -1 <= self.http_port <= 65535:

@@ -1,7 +1,7 @@
 """Kernels: Triton for GPUs, C extensions for CPUs (built by `pip install`, each optional)."""
 from __future__ import annotations
 
-import os
+from splitserve.config import env
 
 
 def ext_ready(ext) -> bool:
@@ -11,9 +11,9 @@ def ext_ready(ext) -> bool:
 
 
 def switched_on(variable: str, on: str, off: str) -> bool:
-    """Whether the environment variable (default `on`) leaves a kernel on; ValueError names any
-    other value."""
-    choice = os.environ.get(variable, on).strip().lower() or on
-    if choice not in (on, off):
-        raise ValueError(f"{variable}={choice!r}: expected {on} or {off}")
-    return choice == on
+    """Whether the registered environment variable (config/env.py; its choices are `on` and `off`)
+    leaves a kernel on; ValueError names the variable on any other value."""
+    choices = env.REGISTRY[variable].choices
+    if set(choices) != {on, off}:
+        raise ValueError(f"{variable}: registered with choices {choices}, asked for {on} or {off}")
+    return env.read(variable) == on

@@ -10,12 +10,12 @@ compare, or to rule it out).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch  # first: the extension then shares torch's OpenMP runtime (libgomp is loaded once)
 
+from splitserve.config import env
 from splitserve.kernels import ext_ready, switched_on
 
 try:
@@ -41,16 +41,7 @@ def available() -> bool:
 def max_rows() -> int:
     """Up to how many rows of x the kernel runs (SPLITSERVE_CPU_QUANT_ROWS, default 48); above, the
     float32 GEMM does."""
-    raw = os.environ.get("SPLITSERVE_CPU_QUANT_ROWS", "").strip()
-    if not raw:
-        return DEFAULT_MAX_ROWS
-    try:
-        rows = int(raw)
-    except ValueError:
-        rows = -1
-    if rows < 0:
-        raise ValueError(f"SPLITSERVE_CPU_QUANT_ROWS={raw!r}: expected a row count >= 0")
-    return rows
+    return int(env.CPU_QUANT_ROWS.read())  # default DEFAULT_MAX_ROWS; a bad value names the variable
 
 
 TILE_N = 4  # weight rows per tile of the packed layout (cpu_quant.c)

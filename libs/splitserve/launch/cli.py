@@ -20,9 +20,14 @@ import time
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="GGUF file or HF checkpoint folder (default: SmolLM2-135M-Instruct Q4_1)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--kv-cache-memory-gb", type=float, default=0.5, help="KV cache budget in GiB")
+    """--model, --dtype, --kv-cache-memory-gb: generated from the engine config's fields (their
+    defaults are the workers' too)."""
+    from splitserve.config.engine import EngineConfig
+    from splitserve.config.flags import add_flag, flag_name, flat_fields
+
+    for ff in flat_fields(EngineConfig):
+        if ff.name in ("model", "dtype", "kv_cache_memory_gb"):
+            add_flag(p, ff, [flag_name(ff)], ff.name, ff.default, ff.default)
 
 
 def _stream_chat(llm, messages: list[dict], params, out) -> str:
@@ -108,7 +113,7 @@ ROLES = {
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from splitserve.client import stream_generate
-    from splitserve.config.env import env_setting
+    from splitserve.config import env
 
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     if args.seed is not None:
@@ -119,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     final = None
     try:
-        api_key = args.api_key or env_setting("SPLITSERVE_API_KEY")
+        api_key = args.api_key or str(env.API_KEY.read())
         for msg in stream_generate(args.target, sampling=sampling, timeout_s=args.timeout_s, api_key=api_key,
                                    tls=args.tls, tls_ca_file=args.tls_ca, **kwargs):
             sys.stdout.write(msg.text)
@@ -197,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"splitserve: error: {exc}", file=sys.stderr)
         return 2
     try:
-        logs.configure(logging.INFO)
-    except ValueError as exc:  # a bad SPLITSERVE_LOG_FORMAT
-        print(f"splitserve: error: SPLITSERVE_LOG_FORMAT: {exc}", file=sys.stderr)
+        logs.configure(logging.INFO)  # a role sets its own level again from its --log-level
+    except ValueError as exc:  # a bad SPLITSERVE_LOG_FORMAT (the message names it)
+        print(f"splitserve: error: {exc}", file=sys.stderr)
         return 2
     if argv and argv[0] in ROLES:  # each role parses its own flags (generated from its config)
         from splitserve.launch.preflight import PreflightError, check_role_args
@@ -211,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return importlib.import_module(ROLES[argv[0]]).main(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command in ("demo", "generate"):
-        logging.getLogger().setLevel(logging.WARNING)
+    quiet = args.command in ("demo", "generate")  # their output is the answer
+    logs.configure(logging.WARNING if quiet else getattr(args, "log_level", logging.INFO))
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TimeoutError, RuntimeError) as exc:

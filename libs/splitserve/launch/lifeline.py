@@ -26,7 +26,9 @@ import signal
 import sys
 import time
 
-ENV = "SPLITSERVE_PARENT_PID"
+from splitserve.config.env import PARENT_PID
+
+ENV = PARENT_PID.name
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -52,14 +54,10 @@ def child_env(env: dict[str, str]) -> dict[str, str]:
 def arm_from_env() -> bool:
     """Arms the death signal for the parent named in SPLITSERVE_PARENT_PID, if set. The variable is
     removed so that this process's own children do not compare their parent with the wrong pid."""
-    value = os.environ.pop(ENV, None)
-    if not value:
+    parent_pid = PARENT_PID.take()  # ValueError names the variable on a value that is no pid
+    if parent_pid is None:
         return False
-    try:
-        parent_pid = int(value)
-    except ValueError:
-        raise ValueError(f"{ENV} must be a process id, got {value!r}") from None
-    return arm(parent_pid)
+    return arm(int(parent_pid))
 
 
 def wrap(argv: list[str]) -> list[str]:

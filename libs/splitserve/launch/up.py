@@ -21,14 +21,21 @@ meanwhile, and every process re-records its ownership once it answers). The gate
 restarted: when it exits, everything stops (as does every death with --no-restart). Ctrl-C or
 SIGTERM during a back-off stops at once.
 
+Configuration: `up` builds each child's config as an object (GatewayConfig, KVStoreConfig,
+WorkerConfig) from its own command line (config/launch.py: every role flag is settable, as
+--ROLE-FIELD) and what it decides itself (addresses, ports), and turns it into the child's flags
+with config_to_argv, the inverse of the flags each role parses.
+
 Metrics: the kvstore and every worker serve Prometheus /metrics on a free loopback port of their
-own (--metrics-port); the gateway serves its own on its HTTP port (--http-port, beside the
-OpenAI-compatible API). The endpoint block lists every URL, one per line, in the stable form
-`  NAME metrics  URL` (NAME: gateway, kvstore, prefill-0, ...), and `Child.metrics_url` holds them.
+own, or at fixed offsets from --metrics-port BASE (config/launch.py); the gateway serves its own on
+its HTTP port (--http-port, beside the OpenAI-compatible API). The endpoint block lists every URL,
+one per line, in the stable form `  NAME metrics  URL` (NAME: gateway, kvstore, prefill-0, ...),
+and `Child.metrics_url` holds them. --print-scrape-config prints a Prometheus config for them.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -37,10 +44,18 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from splitserve.launch import lifeline, preflight
+from splitserve.config import env as env_registry
 from splitserve.config.cpus import parse_cpu_list
-from splitserve.rpc import channel_credentials, check_mtls_files, mtls_credentials, wait_until_serving
+from splitserve.config.flags import config_from_args, config_to_argv, from_flat
+from splitserve.config.gateway import GatewayConfig
+from splitserve.config.launch import (LOOPBACK, ROLE_CONFIGS, UpConfig, add_up_args,  # noqa: F401 (the CLI's)
+                                      check_settings,
+                                      fixed_metrics_ports, join_host_port, local_host, role_values,
+                                      scrape_config_of)
+from splitserve.launch import lifeline, preflight
+from splitserve.rpc import channel_credentials, mtls_credentials, wait_until_serving
 
 logger = logging.getLogger("splitserve.up")
 
@@ -84,6 +99,7 @@ class Child:
     started_s: float = 0.0  # time.monotonic() of the last start
     restarts: int = 0  # restarts since it last stayed up RESTART_RESET_AFTER_S (sets the back-off)
     restart_at_s: float | None = None  # time.monotonic() of a restart that is due, while backing off
+    config: Any = None  # the role config its argv was made from (GatewayConfig, KVStoreConfig, WorkerConfig)
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -104,17 +120,23 @@ def restart_delay_s(restarts: int) -> float:
 
 
 def metrics_url(host: str, port: int) -> str:
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/metrics"
+    return f"http://{join_host_port(host, port)}/metrics"
+
+
+def child_argv(role: str, config, log_level: str) -> list[str]:
+    """The command line of one child: its role, the flags that rebuild `config`, its log level."""
+    return [role, *config_to_argv(config), "--log-level", log_level]
 
 
 class Launcher:
     """Starts the children in dependency order and stops them in reverse order."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
+        self.args = args  # parsed by add_up_args
+        self.up: UpConfig = config_from_args(UpConfig, args)
         self.children: list[Child] = []
         self.redis = None
-        self.redis_url = args.redis_url
+        self.redis_url = self.up.redis_url
         self.http_base = ""  # http://HOST:PORT/v1 of the gateway's OpenAI-compatible API, once started
         self._signals: lifeline.SignalFlag | None = None  # installed by wait()
         self._redis_restart_at: float | None = None  # when the embedded Redis is due to be started again
@@ -138,42 +160,24 @@ class Launcher:
         # threads to wake (measured: prefix hits and decode steps 25-35% slower than a short spin).
         if "GOMP_SPINCOUNT" not in env and "OMP_WAIT_POLICY" not in env:
             env["GOMP_SPINCOUNT"] = str(GOMP_SPINCOUNT)
-        if self.args.log_format:
-            env["SPLITSERVE_LOG_FORMAT"] = self.args.log_format
+        if self.up.log_format:
+            env[env_registry.LOG_FORMAT.name] = self.up.log_format
         # No preexec_fn: forking this process (it holds gRPC channels) and running Python before
         # exec is not safe; the child arms its own death signal (splitserve.launch.lifeline).
         child.proc = subprocess.Popen([sys.executable, "-m", "splitserve.launch.cli", *child.argv], env=lifeline.child_env(env))
         child.started_s = time.monotonic()
 
     def _credentials(self, child: Child):
-        """How the launcher's health checks reach a child: mutual TLS to the internal roles when
-        --internal-tls-* are given; TLS to the gateway when it has a certificate (trusting
+        """How the launcher's health checks reach a child: mutual TLS to an internal role, with the
+        role's own certificate; TLS to the gateway when it has a certificate (trusting
         --tls-ca-file, default the certificate itself)."""
-        a = self.args
-        if child.name == "gateway":
-            if not a.tls_cert_file:
-                return None
-            return channel_credentials(a.tls_ca_file or a.tls_cert_file)
-        return mtls_credentials(a.internal_tls_ca_file, a.internal_tls_cert_file, a.internal_tls_key_file)[1]
-
-    def _tls_flags(self, role: str) -> list[str]:
-        """The TLS and API-key flags `up` passes on to one role."""
-        a = self.args
-        internal = [a.internal_tls_ca_file, a.internal_tls_cert_file, a.internal_tls_key_file]
-        if role != "gateway":
-            if not a.internal_tls_ca_file:
-                return []
-            return [x for flag, value in zip(("--tls-ca-file", "--tls-cert-file", "--tls-key-file"), internal)
-                    for x in (flag, value)]
-        flags = []
-        if a.internal_tls_ca_file:
-            flags += [x for flag, value in zip(("--internal-tls-ca-file", "--internal-tls-cert-file",
-                                                "--internal-tls-key-file"), internal) for x in (flag, value)]
-        if a.tls_cert_file:
-            flags += ["--tls-cert-file", a.tls_cert_file, "--tls-key-file", a.tls_key_file]
-        if a.api_key:
-            flags += ["--api-key", a.api_key]
-        return flags
+        cfg = child.config
+        if isinstance(cfg, GatewayConfig):
+            return channel_credentials(self.up.tls_ca_file or cfg.tls_cert_file) if cfg.tls_cert_file else None
+        if cfg is None:  # a child made by hand (tests): the stack's TLS
+            tls = self.up.internal_tls
+            return mtls_credentials(tls.tls_ca_file, tls.tls_cert_file, tls.tls_key_file)[1]
+        return mtls_credentials(cfg.tls.tls_ca_file, cfg.tls.tls_cert_file, cfg.tls.tls_key_file)[1]
 
     def _wait_healthy(self, child: Child, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -188,59 +192,75 @@ class Launcher:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{child.name} at {child.address} not healthy after {timeout_s:.0f}s") from None
 
+    def _stack_values(self, role: str, index: int) -> dict[str, Any]:
+        """What `up` decides for one child (flat names): loopback, a free port, its metrics port, the
+        stack's Redis and mutual TLS. The command line's values for the role go over these."""
+        fixed = self.up.metrics_port_of(role, index)
+        tls = self.up.internal_tls
+        return {"host": LOOPBACK, "port": free_port(), "redis_url": self.redis_url,
+                "metrics_port": free_port() if fixed is None else fixed, "tls_ca_file": tls.tls_ca_file,
+                "tls_cert_file": tls.tls_cert_file, "tls_key_file": tls.tls_key_file}
+
+    def role_config(self, role: str, index: int, decided: dict[str, Any]):
+        """One child's config: the command line's values for the role over what `up` decided. A
+        --ROLE-port or --ROLE-metrics-port given for several workers is a base: worker i adds i."""
+        given = role_values(self.args, role)
+        for name in ("port", "metrics_port"):
+            if given.get(name, 0) > 0:
+                given[name] += index
+        return from_flat(ROLE_CONFIGS["prefill" if role == "colocated" else role], {**decided, **given})
+
+    def _start_child(self, name: str, role: str, config) -> Child:
+        """Spawns a kvstore or worker child from its config (restarted when it dies)."""
+        mport = config.metrics_port
+        address = config.advertise_address or join_host_port(local_host(config.host), config.port)
+        url = metrics_url(local_host(config.metrics_host or config.host), mport) if mport > 0 else ""
+        return self._spawn(Child(name, child_argv(role, config, self.up.log_level), address, config=config,
+                                 metrics_url=url, restartable=True))
+
     def start(self) -> None:
-        a = self.args
-        host = "127.0.0.1"  # internal roles stay on loopback
-        reserve_ports(a.grpc_port, a.http_port)  # the gateway binds them last, after every other child
+        up = self.up
+        draft = self.role_config("gateway", 0, {})  # its fixed ports are bound last, after every other child
+        reserve_ports(draft.port, draft.http_port, *(port for _, port in fixed_metrics_ports(self.args).values()))
         if not self.redis_url:
             from splitserve.ownership.redis_server import EmbeddedRedis
 
             self.redis = EmbeddedRedis().start()  # bound before any other pick: no clash, and it retries
             self.redis_url = self.redis.url
-        engine_flags = [
-            "--dtype", a.dtype, "--kv-cache-memory-gb", str(a.kv_cache_memory_gb), "--block-size", str(a.block_size),
-            "--max-num-seqs", str(a.max_num_seqs), "--max-num-batched-tokens", str(a.max_num_batched_tokens),
-            "--redis-url", self.redis_url,
-        ] + (["--model", a.model] if a.model else [])
-        cpus = {"prefill": a.prefill_cpus, "colocated": a.prefill_cpus, "decode": a.decode_cpus}
         kv = None
-        if not a.colocated:  # colocated workers keep each prompt's blocks in their own cache
-            kv_port, kv_metrics = free_port(), free_port()
-            kv = self._spawn(Child("kvstore", ["kvstore", "--host", host, "--port", str(kv_port),
-                                               "--capacity-gb", str(a.kvstore_capacity_gb), "--redis-url",
-                                               self.redis_url, "--metrics-port", str(kv_metrics),
-                                               *self._tls_flags("kvstore")],
-                                   f"{host}:{kv_port}", metrics_url=metrics_url(host, kv_metrics), restartable=True))
+        if not up.colocated:  # colocated workers keep each prompt's blocks in their own cache
+            kv = self._start_child("kvstore", "kvstore", self.role_config("kvstore", 0, self._stack_values("kvstore", 0)))
         workers = []
-        roles = (("colocated", a.prefill_workers),) if a.colocated else \
-            (("prefill", a.prefill_workers), ("decode", a.decode_workers))
-        for role, count in roles:
-            pinned = parse_cpu_list(cpus[role]) if cpus[role] else []
-            threads = a.torch_threads or len(pinned) or (os.cpu_count() or 1)
+        for role, count in up.roles():
             for i in range(count):
-                port, mport = free_port(), free_port()
-                workers.append(self._spawn(Child(
-                    f"{role}-{i}", [role, "--host", host, "--port", str(port),
-                                    *(["--kvstore", kv.address] if kv is not None else []),
-                                    "--torch-threads", str(threads), *engine_flags, "--metrics-port", str(mport),
-                                    *(["--cpus", cpus[role]] if cpus[role] else []), *self._tls_flags(role)],
-                    f"{host}:{port}", metrics_url=metrics_url(host, mport), restartable=True,
-                )))
+                decided = {**self._stack_values(role, i), "kvstore": kv.address if kv is not None else ""}
+                config = self.role_config(role, i, decided)
+                if not config.torch_threads:  # one thread per core it may use (the workers share them)
+                    cores = len(parse_cpu_list(config.cpus)) if config.cpus else (os.cpu_count() or 1)
+                    config = dataclasses.replace(config, torch_threads=cores)
+                workers.append(self._start_child(f"{role}-{i}", role, config))
         for child in [c for c in (kv, *workers) if c is not None]:
-            self._wait_healthy(child, a.startup_timeout_s)
-        prefill = ",".join(c.address for c in workers if c.name.startswith(("prefill", "colocated")))
-        decode = ",".join(c.address for c in workers if c.name.startswith(("decode", "colocated")))
-        gw_host = "127.0.0.1" if a.host in ("0.0.0.0", "::") else a.host  # where a local client reaches it
-        http_port = a.http_port or free_port(a.host)  # resolved here, so the printed URLs are real
-        scheme = "https" if a.tls_cert_file else "http"
-        self.http_base = f"{scheme}://{f'[{gw_host}]' if ':' in gw_host else gw_host}:{http_port}/v1"
-        gw = self._spawn(Child("gateway", ["gateway", "--host", a.host, "--port", str(a.grpc_port),
-                                           "--prefill", prefill, "--decode", decode, "--redis-url", self.redis_url,
-                                           "--http-port", str(http_port), *self._tls_flags("gateway")],
-                               f"{gw_host}:{a.grpc_port}", metrics_url=metrics_url(gw_host, http_port)))
-        self._wait_healthy(gw, a.startup_timeout_s)
-        preflight.check_serves(gw.proc, gw.name, (a.grpc_port, http_port))  # not another process on its ports
+            self._wait_healthy(child, up.startup_timeout_s)
+        self._start_gateway(draft, workers)
         self.print_endpoints()
+
+    def _start_gateway(self, draft: GatewayConfig, workers: list[Child]) -> None:
+        tls = self.up.internal_tls
+        config = self.role_config("gateway", 0, {
+            "prefill": ",".join(c.address for c in workers if c.name.startswith(("prefill", "colocated"))),
+            "decode": ",".join(c.address for c in workers if c.name.startswith(("decode", "colocated"))),
+            "redis_url": self.redis_url, "internal_tls_ca_file": tls.tls_ca_file,
+            "internal_tls_cert_file": tls.tls_cert_file, "internal_tls_key_file": tls.tls_key_file})
+        if config.http_port == 0:  # resolved here, so the printed URLs are real
+            config = dataclasses.replace(config, http_port=free_port(draft.host))
+        host = local_host(config.host)
+        scheme = "https" if config.tls_cert_file else "http"
+        self.http_base = f"{scheme}://{join_host_port(host, config.http_port)}/v1"
+        gw = self._spawn(Child("gateway", child_argv("gateway", config, self.up.log_level),
+                               join_host_port(host, config.port), config=config,
+                               metrics_url=metrics_url(host, config.http_port)))
+        self._wait_healthy(gw, self.up.startup_timeout_s)
+        preflight.check_serves(gw.proc, gw.name, (config.port, config.http_port))  # not another process on its ports
 
     def metrics_urls(self) -> dict[str, str]:
         """Child name -> its /metrics URL, the gateway first, then in start order (kvstore, prefill-0, ...)."""
@@ -326,7 +346,7 @@ class Launcher:
             if c.restarts and now - c.started_s >= RESTART_RESET_AFTER_S:
                 c.restarts = 0  # it stayed up: the next death starts the back-off afresh
             return True
-        if not c.restartable or self.args.no_restart:
+        if not c.restartable or not self.up.restart:
             why = "--no-restart is set" if c.restartable else f"the {c.name} is not restarted"
             logger.error("%s exited (%s); %s, stopping everything: pid=%d", c.name, describe_exit(code), why,
                          c.proc.pid)
@@ -357,71 +377,19 @@ class Launcher:
         logger.info("all processes stopped")
 
 
-def add_up_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="", help="GGUF file or HF folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"])
-    p.add_argument("--prefill-workers", type=int, default=1)
-    p.add_argument("--decode-workers", type=int, default=1)
-    p.add_argument("--redis-url", default="", help="use this Redis instead of starting the embedded one")
-    p.add_argument("--host", default="127.0.0.1", help="address the gateway binds (internal roles stay on loopback)")
-    p.add_argument("--grpc-port", type=int, default=50051, help="gateway gRPC port")
-    p.add_argument("--http-port", type=int, default=8000,
-                   help="gateway HTTP port: the OpenAI-compatible API under /v1 and its /metrics (0: a free one)")
-    p.add_argument("--kv-cache-memory-gb", type=float, default=1.0, help="KV cache budget of each worker, GiB")
-    p.add_argument("--kvstore-capacity-gb", type=float, default=2.0, help="kvstore host-memory budget, GiB")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--torch-threads", type=int, default=0,
-                   help="torch threads per worker (0: all cores; the workers share them, idle threads sleep)")
-    p.add_argument("--prefill-cpus", default="",
-                   help="pin the prefill workers (with --colocated: the colocated workers) to these cores, "
-                        "taskset's format: '0', '0-3,8' (default: all cores, shared)")
-    p.add_argument("--decode-cpus", default="",
-                   help="pin the decode workers to these cores (e.g. --prefill-cpus 0 --decode-cpus 1: a long "
-                        "prefill no longer takes cycles from the running decodes)")
-    p.add_argument("--startup-timeout-s", type=float, default=300.0)
-    p.add_argument("--no-restart", action="store_true",
-                   help="stop everything when any process exits, instead of restarting a worker or the kvstore "
-                        f"that died (on the same ports, after {RESTART_DELAY_S:g} s, doubling up to "
-                        f"{RESTART_MAX_DELAY_S:g} s)")
-    p.add_argument("--api-key", default="", help="require this key on the gateway's APIs (default: "
-                   "$SPLITSERVE_API_KEY, which the gateway reads itself)")
-    p.add_argument("--tls-cert-file", default="", help="serve the gateway's gRPC and HTTP over TLS with this PEM certificate")
-    p.add_argument("--tls-key-file", default="", help="the key of --tls-cert-file")
-    p.add_argument("--tls-ca-file", default="", help="the CA of --tls-cert-file, for up's own health checks "
-                   "(default: the certificate itself)")
-    p.add_argument("--internal-tls-ca-file", default="", help="mutual TLS between the roles: the CA that signed "
-                   "--internal-tls-cert-file (all three --internal-tls-* or none)")
-    p.add_argument("--internal-tls-cert-file", default="", help="mutual TLS: the certificate every role presents "
-                   "(its SANs must include 127.0.0.1)")
-    p.add_argument("--internal-tls-key-file", default="", help="mutual TLS: the key of --internal-tls-cert-file")
-    p.add_argument("--colocated", action="store_true",
-                   help="the baseline to compare with: --prefill-workers workers that each prefill and decode "
-                        "in one engine (no kvstore), behind the same gateway")
-    p.add_argument("--log-format", choices=["text", "json"], default=None,
-                   help="every role's log lines: key=value text or one JSON object per line "
-                        "(default: $SPLITSERVE_LOG_FORMAT, else text)")
-
-
 def cmd_up(args: argparse.Namespace) -> int:
-    if args.prefill_workers < 1 or args.decode_workers < 1:
-        raise ValueError("--prefill-workers and --decode-workers must be at least 1")
-    if not 0 <= args.http_port <= 65535:
-        raise ValueError(f"--http-port must be in [0, 65535] (0: a free one), got {args.http_port}")
-    if bool(args.tls_cert_file) != bool(args.tls_key_file):
-        raise ValueError("--tls-cert-file and --tls-key-file go together")
-    check_mtls_files(args.internal_tls_ca_file, args.internal_tls_cert_file, args.internal_tls_key_file)
-    if args.colocated and args.decode_cpus:
-        raise ValueError("--decode-cpus: with --colocated there are no decode workers (pin the colocated "
-                         "workers with --prefill-cpus)")
-    for flag, spec in (("--prefill-cpus", args.prefill_cpus), ("--decode-cpus", args.decode_cpus)):
-        if spec:
-            try:
-                parse_cpu_list(spec)
-            except ValueError as exc:
-                raise ValueError(f"{flag}: {exc}") from None
-    preflight.check_up(args)  # the model, the fixed ports, a killed run's leftovers: before anything starts
+    up = check_settings(args)
+    if up.print_scrape_config:
+        print(scrape_config_of(args), end="", flush=True)
+        return 0
+    gateway = from_flat(GatewayConfig, role_values(args, "gateway"))
+    prefill_model, decode_model = (from_flat(ROLE_CONFIGS[r], role_values(args, r)).model for r in ("prefill", "decode"))
+    if decode_model != prefill_model and not up.colocated:
+        preflight.check_model(decode_model)  # a --decode-model of its own
+    # the model, the fixed ports, a killed run's leftovers: before anything starts
+    preflight.check_up(argparse.Namespace(model=prefill_model, host=gateway.host, grpc_port=gateway.port,
+                                          http_port=gateway.http_port),
+                       {f"--metrics-port ({name})": port for name, (_, port) in fixed_metrics_ports(args).items()})
     launcher = Launcher(args)
     try:
         launcher.start()

@@ -8,13 +8,13 @@ attention layer is the only place where sequences are told apart (through `Atten
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitserve.config import env
 from splitserve.engine.attention import AttentionMetadata, paged_attention
 from splitserve.kernels import cpu_ops, cpu_quant
 
@@ -300,9 +300,7 @@ CPU_GEMM_BACKENDS = ("onednn", "mkl", "plain")
 def cpu_gemm_backend() -> str:
     """The float32 CPU GEMM `CpuLinear` uses: SPLITSERVE_CPU_GEMM (onednn, mkl or plain; default
     onednn), or the next one in that order that this torch build has (x86 CPU builds have both)."""
-    wanted = os.environ.get("SPLITSERVE_CPU_GEMM", "onednn").strip().lower() or "onednn"
-    if wanted not in CPU_GEMM_BACKENDS:
-        raise ValueError(f"SPLITSERVE_CPU_GEMM={wanted!r}: expected one of {', '.join(CPU_GEMM_BACKENDS)}")
+    wanted = str(env.CPU_GEMM.read())  # one of CPU_GEMM_BACKENDS (the registry's choices)
     available = {
         "onednn": bool(torch.backends.mkldnn.is_available())
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise"),
