@@ -133,6 +133,7 @@ class KVStoreServer:
     area = property(lambda self: self.node.area)
     arenas = property(lambda self: self.node.arenas)
     metrics = property(lambda self: self.node.metrics)
+    metrics_server = property(lambda self: self.node.metrics_server)
     metrics_url = property(lambda self: self.node.metrics_url, doc="http://HOST:PORT/metrics, or \"\" when off.")
 
     def start(self) -> "KVStoreServer":
