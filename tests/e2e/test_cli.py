@@ -73,6 +73,35 @@ def test_up_refuses_ports_in_use_without_loading_a_model():
         _refused(_run("up", "--grpc-port", str(free_port()), "--http-port", str(port)), f"--http-port {port}")
 
 
+def test_a_health_answer_from_another_process_is_not_taken_for_the_gateway():
+    """The race a start can lose: the port was free at the check, then another server took it before
+    the gateway child bound it. The health check alone succeeds (that server answers); up's readiness
+    check also wants its child to hold the port, and names it."""
+    from splitserve.rpc import add_health_and_reflection, create_server, wait_until_serving
+
+    other, port = create_server("127.0.0.1", 0, max_workers=2)
+    add_health_and_reflection(other, [])
+    other.start()
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # never binds
+    try:
+        wait_until_serving(f"127.0.0.1:{port}", timeout_s=10)
+        with pytest.raises(RuntimeError, match=rf"^port {port} answers, but not from the gateway this run started"):
+            preflight.check_serves(child, "gateway", [port])
+        preflight.check_serves(_Self(), "gateway", [port])  # the process that does hold it passes
+    finally:
+        child.kill()
+        child.wait()
+        other.stop(0)
+
+
+class _Self:
+    """This process, as check_serves sees a child (it holds the test server's socket)."""
+    pid = os.getpid()
+
+    def poll(self) -> None:
+        return None
+
+
 # ---------------------------------------------------------------------------------------- Ctrl-C in demo
 # Runs the command with SIGINT at its default action, as in a terminal: a test run started in the
 # background of a shell without job control inherits SIGINT ignored, and so would the demo.
