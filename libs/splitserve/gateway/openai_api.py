@@ -149,13 +149,14 @@ class Choice:
 
 @dataclass
 class ParsedRequest:
+    """A parsed completions or chat body: the choices to run and how to shape the answer."""
+
     kind: str  # "completion" | "chat"
     model: str
     choices: list[Choice]
     stream: bool
     include_usage: bool
     logprobs: int | None  # top alternatives per token (None: no logprobs)
-    echo: bool
     request_id: str
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -275,7 +276,7 @@ def parse_completion(body: dict, served: list[str], request_id: str) -> ParsedRe
             else:
                 req.prompt_token_ids.ids.extend(p)
             choices.append(Choice(pi * n + i, pi, req, echo_text=p if echo and isinstance(p, str) else ""))
-    return ParsedRequest("completion", model, choices, stream, include_usage, logprobs, echo, request_id)
+    return ParsedRequest("completion", model, choices, stream, include_usage, logprobs, request_id)
 
 
 def _prompts(prompt: Any) -> list:
@@ -347,7 +348,7 @@ def parse_chat(body: dict, served: list[str], request_id: str) -> ParsedRequest:
                                           sampling=_seed_for(sampling, i), cache_salt=cache_salt, model=model)
         req.chat.CopyFrom(chat)
         choices.append(Choice(i, 0, req))
-    return ParsedRequest("chat", model, choices, stream, include_usage, logprobs, False, request_id)
+    return ParsedRequest("chat", model, choices, stream, include_usage, logprobs, request_id)
 
 
 def _content(content: Any, where: str) -> str:
