@@ -36,7 +36,8 @@ ServicerFactory = Callable[[GatewayService], object]  # GatewayService -> the Ga
 
 
 class GatewayHandle:
-    """A running gateway: `address`, `port`, `service`, `pool`, `http`; await stop() to shut it down."""
+    """A running gateway: `address` (host:port with the bound port), `service`, `pool`, `http`;
+    await stop() to shut it down."""
 
     def __init__(self, config: GatewayConfig, server: grpc.aio.Server, port: int, service: GatewayService,
                  health, http: HttpServer | None = None) -> None:
