@@ -51,3 +51,34 @@ def test_owner_read_queues_one_smembers_per_block_and_parses_the_replies():
     for bad in (b"", "0102", None):
         with pytest.raises(ValueError, match="block hash must be non-empty bytes"):
             block_key(bad)
+
+
+def test_failover_retries_what_another_worker_may_answer_within_the_budget():
+    from splitserve.gateway.failover import may_retry
+
+    for code in (Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.CANCELLED):
+        assert may_retry(code, 0, 2) and may_retry(code, 1, 2) and not may_retry(code, 2, 2)
+    for code in (Code.INVALID_ARGUMENT, Code.DEADLINE_EXCEEDED, Code.INTERNAL, Code.NOT_FOUND):
+        assert not may_retry(code, 0, 2)
+    assert not may_retry(Code.UNAVAILABLE, 0, 0)  # --max-retries 0: the first failure ends the request
+
+
+def test_a_decode_request_continues_from_every_token_streamed_and_drops_a_stale_rng_state():
+    from types import SimpleNamespace
+
+    from splitserve.gateway.context import RequestContext
+    from splitserve.gateway.failover import decode_request
+    from splitserve.gateway.prepare import PreparedRequest
+    from splitserve.sampling_params import SamplingParams
+    from splitserve.v1 import common_pb2, prefill_pb2
+
+    req = PreparedRequest("r", "r~1", [5, 6, 7], SamplingParams(seed=1), common_pb2.SamplingParams(seed=1), "salt",
+                          [b"\x01" * 32])
+    ctx = RequestContext(req, deadline=0.0, times=StageTimes(arrival=0.0))
+    first = prefill_pb2.PrefillResponse(kvstore_address="kv:1", rng_state=b"state")
+    fresh = decode_request(ctx, first, SimpleNamespace(token_ids=[9]))
+    assert (fresh.request_id, list(fresh.prompt_token_ids), list(fresh.output_token_ids)) == ("r~1", [5, 6, 7], [9])
+    assert (fresh.cache_salt, list(fresh.block_hashes), fresh.kvstore_address) == ("salt", [b"\x01" * 32], "kv:1")
+    assert fresh.rng_state == b"state" and fresh.sampling.seed == 1
+    resumed = decode_request(ctx, first, SimpleNamespace(token_ids=[9, 10, 11]))
+    assert list(resumed.output_token_ids) == [9, 10, 11] and resumed.rng_state == b""

@@ -31,6 +31,12 @@ Code = grpc.StatusCode
 _RETRYABLE = (Code.UNAVAILABLE, Code.RESOURCE_EXHAUSTED, Code.CANCELLED)
 
 
+def may_retry(code: grpc.StatusCode, num_tried: int, max_retries: int) -> bool:
+    """Whether a call that failed with `code` is tried on another worker, `num_tried` workers of
+    its role having failed for this request before."""
+    return code in _RETRYABLE and num_tried < max_retries
+
+
 def remaining_s(deadline: float) -> float:
     """Seconds left before `deadline` (time.monotonic); DEADLINE_EXCEEDED when none are."""
     left = deadline - time.monotonic()
@@ -87,7 +93,7 @@ class RequestPipeline:
         """The client-facing error for a failed call: raised when no retry is left or none can
         help, else returned after `worker` joins `tried` (and, unless only busy, turns unhealthy)."""
         error = worker_error(role, worker.address, exc)
-        if exc.code() not in _RETRYABLE or len(tried) >= self._max_retries:
+        if not may_retry(exc.code(), len(tried), self._max_retries):
             raise error from None
         if exc.code() != Code.RESOURCE_EXHAUSTED:  # at capacity is not down
             self._pool.mark_failed(role, worker.address, str(error))
