@@ -33,6 +33,7 @@ from splitserve.config.kvstore import KVStoreConfig
 from splitserve.config.parts import TLSConfig, check_port
 from splitserve.config.worker import WorkerConfig
 from splitserve.logs import LEVELS
+from splitserve.rpc import format_address
 
 ROLE_CONFIGS: dict[str, type] = {"gateway": GatewayConfig, "kvstore": KVStoreConfig,
                                  "prefill": WorkerConfig, "decode": WorkerConfig}
@@ -112,8 +113,6 @@ def local_host(host: str) -> str:
     return LOOPBACK if host in ("0.0.0.0", "::", "") else host
 
 
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _dest(role: str, name: str) -> str:
@@ -231,6 +230,6 @@ def scrape_config_of(args: argparse.Namespace) -> str:
     if up.metrics_port <= 0 or gateway.http_port <= 0:
         raise ValueError("--print-scrape-config needs fixed ports: --metrics-port BASE (> 0) and --http-port "
                          "(not 0); free ports change at every start")
-    targets = {name: join_host_port(local_host(host), port) for name, (host, port) in fixed_metrics_ports(args).items()}
+    targets = {name: format_address(local_host(host), port) for name, (host, port) in fixed_metrics_ports(args).items()}
     scheme = "https" if gateway.tls_cert_file else "http"
-    return scrape_config(join_host_port(local_host(gateway.host), gateway.http_port), scheme, targets)
+    return scrape_config(format_address(local_host(gateway.host), gateway.http_port), scheme, targets)

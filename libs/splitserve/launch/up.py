@@ -51,11 +51,9 @@ from splitserve.config.cpus import parse_cpu_list
 from splitserve.config.flags import config_from_args, config_to_argv, from_flat
 from splitserve.config.gateway import GatewayConfig
 from splitserve.config.launch import (LOOPBACK, ROLE_CONFIGS, UpConfig, add_up_args,  # noqa: F401 (the CLI's)
-                                      check_settings,
-                                      fixed_metrics_ports, join_host_port, local_host, role_values,
-                                      scrape_config_of)
+                                      check_settings, fixed_metrics_ports, local_host, role_values, scrape_config_of)
 from splitserve.launch import lifeline, preflight
-from splitserve.rpc import channel_credentials, mtls_credentials, wait_until_serving
+from splitserve.rpc import channel_credentials, format_address, mtls_credentials, wait_until_serving
 
 logger = logging.getLogger("splitserve.up")
 
@@ -120,7 +118,7 @@ def restart_delay_s(restarts: int) -> float:
 
 
 def metrics_url(host: str, port: int) -> str:
-    return f"http://{join_host_port(host, port)}/metrics"
+    return f"http://{format_address(host, port)}/metrics"
 
 
 def child_argv(role: str, config, log_level: str) -> list[str]:
@@ -213,7 +211,7 @@ class Launcher:
     def _start_child(self, name: str, role: str, config) -> Child:
         """Spawns a kvstore or worker child from its config (restarted when it dies)."""
         mport = config.metrics_port
-        address = config.advertise_address or join_host_port(local_host(config.host), config.port)
+        address = config.advertise_address or format_address(local_host(config.host), config.port)
         url = metrics_url(local_host(config.metrics_host or config.host), mport) if mport > 0 else ""
         return self._spawn(Child(name, child_argv(role, config, self.up.log_level), address, config=config,
                                  metrics_url=url, restartable=True))
@@ -255,9 +253,9 @@ class Launcher:
             config = dataclasses.replace(config, http_port=free_port(draft.host))
         host = local_host(config.host)
         scheme = "https" if config.tls_cert_file else "http"
-        self.http_base = f"{scheme}://{join_host_port(host, config.http_port)}/v1"
+        self.http_base = f"{scheme}://{format_address(host, config.http_port)}/v1"
         gw = self._spawn(Child("gateway", child_argv("gateway", config, self.up.log_level),
-                               join_host_port(host, config.port), config=config,
+                               format_address(host, config.port), config=config,
                                metrics_url=metrics_url(host, config.http_port)))
         self._wait_healthy(gw, self.up.startup_timeout_s)
         preflight.check_serves(gw.proc, gw.name, (config.port, config.http_port))  # not another process on its ports
