@@ -238,7 +238,8 @@ def test_up_refuses_bad_role_settings_before_starting_anything():
                          (["--kvstore-chunk-bytes", "0"], "kvstore settings: chunk_bytes"),
                          (["--prefill-cpus", "99999"], "--prefill-cpus: cpu list '99999'"),
                          (["--http-port", "-1"], "--http-port must be in [0, 65535]"),
-                         (["--prefill-workers", "0"], "at least 1")):
+                         (["--prefill-workers", "0"], "at least 1"),
+                         (["--redis-url", "localhost:6379"], "redis_url must start with redis://")):
         with pytest.raises(ValueError, match=re.escape(words)):
             check_settings(up_args(*flags))
 

@@ -30,7 +30,7 @@ from splitserve.config.cpus import parse_cpu_list
 from splitserve.config.flags import FlatField, add_config_args, add_flag, config_from_args, flag_name, flat_fields, from_flat
 from splitserve.config.gateway import GatewayConfig
 from splitserve.config.kvstore import KVStoreConfig
-from splitserve.config.parts import TLSConfig, check_port
+from splitserve.config.parts import OwnershipConfig, TLSConfig, check_port
 from splitserve.config.worker import WorkerConfig
 from splitserve.logs import LEVELS
 from splitserve.rpc import format_address
@@ -80,6 +80,7 @@ class UpConfig:
     """Level of every role's log lines."""
 
     def __post_init__(self) -> None:
+        OwnershipConfig(redis_url=self.redis_url)  # the roles' rule for a Redis URL
         if self.prefill_workers < 1 or self.decode_workers < 1:
             raise ValueError("--prefill-workers and --decode-workers must be at least 1")
         check_port("metrics_port", self.metrics_port, lowest=-1)
