@@ -1,15 +1,12 @@
 """The C decode-attention kernel for CPUs (kernels/cpu_attention.c) against the torch reference."""
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
 from splitserve.engine.attention import AttentionMetadata, paged_attention, paged_decode_attention_torch
 from splitserve.kernels import cpu_attention
 
-X86 = platform.machine() in ("x86_64", "AMD64", "i686")
 
 
 def _case(heads, kv_heads, head_dim, block_size, dtype, lens, seed=0, num_blocks=None):
@@ -23,14 +20,6 @@ def _case(heads, kv_heads, head_dim, block_size, dtype, lens, seed=0, num_blocks
     tables = torch.randperm(num_blocks, generator=gen)[: len(lens) * max_blocks].view(len(lens), max_blocks)
     q = torch.randn(len(lens), heads, head_dim, generator=gen) * 3  # peaked softmaxes too
     return q, k_cache, v_cache, tables.to(torch.int32), lens
-
-
-def test_the_kernel_is_built_here():
-    """The editable install compiles it; on x86 with AVX2 (this machine) it must be there and used,
-    or every CPU decode silently takes the slower torch path."""
-    if X86:
-        assert cpu_attention.built(), "splitserve.kernels._cpu_attention is missing: run `make install`"
-    assert cpu_attention.available() == cpu_attention.built()
 
 
 needs_kernel = pytest.mark.skipif(not cpu_attention.built(), reason="the C kernel is not built for this CPU")
@@ -103,25 +92,20 @@ def test_bad_arguments_are_named_and_nothing_is_read_out_of_bounds():
     assert (out - paged_decode_attention_torch(q, k_cache, v_cache, tables, lens, 0.125)).abs().max() <= 1e-5
 
 
-def test_switch(monkeypatch):
-    monkeypatch.setenv("SPLITSERVE_CPU_ATTENTION", "torch")
-    assert not cpu_attention.available()
-    monkeypatch.setenv("SPLITSERVE_CPU_ATTENTION", "triton")
-    with pytest.raises(ValueError, match="SPLITSERVE_CPU_ATTENTION='triton': expected kernel or torch"):
-        cpu_attention.available()
-
-
-@needs_kernel
-def test_paged_attention_dispatch_writes_the_cache_and_matches():
-    """`paged_attention(cpu_kernel=True)`: the new K/V land in their slots, the output equals the torch path."""
+@pytest.mark.parametrize("kernel", [pytest.param("cpu_kernel", marks=needs_kernel), "use_triton"])
+def test_paged_attention_dispatch_writes_the_cache_and_matches(kernel):
+    """`paged_attention` through the C kernel or the Triton kernels (interpreted on the CPU): the new
+    K/V land in their slots and the output equals the torch path's."""
+    if kernel == "use_triton":
+        pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
     q, k_cache, v_cache, tables, lens = _case(9, 3, 64, 16, torch.float32, [30, 17, 64])
     gen = torch.Generator().manual_seed(8)
     k, v = torch.randn(2, 3, 3, 64, generator=gen).unbind(0)  # the new token of each sequence
-    pos = lens.long() - 1
+    pos = lens.long() - 1  # the new token is the last of its context
     slots = tables.long().gather(1, (pos // 16)[:, None]).squeeze(1) * 16 + pos % 16
     results = []
-    for cpu_kernel in (False, True):
-        meta = AttentionMetadata(slots, len(lens), tables, lens, None, (), (), (), cpu_kernel=cpu_kernel)
+    for on in (False, True):
+        meta = AttentionMetadata(slots, len(lens), tables, lens, None, (), (), (), **{kernel: on})
         kc, vc = k_cache.clone(), v_cache.clone()
         results.append((paged_attention(q, k, v, kc, vc, meta, 0.125), kc, vc))
     (ref, ref_k, ref_v), (out, out_k, out_v) = results

@@ -1,8 +1,6 @@
 """The fused small ops of kernels/cpu_ops.c against torch's ops (and through the model)."""
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,15 +8,7 @@ import torch.nn.functional as F
 from splitserve.kernels import cpu_ops
 from splitserve.model.llama import MLP, Attention, RMSNorm, apply_rope
 
-X86 = platform.machine() in ("x86_64", "AMD64", "i686")
 needs_ops = pytest.mark.skipif(not cpu_ops.built(), reason="the C ops are not built for this CPU")
-
-
-def test_the_ops_are_built_here():
-    """The editable install compiles them; on x86 with AVX2 (this machine) they must be there."""
-    if X86:
-        assert cpu_ops.built(), "splitserve.kernels._cpu_ops is missing: run `make install`"
-    assert cpu_ops.available() == cpu_ops.built()
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> int:
@@ -89,14 +79,6 @@ def test_refusals_name_the_argument():
         cpu_ops.rope(torch.zeros(2, 4, 8), torch.zeros(3, 1, 8), torch.zeros(2, 1, 8))
     # and the ops still serve after refusing
     assert torch.equal(cpu_ops.silu_mul(torch.zeros(2, 4)), torch.zeros(2, 2))
-
-
-def test_the_switch(monkeypatch):
-    monkeypatch.setenv("SPLITSERVE_CPU_OPS", "torch")
-    assert not cpu_ops.available()
-    monkeypatch.setenv("SPLITSERVE_CPU_OPS", "fast")
-    with pytest.raises(ValueError, match="SPLITSERVE_CPU_OPS='fast': expected kernel or torch"):
-        cpu_ops.available()
 
 
 @needs_ops
