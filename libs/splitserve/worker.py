@@ -188,21 +188,10 @@ def servicer_adder(service) -> Callable[[object, grpc.Server], None]:
 
 
 def role_main(argv: list[str] | None, role: str, make_servicer, add_to_server, service_name: str) -> int:
-    """`splitserve prefill|decode`: flags from WorkerConfig, serve until SIGTERM/SIGINT."""
-    import argparse
+    """`splitserve prefill|decode|colocated`: flags from WorkerConfig, serve until SIGTERM/SIGINT."""
+    from splitserve.config.flags import parse_role_args
 
-    from splitserve import logs
-    from splitserve.config.flags import add_config_args, config_from_args
-
-    parser = argparse.ArgumentParser(prog=f"splitserve {role}", description=f"Run one {role} worker.")
-    add_config_args(parser, WorkerConfig)
-    logs.add_log_args(parser)
-    args = parser.parse_args(argv)
-    logs.configure(args.log_level)
-    try:
-        config = config_from_args(WorkerConfig, args)
-    except ValueError as exc:
-        parser.error(str(exc))
+    config = parse_role_args(WorkerConfig, argv, f"splitserve {role}", f"Run one {role} worker.")
     server, worker, _ = serve_role(config, role, make_servicer, add_to_server, service_name)
     run_until_signal(server, worker)
     return 0

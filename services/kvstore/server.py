@@ -12,12 +12,11 @@ module turns messages into those calls and `Reject` into status codes.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 
-from splitserve import logs, rpc
-from splitserve.config.flags import add_config_args, config_from_args
+from splitserve import rpc
+from splitserve.config.flags import parse_role_args
 from splitserve.config.kvstore import KVStoreConfig
 from splitserve.kvstore import shm
 from splitserve.kvstore.node import KVStoreNode
@@ -167,15 +166,7 @@ def serve(config: KVStoreConfig) -> KVStoreServer:
 
 def main(argv: list[str] | None = None) -> int:
     """`splitserve kvstore [flags]`: serves until SIGTERM or SIGINT, then stops cleanly (exit 0)."""
-    parser = argparse.ArgumentParser(prog="splitserve kvstore", description=__doc__.splitlines()[0])
-    add_config_args(parser, KVStoreConfig)
-    logs.add_log_args(parser)
-    args = parser.parse_args(argv)
-    logs.configure(args.log_level)
-    try:
-        config = config_from_args(KVStoreConfig, args)
-    except ValueError as e:
-        parser.error(str(e))
+    config = parse_role_args(KVStoreConfig, argv, "splitserve kvstore", __doc__.splitlines()[0])
     signals = SignalFlag()  # before serving: a signal during start-up is kept, not lost
     try:
         server = serve(config)

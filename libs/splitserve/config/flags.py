@@ -252,3 +252,19 @@ def config_to_argv(config, prefix: str = "") -> list[str]:
         else:
             argv += [flag, format_value(value)]
     return argv
+
+
+def parse_role_args(cls, argv: list[str] | None, prog: str, description: str):
+    """What a role's `main` starts with: its flags (generated from `cls`) and --log-level parsed,
+    logging set up, the config built. A bad value exits 2 with the parser's message naming it."""
+    from splitserve import logs
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_config_args(parser, cls)
+    logs.add_log_args(parser)
+    args = parser.parse_args(argv)
+    logs.configure(args.log_level)
+    try:
+        return config_from_args(cls, args)
+    except ValueError as exc:
+        parser.error(str(exc))
