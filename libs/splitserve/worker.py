@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import NamedTuple
 
 import grpc
 
@@ -173,28 +174,36 @@ class Worker:
         self.loop.stop()
 
 
-def serve_role(config: WorkerConfig, role: str, make_servicer, add_to_server, service_name: str):
-    """Loads the engine, serves `make_servicer(worker)` over gRPC; returns (server, worker, servicer)."""
-    worker = Worker(config, role)
-    servicer = make_servicer(worker)
-    server, _ = serve_worker(worker, lambda s: add_to_server(servicer, s), service_name)
-    return server, worker, servicer
+class WorkerRole(NamedTuple):
+    """What makes a worker process one role: its servicer over the worker, and how that servicer is
+    registered on a gRPC server. Each role's shell declares one and exposes its `serve` and `main`."""
+
+    name: str  # "prefill" | "decode" | "colocated": the role label of its metrics and logs
+    make_servicer: Callable[[Worker], object]
+    add_to_server: Callable[[object, grpc.Server], None]
+    services: str | list[str]  # full gRPC service names, for the health service and reflection
+
+    def serve(self, config: WorkerConfig):
+        """Loads the engine and serves the role's servicer; returns (server, worker, servicer)."""
+        worker = Worker(config, self.name)
+        servicer = self.make_servicer(worker)
+        server, _ = serve_worker(worker, lambda s: self.add_to_server(servicer, s), self.services)
+        return server, worker, servicer
+
+    def main(self, argv: list[str] | None = None) -> int:
+        """`splitserve ROLE [flags]`: flags from WorkerConfig, serve until SIGTERM/SIGINT."""
+        from splitserve.config.flags import parse_role_args
+
+        config = parse_role_args(WorkerConfig, argv, f"splitserve {self.name}", f"Run one {self.name} worker.")
+        server, worker, _ = self.serve(config)
+        run_until_signal(server, worker)
+        return 0
 
 
 def servicer_adder(service) -> Callable[[object, grpc.Server], None]:
     """The role's `add_to_server(servicer, server)` for one service of a proto's DESCRIPTOR:
     registers it so that malformed requests are INVALID_ARGUMENT (splitserve.rpc.add_servicer)."""
     return lambda servicer, server: add_servicer(servicer, service, server)
-
-
-def role_main(argv: list[str] | None, role: str, make_servicer, add_to_server, service_name: str) -> int:
-    """`splitserve prefill|decode|colocated`: flags from WorkerConfig, serve until SIGTERM/SIGINT."""
-    from splitserve.config.flags import parse_role_args
-
-    config = parse_role_args(WorkerConfig, argv, f"splitserve {role}", f"Run one {role} worker.")
-    server, worker, _ = serve_role(config, role, make_servicer, add_to_server, service_name)
-    run_until_signal(server, worker)
-    return 0
 
 
 def serve_worker(worker: Worker, add_servicer, service_name: str | list[str]) -> tuple[grpc.Server, int]:

@@ -12,42 +12,29 @@ from __future__ import annotations
 
 import sys
 
-from splitserve.services.decode.server import SERVICE as DECODE_SERVICE
-from splitserve.services.decode.server import DecodeServicer
-from splitserve.services.decode.server import _add_to_server as add_decode
-from splitserve.services.prefill.server import SERVICE as PREFILL_SERVICE
-from splitserve.services.prefill.server import PrefillServicer
-from splitserve.services.prefill.server import _add_to_server as add_prefill
-from splitserve.worker import Worker, role_main, serve_role
-from splitserve.config.worker import WorkerConfig
-
-ROLE = "colocated"
-SERVICES = [PREFILL_SERVICE, DECODE_SERVICE]
+from splitserve.services.decode.server import ROLE as DECODE
+from splitserve.services.prefill.server import ROLE as PREFILL
+from splitserve.worker import Worker, WorkerRole
 
 
 class ColocatedServicers:
     """The prefill and decode servicers over one worker (one engine, one prefix cache)."""
 
     def __init__(self, worker: Worker) -> None:
-        self.prefill = PrefillServicer(worker)
-        self.decode = DecodeServicer(worker)
+        self.prefill = PREFILL.make_servicer(worker)
+        self.decode = DECODE.make_servicer(worker)
         worker.counters = lambda: {"num_blocks_put": self.prefill.exporter.num_blocks_put,
                                    "num_imported_blocks": self.decode.fetcher.num_imported_blocks,
                                    "num_recomputed": self.decode.fetcher.num_recomputed}
 
 
 def _add_to_server(servicers: ColocatedServicers, server) -> None:
-    add_prefill(servicers.prefill, server)
-    add_decode(servicers.decode, server)
+    PREFILL.add_to_server(servicers.prefill, server)
+    DECODE.add_to_server(servicers.decode, server)
 
 
-def serve(config: WorkerConfig):
-    """(server, worker, servicers) of a colocated worker serving on config.host:config.port."""
-    return serve_role(config, ROLE, ColocatedServicers, _add_to_server, SERVICES)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return role_main(argv, ROLE, ColocatedServicers, _add_to_server, SERVICES)
+ROLE = WorkerRole("colocated", ColocatedServicers, _add_to_server, [PREFILL.services, DECODE.services])
+serve, main = ROLE.serve, ROLE.main  # (server, worker, servicers) on config.host:config.port; the CLI
 
 
 if __name__ == "__main__":

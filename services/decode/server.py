@@ -18,13 +18,12 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from splitserve.config.worker import WorkerConfig
 from splitserve.engine.llm_engine import StepOutput
 from splitserve.sampling_params import SamplingParams
 from splitserve.transfer.fetch import BlockFetcher, FetchPlan, TransferOutcome
 from splitserve.v1 import decode_pb2, decode_pb2_grpc
 from splitserve.wire import logprob_to_proto, sampling_from_proto
-from splitserve.worker import Worker, role_main, serve_role, servicer_adder
+from splitserve.worker import Worker, WorkerRole, servicer_adder
 
 logger = logging.getLogger("splitserve.decode")
 SERVICE = "splitserve.v1.Decode"
@@ -135,16 +134,8 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         return self.worker.load()
 
 
-_add_to_server = servicer_adder(decode_pb2.DESCRIPTOR.services_by_name["Decode"])
-
-
-def serve(config: WorkerConfig):
-    """(server, worker, servicer) of a decode worker serving on config.host:config.port."""
-    return serve_role(config, "decode", DecodeServicer, _add_to_server, SERVICE)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return role_main(argv, "decode", DecodeServicer, _add_to_server, SERVICE)
+ROLE = WorkerRole("decode", DecodeServicer, servicer_adder(decode_pb2.DESCRIPTOR.services_by_name["Decode"]), SERVICE)
+serve, main = ROLE.serve, ROLE.main  # (server, worker, servicer) on config.host:config.port; the CLI
 
 
 if __name__ == "__main__":

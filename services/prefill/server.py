@@ -20,12 +20,11 @@ import sys
 
 import grpc
 
-from splitserve.config.worker import WorkerConfig
 from splitserve.engine.llm_engine import StepOutput
 from splitserve.transfer.export import BlockExporter
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
 from splitserve.wire import logprob_to_proto, sampling_from_proto
-from splitserve.worker import Worker, role_main, serve_role, servicer_adder, wait_deadline
+from splitserve.worker import Worker, WorkerRole, servicer_adder, wait_deadline
 
 logger = logging.getLogger("splitserve.prefill")
 SERVICE = "splitserve.v1.Prefill"
@@ -102,16 +101,8 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         return self.worker.load()
 
 
-_add_to_server = servicer_adder(prefill_pb2.DESCRIPTOR.services_by_name["Prefill"])
-
-
-def serve(config: WorkerConfig):
-    """(server, worker, servicer) of a prefill worker serving on config.host:config.port."""
-    return serve_role(config, "prefill", PrefillServicer, _add_to_server, SERVICE)
-
-
-def main(argv: list[str] | None = None) -> int:
-    return role_main(argv, "prefill", PrefillServicer, _add_to_server, SERVICE)
+ROLE = WorkerRole("prefill", PrefillServicer, servicer_adder(prefill_pb2.DESCRIPTOR.services_by_name["Prefill"]), SERVICE)
+serve, main = ROLE.serve, ROLE.main  # (server, worker, servicer) on config.host:config.port; the CLI
 
 
 if __name__ == "__main__":
