@@ -305,6 +305,12 @@ def cmd_itl(args) -> dict:
 
 
 # ----------------------------------------------------------------------------- CLI
+def _add_numbers(parser: argparse.ArgumentParser, **defaults: int | float) -> None:
+    """One --flag-name per keyword, typed like its default."""
+    for name, default in defaults.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="what", required=True)
@@ -314,28 +320,15 @@ def parse_args(argv=None):
     common.add_argument("--result-json", default=None)
 
     b = sub.add_parser("batching", parents=[common], help="continuous batching vs HF static batching")
-    b.add_argument("--num-prompts", type=int, default=64)
-    b.add_argument("--concurrency", type=int, default=32)
-    b.add_argument("--input-len", type=int, default=128)
-    b.add_argument("--min-output", type=int, default=16)
-    b.add_argument("--max-output", type=int, default=256)
+    _add_numbers(b, num_prompts=64, concurrency=32, input_len=128, min_output=16, max_output=256)
     b.add_argument("--skip", nargs="*", default=[], choices=["hf-static", "disaggregated", "colocated"])
 
     x = sub.add_parser("prefix", parents=[common], help="prefix-cache hit TTFT vs distinct prefixes")
-    x.add_argument("--prefix-len", type=int, default=1000)
-    x.add_argument("--suffix-len", type=int, default=16)
-    x.add_argument("--output-len", type=int, default=4)
-    x.add_argument("--num-requests", type=int, default=8)
+    _add_numbers(x, prefix_len=1000, suffix_len=16, output_len=4, num_requests=8)
 
     i = sub.add_parser("itl", parents=[common], help="p99 ITL under long prefills: pinned disagg vs colocated")
-    i.add_argument("--decodes", type=int, default=4)
-    i.add_argument("--decode-prompt", type=int, default=32)
-    i.add_argument("--decode-output", type=int, default=200)
-    i.add_argument("--prefills", type=int, default=6)
-    i.add_argument("--prefill-len", type=int, default=1536)
-    i.add_argument("--prefill-output", type=int, default=4)
-    i.add_argument("--first-prefill-s", type=float, default=2.0)
-    i.add_argument("--prefill-every-s", type=float, default=4.0)
+    _add_numbers(i, decodes=4, decode_prompt=32, decode_output=200, prefills=6, prefill_len=1536, prefill_output=4,
+                 first_prefill_s=2.0, prefill_every_s=4.0)
     i.add_argument("--prefill-cpus", default="0")
     i.add_argument("--decode-cpus", default="1")
     return p.parse_args(argv)

@@ -130,3 +130,18 @@ def start_stack(*args: str, timeout_s: float = 400.0) -> Stack:
             stack.stop()
             raise RuntimeError("splitserve up did not come up:\n" + "\n".join(stack.log[-40:]))
     return stack
+
+
+def start_long_stream(gateway: str, prompt: str, min_tokens: int = 4):
+    """Opens a greedy 300-token stream on the gateway and returns it (still open) once at least
+    `min_tokens` tokens arrived: the request is then running on a decode worker."""
+    from splitserve.client import stream_generate
+
+    stream = stream_generate(gateway, prompt=prompt, timeout_s=120,
+                             sampling={"max_tokens": 300, "temperature": 0.0, "ignore_eos": True})
+    got = 0
+    for msg in stream:
+        got += len(msg.token_ids)
+        if got >= min_tokens:
+            return stream
+    raise AssertionError(f"the stream ended after {got} tokens, before {min_tokens}")

@@ -42,6 +42,15 @@ ITL_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+def _observer(histogram: str) -> Callable[["Metrics", float], None]:
+    """A Metrics method that records one observation, in seconds, in the named histogram."""
+
+    def observe(self: "Metrics", seconds: float) -> None:
+        self._l(getattr(self, histogram)).observe(seconds)
+
+    return observe
+
+
 class Metrics:
     """The DESIGN.md series for one process. Label values `model_name` and `role` are bound here;
     the per-series extra labels are finished_reason, reason, (target, reason) and direction."""
@@ -125,23 +134,12 @@ class Metrics:
             self._l(metric, **extra)
 
     # ---------------------------------------------------------------- recording (thread-safe)
-    def observe_ttft(self, s: float) -> None:
-        self._l(self._ttft).observe(s)
-
-    def observe_itl(self, s: float) -> None:
-        self._l(self._itl).observe(s)
-
-    def observe_e2e(self, s: float) -> None:
-        self._l(self._e2e).observe(s)
-
-    def observe_queue(self, s: float) -> None:
-        self._l(self._queue).observe(s)
-
-    def observe_prefill(self, s: float) -> None:
-        self._l(self._prefill).observe(s)
-
-    def observe_decode(self, s: float) -> None:
-        self._l(self._decode).observe(s)
+    observe_ttft = _observer("_ttft")
+    observe_itl = _observer("_itl")
+    observe_e2e = _observer("_e2e")
+    observe_queue = _observer("_queue")
+    observe_prefill = _observer("_prefill")
+    observe_decode = _observer("_decode")
 
     def add_prompt_tokens(self, n: int) -> None:
         if n:

@@ -174,6 +174,17 @@ class Worker:
         self.loop.stop()
 
 
+class WorkerServicer:
+    """The RPC every worker role answers besides its own: GetLoad, the worker's load report (the
+    gateway polls it for routing and health)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def GetLoad(self, request, context):
+        return self.worker.load()
+
+
 class WorkerRole(NamedTuple):
     """What makes a worker process one role: its servicer over the worker, and how that servicer is
     registered on a gRPC server. Each role's shell declares one and exposes its `serve` and `main`."""

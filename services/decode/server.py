@@ -23,7 +23,7 @@ from splitserve.sampling_params import SamplingParams
 from splitserve.transfer.fetch import BlockFetcher, FetchPlan, TransferOutcome
 from splitserve.v1 import decode_pb2, decode_pb2_grpc
 from splitserve.wire import logprob_to_proto, sampling_from_proto
-from splitserve.worker import Worker, WorkerRole, servicer_adder
+from splitserve.worker import Worker, WorkerRole, WorkerServicer, servicer_adder
 
 logger = logging.getLogger("splitserve.decode")
 SERVICE = "splitserve.v1.Decode"
@@ -51,9 +51,9 @@ class StreamState:
     ended: bool = False  # finished (success) or failed (error): counted; anything else is an abort
 
 
-class DecodeServicer(decode_pb2_grpc.DecodeServicer):
+class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
     def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+        super().__init__(worker)
         self.fetcher = BlockFetcher(worker.kvstore_client, worker.metrics)
         self.metrics = worker.metrics
         worker.counters = lambda: {"num_imported_blocks": self.fetcher.num_imported_blocks,
@@ -130,8 +130,6 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         state.num_sent += 1
         return msg
 
-    def GetLoad(self, request, context):
-        return self.worker.load()
 
 
 ROLE = WorkerRole("decode", DecodeServicer, servicer_adder(decode_pb2.DESCRIPTOR.services_by_name["Decode"]), SERVICE)

@@ -24,15 +24,15 @@ from splitserve.engine.llm_engine import StepOutput
 from splitserve.transfer.export import BlockExporter
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
 from splitserve.wire import logprob_to_proto, sampling_from_proto
-from splitserve.worker import Worker, WorkerRole, servicer_adder, wait_deadline
+from splitserve.worker import Worker, WorkerRole, WorkerServicer, servicer_adder, wait_deadline
 
 logger = logging.getLogger("splitserve.prefill")
 SERVICE = "splitserve.v1.Prefill"
 
 
-class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
+class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
     def __init__(self, worker: Worker) -> None:
-        self.worker = worker
+        super().__init__(worker)
         cfg = worker.config
         self.exporter = BlockExporter(worker.kvstore_client(cfg.kvstore) if cfg.kvstore else None, worker.metrics,
                                       worker.sync_ownership, cfg.kv_lease_ttl_s)
@@ -97,8 +97,6 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         if out.first_scheduled_time and out.first_token_time:
             m.observe_prefill(max(0.0, out.first_token_time - out.first_scheduled_time))
 
-    def GetLoad(self, request, context):
-        return self.worker.load()
 
 
 ROLE = WorkerRole("prefill", PrefillServicer, servicer_adder(prefill_pb2.DESCRIPTOR.services_by_name["Prefill"]), SERVICE)

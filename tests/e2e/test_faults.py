@@ -436,7 +436,7 @@ def _launcher(*flags: str):
     return Launcher(p.parse_args(["--redis-url", "redis://127.0.0.1:1/0", *flags]))
 
 
-def _kvstore_child(port: int, shm_dir) -> "Child":
+def _kvstore_child(port: int, shm_dir):
     """A kvstore child whose same-host directory lives under `shm_dir` (a killed store leaves its
     directory behind: in the test's tmp_path, not in /dev/shm)."""
     from splitserve.launch.up import Child

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from services_fixture import start_stack
+from services_fixture import start_long_stream, start_stack
 from splitserve import SamplingParams
 from splitserve.client import generate, stream_generate
 from splitserve.ownership.registry import OwnershipRegistry
@@ -89,13 +89,7 @@ def test_cancel_mid_stream_frees_decode_blocks(stack):
         return stack.decode_load().kv_cache_usage
 
     before = usage()
-    stream = stream_generate(stack.gateway, prompt="Tell me a very long story about dragons.",
-                             sampling={"max_tokens": 300, "temperature": 0.0, "ignore_eos": True}, timeout_s=120)
-    got = 0
-    for msg in stream:
-        got += len(msg.token_ids)
-        if got >= 4:
-            break
+    stream = start_long_stream(stack.gateway, "Tell me a very long story about dragons.")
     busy = usage()
     stream.close()  # cancels the call
     deadline = time.monotonic() + 20

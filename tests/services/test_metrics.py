@@ -293,7 +293,8 @@ def _delta(after, before, name, **labels):
 
 
 def test_stack_worker_and_kvstore_series(stack):
-    from splitserve.client import generate, stream_generate
+    from services_fixture import start_long_stream
+    from splitserve.client import generate
     from splitserve.rpc import channel
     from splitserve.v1 import common_pb2, decode_pb2, decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 
@@ -372,13 +373,7 @@ def test_stack_worker_and_kvstore_series(stack):
         request_id="orphan", prompt_token_ids=orphan, output_token_ids=[7], kvstore_address="127.0.0.1:1",
         sampling=common_pb2.SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)), timeout=60))
     assert msgs[0].recomputed and msgs[-1].finish_reason == "length"
-    stream = stream_generate(stack.gateway, prompt="Tell me a very long story about a lighthouse keeper.",
-                             sampling={"max_tokens": 300, "temperature": 0.0, "ignore_eos": True}, timeout_s=120)
-    got_tokens = 0
-    for msg in stream:
-        got_tokens += len(msg.token_ids)
-        if got_tokens >= 4:
-            break
+    stream = start_long_stream(stack.gateway, "Tell me a very long story about a lighthouse keeper.")
     stream.close()  # cancels the call: the decode worker counts an abort
     dec_c = scrape_until(urls["decode-0"], "splitserve_requests_rejected_total",
                          total(dec_a, "splitserve_requests_rejected_total", reason="abort") + 1, 30, reason="abort")

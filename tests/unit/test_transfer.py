@@ -14,7 +14,7 @@ from splitserve.engine.hashing import block_hashes, hash_namespace
 from splitserve.engine.kv_cache import KVCache
 from splitserve.transfer.block import KVBlockError, encode_block
 from splitserve.transfer.export import BlockExporter, StoredBlocks
-from splitserve.transfer.fetch import NOTHING_FETCHED, BlockFetcher, Fetched, FetchPlan, fetch, settle
+from splitserve.transfer.fetch import NOTHING_FETCHED, BlockFetcher, FetchPlan, fetch, settle
 from splitserve.transfer.pages import blocks_to_export, import_blocks, read_blocks
 
 BS = 4

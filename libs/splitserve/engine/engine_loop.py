@@ -158,7 +158,7 @@ class EngineLoop:
         sched = self.engine.scheduler
         pending = list(sched.waiting) + sched.running
         self.queue_state = QueueState(
-            sched.num_running, sched.num_waiting, sum(s.num_tokens - s.num_computed_tokens for s in pending)
+            len(sched.running), len(sched.waiting), sum(s.num_tokens - s.num_computed_tokens for s in pending)
         )
 
     def _run(self) -> None:

@@ -59,11 +59,11 @@ class StepOutput:
 class EngineStats:
     """Cumulative counters (the metrics layer reads them)."""
 
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
+    prompt_tokens: int = 0  # prompt tokens computed (a prefix-cache hit's tokens are not)
+    generation_tokens: int = 0  # tokens sampled
     num_steps: int = 0
-    max_batch_size: int = 0
-    last_batch_size: int = 0
+    max_batch_size: int = 0  # most sequences one step has run
+    last_batch_size: int = 0  # sequences of the latest step
 
 
 class LLMEngine:

@@ -37,14 +37,6 @@ class Scheduler:
         self.num_preemptions = 0  # cumulative
 
     # ------------------------------------------------------------------ queue state
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
