@@ -139,8 +139,7 @@ def test_reservations_expire_and_late_or_foreign_commits_are_refused(tmp_path):
                 assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
                 assert message in err.value.details() and "blocks[0]" in err.value.details()
             assert server.arenas.num_reserved() == 2  # refused commits took nobody's slot
-            time.sleep(0.35)
-            assert server.arenas.num_reserved() == 0
+            _wait_for(lambda: server.arenas.num_reserved() == 0, "the reservations to expire after their 0.3 s")
             with pytest.raises(grpc.RpcError) as err:  # written in time, committed too late
                 commit(stub, mine, [(block, mine.slots[0])])
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "unknown or expired" in err.value.details()
@@ -340,3 +339,10 @@ def test_client_follows_a_restarted_store_to_its_new_directory(tmp_path):
             second.stop(grace_s=0)
     finally:
         client.close()
+
+
+def _wait_for(condition, what: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {timeout_s:.0f} s for {what}"
+        time.sleep(0.02)

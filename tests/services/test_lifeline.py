@@ -34,6 +34,25 @@ def _gone(pid: int, timeout_s: float = 10.0) -> bool:
     return False
 
 
+# kernel functions a process waits in once it has started and sits in time.sleep, sleep(1) or an
+# event loop (what /proc/PID/wchan names)
+_IDLE_WAITS = {"hrtimer_nanosleep", "do_nanosleep", "ep_poll", "do_epoll_wait", "do_select", "do_sys_poll"}
+
+
+def _wait_until_idle(pid: int, timeout_s: float = 30.0) -> None:
+    """Polls until the process waits in a timer or event loop: past its start-up, so past arming."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/wchan") as f:
+                if f.read().strip() in _IDLE_WAITS:
+                    return
+        except FileNotFoundError:
+            return  # gone: the caller's check reports it
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} did not settle in {timeout_s:.0f} s")
+
+
 def _parent_then_kill(child_code: str) -> int:
     """Runs a parent process that starts a child (as `child_code` says) and prints its pid; kills the
     parent with SIGKILL (no cleanup runs) and returns the child's pid."""
@@ -42,7 +61,7 @@ def _parent_then_kill(child_code: str) -> int:
         line = parent.stdout.readline()
         assert line.strip().isdigit(), f"parent printed {line!r}"
         child_pid = int(line)
-        time.sleep(0.5)  # let the child arm its signal (the test also holds if it has not: it then exits)
+        _wait_until_idle(child_pid)  # armed: it sleeps in its timer or event loop
         assert not _gone(child_pid, 0.1), "the child exited while its parent was alive"
     finally:
         parent.send_signal(signal.SIGKILL)
