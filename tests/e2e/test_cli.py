@@ -16,7 +16,7 @@ import time
 import pytest
 
 from splitserve.kvstore import shm
-from splitserve.launch import preflight
+from splitserve.launch import owned_dirs, preflight
 from splitserve.launch.up import free_port
 from splitserve.ownership import redis_server
 
@@ -172,7 +172,7 @@ def _state(pid: int) -> str | None:
 def _owner(path: str) -> int | None:
     """The owner pid in the name of one of our temp directories (None: not one of ours)."""
     name = os.path.basename(path)
-    return preflight.owner_pid(name, redis_server.DIR_PREFIX) or preflight.owner_pid(name, shm.DIR_PREFIX)
+    return owned_dirs.owner_pid(name, redis_server.DIR_PREFIX) or owned_dirs.owner_pid(name, shm.DIR_PREFIX)
 
 
 def test_second_up_on_the_same_ports_fails_and_sigkilled_up_leaves_nothing_a_start_does_not_clean():

@@ -11,7 +11,7 @@ import struct
 import pytest
 
 from splitserve.kvstore import shm
-from splitserve.launch import preflight
+from splitserve.launch import owned_dirs, preflight
 from splitserve.launch.preflight import PreflightError
 from splitserve.model.paths import default_model_path
 from splitserve.ownership import redis_server
@@ -124,11 +124,11 @@ def test_check_serves_wants_the_child_to_hold_the_listener():
 
 # ---------------------------------------------------------------------------------------- leftovers
 def test_owned_names_carry_the_pid():
-    name = preflight.owned_prefix("splitserve-x-") + "abcd"
+    name = owned_dirs.owned_prefix("splitserve-x-") + "abcd"
     assert name == f"splitserve-x-{os.getpid()}-abcd"
-    assert preflight.owner_pid(name, "splitserve-x-") == os.getpid()
-    assert preflight.owner_pid("splitserve-x-abcd", "splitserve-x-") is None  # no pid: not ours to judge
-    assert preflight.owner_pid("other-123-abcd", "splitserve-x-") is None
+    assert owned_dirs.owner_pid(name, "splitserve-x-") == os.getpid()
+    assert owned_dirs.owner_pid("splitserve-x-abcd", "splitserve-x-") is None  # no pid: not ours to judge
+    assert owned_dirs.owner_pid("other-123-abcd", "splitserve-x-") is None
 
 
 def test_remove_dead_owners_removes_only_dead_owners_directories(tmp_path):
@@ -149,11 +149,11 @@ def test_remove_dead_owners_removes_only_dead_owners_directories(tmp_path):
     kept_by_rule = tmp_path / f"{prefix}{dead}-0007"
     kept_by_rule.mkdir()
 
-    removed = preflight.remove_dead_owners(str(tmp_path), prefix, keep=lambda p: p.endswith("-0007"))
+    removed = owned_dirs.remove_dead_owners(str(tmp_path), prefix, keep=lambda p: p.endswith("-0007"))
     assert removed == [str(orphan)]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         p.name for p in (mine, parents, unnamed, other, plain_file, link, kept_by_rule))
-    assert preflight.remove_dead_owners(str(tmp_path / "absent"), prefix) == []
+    assert owned_dirs.remove_dead_owners(str(tmp_path / "absent"), prefix) == []
 
 
 def test_embedded_redis_dir_is_named_for_its_owner_and_leftovers_go(tmp_path):

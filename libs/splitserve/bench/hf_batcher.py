@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from splitserve.bench.hf_server import HfServeConfig
+from splitserve.config.hf_serve import HfServeConfig
 from splitserve.engine.sampler import Sampler
 from splitserve.sampling_params import SamplingParams
 

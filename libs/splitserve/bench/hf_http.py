@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from splitserve.gateway import openai_api as oa
 from splitserve.bench.hf_batcher import BatchInfo, Job, LoadedModel, RowEnd, StaticBatcher
-from splitserve.bench.hf_server import HfServeConfig
+from splitserve.config.hf_serve import HfServeConfig
 from splitserve.gateway.output import OutputStream
 from splitserve.gateway.openai_api import ApiError
 from splitserve.sampling_params import SamplingParams

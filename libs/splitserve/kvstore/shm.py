@@ -27,7 +27,7 @@ import secrets
 import shutil
 import socket
 
-from splitserve.launch.preflight import owned_prefix, remove_dead_owners
+from splitserve.launch.owned_dirs import owned_prefix, remove_dead_owners
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ that a mistake fails at once with one line naming it, not minutes later in a chi
   the child is alive and holds the listening socket (a health check alone also succeeds against
   another process that serves the port);
 - temporary directories of killed processes are removed. Each one splitserve makes is named
-  `<prefix><owner pid>-<random>` (`owned_prefix`); a start removes those whose owner no longer
-  runs (`remove_dead_owners`): the embedded Redis's directory under the temp dir, the kvstore's
+  `<prefix><owner pid>-<random>` (launch/owned_dirs.py); a start removes those whose owner no longer
+  runs: the embedded Redis's directory under the temp dir, the kvstore's
   shared-memory directory (splitserve.kvstore.shm).
 
 Errors are PreflightError (a ValueError: the command line prints its message as one line and exits
@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -142,57 +141,6 @@ def _socket_inodes(pid: int) -> set[int] | None:
 
 
 # ---------------------------------------------------------------------------------------- leftovers
-def owned_prefix(prefix: str) -> str:
-    """The name prefix of a temporary directory this process owns: `<prefix><pid>-` (mkdtemp adds
-    the random part); `remove_dead_owners` reads the pid back."""
-    return f"{prefix}{os.getpid()}-"
-
-
-def owner_pid(name: str, prefix: str) -> int | None:
-    """The owner pid in a name made with owned_prefix(prefix); None for any other name."""
-    if not name.startswith(prefix):
-        return None
-    pid = name[len(prefix):].split("-", 1)[0]
-    return int(pid) if pid.isdigit() else None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process `pid` exists (a zombie counts: its parent has not reaped it yet)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: alive
-        return True
-    return True
-
-
-def remove_dead_owners(base: str, prefix: str, keep: Callable[[str], bool] | None = None) -> list[str]:
-    """Removes the directories under `base` named by owned_prefix(prefix) whose owner no longer
-    runs, unless keep(path) says otherwise; returns their paths. Touches only this user's real
-    directories (no symlinks); a pid in use again keeps its directory (removed once that ends)."""
-    try:
-        entries = list(os.scandir(base))
-    except OSError:
-        return []
-    removed = []
-    for entry in entries:
-        pid = owner_pid(entry.name, prefix)
-        if pid is None or pid == os.getpid():
-            continue
-        try:
-            if not entry.is_dir(follow_symlinks=False) or entry.stat(follow_symlinks=False).st_uid != os.getuid():
-                continue
-        except OSError:
-            continue
-        if pid_alive(pid) or (keep is not None and keep(entry.path)):
-            continue
-        shutil.rmtree(entry.path, ignore_errors=True)
-        removed.append(entry.path)
-        log.info("removed what a process that is gone left behind: path=%s pid=%d", entry.path, pid)
-    return removed
-
-
 def remove_leftovers(shm_dir: str | None = None) -> list[str]:
     """Removes what killed runs left: embedded Redis directories under the temp dir and kvstore
     shared-memory directories under `shm_dir` (default: the kvstore's default)."""

@@ -23,11 +23,11 @@ import time
 import redis
 
 from splitserve.launch import lifeline
-from splitserve.launch.preflight import owned_prefix, remove_dead_owners
+from splitserve.launch.owned_dirs import owned_prefix, remove_dead_owners
 
 log = logging.getLogger(__name__)
 
-DIR_PREFIX = "splitserve-redis-"  # + "<owner pid>-<random>" (preflight.owned_prefix), under the temp dir
+DIR_PREFIX = "splitserve-redis-"  # + "<owner pid>-<random>" (launch/owned_dirs.py), under the temp dir
 
 
 def remove_leftovers(base: str | None = None) -> list[str]:
