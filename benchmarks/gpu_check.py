@@ -75,7 +75,7 @@ def _decode_case(n, block_size, heads, kv_heads, head_dim, dtype, max_len, gen, 
 def kernel_checks(device: str) -> None:
     import triton.testing
 
-    from splitserve.engine.attention import paged_decode_attention_torch, write_kv_torch
+    from splitserve.model.attention import paged_decode_attention_torch, write_kv_torch
     from splitserve.kernels import triton_attention as kernels
 
     gen = torch.Generator().manual_seed(0)

@@ -21,7 +21,7 @@ from splitserve.engine.engine_loop import EngineLoop, QueueFullError, RequestStr
 from splitserve.engine.hashing import block_hashes, hash_namespace
 from splitserve.engine.llm_engine import LLMEngine, StepOutput
 from splitserve.kvstore.client import KVStoreClient
-from splitserve.launch.lifeline import SignalFlag
+from splitserve.lifeline import SignalFlag
 from splitserve.metrics import Metrics, MetricsServer
 from splitserve.ownership.registry import OwnershipRegistry, OwnershipReporter
 from splitserve.rpc import add_health_and_reflection, add_servicer, create_server, format_address, mtls_credentials

@@ -21,7 +21,7 @@ from splitserve.config.kvstore import KVStoreConfig
 from splitserve.kvstore import shm
 from splitserve.kvstore.node import KVStoreNode
 from splitserve.kvstore.service import ClientGone, KVStoreService, PutCounts, Reject
-from splitserve.launch.lifeline import SignalFlag
+from splitserve.lifeline import SignalFlag
 from splitserve.ownership.registry import redact_url
 from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 

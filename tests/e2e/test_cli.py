@@ -16,7 +16,8 @@ import time
 import pytest
 
 from splitserve.kvstore import shm
-from splitserve.launch import owned_dirs, preflight
+from splitserve import owned_dirs
+from splitserve.launch import preflight
 from splitserve.launch.up import free_port
 from splitserve.ownership import redis_server
 

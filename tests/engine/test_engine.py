@@ -105,7 +105,7 @@ def test_chunked_prefill_matches_unchunked(llm_f32, text_ids):
 def test_decode_rows_of_very_different_lengths_match_each_alone(llm_f32, text_ids):
     """One long context among short ones: the CPU decode attention splits the batch into length
     groups (each padded to its own longest); every output equals that prompt generated alone."""
-    from splitserve.engine.attention import plan_decode_groups
+    from splitserve.model.attention import plan_decode_groups
 
     long_prompt = (text_ids * 20)[:640]
     short = [text_ids[:5], text_ids[3:9], text_ids[7:12], text_ids[1:4]]

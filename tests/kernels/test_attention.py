@@ -10,7 +10,7 @@ def _cache(num_blocks, block_size, kv_heads, head_dim, dtype, gen):
 
 
 def test_decode_groups_plan_covers_every_row_once():
-    from splitserve.engine.attention import plan_decode_groups
+    from splitserve.model.attention import plan_decode_groups
 
     assert plan_decode_groups([5, 5, 5, 5]) == [[0, 1, 2, 3]]  # equal lengths: one group
     assert plan_decode_groups([]) == []
@@ -26,7 +26,7 @@ def test_decode_groups_plan_covers_every_row_once():
 
 def test_grouped_decode_attention_equals_one_padded_batch():
     """Rows attended in length groups (permuted, then put back) equal the single padded batch."""
-    from splitserve.engine.attention import AttentionMetadata, decode_groups, paged_attention
+    from splitserve.model.attention import AttentionMetadata, decode_groups, paged_attention
 
     gen = torch.Generator().manual_seed(11)
     block_size, heads, kv_heads, head_dim = 16, 6, 2, 32
@@ -61,7 +61,7 @@ def test_prefill_after_a_cached_prefix_with_the_steps_mask_equals_a_boolean_caus
     attention over the pages gives the same bits as SDPA with the plain boolean causal mask."""
     import torch.nn.functional as F
 
-    from splitserve.engine.attention import prefill_attention_torch, prefill_mask
+    from splitserve.model.attention import prefill_attention_torch, prefill_mask
 
     gen = torch.Generator().manual_seed(5)
     bs, kv_heads, heads, dim, n, seq_len = 4, 2, 6, 16, 5, 19

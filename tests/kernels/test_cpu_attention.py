@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitserve.engine.attention import AttentionMetadata, paged_attention, paged_decode_attention_torch
+from splitserve.model.attention import AttentionMetadata, paged_attention, paged_decode_attention_torch
 from splitserve.kernels import cpu_attention
 
 

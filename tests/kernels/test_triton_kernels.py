@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
 
-from splitserve.engine.attention import paged_decode_attention_torch, write_kv_torch  # noqa: E402
+from splitserve.model.attention import paged_decode_attention_torch, write_kv_torch  # noqa: E402
 from splitserve.kernels import triton_attention as kernels  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

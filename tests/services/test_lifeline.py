@@ -1,4 +1,4 @@
-"""Children die with their parent (splitserve.launch.lifeline): armed by the child, no preexec_fn."""
+"""Children die with their parent (splitserve.lifeline): armed by the child, no preexec_fn."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from splitserve.launch import lifeline
+from splitserve import lifeline
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux only")
 
@@ -72,7 +72,7 @@ def _parent_then_kill(child_code: str) -> int:
 def test_wrapped_program_dies_with_its_parent():
     child = _parent_then_kill("""
         import subprocess, time
-        from splitserve.launch import lifeline
+        from splitserve import lifeline
         p = subprocess.Popen(lifeline.wrap(["/bin/sleep", "60"]))
         print(p.pid, flush=True)
         time.sleep(60)
@@ -83,8 +83,8 @@ def test_wrapped_program_dies_with_its_parent():
 def test_cli_child_with_parent_pid_in_env_dies_with_its_parent():
     child = _parent_then_kill("""
         import os, subprocess, sys, time
-        from splitserve.launch import lifeline
-        code = "from splitserve.launch import lifeline; import time; assert lifeline.arm_from_env(); time.sleep(60)"
+        from splitserve import lifeline
+        code = "from splitserve import lifeline; import time; assert lifeline.arm_from_env(); time.sleep(60)"
         p = subprocess.Popen([sys.executable, "-c", code], env=lifeline.child_env(dict(os.environ)))
         print(p.pid, flush=True)
         time.sleep(60)
@@ -96,14 +96,14 @@ def test_child_whose_parent_is_already_gone_exits_at_once():
     # The named parent (this process's own parent) is not the child's parent (this process): as if
     # the parent had died before the child armed.
     env = {**os.environ, lifeline.ENV: str(os.getppid())}
-    code = "from splitserve.launch import lifeline; lifeline.arm_from_env(); print('survived')"
+    code = "from splitserve import lifeline; lifeline.arm_from_env(); print('survived')"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "survived" not in out.stdout
 
 
 def test_parent_pid_is_not_passed_on_to_grandchildren():
     env = lifeline.child_env(dict(os.environ))
-    code = ("import os; from splitserve.launch import lifeline; lifeline.arm_from_env(); "
+    code = ("import os; from splitserve import lifeline; lifeline.arm_from_env(); "
             "print(os.environ.get(lifeline.ENV))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "None"
@@ -143,7 +143,7 @@ def test_signal_flag_survives_a_burst_of_signals():
     reproduce it with the old Event-setting handler, it checks that the shutdown stays clean."""
     code = """
 import threading, time
-from splitserve.launch.lifeline import SignalFlag
+from splitserve.lifeline import SignalFlag
 flag = SignalFlag()
 print("ready", flush=True)
 got = flag.wait(0.05)

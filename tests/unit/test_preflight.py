@@ -11,7 +11,8 @@ import struct
 import pytest
 
 from splitserve.kvstore import shm
-from splitserve.launch import owned_dirs, preflight
+from splitserve import owned_dirs
+from splitserve.launch import preflight
 from splitserve.launch.preflight import PreflightError
 from splitserve.model.paths import default_model_path
 from splitserve.ownership import redis_server

@@ -5,7 +5,7 @@ from typing import NamedTuple
 
 import torch
 
-from splitserve.engine.attention import AttentionMetadata, decode_groups, prefill_mask
+from splitserve.model.attention import AttentionMetadata, decode_groups, prefill_mask
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.kv_cache import KVCache
 from splitserve.engine.scheduler import ScheduledSeq

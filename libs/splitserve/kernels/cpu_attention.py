@@ -1,7 +1,7 @@
 """Paged decode attention on the CPU: the C kernel of `cpu_attention.c`, built by `pip install`.
 
 It reads each row's K and V straight from the pages up to the row's own length, where the torch path
-(`engine.attention.paged_decode_attention_torch`, still the reference and the fallback) gathers
+(`model.attention.paged_decode_attention_torch`, still the reference and the fallback) gathers
 padded copies and runs SDPA over them. The model runner uses it for every decode batch on a CPU
 when `available()` and `supports(...)` say so; SPLITSERVE_CPU_ATTENTION=torch turns it off (to
 compare, or to rule it out).

@@ -1,6 +1,6 @@
 """Triton kernels over the paged KV cache: writing new K/V into their slots and decode attention.
 
-Same layout and semantics as the torch references in `splitserve.engine.attention`
+Same layout and semantics as the torch references in `splitserve.model.attention`
 (`write_kv_torch`, `paged_decode_attention_torch`):
     k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim], contiguous
     slot = block_id * block_size + offset
@@ -19,7 +19,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: callers use the torch path in engine/attention.py
+except ImportError:  # CPU-only installs: callers use the torch path in model/attention.py
     triton = tl = None
 
 

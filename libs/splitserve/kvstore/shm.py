@@ -27,7 +27,7 @@ import secrets
 import shutil
 import socket
 
-from splitserve.launch.owned_dirs import owned_prefix, remove_dead_owners
+from splitserve.owned_dirs import owned_prefix, remove_dead_owners
 
 log = logging.getLogger(__name__)
 

@@ -1,1 +1,1 @@
-"""Starting splitserve: the CLI, `splitserve up`, and the lifeline that ties children to their parent."""
+"""Starting splitserve: the `splitserve` command line, `splitserve up` and its checks before anything starts."""

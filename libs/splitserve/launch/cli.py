@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     import importlib
 
     from splitserve import logs
-    from splitserve.launch import lifeline
+    from splitserve import lifeline
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

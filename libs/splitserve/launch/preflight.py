@@ -9,7 +9,7 @@ that a mistake fails at once with one line naming it, not minutes later in a chi
   the child is alive and holds the listening socket (a health check alone also succeeds against
   another process that serves the port);
 - temporary directories of killed processes are removed. Each one splitserve makes is named
-  `<prefix><owner pid>-<random>` (launch/owned_dirs.py); a start removes those whose owner no longer
+  `<prefix><owner pid>-<random>` (owned_dirs.py); a start removes those whose owner no longer
   runs: the embedded Redis's directory under the temp dir, the kvstore's
   shared-memory directory (splitserve.kvstore.shm).
 

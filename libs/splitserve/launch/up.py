@@ -8,7 +8,7 @@ GOMP_SPINCOUNT=10000 rounds, then sleep, so a worker that is idle leaves them to
 OMP_WAIT_POLICY or GOMP_SPINCOUNT in the environment is kept instead), unless --prefill-cpus / --decode-cpus pin each
 role's workers to cores of their own (`--cpus` of the role, torch threads = cores). `up` waits until each answers its gRPC health check, prints the
 endpoints, and on Ctrl-C or SIGTERM stops all of them (SIGTERM, then SIGKILL after a grace period);
-children also die with it if it is killed (PR_SET_PDEATHSIG, armed by each child: splitserve.launch.lifeline), so no process is left behind.
+children also die with it if it is killed (PR_SET_PDEATHSIG, armed by each child: splitserve.lifeline), so no process is left behind.
 
 Restarts (DESIGN.md, failure policy): a worker or the kvstore that exits or is killed is started
 again with the same command line, so on the same gRPC and metrics ports: the gateway's address
@@ -52,7 +52,8 @@ from splitserve.config.flags import config_from_args, config_to_argv, from_flat
 from splitserve.config.gateway import GatewayConfig
 from splitserve.config.launch import (LOOPBACK, ROLE_CONFIGS, UpConfig, add_up_args,  # noqa: F401 (the CLI's)
                                       check_settings, fixed_metrics_ports, local_host, role_values, scrape_config_of)
-from splitserve.launch import lifeline, preflight
+from splitserve import lifeline
+from splitserve.launch import preflight
 from splitserve.rpc import channel_credentials, format_address, mtls_credentials, wait_until_serving
 
 logger = logging.getLogger("splitserve.up")
@@ -161,7 +162,7 @@ class Launcher:
         if self.up.log_format:
             env[env_registry.LOG_FORMAT.name] = self.up.log_format
         # No preexec_fn: forking this process (it holds gRPC channels) and running Python before
-        # exec is not safe; the child arms its own death signal (splitserve.launch.lifeline).
+        # exec is not safe; the child arms its own death signal (splitserve.lifeline).
         child.proc = subprocess.Popen([sys.executable, "-m", "splitserve.launch.cli", *child.argv], env=lifeline.child_env(env))
         child.started_s = time.monotonic()
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from splitserve.config import env
-from splitserve.engine.attention import AttentionMetadata, paged_attention
+from splitserve.model.attention import AttentionMetadata, paged_attention
 from splitserve.kernels import cpu_ops, cpu_quant
 
 

@@ -22,17 +22,17 @@ import time
 
 import redis
 
-from splitserve.launch import lifeline
-from splitserve.launch.owned_dirs import owned_prefix, remove_dead_owners
+from splitserve import lifeline
+from splitserve.owned_dirs import owned_prefix, remove_dead_owners
 
 log = logging.getLogger(__name__)
 
-DIR_PREFIX = "splitserve-redis-"  # + "<owner pid>-<random>" (launch/owned_dirs.py), under the temp dir
+DIR_PREFIX = "splitserve-redis-"  # + "<owner pid>-<random>" (owned_dirs.py), under the temp dir
 
 
 def remove_leftovers(base: str | None = None) -> list[str]:
     """Removes the directories of embedded Redis servers whose starting process is gone (killed
-    before it could stop them; the server itself died with it, see splitserve.launch.lifeline)."""
+    before it could stop them; the server itself died with it, see splitserve.lifeline)."""
     return remove_dead_owners(base or tempfile.gettempdir(), DIR_PREFIX)
 
 
@@ -113,7 +113,7 @@ class EmbeddedRedis:
             cmd = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
                    "--appendonly", "no", "--dir", self._dir, "--logfile", logfile,
                    "--daemonize", "no"]
-            if self.die_with_parent:  # armed by the child itself: no preexec_fn (see splitserve.launch.lifeline)
+            if self.die_with_parent:  # armed by the child itself: no preexec_fn (see splitserve.lifeline)
                 cmd = lifeline.wrap(cmd)
             self._proc = subprocess.Popen(
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

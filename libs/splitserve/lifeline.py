@@ -8,7 +8,7 @@ new process). Without a preexec_fn, Popen spawns with vfork/exec and nothing run
 So the child asks for its own death signal (Linux PR_SET_PDEATHSIG) as its first step instead:
 - a `splitserve.launch.cli` child reads the parent's pid from SPLITSERVE_PARENT_PID (`child_env`) and
   calls `arm_from_env` before anything else;
-- any other program (redis-server) is started through this module, `python -m splitserve.launch.lifeline
+- any other program (redis-server) is started through this module, `python -m splitserve.lifeline
   PARENT_PID -- PROGRAM ARGS...` (`wrap`), which arms the signal and then execs the program (the
   death signal survives exec).
 Either way the child checks that its parent is still the one that started it: if the parent died
@@ -62,7 +62,7 @@ def arm_from_env() -> bool:
 
 def wrap(argv: list[str]) -> list[str]:
     """The command line that runs `argv` as a child that dies with this process."""
-    return [sys.executable, "-m", "splitserve.launch.lifeline", str(os.getpid()), "--", *argv]
+    return [sys.executable, "-m", "splitserve.lifeline", str(os.getpid()), "--", *argv]
 
 
 class SignalFlag:
@@ -93,7 +93,7 @@ class SignalFlag:
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 3 or args[1] != "--" or not args[0].isdigit():
-        sys.exit("usage: python -m splitserve.launch.lifeline PARENT_PID -- PROGRAM [ARGS...]")
+        sys.exit("usage: python -m splitserve.lifeline PARENT_PID -- PROGRAM [ARGS...]")
     arm(int(args[0]))
     program = args[2:]
     os.execv(program[0], program)
