@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from services_fixture import _children
 from splitserve.kvstore import shm
 from splitserve import owned_dirs
 from splitserve.launch import preflight
@@ -176,40 +177,57 @@ def _owner(path: str) -> int | None:
     return owned_dirs.owner_pid(name, redis_server.DIR_PREFIX) or owned_dirs.owner_pid(name, shm.DIR_PREFIX)
 
 
-def test_second_up_on_the_same_ports_fails_and_sigkilled_up_leaves_nothing_a_start_does_not_clean():
-    from services_fixture import start_stack
+def test_second_up_on_a_running_stacks_ports_fails(http_stack):
+    """A second `up` on the first one's gateway ports stops at once, naming the port; it never
+    reaches the first one's gateway and says it is up."""
+    grpc_port = http_stack.gateway.rsplit(":", 1)[1]
+    http_port = http_stack.http_base.rsplit(":", 1)[1].split("/")[0]
+    _refused(_run("up", "--grpc-port", grpc_port, "--http-port", "0"), f"--grpc-port {grpc_port}")
+    _refused(_run("up", "--grpc-port", str(free_port()), "--http-port", http_port), f"--http-port {http_port}")
+
+
+def test_sigkilled_up_leaves_nothing_a_start_does_not_clean():
+    """`up` is killed (SIGKILL: none of its own clean-up runs) as soon as the embedded Redis and the
+    kvstore have made their temp directories, while the workers still load: the children die with
+    it, and what they leave is removed by the next start's clean-up."""
 
     def snapshot() -> set[str]:
         return {os.path.join(d, n) for d in (tempfile.gettempdir(), "/dev/shm") for n in os.listdir(d)}
 
-    before = snapshot()
-    stack = start_stack("--dtype", "float32", "--kv-cache-memory-gb", "0.05", "--kvstore-capacity-gb", "0.1")
-    try:
-        # A second `up` on the first one's gateway ports stops at once, naming the port; it never
-        # reaches the first one's gateway and says it is up.
-        grpc_port, http_port = stack.gateway.rsplit(":", 1)[1], stack.http_base.rsplit(":", 1)[1].split("/")[0]
-        _refused(_run("up", "--grpc-port", grpc_port, "--http-port", "0"), f"--grpc-port {grpc_port}")
-        _refused(_run("up", "--grpc-port", str(free_port()), "--http-port", http_port), f"--http-port {http_port}")
+    def ours() -> set[str]:
+        run_pids.update(pid for pid, _ in _children(up.pid))
+        return {p for p in snapshot() - before if _owner(p) in run_pids}
 
-        made = snapshot() - before
-        run_pids = {stack.proc.pid, *stack.child_pids()}
-        ours = {p for p in made if _owner(p) in run_pids}
-        assert any(os.path.basename(p).startswith(redis_server.DIR_PREFIX) for p in ours), made
-        assert any(os.path.basename(p).startswith(shm.DIR_PREFIX) for p in ours), made
+    before = snapshot()
+    up = subprocess.Popen([*CLI, "up", "--grpc-port", str(free_port()), "--http-port", "0", "--dtype", "float32",
+                           "--kv-cache-memory-gb", "0.05", "--kvstore-capacity-gb", "0.1"],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    run_pids = {up.pid}
+    try:
+        deadline = time.monotonic() + 120
+        while not ({redis_server.DIR_PREFIX, shm.DIR_PREFIX} <= {_prefix(p) for p in ours()}):
+            assert up.poll() is None and time.monotonic() < deadline, "up did not start Redis and the kvstore"
+            time.sleep(0.05)
     finally:
-        stack.proc.send_signal(signal.SIGKILL)  # no cleanup of its own runs
-        stack.proc.wait()
-    deadline = time.monotonic() + 120  # each child stops gracefully on its SIGTERM
-    while any(_state(pid) not in (None, "Z") for pid in run_pids - {stack.proc.pid}):
+        up.send_signal(signal.SIGKILL)
+        up.wait()
+    made = {p for p in snapshot() - before if _owner(p) in run_pids}
+    deadline = time.monotonic() + 120  # each child stops on the SIGTERM its lifeline sends
+    while any(_state(pid) not in (None, "Z") for pid in run_pids - {up.pid}):
         assert time.monotonic() < deadline, "the children outlived the killed up"
         time.sleep(0.05)
 
     # The embedded Redis's directory stays (its owner could not remove it) until a start removes it
     # (all of them are still there, unless another test's embedded Redis started meanwhile).
-    left = {p for p in ours if os.path.exists(p)}
+    left = {p for p in made if os.path.exists(p)}
     removed = preflight.remove_leftovers()  # what `splitserve up` (and every embedded Redis) runs first
     assert left <= set(removed)
-    assert not [p for p in ours if os.path.exists(p)], "the first run's temp files survived a start's clean-up"
+    assert not [p for p in made if os.path.exists(p)], "the first run's temp files survived a start's clean-up"
     # nothing else new either that names a process of the first run (other tests may run meanwhile)
     pids = {str(pid) for pid in run_pids}
     assert not [p for p in snapshot() - before if pids & set(re.split(r"[-_.]", os.path.basename(p)))]
+
+
+def _prefix(path: str) -> str | None:
+    name = os.path.basename(path)
+    return next((pre for pre in (redis_server.DIR_PREFIX, shm.DIR_PREFIX) if name.startswith(pre)), None)
