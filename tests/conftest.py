@@ -23,7 +23,7 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 TIERS = ("unit", "engine", "kernels", "model", "services", "e2e")
 # fixtures that load the model (a test using one is also marked loads_model: `make test-fast` skips it)
-MODEL_FIXTURES = {"llm_f32", "hf_model", "http_stack"}
+MODEL_FIXTURES = {"llm_f32", "hf_model", "http_stack", "two_prefill_stack"}
 
 # The helpers shared by the tiers (services_fixture, certs) are imported as top-level modules.
 if str(TESTS) not in sys.path:
@@ -76,6 +76,23 @@ def http_stack():
 
     s = start_stack("--dtype", "float32", "--kv-cache-memory-gb", "0.1", "--prefill-workers", "1",
                     "--decode-workers", "1")
+    yield s
+    assert s.stop() == 0, "\n".join(s.log[-30:])
+
+
+@pytest.fixture(scope="session")
+def two_prefill_stack():
+    """`splitserve up` with two prefill workers and one decode worker, shared by the routing tests
+    (tests/e2e/test_services.py) and the flag tests (tests/e2e/test_up_flags.py), which give the
+    gateway's routing weight, its served model name and a metrics base port through `up`."""
+    from services_fixture import OVERLAP_WEIGHT, SERVED_NAME, metrics_base, start_stack
+
+    base = metrics_base()
+    flags = ("--dtype", "float32", "--kv-cache-memory-gb", "0.15", "--prefill-workers", "2", "--decode-workers", "1",
+             "--gateway-overlap-weight", str(OVERLAP_WEIGHT), "--gateway-served-model-name", SERVED_NAME,
+             "--metrics-port", str(base))
+    s = start_stack(*flags)
+    s.flags, s.base = flags, base
     yield s
     assert s.stop() == 0, "\n".join(s.log[-30:])
 

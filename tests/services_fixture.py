@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,11 @@ from dataclasses import dataclass, field
 from splitserve.launch.up import free_port
 from splitserve.rpc import channel
 from splitserve.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
+
+# the two-prefill-worker stack the end-to-end tests share (tests/conftest.py: two_prefill_stack):
+# role flags given through `up` that tests/e2e/test_up_flags.py checks reach the roles
+OVERLAP_WEIGHT = 50.0  # the gateway's default is 1.0
+SERVED_NAME = "tiny-llm"
 
 _LINE = re.compile(r"^\s+(\S+)\s+(\S+:\d+)")
 _PID = re.compile(r"\(.*\bpid (\d+)\)")
@@ -145,3 +151,20 @@ def start_long_stream(gateway: str, prompt: str, min_tokens: int = 4):
         if got >= min_tokens:
             return stream
     raise AssertionError(f"the stream ended after {got} tokens, before {min_tokens}")
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def metrics_base() -> int:
+    """A base port whose kvstore, prefill-0/1 and decode-0 offsets are free now."""
+    for base in range(31000, 60000, 97):
+        if all(_free(base + off) for off in (0, 10, 11, 20)):
+            return base
+    raise RuntimeError("no free metrics base port between 31000 and 60000")

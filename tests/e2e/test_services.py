@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from services_fixture import start_long_stream, start_stack
+from services_fixture import start_long_stream
 from splitserve import SamplingParams
 from splitserve.client import generate, stream_generate
 from splitserve.ownership.registry import OwnershipRegistry
@@ -103,10 +103,8 @@ def test_cancel_mid_stream_frees_decode_blocks(stack):
 
 
 @pytest.fixture(scope="module")
-def stack2():
-    s = start_stack("--dtype", "float32", "--kv-cache-memory-gb", "0.1", "--prefill-workers", "2", "--decode-workers", "1")
-    yield s
-    assert s.stop() == 0, "\n".join(s.log[-30:])
+def stack2(two_prefill_stack):
+    return two_prefill_stack
 
 
 def test_shared_prefix_goes_to_its_owner(stack2, llm_f32):

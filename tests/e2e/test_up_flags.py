@@ -1,39 +1,19 @@
-"""Role flags given through `splitserve up` reach the roles: one stack (two prefill workers, one
-decode worker) started with the gateway's routing weight, its served model name and a metrics base
-port on up's command line, checked through what the processes serve."""
+"""Role flags given through `splitserve up` reach the roles: the shared two-prefill-worker stack
+(tests/conftest.py: two_prefill_stack) is started with the gateway's routing weight, its served
+model name and a metrics base port on up's command line, checked through what the processes serve."""
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import urllib.request
 
 import pytest
 
-from services_fixture import start_stack
+from services_fixture import SERVED_NAME
 
-OVERLAP_WEIGHT = 50.0  # default 1.0
-SERVED_NAME = "tiny-llm"
 # A: 141 tokens (8 full blocks of 16, 9 with the partial one); LONG: ~1,700 tokens, a long prefill.
 PROMPT_A = "Routing weights decide where a repeated prompt goes. " * 14
 LONG = " ".join(f"item{i}" for i in range(450))
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def metrics_base() -> int:
-    """A base port whose kvstore, prefill-0/1 and decode-0 offsets are free now."""
-    for base in range(31000, 60000, 97):
-        if all(_free(base + off) for off in (0, 10, 11, 20)):
-            return base
-    pytest.skip("no free metrics base port")
 
 
 def get_json(url: str, body: dict | None = None) -> dict:
@@ -55,17 +35,8 @@ def decisions(stack) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def stack():
-    base = metrics_base()
-    flags = ("--dtype", "float32", "--kv-cache-memory-gb", "0.15", "--prefill-workers", "2", "--decode-workers", "1",
-             "--gateway-overlap-weight", str(OVERLAP_WEIGHT), "--gateway-served-model-name", SERVED_NAME,
-             "--metrics-port", str(base))
-    s = start_stack(*flags)
-    s.flags, s.base = flags, base
-    try:
-        yield s
-    finally:
-        s.stop()
+def stack(two_prefill_stack):
+    return two_prefill_stack
 
 
 def test_metrics_ports_sit_at_their_offsets_and_match_the_scrape_config(stack, capsys):
