@@ -76,6 +76,11 @@ def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
 class RotaryEmbedding(nn.Module):
     def __init__(self, args: ModelArgs, max_positions: int) -> None:
         super().__init__()
+        # computed on the CPU even while the model is built on the meta device (the loader's)
+        with torch.device("cpu"):
+            self._build(args, max_positions)
+
+    def _build(self, args: ModelArgs, max_positions: int) -> None:
         inv_freq, attention_scaling = rope_inv_freq(args)
         pos = torch.arange(max_positions, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]

@@ -6,6 +6,7 @@ RoPE); they are permuted back so that the model uses rotate-half RoPE like HF tr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 
 from splitserve.kernels import cpu_quant
+from splitserve.model.gguf_file import GGUFFile, GGUFFormatError
 from splitserve.model.llama import LlamaModel, ModelArgs
 # where the weights are: shared with `splitserve up`'s check of --model, which must not import torch
 from splitserve.model.paths import default_model_path, resolve_model_path  # noqa: F401 (default_model_path: re-exported)
@@ -37,15 +39,13 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
     else:
         args, tensors = _read_gguf(path, quantized)
     positions = max_positions or args.max_position_embeddings
-    with torch.device("meta"):
+    with torch.device("meta"), _without_random_init():
         model_obj = LlamaModel(args, positions)
     state = _to_state_dict(args, tensors, path)
     model_obj.load_state_dict(state, strict=False, assign=True)
     missing = [n for n, p in model_obj.named_parameters() if p.is_meta]
     if missing:
         raise ModelLoadError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}")
-    # The RoPE tables are buffers built from the config: rebuild them off the meta device.
-    model_obj.rotary = type(model_obj.rotary)(args, positions)
     if compute != storage:  # bf16 values, float32 arithmetic (see compute_dtype)
         for p in model_obj.parameters():
             p.data = p.data.to(storage).to(compute)
@@ -55,6 +55,21 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
         model_obj.use_cpu_kernels(compute, _fuse_quantized(args, quantized or {}))
     model_obj.eval()
     return model_obj, path
+
+
+@contextlib.contextmanager
+def _without_random_init():
+    """Module constructors skip their random initialization: every weight is replaced by the
+    checkpoint's, and on the meta device the first init call imports torch._dynamo (~2.5 s)."""
+    names = ("normal_", "uniform_", "kaiming_uniform_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    for name in names:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _fuse_quantized(args: ModelArgs, quantized: dict) -> dict:
@@ -100,14 +115,14 @@ def compute_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------- GGUF
 
 
-def read_gguf_args(reader, path: Path) -> ModelArgs:
+def read_gguf_args(reader: GGUFFile, path: Path) -> ModelArgs:
     def field(name, default=None, required=True):
-        f = reader.fields.get(name)
-        if f is None:
+        value = reader.fields.get(name)
+        if value is None:
             if required and default is None:
                 raise ModelLoadError(f"{path}: GGUF metadata key {name!r} is missing")
             return default
-        return f.contents()
+        return value
 
     arch = field("general.architecture")
     if arch not in ("llama", "qwen2", "mistral"):
@@ -118,7 +133,9 @@ def read_gguf_args(reader, path: Path) -> ModelArgs:
     tensor_names = {t.name for t in reader.tensors}
     vocab = field(f"{arch}.vocab_size", required=False)
     if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        vocab = len(reader.fields.get("tokenizer.ggml.tokens") or ())
+        if not vocab:
+            raise ModelLoadError(f"{path}: GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
     scaling: dict = {}
     scale_type = field(f"{arch}.rope.scaling.type", required=False)
     if scale_type == "linear":
@@ -175,12 +192,10 @@ def _read_gguf(path: Path, quantized: dict | None = None) -> tuple[ModelArgs, di
     """The model's arguments and its tensors dequantized to float32. `quantized`, when given, also
     receives the projections and LM head stored as Q4_1 or Q8_0, as (format, raw uint8 rows) under
     the same names, rows in the same order (Q and K un-permuted)."""
-    import gguf
-
     try:
-        reader = gguf.GGUFReader(str(path))
-    except Exception as exc:  # the gguf package raises ValueError/struct/IndexError on bad bytes
-        raise ModelLoadError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+        reader = GGUFFile(path)
+    except (GGUFFormatError, OSError) as exc:
+        raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
     args = read_gguf_args(reader, path)
     names = {
         "token_embd": "embed_tokens",
