@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from splitserve.gateway import openai_api as oa
+from splitserve.gateway.disconnect import ClientDisconnected, until_disconnect
 from splitserve.gateway.errors import GatewayError
 from splitserve.gateway.openai_api import ApiError
 from splitserve.gateway.service import INTERNAL_MESSAGE
@@ -198,10 +199,12 @@ class HttpApi:
             return _Stream(self._stream(parsed, prepared, arrival), stack.close, media_type="text/event-stream",
                            headers=headers | {"cache-control": "no-cache"})
         with stack:
-            try:
-                results = await self._collect(parsed, prepared, arrival)
+            try:  # a client that disconnects cancels the work (gateway/disconnect.py)
+                results = await until_disconnect(request.receive, self._collect(parsed, prepared, arrival))
             except GatewayError as exc:
                 return error_response(api_error(exc, kind), request_id)
+            except ClientDisconnected:
+                return Response(status_code=499)  # never delivered: the connection is gone
         return JSONResponse(self._full_response(parsed, results), headers=headers)
 
     async def _body(self, request: Request) -> bytes:
