@@ -14,10 +14,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from splitserve.gateway import openai_api as oa
+from splitserve.gateway import openai_responses as answers
 from splitserve.bench.hf_batcher import BatchInfo, Job, LoadedModel, RowEnd, StaticBatcher
 from splitserve.config.hf_serve import HfServeConfig
 from splitserve.gateway.output import OutputStream
 from splitserve.gateway.openai_api import ApiError
+from splitserve.gateway.request_body import parse_json
 from splitserve.sampling_params import SamplingParams
 from splitserve.wire import sampling_from_proto
 
@@ -77,7 +79,7 @@ class HfServer:
         return JSONResponse({"object": "list", "data": [card]})
 
     def _parse(self, raw: bytes, request_id: str) -> tuple[oa.ParsedRequest, Job]:
-        parsed = oa.parse_completion(oa.parse_json(raw), [self.model_id], request_id)
+        parsed = oa.parse_completion(parse_json(raw), [self.model_id], request_id)
         if parsed.choices[-1].prompt_index > 0:
             raise oa.bad("prompt", "prompt must be one prompt (a string or token ids) on this server",
                          "unsupported_parameter")
@@ -136,7 +138,7 @@ class HfServer:
                 "model": parsed.model, "choices": [{"index": 0, "text": text, "logprobs": None,
                                                     "finish_reason": out.finish_reason,
                                                     "stop_reason": _stop_reason(out.stop_reason)}],
-                "usage": oa.usage_dict(len(job.prompt_ids), len(out.token_ids), 0)}
+                "usage": answers.usage_dict(len(job.prompt_ids), len(out.token_ids), 0)}
         return JSONResponse(body, headers=headers)
 
     async def _wait_for_batch(self, job: Job, request: Request) -> BatchInfo | Exception | None:
@@ -176,14 +178,14 @@ class HfServer:
                 finish = out.finish_reason or None
                 choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish,
                           "stop_reason": _stop_reason(out.stop_reason) if finish else None}
-                yield oa.sse(base | {"choices": [choice]} | extra)
+                yield answers.sse(base | {"choices": [choice]} | extra)
             if parsed.include_usage:
-                yield oa.sse(base | {"choices": [], "usage": oa.usage_dict(len(job.prompt_ids), len(out.token_ids), 0)})
+                yield answers.sse(base | {"choices": [], "usage": answers.usage_dict(len(job.prompt_ids), len(out.token_ids), 0)})
         except RuntimeError as exc:
-            yield oa.sse(ApiError(500, str(exc), None, "internal_error").body())
+            yield answers.sse(ApiError(500, str(exc), None, "internal_error").body())
         finally:
             await deltas.aclose()
-        yield oa.sse("[DONE]")
+        yield answers.sse("[DONE]")
 
 
 def _stop_reason(value: str) -> str | int | None:

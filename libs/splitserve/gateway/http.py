@@ -6,6 +6,7 @@ OpenAI-compatible API, /health and /metrics.
     GET  /health    200 when at least one prefill and one decode worker answer, else 503; the JSON
                     counts healthy workers per role and says whether Redis is ok, degraded or off
     GET  /metrics   Prometheus text format
+    GET  /openapi.json  the OpenAPI 3.1 document of all of these (gateway/openapi.py)
 
 Each request runs through the same steps as the gRPC Generate call (GatewayService.admit /
 prepare / run), one per choice (`n`, or several prompts), concurrently. Everything that can be
@@ -32,9 +33,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from splitserve.gateway import openai_api as oa
+from splitserve.gateway import openai_responses as answers
 from splitserve.gateway.disconnect import ClientDisconnected, until_disconnect
 from splitserve.gateway.errors import GatewayError
 from splitserve.gateway.openai_api import ApiError
+from splitserve.gateway.openapi import openapi_document
+from splitserve.gateway.prepare import fill_context
+from splitserve.gateway.request_body import parse_json
 from splitserve.gateway.service import INTERNAL_MESSAGE
 
 log = logging.getLogger("splitserve.gateway.http")
@@ -51,12 +56,13 @@ _PARAMS = {"prompt_token_ids": "prompt", "chat": "messages", "input": "prompt"}
 def api_error(exc: GatewayError, kind: str) -> ApiError:
     status = _STATUS.get(exc.code, 500)
     param = exc.field
-    if param == "sampling":  # "sampling.max_tokens must be ..." -> max_tokens
-        param = str(exc).split(".", 1)[-1].split(" ", 1)[0]
+    message = str(exc) if status != 500 else INTERNAL_MESSAGE
+    if param and param.startswith("sampling") and message.startswith("sampling."):
+        message = message[len("sampling."):]  # "sampling.max_tokens is 9000 ..." -> "max_tokens is 9000 ..."
+        param = message.split(" ", 1)[0]
     param = _PARAMS.get(param, param)
     if kind == "chat" and param == "prompt":
         param = "messages"
-    message = str(exc) if status != 500 else INTERNAL_MESSAGE
     if exc.field and param and param != exc.field and message.startswith(exc.field):
         message = param + message[len(exc.field):]  # "chat is 9031 tokens" -> "messages is 9031 tokens"
     return ApiError(status, message, param, _CODES.get(status))
@@ -88,7 +94,7 @@ class HttpApi:
     def __init__(self, service, max_body_bytes: int = 16 << 20) -> None:
         self.service = service
         self.max_body_bytes = max_body_bytes
-        self._tokens: oa.TokenText | None = None
+        self._tokens: answers.TokenText | None = None
         self.app = Starlette(routes=[
             Route("/health", self.health, methods=["GET"]),
             Route("/metrics", self.metrics, methods=["GET"]),
@@ -96,6 +102,7 @@ class HttpApi:
             Route("/v1/models/{model:path}", self.model, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat, methods=["POST"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
         ], exception_handlers={HTTPException: self._http_exception, Exception: self._internal})
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> JSONResponse:
@@ -128,6 +135,11 @@ class HttpApi:
     async def health(self, request: Request) -> JSONResponse:
         ready, body = self._ready_state()
         return JSONResponse(body, status_code=200 if ready else 503)
+
+    async def openapi(self, request: Request) -> JSONResponse:
+        """The OpenAPI 3.1 document of this server, with the served model's names and limits."""
+        model = self.service.pool.model if self.service.ready else None
+        return JSONResponse(openapi_document(self.service.model_names, model, secured=not self.service.authorized(None)))
 
     async def metrics(self, request: Request) -> Response:
         body = await asyncio.to_thread(self.service.metrics.render)
@@ -180,10 +192,11 @@ class HttpApi:
             if not self.service.ready:
                 raise GatewayError(Code.UNAVAILABLE, "gateway not ready: waiting for a prefill and a decode worker")
             parse = oa.parse_completion if kind == "completion" else oa.parse_chat
-            parsed = parse(oa.parse_json(raw), self.service.model_names, request_id)
+            body = parse_json(raw, request.headers.get("content-type"))
+            parsed = parse(body, self.service.model_names, request_id, self.service.pool.model.max_model_len)
             for _ in parsed.choices:
                 stack.enter_context(self.service.admit())
-            prepared = [await self.service.prepare(c.request) for c in parsed.choices]
+            prepared = [self._fit(c, await self.service.prepare(c.request)) for c in parsed.choices]
         except ApiError as err:
             stack.close()
             self.service.metrics.rejected({404: "unknown_model", 401: "unauthenticated"}.get(err.status, "invalid"))
@@ -193,7 +206,7 @@ class HttpApi:
             self.service.rejected(exc.code)
             return error_response(api_error(exc, kind), request_id)
         if self._tokens is None:
-            self._tokens = oa.TokenText(self.service.tokenizer)
+            self._tokens = answers.TokenText(self.service.tokenizer)
         headers = {"x-request-id": request_id}
         if parsed.stream:
             return _Stream(self._stream(parsed, prepared, arrival), stack.close, media_type="text/event-stream",
@@ -206,6 +219,10 @@ class HttpApi:
             except ClientDisconnected:
                 return Response(status_code=499)  # never delivered: the connection is gone
         return JSONResponse(self._full_response(parsed, results), headers=headers)
+
+    def _fit(self, choice: oa.Choice, prepared):
+        """A chat choice without max_tokens generates up to the context's end (vLLM's default)."""
+        return fill_context(prepared, self.service.pool.model.max_model_len) if choice.fill_context else prepared
 
     async def _body(self, request: Request) -> bytes:
         """The body, at most max_body_bytes; beyond that 413. An oversize body is read on and dropped
@@ -291,7 +308,7 @@ class HttpApi:
                 seen.add(choice.prompt_index)
                 prompt += u.prompt_tokens
                 cached += u.cached_tokens
-        return oa.usage_dict(prompt, completion, cached)
+        return answers.usage_dict(prompt, completion, cached)
 
     def _full_response(self, parsed: oa.ParsedRequest, results: list[dict]) -> dict:
         choices = []
@@ -299,11 +316,11 @@ class HttpApi:
             if parsed.kind == "completion":
                 lps = None
                 if parsed.logprobs is not None:
-                    lps = oa.completion_logprobs(r["logprobs"], self._tokens, len(choice.echo_text))
+                    lps = answers.completion_logprobs(r["logprobs"], self._tokens, len(choice.echo_text))
                 choices.append({"index": choice.index, "text": r["text"], "logprobs": lps,
                                 "finish_reason": r["finish_reason"], "stop_reason": _stop_reason(r["stop_reason"])})
             else:
-                lps = oa.chat_logprobs(r["logprobs"], self._tokens) if parsed.logprobs is not None else None
+                lps = answers.chat_logprobs(r["logprobs"], self._tokens) if parsed.logprobs is not None else None
                 choices.append({"index": choice.index, "message": {"role": "assistant", "content": r["text"]},
                                 "logprobs": lps, "finish_reason": r["finish_reason"],
                                 "stop_reason": _stop_reason(r["stop_reason"])})
@@ -322,7 +339,7 @@ class HttpApi:
             if parsed.kind == "chat":  # the role first, as OpenAI does
                 for c in parsed.choices:
                     started[c.index] = True
-                    yield oa.sse(base | {"choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                    yield answers.sse(base | {"choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
                                                       "logprobs": None, "finish_reason": None}]} | extra)
             async with aclosing(self._events(prepared, arrival)) as events:
                 async for index, resp in events:
@@ -337,12 +354,12 @@ class HttpApi:
                         continue  # text held back (a partial character or a possible stop string)
                     chunk = self._chunk_choice(parsed, choice, text, resp, offsets[index] + len(text) - len(resp.text))
                     offsets[index] += len(text)
-                    yield oa.sse(base | {"choices": [chunk]} | extra)
+                    yield answers.sse(base | {"choices": [chunk]} | extra)
             if parsed.include_usage:
-                yield oa.sse(base | {"choices": [], "usage": self._usage(parsed, usages)})
+                yield answers.sse(base | {"choices": [], "usage": self._usage(parsed, usages)})
         except GatewayError as exc:
-            yield oa.sse(api_error(exc, parsed.kind).body())
-        yield oa.sse("[DONE]")
+            yield answers.sse(api_error(exc, parsed.kind).body())
+        yield answers.sse("[DONE]")
 
     def _chunk_choice(self, parsed: oa.ParsedRequest, choice: oa.Choice, text: str, resp, offset: int) -> dict:
         finish = resp.finish_reason or None
@@ -350,10 +367,10 @@ class HttpApi:
         if parsed.kind == "completion":
             lps = None
             if parsed.logprobs is not None:
-                lps = oa.completion_logprobs(list(resp.logprobs), self._tokens, offset)
+                lps = answers.completion_logprobs(list(resp.logprobs), self._tokens, offset)
             return {"index": choice.index, "text": text, "logprobs": lps, "finish_reason": finish,
                     "stop_reason": stop_reason}
-        lps = oa.chat_logprobs(list(resp.logprobs), self._tokens) if parsed.logprobs is not None else None
+        lps = answers.chat_logprobs(list(resp.logprobs), self._tokens) if parsed.logprobs is not None else None
         return {"index": choice.index, "delta": {"content": text} if text or not finish else {},
                 "logprobs": lps, "finish_reason": finish, "stop_reason": stop_reason}
 

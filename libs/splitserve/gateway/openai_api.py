@@ -1,9 +1,12 @@
-"""The OpenAI-compatible HTTP API's wire format: strict parsing of request bodies into
-`splitserve.v1.GenerateRequest`s, and the response objects and stream chunks.
+"""The OpenAI-compatible HTTP API's requests: strict parsing of a JSON body (read by
+gateway/request_body.py) into `splitserve.v1.GenerateRequest`s (the answers are
+gateway/openai_responses.py).
 
 Parsing never guesses: a field of the wrong JSON type, out of range, or one this server cannot
 honour (e.g. `presence_penalty` != 0, `suffix`, tools) is an `ApiError` (HTTP 400) whose `param`
-names the field, in OpenAI's error body. Unknown fields are ignored (clients send vendor fields).
+names the field, in OpenAI's error body. Every bound comes from gateway/api_fields.py, the table the
+OpenAPI document is built from. Unknown fields are accepted and ignored, as vLLM does (clients send
+vendor fields); each unknown name is logged once.
 
 Conventions shared with vLLM where OpenAI is silent: `top_k`, `min_p`, `ignore_eos`,
 `stop_token_ids`, `skip_special_tokens`, `include_stop_str_in_output` and `cache_salt` are accepted
@@ -12,129 +15,139 @@ as extra body fields; with `n` > 1 and a `seed`, choice i uses seed + i (distinc
 from __future__ import annotations
 
 import json
+import logging
 import math
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Any
 
+from splitserve.gateway.api_fields import (
+    DEFAULT_MAX_TOKENS, FIELDS, MAX_PROMPTS, MAX_STOP, MAX_STOP_TOKEN_IDS, UINT32_MAX, ApiField)
+from splitserve.gateway.errors import ApiError, bad
 from splitserve.gateway.prepare import CHAT_ROLES, MAX_REQUEST_ID_CHARS
-from splitserve.sampling_params import MAX_LOGPROBS, SamplingParams
+from splitserve.gateway.request_body import json_type
+from splitserve.sampling_params import SamplingParams
 from splitserve.v1 import common_pb2, gateway_pb2
 from splitserve.wire import sampling_to_proto
 
-MAX_N = 16  # choices per request (each is a full request through the workers)
-MAX_PROMPTS = 64  # prompts in one completions call
-MAX_STOP = 16  # stop strings
-
-# HTTP status -> OpenAI error type
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-               503: "server_error", 504: "server_error"}
+log = logging.getLogger("splitserve.gateway.http")
+_MAX_UNKNOWN_NAMES = 256  # unknown field names remembered (each logged once); past that none is logged
+_FLOAT32_TINY = 2.0**-149  # the smallest positive float32
 
 
-class ApiError(Exception):
-    """An error answer: HTTP status, message, the request field at fault (`param`) and a short code."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.code = code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": ERROR_TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+def _short(v: Any) -> str:
+    text = json.dumps(v) if not isinstance(v, float) or math.isfinite(v) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
-def bad(param: str, message: str, code: str = "invalid_value") -> ApiError:
-    return ApiError(400, message if message.startswith(param) else f"{param}: {message}", param, code)
+def _json_equal(a: Any, b: Any) -> bool:
+    """Equality as JSON sees it: false is not 0, 1.0 is 1."""
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    return type(a) is type(b) and a == b
 
 
-def parse_json(raw: bytes) -> dict:
-    """The request body as a JSON object, or ApiError 400."""
-    try:
-        body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise ApiError(400, f"the request body is not valid JSON: {e}", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object, got {_json_type(body)}", None, "invalid_json")
-    return body
+class _UnknownFields:
+    """Logs each unknown field name once per process (bounded: a client inventing names cannot
+    grow it without end)."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def note(self, kind: str, body: dict) -> None:
+        known = FIELDS[kind]
+        for name in body:
+            if name in known or name in self._seen:
+                continue
+            with self._lock:
+                if len(self._seen) >= _MAX_UNKNOWN_NAMES or name in self._seen:
+                    continue
+                self._seen.add(name)
+            log.warning("ignored an unknown request field (logged once per name): endpoint=%s field=%s",
+                        kind, ascii(name[:64]))
 
 
-def _json_type(v: Any) -> str:
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "a boolean"
-    if isinstance(v, int):
-        return "an integer"
-    if isinstance(v, float):
-        return "a number"
-    if isinstance(v, str):
-        return "a string"
-    if isinstance(v, list):
-        return "an array"
-    return "an object"
+UNKNOWN_FIELDS = _UnknownFields()
 
 
 class _Fields:
-    """Typed, range-checked reads of one body's fields; every error names the field."""
+    """Typed, range-checked reads of one body's fields, bounds from api_fields; every error names the field."""
 
-    def __init__(self, body: dict) -> None:
+    def __init__(self, body: dict, kind: str, max_model_len: int | None) -> None:
         self.body = body
+        self.kind = kind
+        self.max_model_len = max_model_len
 
-    def get(self, name: str, default=None):
-        v = self.body.get(name)
-        return default if v is None else v
+    def spec(self, name: str) -> ApiField:
+        return FIELDS[self.kind][name]
 
-    def bool(self, name: str, default: bool = False) -> bool:
-        v = self.get(name, default)
-        if not isinstance(v, bool):
-            raise bad(name, f"{name} must be a boolean, got {_json_type(v)}", "invalid_type")
-        return v
-
-    def int(self, name: str, default: int | None, low: int | None = None, high: int | None = None) -> int | None:
+    def bool(self, name: str) -> bool:
         v = self.body.get(name)
         if v is None:
-            return default
+            return self.spec(name).default
+        if not isinstance(v, bool):
+            raise bad(name, f"{name} must be a boolean, got {json_type(v)}", "invalid_type")
+        return v
+
+    def int(self, name: str) -> int | None:
+        spec, v = self.spec(name), self.body.get(name)
+        if v is None:
+            return spec.default
         if isinstance(v, float) and v.is_integer():  # 16.0 from loosely typed clients
             v = int(v)
         if not isinstance(v, int) or isinstance(v, bool):
-            raise bad(name, f"{name} must be an integer, got {_json_type(v)}", "invalid_type")
-        if (low is not None and v < low) or (high is not None and v > high):
-            span = f"[{low}, {high}]" if high is not None else f">= {low}"
-            raise bad(name, f"{name} must be {span}, got {v}")
+            raise bad(name, f"{name} must be an integer, got {json_type(v)}", "invalid_type")
+        high = spec.high_on(self.max_model_len)
+        if v < spec.low or v > high:
+            if spec.context_bound and self.max_model_len is not None and v > high:
+                raise bad(name, f"{name} is {_short(v)}; this model's context is {self.max_model_len} tokens "
+                                f"for the prompt and the output together, so at most {high} tokens can be "
+                                "generated (fewer, by the prompt's length)")
+            raise bad(name, f"{name} must be in [{spec.low}, {high}], got {_short(v)}")
         return v
 
-    def number(self, name: str, default: float | None, low: float, high: float,
-               low_open: bool = False) -> float | None:
-        v = self.body.get(name)
+    def number(self, name: str) -> float:
+        spec, v = self.spec(name), self.body.get(name)
         if v is None:
-            return default
+            return spec.default
         if not isinstance(v, (int, float)) or isinstance(v, bool):
-            raise bad(name, f"{name} must be a number, got {_json_type(v)}", "invalid_type")
-        v = float(v)
-        if not math.isfinite(v) or v > high or v < low or (low_open and v == low):
-            raise bad(name, f"{name} must be in {'(' if low_open else '['}{low:g}, {high:g}], got {v:g}")
+            raise bad(name, f"{name} must be a number, got {json_type(v)}", "invalid_type")
+        try:
+            v = float(v)
+        except OverflowError:  # an integer beyond any float
+            v = math.inf
+        if not math.isfinite(v) or v > spec.high or v < spec.low or (spec.low_open and v == spec.low):
+            span = f"{'(' if spec.low_open else '['}{spec.low:g}, {spec.high:g}]"
+            raise bad(name, f"{name} must be in {span}, got {v:g}")
+        if spec.low_open and v - spec.low < _FLOAT32_TINY:
+            # the wire carries float32: a value this close to an open bound would round onto it
+            v = spec.low + _FLOAT32_TINY
         return v
 
-    def string(self, name: str, default: str = "", max_len: int | None = None) -> str:
-        v = self.get(name, default)
+    def string(self, name: str) -> str:
+        spec, v = self.spec(name), self.body.get(name)
+        if v is None:
+            return spec.default
         if not isinstance(v, str):
-            raise bad(name, f"{name} must be a string, got {_json_type(v)}", "invalid_type")
-        if max_len is not None and len(v) > max_len:
-            raise bad(name, f"{name} is longer than {max_len} characters")
+            raise bad(name, f"{name} must be a string, got {json_type(v)}", "invalid_type")
+        if len(v) > spec.max_len:
+            raise bad(name, f"{name} is longer than {spec.max_len} characters")
         return v
 
-    def unsupported(self, name: str, allowed: tuple = (), why: str = "") -> None:
-        """ApiError unless the field is absent, null, empty, or one of `allowed`."""
+    def only(self, name: str) -> None:
+        """ApiError unless the field is absent, null, or one of the values its spec accepts."""
         v = self.body.get(name)
-        if v is None or v == [] or v == {} or v in allowed:
+        accepted = self.spec(name).schema["enum"]
+        if v is None or any(_json_equal(v, a) for a in accepted):
             return
-        raise bad(name, f"{name} is not supported by this server{why}", "unsupported_parameter")
+        shown = " or ".join(_short(a) for a in accepted if a not in ([], {}, ""))
+        what = f" other than {shown}" if shown else ""
+        raise bad(name, f"{name}{what} is not supported by this server", "unsupported_parameter")
 
 
 @dataclass
@@ -145,6 +158,8 @@ class Choice:
     prompt_index: int  # which prompt (completions with several prompts)
     request: gateway_pb2.GenerateRequest
     echo_text: str = ""  # completions echo: prepended to the text
+    # chat without max_tokens: generate up to the context's end (the wire's unset max_tokens means 16)
+    fill_context: bool = False
 
 
 @dataclass
@@ -165,41 +180,49 @@ class ParsedRequest:
         return ("cmpl-" if self.kind == "completion" else "chatcmpl-") + self.request_id
 
 
-def _sampling(f: _Fields, max_tokens_names: tuple[str, ...], logprobs: int | None) -> common_pb2.SamplingParams:
-    """The wire SamplingParams from the body's fields, checked here and again by SamplingParams."""
+def _stops(f: _Fields) -> tuple[list[str], list[int]]:
+    stop = f.body.get("stop")
+    if isinstance(stop, str):
+        stop = [stop]
+    if stop is not None and (not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop)):
+        raise bad("stop", "stop must be a non-empty string or an array of non-empty strings", "invalid_type")
+    if stop is not None and len(stop) > MAX_STOP:
+        raise bad("stop", f"stop holds {len(stop)} strings; at most {MAX_STOP} are accepted")
+    ids = f.body.get("stop_token_ids")
+    if ids is not None and (not _is_ids(ids) or not all(0 <= t <= UINT32_MAX for t in ids)):
+        raise bad("stop_token_ids", f"stop_token_ids must be an array of integers in [0, {UINT32_MAX}]",
+                  "invalid_type")
+    if ids is not None and len(ids) > MAX_STOP_TOKEN_IDS:
+        raise bad("stop_token_ids", f"stop_token_ids holds {len(ids)} ids; at most {MAX_STOP_TOKEN_IDS} are accepted")
+    return stop or [], [int(t) for t in ids or ()]
+
+
+def _sampling(f: _Fields, max_tokens_names: tuple[str, ...],
+              logprobs: int | None) -> tuple[common_pb2.SamplingParams, bool]:
+    """The wire SamplingParams from the body's fields (checked here and again by SamplingParams),
+    and whether max_tokens was given. An absent max_tokens stays unset on the wire: the gateway
+    then applies its default, clipped to the room the prompt leaves (gateway/prepare.py)."""
     max_tokens = None
     for name in max_tokens_names:  # chat: max_completion_tokens wins over the deprecated max_tokens
-        value = f.int(name, None, 1)
+        value = f.int(name)
         if value is not None and max_tokens is None:
             max_tokens = value
-    stop = f.body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-            raise bad("stop", "stop must be a non-empty string or an array of non-empty strings", "invalid_type")
-        if len(stop) > MAX_STOP:
-            raise bad("stop", f"stop holds {len(stop)} strings; at most {MAX_STOP} are accepted")
-    stop_ids = f.body.get("stop_token_ids")
-    if stop_ids is not None and (not isinstance(stop_ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in stop_ids)):
-        raise bad("stop_token_ids", "stop_token_ids must be an array of non-negative integers", "invalid_type")
-    top_k = f.int("top_k", 0, -1)
+    stop, stop_ids = _stops(f)
     kwargs = dict(
-        max_tokens=16 if max_tokens is None else max_tokens,
-        temperature=f.number("temperature", 1.0, 0.0, 2.0),
-        top_p=f.number("top_p", 1.0, 0.0, 1.0, low_open=True),
-        top_k=max(top_k, 0), min_p=f.number("min_p", 0.0, 0.0, 1.0),
-        seed=f.int("seed", None, -(2**63), 2**63 - 1), stop=stop or [], stop_token_ids=stop_ids or [],
-        ignore_eos=f.bool("ignore_eos"), logprobs=logprobs,
-        skip_special_tokens=f.bool("skip_special_tokens", True),
+        max_tokens=DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens,
+        temperature=f.number("temperature"), top_p=f.number("top_p"), top_k=max(f.int("top_k"), 0),
+        min_p=f.number("min_p"), seed=f.int("seed"), stop=stop, stop_token_ids=stop_ids,
+        ignore_eos=f.bool("ignore_eos"), logprobs=logprobs, skip_special_tokens=f.bool("skip_special_tokens"),
         include_stop_str_in_output=f.bool("include_stop_str_in_output"),
     )
     try:
-        return sampling_to_proto(SamplingParams(**kwargs))
+        msg = sampling_to_proto(SamplingParams(**kwargs))
     except ValueError as e:  # the message starts with the field's name
         name = str(e).split(" ", 1)[0]
         raise bad(name, str(e)) from None
+    if max_tokens is None:
+        msg.ClearField("max_tokens")
+    return msg, max_tokens is not None
 
 
 def _common(f: _Fields, served: list[str]) -> tuple[str, bool, bool, int]:
@@ -207,7 +230,7 @@ def _common(f: _Fields, served: list[str]) -> tuple[str, bool, bool, int]:
     if model is None:
         raise bad("model", "model is required: name the served model (GET /v1/models lists it)", "missing_required_parameter")
     if not isinstance(model, str):
-        raise bad("model", f"model must be a string, got {_json_type(model)}", "invalid_type")
+        raise bad("model", f"model must be a string, got {json_type(model)}", "invalid_type")
     if model not in served:
         raise ApiError(404, f"The model '{model[:200]}' does not exist; this server serves "
                             f"{', '.join(repr(s) for s in served[:1])}", "model", "model_not_found")
@@ -216,7 +239,7 @@ def _common(f: _Fields, served: list[str]) -> tuple[str, bool, bool, int]:
     include_usage = False
     if options is not None:
         if not isinstance(options, dict):
-            raise bad("stream_options", f"stream_options must be an object, got {_json_type(options)}", "invalid_type")
+            raise bad("stream_options", f"stream_options must be an object, got {json_type(options)}", "invalid_type")
         if not stream:
             raise bad("stream_options", "stream_options is only allowed when stream is true")
         include_usage = options.get("include_usage", False)
@@ -224,22 +247,15 @@ def _common(f: _Fields, served: list[str]) -> tuple[str, bool, bool, int]:
             include_usage = False
         if not isinstance(include_usage, bool):
             raise bad("stream_options.include_usage", "stream_options.include_usage must be a boolean, got "
-                      f"{_json_type(include_usage)}", "invalid_type")
-    n = f.int("n", 1, 1, MAX_N)
-    best_of = f.int("best_of", None, 1)
+                      f"{json_type(include_usage)}", "invalid_type")
+    n = f.int("n")
+    best_of = f.int("best_of")
     if best_of is not None and best_of != n:
         raise bad("best_of", "best_of must equal n (or be left out): candidates are not ranked by this server",
                   "unsupported_parameter")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = f.number(name, 0.0, -2.0, 2.0)
-        if value:
-            raise bad(name, f"{name} other than 0 is not supported by this server", "unsupported_parameter")
-    rp = f.number("repetition_penalty", 1.0, 0.0, 10.0)
-    if rp != 1.0:
-        raise bad("repetition_penalty", "repetition_penalty other than 1 is not supported by this server",
-                  "unsupported_parameter")
-    f.unsupported("logit_bias")
-    f.string("user", "", 1024)  # accepted for compatibility, not used
+    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"):
+        f.only(name)
+    f.string("user")  # accepted for compatibility, not used
     return model, stream, include_usage, n
 
 
@@ -252,19 +268,21 @@ def _seed_for(sampling: common_pb2.SamplingParams, i: int) -> common_pb2.Samplin
     return copy
 
 
-def parse_completion(body: dict, served: list[str], request_id: str) -> ParsedRequest:
-    f = _Fields(body)
+def parse_completion(body: dict, served: list[str], request_id: str,
+                     max_model_len: int | None = None) -> ParsedRequest:
+    """`max_model_len`: the served model's context, when known, bounds max_tokens here already."""
+    UNKNOWN_FIELDS.note("completion", body)
+    f = _Fields(body, "completion", max_model_len)
     model, stream, include_usage, n = _common(f, served)
-    logprobs = f.int("logprobs", None, 0, MAX_LOGPROBS)
+    logprobs = f.int("logprobs")
     echo = f.bool("echo")
     if echo and logprobs is not None:
         raise bad("echo", "echo together with logprobs is not supported (this server returns no prompt "
                           "logprobs); drop one of them", "unsupported_parameter")
-    f.unsupported("suffix", why=" (no fill-in-the-middle)")
-    prompt = body.get("prompt")
-    prompts = _prompts(prompt)
-    sampling = _sampling(f, ("max_tokens",), logprobs)
-    cache_salt = f.string("cache_salt", "", 256)
+    f.only("suffix")
+    prompts = _prompts(body.get("prompt"))
+    sampling, _ = _sampling(f, ("max_tokens",), logprobs)
+    cache_salt = f.string("cache_salt")
     choices = []
     for pi, p in enumerate(prompts):
         for i in range(n):
@@ -279,6 +297,15 @@ def parse_completion(body: dict, served: list[str], request_id: str) -> ParsedRe
     return ParsedRequest("completion", model, choices, stream, include_usage, logprobs, request_id)
 
 
+def _is_id(t: Any) -> bool:
+    """A JSON integer: 5 or 5.0 (JSON Schema counts a number with no fraction as an integer)."""
+    return (isinstance(t, int) and not isinstance(t, bool)) or (isinstance(t, float) and t.is_integer())
+
+
+def _is_ids(p: Any) -> bool:
+    return isinstance(p, list) and all(map(_is_id, p))
+
+
 def _prompts(prompt: Any) -> list:
     """completions `prompt`: a string, an array of strings, an array of token ids, or an array of
     arrays of token ids."""
@@ -286,12 +313,9 @@ def _prompts(prompt: Any) -> list:
         raise bad("prompt", "prompt is required", "missing_required_parameter")
     if isinstance(prompt, str):
         prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+    elif isinstance(prompt, list) and prompt and _is_ids(prompt):
         prompts = [prompt]
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
-        prompts = list(prompt)
-    elif isinstance(prompt, list) and prompt and all(
-            isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
+    elif isinstance(prompt, list) and prompt and (all(isinstance(p, str) for p in prompt) or all(map(_is_ids, prompt))):
         prompts = list(prompt)
     else:
         raise bad("prompt", "prompt must be a string, an array of strings, an array of token ids or an array of "
@@ -303,27 +327,37 @@ def _prompts(prompt: Any) -> list:
             raise bad("prompt", f"prompt[{i}] is empty" if len(prompts) > 1 else "prompt is empty")
         if isinstance(p, list):
             for t in p:
-                if t < 0 or t >= 2**32:
-                    raise bad("prompt", f"prompt token id {t} is outside the vocabulary")
+                if t < 0 or t > UINT32_MAX:
+                    raise bad("prompt", f"prompt token id {_short(t)} is outside the vocabulary")
+            prompts[i] = [int(t) for t in p]
     return prompts
 
 
-def parse_chat(body: dict, served: list[str], request_id: str) -> ParsedRequest:
-    f = _Fields(body)
+def parse_chat(body: dict, served: list[str], request_id: str, max_model_len: int | None = None) -> ParsedRequest:
+    """`max_model_len`: the served model's context, when known, bounds max_tokens here already."""
+    UNKNOWN_FIELDS.note("chat", body)
+    f = _Fields(body, "chat", max_model_len)
     model, stream, include_usage, n = _common(f, served)
     want = f.bool("logprobs")
-    top = f.int("top_logprobs", None, 0, MAX_LOGPROBS)
+    top = f.int("top_logprobs")
     if top is not None and not want:
         raise bad("top_logprobs", "top_logprobs needs logprobs set to true")
     logprobs = (top or 0) if want else None
-    for name in ("tools", "functions"):
-        f.unsupported(name, why=" (no tool calling)")
-    f.unsupported("tool_choice", allowed=("none",))
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad("response_format", "response_format other than {\"type\": \"text\"} is not supported",
-                  "unsupported_parameter")
-    messages = body.get("messages")
+    for name in ("tools", "functions", "tool_choice", "response_format"):
+        f.only(name)
+    chat = _messages(body.get("messages"))
+    sampling, given = _sampling(f, ("max_completion_tokens", "max_tokens"), logprobs)
+    cache_salt = f.string("cache_salt")
+    choices = []
+    for i in range(n):
+        req = gateway_pb2.GenerateRequest(request_id=f"{request_id}-{i}" if n > 1 else request_id,
+                                          sampling=_seed_for(sampling, i), cache_salt=cache_salt, model=model)
+        req.chat.CopyFrom(chat)
+        choices.append(Choice(i, 0, req, fill_context=not given))
+    return ParsedRequest("chat", model, choices, stream, include_usage, logprobs, request_id)
+
+
+def _messages(messages: Any) -> gateway_pb2.ChatMessages:
     if messages is None:
         raise bad("messages", "messages is required", "missing_required_parameter")
     if not isinstance(messages, list) or not messages:
@@ -332,23 +366,15 @@ def parse_chat(body: dict, served: list[str], request_id: str) -> ParsedRequest:
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
-            raise bad(where, f"{where} must be an object, got {_json_type(m)}", "invalid_type")
+            raise bad(where, f"{where} must be an object, got {json_type(m)}", "invalid_type")
         role = m.get("role")
         if role == "developer":  # OpenAI's newer name for system instructions
             role = "system"
         if role not in CHAT_ROLES:
             raise bad(f"{where}.role", f"{where}.role must be one of system, user, assistant (or developer), "
-                                       f"got {json.dumps(role)[:40]}")
+                                       f"got {_short(role)}")
         chat.messages.add(role=role, content=_content(m.get("content"), f"{where}.content"))
-    sampling = _sampling(f, ("max_completion_tokens", "max_tokens"), logprobs)
-    cache_salt = f.string("cache_salt", "", 256)
-    choices = []
-    for i in range(n):
-        req = gateway_pb2.GenerateRequest(request_id=f"{request_id}-{i}" if n > 1 else request_id,
-                                          sampling=_seed_for(sampling, i), cache_salt=cache_salt, model=model)
-        req.chat.CopyFrom(chat)
-        choices.append(Choice(i, 0, req))
-    return ParsedRequest("chat", model, choices, stream, include_usage, logprobs, request_id)
+    return chat
 
 
 def _content(content: Any, where: str) -> str:
@@ -362,7 +388,7 @@ def _content(content: Any, where: str) -> str:
                                            "(this model reads text only)", "invalid_type")
             texts.append(part["text"])
         return "".join(texts)
-    raise bad(where, f"{where} must be a string or an array of text parts, got {_json_type(content)}", "invalid_type")
+    raise bad(where, f"{where} must be a string or an array of text parts, got {json_type(content)}", "invalid_type")
 
 
 def new_request_id(header: str | None) -> str:
@@ -373,71 +399,3 @@ def new_request_id(header: str | None) -> str:
                            "x-request-id", "invalid_value")
         return header
     return uuid.uuid4().hex
-
-
-# ------------------------------------------------------------------------------------- responses
-def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
-
-
-class TokenText:
-    """Token id -> its text and raw bytes, for logprobs (byte-level BPE tokens map back to bytes)."""
-
-    def __init__(self, tokenizer) -> None:
-        self._tok = tokenizer
-
-    @lru_cache(maxsize=65536)
-    def bytes(self, token_id: int) -> bytes:
-        hf = self._tok.hf
-        piece = hf.convert_ids_to_tokens(int(token_id))
-        table = _byte_decoder()
-        if isinstance(piece, str) and piece and all(ch in table for ch in piece):
-            return bytes(table[ch] for ch in piece)
-        return self._tok.decode([int(token_id)], skip_special_tokens=False).encode()
-
-    def text(self, token_id: int) -> str:
-        return self.bytes(token_id).decode("utf-8", errors="replace")
-
-
-@lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    """The inverse of GPT-2's bytes_to_unicode: printable stand-ins for all 256 byte values."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            chars[chr(b)] = b
-        else:
-            chars[chr(256 + extra)] = b
-            extra += 1
-    return chars
-
-
-def completion_logprobs(lps: list, tokens: TokenText, offset0: int) -> dict:
-    """The completions `logprobs` object for a run of TokenLogprob."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    offset = offset0
-    for lp in lps:
-        text = tokens.text(lp.token_id)
-        out["tokens"].append(text)
-        out["token_logprobs"].append(lp.logprob)
-        out["top_logprobs"].append({tokens.text(t.token_id): t.logprob for t in lp.top})
-        out["text_offset"].append(offset)
-        offset += len(text)
-    return out
-
-
-def chat_logprobs(lps: list, tokens: TokenText) -> dict:
-    return {"content": [
-        {"token": tokens.text(lp.token_id), "logprob": lp.logprob, "bytes": list(tokens.bytes(lp.token_id)),
-         "top_logprobs": [{"token": tokens.text(t.token_id), "logprob": t.logprob,
-                           "bytes": list(tokens.bytes(t.token_id))} for t in lp.top]}
-        for lp in lps]}
-
-
-def sse(obj: dict | str) -> bytes:
-    """One server-sent event."""
-    data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {data}\n\n".encode()

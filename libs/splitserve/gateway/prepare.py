@@ -2,12 +2,22 @@
 model (`ModelInfo`), tokenized (prompt, token ids or chat), and its prompt's block hashes computed,
 giving a `PreparedRequest` ready for routing. Refusals are `InvalidRequest`s naming the field.
 The output side (detokenization and the stop rules) is gateway/output.py.
+
+The context limit is enforced here, before any work, for both APIs: prompt tokens + max_tokens
+beyond max_model_len is refused (sampling.max_tokens, giving both numbers and the limit). An unset
+max_tokens means DEFAULT_MAX_TOKENS clipped to the room the prompt leaves, so a default never gets a
+request refused. A prompt string so long that it must exceed the context whatever its tokens is
+refused without tokenizing it (tokenizing 16 MiB would hold the tokenizer for a minute).
 """
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Sequence
+
+from jinja2 import TemplateError
 
 from splitserve.engine.hashing import block_hashes, hash_namespace
 from splitserve.engine.sequence import check_token_ids
@@ -17,6 +27,7 @@ from splitserve.wire import sampling_from_proto
 
 CHAT_ROLES = ("system", "user", "assistant")
 MAX_REQUEST_ID_CHARS = 256
+DEFAULT_MAX_TOKENS = 16  # the proto's documented default for an unset max_tokens
 
 
 class InvalidRequest(ValueError):
@@ -82,14 +93,64 @@ def prepare_request(request, tokenizer, model: ModelInfo, served_names: Sequence
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidRequest("input", "input: give one of prompt, prompt_token_ids or chat")
+    _refuse_surely_too_long(request, kind, tokenizer, model.max_model_len)
     ids = _tokenize(request, kind, tokenizer, model.vocab_size)
     if len(ids) >= model.max_model_len:
         raise InvalidRequest(kind, f"{kind} is {len(ids)} tokens; the context window (max_model_len) is "
                                    f"{model.max_model_len}, which leaves no room for output")
+    room = model.max_model_len - len(ids)
+    sampling = request.sampling
+    if not sampling.HasField("max_tokens"):
+        params, sampling = _with_max_tokens(params, sampling, min(DEFAULT_MAX_TOKENS, room))
+    elif params.max_tokens > room:
+        raise InvalidRequest("sampling.max_tokens", f"sampling.max_tokens is {params.max_tokens} and the prompt is "
+                             f"{len(ids)} token{'s' if len(ids) != 1 else ''}: {params.max_tokens + len(ids)} in all, beyond this model's "
+                             f"context of {model.max_model_len} tokens (max_model_len); this prompt leaves room "
+                             f"for at most {room}")
     hashes = block_hashes(ids, model.block_size, hash_namespace(model.model_id, request.cache_salt or None))
     request_id = request.request_id or uuid.uuid4().hex
     return PreparedRequest(request_id, f"{request_id}~{uuid.uuid4().hex[:8]}", ids, params,
-                           request.sampling, request.cache_salt, hashes)
+                           sampling, request.cache_salt, hashes)
+
+
+def fill_context(req: PreparedRequest, max_model_len: int) -> PreparedRequest:
+    """`req` generating up to the end of the context (the HTTP chat API's default, as vLLM's)."""
+    params, sampling = _with_max_tokens(req.params, req.sampling, max_model_len - len(req.prompt_token_ids))
+    return dataclasses.replace(req, params=params, sampling=sampling)
+
+
+def _with_max_tokens(params: SamplingParams, sampling: common_pb2.SamplingParams,
+                     max_tokens: int) -> tuple[SamplingParams, common_pb2.SamplingParams]:
+    wire = common_pb2.SamplingParams()
+    wire.CopyFrom(sampling)
+    wire.max_tokens = max_tokens
+    return dataclasses.replace(params, max_tokens=max_tokens), wire
+
+
+@lru_cache(maxsize=4)
+def _max_chars_per_token(hf_tokenizer) -> int | None:
+    """Most characters one token can stand for (the longest vocabulary entry), or None when the
+    tokenizer normalizes its input (a normalizer may drop characters: no such bound holds then)."""
+    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.normalizer is not None:
+        return None
+    return max((len(piece) for piece in hf_tokenizer.get_vocab()), default=None)
+
+
+def _refuse_surely_too_long(request, kind: str, tokenizer, max_model_len: int) -> None:
+    """InvalidRequest for a prompt whose characters alone prove it longer than the context: every
+    token stands for at most L characters, so a text of C characters is at least C / L tokens."""
+    if kind == "prompt":
+        chars = len(request.prompt)
+    elif kind == "chat":
+        chars = sum(len(m.content) for m in request.chat.messages)
+    else:
+        return
+    per_token = _max_chars_per_token(tokenizer.hf) if chars >= max_model_len else None
+    if per_token and chars >= max_model_len * per_token:
+        at_least = -(-chars // per_token)
+        raise InvalidRequest(kind, f"{kind} is {chars} characters, so at least {at_least} tokens; the context "
+                                   f"window (max_model_len) is {max_model_len}, which leaves no room for output")
 
 
 def _tokenize(request, kind: str, tokenizer, vocab_size: int) -> list[int]:
@@ -115,7 +176,7 @@ def _tokenize(request, kind: str, tokenizer, vocab_size: int) -> list[int]:
                                              f"got {m.role!r}")
         try:
             ids = tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
-        except ValueError as exc:
+        except (ValueError, TemplateError) as exc:  # the template itself may refuse a conversation
             raise InvalidRequest("chat", f"chat: {exc}") from None
     if not ids:
         raise InvalidRequest(kind, f"{kind} tokenizes to no tokens")
