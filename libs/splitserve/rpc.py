@@ -6,6 +6,7 @@ protocol so load balancers, Kubernetes probes and `grpc_health_probe` work uncha
 """
 from __future__ import annotations
 
+import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -15,6 +16,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 MiB = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 16 * MiB
 
@@ -144,7 +146,9 @@ def add_servicer(servicer, service_descriptor, server) -> None:
     for method in service_descriptor.methods:
         req_cls = message_factory.GetMessageClass(method.input_type)
         resp_cls = message_factory.GetMessageClass(method.output_type)
-        impl = getattr(servicer, method.name)
+        impl = getattr(servicer, method.name, None)
+        if impl is None:  # a method this servicer's version lacks (grpc.health.v1 List): UNIMPLEMENTED
+            continue
         make = _SYNC_HANDLERS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(impl, req_cls, resp_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),))
@@ -191,8 +195,13 @@ def add_aio_servicer(servicer, service_descriptor, server: grpc.aio.Server) -> N
             raise ValueError(f"{method.full_name}: request streams are not supported by add_aio_servicer")
         req_cls = message_factory.GetMessageClass(method.input_type)
         serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
-        impl = getattr(servicer, method.name)
-        if method.server_streaming:
+        impl = getattr(servicer, method.name, None)
+        if impl is None:
+            continue
+        if method.server_streaming and inspect.iscoroutinefunction(impl):  # writes with context.write
+            handlers[method.name] = grpc.unary_stream_rpc_method_handler(
+                _aio_unary_unary(impl, req_cls), response_serializer=serialize)
+        elif method.server_streaming:
             handlers[method.name] = grpc.unary_stream_rpc_method_handler(
                 _aio_unary_stream(impl, req_cls), response_serializer=serialize)
         else:
@@ -229,7 +238,7 @@ def add_health_and_reflection(server: grpc.Server, service_full_names: list[str]
     servicer = health.HealthServicer()
     for name in ["", *service_full_names]:
         servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    add_servicer(servicer, HEALTH_SERVICE, server)  # a malformed request: INVALID_ARGUMENT, not INTERNAL
     reflection.enable_server_reflection(
         [*service_full_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
@@ -243,7 +252,7 @@ async def add_aio_health_and_reflection(
     servicer = health.aio.HealthServicer()
     for name in ["", *service_full_names]:
         await servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    add_aio_servicer(servicer, HEALTH_SERVICE, server)
     reflection.enable_server_reflection(
         [*service_full_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )

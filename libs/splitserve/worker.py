@@ -120,7 +120,8 @@ class Worker:
         except QueueFullError as exc:
             self.metrics.rejected("queue_full")
             context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        context.add_callback(stream.abort)
+        if not context.add_callback(stream.abort):  # the call already ended: nobody will read the outputs
+            stream.abort()
         return stream
 
     def load(self) -> prefill_pb2.LoadResponse:

@@ -20,6 +20,7 @@ import sys
 
 import grpc
 
+from splitserve.engine.engine_loop import RequestAborted
 from splitserve.engine.llm_engine import StepOutput
 from splitserve.transfer.export import BlockExporter
 from splitserve.v1 import prefill_pb2, prefill_pb2_grpc
@@ -82,6 +83,9 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
             stream.abort()
             m.rejected("deadline" if context.is_active() else "abort")
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "prefill did not finish before the deadline")
+        except RequestAborted:  # the caller went away: the request and its blocks are freed already
+            m.rejected("abort")
+            context.abort(grpc.StatusCode.CANCELLED, "prefill cancelled: the caller went away")
         except Exception as exc:
             stream.abort()
             m.rejected("error")

@@ -32,8 +32,13 @@ class QueueFullError(RuntimeError):
     """The engine already holds `max_pending` requests (servers map it to RESOURCE_EXHAUSTED)."""
 
 
+class RequestAborted(RuntimeError):
+    """The request was aborted (its caller went away) while a thread waited for its next output."""
+
+
 class RequestStream:
-    """The outputs of one request, in order; iteration ends after the finished output."""
+    """The outputs of one request, in order; iteration ends after the finished output, or quietly
+    when the request is aborted (a thread blocked in get() is woken: RequestAborted)."""
 
     def __init__(self, request_id: str, loop: "EngineLoop") -> None:
         self.request_id = request_id
@@ -57,13 +62,20 @@ class RequestStream:
 
     def __iter__(self):
         while not self.finished:
-            yield self.get()
+            try:
+                item = self.get()
+            except RequestAborted:
+                return
+            yield item
 
     def abort(self) -> None:
-        """Ends the request now (client gone); its blocks are freed by the loop thread."""
+        """Ends the request now (client gone); its blocks are freed by the loop thread. A thread
+        waiting in get() wakes at once with RequestAborted (else it would wait for an output that
+        never comes, holding a server thread for good)."""
         if not self.finished:
             self.finished = True
             self._loop.abort(self.request_id)
+            self._queue.put(RequestAborted(f"request {self.request_id!r} aborted"))
 
 
 class EngineLoop:
