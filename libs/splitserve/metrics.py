@@ -105,6 +105,8 @@ class Metrics:
         self._waiting = gauge("num_requests_waiting", "Requests queued, not yet running.")
         self._kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache capacity in use, 0 to 1.")
         self._batch = gauge("batch_size", "Sequences in the last engine step.")
+        self._redis_up = gauge("redis_up", "Gateway: 1 while the ownership Redis answers its periodic PING, else 0 "
+                               "(absent without Redis).")
         self._labels = {"model_name": model_name, "role": role}
         self._collect_hooks: list[Callable[[], None]] = []
         self._hook_lock = threading.Lock()
@@ -185,6 +187,9 @@ class Metrics:
             self._l(self._kv_usage).set(kv_cache_usage)
         if batch_size is not None:
             self._l(self._batch).set(batch_size)
+
+    def set_redis_up(self, up: bool) -> None:
+        self._l(self._redis_up).set(1 if up else 0)
 
     def sync_totals(self, prefix_cache_queries: int | None = None, prefix_cache_hits: int | None = None,
                     num_preemptions: int | None = None) -> None:

@@ -3,8 +3,9 @@
 One `splitserve up --dtype float32` with two prefill and two decode workers serves the module (a
 start costs ~40 s here). The tests run in file order and each starts by waiting until every worker
 answers again, since `splitserve up` restarts what an earlier test killed:
-  1. Redis frozen (SIGSTOP), then back empty: requests are served by load, /health says
-     "degraded", every role rebuilds its ownership entries and prefix routing resumes.
+  1. Redis frozen (SIGSTOP), then back empty: /health says "degraded" (and splitserve_redis_up 0)
+     within the gateway's probe interval, with no request; requests are served by load, every role
+     rebuilds its ownership entries and prefix routing resumes.
   2. kill -9 of the decode worker serving a stream (gRPC): the stream goes on, token for token
      equal to a fault-free run (greedy, float32); test 6 does the same to an HTTP stream.
   3. kill -9 of a prefill worker in the middle of a prefill: the request is retried elsewhere.
@@ -29,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from services_fixture import start_stack
@@ -157,6 +159,23 @@ def reference(llm, prompt, n: int):
     return out
 
 
+def grpc_health(stack) -> int:
+    """The gateway's grpc.health.v1 status for the whole server."""
+    with channel(stack.gateway) as ch:
+        return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=10).status
+
+
+def redis_up(stack) -> float | None:
+    """The gateway's splitserve_redis_up gauge (None when absent)."""
+    with urllib.request.urlopen(stack.metrics["gateway"], timeout=30) as resp:
+        text = resp.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "splitserve_redis_up":
+                return sample.value
+    return None
+
+
 def prefill_routes(stack, reason: str) -> float:
     """The gateway's routing_decisions{target="prefill", reason} counter."""
     with urllib.request.urlopen(stack.metrics["gateway"], timeout=30) as resp:
@@ -206,11 +225,17 @@ def test_redis_outage_serves_by_load_then_ownership_and_prefix_routing_return(st
     client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
     redis_pid = stack.pid("redis")
     assert redis_pid == stack.pids["redis"]
+    assert redis_up(stack) == 1
     os.kill(redis_pid, signal.SIGSTOP)  # frozen: every Redis call times out (worse than a refusal)
+    stopped = time.monotonic()
     try:
+        # No request touches Redis meanwhile: the gateway's own probe (a PING every 1 s, 0.5 s
+        # timeout) notices, within one probe interval plus its timeout.
         code, body = wait_for(lambda: (h := health(stack))[1]["redis"] == "degraded" and h, 10,
-                              "/health to report Redis degraded")
+                              "/health to report Redis degraded", interval_s=0.05)
+        assert time.monotonic() - stopped < 1.0 + 0.5 + 0.5, "the probe took longer than its interval"
         assert code == 200 and body["status"] == "ok", body  # still serving: Redis only steers routing
+        assert redis_up(stack) == 0
         start = time.monotonic()
         got, text, final = generate(stack.gateway, token_ids=ids, sampling=greedy(8), timeout_s=60)
         assert got == ref.token_ids and text == ref.text
@@ -222,6 +247,7 @@ def test_redis_outage_serves_by_load_then_ownership_and_prefix_routing_return(st
         os.kill(redis_pid, signal.SIGCONT)
     client.flushall()  # back, and empty: what a Redis without persistence is after a restart
     wait_for(lambda: health(stack)[1]["redis"] == "ok", 10, "/health to report Redis ok again")
+    assert redis_up(stack) == 1
 
     # Nobody recorded these blocks while Redis was frozen; only the rebuild can put them there.
     def rebuilt():
@@ -360,6 +386,8 @@ def test_no_decode_worker_left_is_unavailable_at_once(stack, model):
     assert time.monotonic() - start < 5
     code, body = wait_for(lambda: (h := health(stack))[0] == 503 and h, 5, "/health to say 503")
     assert body["decode"] == {"healthy": 0, "total": 2} and body["status"] == "unavailable", body
+    wait_for(lambda: grpc_health(stack) == health_pb2.HealthCheckResponse.NOT_SERVING, 5,
+             "the gateway's gRPC health to say NOT_SERVING")  # it follows the workers, not only startup
     assert all(stack.pid(n) is None or load_fails(stack, n) for n in DECODES), "a decode worker came back already"
 
 

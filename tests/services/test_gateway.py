@@ -405,3 +405,20 @@ def test_redis_down_reads_as_no_owners(env):
             await reader.close()
 
     assert env.run(read()) == ([set(), set()], False)
+
+
+def test_redis_probe_runs_from_start_and_never_reports_an_unprobed_redis_ok(env):
+    """The reader's probe starts with the gateway (`start`), not at the first status read or
+    request: a dead Redis is "degraded" from the first answer, a live one turns "ok" by itself."""
+    async def probe(url: str):
+        reader = AsyncOwnersReader(url, timeout_s=0.2, probe_interval_s=0.1)
+        try:
+            first = reader.available  # before any probe: not "ok" on hope
+            reader.start()
+            await asyncio.sleep(0.6)  # no status read, no owners() call meanwhile
+            return first, reader.available
+        finally:
+            await reader.close()
+
+    assert env.run(probe("redis://127.0.0.1:1/0")) == (False, False)
+    assert env.run(probe(env.redis.url)) == (False, True)

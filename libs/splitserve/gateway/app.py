@@ -1,9 +1,11 @@
 """The gateway process's start-up and shutdown: the gRPC server, the HTTP server, the worker pool
 and the Redis reader around one GatewayService, in one event loop.
 
-Startup: the servers bind at once with health NOT_SERVING; the pool polls every worker's GetLoad
-until a prefill and a decode worker answer, the gateway adopts their model identity, loads the
-tokenizer, then turns SERVING. Requests before that get UNAVAILABLE (gRPC) or 503 (HTTP).
+Startup: the servers bind at once with health NOT_SERVING and the Redis probe starts; the pool
+polls every worker's GetLoad until a prefill and a decode worker answer, the gateway adopts their
+model identity, loads the tokenizer, then turns SERVING. Requests before that get UNAVAILABLE (gRPC)
+or 503 (HTTP). From then on the gRPC health service follows `GatewayService.serving` (a healthy
+prefill and decode worker, as the load polls found them), re-read every load poll interval.
 
 The gRPC servicer itself (protobuf in, GatewayService calls out) is the shell's
 (services/gateway/server.py): `serve` takes a factory for it.
@@ -47,6 +49,7 @@ class GatewayHandle:
         self.http = http  # the HTTP server (OpenAI API, /health, /metrics), None with http_port -1
         self._health = health
         self.startup: asyncio.Task | None = None  # _start(), run by serve(); done once SERVING or failed
+        self._health_task: asyncio.Task | None = None  # _follow_health(), from the end of startup
 
     async def _start(self) -> None:
         """Discovers the workers and the model, loads the tokenizer, turns SERVING."""
@@ -58,10 +61,27 @@ class GatewayHandle:
         path = Path(self.config.tokenizer or model.model_path).expanduser()
         self.service.metrics.set_model_name(model.model_id)
         self.service.tokenizer = await asyncio.to_thread(load_tokenizer, path)
-        for name in ("", SERVICE_NAME):
-            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self._set_health(True)
+        self._health_task = asyncio.create_task(self._follow_health(), name="gateway-health")
         log.info("gateway serving: address=%s http=%s model_id=%s tokenizer=%s", self.address,
                  self.http.base_url if self.http else "off", model.model_id, path)
+
+    async def _set_health(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self._health.set(name, status)
+
+    async def _follow_health(self) -> None:
+        """The gRPC health status tracks the workers' health (what /health reports), not only startup."""
+        serving = True
+        while True:
+            await asyncio.sleep(self.config.load_poll_interval_s)
+            now = self.service.serving
+            if now != serving:
+                serving = now
+                (log.info if now else log.warning)("gateway health: %s", "SERVING" if now else
+                                                   "NOT_SERVING (no healthy prefill or decode worker)")
+                await self._set_health(now)
 
     async def wait_ready(self) -> None:
         """Returns once SERVING; raises what startup raised (TimeoutError after startup_timeout_s)."""
@@ -69,10 +89,11 @@ class GatewayHandle:
 
     async def stop(self, grace_s: float = 5.0) -> None:
         """NOT_SERVING, then stops accepting and cancels requests still running after grace_s."""
+        for task in (self._health_task, self.startup):
+            if task is not None and not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await self._health.enter_graceful_shutdown()
-        if self.startup is not None and not self.startup.done():
-            self.startup.cancel()
-            await asyncio.gather(self.startup, return_exceptions=True)
         stops = [self.server.stop(grace_s)] + ([self.http.stop()] if self.http is not None else [])
         await asyncio.gather(*stops)
         await self.pool.close()
@@ -96,6 +117,7 @@ async def serve(config: GatewayConfig, servicer: ServicerFactory, wait_ready: bo
     server, port = create_aio_server(config.host, config.port, config.max_message_bytes,
                                      server_credentials(*tls) if tls else None)
     service = _service(config)
+    service.owners.start()  # /health and splitserve_redis_up are truthful from now, before any request
     add_aio_servicer(servicer(service), GATEWAY_SERVICE, server)  # bad bytes: INVALID_ARGUMENT
     health = await add_aio_health_and_reflection(server, [SERVICE_NAME])
     http = None

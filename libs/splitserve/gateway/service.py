@@ -86,6 +86,17 @@ class GatewayService:
 
     def _publish_load(self) -> None:
         self.metrics.set_load(running=self.num_inflight - self.num_prefilling, waiting=self.num_prefilling)
+        if self._owners.url:  # no series without Redis: "off" is not "down"
+            self.metrics.set_redis_up(self._owners.available)
+
+    @property
+    def serving(self) -> bool:
+        """Ready and at least one healthy prefill and one healthy decode worker (the rule of /health
+        and of the gRPC health service). Redis is not part of it: without it requests route by load."""
+        router = self._pool.router
+        if not self.ready or router is None:
+            return False
+        return all(any(w.healthy for w in router.workers(role)) for role in ("prefill", "decode"))
 
     def rejected(self, code: grpc.StatusCode) -> None:
         """Counts a request that ended with `code` in requests_rejected."""

@@ -5,9 +5,11 @@ ids), in one pipelined round trip per request. Ownership is a routing hint only:
 unreachable the reader answers "nobody owns anything" (the router then routes by load), logs the
 outage once, and skips Redis for `backoff_s` so requests do not each pay a connect timeout.
 
-A probe task (started on first use in the event loop) PINGs Redis every `probe_interval_s`, so
-`status` (the gateway's /health) is current without traffic, requests skip Redis for the whole of
-an outage, and prefix routing resumes within one probe of Redis answering again.
+A probe task PINGs Redis every `probe_interval_s` (each PING bounded by the socket timeout), so
+`status` (the gateway's /health and its splitserve_redis_up gauge) is current without traffic,
+requests skip Redis for the whole of an outage, and prefix routing resumes within one probe of
+Redis answering again. The gateway starts the probe with the process (`start`); until the first
+PING answers, Redis counts as down ("degraded"), never as a hopeful "ok".
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ log = logging.getLogger(__name__)
 class AsyncOwnersReader:
     """owners(hashes) -> list[set[str]]; never raises for Redis errors (see the module docstring).
 
-    `available` is False while Redis is considered down.
+    `available` is False while Redis is considered down, and until the first PING answered.
     An empty redis_url disables Redis: every answer is empty sets, with no round trip.
     """
 
@@ -45,7 +47,8 @@ class AsyncOwnersReader:
         self._probe_interval_s = probe_interval_s
         self._probe_task: asyncio.Task | None = None
         self._down_until = 0.0  # time.monotonic() before which Redis is not asked
-        self.available = bool(redis_url)
+        self._answered = False  # Redis was reached or failed once: the first outcome is always logged
+        self.available = False
 
     @property
     def status(self) -> str:
@@ -54,6 +57,11 @@ class AsyncOwnersReader:
             return "off"
         self._ensure_probe()
         return "ok" if self.available else "degraded"
+
+    def start(self) -> None:
+        """Starts the probe now (call from the event loop that will use the reader): /health is
+        truthful from the process's start, not from the first request or status read."""
+        self._ensure_probe()
 
     def _ensure_probe(self) -> None:
         if self._client is None or (self._probe_task is not None and not self._probe_task.done()):
@@ -76,14 +84,17 @@ class AsyncOwnersReader:
 
     def _down(self, exc: Exception) -> None:
         self._down_until = time.monotonic() + self._backoff_s
-        if self.available:
+        if self.available or not self._answered:
             log.warning("redis unavailable, routing by load only: url=%s error=%s", self.url, exc)
+            self._answered = True
         self.available = False
 
     def _up(self) -> None:
         self._down_until = 0.0
         if not self.available:
-            log.info("redis available again, routing by prefix and load: url=%s", self.url)
+            log.info("redis available%s, routing by prefix and load: url=%s", " again" if self._answered else "",
+                     self.url)
+            self._answered = True
             self.available = True
 
     async def owners(self, hashes: list[bytes]) -> list[set[str]]:
