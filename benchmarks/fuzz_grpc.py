@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--concurrency", type=int, default=4, help="calls in flight at once")
     p.add_argument("--timeout-s", type=float, default=10.0, help="deadline of each call")
+    p.add_argument("--services", default="gateway,prefill,decode,kvstore,health",
+                   help="comma-separated services to fuzz (default: all)")
     for role in ("gateway", "prefill", "decode", "kvstore"):
         p.add_argument(f"--{role}", default="", help=f"HOST:PORT of a running {role} (with all four: no up)")
     return p.parse_args(argv)
@@ -84,7 +86,8 @@ def main(argv=None) -> int:
         pids = {name: stack.pid(name) for name in stack.roles} if stack else {}
         info = gf.stack_info(*addresses)
         start = time.monotonic()
-        reports = gf.fuzz(gf.targets(info), args.messages, seed=args.seed, timeout_s=args.timeout_s,
+        wanted = set(args.services.split(","))
+        reports = gf.fuzz([t for t in gf.targets(info) if t.service in wanted], args.messages, seed=args.seed, timeout_s=args.timeout_s,
                           max_stream_messages=2, concurrency=args.concurrency)
         _print(reports, time.monotonic() - start)
         crashes = []

@@ -146,12 +146,23 @@ def add_servicer(servicer, service_descriptor, server) -> None:
     for method in service_descriptor.methods:
         req_cls = message_factory.GetMessageClass(method.input_type)
         resp_cls = message_factory.GetMessageClass(method.output_type)
-        impl = getattr(servicer, method.name, None)
-        if impl is None:  # a method this servicer's version lacks (grpc.health.v1 List): UNIMPLEMENTED
+        impl = _implementation(servicer, method.name)
+        if impl is None:
             continue
         make = _SYNC_HANDLERS[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(impl, req_cls, resp_cls.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_descriptor.full_name, handlers),))
+
+
+def _implementation(servicer, name: str):
+    """The servicer's method `name`, or None when it has none of its own: missing, or the generated
+    base class's stub (grpc.health.v1 List in grpcio's health servicers). Unregistered, such a method
+    answers UNIMPLEMENTED without the stub's logged exception on every call (a log a client could flood)."""
+    impl = getattr(servicer, name, None)
+    owner = next((c for c in type(servicer).__mro__ if name in vars(c)), None)
+    if impl is None or (owner is not None and owner.__module__.endswith("_pb2_grpc")):
+        return None
+    return impl
 
 
 def _sync_parse(cls, raw, context):
@@ -195,7 +206,7 @@ def add_aio_servicer(servicer, service_descriptor, server: grpc.aio.Server) -> N
             raise ValueError(f"{method.full_name}: request streams are not supported by add_aio_servicer")
         req_cls = message_factory.GetMessageClass(method.input_type)
         serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
-        impl = getattr(servicer, method.name, None)
+        impl = _implementation(servicer, method.name)
         if impl is None:
             continue
         if method.server_streaming and inspect.iscoroutinefunction(impl):  # writes with context.write

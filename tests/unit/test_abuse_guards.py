@@ -115,3 +115,14 @@ def test_fuzz_mutations_reach_nested_fields_and_make_unparsable_bytes():
         parsed += 1
         nested_changed += msg.sampling != seed.sampling
     assert parsed > 100 and broken > 10 and nested_changed > 10
+
+
+def test_generated_stubs_are_not_registered_so_unimplemented_calls_log_nothing():
+    from grpc_health.v1 import health
+
+    from splitserve.rpc import _implementation
+
+    for servicer in (health.HealthServicer(), health.aio.HealthServicer()):
+        assert _implementation(servicer, "List") is None  # grpcio's stub: raises and logs per call
+        assert _implementation(servicer, "Check") is not None and _implementation(servicer, "Watch") is not None
+    assert _implementation(object(), "Check") is None
