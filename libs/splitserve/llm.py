@@ -32,13 +32,15 @@ class LLM:
     """A model with its engine in this process.
 
     `LLM()` loads the default model (SmolLM2-135M-Instruct Q4_1); `model` may be a GGUF file or a
-    Hugging Face checkpoint folder. Other keyword arguments are EngineConfig fields
+    Hugging Face checkpoint folder; `dtype` is "auto" (float32 on a CPU without native bfloat16,
+    bfloat16 on one with it and on CUDA: `config.engine.resolve_dtype`), float32, bfloat16 or float16
+    (CUDA). Other keyword arguments are EngineConfig fields
     (kv_cache_memory_gb, block_size, max_num_seqs, max_num_batched_tokens, max_model_len, device, ...).
     """
 
-    def __init__(self, model: str | None = None, dtype: str = "bfloat16", **kwargs) -> None:
-        self.config = EngineConfig.from_kwargs(model=model, dtype=dtype, **kwargs)
-        self.engine = LLMEngine(self.config)
+    def __init__(self, model: str | None = None, dtype: str = "auto", **kwargs) -> None:
+        self.engine = LLMEngine(EngineConfig.from_kwargs(model=model, dtype=dtype, **kwargs))
+        self.config = self.engine.config  # dtype "auto" resolved by the engine
         self._ids = itertools.count()
 
     def with_config(self, **overrides) -> "LLM":
@@ -47,10 +49,10 @@ class LLM:
         `overrides` are cache and scheduler fields (kv_cache_memory_gb, max_num_seqs, ...)."""
         new = object.__new__(LLM)
         mc = self.config.model
-        new.config = EngineConfig.from_kwargs(
+        new.engine = LLMEngine(EngineConfig.from_kwargs(
             model=mc.model, dtype=mc.dtype, device=mc.device, max_model_len=mc.max_model_len, **overrides
-        )
-        new.engine = LLMEngine(new.config, share_weights_with=self.engine)
+        ), share_weights_with=self.engine)
+        new.config = new.engine.config
         new._ids = itertools.count()
         return new
 

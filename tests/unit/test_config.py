@@ -372,3 +372,75 @@ def test_one_logging_setup(monkeypatch):
             continue
         text = path.read_text()
         assert "basicConfig" not in text and "getLogger().setLevel" not in text, path
+
+
+# ------------------------------------------------------------------------------------ dtype "auto"
+def test_dtype_auto_is_the_default_everywhere():
+    from splitserve.config.engine import ModelConfig
+    from splitserve.llm import LLM
+
+    assert ModelConfig().dtype == "auto"
+    assert WorkerConfig().engine.model.dtype == "auto"
+    assert inspect_default(LLM.__init__, "dtype") == "auto"
+    from splitserve.launch.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["demo"]).dtype == "auto"
+    # `up` forwards --dtype to the workers only when given (each then takes WorkerConfig's "auto");
+    # given, "auto" is one of its choices
+    parser.parse_args(["up", "--dtype", "auto"])
+
+
+def inspect_default(fn, name):
+    import inspect
+
+    return inspect.signature(fn).parameters[name].default
+
+
+@pytest.mark.parametrize("device, flags, cuda_bf16, expected", [
+    ("cpu", {"avx2", "fma", "avx512f"}, False, "float32"),
+    ("cpu", {"avx2", "avx512_bf16"}, False, "bfloat16"),
+    ("cpu", {"avx2", "amx_bf16", "amx_tile"}, False, "bfloat16"),
+    ("cpu", set(), False, "float32"),  # no /proc/cpuinfo: no bf16 instructions assumed
+    ("cuda", set(), True, "bfloat16"),
+    ("cuda:1", {"avx512_bf16"}, False, "float16"),  # the CPU's flags do not matter on CUDA
+])
+def test_dtype_auto_choice(device, flags, cuda_bf16, expected):
+    from splitserve.config.engine import resolve_dtype
+
+    chosen, why = resolve_dtype("auto", device, frozenset(flags), cuda_bf16)
+    assert chosen == expected
+    assert ("no native bfloat16" in why) == (device == "cpu" and expected == "float32")
+    for explicit in ("float32", "bfloat16"):  # an explicit choice is kept, whatever the machine
+        assert resolve_dtype(explicit, device, frozenset(flags), cuda_bf16) == (explicit, "given explicitly")
+
+
+def test_dtype_auto_on_this_machine_follows_its_cpu_flags():
+    """Read /proc/cpuinfo here, independently of the loader, and expect what it implies."""
+    from splitserve.model.loader import cpu_flags, resolve_model_dtype
+
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    flags = {f for line in text.splitlines() if line.split(":")[0].strip() == "flags"
+             for f in line.split(":", 1)[1].split()}
+    native = bool(flags & {"avx512_bf16", "amx_bf16"})
+    assert cpu_flags() == frozenset(flags)
+    chosen, why = resolve_model_dtype("auto", "cpu")
+    assert chosen == ("bfloat16" if native else "float32"), why
+
+
+def test_cpu_flags_parse_every_flags_line():
+    from splitserve.model.loader import cpu_flags
+
+    text = "processor\t: 0\nflags\t\t: fpu avx2 fma\nbugs\t: spectre\n\nprocessor\t: 1\nflags\t: fpu amx_bf16\n"
+    assert cpu_flags(text) == {"fpu", "avx2", "fma", "amx_bf16"}
+    assert cpu_flags("model name : avx512_bf16 lookalike\n") == frozenset()  # only the flags lines count
+
+
+def test_bad_dtype_names_the_choices():
+    from splitserve.config.engine import ModelConfig
+
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16, float16, got 'fp8'"):
+        ModelConfig(dtype="fp8")

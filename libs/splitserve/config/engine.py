@@ -6,15 +6,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+# flags in /proc/cpuinfo that mean bfloat16 dot products in hardware
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def resolve_dtype(dtype: str, device: str, cpu_flags: frozenset[str] | set[str] = frozenset(),
+                  cuda_bf16: bool = False) -> tuple[str, str]:
+    """The concrete dtype `dtype` stands for on `device`, and why (for the startup log).
+
+    "auto": float32 on a CPU without bfloat16 instructions (`cpu_flags` has none of CPU_BF16_FLAGS:
+    bf16 there is float32 arithmetic on rounded values, slower and no smaller in compute), bfloat16 on
+    a CPU with them and on CUDA where `cuda_bf16` (torch.cuda.is_bf16_supported()), else float16.
+    An explicit dtype is returned as it is. Pure: the caller reads the CPU flags and the CUDA support.
+    """
+    if dtype != "auto":
+        return dtype, "given explicitly"
+    if device.startswith("cuda"):
+        if cuda_bf16:
+            return "bfloat16", "this CUDA device supports bfloat16"
+        return "float16", "this CUDA device has no bfloat16 support"
+    found = sorted(set(cpu_flags) & set(CPU_BF16_FLAGS))
+    if found:
+        return "bfloat16", f"this CPU has native bfloat16 ({', '.join(found)})"
+    return "float32", f"this CPU has no native bfloat16 (no {'/'.join(CPU_BF16_FLAGS)} flags)"
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     model: str | None = None
     """GGUF file or Hugging Face checkpoint folder; None loads the default SmolLM2-135M-Instruct Q4_1."""
-    dtype: str = field(default="bfloat16", metadata={"choices": DTYPES})
-    """Compute and KV-cache dtype: float32 or bfloat16 on the CPU; float16 or bfloat16 on CUDA."""
+    dtype: str = field(default="auto", metadata={"choices": DTYPES})
+    """Compute and KV-cache dtype: float32 or bfloat16 on the CPU; float16 or bfloat16 on CUDA. "auto"
+    (the default) is resolved once where the engine is built (`resolve_dtype`): float32 on a CPU
+    without native bfloat16 (no avx512_bf16/amx_bf16), bfloat16 on a CPU with it and on CUDA (float16
+    where CUDA lacks bf16); the startup log says what it chose and why."""
     device: str = "cpu"
     """Torch device the weights and the KV cache live on ("cpu" or "cuda")."""
     max_model_len: int | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -24,7 +24,7 @@ from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.sampler import Sampler, TokenLogprobs
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, check_token_ids
-from splitserve.model.loader import TORCH_DTYPES, load_model
+from splitserve.model.loader import TORCH_DTYPES, load_model, resolve_model_dtype
 from splitserve.model.tokenizer import load_tokenizer
 from splitserve.sampling_params import SamplingParams
 
@@ -69,9 +69,15 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig, share_weights_with: "LLMEngine | None" = None) -> None:
         """Loads the model (or reuses the weights and tokenizer of an engine with the same ModelConfig)."""
+        t0 = time.monotonic()
+        # "auto" becomes a concrete dtype here, once: everything after (the model, the KV cache and
+        # its block headers, the workers' reports of self.config) sees the resolved value.
+        dtype_name, why = resolve_model_dtype(config.model.dtype, config.model.device)
+        if dtype_name != config.model.dtype:
+            logger.info("dtype %s -> %s: %s", config.model.dtype, dtype_name, why)
+            config = replace(config, model=replace(config.model, dtype=dtype_name))
         self.config = config
         mc, cc = config.model, config.cache
-        t0 = time.monotonic()
         if share_weights_with is not None:
             if share_weights_with.config.model != mc:
                 raise ValueError("share_weights_with: the other engine has a different ModelConfig")

@@ -195,6 +195,12 @@ def prefill_attention_torch(
     gqa = heads != kv_heads
     qt = q.transpose(0, 1).unsqueeze(0)  # [1, heads, n, head_dim]
     if seq_len == n:  # no prefix: the new keys are the whole context
+        if k_cache.dtype != k.dtype:
+            # Attend over K/V at the cache's precision, as every other path does (a prefix hit, a
+            # later chunk and decode read them back from the pages): with a bf16 cache and float32
+            # arithmetic, attending over the unrounded K/V here made a cold prefill's greedy tokens
+            # differ from a cached one's. The round trip is what write_kv_torch stored.
+            k, v = k.to(k_cache.dtype).to(k.dtype), v.to(v_cache.dtype).to(v.dtype)
         keys = k.transpose(0, 1).unsqueeze(0)
         values = v.transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(qt, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from splitserve.config.engine import CPU_BF16_FLAGS, resolve_dtype
 from splitserve.kernels import cpu_quant
 from splitserve.model.gguf_file import GGUFFile, GGUFFormatError
 from splitserve.model.llama import LlamaModel, ModelArgs
@@ -27,7 +28,11 @@ class ModelLoadError(ValueError):
 
 
 def load_model(model: str | None, dtype: str, device: str, max_positions: int | None = None) -> tuple[LlamaModel, Path]:
-    """Builds the model with its weights; returns it with the resolved path."""
+    """Builds the model with its weights; returns it with the resolved path. `dtype` is a concrete
+    one ("auto" is resolved before, by `resolve_model_dtype`)."""
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(TORCH_DTYPES)} here, got {dtype!r} "
+                         "(resolve 'auto' with resolve_model_dtype first)")
     path = resolve_model_path(model)
     storage = TORCH_DTYPES[dtype]
     compute = compute_dtype(storage, device)
@@ -90,13 +95,33 @@ def _fuse_quantized(args: ModelArgs, quantized: dict) -> dict:
     return fused
 
 
+def cpu_flags(cpuinfo: str | None = None) -> frozenset[str]:
+    """The instruction-set flags the CPU reports (the `flags` lines of /proc/cpuinfo, or of the text
+    given); empty where there is no such file (then no bf16 instructions are assumed)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return frozenset()
+    found: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            found.update(value.split())
+    return frozenset(found)
+
+
 def cpu_has_native_bf16() -> bool:
     """True when the CPU has bfloat16 dot-product instructions (AVX512-BF16 or AMX-BF16)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool(cpu_flags() & set(CPU_BF16_FLAGS))
+
+
+def resolve_model_dtype(dtype: str, device: str) -> tuple[str, str]:
+    """`config.engine.resolve_dtype` with this machine's CPU flags and CUDA bf16 support."""
+    cuda_bf16 = False
+    if dtype == "auto" and device.startswith("cuda") and torch.cuda.is_available():
+        cuda_bf16 = bool(torch.cuda.is_bf16_supported())
+    return resolve_dtype(dtype, device, cpu_flags() if dtype == "auto" else frozenset(), cuda_bf16)
 
 
 def compute_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
