@@ -218,6 +218,115 @@ def test_malformed_requests_and_routes(http_stack, model):
     assert loggers == {"splitserve.gateway:", "splitserve.prefill:", "splitserve.decode:"}
 
 
+# (raw body, content type, expected status, param, words in the message): what hostile or careless
+# clients send; every one is a 4xx naming what is wrong, or a correct answer, never a 5xx
+HOSTILE = [
+    (b'{"model": "{m}", "prompt": "a\\ud800b", "max_tokens": 2}', None, 400, "prompt", "surrogate"),
+    (b'{"model": "{m}", "messages": [{"role": "user", "content": "\\udfff"}]}', None, 400, "messages[0].content",
+     "surrogate"),
+    (b'{"model": "\\ud800", "prompt": "x"}', None, 400, "model", "surrogate"),
+    (b'{"model": "{m}", "prompt": "x", "\\ud800": 1}', None, 400, None, "field name"),
+    (b'{"model": "{m}", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None, 400, None, "deeper than"),
+    (b'{"model": "{m}", "prompt": "x", "temperature": NaN}', None, 400, "temperature", "nan"),
+    (b'{"model": "{m}", "prompt": "x", "top_p": Infinity}', None, 400, "top_p", "inf"),
+    (b'{"model": "{m}", "prompt": "x", "temperature": 1e999}', None, 400, "temperature", "inf"),
+    (b'{"model": "{m}", "prompt": "x", "max_tokens": 1' + b"0" * 400 + b"}", None, 400, "max_tokens", "context"),
+    (b'{"model": "{m}", "prompt": "x", "max_tokens": 1' + b"0" * 5000 + b"}", None, 400, None, "digits"),
+    (b'{"model": "{m}", "prompt": "x", "seed": 1' + b"0" * 400 + b"}", None, 400, "seed", "seed"),
+    (b'{"model": "{m}", "prompt": "x", "top_k": 1099511627776}', None, 400, "top_k", "2147483647"),
+    (b'{"model": "{m}", "prompt": [49152]}', None, 400, "prompt", "vocabulary"),
+    (b'{"model": "{m}", "prompt": "x", "stop_token_ids": [4294967296]}', None, 400, "stop_token_ids", "integers"),
+    (b'{"model": "{m}", "prompt": "x", "stop_token_ids": [' + b"1," * 300 + b'1]}', None, 400, "stop_token_ids",
+     "at most 256"),
+    (b'{"model": "{m}", "prompt": "x", "max_tokens": 2, "max_tokens": "x"}', None, 400, "max_tokens", "integer"),
+    (b'{"model": "{m}", "prompt": "' + b"word " * 1_000_000 + b'"}', None, 400, "prompt", "characters"),
+    (b'{"model": "{m}", "messages": [{"role": "user", "content": null}]}', None, 400, "messages[0].content", "null"),
+    (b'{"model": "{m}", "messages": [{"role": "tool", "content": "x"}]}', None, 400, "messages[0].role", "tool"),
+    (b'{"model": "{m}", "prompt": "x", "best_of": 2, "n": 2}', None, 400, "best_of", "not supported"),
+    (b'model=x&prompt=y', "application/x-www-form-urlencoded", 400, None, "Content-Type was"),
+    (b'{"model": "{m}", "prompt": "x"}', "application/json; charset=klingon", 400, None, "unknown charset"),
+    (b'{"model": "{m}", "prompt": "caf\xe9"}', None, 400, None, "not UTF-8"),
+    (b"null", None, 400, None, "JSON object"),
+    # served: the bytes say what they are
+    (b'{"model": "{m}", "prompt": "caf\xe9", "max_tokens": 1}', "application/json; charset=latin-1", 200, None, ""),
+    ('{"model": "{m}", "prompt": "caf\u00e9 \U0001d11e", "max_tokens": 1}'.encode("utf-16"), None, 200, None, ""),
+    (b'{"model": "{m}", "prompt": "a\\u0000b \\ud83d\\ude00", "max_tokens": 1}', "text/plain", 200, None, ""),
+    (b'{"model": "{m}", "prompt": [7.0, 8], "max_tokens": 1.0, "unknown": {"x": 1}}', None, 200, None, ""),
+]
+
+
+@pytest.mark.parametrize("raw,content_type,status,param,words", HOSTILE, ids=[f"hostile-{i}" for i in range(len(HOSTILE))])
+def test_hostile_bodies_get_a_4xx_naming_what_is_wrong_or_a_correct_answer(http_stack, model, raw, content_type,
+                                                                        status, param, words):
+    raw = raw.replace(b"{m}", model.encode()).replace("{m}".encode("utf-16")[2:], model.encode("utf-16")[2:])
+    t0 = time.monotonic()
+    code, _, reply = http("POST", http_stack.http_base + "/completions" if b"messages" not in raw else
+                          http_stack.http_base + "/chat/completions", raw=raw,
+                          headers={"content-type": content_type} if content_type else None)
+    assert code == status, reply
+    assert time.monotonic() - t0 < 5  # refused before any work (a 5 MB prompt is not tokenized)
+    if status == 200:
+        assert reply["usage"]["completion_tokens"] == 1
+        return
+    assert reply["error"]["param"] == param and words in reply["error"]["message"], reply
+
+
+def _room_request(http_stack, model, max_model_len: int, room: int, **fields):
+    """A completions request whose prompt (token ids) leaves `room` tokens of the context."""
+    return http("POST", http_stack.http_base + "/completions",
+                {"model": model, "prompt": [100] * (max_model_len - room), "temperature": 0, "ignore_eos": True,
+                 **fields})
+
+
+def test_over_long_requests_are_refused_at_once_naming_the_limit_on_both_apis(http_stack, model):
+    import grpc
+
+    from splitserve import rpc
+    from splitserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+    _, _, card = http("GET", http_stack.http_base + "/models/" + model)
+    limit = card["max_model_len"]
+    t0 = time.monotonic()
+    code, _, reply = _room_request(http_stack, model, limit, 1, max_tokens=5)  # the 8,191 + 5 case
+    assert code == 400 and reply["error"]["param"] == "max_tokens", reply
+    message = reply["error"]["message"]
+    assert f"max_tokens is 5 and the prompt is {limit - 1} tokens" in message and f"context of {limit}" in message
+    code, _, reply = http("POST", http_stack.http_base + "/completions", {"model": model, "prompt": "Hi",
+                                                                          "max_tokens": 100_000})
+    assert code == 400 and reply["error"]["param"] == "max_tokens" and f"context is {limit}" in reply["error"]["message"]
+    code, _, reply = http("POST", http_stack.http_base + "/chat/completions", {
+        "model": model, "messages": [{"role": "user", "content": "Hi"}], "max_completion_tokens": limit})
+    assert code == 400 and reply["error"]["param"] == "max_completion_tokens", reply
+    stub = gateway_pb2_grpc.GatewayStub(rpc.channel(http_stack.gateway))
+    for ids, max_tokens in (([100] * (limit - 1), 5), ([100], 100_000)):
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Generate(gateway_pb2.GenerateRequest(prompt_token_ids=gateway_pb2.TokenIds(ids=ids),
+                                                           sampling=common_pb2.SamplingParams(max_tokens=max_tokens)),
+                               timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"sampling.max_tokens is {max_tokens}" in err.value.details()
+        assert f"context of {limit} tokens" in err.value.details()
+    assert time.monotonic() - t0 < 10  # each refused before any work
+    # The defaults never refuse: completions' 16 (and gRPC's) is clipped to the room left ...
+    code, _, reply = _room_request(http_stack, model, limit, 3)
+    assert code == 200 and reply["usage"]["completion_tokens"] == 3 and reply["choices"][0]["finish_reason"] == "length"
+    out = list(stub.Generate(gateway_pb2.GenerateRequest(
+        prompt_token_ids=gateway_pb2.TokenIds(ids=[100] * (limit - 2)),
+        sampling=common_pb2.SamplingParams(temperature=0, ignore_eos=True)), timeout=60))
+    assert sum(len(m.token_ids) for m in out) == 2 and out[-1].finish_reason == "length"
+    # ... and chat's default is the rest of the context (one " hello" is one token)
+    def chat(words: int, **fields):
+        return http("POST", http_stack.http_base + "/chat/completions", {
+            "model": model, "messages": [{"role": "user", "content": "hello" + " hello" * (words - 1)}],
+            "temperature": 0, "ignore_eos": True, **fields})
+    code, _, reply = chat(10, max_tokens=1)
+    assert code == 200
+    overhead = reply["usage"]["prompt_tokens"] - 10
+    code, _, reply = chat(limit - overhead - 6)
+    assert code == 200 and reply["usage"]["prompt_tokens"] == limit - 6, reply
+    assert reply["usage"]["completion_tokens"] == 6 and reply["choices"][0]["finish_reason"] == "length"
+
+
 def test_models_show_the_served_name_and_when_the_gateway_started_never_a_path(http_stack, model):
     from splitserve.model.loader import default_model_path
 

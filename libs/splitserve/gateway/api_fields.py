@@ -98,7 +98,7 @@ COMMON = (
     ApiField("stream_options", "custom", "Only with stream: true. include_usage adds a last chunk with the usage.",
              {"type": "object", "properties": {"include_usage": {"type": ["boolean", "null"]}}}),
     integer("n", 1, MAX_N, "Choices to generate for each prompt.", 1),
-    integer("best_of", 1, MAX_N, "Must equal n (candidates are not ranked)."),
+    only("best_of", (1,), "Only 1: candidates are not ranked (as in vLLM's V1 engine)."),
     integer("max_tokens", 1, UINT32_MAX, "Most tokens to generate; prompt tokens + max_tokens must fit the "
             "model's context (max_model_len).", context_bound=True),
     number("temperature", 0.0, 2.0, "0 is greedy.", 1.0),

@@ -249,11 +249,7 @@ def _common(f: _Fields, served: list[str]) -> tuple[str, bool, bool, int]:
             raise bad("stream_options.include_usage", "stream_options.include_usage must be a boolean, got "
                       f"{json_type(include_usage)}", "invalid_type")
     n = f.int("n")
-    best_of = f.int("best_of")
-    if best_of is not None and best_of != n:
-        raise bad("best_of", "best_of must equal n (or be left out): candidates are not ranked by this server",
-                  "unsupported_parameter")
-    for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"):
+    for name in ("best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias"):
         f.only(name)
     f.string("user")  # accepted for compatibility, not used
     return model, stream, include_usage, n

@@ -4,7 +4,7 @@ copied by hand), the responses and the error body. Built per request from the se
 names, its context (max_tokens) and its vocabulary (token ids) are part of the limits.
 
 Cross-field rules the parser enforces are in the schema too (`allOf`): stream_options only with
-stream, best_of equal to n, echo not with logprobs, top_logprobs only with logprobs. One limit no
+stream, echo not with logprobs, top_logprobs only with logprobs. One limit no
 schema can state is described in prose: prompt tokens + max_tokens must fit the context.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 from importlib import metadata
 
-from splitserve.gateway.api_fields import FIELDS, MAX_N, REQUIRED, ApiField
+from splitserve.gateway.api_fields import FIELDS, REQUIRED, ApiField
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["message", "type", "param", "code"], "properties": {
@@ -78,8 +78,7 @@ def request_schema(kind: str, names: list[str], max_model_len: int | None, vocab
         if name not in required:
             schema = _nullable(schema)
         properties[name] = schema
-    rules = [_implies("stream_options", {"type": "object"}, "stream", {"const": True}),
-             _best_of_rule()]
+    rules = [_implies("stream_options", {"type": "object"}, "stream", {"const": True})]
     if kind == "completion":
         rules.append({"not": {"required": ["echo", "logprobs"], "properties": {
             "echo": {"const": True}, "logprobs": {"type": "integer"}}}})
@@ -105,13 +104,6 @@ def _implies(name: str, when: dict, other: str, must: dict) -> dict:
     """`other` must match `must` whenever `name` is present and matches `when`."""
     return {"if": {"required": [name], "properties": {name: when}},
             "then": {"required": [other], "properties": {other: must}}}
-
-
-def _best_of_rule() -> dict:
-    """best_of, when given, equals n (an absent or null n is 1)."""
-    cases = [{"properties": {"best_of": {"const": k}, "n": {"const": k}}, "required": ["n"]} for k in range(1, MAX_N + 1)]
-    cases.append({"properties": {"best_of": {"const": 1}, "n": {"type": "null"}}})
-    return {"if": {"required": ["best_of"], "properties": {"best_of": {"type": "integer"}}}, "then": {"anyOf": cases}}
 
 
 def _generation(kind: str, summary: str, schema_name: str, secured: bool) -> dict:
