@@ -80,3 +80,34 @@ def test_prefill_after_a_cached_prefix_with_the_steps_mask_equals_a_boolean_caus
                                          flat_v.transpose(0, 1)[None], attn_mask=allowed, scale=0.25,
                                          enable_gqa=True)[0].transpose(0, 1)
     assert torch.equal(out, ref)
+
+
+def test_prefill_without_a_prefix_attends_over_kv_at_the_cache_precision():
+    """A cold prefill attends over its new K/V as the cache holds them (rounded to bf16), exactly
+    what a prefix hit or a later chunk reads back from the pages; with a float32 cache nothing is
+    rounded (issue 18: a bf16 cold prefill attended over unrounded K/V and answered differently)."""
+    from splitserve.model.attention import paged_attention, AttentionMetadata
+
+    gen = torch.Generator().manual_seed(7)
+    bs, kv_heads, heads, dim, n = 4, 2, 6, 16, 7
+    q = torch.randn(n, heads, dim, generator=gen)
+    k = torch.randn(n, kv_heads, dim, generator=gen)
+    v = torch.randn(n, kv_heads, dim, generator=gen)
+    table = torch.tensor([3, 0], dtype=torch.long)
+    meta = AttentionMetadata(slot_mapping=torch.tensor([3 * bs + i for i in range(bs)] + list(range(n - bs))),
+                             num_decodes=0, decode_block_tables=torch.empty(0), decode_seq_lens=torch.empty(0),
+                             decode_mask=None, prefill_query_lens=(n,), prefill_seq_lens=(n,),
+                             prefill_block_tables=(table,))
+
+    def run(k, v, cache_dtype):
+        k_cache, v_cache = torch.zeros(4, bs, kv_heads, dim, dtype=cache_dtype), torch.zeros(4, bs, kv_heads, dim,
+                                                                                             dtype=cache_dtype)
+        return paged_attention(q, k, v, k_cache, v_cache, meta, 0.25), k_cache, v_cache
+
+    out, k_cache, _ = run(k, v, torch.bfloat16)
+    rounded = run(k.bfloat16().float(), v.bfloat16().float(), torch.bfloat16)[0]
+    assert torch.equal(out, rounded)  # attends over the rounded K/V...
+    assert torch.equal(k_cache[table].reshape(-1, kv_heads, dim)[:n].float(), k.bfloat16().float())  # ...it stored
+    f32 = run(k, v, torch.float32)[0]
+    assert not torch.equal(f32, rounded)  # float32 cache: the unrounded K/V, no rounding anywhere
+    assert torch.equal(f32, run(k, v, torch.float32)[0])
