@@ -26,6 +26,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # services_fix
 
 from splitserve.bench import grpc_fuzz as gf  # noqa: E402
 
+CHUNK = 1000  # messages per service between two progress tables
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -87,9 +89,18 @@ def main(argv=None) -> int:
         info = gf.stack_info(*addresses)
         start = time.monotonic()
         wanted = set(args.services.split(","))
-        reports = gf.fuzz([t for t in gf.targets(info) if t.service in wanted], args.messages, seed=args.seed, timeout_s=args.timeout_s,
-                          max_stream_messages=2, concurrency=args.concurrency)
-        _print(reports, time.monotonic() - start)
+        targets = [t for t in gf.targets(info) if t.service in wanted]
+        reports: dict[str, gf.ServiceReport] = {}
+        for done in range(0, args.messages, CHUNK):  # cumulative figures after each chunk, for long runs
+            part = gf.fuzz(targets, min(CHUNK, args.messages - done), seed=args.seed * 100_003 + done,
+                           timeout_s=args.timeout_s, max_stream_messages=2, concurrency=args.concurrency)
+            for name, r in part.items():
+                total = reports.setdefault(name, gf.ServiceReport())
+                total.messages += r.messages
+                total.codes.update(r.codes)
+                total.bad.extend(r.bad[:20 - len(total.bad)])
+            _print(reports, time.monotonic() - start)
+            sys.stdout.flush()
         crashes = []
         if stack is not None:
             if stack.proc.poll() is not None:
