@@ -327,6 +327,22 @@ def test_over_long_requests_are_refused_at_once_naming_the_limit_on_both_apis(ht
     assert reply["usage"]["completion_tokens"] == 6 and reply["choices"][0]["finish_reason"] == "length"
 
 
+def test_a_client_gone_while_sending_its_body_is_no_error(http_stack, model):
+    """A body cut short by the client's disconnect ends the request quietly: no 500, no traceback."""
+    import socket
+
+    host, port = http_stack.http_base.split("//")[1].split("/")[0].rsplit(":", 1)
+    seen = len(http_stack.log)
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 1000\r\n\r\n" + json.dumps({"model": model, "prompt": "Hi"}).encode()[:-1])
+    code, _, reply = http("POST", http_stack.http_base + "/completions", {"model": model, "prompt": "Hi", "max_tokens": 1})
+    assert code == 200 and reply["usage"]["completion_tokens"] == 1
+    time.sleep(0.3)
+    assert not [line for line in list(http_stack.log)[seen:] if "Traceback" in line or "request failed" in line]
+
+
 def test_models_show_the_served_name_and_when_the_gateway_started_never_a_path(http_stack, model):
     from splitserve.model.loader import default_model_path
 

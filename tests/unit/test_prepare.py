@@ -83,3 +83,20 @@ def test_a_prompt_too_long_by_its_characters_alone_is_refused_without_tokenizing
     with pytest.raises(InvalidRequest, match="59 tokens"):  # shorter: tokenized, then refused by its count
         prepare_request(_request("x" * 59), tok, MODEL)
     assert tok.calls == 1
+
+
+def test_grpc_requests_meet_the_http_apis_caps_on_stop_lists_and_message_counts():
+    from splitserve.gateway.api_fields import MAX_STOP, MAX_STOP_TOKEN_IDS
+
+    tok = CharTokenizer()
+    prepare_request(_request("x", stop=["a"] * MAX_STOP, stop_token_ids=[1] * MAX_STOP_TOKEN_IDS), tok, MODEL)
+    for field, value in (("stop", ["a"] * (MAX_STOP + 1)), ("stop_token_ids", [1] * (MAX_STOP_TOKEN_IDS + 1))):
+        with pytest.raises(InvalidRequest, match="at most") as err:
+            prepare_request(_request("x", **{field: value}), tok, MODEL)
+        assert err.value.field == f"sampling.{field}"
+    many = gateway_pb2.GenerateRequest(chat=gateway_pb2.ChatMessages(messages=[
+        gateway_pb2.ChatMessage(role="user", content="")] * 20))
+    tok = CharTokenizer()
+    with pytest.raises(InvalidRequest, match="20 messages") as err:
+        prepare_request(many, tok, MODEL)
+    assert err.value.field == "chat" and tok.calls == 0

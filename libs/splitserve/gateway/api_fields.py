@@ -25,7 +25,6 @@ MAX_STOP_TOKEN_IDS = 256  # stop token ids
 MAX_JSON_DEPTH = 32  # nesting of the request body (a valid one needs 6: body.messages[i].content[j].text)
 MAX_USER_CHARS = 1024
 MAX_CACHE_SALT_CHARS = 256
-DEFAULT_MAX_TOKENS = 16  # completions (and gRPC) without max_tokens, clipped to the room left
 INT32_MAX = 2**31 - 1  # the wire's top_k is an int32
 UINT32_MAX = 2**32 - 1  # the wire's token ids and max_tokens are uint32
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # the wire's seed is an int64

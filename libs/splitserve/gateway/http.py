@@ -28,7 +28,7 @@ import grpc
 import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -205,6 +205,9 @@ class HttpApi:
             stack.close()
             self.service.rejected(exc.code)
             return error_response(api_error(exc, kind), request_id)
+        except ClientDisconnected:  # gone while sending its body: nobody to answer
+            self.service.rejected(Code.CANCELLED)
+            return Response(status_code=499)
         if self._tokens is None:
             self._tokens = answers.TokenText(self.service.tokenizer)
         headers = {"x-request-id": request_id}
@@ -233,15 +236,18 @@ class HttpApi:
             raise ApiError(413, f"the request body is {declared} bytes; at most {self.max_body_bytes} are accepted",
                            None, "request_too_large")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                too_big = True
-                chunks = []
-                if size > 4 * self.max_body_bytes:
-                    break
-            elif not too_big:
-                chunks.append(chunk)
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    too_big = True
+                    chunks = []
+                    if size > 4 * self.max_body_bytes:
+                        break
+                elif not too_big:
+                    chunks.append(chunk)
+        except ClientDisconnect:
+            raise ClientDisconnected("the client closed the connection while sending the body") from None
         if too_big:
             raise ApiError(413, f"the request body exceeds {self.max_body_bytes} bytes", None, "request_too_large")
         return b"".join(chunks)
@@ -318,12 +324,13 @@ class HttpApi:
                 if parsed.logprobs is not None:
                     lps = answers.completion_logprobs(r["logprobs"], self._tokens, len(choice.echo_text))
                 choices.append({"index": choice.index, "text": r["text"], "logprobs": lps,
-                                "finish_reason": r["finish_reason"], "stop_reason": _stop_reason(r["stop_reason"])})
+                                "finish_reason": r["finish_reason"],
+                                "stop_reason": answers.stop_reason(r["stop_reason"])})
             else:
                 lps = answers.chat_logprobs(r["logprobs"], self._tokens) if parsed.logprobs is not None else None
                 choices.append({"index": choice.index, "message": {"role": "assistant", "content": r["text"]},
                                 "logprobs": lps, "finish_reason": r["finish_reason"],
-                                "stop_reason": _stop_reason(r["stop_reason"])})
+                                "stop_reason": answers.stop_reason(r["stop_reason"])})
         return {"id": parsed.response_id, "object": "text_completion" if parsed.kind == "completion" else "chat.completion",
                 "created": parsed.created, "model": parsed.model, "choices": choices,
                 "usage": self._usage(parsed, [r["usage"] for r in results])}
@@ -363,7 +370,7 @@ class HttpApi:
 
     def _chunk_choice(self, parsed: oa.ParsedRequest, choice: oa.Choice, text: str, resp, offset: int) -> dict:
         finish = resp.finish_reason or None
-        stop_reason = _stop_reason(resp.stop_reason) if finish else None
+        stop_reason = answers.stop_reason(resp.stop_reason) if finish else None
         if parsed.kind == "completion":
             lps = None
             if parsed.logprobs is not None:
@@ -373,13 +380,6 @@ class HttpApi:
         lps = answers.chat_logprobs(list(resp.logprobs), self._tokens) if parsed.logprobs is not None else None
         return {"index": choice.index, "delta": {"content": text} if text or not finish else {},
                 "logprobs": lps, "finish_reason": finish, "stop_reason": stop_reason}
-
-
-def _stop_reason(value: str | None):
-    """vLLM's stop_reason: the stop string, or the stop token id as an integer; None for EOS/length."""
-    if not value:
-        return None
-    return int(value) if value.isdigit() else value
 
 
 class _EmbeddedServer(uvicorn.Server):

@@ -23,10 +23,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from splitserve.gateway.api_fields import (
-    DEFAULT_MAX_TOKENS, FIELDS, MAX_PROMPTS, MAX_STOP, MAX_STOP_TOKEN_IDS, UINT32_MAX, ApiField)
+from splitserve.gateway.api_fields import FIELDS, MAX_PROMPTS, MAX_STOP, MAX_STOP_TOKEN_IDS, UINT32_MAX, ApiField
 from splitserve.gateway.errors import ApiError, bad
-from splitserve.gateway.prepare import CHAT_ROLES, MAX_REQUEST_ID_CHARS
+from splitserve.gateway.prepare import CHAT_ROLES, DEFAULT_MAX_TOKENS, MAX_REQUEST_ID_CHARS
 from splitserve.gateway.request_body import json_type
 from splitserve.sampling_params import SamplingParams
 from splitserve.v1 import common_pb2, gateway_pb2
@@ -228,7 +227,8 @@ def _sampling(f: _Fields, max_tokens_names: tuple[str, ...],
 def _common(f: _Fields, served: list[str]) -> tuple[str, bool, bool, int]:
     model = f.body.get("model")
     if model is None:
-        raise bad("model", "model is required: name the served model (GET /v1/models lists it)", "missing_required_parameter")
+        raise bad("model", "model is required: name the served model (GET /v1/models lists it)",
+                  "missing_required_parameter")
     if not isinstance(model, str):
         raise bad("model", f"model must be a string, got {json_type(model)}", "invalid_type")
     if model not in served:

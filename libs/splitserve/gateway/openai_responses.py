@@ -18,6 +18,13 @@ def usage_dict(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
+def stop_reason(value: str | None):
+    """vLLM's stop_reason: the stop string, or the stop token id as an integer; None for EOS/length."""
+    if not value:
+        return None
+    return int(value) if value.isdigit() else value
+
+
 def finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
 

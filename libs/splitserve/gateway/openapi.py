@@ -48,7 +48,8 @@ _ROLE_HEALTH = {"type": "object", "properties": {"healthy": {"type": "integer"},
 
 
 def _error(description: str) -> dict:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    schema = {"$ref": "#/components/schemas/Error"}
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
 def field_schema(spec: ApiField, max_model_len: int | None, vocab_size: int | None, names: list[str]) -> dict:
@@ -159,9 +160,11 @@ def openapi_document(names: list[str], model=None, secured: bool = False) -> dic
                                     "schema": {"$ref": "#/components/schemas/Health"}}}}
                                     for code, text in (("200", "Ready."), ("503", "Not ready."))}}},
             "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus metrics", "responses": {
-                "200": {"description": "Prometheus text format.", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
+                "200": {"description": "Prometheus text format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
             "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document", "responses": {
-                "200": {"description": "OpenAPI 3.1.", "content": {"application/json": {"schema": {"type": "object"}}}}}}},
+                "200": {"description": "OpenAPI 3.1.",
+                        "content": {"application/json": {"schema": {"type": "object"}}}}}}},
         },
         "components": {
             "schemas": {"completion": request_schema("completion", names, max_model_len, vocab_size),

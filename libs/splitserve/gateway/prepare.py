@@ -20,6 +20,7 @@ from typing import Sequence
 from jinja2 import TemplateError
 
 from splitserve.engine.hashing import block_hashes, hash_namespace
+from splitserve.gateway.api_fields import MAX_STOP, MAX_STOP_TOKEN_IDS
 from splitserve.engine.sequence import check_token_ids
 from splitserve.sampling_params import SamplingParams
 from splitserve.v1 import common_pb2
@@ -90,6 +91,10 @@ def prepare_request(request, tokenizer, model: ModelInfo, served_names: Sequence
         params = sampling_from_proto(request.sampling)
     except ValueError as exc:
         raise InvalidRequest("sampling", f"sampling.{exc}") from None
+    for name, cap in (("stop", MAX_STOP), ("stop_token_ids", MAX_STOP_TOKEN_IDS)):  # the HTTP API's caps
+        if len(getattr(params, name)) > cap:
+            raise InvalidRequest(f"sampling.{name}", f"sampling.{name} holds {len(getattr(params, name))} "
+                                                    f"entries; at most {cap} are accepted")
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidRequest("input", "input: give one of prompt, prompt_token_ids or chat")
@@ -103,10 +108,11 @@ def prepare_request(request, tokenizer, model: ModelInfo, served_names: Sequence
     if not sampling.HasField("max_tokens"):
         params, sampling = _with_max_tokens(params, sampling, min(DEFAULT_MAX_TOKENS, room))
     elif params.max_tokens > room:
+        n = len(ids)
         raise InvalidRequest("sampling.max_tokens", f"sampling.max_tokens is {params.max_tokens} and the prompt is "
-                             f"{len(ids)} token{'s' if len(ids) != 1 else ''}: {params.max_tokens + len(ids)} in all, beyond this model's "
-                             f"context of {model.max_model_len} tokens (max_model_len); this prompt leaves room "
-                             f"for at most {room}")
+                             f"{n} token{'s' if n != 1 else ''}: {params.max_tokens + n} in all, beyond this "
+                             f"model's context of {model.max_model_len} tokens (max_model_len); this prompt "
+                             f"leaves room for at most {room}")
     hashes = block_hashes(ids, model.block_size, hash_namespace(model.model_id, request.cache_salt or None))
     request_id = request.request_id or uuid.uuid4().hex
     return PreparedRequest(request_id, f"{request_id}~{uuid.uuid4().hex[:8]}", ids, params,
@@ -143,6 +149,9 @@ def _refuse_surely_too_long(request, kind: str, tokenizer, max_model_len: int) -
     if kind == "prompt":
         chars = len(request.prompt)
     elif kind == "chat":
+        if len(request.chat.messages) >= max_model_len:  # the template marks every message with tokens
+            raise InvalidRequest("chat", f"chat holds {len(request.chat.messages)} messages, more than the context "
+                                         f"window (max_model_len) of {max_model_len} tokens")
         chars = sum(len(m.content) for m in request.chat.messages)
     else:
         return
