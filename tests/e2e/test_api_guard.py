@@ -87,6 +87,9 @@ def test_api_key_is_required_on_the_apis_but_not_on_health_and_metrics(guarded, 
     assert http("GET", guarded.base + "/v1/models", headers=AUTH)[0] == 200
     assert http("GET", guarded.base + "/health")[0] == 200
     assert http("GET", guarded.base + "/metrics")[0] == 200
+    status, doc = http("GET", guarded.base + "/openapi.json")  # open too, and it says the key is needed
+    assert status == 200 and doc["paths"]["/v1/completions"]["post"]["security"] == [{"bearer": []}]
+    assert "401" in doc["paths"]["/v1/models"]["get"]["responses"] and "security" not in doc["paths"]["/health"]["get"]
     request = gateway_pb2.GenerateRequest(prompt="Hello", sampling=common_pb2.SamplingParams(max_tokens=2))
     with pytest.raises(grpc.RpcError) as err:
         list(stub(guarded).Generate(request, timeout=30))
