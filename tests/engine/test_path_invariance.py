@@ -113,7 +113,7 @@ def test_disaggregated_through_exported_blocks(llm, prompts, cold):
     """Prefill on one engine, decode on another: the prompt's full KV blocks exported in the wire
     format (transfer.block: header and payload bytes, what the kvstore, shm and gRPC carry byte for
     byte, checksummed) and imported by the decoding engine, which continues from the first token.
-    The processes and the transports themselves run in tests/e2e/test_path_invariance.py (float32,
+    The processes and the transports themselves run in tests/e2e/test_stack_path_invariance.py (float32,
     the session stack); here both dtypes run in one process, which costs no stack start."""
     bs = llm.config.cache.block_size
     for i, (p, ref) in enumerate(zip(prompts, cold)):

@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 
 from services_fixture import start_stack
+from splitserve import LLM
 from splitserve.client import generate
 from splitserve.config.cpus import available_cpus, format_cpu_list, parse_cpu_list
 from splitserve.sampling_params import SamplingParams
@@ -19,10 +20,17 @@ PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time, in a
 
 @pytest.mark.timeout(400)
 def test_colocated_stack_serves_the_offline_engines_outputs(llm_f32):
-    refs = llm_f32.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    """Started without --dtype: the default, "auto", which on a CPU without native bf16 is float32,
+    so the stack `make serve` starts answers as LLM(dtype="float32") does (issue 18)."""
+    from splitserve.model.loader import resolve_model_dtype
+
+    chosen, why = resolve_model_dtype("auto", "cpu")
+    offline = llm_f32 if chosen == "float32" else LLM(dtype=chosen, kv_cache_memory_gb=0.05)
+    refs = offline.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     pin = str(available_cpus()[-1])  # pinned to one core (any machine has one): --prefill-cpus reaches it
-    stack = start_stack("--colocated", "--dtype", "float32", "--kv-cache-memory-gb", "0.1", "--prefill-cpus", pin)
+    stack = start_stack("--colocated", "--kv-cache-memory-gb", "0.1", "--prefill-cpus", pin)
     try:
+        assert any(f"dtype auto -> {chosen}" in line for line in stack.log), why
         assert set(stack.roles) >= {"colocated-0"} and "kvstore" not in stack.roles
         pid = stack.pids["colocated-0"]
         threads = os.listdir(f"/proc/{pid}/task")
