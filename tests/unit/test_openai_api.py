@@ -321,3 +321,12 @@ def test_json_integers_written_as_numbers_and_values_below_float32():
         assert error_of(_parse, "completion", {**_ok_body("completion"), "prompt": wrong}).param == "prompt"
         assert error_of(_parse, "completion", {**_ok_body("completion"), "stop_token_ids": wrong}).param == \
             "stop_token_ids"
+
+
+def test_what_the_document_calls_valid_for_stop_is_accepted():
+    """stop: [] (no stop strings) is served, so the schema allows an empty array (a fuzz finding)."""
+    from splitserve.gateway.api_fields import FIELDS
+
+    assert not _parse("completion", {**_ok_body("completion"), "stop": []}).choices[0].request.sampling.stop
+    assert {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 16} in \
+        FIELDS["completion"]["stop"].schema["anyOf"]

@@ -106,7 +106,8 @@ COMMON = (
     number("min_p", 0.0, 1.0, "Drop tokens below min_p times the most likely one's probability.", 0.0),
     integer("seed", SEED_MIN, SEED_MAX, "Per-request seed; with n > 1, choice i uses seed + i."),
     ApiField("stop", "custom", f"A stop string or at most {MAX_STOP}; the text is cut before the first one.",
-             {"anyOf": [{"type": "string", "minLength": 1}, {**_STRING_LIST, "maxItems": MAX_STOP}]}),
+             {"anyOf": [{"type": "string", "minLength": 1},  # [] is accepted: no stop strings
+                        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": MAX_STOP}]}),
     ApiField("stop_token_ids", "custom", f"At most {MAX_STOP_TOKEN_IDS} token ids that end generation.",
              {"type": "array", "maxItems": MAX_STOP_TOKEN_IDS,
               "items": {"type": "integer", "minimum": 0, "maximum": UINT32_MAX}}),
