@@ -168,3 +168,15 @@ def metrics_base() -> int:
         if all(_free(base + off) for off in (0, 10, 11, 20)):
             return base
     raise RuntimeError("no free metrics base port between 31000 and 60000")
+
+
+def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.2):
+    """condition()'s first truthy value; AssertionError naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(interval_s)

@@ -33,7 +33,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from services_fixture import start_stack
+from services_fixture import start_stack, wait_for
 from splitserve import SamplingParams
 from splitserve.client import generate, stream_generate
 from splitserve.engine.hashing import block_hashes
@@ -106,18 +106,6 @@ def http_json(method: str, url: str, body: dict | None = None, timeout_s: float 
 
 def health(stack) -> tuple[int, dict]:
     return http_json("GET", stack.http_base.removesuffix("/v1") + "/health", timeout_s=10)
-
-
-def wait_for(condition, timeout_s: float, what: str, interval_s: float = 0.2):
-    """condition()'s first truthy value; AssertionError naming `what` after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(interval_s)
 
 
 def wait_all_healthy(stack, timeout_s: float = 240) -> dict:

@@ -9,7 +9,7 @@ import socket
 import time
 import urllib.request
 
-from services_fixture import start_long_stream
+from services_fixture import start_long_stream, wait_for
 
 MAX_TOKENS = 200  # far more than can be generated before the clients go
 LIMIT_S = 2.0
@@ -49,17 +49,6 @@ def _busy(stack) -> dict:
     return state
 
 
-def _wait(predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_vanished_clients_cancel_their_work_within_two_seconds(http_stack):
     idle_free = http_stack.decode_load().num_free_blocks
     assert _busy(http_stack)["decode_running"] == 0
@@ -75,8 +64,10 @@ def test_vanished_clients_cancel_their_work_within_two_seconds(http_stack):
             head += chunk
         assert head.startswith(b"HTTP/1.1 200"), head
     # every request is in flight at the gateway and some are generating on the decode worker
-    _wait(lambda: sum(_gateway_gauges(http_stack.http_base).values()) >= 21, 60, "21 requests in flight")
-    _wait(lambda: http_stack.decode_load().num_running >= 1, 60, "the decode worker generating")
+    wait_for(lambda: sum(_gateway_gauges(http_stack.http_base).values()) >= 21, 60, "21 requests in flight",
+             interval_s=0.05)
+    wait_for(lambda: http_stack.decode_load().num_running >= 1, 60, "the decode worker generating",
+             interval_s=0.05)
     assert http_stack.decode_load().num_free_blocks < idle_free
 
     gone = time.monotonic()
@@ -91,7 +82,7 @@ def test_vanished_clients_cancel_their_work_within_two_seconds(http_stack):
                      and s["decode_free_blocks"] == idle_free) else None
 
     try:
-        _wait(idle, LIMIT_S, "the stack to be idle")
+        wait_for(idle, LIMIT_S, "the stack to be idle", interval_s=0.05)
     except AssertionError:
         raise AssertionError(f"still busy {LIMIT_S} s after the clients left: {_busy(http_stack)} "
                              f"(idle free blocks {idle_free})") from None
