@@ -43,6 +43,15 @@ def llm_f32():
 
 
 @pytest.fixture(scope="session")
+def llm_bf16(llm_f32):
+    """The default model in bfloat16 (one more load, ~8 s): the path-invariance matrix and the
+    references of the bfloat16 fault stack (tests/e2e/test_faults.py)."""
+    from splitserve import LLM
+
+    return LLM(dtype="bfloat16", kv_cache_memory_gb=0.06)
+
+
+@pytest.fixture(scope="session")
 def hf_model(llm_f32):
     """HF transformers' Llama loaded from the same GGUF file (the oracle), float32, EOS not stopping."""
     import torch

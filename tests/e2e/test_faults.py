@@ -1,13 +1,17 @@
 """Faults survived (DESIGN.md, failure policy), injected into real processes while requests run.
 
-One `splitserve up --dtype float32` with two prefill and two decode workers serves the module (a
-start costs ~40 s here). The tests run in file order and each starts by waiting until every worker
-answers again, since `splitserve up` restarts what an earlier test killed:
+One `splitserve up --dtype bfloat16` with two prefill and two decode workers serves the module (a
+start costs ~40 s here). It runs bfloat16 so that every answer checked here, resumed ones
+included, also checks that greedy output does not depend on the path in the dtype whose K/V the
+cache rounds (a float32 stack: tests/e2e/test_stack_path_invariance.py). The tests run in file
+order and each starts by waiting until every worker answers again, since `splitserve up` restarts
+what an earlier test killed:
   1. Redis frozen (SIGSTOP), then back empty: /health says "degraded" (and splitserve_redis_up 0)
      within the gateway's probe interval, with no request; requests are served by load, every role
      rebuilds its ownership entries and prefix routing resumes.
   2. kill -9 of the decode worker serving a stream (gRPC): the stream goes on, token for token
-     equal to a fault-free run (greedy, float32); test 6 does the same to an HTTP stream.
+     equal to a fault-free run in this process (greedy, bfloat16); test 6 does the same to an
+     HTTP stream.
   3. kill -9 of a prefill worker in the middle of a prefill: the request is retried elsewhere.
   4. The killed workers are restarted on their ports and rejoin routing.
   5. Both decode workers dead: UNAVAILABLE / 503 at once, never a hang.
@@ -49,7 +53,7 @@ KILLED: dict[str, int] = {}  # worker name -> pid killed by an earlier test (tes
 # ------------------------------------------------------------------------------------ helpers
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    s = start_stack("--dtype", "float32", "--kv-cache-memory-gb", "0.1", "--prefill-workers", "2",
+    s = start_stack("--dtype", "bfloat16", "--kv-cache-memory-gb", "0.1", "--prefill-workers", "2",
                     "--decode-workers", "2")
     try:
         yield s
@@ -204,12 +208,12 @@ def long_ids(llm, tag: str, n: int) -> list[int]:
 
 # ------------------------------------------------------------------ 1. Redis down, then back empty
 @pytest.mark.timeout(700)  # includes the stack's start
-def test_redis_outage_serves_by_load_then_ownership_and_prefix_routing_return(stack, llm_f32, model):
+def test_redis_outage_serves_by_load_then_ownership_and_prefix_routing_return(stack, llm_bf16, model):
     wait_all_healthy(stack)
     assert health(stack)[1]["redis"] == "ok"
-    ids = long_ids(llm_f32, "redis", 5 * BLOCK + 5)  # five full blocks and a partial one
-    ref = reference(llm_f32, ids, 8)
-    hashes = block_hashes(ids, BLOCK, llm_f32.engine.namespace(None))
+    ids = long_ids(llm_bf16, "redis", 5 * BLOCK + 5)  # five full blocks and a partial one
+    ref = reference(llm_bf16, ids, 8)
+    hashes = block_hashes(ids, BLOCK, llm_bf16.engine.namespace(None))
     client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)
     redis_pid = stack.pid("redis")
     assert redis_pid == stack.pids["redis"]
@@ -254,12 +258,12 @@ def test_redis_outage_serves_by_load_then_ownership_and_prefix_routing_return(st
 
 
 @pytest.mark.timeout(200)
-def test_embedded_redis_killed_is_restarted_on_its_port(stack, llm_f32):
+def test_embedded_redis_killed_is_restarted_on_its_port(stack, llm_bf16):
     """kill -9 of the embedded Redis: requests go on (by load), `up` starts a new one on the same
     port, and the processes re-record what they hold in it."""
     old_pid = stack.pid("redis")
-    ids = long_ids(llm_f32, "redis-kill", 3 * BLOCK + 3)
-    ref = reference(llm_f32, ids, 6)
+    ids = long_ids(llm_bf16, "redis-kill", 3 * BLOCK + 3)
+    ref = reference(llm_bf16, ids, 6)
     os.kill(old_pid, signal.SIGKILL)
     got, _, _ = generate(stack.gateway, token_ids=ids, sampling=greedy(6), timeout_s=60)
     assert got == ref.token_ids
@@ -268,7 +272,7 @@ def test_embedded_redis_killed_is_restarted_on_its_port(stack, llm_f32):
     assert new_pid != old_pid
     wait_for(lambda: health(stack)[1]["redis"] == "ok", 15, "/health to report Redis ok again")
     client = redis.Redis.from_url(stack.redis_url, socket_timeout=5)  # the same URL as before
-    hashes = block_hashes(ids, BLOCK, llm_f32.engine.namespace(None))
+    hashes = block_hashes(ids, BLOCK, llm_bf16.engine.namespace(None))
     wait_for(lambda: all(client.exists("ss:blk:" + h.hex()) for h in hashes), 30,
              "the blocks to be re-recorded in the new Redis")
     assert log_lines(stack, 0, "embedded redis restarted")
@@ -276,10 +280,10 @@ def test_embedded_redis_killed_is_restarted_on_its_port(stack, llm_f32):
 
 # ------------------------------------------------------------- 2. decode worker killed mid-stream
 @pytest.mark.timeout(300)
-def test_decode_worker_killed_mid_stream_resumes_token_exact(stack, llm_f32):
+def test_decode_worker_killed_mid_stream_resumes_token_exact(stack, llm_bf16):
     wait_all_healthy(stack)
     prompt = "Tell me a long story about a lighthouse keeper who finds a message in a bottle."
-    ref = reference(llm_f32, prompt, 64)
+    ref = reference(llm_bf16, prompt, 64)
     since = len(stack.log)
     chunks, killed = [], None
     for msg in stream_generate(stack.gateway, prompt=prompt, sampling=greedy(64), timeout_s=120,
@@ -305,10 +309,10 @@ def test_decode_worker_killed_mid_stream_resumes_token_exact(stack, llm_f32):
 
 # ------------------------------------------------------------ 3. prefill worker killed mid-prefill
 @pytest.mark.timeout(300)
-def test_prefill_worker_killed_mid_prefill_is_retried_elsewhere(stack, llm_f32):
+def test_prefill_worker_killed_mid_prefill_is_retried_elsewhere(stack, llm_bf16):
     wait_all_healthy(stack)
-    prompts = [long_ids(llm_f32, f"prefill-{i}", 320) for i in range(4)]  # ~0.5-1 s of prefill each
-    refs = llm_f32.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    prompts = [long_ids(llm_bf16, f"prefill-{i}", 320) for i in range(4)]  # ~0.5-1 s of prefill each
+    refs = llm_bf16.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     since = len(stack.log)
     with ThreadPoolExecutor(2) as pool:
         futures = [pool.submit(generate, stack.gateway, token_ids=p, sampling=greedy(8), timeout_s=120,
@@ -381,14 +385,14 @@ def test_no_decode_worker_left_is_unavailable_at_once(stack, model):
 
 # -------------------------------------------------------------------------------- 6. kvstore
 @pytest.mark.timeout(400)
-def test_kvstore_killed_decode_recomputes_and_requests_complete(stack, llm_f32, model):
+def test_kvstore_killed_decode_recomputes_and_requests_complete(stack, llm_bf16, model):
     """The kvstore dies after a request's blocks went through it; then the decode worker serving
     the request dies too, so the stream (HTTP, server-sent events) resumes on a decode worker
     whose fetch finds no kvstore: it recomputes prompt + tokens so far, and the text stays exact.
     A request sent while the kvstore is down or just restarted (empty) completes correctly."""
     wait_all_healthy(stack)
-    ids = long_ids(llm_f32, "kvstore-resume", 3 * BLOCK + 3)
-    ref = reference(llm_f32, ids, 64)
+    ids = long_ids(llm_bf16, "kvstore-resume", 3 * BLOCK + 3)
+    ref = reference(llm_bf16, ids, 64)
     since = len(stack.log)
     texts, finish, killed = [], None, None
     body = {"model": model, "prompt": ids, "max_tokens": 64, "temperature": 0, "ignore_eos": True, "stream": True}
@@ -412,8 +416,8 @@ def test_kvstore_killed_decode_recomputes_and_requests_complete(stack, llm_f32, 
     assert f"decode_worker={stack.roles[other]}" in done and "recomputed=True" in done, done
     assert "completion_tokens=64" in done
 
-    fresh = long_ids(llm_f32, "kvstore-down", 3 * BLOCK + 3)
-    ref = reference(llm_f32, fresh, 8)
+    fresh = long_ids(llm_bf16, "kvstore-down", 3 * BLOCK + 3)
+    ref = reference(llm_bf16, fresh, 8)
     got, text, final = generate(stack.gateway, token_ids=fresh, sampling=greedy(8), timeout_s=60)
     assert got == ref.token_ids and text == ref.text and final.finish_reason == "length"
     wait_for(lambda: stack.pid("kvstore") not in (None, kv_pid), 30, "the kvstore's restart")

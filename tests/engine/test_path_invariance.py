@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 
-from splitserve import LLM, SamplingParams
+from splitserve import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 TEXT = ("In the spring of that year the river rose higher than anyone in the village could remember, "
@@ -27,12 +27,6 @@ TEXT = ("In the spring of that year the river rose higher than anyone in the vil
 LENGTHS = (6, 21, 38)  # inside one block, just past one, past two
 FILLER = " The weather report for tomorrow says light rain in the morning and sun after noon."
 SMALL_CACHE = 0.03
-
-
-@pytest.fixture(scope="module")
-def llm_bf16(llm_f32):
-    """The default model in bfloat16 (one more load, ~8 s)."""
-    return LLM(dtype="bfloat16", kv_cache_memory_gb=SMALL_CACHE)
 
 
 @pytest.fixture(scope="module", params=["float32", "bfloat16"])
