@@ -1,5 +1,6 @@
 """The quantized projections of kernels/cpu_quant.c: the weights they unpack are GGUF's own float32
-values, the products match a float64 reference, and the loaded model computes with them."""
+values, the products (the few-row kernel and the tiled GEMM of many rows) match a float64
+reference, the embedding gathers GGUF's own rows, and the loaded model computes with them."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,12 +15,17 @@ from splitserve.model.llama import CpuLinear
 needs_kernel = pytest.mark.skipif(not cpu_quant.built(), reason="the quantized kernel is not built for this CPU")
 
 
-def random_blocks(kind: str, n: int, k: int, seed: int) -> np.ndarray:
-    """GGUF-style raw blocks [n, k / 32 * bytes] with random codes and sane float16 scales."""
+KINDS = ["Q4_0", "Q4_1", "Q8_0"]
+
+
+def random_blocks(kind: str, n: int, k: int, seed: int, signed_scales: bool = False) -> np.ndarray:
+    """GGUF-style raw blocks [n, k / 32 * bytes] with random codes and sane float16 scales (of
+    either sign with `signed_scales`: Q4_0's code 8 then gives GGUF a -0.0 weight)."""
     rng = np.random.default_rng(seed)
     size = cpu_quant.BLOCK_BYTES[kind]
     raw = rng.integers(0, 256, (n, k // 32, size), dtype=np.uint8)
-    raw[:, :, 0:2] = rng.uniform(0.001, 0.05, (n, k // 32)).astype(np.float16).view(np.uint8).reshape(n, k // 32, 2)
+    scales = rng.uniform(0.001, 0.05, (n, k // 32)) * (rng.choice([-1, 1], (n, k // 32)) if signed_scales else 1)
+    raw[:, :, 0:2] = scales.astype(np.float16).view(np.uint8).reshape(n, k // 32, 2)
     if kind == "Q4_1":
         raw[:, :, 2:4] = rng.uniform(-0.3, 0.0, (n, k // 32)).astype(np.float16).view(np.uint8).reshape(n, k // 32, 2)
     return raw.reshape(n, -1)
@@ -51,8 +57,29 @@ def test_unpacking_gives_ggufs_own_dequantized_values(gguf_tensors, name, rows):
         assert torch.equal(cpu_quant.linear(eye, w), torch.from_numpy(reference[:, :48]).t().contiguous())
 
 
+def ggufs_values(kind: str, raw: np.ndarray) -> np.ndarray:
+    import gguf
+
+    return np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]), dtype=np.float32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_format_unpacks_to_ggufs_bits(kind):
+    """Random blocks of every format (scales of both signs): the torch reference (`dequantize`) and
+    the C unpacking (through the embedding gather, which copies weights out unchanged) give GGUF's
+    float32 values bit for bit, signed zeros included."""
+    raw = random_blocks(kind, 23, 96, seed=11, signed_scales=True)
+    ref = ggufs_values(kind, raw)
+    w = QuantWeight.from_gguf(kind, raw)
+    assert w.shape == (23, 96) and w.kind == kind
+    assert np.array_equal(w.dequantize().numpy().view(np.uint32), ref.view(np.uint32))
+    if cpu_quant.built():
+        rows = cpu_quant.embedding(torch.arange(23), w)
+        assert np.array_equal(rows.numpy().view(np.uint32), ref.view(np.uint32))
+
+
 @needs_kernel
-@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m,n,k", [(1, 1, 32), (2, 5, 64), (3, 4, 96), (7, 13, 576), (16, 9, 1536), (50, 6, 128)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_products_match_a_float64_reference(kind, m, n, k, bias):
@@ -65,6 +92,69 @@ def test_products_match_a_float64_reference(kind, m, n, k, bias):
     out = cpu_quant.linear(x, w, b)
     assert out.dtype == torch.float32 and out.shape == (m, n)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def assert_near_reference(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None):
+    """out against x @ w^T (+ bias) in float64, each element within 1e-5 of the sum of its products'
+    magnitudes (float32 summation over K in a BLAS's order: its error grows with those, not with
+    the result, which cancels)."""
+    x, w = x.double(), w.double()
+    ref = x @ w.t() + (0 if bias is None else bias.double())
+    scale = x.abs() @ w.abs().t() + (0 if bias is None else bias.double().abs())
+    excess = ((out.double() - ref).abs() - 1e-5 * scale).max().item()
+    assert excess <= 0, f"max error beyond the tolerance: {excess}"
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m", [49, 64, 512])
+def test_many_rows_run_a_gemm_over_dequantized_tiles(kind, m, monkeypatch):
+    """The prefill path (`linear_tiled`): a float32 GEMM over GGUF's own values (the float32
+    weights of the model before the blocks were its only copy), against a float64 reference; the
+    weight whole in the thread's buffer, or in tiles of rows (a small buffer: 3 tiles, the last one
+    short), with and without a bias."""
+    n, k = 70, 576
+    raw = random_blocks(kind, n, k, seed=m)
+    w, ref_w = QuantWeight.from_gguf(kind, raw), torch.from_numpy(ggufs_values(kind, raw))
+    gen = torch.Generator().manual_seed(m)
+    x, b = torch.randn(m, k, generator=gen), torch.randn(n, generator=gen)
+    whole = cpu_quant.linear_tiled(x, w)
+    assert whole.dtype == torch.float32 and whole.shape == (m, n)
+    assert_near_reference(whole, x, ref_w)
+    monkeypatch.setattr(cpu_quant, "TILE_FLOATS", 32 * k)  # 32 weight rows a tile: 32 + 32 + 6
+    monkeypatch.setattr(cpu_quant._scratch, "tile", torch.empty(32 * k))
+    tiled = cpu_quant.linear_tiled(x.view(1, m, k), w, b)
+    assert tiled.shape == (1, m, n)  # leading dims kept
+    assert_near_reference(tiled[0], x, ref_w, b)
+
+
+@needs_kernel
+def test_the_tile_buffer_is_refilled_for_every_weight():
+    """Two weights of one shape through the one reused buffer, alternately: each product is its own
+    weight's (no GEMM keeps a stale copy of the buffer keyed by its address)."""
+    ws = [QuantWeight.from_gguf("Q4_1", random_blocks("Q4_1", 64, 128, seed=s)) for s in (1, 2)]
+    x = torch.randn(100, 128, generator=torch.Generator().manual_seed(3))
+    for i in (0, 1, 0, 1):
+        assert_near_reference(cpu_quant.linear_tiled(x, ws[i]), x, ws[i].dequantize())
+
+
+@needs_kernel
+def test_embedding_gathers_rows_and_refuses_bad_ids():
+    raw = random_blocks("Q8_0", 50, 64, seed=4)
+    w = QuantWeight.from_gguf("Q8_0", raw)
+    ref = torch.from_numpy(ggufs_values("Q8_0", raw))
+    ids = torch.tensor([[3, 49, 0], [3, 7, 7]])
+    assert torch.equal(cpu_quant.embedding(ids, w), ref[ids])
+    assert torch.equal(cpu_quant.embedding(ids.to(torch.int32), w), ref[ids])
+    assert cpu_quant.embedding(torch.zeros(0, dtype=torch.int64), w).shape == (0, 64)
+    many = torch.randint(0, 50, (300,), generator=torch.Generator().manual_seed(5))  # the threaded gather
+    assert torch.equal(cpu_quant.embedding(many, w), ref[many])
+    with pytest.raises(ValueError, match="ids: 50 at position 2 is outside the 50 rows"):
+        cpu_quant.embedding(torch.tensor([1, 2, 50]), w)
+    with pytest.raises(ValueError, match="ids: -1 at position 0"):
+        cpu_quant.embedding(torch.tensor([-1]), w)
+    with pytest.raises(ValueError, match="ids must be an integer CPU tensor, got torch.float32"):
+        cpu_quant.embedding(torch.tensor([1.0]), w)
 
 
 @needs_kernel
@@ -92,19 +182,34 @@ def test_refusals_name_the_argument():
         QuantWeight.from_gguf("Q4_1", np.zeros((4, 30), np.uint8))
     with pytest.raises(ValueError, match="unsupported block format 'Q5_K'"):
         QuantWeight.from_gguf("Q5_K", np.zeros((4, 20), np.uint8))
+    with pytest.raises(ValueError, match="x has 32 features; the weight takes 64"):
+        cpu_quant.linear_tiled(torch.zeros(60, 32), w)
 
 
 @needs_kernel
 def test_cpu_linear_takes_the_kernel_up_to_its_rows_and_the_gemm_above(monkeypatch):
+    """From the blocks alone (no float weight held): the kernel up to its rows, the tiled GEMM above."""
     monkeypatch.setenv("SPLITSERVE_CPU_QUANT_ROWS", "4")
     w = QuantWeight.from_gguf("Q4_1", random_blocks("Q4_1", 24, 96, seed=5))
-    lin = CpuLinear(w.dequantize(), None, torch.float32, w)
+    b = torch.randn(24, generator=torch.Generator().manual_seed(7))
+    lin = CpuLinear(None, b, torch.float32, w)
+    assert lin.backend == "quant" and lin.weight_t is None and lin.packed is None
+    assert [t.numel() for t in lin.buffers()] == [24]  # the bias: no float copy of W
     x = torch.randn(6, 96, generator=torch.Generator().manual_seed(6))
-    assert torch.equal(lin(x[:4]), cpu_quant.linear(x[:4], w))  # the kernel
-    ref = x.double() @ w.dequantize().double().t()
-    torch.testing.assert_close(lin(x).double(), ref, rtol=1e-5, atol=1e-5)  # the float32 GEMM
-    with pytest.raises(ValueError, match=r"Q4_1 weight \(24, 96\) does not match the float32 weight \(24, 64\)"):
+    assert torch.equal(lin(x[:4]), cpu_quant.linear(x[:4], w, b))  # the kernel
+    assert torch.equal(lin(x), cpu_quant.linear_tiled(x, w, b))  # the GEMM over dequantized tiles
+    assert_near_reference(lin(x), x, w.dequantize(), b)
+    # given a float weight too, it is checked and dropped
+    assert CpuLinear(w.dequantize(), None, torch.float32, w).weight_t is None
+    with pytest.raises(ValueError, match=r"Q4_1 weight \(24, 96\) does not match the float weight \(24, 64\)"):
         CpuLinear(torch.zeros(24, 64), None, torch.float32, w)
+    with pytest.raises(ValueError, match=r"bias has shape \(23,\); the weight has 24 outputs"):
+        CpuLinear(None, torch.zeros(23), torch.float32, w)
+    with pytest.raises(ValueError, match="needs a weight or its quantized blocks"):
+        CpuLinear(None, None, torch.float32)
+    # not float32 (or the kernel off): the blocks' values as a float weight, the usual GEMM
+    bf16 = CpuLinear(None, None, torch.bfloat16, w)
+    assert bf16.quant is None and torch.equal(bf16.weight_t.t(), w.dequantize().to(torch.bfloat16))
 
 
 @needs_kernel

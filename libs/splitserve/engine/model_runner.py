@@ -30,7 +30,7 @@ class ModelRunner:
         self.device = kv_cache.k_caches[0].device
         self.block_size = kv_cache.block_size
         self._kv_pairs = list(zip(kv_cache.k_caches, kv_cache.v_caches))
-        self.compute_dtype = model.embed_tokens.weight.dtype  # of q in attention: its masks' dtype
+        self.compute_dtype = model.compute_dtype  # of q in attention: its masks' dtype
         args = model.args
         # CPU decode attention: the C kernel where it is built and handles this cache, else the torch path
         self.cpu_kernel = (not use_triton and self.device.type == "cpu" and cpu_attention.available()

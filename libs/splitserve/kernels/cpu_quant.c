@@ -1,29 +1,34 @@
-/* y = x @ W^T for CPUs with W kept in GGUF's blocks (Q4_1 or Q8_0): the projections and LM head of
- * a quantized model at the row counts of decoding and prefix hits (1-48 rows), where a float32 GEMM
- * is bound by reading its weights.
+/* y = x @ W^T for CPUs with W kept in GGUF's blocks (Q4_0, Q4_1 or Q8_0), and the two ways a model
+ * reads such a W besides: dequantized rows for a float32 GEMM over many rows (a prefill chunk), and
+ * gathered rows (the token embedding). The blocks are the only copy of a quantized weight a model
+ * holds (cpu_quant.py, CpuLinear).
  *
- * Both formats store 32 weights a block with a float16 scale d: Q4_1 has a float16 minimum m and
- * four-bit codes (weight = d * q + m), Q8_0 signed bytes (weight = d * q). A float32 copy of the
- * default model's projections is 430 MB, which a 2-core VM streams at ~10 GB/s: ~40 ms a step
- * whatever the rows, 34 ms for a single decode row. As Q4_1 blocks it is 80 MB. This kernel turns a
- * tile of 4 weight rows back into float32 in an L1 buffer, then runs every row of x against it: the
- * arithmetic per weight grows with the rows, the unpacking does not.
+ * All three formats store 32 weights a block with a float16 scale d: Q4_1 has a float16 minimum m
+ * and four-bit codes (weight = d * q + m), Q4_0 four-bit codes around 8 (weight = d * (q - 8)), Q8_0
+ * signed bytes (weight = d * q). A float32 copy of the default model's projections is 430 MB, which
+ * a 2-core VM streams at ~10 GB/s: ~40 ms a step whatever the rows, 34 ms for a single decode row.
+ * As Q4_1 blocks it is 80 MB. `linear` turns a tile of 4 weight rows back into float32 in an L1
+ * buffer, then runs every row of x against it: the arithmetic per weight grows with the rows, the
+ * unpacking does not. Above ~48 rows the float32 GEMM's arithmetic wins: `dequantize` writes a tile
+ * of weight rows (a few MB, reused) for it, which costs a small part of the GEMM's time.
  *
  * Layout (made at load time by cpu_quant.py from GGUF's blocks): the weight rows in tiles of 4
  * (the last one padded with zero rows), each tile's blocks in order, one *group* per (tile, block):
  *   Q4_1: float32 d[4], float32 m[4], then 4 x 16 bytes of codes (byte j: q[j] low nibble, q[j+16] high)
+ *   Q4_0: float32 d[4], then 4 x 16 bytes of codes (as Q4_1)
  *   Q8_0: float32 d[4], then 4 x 32 int8 codes
  * (d and m converted exactly from float16): a tile is read as one forward stream.
  *   x [M, K] float32 contiguous;  y [M, N] float32 contiguous;  bias [N] float32 or none
  *
- * Numerics: a Q4_1 weight is fma(q, d, m), one rounding of an exact product, and a Q8_0 weight d * q
- * (exact): the very float32 values of GGUF's reference dequantization, and so of HF transformers and
- * of the model's float32 copy. Each output is a float32 dot product over K in 8 lanes, summed at the
- * end: the order differs from a BLAS's (last-bit differences) and does not depend on M or on the
- * other rows.
+ * Numerics: a Q4_1 weight is fma(q, d, m), one rounding of an exact product; Q4_0 (q - 8) * d and
+ * Q8_0 q * d are exact products: the very float32 values (signed zeros included) of GGUF's reference
+ * dequantization, and so of HF transformers. Each output of `linear` is a float32 dot product over K
+ * in 8 lanes, summed at the end: the order differs from a BLAS's (last-bit differences) and does not
+ * depend on M or on the other rows.
  *
- * Work is split by tiles of output features over the calling thread's OpenMP team (torch's libgomp).
- * The Python wrapper (cpu_quant.py) checks the tensors; this code trusts the pointers it is handed.
+ * Work is split by tiles of weight rows (or by gathered rows) over the calling thread's OpenMP team
+ * (torch's libgomp). The Python wrapper (cpu_quant.py) checks the tensors; this code trusts the
+ * pointers it is handed, and checks only sizes and token ids.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -37,8 +42,14 @@
 
 #define QBLOCK 32 /* weights per block */
 #define TILE_N 4  /* weight rows unpacked together */
+/* the block formats, as cpu_quant.py's KIND_CODES numbers them */
+enum { KIND_Q8_0 = 0, KIND_Q4_1 = 1, KIND_Q4_0 = 2, KINDS = 3 };
+/* float32 values one row carries in a group: d and m (Q4_1), d (Q4_0, Q8_0) */
+#define ROW_FLOATS(kind) ((kind) == KIND_Q4_1 ? 2 : 1)
+/* bytes of one row's codes in a group: two 4-bit codes a byte, or one int8 each */
+#define ROW_CODES(kind) ((kind) == KIND_Q8_0 ? QBLOCK : QBLOCK / 2)
 /* bytes of one group: TILE_N scales (and mins), then TILE_N rows of codes */
-#define GROUP_BYTES(q4) ((q4) ? TILE_N * (2 * sizeof(float) + QBLOCK / 2) : TILE_N * (sizeof(float) + QBLOCK))
+#define GROUP_BYTES(kind) ((size_t)TILE_N * (ROW_FLOATS(kind) * sizeof(float) + ROW_CODES(kind)))
 #define TILE_M 3  /* rows of x run against them at once: 3 x 4 accumulators + 4 weight vectors */
 #define FEW_ROWS 2 /* up to this many rows of x take `few_rows` (no L1 tile) */
 
@@ -61,6 +72,20 @@ static inline __attribute__((always_inline)) void unpack_q4_1(const uint8_t *cod
     w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm);
 }
 
+/* Q4_0: the 32 weights (q - 8) * d of one block (an exact product, as GGUF computes it). */
+static inline __attribute__((always_inline)) void unpack_q4_0(const uint8_t *codes, float d, __m256 w[4]) {
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)codes);
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(bytes, nib);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), nib);
+    const __m256i eight = _mm256_set1_epi32(8);
+    const __m256 vd = _mm256_set1_ps(d);
+    w[0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(lo), eight)), vd);
+    w[1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)), eight)), vd);
+    w[2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(hi), eight)), vd);
+    w[3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)), eight)), vd);
+}
+
 /* Q8_0: the 32 weights d * q of one block (q int8; the product is exact in float32). */
 static inline __attribute__((always_inline)) void unpack_q8_0(const uint8_t *codes, float d, __m256 w[4]) {
     const __m256 vd = _mm256_set1_ps(d);
@@ -70,12 +95,15 @@ static inline __attribute__((always_inline)) void unpack_q8_0(const uint8_t *cod
 }
 
 /* Row j of a group (see the layout above): its 32 weights of one block. */
-static inline __attribute__((always_inline)) void unpack(const uint8_t *group, int q4, int j, __m256 w[4]) {
+static inline __attribute__((always_inline)) void unpack(const uint8_t *group, const int kind, int j, __m256 w[4]) {
     const float *f = (const float *)group;
-    if (q4)
-        unpack_q4_1(group + 8 * sizeof(float) + j * (QBLOCK / 2), f[j], f[TILE_N + j], w);
+    const uint8_t *codes = group + TILE_N * ROW_FLOATS(kind) * sizeof(float) + j * ROW_CODES(kind);
+    if (kind == KIND_Q4_1)
+        unpack_q4_1(codes, f[j], f[TILE_N + j], w);
+    else if (kind == KIND_Q4_0)
+        unpack_q4_0(codes, f[j], w);
     else
-        unpack_q8_0(group + 4 * sizeof(float) + j * QBLOCK, f[j], w);
+        unpack_q8_0(codes, f[j], w);
 }
 
 /* y[i][j] = dot(x row i, w row j) (+ bias[j]) for i < mb, j < nb; w [nb][k] float32 (the L1 tile). */
@@ -113,7 +141,7 @@ static void tile_any(const float *x, long ldx, const float *w, long k, const flo
  * no L1 tile. The same single accumulator per output, over k in the same order, as `tile`: a row
  * gives the same bits on either path. */
 static inline __attribute__((always_inline)) void few_rows(const float *x, long k, const uint8_t *groups,
-                                                          size_t group_bytes, int q4, const float *bias, float *y,
+                                                          size_t group_bytes, const int kind, const float *bias, float *y,
                                                           long ldy, const int mb, const int nb) {
     const long blocks = k / QBLOCK;
     __m256 acc[FEW_ROWS][TILE_N];
@@ -123,7 +151,7 @@ static inline __attribute__((always_inline)) void few_rows(const float *x, long 
         const uint8_t *group = groups + b * group_bytes;
         for (int j = 0; j < nb; j++) {
             __m256 w[4];
-            unpack(group, q4, j, w);
+            unpack(group, kind, j, w);
             for (int i = 0; i < mb; i++)
                 for (int v = 0; v < 4; v++)
                     acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + b * QBLOCK + v * 8), w[v], acc[i][j]);
@@ -133,10 +161,11 @@ static inline __attribute__((always_inline)) void few_rows(const float *x, long 
         for (int j = 0; j < nb; j++) y[i * ldy + j] = hsum((v8f)acc[i][j]) + (bias ? bias[j] : 0.0f);
 }
 
-static void few_rows_any(const float *x, long k, const uint8_t *groups, size_t group_bytes, int q4,
-                         const float *bias, float *y, long ldy, int mb, int nb) {
+static inline __attribute__((always_inline)) void few_rows_any(const float *x, long k, const uint8_t *groups,
+                                                              size_t group_bytes, const int kind, const float *bias,
+                                                              float *y, long ldy, int mb, int nb) {
 #define FEW_CASE(MB, NB) \
-    case (MB) * 8 + (NB): few_rows(x, k, groups, group_bytes, q4, bias, y, ldy, MB, NB); break;
+    case (MB) * 8 + (NB): few_rows(x, k, groups, group_bytes, kind, bias, y, ldy, MB, NB); break;
     switch (mb * 8 + nb) {
         FEW_CASE(1, 1) FEW_CASE(1, 2) FEW_CASE(1, 3) FEW_CASE(1, 4)
         FEW_CASE(2, 1) FEW_CASE(2, 2) FEW_CASE(2, 3) FEW_CASE(2, 4)
@@ -144,11 +173,12 @@ static void few_rows_any(const float *x, long k, const uint8_t *groups, size_t g
 #undef FEW_CASE
 }
 
-/* q4: Q4_1 groups, else Q8_0 (see the layout above). */
-static int linear_quant(const float *x, const uint8_t *packed, int q4, const float *bias, float *y, long m_rows,
-                        long n, long k) {
+/* `kind` is a constant in each caller below: the unpacking is compiled once per format, with no
+ * branch on the format in the inner loops. */
+static inline __attribute__((always_inline)) int linear_kind(const float *x, const uint8_t *packed, const int kind,
+                                                             const float *bias, float *y, long m_rows, long n, long k) {
     const long blocks = k / QBLOCK, tiles = (n + TILE_N - 1) / TILE_N;
-    const size_t group_bytes = GROUP_BYTES(q4);
+    const size_t group_bytes = GROUP_BYTES(kind);
     int failed = 0;
 #pragma omp parallel
     {
@@ -163,14 +193,14 @@ static int linear_quant(const float *x, const uint8_t *packed, int q4, const flo
             const int nb = n - n0 < TILE_N ? (int)(n - n0) : TILE_N;
             const uint8_t *groups = packed + (size_t)t * blocks * group_bytes;
             if (m_rows <= FEW_ROWS) {
-                few_rows_any(x, k, groups, group_bytes, q4, bias ? bias + n0 : NULL, y + n0, n, (int)m_rows, nb);
+                few_rows_any(x, k, groups, group_bytes, kind, bias ? bias + n0 : NULL, y + n0, n, (int)m_rows, nb);
                 continue;
             }
             if (w == NULL) continue;
             for (long b = 0; b < blocks; b++)
                 for (int j = 0; j < nb; j++) {
                     __m256 v[4];
-                    unpack(groups + b * group_bytes, q4, j, v);
+                    unpack(groups + b * group_bytes, kind, j, v);
                     for (int q = 0; q < 4; q++) _mm256_storeu_ps(w + j * k + b * QBLOCK + q * 8, v[q]);
                 }
             for (long i0 = 0; i0 < m_rows; i0 += TILE_M) {
@@ -183,37 +213,119 @@ static int linear_quant(const float *x, const uint8_t *packed, int q4, const flo
     return failed ? -1 : 0;
 }
 
+static int linear_quant(const float *x, const uint8_t *packed, int kind, const float *bias, float *y, long m_rows,
+                        long n, long k) {
+    if (kind == KIND_Q4_1) return linear_kind(x, packed, KIND_Q4_1, bias, y, m_rows, n, k);
+    if (kind == KIND_Q4_0) return linear_kind(x, packed, KIND_Q4_0, bias, y, m_rows, n, k);
+    return linear_kind(x, packed, KIND_Q8_0, bias, y, m_rows, n, k);
+}
+
+/* Weight row r (r < the padded rows) as float32 into out[k]: its tile's groups, row r % 4 of each. */
+static inline __attribute__((always_inline)) void unpack_row(const uint8_t *packed, int kind, long r, long k,
+                                                            float *out) {
+    const long blocks = k / QBLOCK;
+    const size_t group_bytes = GROUP_BYTES(kind);
+    const uint8_t *groups = packed + (size_t)(r / TILE_N) * blocks * group_bytes;
+    for (long b = 0; b < blocks; b++) {
+        __m256 v[4];
+        unpack(groups + b * group_bytes, kind, (int)(r % TILE_N), v);
+        for (int q = 0; q < 4; q++) _mm256_storeu_ps(out + b * QBLOCK + q * 8, v[q]);
+    }
+}
+
+/* Rows [r0, r1) of W as float32 [r1 - r0][k]: the tile a float32 GEMM then runs over many rows of x. */
+static void dequantize_rows(const uint8_t *packed, int kind, long r0, long r1, long k, float *out) {
+#pragma omp parallel for schedule(static)
+    for (long r = r0; r < r1; r++) unpack_row(packed, kind, r, k, out + (r - r0) * k);
+}
+
+/* out[i] = W row ids[i] (the embedding lookup); every id is checked before any row is read. Returns
+ * -1, or the position of the first id outside [0, n). */
+static long gather_rows(const uint8_t *packed, int kind, const int64_t *ids, long count, long n, long k, float *out) {
+    for (long i = 0; i < count; i++)
+        if (ids[i] < 0 || ids[i] >= n) return i;
+#pragma omp parallel for schedule(static) if (count >= 64)
+    for (long i = 0; i < count; i++) unpack_row(packed, kind, (long)ids[i], k, out + i * k);
+    return -1;
+}
+
 #pragma GCC pop_options
 #endif /* X86 */
 
 #define PTR(v) ((void *)(uintptr_t)(v))
 
-/* linear(x, packed, bias (0: none), y: data pointers as ints, q4 (else Q8_0), rows, n, k) */
-static PyObject *py_linear(PyObject *self, PyObject *args) {
-    unsigned long long x, packed, bias, y;
-    int q4;
-    long rows, n, k;
-    if (!PyArg_ParseTuple(args, "KKKKplll", &x, &packed, &bias, &y, &q4, &rows, &n, &k)) return NULL;
-    if (rows < 0 || n <= 0 || k <= 0 || k % QBLOCK) {
-        PyErr_Format(PyExc_ValueError, "linear: bad sizes: rows %ld, n %ld, k %ld (a multiple of %d)", rows, n,
-                     k, QBLOCK);
-        return NULL;
+/* The sizes every entry point takes: a known format, n > 0 weight rows of k (whole blocks). */
+static int check_sizes(const char *fn, int kind, long rows, long n, long k) {
+    if (kind < 0 || kind >= KINDS || rows < 0 || n <= 0 || k <= 0 || k % QBLOCK) {
+        PyErr_Format(PyExc_ValueError, "%s: bad sizes: kind %d, rows %ld, n %ld, k %ld (a multiple of %d)", fn, kind,
+                     rows, n, k, QBLOCK);
+        return -1;
     }
 #ifdef X86
-    int rc;
-    Py_BEGIN_ALLOW_THREADS
-    rc = linear_quant(PTR(x), PTR(packed), q4, bias ? PTR(bias) : NULL, PTR(y), rows, n, k);
-    Py_END_ALLOW_THREADS
-    if (rc) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    return 0;
 #else
-    PyErr_SetString(PyExc_RuntimeError, "the quantized linear kernel is built for x86 (AVX2) only");
-    return NULL;
+    PyErr_SetString(PyExc_RuntimeError, "the quantized kernels are built for x86 (AVX2) only");
+    return -1;
 #endif
 }
 
+/* linear(x, packed, bias (0: none), y: data pointers as ints, kind, rows, n, k) */
+static PyObject *py_linear(PyObject *self, PyObject *args) {
+    unsigned long long x, packed, bias, y;
+    int kind;
+    long rows, n, k;
+    if (!PyArg_ParseTuple(args, "KKKKilll", &x, &packed, &bias, &y, &kind, &rows, &n, &k)) return NULL;
+    if (check_sizes("linear", kind, rows, n, k)) return NULL;
+    int rc = 0;
+#ifdef X86
+    Py_BEGIN_ALLOW_THREADS
+    rc = linear_quant(PTR(x), PTR(packed), kind, bias ? PTR(bias) : NULL, PTR(y), rows, n, k);
+    Py_END_ALLOW_THREADS
+#endif
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+/* dequantize(packed, out: data pointers as ints, kind, r0, r1, n, k): rows [r0, r1) of W */
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    unsigned long long packed, out;
+    int kind;
+    long r0, r1, n, k;
+    if (!PyArg_ParseTuple(args, "KKillll", &packed, &out, &kind, &r0, &r1, &n, &k)) return NULL;
+    if (check_sizes("dequantize", kind, r1 - r0, n, k)) return NULL;
+    if (r0 < 0 || r1 > n) {
+        PyErr_Format(PyExc_ValueError, "dequantize: rows [%ld, %ld) are outside the weight's %ld", r0, r1, n);
+        return NULL;
+    }
+#ifdef X86
+    Py_BEGIN_ALLOW_THREADS
+    dequantize_rows(PTR(packed), kind, r0, r1, k, PTR(out));
+    Py_END_ALLOW_THREADS
+#endif
+    Py_RETURN_NONE;
+}
+
+/* gather(packed, ids (int64), out: data pointers as ints, kind, count, n, k) -> -1, or the position
+ * of the first id outside [0, n) (then nothing is written) */
+static PyObject *py_gather(PyObject *self, PyObject *args) {
+    unsigned long long packed, ids, out;
+    int kind;
+    long count, n, k;
+    if (!PyArg_ParseTuple(args, "KKKilll", &packed, &ids, &out, &kind, &count, &n, &k)) return NULL;
+    if (check_sizes("gather", kind, count, n, k)) return NULL;
+    long bad = -1;
+#ifdef X86
+    Py_BEGIN_ALLOW_THREADS
+    bad = gather_rows(PTR(packed), kind, PTR(ids), count, n, k, PTR(out));
+    Py_END_ALLOW_THREADS
+#endif
+    return PyLong_FromLong(bad);
+}
+
 static PyMethodDef methods[] = {
-    {"linear", py_linear, METH_VARARGS, "x @ W^T with W in Q4_1 or Q8_0 blocks (see cpu_quant.py)."},
+    {"linear", py_linear, METH_VARARGS, "x @ W^T with W in Q4_0, Q4_1 or Q8_0 blocks (see cpu_quant.py)."},
+    {"dequantize", py_dequantize, METH_VARARGS, "Rows [r0, r1) of a packed W as float32."},
+    {"gather", py_gather, METH_VARARGS, "Rows ids of a packed W as float32 (the embedding lookup)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,15 +1,22 @@
-"""Projections straight from GGUF's quantized blocks on the CPU: the C kernel of `cpu_quant.c`.
+"""Projections and embeddings straight from GGUF's quantized blocks on the CPU (`cpu_quant.c`).
 
-A float32 GEMM over a handful of rows (a decode step, a prefix-cache hit) spends its time reading
-the weights: the default model's float32 projections are 430 MB, its Q4_1 blocks 80 MB (and its
-tied LM head 113 MB against 30 MB as Q8_0). The model keeps both: `CpuLinear` runs this kernel up
-to `SPLITSERVE_CPU_QUANT_ROWS` rows and the packed float32 GEMM above, where arithmetic, not
-memory, is the limit. The weights the kernel computes with are bit-for-bit the float32 values of
-GGUF's dequantization (the model's own float32 copy). SPLITSERVE_CPU_QUANT=off turns it off (to
-compare, or to rule it out).
+A quantized GGUF weight (Q4_0, Q4_1, Q8_0) is held only as its blocks, in a `QuantWeight`: the
+default model's projections are 80 MB as Q4_1 blocks against 430 MB as float32, its tied embedding
+and LM head 30 MB as Q8_0 against 113 MB. Every read of it goes through this module:
+- `linear`: up to `max_rows()` rows of x (a decode step, a prefix-cache hit), the C kernel unpacks
+  a few weight rows at a time and multiplies: a float32 GEMM over so few rows is bound by reading
+  its weights, and the blocks are a fifth of those bytes;
+- `linear_tiled`: above (prefill chunks, up to the token budget), a tile of weight rows (a few MB,
+  reused by the thread) is dequantized in C and a float32 GEMM (oneDNN where torch has it) runs
+  every row of x against it: the GEMM's arithmetic, not the unpacking, sets the time;
+- `embedding`: the rows of the gathered token ids only.
+The weights all three compute with are bit-for-bit the float32 values of GGUF's dequantization (and
+so of HF transformers). SPLITSERVE_CPU_QUANT=off keeps the float32 copies instead (the loader then
+dequantizes every tensor, and the float32 GEMM runs at every row count), to compare or rule it out.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +30,9 @@ try:
 except ImportError:  # not built (a source tree used without `pip install`): float32 GEMMs run
     _ext = None
 
-QBLOCK = 32  # weights per block, in both formats
-BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}  # float16 d (and m for Q4_1), then the codes
+QBLOCK = 32  # weights per block, in every format
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # float16 d (and m for Q4_1), then the codes
+KIND_CODES = {"Q8_0": 0, "Q4_1": 1, "Q4_0": 2}  # the format numbers of cpu_quant.c
 DEFAULT_MAX_ROWS = 48  # measured crossover on a 2-core AMD EPYC VM: ~100 rows; 1.2x faster at 48
 
 
@@ -39,22 +47,27 @@ def available() -> bool:
 
 
 def max_rows() -> int:
-    """Up to how many rows of x the kernel runs (SPLITSERVE_CPU_QUANT_ROWS, default 48); above, the
-    float32 GEMM does."""
+    """Up to how many rows of x `linear` runs (SPLITSERVE_CPU_QUANT_ROWS, default 48); above,
+    `linear_tiled` does."""
     return int(env.CPU_QUANT_ROWS.read())  # default DEFAULT_MAX_ROWS; a bad value names the variable
 
 
 TILE_N = 4  # weight rows per tile of the packed layout (cpu_quant.c)
+# float32 values in `linear_tiled`'s dequantized tile (8 MB, one per thread that runs it): a whole
+# projection of the default model fits (the fused gate/up, 3072 x 576, is the largest), so its GEMM
+# writes y at once; larger weights (the LM head) go by tiles of rows
+TILE_FLOATS = 2 * 1024 * 1024
+_scratch = threading.local()
 
 
 def _floats(kind: str) -> int:
-    """float32 values a block row carries in a group: d and m (Q4_1), d (Q8_0)."""
+    """float32 values a block row carries in a group: d and m (Q4_1), d (Q4_0, Q8_0)."""
     return 2 if kind == "Q4_1" else 1
 
 
 def _code_bytes(kind: str) -> int:
-    """Bytes of one row's codes in a block: two 4-bit codes a byte (Q4_1), one int8 each (Q8_0)."""
-    return QBLOCK // 2 if kind == "Q4_1" else QBLOCK
+    """Bytes of one row's codes in a block: two 4-bit codes a byte (Q4_0, Q4_1), one int8 each (Q8_0)."""
+    return QBLOCK if kind == "Q8_0" else QBLOCK // 2
 
 
 def _group_bytes(kind: str) -> int:
@@ -64,11 +77,11 @@ def _group_bytes(kind: str) -> int:
 
 @dataclass(frozen=True)
 class QuantWeight:
-    """A [out_features, in_features] matrix in GGUF's Q4_1 or Q8_0, packed for the kernel: per tile
-    of 4 rows and block of 32 weights, one group of their float32 scales (and mins), then their
-    codes (see cpu_quant.c)."""
+    """A [out_features, in_features] matrix in GGUF's Q4_0, Q4_1 or Q8_0, packed for the kernel: per
+    tile of 4 rows and block of 32 weights, one group of their float32 scales (and mins), then their
+    codes (see cpu_quant.c). The model's only copy of that weight."""
 
-    kind: str  # "Q4_1" or "Q8_0"
+    kind: str  # "Q4_0", "Q4_1" or "Q8_0"
     out_features: int
     in_features: int
     packed: torch.Tensor  # [tiles, blocks, group bytes] uint8
@@ -109,7 +122,7 @@ class QuantWeight:
             f16 = np.ascontiguousarray(raw[:, :, col:col + 2]).view(np.float16)
             return by_group(f16.astype(np.float32).view(np.uint8))
 
-        code_start = 4 if kind == "Q4_1" else 2
+        code_start = 4 if kind == "Q4_1" else 2  # after d (and m)
         parts = [floats(0)] + ([floats(2)] if kind == "Q4_1" else []) + [by_group(raw[:, :, code_start:])]
         packed = np.ascontiguousarray(np.concatenate(parts, axis=2))
         return cls(kind, n, nblocks * QBLOCK, torch.from_numpy(packed))
@@ -121,19 +134,22 @@ class QuantWeight:
         g = self.packed
         f = g[:, :, : nf * TILE_N * 4].contiguous().view(torch.float32).view(tiles, nblocks, nf, TILE_N)
         codes = g[:, :, nf * TILE_N * 4:].reshape(tiles, nblocks, TILE_N, _code_bytes(self.kind))
-        if self.kind == "Q4_1":
+        if self.kind != "Q8_0":
             c = codes.to(torch.int32)
-            q = torch.cat([c & 0x0F, c >> 4], dim=-1).to(torch.float32)
-            w = q * f[:, :, 0, :, None] + f[:, :, 1, :, None]
+            q = torch.cat([c & 0x0F, c >> 4], dim=-1)
+            if self.kind == "Q4_1":
+                w = q.to(torch.float32) * f[:, :, 0, :, None] + f[:, :, 1, :, None]
+            else:
+                w = (q - 8).to(torch.float32) * f[:, :, 0, :, None]
         else:
             w = codes.view(torch.int8).to(torch.float32) * f[:, :, 0, :, None]
         # [tiles, blocks, 4, 32] -> [tiles * 4, blocks * 32], padding rows dropped
         return w.permute(0, 2, 1, 3).reshape(tiles * TILE_N, nblocks * QBLOCK)[: self.out_features]
 
 
-def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ bias) in float32: x [..., K] -> [..., N]. ValueError names a mismatched argument
-    (the weight itself was checked when it was made)."""
+def _checked(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    """x as contiguous float32 [M, K]; ValueError names a mismatched argument (the weight itself was
+    checked when it was made)."""
     if _ext is None:
         raise RuntimeError("the quantized CPU kernel is not built: reinstall splitserve (pip install -e .)")
     n, k = weight.out_features, weight.in_features
@@ -143,9 +159,74 @@ def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = Non
         raise ValueError(f"x is on {x.device}; the quantized kernel takes CPU tensors")
     if bias is not None and (bias.dtype != torch.float32 or tuple(bias.shape) != (n,) or not bias.is_contiguous()):
         raise ValueError(f"bias must be contiguous float32 [{n}], got {bias.dtype} {list(bias.shape)}")
-    x2 = x.reshape(-1, k).to(torch.float32).contiguous()
+    return x.reshape(-1, k).to(torch.float32).contiguous()
+
+
+def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) in float32 by the few-row kernel: x [..., K] -> [..., N]. Any row count
+    works; above `max_rows()` `linear_tiled` is faster."""
+    x2 = _checked(x, weight, bias)
+    n, k = weight.shape
     y = torch.empty((x2.shape[0], n), dtype=torch.float32)
     if x2.shape[0]:
         _ext.linear(x2.data_ptr(), weight.packed.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                    weight.kind == "Q4_1", x2.shape[0], n, k)
+                    KIND_CODES[weight.kind], x2.shape[0], n, k)
     return y.view(*x.shape[:-1], n)
+
+
+def _gemm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, K] @ w[N', K]^T (+ bias) for a dequantized tile: oneDNN's inner product on the plain
+    weight (as fast as on a pre-packed one at 512 rows, measured), else the BLAS."""
+    if _ONEDNN:
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    return torch.nn.functional.linear(x, w, bias)
+
+
+_ONEDNN = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _tile_buffer() -> torch.Tensor:
+    """This thread's dequantized tile: float32 [TILE_FLOATS], made on its first use."""
+    buf = getattr(_scratch, "tile", None)
+    if buf is None:
+        buf = _scratch.tile = torch.empty(TILE_FLOATS, dtype=torch.float32)
+    return buf
+
+
+def linear_tiled(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W^T (+ bias) in float32 for many rows of x (a prefill chunk): W's rows are dequantized a
+    tile at a time into this thread's buffer (the same float32 values as GGUF's), and a float32 GEMM
+    runs x against each tile. x [..., K] -> [..., N]."""
+    x2 = _checked(x, weight, bias)
+    n, k = weight.shape
+    tile_rows = max(TILE_N, TILE_FLOATS // k // TILE_N * TILE_N)
+    buf = _tile_buffer() if tile_rows * k <= TILE_FLOATS else torch.empty(tile_rows * k, dtype=torch.float32)
+    kind, packed = KIND_CODES[weight.kind], weight.packed.data_ptr()
+    if n <= tile_rows:  # the whole weight at once: the GEMM writes y itself
+        _ext.dequantize(packed, buf.data_ptr(), kind, 0, n, n, k)
+        y = _gemm(x2, buf[: n * k].view(n, k), bias)
+    else:
+        y = torch.empty((x2.shape[0], n), dtype=torch.float32)
+        for r0 in range(0, n, tile_rows):
+            r1 = min(n, r0 + tile_rows)
+            _ext.dequantize(packed, buf.data_ptr(), kind, r0, r1, n, k)
+            y[:, r0:r1] = _gemm(x2, buf[: (r1 - r0) * k].view(r1 - r0, k), None if bias is None else bias[r0:r1])
+    return y.view(*x.shape[:-1], n)
+
+
+def embedding(ids: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
+    """Rows `ids` of W as float32: ids [...] integers -> [..., K]. Only those rows are dequantized
+    (the same values as GGUF's); ValueError names an id outside [0, N)."""
+    if _ext is None:
+        raise RuntimeError("the quantized CPU kernel is not built: reinstall splitserve (pip install -e .)")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool or ids.device.type != "cpu":
+        raise ValueError(f"ids must be an integer CPU tensor, got {ids.dtype} on {ids.device}")
+    n, k = weight.shape
+    flat = ids.reshape(-1).to(torch.int64).contiguous()
+    out = torch.empty((flat.shape[0], k), dtype=torch.float32)
+    if flat.shape[0]:
+        bad = _ext.gather(weight.packed.data_ptr(), flat.data_ptr(), out.data_ptr(), KIND_CODES[weight.kind],
+                          flat.shape[0], n, k)
+        if bad >= 0:
+            raise ValueError(f"ids: {int(flat[bad])} at position {bad} is outside the {n} rows of the embedding")
+    return out.view(*ids.shape, k)

@@ -205,36 +205,75 @@ class LlamaModel(nn.Module):
             x = layer(x, rope, kv, meta)
         return self.norm(x)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of activations (the final norm's weight: float in every layout of the weights)."""
+        return self.norm.weight.dtype
+
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # hidden [N, hidden] -> [N, vocab] f32
         if self.lm_head is None:
             return F.linear(hidden, self.embed_tokens.weight).float()
         return self.lm_head(hidden).float()
 
-    def use_cpu_kernels(self, compute_dtype: torch.dtype, quantized: dict | None = None) -> None:
-        """CPU: swaps every projection for a `CpuLinear` (and unties the LM head); in float32, runs
-        RMSNorm, SiLU-and-multiply and RoPE in `kernels.cpu_ops` where it is built. `quantized`:
-        parameter name -> `cpu_quant.QuantWeight` of that weight (the tied LM head as `lm_head.weight`),
-        the very values of its float32 copy (the loader's, from a GGUF file), which small batches
-        compute with."""
-        quantized = quantized or {}
+    def hold_blocks(self, blocks: dict[str, "cpu_quant.QuantWeight"]) -> None:
+        """Swaps the modules whose weights the loader kept as GGUF blocks for ones that compute from
+        the blocks alone (float32 on the CPU): `QuantEmbedding` for `embed_tokens.weight`,
+        `CpuLinear` for a projection (fused names: `layers.N.self_attn.qkv_proj.weight`, ...) and for
+        `lm_head.weight` (the tied LM head is the embedding's own `QuantWeight`, one copy). Called
+        before the weights are moved: the swapped modules' float weights were never made (meta)."""
         for prefix, module in list(self.named_modules()):
             for name, child in list(module.named_children()):
+                quant = blocks.get(f"{prefix}.{name}.weight" if prefix else f"{name}.weight")
+                if quant is not None and isinstance(child, nn.Linear):
+                    bias = None if child.bias is None else child.bias.detach()
+                    setattr(module, name, CpuLinear(None, bias, torch.float32, quant))
+        if "embed_tokens.weight" in blocks:
+            self.embed_tokens = QuantEmbedding(blocks["embed_tokens.weight"])
+        if "lm_head.weight" in blocks and not isinstance(self.lm_head, CpuLinear):
+            self.lm_head = CpuLinear(None, None, torch.float32, blocks["lm_head.weight"])
+
+    def use_cpu_kernels(self, compute_dtype: torch.dtype) -> None:
+        """CPU: swaps every remaining projection for a `CpuLinear` (and unties the LM head); in
+        float32, runs RMSNorm, SiLU-and-multiply and RoPE in `kernels.cpu_ops` where it is built."""
+        for module in list(self.modules()):
+            for name, child in list(module.named_children()):
                 if isinstance(child, nn.Linear):
-                    quant = quantized.get(f"{prefix}.{name}.weight" if prefix else f"{name}.weight")
-                    setattr(module, name, CpuLinear(child.weight, child.bias, compute_dtype, quant))
-        if self.lm_head is None:
-            self.lm_head = CpuLinear(self.embed_tokens.weight, None, compute_dtype, quantized.get("lm_head.weight"))
+                    setattr(module, name, CpuLinear(child.weight, child.bias, compute_dtype))
+        if self.lm_head is None:  # tied: the embedding's weight (or its blocks)
+            quant = self.embed_tokens.quant if isinstance(self.embed_tokens, QuantEmbedding) else None
+            self.lm_head = CpuLinear(None if quant else self.embed_tokens.weight, None, compute_dtype, quant)
         fused = compute_dtype == torch.float32 and cpu_ops.available()
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused_ops = fused
 
 
+class QuantEmbedding(nn.Module):
+    """The token embedding of a quantized GGUF (float32 on the CPU), held only as its blocks: a
+    lookup dequantizes the gathered rows alone (kernels.cpu_quant.embedding), the same float32
+    values as the table GGUF's dequantization would give (113 MB for the default model, 30 MB as
+    Q8_0 blocks, shared with the tied LM head)."""
+
+    def __init__(self, quant: "cpu_quant.QuantWeight") -> None:
+        super().__init__()
+        self.quant = quant
+        self.num_embeddings, self.embedding_dim = quant.shape
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] int64 -> [T, hidden] float32
+        return cpu_quant.embedding(input_ids, self.quant)
+
+
 class CpuLinear(nn.Module):
     """y = x @ W^T for CPUs, with W laid out once at load time for the GEMM that runs it.
 
-    Float32 runs on pre-packed weights, so no call repacks them (plain `torch.mm` hands the BLAS an
+    A quantized GGUF weight in float32 (`quant`, where kernels.cpu_quant is built) is held only as
+    its blocks (a fifth of the float32 bytes for Q4_1): up to `quant_rows` rows run the few-row
+    kernel on them, more rows (prefill chunks) dequantize a tile of weight rows at a time into a
+    reused buffer and run oneDNN's GEMM on it (`cpu_quant.linear_tiled`). Against the pre-packed
+    float32 copy this replaces, measured on a 2-core AMD EPYC VM: see docs/performance.md.
+
+    Otherwise float32 runs on pre-packed weights, so no call repacks them (plain `torch.mm` hands the BLAS an
     ordinary matrix, which it repacks on every call):
     - "onednn" (the default where torch has it): the weight is reordered into oneDNN's blocked
       layout (`mkldnn._reorder_linear_weight`, the op torch's own CPU compiler uses) and every call
@@ -252,23 +291,34 @@ class CpuLinear(nn.Module):
 
     PACK_ROWS_HINT = 512  # MKL packs for an expected row count; 512 (a prefill chunk) suits 8-512
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, compute_dtype: torch.dtype,
                  quant: "cpu_quant.QuantWeight | None" = None) -> None:
+        """`weight` [out, in] float, or None with `quant` (its blocks). Given both, the blocks are
+        kept and the float weight only checked against them, where the blocks can be computed with
+        (float32, the kernel built); else the float weight (or the blocks' dequantized values)."""
         super().__init__()
-        # Up to `quant_rows` rows run on the GGUF blocks (kernels.cpu_quant): the same weights in a
-        # fifth (Q4_1) or a quarter (Q8_0) of the bytes, 1.2-3x faster than the float32 GEMM at 1-48
-        # rows; more rows go to the GEMM.
-        self.quant = None
-        if quant is not None and compute_dtype == torch.float32 and cpu_quant.available():
-            if quant.shape != tuple(weight.shape):
-                raise ValueError(f"{quant.kind} weight {quant.shape} does not match the float32 weight "
+        self.quant = None  # the GGUF blocks, the only copy of W when set (backend "quant")
+        if quant is not None:
+            if weight is not None and quant.shape != tuple(weight.shape):
+                raise ValueError(f"{quant.kind} weight {quant.shape} does not match the float weight "
                                  f"{tuple(weight.shape)}")
-            self.quant, self.quant_rows = quant, cpu_quant.max_rows()
-        self.out_dtype = weight.dtype
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype))
+            if compute_dtype == torch.float32 and cpu_quant.available():
+                self.quant, self.quant_rows = quant, cpu_quant.max_rows()
+            elif weight is None:
+                weight = quant.dequantize()
+        elif weight is None:
+            raise ValueError("CpuLinear needs a weight or its quantized blocks (quant)")
+        self.out_features, self.in_features = quant.shape if self.quant is not None else weight.shape
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias has shape {tuple(bias.shape)}; the weight has {self.out_features} outputs")
+        self.out_dtype = torch.float32 if self.quant is not None else weight.dtype
+        self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype).contiguous())
         self.backend = "plain"
         self.packed = None  # an opaque (MkldnnCPU) tensor: a plain attribute, outside state_dict() and .to()
+        if self.quant is not None:
+            self.backend = "quant"
+            self.register_buffer("weight_t", None)
+            return
         if compute_dtype == torch.float32 and weight.device.type == "cpu":
             self.backend = cpu_gemm_backend()
         if self.backend != "plain":
@@ -287,8 +337,9 @@ class CpuLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if self.quant is not None and x2.shape[0] <= self.quant_rows:
-            y = cpu_quant.linear(x2, self.quant, self.bias)
+        if self.quant is not None:
+            few = x2.shape[0] <= self.quant_rows
+            y = (cpu_quant.linear if few else cpu_quant.linear_tiled)(x2, self.quant, self.bias)
         elif self.backend == "onednn":
             y = torch.ops.mkldnn._linear_pointwise(x2.to(torch.float32), self.packed, self.bias, "none", [], "")
         elif self.backend == "mkl":

@@ -1,8 +1,12 @@
 """Loads model weights and architecture from a GGUF file or a Hugging Face checkpoint folder.
 
-GGUF tensors (Q4_0, Q4_1, Q8_0, F16, F32, ...) are dequantized with the `gguf` package. llama.cpp's
+GGUF tensors (Q4_0, Q4_1, Q8_0, F16, F32, ...) are dequantized with the `gguf` package, except, for
+a float32 model on a CPU with kernels.cpu_quant built, the matrices in a block format that kernel
+takes (Q4_0, Q4_1, Q8_0: the projections, the embedding, the LM head): those are kept as their
+blocks only (`cpu_quant.QuantWeight`), never dequantized, and the model computes from them. llama.cpp's
 converter permutes the rows of the Q and K projections of llama-architecture models (interleaved
-RoPE); they are permuted back so that the model uses rotate-half RoPE like HF transformers.
+RoPE); they are permuted back (as raw block rows for kept ones) so that the model uses rotate-half
+RoPE like HF transformers.
 """
 from __future__ import annotations
 
@@ -36,18 +40,22 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
     path = resolve_model_path(model)
     storage = TORCH_DTYPES[dtype]
     compute = compute_dtype(storage, device)
-    # float32 on a CPU with the quantized kernel: small batches compute from the GGUF blocks themselves
+    # float32 on a CPU with the quantized kernel: quantized matrices stay GGUF blocks (their only copy)
     quantized = {} if storage == compute == torch.float32 and torch.device(device).type == "cpu" \
         and cpu_quant.available() else None
     if path.is_dir():
         args, tensors = _read_hf_folder(path)
     else:
         args, tensors = _read_gguf(path, quantized)
+    blocks = _fuse_quantized(args, quantized or {}, tensors)
+    del quantized  # raw views of the file's map: the map is closed once the last goes
     positions = max_positions or args.max_position_embeddings
     with torch.device("meta"), _without_random_init():
         model_obj = LlamaModel(args, positions)
-    state = _to_state_dict(args, tensors, path)
+    state = _to_state_dict(args, tensors, path, blocks)
     model_obj.load_state_dict(state, strict=False, assign=True)
+    del state
+    model_obj.hold_blocks(blocks)  # before any move: those modules' float weights were never made
     missing = [n for n, p in model_obj.named_parameters() if p.is_meta]
     if missing:
         raise ModelLoadError(f"{path}: tensors missing from the checkpoint: {', '.join(missing[:8])}")
@@ -57,7 +65,7 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
     model_obj = model_obj.to(device=device, dtype=compute)
     model_obj.rotary.to(dtype=torch.float32)  # cos/sin stay float32, as HF computes them
     if torch.device(device).type == "cpu":
-        model_obj.use_cpu_kernels(compute, _fuse_quantized(args, quantized or {}))
+        model_obj.use_cpu_kernels(compute)
     model_obj.eval()
     return model_obj, path
 
@@ -77,21 +85,33 @@ def _without_random_init():
             setattr(torch.nn.init, name, fn)
 
 
-def _fuse_quantized(args: ModelArgs, quantized: dict) -> dict:
-    """The quantized matrices under the model's parameter names (fused as `_to_state_dict` fuses the
-    float32 ones; the LM head as `lm_head.weight`, tied or not). A fused projection whose parts are
-    not all in one format the kernel takes is left to the float32 GEMM."""
-    head = quantized.get("embed_tokens.weight" if args.tie_word_embeddings else "lm_head.weight")
-    fused = {} if head is None else {"lm_head.weight": cpu_quant.QuantWeight.from_gguf(*head)}
+def _fuse_quantized(args: ModelArgs, quantized: dict, tensors: dict) -> dict[str, cpu_quant.QuantWeight]:
+    """The kept blocks as `QuantWeight`s under the model's parameter names, fused as `_to_state_dict`
+    fuses float weights: `embed_tokens.weight`, `lm_head.weight` (the embedding's own object when
+    tied: one copy), `layers.N.self_attn.qkv_proj.weight`, ... A fused projection whose parts are
+    not all blocks of one format is dequantized into `tensors` instead (the float32 GEMM runs it).
+    Empties `quantized`."""
+    fused: dict[str, cpu_quant.QuantWeight] = {}
+    for name in ("embed_tokens.weight", "lm_head.weight"):
+        if name in quantized:
+            fused[name] = cpu_quant.QuantWeight.from_gguf(*quantized.pop(name))
+    if args.tie_word_embeddings and "embed_tokens.weight" in fused:
+        fused["lm_head.weight"] = fused["embed_tokens.weight"]
     for i in range(args.num_layers):
         p = f"layers.{i}."
         for target, parts in ((p + "self_attn.qkv_proj.weight", ("q_proj", "k_proj", "v_proj")),
                               (p + "self_attn.o_proj.weight", ("o_proj",)),
                               (p + "mlp.gate_up_proj.weight", ("gate_proj", "up_proj")),
                               (p + "mlp.down_proj.weight", ("down_proj",))):
-            found = [quantized.get(f"{p}{part}.weight") for part in parts]
+            found = [quantized.pop(f"{p}{part}.weight", None) for part in parts]
             if all(w is not None for w in found) and len({kind for kind, _ in found}) == 1:
                 fused[target] = cpu_quant.QuantWeight.from_gguf(found[0][0], np.concatenate([raw for _, raw in found]))
+                continue
+            for part, kept in zip(parts, found):
+                if kept is not None:
+                    tensors[f"{p}{part}.weight"] = _dequantize_raw(*kept)
+    for name, kept in list(quantized.items()):  # none in a well-formed file: dequantized, not dropped
+        tensors[name] = _dequantize_raw(*quantized.pop(name))
     return fused
 
 
@@ -195,12 +215,17 @@ def _dequantize(tensor) -> np.ndarray:
     return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
 
 
-def _keep_blocks(quantized: dict, name: str, tensor) -> None:
-    """Keeps a matrix's raw blocks, (format, uint8 [rows, bytes]), when the CPU kernel computes
-    with its format (cpu_quant)."""
-    kind = tensor.tensor_type.name
-    if kind in cpu_quant.BLOCK_BYTES and len(tensor.data.shape) == 2:
-        quantized[name] = (kind, np.asarray(tensor.data))
+def _dequantize_raw(kind: str, raw: np.ndarray) -> np.ndarray:
+    """A kept matrix's raw block rows (format, uint8 [rows, bytes]) as float32 [rows, columns]."""
+    import gguf
+
+    return np.asarray(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType[kind]), dtype=np.float32)
+
+
+def _keeps_blocks(quantized: dict | None, tensor) -> bool:
+    """Whether a matrix stays as its raw blocks: blocks are being kept (`quantized` given) and the
+    CPU kernel computes with its format (cpu_quant)."""
+    return quantized is not None and tensor.tensor_type.name in cpu_quant.BLOCK_BYTES and len(tensor.data.shape) == 2
 
 
 def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -214,9 +239,10 @@ _QUANT_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 
 
 def _read_gguf(path: Path, quantized: dict | None = None) -> tuple[ModelArgs, dict[str, np.ndarray]]:
-    """The model's arguments and its tensors dequantized to float32. `quantized`, when given, also
-    receives the projections and LM head stored as Q4_1 or Q8_0, as (format, raw uint8 rows) under
-    the same names, rows in the same order (Q and K un-permuted)."""
+    """The model's arguments and its tensors dequantized to float32. `quantized`, when given,
+    receives instead the projections, embedding and LM head stored in a format the CPU kernel takes
+    (cpu_quant.BLOCK_BYTES), as (format, raw uint8 rows) under the same names, rows in the same order
+    (Q and K un-permuted): those are never dequantized."""
     try:
         reader = GGUFFile(path)
     except (GGUFFormatError, OSError) as exc:
@@ -241,32 +267,37 @@ def _read_gguf(path: Path, quantized: dict | None = None) -> tuple[ModelArgs, di
         parts = t.name.split(".")
         if parts[0] == "rope_freqs":
             continue
-        try:
-            data = _dequantize(t)
-        except Exception as exc:
-            raise ModelLoadError(f"{path}: tensor {t.name} ({t.tensor_type.name}) cannot be dequantized: {exc}") from exc
         if parts[0] == "blk":
             base = names.get(parts[2])
             if base is None:
                 raise ModelLoadError(f"{path}: unexpected tensor {t.name}")
             name = f"layers.{parts[1]}.{base}.{parts[3]}"
-            if quantized is not None and base in _QUANT_PROJECTIONS and parts[3] == "weight":
-                _keep_blocks(quantized, name, t)
-            if args.architecture == "llama" and base in ("q_proj", "k_proj"):
-                heads = args.num_heads if base == "q_proj" else args.num_kv_heads
-                data = _unpermute(data, heads)
-                if quantized is not None and name in quantized:  # the same row permutation, on raw rows
-                    kind, raw = quantized[name]
-                    quantized[name] = (kind, _unpermute(raw, heads))
-            tensors[name] = data
+            keep = base in _QUANT_PROJECTIONS and parts[3] == "weight" and _keeps_blocks(quantized, t)
+            heads = {"q_proj": args.num_heads, "k_proj": args.num_kv_heads}.get(base)
         elif parts[0] in names:
             name = f"{names[parts[0]]}.{parts[1]}"
-            if quantized is not None and name in ("embed_tokens.weight", "lm_head.weight"):
-                _keep_blocks(quantized, name, t)  # the LM head (the embedding's, when tied)
-            tensors[name] = data
+            keep = name in ("embed_tokens.weight", "lm_head.weight") and _keeps_blocks(quantized, t)
+            heads = None
         else:
             raise ModelLoadError(f"{path}: unexpected tensor {t.name}")
+        # a view of the file's map (kept) or a new float32 array
+        data = np.asarray(t.data) if keep else _dequantize_checked(path, t)
+        if args.architecture == "llama" and heads is not None:
+            # the same row permutation on raw block rows as on float rows (a row is whole blocks)
+            data = _unpermute(data, heads)
+        if keep:
+            quantized[name] = (t.tensor_type.name, data)
+        else:
+            tensors[name] = data
     return args, tensors
+
+
+def _dequantize_checked(path: Path, tensor) -> np.ndarray:
+    try:
+        return _dequantize(tensor)
+    except Exception as exc:
+        raise ModelLoadError(f"{path}: tensor {tensor.name} ({tensor.tensor_type.name}) cannot be dequantized: {exc}") \
+            from exc
 
 
 # ------------------------------------------------------------------------------------ HF checkpoints
@@ -334,8 +365,11 @@ def _read_hf_folder(path: Path) -> tuple[ModelArgs, dict[str, np.ndarray | torch
 # ------------------------------------------------------------------------------------------- common
 
 
-def _to_state_dict(args: ModelArgs, tensors: dict, path: Path) -> dict[str, torch.Tensor]:
-    """Maps flat names (`layers.N.q_proj.weight`, ...) onto the model's fused parameters."""
+def _to_state_dict(args: ModelArgs, tensors: dict, path: Path, held: dict | None = None) -> dict[str, torch.Tensor]:
+    """Maps flat names (`layers.N.q_proj.weight`, ...) onto the model's fused parameters, but for
+    the `held` ones (name -> `QuantWeight`, kept as blocks: the model holds them apart,
+    `LlamaModel.hold_blocks`); the shapes of both are checked."""
+    held = held or {}
 
     def take(name: str) -> torch.Tensor:
         if name not in tensors:
@@ -343,32 +377,30 @@ def _to_state_dict(args: ModelArgs, tensors: dict, path: Path) -> dict[str, torc
         t = tensors.pop(name)
         return torch.from_numpy(np.require(t, np.float32, ["W", "C"])) if isinstance(t, np.ndarray) else t
 
-    state = {"embed_tokens.weight": take("embed_tokens.weight"), "norm.weight": take("norm.weight")}
+    def put(target: str, *parts: str) -> None:  # the parts concatenated by rows, unless held
+        if target not in held:
+            state[target] = take(parts[0]) if len(parts) == 1 else torch.cat([take(part) for part in parts])
+
+    state = {"norm.weight": take("norm.weight")}
+    put("embed_tokens.weight", "embed_tokens.weight")
     if not args.tie_word_embeddings:
-        state["lm_head.weight"] = take("lm_head.weight")
+        put("lm_head.weight", "lm_head.weight")
     tensors.pop("lm_head.weight", None)  # a tied checkpoint may still carry a copy
     for i in range(args.num_layers):
         p = f"layers.{i}."
-        state[p + "input_layernorm.weight"] = take(p + "input_layernorm.weight")
-        state[p + "post_attention_layernorm.weight"] = take(p + "post_attention_layernorm.weight")
-        state[p + "self_attn.qkv_proj.weight"] = torch.cat(
-            [take(p + "q_proj.weight"), take(p + "k_proj.weight"), take(p + "v_proj.weight")]
-        )
+        put(p + "input_layernorm.weight", p + "input_layernorm.weight")
+        put(p + "post_attention_layernorm.weight", p + "post_attention_layernorm.weight")
+        put(p + "self_attn.qkv_proj.weight", p + "q_proj.weight", p + "k_proj.weight", p + "v_proj.weight")
         if args.attention_bias:
-            state[p + "self_attn.qkv_proj.bias"] = torch.cat(
-                [take(p + "q_proj.bias"), take(p + "k_proj.bias"), take(p + "v_proj.bias")]
-            )
-        state[p + "self_attn.o_proj.weight"] = take(p + "o_proj.weight")
-        state[p + "mlp.gate_up_proj.weight"] = torch.cat([take(p + "gate_proj.weight"), take(p + "up_proj.weight")])
-        state[p + "mlp.down_proj.weight"] = take(p + "down_proj.weight")
-    expected = {
-        "embed_tokens.weight": (args.vocab_size, args.hidden_size),
-        "layers.0.self_attn.qkv_proj.weight": (
-            (args.num_heads + 2 * args.num_kv_heads) * args.head_dim,
-            args.hidden_size,
-        ),
-    }
+            put(p + "self_attn.qkv_proj.bias", p + "q_proj.bias", p + "k_proj.bias", p + "v_proj.bias")
+        put(p + "self_attn.o_proj.weight", p + "o_proj.weight")
+        put(p + "mlp.gate_up_proj.weight", p + "gate_proj.weight", p + "up_proj.weight")
+        put(p + "mlp.down_proj.weight", p + "down_proj.weight")
+    qkv_rows = (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
+    expected = {"embed_tokens.weight": (args.vocab_size, args.hidden_size),
+                "layers.0.self_attn.qkv_proj.weight": (qkv_rows, args.hidden_size)}
     for name, shape in expected.items():
-        if tuple(state[name].shape) != shape:
-            raise ModelLoadError(f"{path}: tensor {name} has shape {tuple(state[name].shape)}, expected {shape}")
+        got = held[name] if name in held else state[name]
+        if tuple(got.shape) != shape:
+            raise ModelLoadError(f"{path}: tensor {name} has shape {tuple(got.shape)}, expected {shape}")
     return state
