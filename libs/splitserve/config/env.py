@@ -90,11 +90,12 @@ CPU_OPS = EnvVar("SPLITSERVE_CPU_OPS", str, "kernel", (
     "CPU small ops (norms, rotary, activation): the C kernels (when built) or torch's."),
     choices=("kernel", "torch"))
 CPU_QUANT = EnvVar("SPLITSERVE_CPU_QUANT", str, "kernel", (
-    "Quantized (Q4_1/Q8_0) projections on the CPU: the C kernel on the GGUF blocks (when built), or "
-    "off: the float32 GEMM."), choices=("kernel", "off"))
+    "Quantized (Q4_0/Q4_1/Q8_0) weights of a float32 CPU model: kept only as their GGUF blocks and "
+    "computed from them (kernel, when built), or off: dequantized to float32 copies at load (the "
+    "float32 GEMM, ~4x the memory)."), choices=("kernel", "off"))
 CPU_QUANT_ROWS = EnvVar("SPLITSERVE_CPU_QUANT_ROWS", int, 48, (
-    "Up to how many rows of activations the quantized kernel runs; above, the float32 GEMM does "
-    "(0: the GEMM always)."), minimum=0)
+    "Up to how many rows of activations the quantized kernel runs; above, a float32 GEMM over weight "
+    "tiles dequantized from the blocks does (0: that GEMM always)."), minimum=0)
 CPU_GEMM = EnvVar("SPLITSERVE_CPU_GEMM", str, "onednn", (
     "The float32 CPU GEMM: onednn, mkl or plain (torch.mm); a backend this torch build lacks falls to "
     "the next one in that order."), choices=("onednn", "mkl", "plain"))
