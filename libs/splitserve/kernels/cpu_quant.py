@@ -8,7 +8,8 @@ and LM head 30 MB as Q8_0 against 113 MB. Every read of it goes through this mod
   its weights, and the blocks are a fifth of those bytes;
 - `linear_tiled`: above (prefill chunks, up to the token budget), a tile of weight rows (a few MB,
   reused by the thread) is dequantized in C and a float32 GEMM (oneDNN where torch has it) runs
-  every row of x against it: the GEMM's arithmetic, not the unpacking, sets the time;
+  every row of x against it: the GEMM's arithmetic, not the unpacking, sets the time (the default
+  model's 30 layers at 512 rows: 1.07x the time on pre-packed float32 copies, 2-core AMD EPYC);
 - `embedding`: the rows of the gathered token ids only.
 The weights all three compute with are bit-for-bit the float32 values of GGUF's dequantization (and
 so of HF transformers). SPLITSERVE_CPU_QUANT=off keeps the float32 copies instead (the loader then
