@@ -96,3 +96,82 @@ def test_rss_after_loading_the_default_model_at_float32():
     assert loaded["VmRSS"] - torch_rss < MODEL_RSS_MIB, report
     assert loaded["VmHWM"] - torch_rss < LOAD_PEAK_MIB, report
     assert loaded["VmRSS"] < 400, report  # the issue's target for a worker less its KV pool
+
+
+def _retyped_gguf(src, dst, retype: dict) -> None:
+    """A copy of the GGUF file `src` with the tensors named in `retype` re-quantized to the given
+    type (from GGUF's own float32 values; F16 as float16): the metadata bytes unchanged, tensor infos
+    and data rewritten (layout in model/gguf_file.py)."""
+    import struct
+
+    import gguf
+    import numpy as np
+
+    from splitserve.model.gguf_file import GGUFFile, _Cursor
+
+    src_file = GGUFFile(src)
+    cur = _Cursor(memoryview(src_file._map), str(src))
+    cur.pos = 4 + 4 + 8 + 8  # magic, version, tensor and metadata counts
+    for _ in range(len(src_file.fields)):
+        cur.string()
+        cur.value(cur.take("<I"))
+    align = int(src_file.fields.get("general.alignment", 32))
+    infos, blobs, offset = [], [], 0
+    for t in src_file.tensors:
+        kind, data = t.tensor_type, np.asarray(t.data)
+        if t.name in retype:
+            kind = retype[t.name]
+            values = np.asarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
+            data = values.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(values, kind)
+        name = t.name.encode()
+        infos.append(struct.pack(f"<Q{len(name)}sI{len(t.shape)}QIQ", len(name), name, len(t.shape), *t.shape,
+                                 int(kind), offset))
+        blob = data.tobytes()
+        blobs.append(blob + b"\0" * (-len(blob) % align))
+        offset += len(blobs[-1])
+    head = bytes(src_file._map[:cur.pos]) + b"".join(infos)
+    with open(dst, "wb") as out:
+        out.write(head + b"\0" * (-len(head) % align))
+        for blob in blobs:
+            out.write(blob)
+
+
+@needs_kernel
+def test_a_mix_of_formats_loads_and_answers_as_its_float32_copies(llm_f32, tmp_path, monkeypatch):
+    """The default model re-quantized in parts: Q4_0 embedding (and so tied LM head) and layer 1,
+    a Q8_0 q_proj beside Q4_1 k/v (a fused qkv of mixed formats: dequantized, the float GEMM runs
+    it), an F16 down_proj. Held as blocks where it can be, it answers as the same file loaded with
+    float32 copies everywhere (SPLITSERVE_CPU_QUANT=off)."""
+    import gguf
+
+    from splitserve import SamplingParams
+    from splitserve.model.loader import load_model
+
+    Q = gguf.GGMLQuantizationType
+    retype = {"token_embd.weight": Q.Q4_0, "blk.0.attn_q.weight": Q.Q8_0, "blk.2.ffn_down.weight": Q.F16}
+    retype |= {f"blk.1.{p}.weight": Q.Q4_0 for p in ("attn_q", "attn_k", "attn_v", "attn_output",
+                                                      "ffn_gate", "ffn_up", "ffn_down")}
+    path = tmp_path / "mixed.gguf"
+    _retyped_gguf(llm_f32.engine.model_path, path, retype)
+    blocks, _ = load_model(str(path), "float32", "cpu")
+    monkeypatch.setenv("SPLITSERVE_CPU_QUANT", "off")
+    copies, _ = load_model(str(path), "float32", "cpu")
+    kinds = {name: (m.backend, m.quant.kind if m.quant is not None else None)
+             for name, m in blocks.named_modules() if isinstance(m, CpuLinear)}
+    assert kinds["lm_head"] == ("quant", "Q4_0") and blocks.lm_head.quant is blocks.embed_tokens.quant
+    assert kinds["layers.0.self_attn.qkv_proj"] == ("onednn", None)
+    assert kinds["layers.0.mlp.gate_up_proj"] == ("quant", "Q4_1")
+    assert {kinds[f"layers.1.{p}"] for p in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
+                                              "mlp.down_proj")} == {("quant", "Q4_0")}
+    assert kinds["layers.2.mlp.down_proj"] == ("onednn", None)
+    assert {m.backend for m in copies.modules() if isinstance(m, CpuLinear)} == {"onednn"}
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    prompt = llm_f32.tokenizer.encode("The capital of France is")
+    answers = []
+    for model in (blocks, copies):  # the session's tokenizer and a small cache, this model's weights
+        llm = llm_f32.with_config(kv_cache_memory_gb=0.01, enable_prefix_caching=False)
+        llm.engine.model = llm.engine.runner.model = model
+        answers.append(llm.generate([prompt], params)[0])
+    assert answers[0].token_ids == answers[1].token_ids
+    for a, b in zip(answers[0].logprobs, answers[1].logprobs):
+        assert abs(a.logprob - b.logprob) < 1e-3
