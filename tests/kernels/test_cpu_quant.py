@@ -155,6 +155,8 @@ def test_embedding_gathers_rows_and_refuses_bad_ids():
         cpu_quant.embedding(torch.tensor([-1]), w)
     with pytest.raises(ValueError, match="ids must be an integer CPU tensor, got torch.float32"):
         cpu_quant.embedding(torch.tensor([1.0]), w)
+    with pytest.raises(ValueError, match="ids must be an integer CPU tensor, got list"):
+        cpu_quant.embedding([1, 2], w)
 
 
 @needs_kernel
@@ -180,6 +182,8 @@ def test_refusals_name_the_argument():
         cpu_quant.linear(torch.zeros(2, 64), dataclasses.replace(w, kind="Q8_0"))
     with pytest.raises(ValueError, match=r"Q4_1 data must be uint8 \[rows, blocks \* 20\]"):
         QuantWeight.from_gguf("Q4_1", np.zeros((4, 30), np.uint8))
+    with pytest.raises(ValueError, match=r"Q8_0 data must be uint8 \[rows, blocks \* 34\], got uint8 \(0, 34\)"):
+        QuantWeight.from_gguf("Q8_0", np.zeros((0, 34), np.uint8))
     with pytest.raises(ValueError, match="unsupported block format 'Q5_K'"):
         QuantWeight.from_gguf("Q5_K", np.zeros((4, 20), np.uint8))
     with pytest.raises(ValueError, match="x has 32 features; the weight takes 64"):

@@ -109,7 +109,8 @@ class QuantWeight:
             raise ValueError(f"unsupported block format {kind!r}: expected one of {', '.join(BLOCK_BYTES)}")
         size = BLOCK_BYTES[kind]
         blocks = np.asarray(blocks)
-        if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] % size or not blocks.shape[1]:
+        if blocks.dtype != np.uint8 or blocks.ndim != 2 or blocks.shape[1] % size or not blocks.shape[1] \
+                or not blocks.shape[0]:
             raise ValueError(f"{kind} data must be uint8 [rows, blocks * {size}], got {blocks.dtype} {blocks.shape}")
         n, nblocks = blocks.shape[0], blocks.shape[1] // size
         tiles = -(-n // TILE_N)
@@ -220,6 +221,8 @@ def embedding(ids: torch.Tensor, weight: QuantWeight) -> torch.Tensor:
     (the same values as GGUF's); ValueError names an id outside [0, N)."""
     if _ext is None:
         raise RuntimeError("the quantized CPU kernel is not built: reinstall splitserve (pip install -e .)")
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"ids must be an integer CPU tensor, got {type(ids).__name__}")
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool or ids.device.type != "cpu":
         raise ValueError(f"ids must be an integer CPU tensor, got {ids.dtype} on {ids.device}")
     n, k = weight.shape
