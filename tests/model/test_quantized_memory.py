@@ -80,10 +80,10 @@ print(json.dumps({"torch": torch_only, "loaded": status(), "backends": sorted({
 """
 
 # Measured on this 2-core VM (torch 2.13 CPU build), a process that imports torch and loads the
-# default model at float32: importing torch alone holds 218 MiB; after load 357 MiB (1,090 MiB while
-# every weight had a float32 copy), with a peak of 450 MiB during load (1,491 MiB before).
+# default model at float32: importing torch alone holds 218 MiB; after load 358 MiB (1,090 MiB while
+# every weight had a float32 copy), with a peak of 389-394 MiB during load (1,491 MiB before).
 MODEL_RSS_MIB = 170  # the model's part of the RSS after load (~140 measured)
-LOAD_PEAK_MIB = 270  # the load's part of the peak over torch's own (~232 measured)
+LOAD_PEAK_MIB = 210  # the load's part of the peak over torch's own (~171-176 measured)
 
 
 @needs_kernel

@@ -114,19 +114,24 @@ class QuantWeight:
             raise ValueError(f"{kind} data must be uint8 [rows, blocks * {size}], got {blocks.dtype} {blocks.shape}")
         n, nblocks = blocks.shape[0], blocks.shape[1] // size
         tiles = -(-n // TILE_N)
-        raw = np.zeros((tiles * TILE_N, nblocks, size), np.uint8)  # padding rows: all-zero blocks
-        raw[:n] = blocks.reshape(n, nblocks, size)
+        raw = blocks.reshape(n, nblocks, size)
+        if n % TILE_N:  # padding rows: all-zero blocks (d = 0: zero weights)
+            raw = np.concatenate([raw, np.zeros((tiles * TILE_N - n, nblocks, size), np.uint8)])
+        # each part written in place into the packed array (a model's load holds no other copy of it):
+        # [tiles * 4, blocks, w] rows -> [tiles, blocks, 4, w] of the group
+        packed = np.empty((tiles, nblocks, _group_bytes(kind)), np.uint8)
+        nf, code_start = _floats(kind), 4 if kind == "Q4_1" else 2  # the codes follow d (and m)
 
-        def by_group(a: np.ndarray) -> np.ndarray:  # [tiles*4, blocks, w] -> [tiles, blocks, 4 * w]
-            return a.reshape(tiles, TILE_N, nblocks, -1).transpose(0, 2, 1, 3).reshape(tiles, nblocks, -1)
+        def group_view(start: int, width: int) -> np.ndarray:  # packed bytes [start, +4 * width) of each group
+            return packed[:, :, start:start + TILE_N * width].reshape(tiles, nblocks, TILE_N, width)
 
-        def floats(col: int) -> np.ndarray:  # the float16 at byte `col` of every block, as float32 bytes
-            f16 = np.ascontiguousarray(raw[:, :, col:col + 2]).view(np.float16)
-            return by_group(f16.astype(np.float32).view(np.uint8))
+        def by_group(a: np.ndarray) -> np.ndarray:  # [tiles * 4, blocks, w] -> [tiles, blocks, 4, w], a view
+            return a.reshape(tiles, TILE_N, nblocks, -1).transpose(0, 2, 1, 3)
 
-        code_start = 4 if kind == "Q4_1" else 2  # after d (and m)
-        parts = [floats(0)] + ([floats(2)] if kind == "Q4_1" else []) + [by_group(raw[:, :, code_start:])]
-        packed = np.ascontiguousarray(np.concatenate(parts, axis=2))
+        for i in range(nf):  # d (and m): the float16 at byte 2 * i of every block, as float32 bytes
+            f32 = raw[:, :, 2 * i:2 * i + 2].copy().view(np.float16).astype(np.float32)
+            group_view(16 * i, 4)[...] = by_group(f32.view(np.uint8))
+        group_view(16 * nf, size - code_start)[...] = by_group(raw[:, :, code_start:])
         return cls(kind, n, nblocks * QBLOCK, torch.from_numpy(packed))
 
     def dequantize(self) -> torch.Tensor:

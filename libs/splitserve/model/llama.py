@@ -272,7 +272,7 @@ class CpuLinear(nn.Module):
     kernel on them, more rows (prefill chunks) dequantize a tile of weight rows at a time into a
     reused buffer and run oneDNN's GEMM on it (`cpu_quant.linear_tiled`). Against the pre-packed
     float32 copy this replaces (2-core AMD EPYC VM, docs/performance.md): the default model's 30
-    layers at 512 rows take 1.07x its time, and a loaded model holds 357 MiB RSS instead of 1,090.
+    layers at 512 rows take 1.07x its time, and a loaded model holds 358 MiB RSS instead of 1,090.
 
     Otherwise float32 runs on pre-packed weights, so no call repacks them (plain `torch.mm` hands the BLAS an
     ordinary matrix, which it repacks on every call):
