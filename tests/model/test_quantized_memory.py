@@ -98,10 +98,11 @@ def test_rss_after_loading_the_default_model_at_float32():
     assert loaded["VmRSS"] < 400, report  # the issue's target for a worker less its KV pool
 
 
-def _retyped_gguf(src, dst, retype: dict) -> None:
+def _retyped_gguf(src, dst, retype: dict, untie_as=None) -> None:
     """A copy of the GGUF file `src` with the tensors named in `retype` re-quantized to the given
-    type (from GGUF's own float32 values; F16 as float16): the metadata bytes unchanged, tensor infos
-    and data rewritten (layout in model/gguf_file.py)."""
+    type (from GGUF's own float32 values; F16 as float16), and with `untie_as` a type, an
+    `output.weight` (an untied LM head) made of the embedding's values in it: the metadata bytes
+    unchanged but the tensor count, tensor infos and data rewritten (layout in model/gguf_file.py)."""
     import struct
 
     import gguf
@@ -116,20 +117,27 @@ def _retyped_gguf(src, dst, retype: dict) -> None:
         cur.string()
         cur.value(cur.take("<I"))
     align = int(src_file.fields.get("general.alignment", 32))
+    tensors = [(t.name, t) for t in src_file.tensors]
+    if untie_as is not None:
+        embedding = next(t for t in src_file.tensors if t.name == "token_embd.weight")
+        tensors.append(("output.weight", embedding))
+        retype = {**retype, "output.weight": untie_as}
     infos, blobs, offset = [], [], 0
-    for t in src_file.tensors:
+    for tensor_name, t in tensors:
         kind, data = t.tensor_type, np.asarray(t.data)
-        if t.name in retype:
-            kind = retype[t.name]
+        if tensor_name in retype:
+            kind = retype[tensor_name]
             values = np.asarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
             data = values.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(values, kind)
-        name = t.name.encode()
+        name = tensor_name.encode()
         infos.append(struct.pack(f"<Q{len(name)}sI{len(t.shape)}QIQ", len(name), name, len(t.shape), *t.shape,
                                  int(kind), offset))
         blob = data.tobytes()
         blobs.append(blob + b"\0" * (-len(blob) % align))
         offset += len(blobs[-1])
-    head = bytes(src_file._map[:cur.pos]) + b"".join(infos)
+    head = bytearray(src_file._map[:cur.pos])
+    head[8:16] = struct.pack("<Q", len(tensors))  # after the magic and version
+    head = bytes(head) + b"".join(infos)
     with open(dst, "wb") as out:
         out.write(head + b"\0" * (-len(head) % align))
         for blob in blobs:
@@ -138,10 +146,10 @@ def _retyped_gguf(src, dst, retype: dict) -> None:
 
 @needs_kernel
 def test_a_mix_of_formats_loads_and_answers_as_its_float32_copies(llm_f32, tmp_path, monkeypatch):
-    """The default model re-quantized in parts: Q4_0 embedding (and so tied LM head) and layer 1,
-    a Q8_0 q_proj beside Q4_1 k/v (a fused qkv of mixed formats: dequantized, the float GEMM runs
-    it), an F16 down_proj. Held as blocks where it can be, it answers as the same file loaded with
-    float32 copies everywhere (SPLITSERVE_CPU_QUANT=off)."""
+    """The default model re-quantized in parts: a Q4_0 embedding and layer 1, an untied Q4_1 LM
+    head, a Q8_0 q_proj beside Q4_1 k/v (a fused qkv of mixed formats: dequantized, the float GEMM
+    runs it), an F16 down_proj. Held as blocks where it can be, it answers as the same file loaded
+    with float32 copies everywhere (SPLITSERVE_CPU_QUANT=off)."""
     import gguf
 
     from splitserve import SamplingParams
@@ -152,13 +160,14 @@ def test_a_mix_of_formats_loads_and_answers_as_its_float32_copies(llm_f32, tmp_p
     retype |= {f"blk.1.{p}.weight": Q.Q4_0 for p in ("attn_q", "attn_k", "attn_v", "attn_output",
                                                       "ffn_gate", "ffn_up", "ffn_down")}
     path = tmp_path / "mixed.gguf"
-    _retyped_gguf(llm_f32.engine.model_path, path, retype)
+    _retyped_gguf(llm_f32.engine.model_path, path, retype, untie_as=Q.Q4_1)
     blocks, _ = load_model(str(path), "float32", "cpu")
     monkeypatch.setenv("SPLITSERVE_CPU_QUANT", "off")
     copies, _ = load_model(str(path), "float32", "cpu")
     kinds = {name: (m.backend, m.quant.kind if m.quant is not None else None)
              for name, m in blocks.named_modules() if isinstance(m, CpuLinear)}
-    assert kinds["lm_head"] == ("quant", "Q4_0") and blocks.lm_head.quant is blocks.embed_tokens.quant
+    assert not blocks.args.tie_word_embeddings and blocks.embed_tokens.quant.kind == "Q4_0"
+    assert kinds["lm_head"] == ("quant", "Q4_1")
     assert kinds["layers.0.self_attn.qkv_proj"] == ("onednn", None)
     assert kinds["layers.0.mlp.gate_up_proj"] == ("quant", "Q4_1")
     assert {kinds[f"layers.1.{p}"] for p in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
