@@ -10,7 +10,9 @@ Who records what (each number counted once, where it happens):
   reason, routing decisions, and requests running (in progress) and waiting (not yet routed).
 - prefill / decode workers: their engine's view: prompt tokens computed (prefill) or tokens
   generated (decode), prefix-cache queries and hits (tokens), preemptions, running and waiting
-  requests, KV-cache usage, batch size, and KV transfer (bytes, seconds, failures) on their side.
+  requests, KV-cache usage, batch size, KV transfer (bytes, seconds, failures) on their side, and
+  with speculative decoding on, its proposals (spec_decode_*: drafts, draft tokens, accepted tokens,
+  accepted tokens by position).
 - kvstore: KV transfer bytes and seconds per direction (put = in, get = out), failures, and
   its usage of capacity as kv_cache_usage_perc.
 """
@@ -33,6 +35,14 @@ prometheus_client.disable_created_metrics()
 
 PREFIX = "splitserve_"
 ROLES = ("gateway", "prefill", "decode", "kvstore", "colocated")
+
+# the speculative-decoding counters (vLLM's names, after the prefix): short name, help, extra labels
+SPEC_DECODE_SERIES = (
+    ("num_drafts", "proposals verified (one sequence's run of proposed tokens in a step).", ()),
+    ("num_draft_tokens", "tokens proposed.", ()),
+    ("num_accepted_tokens", "proposed tokens the model agreed with (<= draft tokens).", ()),
+    ("num_accepted_tokens_per_pos", "accepted tokens by position in the proposal (0 = first).", ("position",)),
+)
 
 # Buckets in seconds: from a fast CPU token (ms) to a long prefill on a busy machine (minutes).
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -101,6 +111,8 @@ class Metrics:
                                     "recomputes).", ("direction",))
         self._routing = counter("routing_decisions", "Worker choices by the gateway, by target and reason.",
                                 ("target", "reason"))
+        self._spec = {name: counter("spec_decode_" + name, "Speculative decoding: " + doc, extra)
+                      for name, doc, extra in SPEC_DECODE_SERIES}
         self._running = gauge("num_requests_running", "Requests being processed.")
         self._waiting = gauge("num_requests_waiting", "Requests queued, not yet running.")
         self._kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache capacity in use, 0 to 1.")
@@ -208,6 +220,22 @@ class Metrics:
                 self._totals[name] = total
             self.prefix_cache(deltas.get("prefix_cache_queries", 0), deltas.get("prefix_cache_hits", 0))
             self.preempted(deltas.get("num_preemptions", 0))
+
+    def sync_spec_decode(self, num_drafts: int, num_draft_tokens: int, num_accepted_tokens: int,
+                         accepted_per_pos: list[int]) -> None:
+        """The speculative-decoding counters from the engine's cumulative totals (as sync_totals)."""
+        totals = {f"spec_decode_{name}": (self._spec[name], {}, total) for name, total in
+                  (("num_drafts", num_drafts), ("num_draft_tokens", num_draft_tokens),
+                   ("num_accepted_tokens", num_accepted_tokens))}
+        for pos, n in enumerate(accepted_per_pos):
+            totals[f"spec_decode_num_accepted_tokens_per_pos/{pos}"] = (
+                self._spec["num_accepted_tokens_per_pos"], {"position": str(pos)}, n)
+        with self._totals_lock:
+            for name, (metric, extra, total) in totals.items():
+                last = self._totals.get(name, 0)
+                self._totals[name] = total
+                if total > last:
+                    self._l(metric, **extra).inc(total - last)
 
     def on_collect(self, hook: Callable[[], None]) -> None:
         """Runs `hook` before every scrape (to refresh gauges from live state); its errors are logged."""

@@ -60,6 +60,11 @@ class Worker:
         self.metrics.touch("generation_tokens", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
         if role == "prefill":
             self.metrics.touch("prompt_tokens")
+        if self.engine.spec is not None:  # exported from the first scrape, at zero
+            self.metrics.touch("spec_decode_num_drafts", "spec_decode_num_draft_tokens",
+                               "spec_decode_num_accepted_tokens")
+            for pos in range(self.engine.spec.config.num_speculative_tokens):
+                self.metrics.touch("spec_decode_num_accepted_tokens_per_pos", position=str(pos))
         self.metrics.on_collect(self._refresh_metrics)
 
     @property
@@ -151,6 +156,10 @@ class Worker:
                               batch_size=e.stats.last_batch_size if q.num_running else 0)
         self.metrics.sync_totals(prefix_cache_queries=stats.queries, prefix_cache_hits=stats.hits,
                                  num_preemptions=e.scheduler.num_preemptions)
+        if e.spec is not None:
+            st = e.spec.stats
+            self.metrics.sync_spec_decode(st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens,
+                                          list(st.accepted_per_pos))
 
     def observe_engine_times(self, out: StepOutput) -> None:
         """Queue time (arrival at the worker to its first engine step) of a finished request."""

@@ -146,6 +146,20 @@ def test_sync_totals_exports_deltas_and_never_goes_down():
     assert total(samples, "splitserve_num_preemptions_total") == 3
 
 
+def test_spec_decode_counters_follow_the_engine_totals():
+    m = Metrics("decode", "tiny-model")
+    m.sync_spec_decode(3, 12, 7, [3, 2, 1, 1])
+    m.sync_spec_decode(5, 20, 9, [5, 2, 1, 1])
+    m.sync_spec_decode(1, 4, 4, [1, 1, 1, 1])  # source replaced: sets the base only
+    samples = parse(m.render().decode())
+    assert_labelled(samples, "decode", "tiny-model")
+    assert total(samples, "splitserve_spec_decode_num_drafts_total") == 5
+    assert total(samples, "splitserve_spec_decode_num_draft_tokens_total") == 20
+    assert total(samples, "splitserve_spec_decode_num_accepted_tokens_total") == 9
+    assert total(samples, "splitserve_spec_decode_num_accepted_tokens_per_pos_total", position="0") == 5
+    assert total(samples, "splitserve_spec_decode_num_accepted_tokens_per_pos_total", position="3") == 1
+
+
 def test_collect_hooks_run_before_each_render_and_failures_are_contained():
     m = Metrics("kvstore")
     calls = []

@@ -21,6 +21,7 @@ from splitserve.config.flags import (add_config_args, config_from_args, config_t
 from splitserve.config.gateway import GatewayConfig
 from splitserve.config.kvstore import KVStoreConfig
 from splitserve.config.launch import ROLE_CONFIGS, SHARED_WORKER_FIELDS, UpConfig
+from splitserve.config.speculative import SpeculativeConfig
 from splitserve.config.worker import WorkerConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +38,8 @@ def sample(ff):
     """A value of field `ff` that differs from its default and that its config accepts."""
     if ff.name in SAMPLES:
         return SAMPLES[ff.name]
+    if ff.name.endswith("speculative_config"):  # canonical JSON: what the config keeps
+        return SpeculativeConfig("ngram", 3).to_json()
     if ff.kind is bool:
         return True if ff.default is None else not ff.default
     if ff.kind is int:

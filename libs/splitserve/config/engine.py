@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from splitserve.config.speculative import SpeculativeConfig, canonical
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 # flags in /proc/cpuinfo that mean bfloat16 dot products in hardware
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -99,6 +101,20 @@ class EngineConfig:
     """Continuous batching limits."""
     use_triton: bool | None = None
     """Triton kernels for KV writes and decode attention; None: on when the device is CUDA."""
+    speculative_config: str | None = None
+    """Speculative decoding, as a JSON object: {"method": "ngram", "num_speculative_tokens": 4,
+    "prompt_lookup_min": 2, "prompt_lookup_max": 4} or {"method": "draft_model", "model": PATH,
+    "num_speculative_tokens": 4} (docs/configuration.md has every key). None: off. Greedy output is
+    unchanged by it; sampled output keeps the model's distribution."""
+
+    def __post_init__(self) -> None:
+        # Validated once here (errors name the key) and kept as canonical JSON: a scalar that goes
+        # through flags, `up` and compose unchanged, and compares equal however it was written.
+        object.__setattr__(self, "speculative_config", canonical(self.speculative_config))
+
+    @property
+    def speculative(self) -> SpeculativeConfig | None:
+        return SpeculativeConfig.parse(self.speculative_config)
 
     @property
     def triton_enabled(self) -> bool:
@@ -114,6 +130,7 @@ class EngineConfig:
             names = {f.name for f in fields(sub)}
             parts[name] = sub(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
         use_triton = kwargs.pop("use_triton", None)
+        speculative = kwargs.pop("speculative_config", None)
         if kwargs:
             raise TypeError(f"unknown engine argument(s): {', '.join(sorted(kwargs))}")
-        return cls(**parts, use_triton=use_triton)
+        return cls(**parts, use_triton=use_triton, speculative_config=canonical(speculative))

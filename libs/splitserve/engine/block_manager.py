@@ -205,6 +205,24 @@ class BlockManager:
                 self._drop_ref(partial)  # back to the free-queue tail: just used
         return True
 
+    def trim(self, seq_id: str, num_tokens: int) -> None:
+        """Gives back the sequence's trailing blocks past ceil(num_tokens / block_size) (slots taken
+        for speculative tokens that were rejected). Such blocks are its own, fresh and unhashed:
+        they return to the free-queue head in the order they were popped, so the queue is as if
+        they had never been taken."""
+        table = self._tables.get(seq_id)
+        if table is None:
+            return
+        keep = -(-num_tokens // self.block_size)
+        while len(table) > keep:
+            block_id = table[-1]
+            if self._ref_counts[block_id] != 1 or self._block_hash[block_id] is not None:
+                break  # shared or cached: not a block speculation took (cannot happen; kept safe)
+            table.pop()
+            self._ref_counts[block_id] = 0
+            self._free[block_id] = None
+            self._free.move_to_end(block_id, last=False)
+
     def block_table(self, seq_id: str) -> list[int]:
         """A copy of the sequence's block ids in token order ([] for an unknown sequence)."""
         return list(self._tables.get(seq_id, ()))

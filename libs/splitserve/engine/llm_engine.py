@@ -24,6 +24,7 @@ from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.sampler import Sampler, TokenLogprobs
 from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, check_token_ids
+from splitserve.engine.speculative import SpeculativeDecoder
 from splitserve.model.loader import TORCH_DTYPES, load_model, resolve_model_dtype
 from splitserve.model.tokenizer import load_tokenizer
 from splitserve.sampling_params import SamplingParams
@@ -104,6 +105,7 @@ class LLMEngine:
             limits.append(args.sliding_window)  # within the window, sliding attention is full attention
         self.max_model_len = min(limits)
         self.stats = EngineStats()
+        self.spec = self._speculative_decoder(config)
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._namespaces: dict[str | None, bytes] = {}
@@ -112,6 +114,18 @@ class LLMEngine:
             self.model_id, mc.dtype, num_blocks, cc.block_size,
             num_blocks * self.kv_cache.bytes_per_block / 2**20, self.max_model_len, time.monotonic() - t0,
         )
+
+    def _speculative_decoder(self, config: EngineConfig) -> SpeculativeDecoder | None:
+        spec = config.speculative
+        if spec is None:
+            return None
+        draft = None
+        if spec.method == "draft_model":
+            from splitserve.engine.draft_model import DraftModel
+
+            draft = DraftModel(spec, self)
+        logger.info("speculative decoding: %s, up to %d tokens a step", spec.method, spec.num_speculative_tokens)
+        return SpeculativeDecoder(spec, draft)
 
     # ----------------------------------------------------------------------- requests
     def namespace(self, cache_salt: str | None = None) -> bytes:
@@ -209,12 +223,20 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> bool:
         """Ends a request at once and frees its blocks; False if it is unknown or already done."""
-        seq = self._seqs.pop(request_id, None)
-        self._detok.pop(request_id, None)
+        seq = self._seqs.get(request_id)
         if seq is None:
+            self._detok.pop(request_id, None)
             return False
-        self.scheduler.finish(seq, "abort")
+        self._end(seq, "abort")
         return True
+
+    def _end(self, seq: Sequence, reason: str) -> None:
+        """Finishes a sequence: frees its blocks and forgets it (the draft model's state too)."""
+        self.scheduler.finish(seq, reason)
+        self._seqs.pop(seq.seq_id, None)
+        self._detok.pop(seq.seq_id, None)
+        if self.spec is not None:
+            self.spec.forget(seq)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -225,14 +247,18 @@ class LLMEngine:
 
     # ----------------------------------------------------------------------- one step
     def step(self) -> list[StepOutput]:
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running, self.max_model_len,
+                              self.config.scheduler.max_num_batched_tokens)
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
         now = time.monotonic()
-        logits, sampled_idx = self.runner.execute(sched.scheduled)
+        logits, sampled_idx, rows = self.runner.execute(sched.scheduled)
         for seq, n in sched.scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
+            n -= len(seq.draft_token_ids)  # proposals are computed, but not the sequence's until verified
             self.stats.prompt_tokens += max(0, min(n, seq.num_prompt_tokens - seq.num_computed_tokens))
             seq.num_computed_tokens += n
             self.block_manager.cache_full_blocks(seq.seq_id, seq.block_hashes, seq.num_computed_tokens,
@@ -242,25 +268,60 @@ class LLMEngine:
         self.stats.max_batch_size = max(self.stats.max_batch_size, len(sched.scheduled))
         if not sampled_idx:
             return []
-        seqs = [sched.scheduled[i].seq for i in sampled_idx]
-        out = self.sampler(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        results = []
         token_time = time.monotonic()  # one clock read per step, shared by its tokens
-        for seq, token, lp in zip(seqs, out.token_ids, out.logprobs):
-            results.append(self._append(seq, token, lp, token_time))
-        self.stats.generation_tokens += len(seqs)
+        seqs = [sched.scheduled[i].seq for i in sampled_idx]
+        offsets = [0]
+        for r in rows:
+            offsets.append(offsets[-1] + r)
+        plain = [i for i, r in enumerate(rows) if r == 1]
+        emitted: dict[int, tuple[list[int], list]] = {}
+        if plain:  # one batched draw for every sequence without proposals
+            out = self.sampler(logits[[offsets[i] for i in plain]], [seqs[i].params for i in plain],
+                               [seqs[i].generator for i in plain])
+            for i, token, lp in zip(plain, out.token_ids, out.logprobs):
+                emitted[i] = ([token], [lp])
+        for i, seq in enumerate(seqs):
+            if rows[i] > 1:
+                v = self.sampler.verify(logits[offsets[i]: offsets[i + 1]], seq.params, seq.generator,
+                                        seq.draft_token_ids, seq.draft_probs)
+                self.spec.record(seq, rows[i] - 1, v.num_accepted)
+                emitted[i] = (v.token_ids, v.logprobs)
+        results = []
+        for i, seq in enumerate(seqs):
+            tokens, lps = emitted[i]
+            results.append(self._append(seq, tokens, lps, token_time))
+            self.stats.generation_tokens += len(results[-1].new_token_ids)
         return results
 
-    def _append(self, seq: Sequence, token: int, lp: TokenLogprobs | None, token_time: float) -> StepOutput:
+    def _append(self, seq: Sequence, tokens: list[int], lps: list[TokenLogprobs | None],
+                token_time: float) -> StepOutput:
+        """Appends a step's tokens to the sequence (one, or accepted proposals and one more), each
+        through the stop rules: a stop inside an accepted run ends the output right there."""
         params = seq.params
         detok = self._detok.get(seq.seq_id)  # None: the caller detokenizes
-        seq.append_token(token)
+        had_drafts = bool(seq.draft_token_ids)
+        seq.clear_drafts()
         if seq.first_token_time is None:
             seq.first_token_time = token_time
-        if lp is not None:
-            seq.logprobs.append(lp)
-        text, reason, stop_reason = apply_stop_rules(token, params, self.tokenizer.eos_token_ids, detok,
-                                                     seq.num_output_tokens, seq.num_tokens, self.max_model_len)
+        texts, new_ids, new_lps = [], [], []
+        reason = stop_reason = None
+        for j, (token, lp) in enumerate(zip(tokens, lps)):
+            seq.append_token(token)
+            new_ids.append(token)
+            if lp is not None:
+                seq.logprobs.append(lp)
+                new_lps.append(lp)
+            text, reason, stop_reason = apply_stop_rules(token, params, self.tokenizer.eos_token_ids, detok,
+                                                         seq.num_output_tokens, seq.num_tokens, self.max_model_len)
+            texts.append(text)
+            if reason is not None:
+                break
+            if j < len(tokens) - 1:  # an accepted proposal: its K/V were computed by this step
+                seq.num_computed_tokens += 1
+        if reason is None and had_drafts:
+            self.block_manager.cache_full_blocks(seq.seq_id, seq.block_hashes, seq.num_computed_tokens,
+                                                 seq.token_ids)
+            self.block_manager.trim(seq.seq_id, seq.num_computed_tokens)  # slots of rejected proposals
         exported, prompt_hashes, rng_state = [], [], b""
         if reason is not None:
             seq.stop_reason = stop_reason
@@ -268,14 +329,12 @@ class LLMEngine:
                 exported, prompt_hashes = self._export(seq)
                 if seq.generator is not None:
                     rng_state = seq.generator.get_state().numpy().tobytes()
-            self.scheduler.finish(seq, reason)
-            self._seqs.pop(seq.seq_id, None)
-            self._detok.pop(seq.seq_id, None)
+            self._end(seq, reason)
         return StepOutput(
             request_id=seq.seq_id,
-            new_token_ids=[token],
-            new_text=text,
-            new_logprobs=[lp] if lp is not None else [],
+            new_token_ids=new_ids,
+            new_text="".join(texts),
+            new_logprobs=new_lps,
             finished=reason is not None,
             finish_reason=reason,
             stop_reason=stop_reason,

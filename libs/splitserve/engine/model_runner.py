@@ -17,8 +17,9 @@ class StepInputs(NamedTuple):
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     meta: AttentionMetadata
-    sample_indices: torch.Tensor  # [N] int64: flat index of the last token of each sampled sequence
+    sample_indices: torch.Tensor  # [N] int64: flat indices of the rows whose logits are sampled
     sampled: list[int]  # indices into the scheduled list of the sequences sampled this step
+    rows: list[int]  # [len(sampled)] logits rows of each: 1, or 1 + its proposals (speculation)
 
 
 class ModelRunner:
@@ -48,11 +49,13 @@ class ModelRunner:
         prefill_q, prefill_len, prefill_tables, prefill_masks = [], [], [], []
         sample_indices: list[int] = []
         sampled: list[int] = []
+        rows: list[int] = []
         for idx, (seq, n) in enumerate(scheduled):
             start = seq.num_computed_tokens
             end = start + n
             table = self.block_manager.block_table(seq.seq_id)
-            input_ids.extend(seq.token_ids[start:end])
+            drafts = seq.draft_token_ids  # scheduled after its last token: verified by this step
+            input_ids.extend(seq.token_ids[start:end] if not drafts else (seq.token_ids + drafts)[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if n == 1:
@@ -64,9 +67,11 @@ class ModelRunner:
                 prefill_tables.append(torch.tensor(table[: (end + bs - 1) // bs], dtype=torch.long, device=self.device))
                 # after a cached prefix: one mask for all the layers (none needed without one: causal)
                 prefill_masks.append(prefill_mask(n, end, self.compute_dtype, self.device) if start else None)
-            if end == seq.num_tokens:  # the chunk reaches the last token: its logits are sampled
-                sample_indices.append(len(input_ids) - 1)
+            if end == seq.num_tokens + len(drafts):  # reaches the last token: its logits are sampled,
+                # and with proposals those of every proposal too (each scores the token after it)
+                sample_indices.extend(range(len(input_ids) - 1 - len(drafts), len(input_ids)))
                 sampled.append(idx)
+                rows.append(1 + len(drafts))
         num_decodes = len(decode_tables)
         tables, seq_lens, groups = self._decode_tables(decode_tables, decode_lens)
         meta = AttentionMetadata(
@@ -89,6 +94,7 @@ class ModelRunner:
             meta,
             torch.tensor(sample_indices, dtype=torch.long, device=self.device),
             sampled,
+            rows,
         )
 
     def _decode_tables(self, decode_tables: list[list[int]], decode_lens: list[int]):
@@ -107,10 +113,11 @@ class ModelRunner:
         return empty, empty, groups
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int]]:
-        """Runs one step; returns logits [N, vocab] (float32) and which scheduled entries they belong to."""
+    def execute(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, list[int], list[int]]:
+        """Runs one step; returns logits [N, vocab] (float32), which scheduled entries they belong to
+        and how many consecutive rows each has (1 + its proposals)."""
         inputs = self.prepare(scheduled)
         hidden = self.model(inputs.input_ids, inputs.positions, self._kv_pairs, inputs.meta)
         if not inputs.sampled:
-            return hidden.new_empty((0, 0), dtype=torch.float32), []
-        return self.model.compute_logits(hidden[inputs.sample_indices]), inputs.sampled
+            return hidden.new_empty((0, 0), dtype=torch.float32), [], []
+        return self.model.compute_logits(hidden[inputs.sample_indices]), inputs.sampled, inputs.rows

@@ -35,6 +35,15 @@ class SamplerOutput:
     logprobs: list[TokenLogprobs | None]  # [B] None where the row's params.logprobs is None
 
 
+@dataclass(frozen=True)
+class Verified:
+    """What a sequence emits after its proposals were scored (Sampler.verify)."""
+
+    token_ids: list[int]  # the accepted proposals, then one token of the model's own
+    logprobs: list[TokenLogprobs | None]  # [len(token_ids)]
+    num_accepted: int  # len(token_ids) - 1
+
+
 class Sampler:
     """Samples one token per row of a batch of logits.
 
@@ -81,6 +90,77 @@ class Sampler:
             token_ids[rows] = self._draw(probs, [generators[i] for i in random_rows])
         logprobs = self._logprobs(logits, token_ids, params) if any(want_logprobs) else [None] * batch
         return SamplerOutput(token_ids.tolist(), logprobs)
+
+    def verify(
+        self,
+        logits: torch.Tensor,  # [k+1, vocab]: row j scores the token after proposal j-1 (row 0: after the last token)
+        params: SamplingParams,
+        generator: torch.Generator | None,
+        proposals: list[int],  # [k]
+        proposal_probs: torch.Tensor | None,  # [k, vocab] the proposer's distributions; None: certain proposals
+    ) -> Verified:
+        """The tokens a sequence emits after a step that scored its k proposals: the accepted
+        proposals, then one token drawn by the model (a correction, or the next token when all were
+        accepted).
+
+        Greedy: a proposal is accepted while it equals the argmax, so the tokens are exactly those of
+        decoding without proposals. Sampled: proposal x at row j is accepted with probability
+        min(1, p_j(x) / q_j(x)) (q_j: the proposer's distribution, one-hot for certain proposals);
+        the first rejection draws from max(0, p_j - q_j) renormalized, which makes every emitted
+        token distributed exactly as the model's p (speculative sampling). p is the distribution
+        `__call__` samples from (temperature, top-k, top-p, min-p). A seeded request draws only from
+        its generator: reproducible run to run.
+        """
+        k = len(proposals)
+        logits = logits.float()
+        if params.greedy:
+            targets = logits.argmax(dim=-1).tolist()  # [k+1]
+            accepted = next((j for j in range(k) if proposals[j] != targets[j]), k)
+            tokens = targets[: accepted + 1]
+        else:
+            tokens = self._speculative_sample(logits, params, generator, proposals, proposal_probs)
+            accepted = len(tokens) - 1
+        lps: list[TokenLogprobs | None] = [None] * len(tokens)
+        if params.logprobs is not None:
+            ids = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+            lps = self._logprobs(logits[: len(tokens)], ids, [params] * len(tokens))
+        return Verified(tokens, lps, accepted)
+
+    def distribution(self, logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+        """[R, vocab] the normalized distributions `params` samples from, for rows of logits."""
+        probs = self._probs(logits.float(), [params] * logits.shape[0])
+        return probs / probs.sum(dim=-1, keepdim=True)
+
+    def draw(self, probs: torch.Tensor, generator: torch.Generator | None) -> int:
+        """One token from a [vocab] distribution, by the request's generator (None: the shared one)."""
+        gen = generator if generator is not None else self._shared_generator(probs.device)
+        return int(self._draw(probs[None], [gen])[0])
+
+    def _speculative_sample(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                            proposals: list[int], proposal_probs: torch.Tensor | None) -> list[int]:
+        k = len(proposals)
+        probs = self.distribution(logits, params)  # [k+1, vocab]
+        gen = generator if generator is not None else self._shared_generator(logits.device)
+        uniforms = torch.rand(k, generator=gen, device=logits.device).tolist()  # one draw per proposal
+        rows, ids = torch.arange(k, device=logits.device), torch.tensor(proposals, device=logits.device)
+        p_x = probs[rows, ids].tolist()  # [k] one copy to the host for all the acceptance tests
+        q_x = [1.0] * k if proposal_probs is None else proposal_probs[rows, ids].tolist()
+        tokens: list[int] = []
+        for j, x in enumerate(proposals):
+            if uniforms[j] * q_x[j] < p_x[j]:  # accept with probability min(1, p/q)
+                tokens.append(x)
+                continue
+            if proposal_probs is None:
+                residual = probs[j].clone()
+                residual[x] = 0.0
+            else:
+                residual = (probs[j] - proposal_probs[j].to(probs.dtype)).clamp_min_(0.0)
+            if not float(residual.sum()) > 0.0:  # p == q: a rejection cannot happen, but stay defined
+                residual = probs[j]
+            tokens.append(int(self._draw(residual[None], [gen])[0]))
+            return tokens
+        tokens.append(int(self._draw(probs[-1:], [gen])[0]))
+        return tokens
 
     def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         """[R, vocab] float32 probabilities after temperature, top-k, top-p and min-p (not renormalized

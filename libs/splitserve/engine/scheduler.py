@@ -73,6 +73,8 @@ class Scheduler:
             if num_new <= 0:  # nothing left to compute (cannot happen for a live sequence)
                 i += 1
                 continue
+            if seq.draft_token_ids:  # proposals ride along if the budget and free blocks allow
+                num_new = self._with_drafts(seq, num_new, min(budget, chunk_cap))
             while not self.block_manager.allocate_slots(seq.seq_id, seq.num_computed_tokens + num_new):
                 victim = self.running.pop()  # the newest running sequence
                 self._preempt(victim)
@@ -112,6 +114,20 @@ class Scheduler:
 
         scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: one-token queries first
         return SchedulerOutput(scheduled, preempted, self.config.max_num_batched_tokens - budget)
+
+    def _with_drafts(self, seq: Sequence, num_new: int, cap: int) -> int:
+        """The step's tokens for a decoding sequence with proposals: its last token plus as many
+        proposals as the budget leaves room for and free blocks can hold without preempting anyone
+        (else none: speculation never costs another sequence its place)."""
+        keep = min(len(seq.draft_token_ids), cap - num_new)
+        if keep > 0 and self.block_manager.allocate_slots(seq.seq_id, seq.num_computed_tokens + num_new + keep):
+            if keep < len(seq.draft_token_ids):
+                seq.draft_token_ids = seq.draft_token_ids[:keep]
+                if seq.draft_probs is not None:
+                    seq.draft_probs = seq.draft_probs[:keep]
+            return num_new + keep
+        seq.clear_drafts()
+        return num_new
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq.seq_id)

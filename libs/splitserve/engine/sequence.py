@@ -59,6 +59,15 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
         self.logprobs: list[TokenLogprobs] = []
+        # Speculative decoding (engine/speculative.py): tokens proposed for this step, not part of
+        # token_ids until verified; the step computes them after the last token and keeps those the
+        # model agrees with. `draft_probs` [k, vocab]: the draft's distributions (None: proposals
+        # that were certain, e.g. n-gram lookup). `spec_*`: the proposal back-off of this sequence.
+        self.draft_token_ids: list[int] = []
+        self.draft_probs: torch.Tensor | None = None
+        self.spec_acceptance = 1.0  # moving average of the accepted share of its proposals
+        self.spec_skip = 0  # steps left without proposals
+        self.spec_backoff = 1  # the next skip's length after another poor run
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
@@ -88,10 +97,15 @@ class Sequence:
         if len(self.token_ids) % self.block_size == 0:
             extend_block_hashes(self.block_hashes, self.token_ids, self.block_size, self.hash_namespace)
 
+    def clear_drafts(self) -> None:
+        self.draft_token_ids = []
+        self.draft_probs = None
+
     def reset_for_recompute(self) -> None:
         """After preemption: the blocks are gone; every token (output included) is recomputed."""
         self.num_computed_tokens = 0
         self.num_preemptions += 1
+        self.clear_drafts()
         self.status = SequenceStatus.WAITING
 
     def __repr__(self) -> str:

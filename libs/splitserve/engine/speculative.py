@@ -1,0 +1,115 @@
+"""Speculative decoding: proposals made before a step, verified by it.
+
+Before each step `SpeculativeDecoder.propose` gives some decoding sequences up to k proposed next
+tokens (`Sequence.draft_token_ids`). The scheduler computes them with the sequence's last token in
+the same step (k + 1 query tokens, beside any other sequence's prefill chunk), the model scores all
+k + 1 positions, and `Sampler.verify` keeps the proposals the model agrees with plus one token of the
+model's own. Accepted proposals have their K/V computed already; a rejected one's slots hold garbage
+past `num_computed_tokens` and are overwritten by the next step (the prefix cache only ever hashes
+computed blocks of accepted tokens, and blocks taken for rejected tokens are handed back).
+
+Which sequences propose, and how much, adapts: the step's rows stay within `max_step_rows` (past it
+a rejected token is no longer nearly free), the sequences whose proposals were accepted most go
+first, and a sequence whose recent proposals were mostly wrong stops proposing for a while
+(doubling each time), so a workload that does not repeat pays almost nothing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from splitserve.config.speculative import SpeculativeConfig
+from splitserve.engine.sequence import Sequence
+
+MAX_BACKOFF_STEPS = 64
+ACCEPTANCE_DECAY = 0.5  # weight of the older history in a sequence's acceptance average
+
+
+@dataclass
+class SpecStats:
+    """Cumulative counters, with vLLM's meanings (the workers export them as metrics)."""
+
+    num_drafts: int = 0  # proposals verified (a sequence's run of proposed tokens in one step)
+    num_draft_tokens: int = 0  # tokens proposed
+    num_accepted_tokens: int = 0  # proposed tokens the model agreed with
+    accepted_per_pos: list[int] = field(default_factory=list)  # [k] accepted at position 0..k-1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+
+def ngram_proposal(tokens: list[int] | np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
+    """Up to k tokens that followed the most recent earlier occurrence of the sequence's last n
+    tokens, for the largest n in [n_min, n_max] that occurs; [] when none does."""
+    arr = np.asarray(tokens, dtype=np.int64)
+    length = arr.shape[0]
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        pattern = arr[length - n:]
+        # windows starting at 0 .. length-n-1: each is followed by at least one token
+        windows = np.lib.stride_tricks.sliding_window_view(arr[: length - 1], n)
+        hits = np.flatnonzero((windows == pattern).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return arr[start: start + k].tolist()
+    return []
+
+
+class SpeculativeDecoder:
+    """Makes the proposals of one engine and keeps their statistics."""
+
+    def __init__(self, config: SpeculativeConfig, draft=None) -> None:
+        self.config = config
+        self.draft = draft  # a DraftModel (method draft_model), else None
+        self.stats = SpecStats(accepted_per_pos=[0] * config.num_speculative_tokens)
+
+    def propose(self, running: list[Sequence], max_model_len: int, token_budget: int) -> None:
+        """Sets `draft_token_ids` of the running sequences that should propose this step."""
+        cfg = self.config
+        rows = sum(min(s.num_tokens - s.num_computed_tokens, token_budget) for s in running)
+        room = min(cfg.max_step_rows, token_budget) - rows
+        wanted: list[tuple[Sequence, int]] = []
+        for seq in sorted(running, key=lambda s: -s.spec_acceptance):
+            seq.clear_drafts()
+            if seq.num_computed_tokens != seq.num_tokens - 1:
+                continue  # still prefilling
+            if seq.spec_skip:
+                seq.spec_skip -= 1
+                continue
+            # The emitted run (accepted proposals + one token) must fit max_tokens and the context.
+            k = min(cfg.num_speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
+                    max_model_len - seq.num_tokens - 1, room)
+            if k <= 0:
+                continue
+            wanted.append((seq, k))
+            room -= k
+        if not wanted:
+            return
+        if self.draft is not None:
+            self.draft.propose(wanted)
+            return
+        for seq, k in wanted:
+            seq.draft_token_ids = ngram_proposal(seq.token_ids, k, cfg.prompt_lookup_min, cfg.prompt_lookup_max)
+
+    def record(self, seq: Sequence, num_proposed: int, num_accepted: int) -> None:
+        """One verified proposal: the statistics, and the sequence's back-off."""
+        st = self.stats
+        st.num_drafts += 1
+        st.num_draft_tokens += num_proposed
+        st.num_accepted_tokens += num_accepted
+        for pos in range(num_accepted):
+            st.accepted_per_pos[pos] += 1
+        rate = num_accepted / num_proposed
+        seq.spec_acceptance = ACCEPTANCE_DECAY * seq.spec_acceptance + (1 - ACCEPTANCE_DECAY) * rate
+        if seq.spec_acceptance < self.config.min_acceptance:
+            seq.spec_skip = seq.spec_backoff
+            seq.spec_backoff = min(2 * seq.spec_backoff, MAX_BACKOFF_STEPS)
+            seq.spec_acceptance = self.config.min_acceptance  # one good proposal lifts it again
+        elif rate >= self.config.min_acceptance:
+            seq.spec_backoff = 1
+
+    def forget(self, seq: Sequence) -> None:
+        """The sequence ended: the draft model frees what it kept for it."""
+        if self.draft is not None:
+            self.draft.forget(seq.seq_id)
