@@ -93,13 +93,14 @@ def http_stack():
 def two_prefill_stack():
     """`splitserve up` with two prefill workers and one decode worker, shared by the routing tests
     (tests/e2e/test_services.py) and the flag tests (tests/e2e/test_up_flags.py), which give the
-    gateway's routing weight, its served model name and a metrics base port through `up`."""
-    from services_fixture import OVERLAP_WEIGHT, SERVED_NAME, metrics_base, start_stack
+    gateway's routing weight, its served model name, a metrics base port and the decode worker's
+    n-gram speculative decoding (greedy answers are the same with it) through `up`."""
+    from services_fixture import OVERLAP_WEIGHT, SERVED_NAME, SPECULATIVE, metrics_base, start_stack
 
     base = metrics_base()
     flags = ("--dtype", "float32", "--kv-cache-memory-gb", "0.15", "--prefill-workers", "2", "--decode-workers", "1",
              "--gateway-overlap-weight", str(OVERLAP_WEIGHT), "--gateway-served-model-name", SERVED_NAME,
-             "--metrics-port", str(base))
+             "--metrics-port", str(base), "--decode-speculative-config", SPECULATIVE)
     s = start_stack(*flags)
     s.flags, s.base = flags, base
     yield s

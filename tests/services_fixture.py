@@ -22,6 +22,7 @@ from splitserve.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 # the two-prefill-worker stack the end-to-end tests share (tests/conftest.py: two_prefill_stack):
 # role flags given through `up` that tests/e2e/test_up_flags.py checks reach the roles
 OVERLAP_WEIGHT = 50.0  # the gateway's default is 1.0
+SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}'
 SERVED_NAME = "tiny-llm"
 
 _LINE = re.compile(r"^\s+(\S+)\s+(\S+:\d+)")

@@ -1,6 +1,7 @@
 """Role flags given through `splitserve up` reach the roles: the shared two-prefill-worker stack
 (tests/conftest.py: two_prefill_stack) is started with the gateway's routing weight, its served
-model name and a metrics base port on up's command line, checked through what the processes serve."""
+model name, a metrics base port and the decode worker's speculative decoding on up's command line,
+checked through what the processes serve."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ import urllib.request
 import pytest
 
 from services_fixture import SERVED_NAME
+from splitserve import SamplingParams
+from splitserve.client import generate
 
 # A: 141 tokens (8 full blocks of 16, 9 with the partial one); LONG: ~1,700 tokens, a long prefill.
 PROMPT_A = "Routing weights decide where a repeated prompt goes. " * 14
@@ -109,3 +112,33 @@ def test_overlap_weight_given_to_up_changes_prefill_routing(stack):
     assert delta.get("load", 0) == 1 and delta.get("prefix", 0) == 2, delta  # A; then the long prompt and A on Pa
     assert computed(stack)[pb] == after_a[pb], f"{pb} computed a prompt: A did not stay on {pa}"
     assert stack.prefill_load(pa).prefix_cache_hits - hits >= 2 * 8 * 16, "A's blocks were not reused on Pa"
+
+
+def decode_metric(stack, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(stack.metrics["decode-0"], timeout=30) as resp:
+        text = resp.read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name)
+
+
+SPEC_PROMPTS = ["List the colours again: red, green, blue, yellow, red, green, blue, yellow, red, green,",
+                "Count: one two three four five six one two three four five six one two three"]
+
+
+def test_speculative_decoding_through_up_keeps_greedy_output_and_counts_its_proposals(stack, llm_f32):
+    """The decode worker speculates (n-gram, given to `up`): disaggregated greedy answers are those
+    of this process without speculation, and its metrics add up."""
+    sampling = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    prompts = [llm_f32.tokenizer.encode(p) for p in SPEC_PROMPTS]
+    refs = llm_f32.generate(prompts, SamplingParams(**sampling))
+    before = decode_metric(stack, "splitserve_spec_decode_num_accepted_tokens_total")
+    for prompt, ref in zip(prompts, refs):
+        ids, text, final = generate(stack.gateway, token_ids=prompt, sampling=sampling, timeout_s=120)
+        assert ids == ref.token_ids and text == ref.text
+        assert final.finish_reason == "length"
+    drafted = decode_metric(stack, "splitserve_spec_decode_num_draft_tokens_total")
+    accepted = decode_metric(stack, "splitserve_spec_decode_num_accepted_tokens_total")
+    per_pos = decode_metric(stack, "splitserve_spec_decode_num_accepted_tokens_per_pos_total")
+    assert accepted > before and accepted <= drafted and per_pos == accepted
+    assert decode_metric(stack, "splitserve_spec_decode_num_drafts_total") >= 1
