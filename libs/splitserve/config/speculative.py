@@ -32,11 +32,11 @@ class SpeculativeConfig:
     """ngram: the longest suffix looked up; the longest that matches wins."""
     model: str | None = None
     """draft_model: its GGUF file or Hugging Face folder (the target's tokenizer and vocabulary)."""
-    max_step_rows: int = 48
+    max_step_rows: int = 16
     """Proposals are made only while the step's decode rows (one per running sequence plus every
-    proposed token) stay within this: past it a step is bound by arithmetic rather than by reading
-    the weights, and a rejected token is no longer nearly free. 48 is where the CPU's quantized
-    kernel hands over to the float GEMM (SPLITSERVE_CPU_QUANT_ROWS)."""
+    proposed token) stay within this: past it the projections cost more per row and a rejected
+    token is no longer nearly free. Measured on a 2-core CPU (benchmarks/spec_decode.py): at 32
+    streams, proposals up to 48 rows gave 0.86-0.93x the tokens/s of none; at 16, 0.98-1.05x."""
     min_acceptance: float = 0.3
     """A sequence whose recent proposals were accepted at less than this rate stops proposing for a
     while (doubling each time it fails again), so text that does not repeat costs nothing."""

@@ -95,7 +95,7 @@ class DraftModel:
         drafts: dict[str, list[int]] = {seq.seq_id: [] for seq, _, _ in active}
         probs: dict[str, list[torch.Tensor]] = {seq.seq_id: [] for seq, _, _ in active}
         while active:
-            batch = sorted(active, key=lambda a: a[1].num_tokens - a[1].num_computed_tokens != 1)
+            batch = sorted(active, key=lambda a: a[1].num_tokens - a[1].num_computed_tokens != 1)  # decodes first
             logits, sampled, _ = self.runner.execute(
                 [ScheduledSeq(sh, sh.num_tokens - sh.num_computed_tokens) for _, sh, _ in batch])
             next_active = []

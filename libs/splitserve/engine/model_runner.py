@@ -39,7 +39,8 @@ class ModelRunner:
                                                       args.num_kv_heads, args.head_dim))
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
-        """Flat inputs of one step; `scheduled` has its one-token queries first."""
+        """Flat inputs of one step; `scheduled` has its decodes (one-token queries, and sequences
+        with proposals) first."""
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
@@ -58,9 +59,10 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:end] if not drafts else (seq.token_ids + drafts)[start:end])
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if n == 1:
-                decode_tables.append(table)
-                decode_lens.append(end)
+            if n == 1 or drafts:  # a decode; with proposals, one decode row per scored position
+                for pos in range(start, end):  # (every row's K/V is written before attention runs)
+                    decode_tables.append(table)
+                    decode_lens.append(pos + 1)
             else:
                 prefill_q.append(n)
                 prefill_len.append(end)

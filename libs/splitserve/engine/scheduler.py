@@ -23,7 +23,7 @@ class ScheduledSeq(NamedTuple):
 
 
 class SchedulerOutput(NamedTuple):
-    scheduled: list[ScheduledSeq]  # one-token queries first (the decode path), then longer chunks
+    scheduled: list[ScheduledSeq]  # decodes first (one-token queries, proposals), then prefill chunks
     preempted: list[Sequence]
     num_batched_tokens: int
 
@@ -112,7 +112,8 @@ class Scheduler:
             scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
 
-        scheduled.sort(key=lambda s: s.num_new_tokens != 1)  # stable: one-token queries first
+        # stable: decodes first (one-token queries, and sequences with proposals: decode rows too)
+        scheduled.sort(key=lambda s: s.num_new_tokens != 1 and not s.seq.draft_token_ids)
         return SchedulerOutput(scheduled, preempted, self.config.max_num_batched_tokens - budget)
 
     def _with_drafts(self, seq: Sequence, num_new: int, cap: int) -> int:
