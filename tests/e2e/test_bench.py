@@ -284,3 +284,25 @@ def test_bench_against_splitserve_up(http_stack, tmp_path):
         assert r["success"] and (r["prompt_tokens"], r["completion_tokens"]) == (24, 4), r
         assert r["finish_reason"] == "length" and 1 <= len(r["chunk_times"]) <= 4 and r["ttft"] <= r["e2el"]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_reports_the_speculative_acceptance_of_the_run(two_prefill_stack, tmp_path):
+    """The shared two-prefill stack's decode worker speculates (n-gram): with --metrics-url, bench
+    reads its spec_decode counters before and after and reports the run's share."""
+    stack, out = two_prefill_stack, tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "splitserve.launch.cli", "bench", "--base-url", stack.http_base,
+           "--dataset", "prefix-repetition", "--prefix-len", "32", "--input-len", "8", "--output-len", "24",
+           "--num-prompts", "3", "--seed", "2", "--no-progress", "--result-json", str(out),
+           "--goodput", "ttft:600000", "--metrics-url", stack.metrics["decode-0"]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "speculative draft tokens" in proc.stdout and "speculative acceptance rate" in proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines.index(next(x for x in lines if x.startswith("good requests"))) + 1 == \
+        lines.index(next(x for x in lines if x.startswith("goodput")))
+    s = json.loads(out.read_text())["summary"]
+    assert 0 <= s["spec_decode_accepted_tokens"] <= s["spec_decode_draft_tokens"]
+    if s["spec_decode_draft_tokens"]:
+        assert s["spec_decode_acceptance_rate"] == s["spec_decode_accepted_tokens"] / s["spec_decode_draft_tokens"]
+    bad = subprocess.run(cmd[:-1] + ["http://127.0.0.1:9/metrics"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "--metrics-url http://127.0.0.1:9/metrics" in bad.stderr

@@ -3,7 +3,9 @@
 One `splitserve up --dtype bfloat16` with two prefill and two decode workers serves the module (a
 start costs ~40 s here). It runs bfloat16 so that every answer checked here, resumed ones
 included, also checks that greedy output does not depend on the path in the dtype whose K/V the
-cache rounds (a float32 stack: tests/e2e/test_stack_path_invariance.py). The tests run in file
+cache rounds (a float32 stack: tests/e2e/test_stack_path_invariance.py). Its decode workers
+speculate (n-gram): a resumed stream must come out the same with proposals verified on both sides
+of the failure. The tests run in file
 order and each starts by waiting until every worker answers again, since `splitserve up` restarts
 what an earlier test killed:
   1. Redis frozen (SIGSTOP), then back empty: /health says "degraded" (and splitserve_redis_up 0)
@@ -37,7 +39,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from services_fixture import start_stack, wait_for
+from services_fixture import SPECULATIVE, start_stack, wait_for
 from splitserve import SamplingParams
 from splitserve.client import generate, stream_generate
 from splitserve.engine.hashing import block_hashes
@@ -54,7 +56,7 @@ KILLED: dict[str, int] = {}  # worker name -> pid killed by an earlier test (tes
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     s = start_stack("--dtype", "bfloat16", "--kv-cache-memory-gb", "0.1", "--prefill-workers", "2",
-                    "--decode-workers", "2")
+                    "--decode-workers", "2", "--decode-speculative-config", SPECULATIVE)
     try:
         yield s
     finally:

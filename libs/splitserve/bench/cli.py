@@ -82,6 +82,10 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
                    help="GGUF file or HF folder (default: the served model's root path, else the default model)")
     p.add_argument("--timeout-s", type=float, default=600.0, help="per-request read timeout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--metrics-url", nargs="+", default=None, metavar="URL",
+                   help="the /metrics endpoints of the workers that decode: the run's speculative-decoding "
+                        "draft tokens, accepted tokens and acceptance rate are read from their spec_decode "
+                        "counters before and after it")
 
 
 def _tokenizer_path(arg: str | None, root: str | None) -> Path:
@@ -188,12 +192,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"{name}: {url} model={model} dataset={args.dataset} prompts={len(requests)} "
               f"rate={config['request_rate']} burstiness={args.burstiness} "
               f"max_concurrency={args.max_concurrency}", file=sys.stderr)
+        spec_before = report.spec_decode_totals(args.metrics_url) if args.metrics_url else None
         records, duration = asyncio.run(runner.run(
             url, model, requests, arrivals, max_concurrency=args.max_concurrency, api_key=api_key,
             temperature=args.temperature, ignore_eos=args.ignore_eos, num_warmups=args.num_warmups,
             progress=not args.no_progress, timeout_s=args.timeout_s))
         runs[name] = (records, duration)
         summaries[name] = summarize(records, duration, slos)
+        if args.metrics_url:
+            summaries[name].update(report.spec_decode_delta(spec_before, report.spec_decode_totals(args.metrics_url)))
         print(report.format_table(summaries[name], title=f"splitserve bench: {name}" if args.compare else
                                   "splitserve bench"))
         errors = [r.error for r in records if not r.success]

@@ -23,7 +23,40 @@ HEADLINE = [
     ("output throughput (tok/s)", "output_throughput", "{:.1f}"),
     ("total throughput (tok/s)", "total_token_throughput", "{:.1f}"),
     ("goodput (req/s)", "request_goodput", "{:.3f}"),
+    ("speculative draft tokens", "spec_decode_draft_tokens", "{:d}"),
+    ("speculative accepted tokens", "spec_decode_accepted_tokens", "{:d}"),
+    ("speculative acceptance rate", "spec_decode_acceptance_rate", "{:.3f}"),
 ]
+
+
+def spec_decode_totals(urls: list[str]) -> tuple[int, int]:
+    """(draft tokens, accepted tokens) summed over the workers' spec_decode counters now."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    drafted = accepted = 0.0
+    for url in urls:
+        try:
+            with urllib.request.urlopen(url, timeout=30) as resp:
+                text = resp.read().decode()
+        except OSError as exc:
+            raise ValueError(f"--metrics-url {url}: {exc}") from None
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                if sample.name == "splitserve_spec_decode_num_draft_tokens_total":
+                    drafted += sample.value
+                elif sample.name == "splitserve_spec_decode_num_accepted_tokens_total":
+                    accepted += sample.value
+    return int(drafted), int(accepted)
+
+
+def spec_decode_delta(before: tuple[int, int], after: tuple[int, int]) -> dict:
+    """The run's share of the counters: draft and accepted tokens, and the acceptance rate (None
+    when nothing was proposed)."""
+    drafted, accepted = after[0] - before[0], after[1] - before[1]
+    return {"spec_decode_draft_tokens": drafted, "spec_decode_accepted_tokens": accepted,
+            "spec_decode_acceptance_rate": accepted / drafted if drafted else None}
 
 
 def _fmt(value, fmt: str = "{:.2f}") -> str:
@@ -37,7 +70,8 @@ def format_table(summary: dict, title: str = "splitserve bench") -> str:
             if key in summary and not (key == "total_cached_tokens" and summary[key] is None)]
     if "goodput_slos_ms" in summary:
         slos = ", ".join(f"{k} <= {v:g} ms" for k, v in summary["goodput_slos_ms"].items())
-        rows.insert(len(rows) - 1, ("good requests (" + slos + ")", str(summary["good_requests"])))
+        at = next(i for i, (label, _) in enumerate(rows) if label == "goodput (req/s)")
+        rows.insert(at, ("good requests (" + slos + ")", str(summary["good_requests"])))
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{'=' * 12} {title} {'=' * 12}"]
     lines += [f"{label:<{width}}{value:>12}" for label, value in rows]
