@@ -125,3 +125,32 @@ def test_rejected_tokens_leave_no_trace_in_the_block_manager(llm_f32):
         if spec_config is not None:
             assert llm.engine.spec.stats.num_draft_tokens > llm.engine.spec.stats.num_accepted_tokens  # some rejected
     assert states[0] == states[1] == states[2]
+
+
+def test_a_bad_draft_model_is_refused_naming_the_key(llm_f32, tmp_path):
+    import transformers as tf
+
+    with pytest.raises(ValueError, match="speculative_config.model: .*not found"):
+        llm_f32.with_config(kv_cache_memory_gb=CACHE_GB, speculative_config={
+            "method": "draft_model", "model": str(tmp_path / "missing.gguf"), "num_speculative_tokens": 2})
+    other = tmp_path / "other-vocab"
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    tf.LlamaForCausalLM(cfg).save_pretrained(str(other), safe_serialization=True)
+    with pytest.raises(ValueError, match="speculative_config.model: the draft's vocabulary has 128 tokens"):
+        llm_f32.with_config(kv_cache_memory_gb=CACHE_GB, speculative_config={
+            "method": "draft_model", "model": str(other), "num_speculative_tokens": 2})
+
+
+def test_speculation_under_preemption_keeps_the_output(llm_f32):
+    """A pool so small that sequences are preempted and proposals find no free blocks: the same
+    tokens as without speculation in the same pool, and every block free afterwards."""
+    prompts = ["a b c a b c a b c a b", "1 2 3 4 1 2 3 4 1 2", "the cat sat on the mat the cat sat on", "x"] * 3
+    sp = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    want = llm_f32.with_config(kv_cache_memory_gb=0.004).generate(prompts, sp)
+    spec = llm_f32.with_config(kv_cache_memory_gb=0.004, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 8, "prompt_lookup_min": 1})
+    got = spec.generate(prompts, sp)
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    assert spec.engine.scheduler.num_preemptions > 0 and spec.engine.spec.stats.num_accepted_tokens > 0
+    assert spec.engine.block_manager.num_free_blocks == spec.engine.block_manager.num_blocks

@@ -35,11 +35,14 @@ class DraftModel:
     def __init__(self, config: SpeculativeConfig, target) -> None:
         """`target`: the LLMEngine it proposes for (its dtype, device, vocabulary and KV budget)."""
         mc = target.config.model
-        path = resolve_model_path(config.model)
-        if path.resolve() == target.model_path.resolve():
-            self.model = target.model  # the target as its own draft: no second copy of the weights
-        else:
-            self.model, _ = load_model(config.model, mc.dtype, mc.device, mc.max_model_len)
+        try:
+            path = resolve_model_path(config.model)
+            if path.resolve() == target.model_path.resolve():
+                self.model = target.model  # the target as its own draft: no second copy of the weights
+            else:
+                self.model, _ = load_model(config.model, mc.dtype, mc.device, mc.max_model_len)
+        except (OSError, ValueError) as exc:  # a missing or unreadable draft names the key it came from
+            raise ValueError(f"speculative_config.model: {exc}") from exc
         args, target_args = self.model.args, target.model.args
         if args.vocab_size != target_args.vocab_size:
             raise ValueError(f"speculative_config.model: the draft's vocabulary has {args.vocab_size} tokens, "
