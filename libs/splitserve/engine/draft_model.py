@@ -57,10 +57,12 @@ class DraftModel:
         self.sampler = target.sampler
         self.block_size = block_size
         self._shadows: dict[str, Sequence] = {}
+        self._synced: dict[str, int] = {}  # the target's length at the last sync: tokens before it agree
         logger.info("draft model %s: %d layers, %d blocks of KV (%.1f MiB)", path.name, args.num_layers,
                     num_blocks, num_blocks * self.kv_cache.bytes_per_block / 2**20)
 
     def forget(self, seq_id: str) -> None:
+        self._synced.pop(seq_id, None)
         if self._shadows.pop(seq_id, None) is not None:
             self.block_manager.free(seq_id)
 
@@ -72,12 +74,15 @@ class DraftModel:
             shadow = Sequence(seq.seq_id, seq.prompt_token_ids, seq.params, self.block_size, seq.hash_namespace,
                               seq.generator)  # its hashes are never used: no prefix caching here
             self._shadows[seq.seq_id] = shadow
-        agree = 0
-        for a, b in zip(shadow.token_ids, seq.token_ids):
+        # The target only appends, so only what came after the last sync (its accepted proposals
+        # and its own token, against the shadow's proposals) is compared and copied: O(k), not O(L).
+        agree = self._synced.get(seq.seq_id, 0)
+        for a, b in zip(shadow.token_ids[agree:], seq.token_ids[agree:]):
             if a != b:
                 break
             agree += 1
-        shadow.token_ids = list(seq.token_ids)
+        shadow.token_ids[agree:] = seq.token_ids[agree:]
+        self._synced[seq.seq_id] = len(seq.token_ids)
         shadow.num_computed_tokens = min(shadow.num_computed_tokens, agree, len(seq.token_ids) - 1)
         return shadow
 

@@ -55,8 +55,8 @@ class ModelRunner:
             start = seq.num_computed_tokens
             end = start + n
             table = self.block_manager.block_table(seq.seq_id)
-            drafts = seq.draft_token_ids  # scheduled after its last token: verified by this step
-            input_ids.extend(seq.token_ids[start:end] if not drafts else (seq.token_ids + drafts)[start:end])
+            drafts = seq.draft_token_ids  # run after its last token (start), all of them: verified by this step
+            input_ids.extend(seq.token_ids[start:end] if not drafts else seq.token_ids[start:] + drafts)
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             if n == 1 or drafts:  # a decode; with proposals, one decode row per scored position

@@ -157,9 +157,9 @@ class Sampler:
                 residual = (probs[j] - proposal_probs[j].to(probs.dtype)).clamp_min_(0.0)
             if not float(residual.sum()) > 0.0:  # p == q: a rejection cannot happen, but stay defined
                 residual = probs[j]
-            tokens.append(int(self._draw(residual[None], [gen])[0]))
+            tokens.append(self.draw(residual, gen))
             return tokens
-        tokens.append(int(self._draw(probs[-1:], [gen])[0]))
+        tokens.append(self.draw(probs[-1], gen))
         return tokens
 
     def _probs(self, logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
