@@ -79,12 +79,15 @@ def redis_url():
 
 @pytest.fixture(scope="session")
 def http_stack():
-    """`splitserve up --dtype float32` (1 prefill, 1 decode worker) shared by the end-to-end tests
-    of the gRPC and HTTP APIs: starting a stack costs ~40 s."""
+    """`splitserve up` in float32 (1 prefill, 1 decode worker) shared by the end-to-end tests of the
+    gRPC and HTTP APIs: starting a stack costs ~40 s. Where the default dtype ("auto") is float32,
+    as on a CPU without native bf16, it is started without --dtype, as `make serve` starts it."""
     from services_fixture import start_stack
+    from splitserve.model.loader import resolve_model_dtype
 
-    s = start_stack("--dtype", "float32", "--kv-cache-memory-gb", "0.1", "--prefill-workers", "1",
-                    "--decode-workers", "1")
+    dtype = () if resolve_model_dtype("auto", "cpu")[0] == "float32" else ("--dtype", "float32")
+    s = start_stack(*dtype, "--kv-cache-memory-gb", "0.1", "--prefill-workers", "1", "--decode-workers", "1")
+    s.default_dtype = not dtype
     yield s
     assert s.stop() == 0, "\n".join(s.log[-30:])
 
