@@ -5,7 +5,8 @@ start costs ~40 s here). It runs bfloat16 so that every answer checked here, res
 included, also checks that greedy output does not depend on the path in the dtype whose K/V the
 cache rounds (a float32 stack: tests/e2e/test_stack_path_invariance.py). Its decode workers
 speculate (n-gram): a resumed stream must come out the same with proposals verified on both sides
-of the failure. The tests run in file
+of the failure. Its kvstore has no shared-memory arena, so every KV block travels as gRPC
+chunks (the session stacks move them through shared memory on this one host). The tests run in file
 order and each starts by waiting until every worker answers again, since `splitserve up` restarts
 what an earlier test killed:
   1. Redis frozen (SIGSTOP), then back empty: /health says "degraded" (and splitserve_redis_up 0)
@@ -56,7 +57,8 @@ KILLED: dict[str, int] = {}  # worker name -> pid killed by an earlier test (tes
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     s = start_stack("--dtype", "bfloat16", "--kv-cache-memory-gb", "0.1", "--prefill-workers", "2",
-                    "--decode-workers", "2", "--decode-speculative-config", SPECULATIVE)
+                    "--decode-workers", "2", "--decode-speculative-config", SPECULATIVE,
+                    "--kvstore-shm-arena-gb", "0")
     try:
         yield s
     finally:
