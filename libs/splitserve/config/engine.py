@@ -9,6 +9,9 @@ from dataclasses import dataclass, field, fields
 from splitserve.config.speculative import SpeculativeConfig, canonical
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZED_MATMULS = ("auto", "exact", "int8")
+# what "auto" runs: measured on a 2-core AVX2 VM (docs/performance.md, benchmarks/quality_gate.py)
+QUANTIZED_MATMUL_AUTO = "exact"
 # flags in /proc/cpuinfo that mean bfloat16 dot products in hardware
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -47,10 +50,19 @@ class ModelConfig:
     """Torch device the weights and the KV cache live on ("cpu" or "cuda")."""
     max_model_len: int | None = None
     """Longest prompt + output a sequence may have, in tokens; None takes the model's context length."""
+    quantized_matmul: str = field(default="auto", metadata={"choices": QUANTIZED_MATMULS})
+    """How a float32 CPU model multiplies few rows (decode steps, prefix hits) by weights held as GGUF
+    blocks: "exact" (float arithmetic on the dequantized weights: HF transformers' values, greedy
+    tokens equal to theirs) or "int8" (activations quantized to 8 bits per block of 32, integer dot
+    products: faster, perplexity within 1% of exact, greedy tokens may differ). "auto" picks the
+    one measured best (docs/performance.md). Other models ignore it."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantized_matmul not in QUANTIZED_MATMULS:
+            raise ValueError(f"quantized_matmul must be one of {', '.join(QUANTIZED_MATMULS)}, "
+                             f"got {self.quantized_matmul!r}")
         if self.device.startswith("cpu") and self.dtype == "float16":
             raise ValueError("dtype 'float16' is not supported on the CPU; use 'float32' or 'bfloat16'")
         if self.max_model_len is not None and self.max_model_len < 1:

@@ -96,6 +96,9 @@ CPU_QUANT = EnvVar("SPLITSERVE_CPU_QUANT", str, "kernel", (
 CPU_QUANT_ROWS = EnvVar("SPLITSERVE_CPU_QUANT_ROWS", int, 48, (
     "Up to how many rows of activations the quantized kernel runs; above, a float32 GEMM over weight "
     "tiles dequantized from the blocks does (0: that GEMM always)."), minimum=0)
+CPU_LAYERS = EnvVar("SPLITSERVE_CPU_LAYERS", str, "kernel", (
+    "Decode steps of a quantized float32 CPU model: every layer in one C call (kernel, when built) or "
+    "layer by layer in torch (the same bits; to compare, or to rule it out)."), choices=("kernel", "torch"))
 CPU_GEMM = EnvVar("SPLITSERVE_CPU_GEMM", str, "onednn", (
     "The float32 CPU GEMM: onednn, mkl or plain (torch.mm); a backend this torch build lacks falls to "
     "the next one in that order."), choices=("onednn", "mkl", "plain"))
@@ -104,7 +107,7 @@ PARENT_PID = EnvVar("SPLITSERVE_PARENT_PID", int, None, (
     "from the environment once read. Not for users."), minimum=1, expected="a process id")
 
 REGISTRY: dict[str, EnvVar] = _declare(API_KEY, LOG_FORMAT, CACHE_DIR, CPU_ATTENTION, CPU_OPS, CPU_QUANT,
-                                       CPU_QUANT_ROWS, CPU_GEMM, PARENT_PID)
+                                       CPU_QUANT_ROWS, CPU_LAYERS, CPU_GEMM, PARENT_PID)
 
 
 def read(name: str) -> str | int | None:

@@ -118,7 +118,8 @@ def _converter(kind: type, optional: bool):
 
 def add_flag(parser, ff: FlatField, names: list[str], dest: str, default: Any, help_default: Any) -> None:
     """One flag for `ff`, under the option strings `names`, stored at `dest`."""
-    text = f"{ff.doc} (default: {show_default(help_default)})"
+    # argparse %-formats help texts: a literal % in a docstring would break --help
+    text = f"{ff.doc} (default: {show_default(help_default)})".replace("%", "%%")
     if ff.kind is bool:
         parser.add_argument(*names, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=text)
     else:

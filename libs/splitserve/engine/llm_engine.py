@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from splitserve.config.engine import EngineConfig
+from splitserve.config.engine import QUANTIZED_MATMUL_AUTO, EngineConfig
 from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.detokenizer import IncrementalDetokenizer, apply_stop_rules
 from splitserve.engine.hashing import hash_namespace
@@ -87,6 +87,10 @@ class LLMEngine:
         else:
             self.model, self.model_path = load_model(mc.model, mc.dtype, mc.device, mc.max_model_len)
             self.tokenizer = load_tokenizer(self.model_path)
+        self.quantized_matmul = QUANTIZED_MATMUL_AUTO if mc.quantized_matmul == "auto" else mc.quantized_matmul
+        if mc.quantized_matmul == "auto" and self.model.fused_decode is not None:
+            logger.info("quantized_matmul auto -> %s", self.quantized_matmul)
+        self.model.set_quantized_matmul(self.quantized_matmul)
         args = self.model.args
         self.model_id = self.model_path.name
         dtype = TORCH_DTYPES[mc.dtype]

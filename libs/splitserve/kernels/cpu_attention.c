@@ -33,6 +33,7 @@
 #define CHUNK 32          /* keys scored before each softmax rescale */
 
 #include "simd.h"
+#include "kernel_api.h"
 
 #ifdef X86
 /* The kernel is compiled for AVX2 + FMA; the module says whether this CPU has them (`supported`)
@@ -230,4 +231,10 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_attention", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__cpu_attention(void) { return simd_module_create(&module); }
+static AttentionApi api = {decode_all};
+
+PyMODINIT_FUNC PyInit__cpu_attention(void) {
+    PyObject *mod = simd_module_create(&module);
+    if (mod != NULL && add_api_capsule(mod, &api, ATTENTION_API_NAME) < 0) Py_CLEAR(mod);
+    return mod;
+}

@@ -30,6 +30,7 @@
 #define PARALLEL_ROWS 64 /* fewer rows run on the calling thread alone */
 
 #include "simd.h"
+#include "kernel_api.h"
 
 #ifdef X86
 #pragma GCC push_options
@@ -177,4 +178,10 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_ops", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__cpu_ops(void) { return simd_module_create(&module); }
+static OpsApi api = {rms_norm_rows, silu_mul_rows, rope_rows};
+
+PyMODINIT_FUNC PyInit__cpu_ops(void) {
+    PyObject *mod = simd_module_create(&module);
+    if (mod != NULL && add_api_capsule(mod, &api, OPS_API_NAME) < 0) Py_CLEAR(mod);
+    return mod;
+}

@@ -39,6 +39,7 @@
 #include <string.h>
 
 #include "simd.h"
+#include "kernel_api.h"
 
 #define QBLOCK 32 /* weights per block */
 #define TILE_N 4  /* weight rows unpacked together */
@@ -249,6 +250,149 @@ static long gather_rows(const uint8_t *packed, int kind, const int64_t *ids, lon
     return -1;
 }
 
+
+/* ---- The int8 path: activations quantized per block, integer dot products ----
+ *
+ * Each row of x is quantized per block of 32 to int8 codes c with a float32 scale dx = max|x| / 127
+ * (c = round(x / dx), in [-127, 127]) and s = dx * sum(c). A block's dot product with a weight row
+ * is then an integer one, scaled once:
+ *   Q8_0  dw * dx * sum(qw * c)
+ *   Q4_0  dw * dx * sum(qw * c) - 8 * dw * s       (qw the unsigned 4-bit codes)
+ *   Q4_1  dw * dx * sum(qw * c) + mw * s
+ * The integer sums come from `maddubs` (unsigned x signed bytes to 16-bit pairs: at most
+ * 2 x 128 x 127 = 32,512, never saturating here) and `madd` with ones to 8 int32 lanes, or from one
+ * `dpbusd` on CPUs with VNNI: the same integers, so the same bits on either. The products of the
+ * scales and the float32 accumulation (8 lanes, summed at the end, the corrections added last) do
+ * not depend on the other rows of x: a row's output is the same alone or in any batch. */
+
+typedef struct {
+    int8_t *codes; /* [m][k] */
+    float *d;      /* [m][blocks] dx */
+    float *s;      /* [m][blocks] dx * sum(codes of the block) */
+} XQ;
+
+static inline __attribute__((always_inline)) void quantize_block(const float *x, int8_t *codes, float *d, float *s) {
+    __m256 v[4];
+    __m256 amax = _mm256_setzero_ps();
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int i = 0; i < 4; i++) {
+        v[i] = _mm256_loadu_ps(x + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[i]));
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+    const float mx = _mm_cvtss_f32(m4);
+    const float dx = mx / 127.0f;
+    const __m256 id = _mm256_set1_ps(dx != 0.0f ? 1.0f / dx : 0.0f);
+    __m256i q[4];
+    for (int i = 0; i < 4; i++)
+        q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], id), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    __m256i sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+    __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+    s4 = _mm_hadd_epi32(s4, s4);
+    s4 = _mm_hadd_epi32(s4, s4);
+    /* packs interleave the 128-bit lanes: bytes come out as q0[0:4] q1[0:4] q2[0:4] q3[0:4] | q0[4:8] ...;
+     * the permutation puts them back in order */
+    const __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
+    const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
+    _mm256_storeu_si256((__m256i *)codes, _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    *d = dx;
+    *s = dx * (float)_mm_cvtsi128_si32(s4);
+}
+
+static void quantize_x(const float *x, long m, long k, XQ q) {
+    const long blocks = k / QBLOCK;
+#pragma omp parallel for schedule(static) if (m * blocks >= 4096)
+    for (long r = 0; r < m; r++)
+        for (long b = 0; b < blocks; b++)
+            quantize_block(x + r * k + b * QBLOCK, q.codes + r * k + b * QBLOCK, q.d + r * blocks + b,
+                           q.s + r * blocks + b);
+}
+
+/* The 32 codes of weight row j of a group as bytes in x's order: 4-bit codes unsigned 0-15 (byte i:
+ * code i), Q8_0 signed. */
+static inline __attribute__((always_inline)) __m256i weight_codes(const uint8_t *group, const int kind, int j) {
+    const uint8_t *codes = group + TILE_N * ROW_FLOATS(kind) * sizeof(float) + j * ROW_CODES(kind);
+    if (kind == KIND_Q8_0) return _mm256_loadu_si256((const __m256i *)codes);
+    const __m128i bytes = _mm_loadu_si128((const __m128i *)codes);
+    const __m128i nib = _mm_set1_epi8(0x0F);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(bytes, 4), nib), _mm_and_si128(bytes, nib));
+}
+
+/* the copy of the int8 kernel for AVX2: maddubs + madd */
+#define INT8_NAME(f) f##_avx2
+#define INT8_DOT(u, s) _mm256_madd_epi16(_mm256_maddubs_epi16((u), (s)), _mm256_set1_epi16(1))
+#include "cpu_quant_int8.h"
+#undef INT8_NAME
+#undef INT8_DOT
+
+#pragma GCC pop_options
+
+/* The copies of the int8 kernel for CPUs with VNNI (one dpbusd instead of maddubs + madd: the same
+ * integers), chosen at run time (`int8_variant`). */
+#if __GNUC__ >= 11
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
+#define INT8_NAME(f) f##_avx512vnni
+#define INT8_DOT(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
+#include "cpu_quant_int8.h"
+#undef INT8_NAME
+#undef INT8_DOT
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avxvnni")
+#define INT8_NAME(f) f##_avxvnni
+#define INT8_DOT(u, s) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (u), (s))
+#include "cpu_quant_int8.h"
+#undef INT8_NAME
+#undef INT8_DOT
+#pragma GCC pop_options
+#define HAVE_VNNI_COPIES 1
+#endif
+
+/* Which copy of the int8 kernel runs on this CPU: 2 (AVX-512 VNNI), 1 (AVX-VNNI) or 0 (AVX2);
+ * SPLITSERVE_CPU_INT8_VARIANT (read by cpu_quant.py, passed to `set_int8_variant`) may lower it. */
+static int int8_variant_best(void) {
+#ifdef HAVE_VNNI_COPIES
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+        return 2;
+    if (__builtin_cpu_supports("avxvnni")) return 1;
+#endif
+    return 0;
+}
+
+static int int8_variant = 0;
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+/* y = x @ W^T (+ bias) by the int8 path: x quantized into a buffer of this call, then the copy of
+ * the kernel this CPU runs best. -1 when out of memory. */
+static int linear_int8(const float *x, const uint8_t *packed, int kind, const float *bias, float *y, long m_rows,
+                       long n, long k) {
+    const long blocks = k / QBLOCK;
+    const size_t code_bytes = ((size_t)m_rows * k + 31) & ~(size_t)31;
+    char *buf = aligned_alloc(32, code_bytes + 2 * (((size_t)m_rows * blocks * sizeof(float) + 31) & ~(size_t)31));
+    if (buf == NULL) return -1;
+    XQ q = {(int8_t *)buf, (float *)(buf + code_bytes), NULL};
+    q.s = q.d + (((size_t)m_rows * blocks + 7) & ~(size_t)7);
+    quantize_x(x, m_rows, k, q);
+#ifdef HAVE_VNNI_COPIES
+    if (int8_variant == 2) linear_int8_avx512vnni(q, packed, kind, bias, y, m_rows, n, k);
+    else if (int8_variant == 1) linear_int8_avxvnni(q, packed, kind, bias, y, m_rows, n, k);
+    else
+#endif
+        linear_int8_avx2(q, packed, kind, bias, y, m_rows, n, k);
+    free(buf);
+    return 0;
+}
+
+/* The quantized linear other C code calls (kernel_api.h): exact or int8 */
+static int api_linear(const float *x, const uint8_t *packed, int kind, const float *bias, float *y, long m_rows,
+                      long n, long k, int int8) {
+    return int8 ? linear_int8(x, packed, kind, bias, y, m_rows, n, k) : linear_quant(x, packed, kind, bias, y, m_rows, n, k);
+}
 #pragma GCC pop_options
 #endif /* X86 */
 
@@ -269,17 +413,17 @@ static int check_sizes(const char *fn, int kind, long rows, long n, long k) {
 #endif
 }
 
-/* linear(x, packed, bias (0: none), y: data pointers as ints, kind, rows, n, k) */
+/* linear(x, packed, bias (0: none), y: data pointers as ints, kind, rows, n, k, int8) */
 static PyObject *py_linear(PyObject *self, PyObject *args) {
     unsigned long long x, packed, bias, y;
-    int kind;
+    int kind, int8 = 0;
     long rows, n, k;
-    if (!PyArg_ParseTuple(args, "KKKKilll", &x, &packed, &bias, &y, &kind, &rows, &n, &k)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKKKilll|p", &x, &packed, &bias, &y, &kind, &rows, &n, &k, &int8)) return NULL;
     if (check_sizes("linear", kind, rows, n, k)) return NULL;
     int rc = 0;
 #ifdef X86
     Py_BEGIN_ALLOW_THREADS
-    rc = linear_quant(PTR(x), PTR(packed), kind, bias ? PTR(bias) : NULL, PTR(y), rows, n, k);
+    rc = api_linear(PTR(x), PTR(packed), kind, bias ? PTR(bias) : NULL, PTR(y), rows, n, k, int8);
     Py_END_ALLOW_THREADS
 #endif
     if (rc) return PyErr_NoMemory();
@@ -322,8 +466,33 @@ static PyObject *py_gather(PyObject *self, PyObject *args) {
     return PyLong_FromLong(bad);
 }
 
+/* int8_variants() -> the best copy of the int8 kernel this CPU runs (0 AVX2, 1 AVX-VNNI, 2 AVX-512 VNNI) */
+static PyObject *py_int8_variants(PyObject *self, PyObject *noargs) {
+#ifdef X86
+    return PyLong_FromLong(int8_variant_best());
+#else
+    return PyLong_FromLong(-1);
+#endif
+}
+
+/* set_int8_variant(v): run copy v (at most the best one) from now on */
+static PyObject *py_set_int8_variant(PyObject *self, PyObject *args) {
+    int v;
+    if (!PyArg_ParseTuple(args, "i", &v)) return NULL;
+#ifdef X86
+    if (v < 0 || v > int8_variant_best()) {
+        PyErr_Format(PyExc_ValueError, "int8 variant %d: this CPU runs 0 to %d", v, int8_variant_best());
+        return NULL;
+    }
+    int8_variant = v;
+#endif
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, "x @ W^T with W in Q4_0, Q4_1 or Q8_0 blocks (see cpu_quant.py)."},
+    {"int8_variants", py_int8_variants, METH_NOARGS, "The best int8 kernel copy this CPU runs."},
+    {"set_int8_variant", py_set_int8_variant, METH_VARARGS, "Selects the int8 kernel copy."},
     {"dequantize", py_dequantize, METH_VARARGS, "Rows [r0, r1) of a packed W as float32."},
     {"gather", py_gather, METH_VARARGS, "Rows ids of a packed W as float32 (the embedding lookup)."},
     {NULL, NULL, 0, NULL},
@@ -331,9 +500,16 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_quant", NULL, -1, methods};
 
+#ifdef X86
+static QuantApi api = {api_linear};
+#endif
+
 PyMODINIT_FUNC PyInit__cpu_quant(void) {
     PyObject *mod = simd_module_create(&module);
-#ifndef X86
+#ifdef X86
+    if (mod != NULL) int8_variant = int8_variant_best();
+    if (mod != NULL && add_api_capsule(mod, &api, QUANT_API_NAME) < 0) Py_CLEAR(mod);
+#else
     if (mod != NULL && PyModule_AddIntConstant(mod, "supported", 0) < 0) Py_CLEAR(mod); /* x86 only */
 #endif
     return mod;

@@ -169,15 +169,17 @@ def _checked(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) ->
     return x.reshape(-1, k).to(torch.float32).contiguous()
 
 
-def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None, int8: bool = False) -> torch.Tensor:
     """x @ W^T (+ bias) in float32 by the few-row kernel: x [..., K] -> [..., N]. Any row count
-    works; above `max_rows()` `linear_tiled` is faster."""
+    works; above `max_rows()` `linear_tiled` is faster. `int8`: x quantized per block of 32 to int8
+    and integer dot products (approximate; see cpu_quant.c), else float arithmetic on the exact
+    dequantized weights."""
     x2 = _checked(x, weight, bias)
     n, k = weight.shape
     y = torch.empty((x2.shape[0], n), dtype=torch.float32)
     if x2.shape[0]:
         _ext.linear(x2.data_ptr(), weight.packed.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                    KIND_CODES[weight.kind], x2.shape[0], n, k)
+                    KIND_CODES[weight.kind], x2.shape[0], n, k, int8)
     return y.view(*x.shape[:-1], n)
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from splitserve.config import env
 from splitserve.model.attention import AttentionMetadata, paged_attention
 from splitserve.kernels import cpu_ops, cpu_quant
+from splitserve.kernels.cpu_layers import FusedDecode
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary = RotaryEmbedding(args, max_positions)
         self.lm_head = None if args.tie_word_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.fused_decode: FusedDecode | None = None  # decode steps in one C call (use_cpu_kernels)
 
     @torch.inference_mode()
     def forward(
@@ -201,6 +203,8 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:  # [T, hidden] final-normed hidden states
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)
+        if self.fused_decode is not None and self.fused_decode.accepts(x.shape[0], kv_caches, meta):
+            return self.norm(self.fused_decode.run(x, rope, kv_caches, meta))  # the same bits as the loop
         for layer, kv in zip(self.layers, kv_caches):
             x = layer(x, rope, kv, meta)
         return self.norm(x)
@@ -247,6 +251,20 @@ class LlamaModel(nn.Module):
         for module in self.modules():
             if isinstance(module, (RMSNorm, Attention, MLP)):
                 module.fused_ops = fused
+        self.fused_decode = FusedDecode(self) if FusedDecode.supported(self) else None
+
+    def set_quantized_matmul(self, mode: str) -> None:
+        """How projections held as GGUF blocks multiply few rows (decode steps, prefix hits): "exact"
+        (float arithmetic on the dequantized weights, HF's values) or "int8" (activations quantized
+        per block of 32, integer dot products: cpu_quant.c). Larger row counts keep the tiled float
+        GEMM. Models without such projections ignore it."""
+        if mode not in ("exact", "int8"):
+            raise ValueError(f"quantized_matmul must be 'exact' or 'int8' here, got {mode!r}")
+        for module in self.modules():
+            if isinstance(module, CpuLinear):
+                module.int8 = mode == "int8"
+        if self.fused_decode is not None:
+            self.fused_decode.int8 = mode == "int8"
 
 
 class QuantEmbedding(nn.Module):
@@ -299,6 +317,7 @@ class CpuLinear(nn.Module):
         (float32, the kernel built); else the float weight (or the blocks' dequantized values)."""
         super().__init__()
         self.quant = None  # the GGUF blocks, the only copy of W when set (backend "quant")
+        self.int8 = False  # few rows by the int8 kernel (LlamaModel.set_quantized_matmul)
         if quant is not None:
             if weight is not None and quant.shape != tuple(weight.shape):
                 raise ValueError(f"{quant.kind} weight {quant.shape} does not match the float weight "
@@ -339,8 +358,10 @@ class CpuLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if self.quant is not None:
-            few = x2.shape[0] <= self.quant_rows
-            y = (cpu_quant.linear if few else cpu_quant.linear_tiled)(x2, self.quant, self.bias)
+            if x2.shape[0] <= self.quant_rows:
+                y = cpu_quant.linear(x2, self.quant, self.bias, self.int8)
+            else:
+                y = cpu_quant.linear_tiled(x2, self.quant, self.bias)
         elif self.backend == "onednn":
             y = torch.ops.mkldnn._linear_pointwise(x2.to(torch.float32), self.packed, self.bias, "none", [], "")
         elif self.backend == "mkl":

@@ -1,0 +1,7 @@
+# Typed surface of the C extension built from cpu_layers.c (pointers are tensors' data_ptr();
+# cpu_layers.py builds the plan and hands over the step's tensors; the kernel checks every index).
+supported: int
+plan_fields: int
+def decode_layers(plan: int, x: int, cos: int, sin: int, slots: int, tables: int, seq_lens: int, layers: int,
+                  rows: int, num_blocks: int, max_blocks: int, block_size: int, hidden: int, heads: int,
+                  kv_heads: int, head_dim: int, intermediate: int, eps: float, scale: float, int8: bool, /) -> None: ...

@@ -1,0 +1,90 @@
+"""The int8 path of kernels/cpu_quant.c: activations quantized per block of 32 to int8, integer dot
+products with Q4_0, Q4_1 and Q8_0 blocks. Against a float64 reference of the same quantized
+activations, at every row count the scheduler produces, a row's output not depending on the other
+rows, and the VNNI copies of the kernel giving the AVX2 copy's bits."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from splitserve.kernels import cpu_quant
+from splitserve.kernels.cpu_quant import QuantWeight
+from tests.kernels.test_cpu_quant import KINDS, random_blocks
+
+needs_kernel = pytest.mark.skipif(not cpu_quant.built(), reason="the quantized kernel is not built for this CPU")
+ROWS = [1, 2, 4, 16, 32, 512]
+
+
+def quantized_x(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernel quantizes it, back in float64: per block of 32, dx = max|x| / 127 (float32)
+    and codes round-half-even(x * (1 / dx)) computed in float32."""
+    xb = x.numpy().astype(np.float32).reshape(x.shape[0], -1, 32)
+    dx = (np.abs(xb).max(axis=-1, keepdims=True) / np.float32(127)).astype(np.float32)
+    inv = np.where(dx != 0, np.float32(1) / np.where(dx != 0, dx, 1), 0).astype(np.float32)
+    codes = np.rint((xb * inv).astype(np.float32))  # rint: half to even, as the kernel rounds
+    assert np.abs(codes).max() <= 127
+    return torch.from_numpy((codes.astype(np.float64) * dx.astype(np.float64)).reshape(x.shape))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", KINDS)
+def test_int8_matches_a_float64_reference_of_the_quantized_activations(kind):
+    n, k = 37, 320  # a partial tile of weight rows, 10 blocks
+    weight = QuantWeight.from_gguf(kind, random_blocks(kind, n, k, seed=3))
+    w64 = weight.dequantize().double()
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    gen = torch.Generator().manual_seed(7)
+    for rows in ROWS:
+        x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 4
+        x[0, :32] = 0.0  # an all-zero block: scale 0, codes 0
+        y = cpu_quant.linear(x, weight, bias, int8=True)
+        ref = quantized_x(x) @ w64.T + bias.double()
+        # float32 products of the scales and an 8-lane float32 sum over the blocks: a few ulps of
+        # the magnitudes summed
+        bound = quantized_x(x).abs() @ w64.abs().T + bias.double().abs()
+        err = (y.double() - ref).abs()
+        assert (err <= 2e-6 * bound + 1e-30).all(), f"{kind} {rows} rows: worst {float((err / bound).max()):.3g}"
+        # and the quantization itself keeps it close to the exact product
+        exact = x.double() @ w64.T + bias.double()
+        assert float((y.double() - exact).norm() / exact.norm()) < 0.02
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_rows_int8_output_does_not_depend_on_the_other_rows(kind):
+    n, k = 20, 576
+    weight = QuantWeight.from_gguf(kind, random_blocks(kind, n, k, seed=5))
+    x = torch.randn(48, k, generator=torch.Generator().manual_seed(2))
+    together = cpu_quant.linear(x, weight, int8=True)
+    for rows in (slice(0, 1), slice(5, 7), slice(10, 13), slice(17, 48)):
+        assert torch.equal(cpu_quant.linear(x[rows], weight, int8=True), together[rows])
+
+
+def _cpu_flags() -> set[str]:
+    for line in open("/proc/cpuinfo"):
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@needs_kernel
+def test_the_vnni_copies_give_the_avx2_copys_bits():
+    flags = _cpu_flags()
+    expected = 2 if {"avx512vnni", "avx512vl", "avx512bw"} <= flags else 1 if "avx_vnni" in flags else 0
+    best = cpu_quant._ext.int8_variants()
+    assert best == expected, f"the kernel chose copy {best}; /proc/cpuinfo says {expected}"
+    with pytest.raises(ValueError, match="int8 variant"):
+        cpu_quant._ext.set_int8_variant(best + 1)
+    k = 576
+    x = torch.randn(9, k, generator=torch.Generator().manual_seed(4))
+    try:
+        for kind in KINDS:
+            weight = QuantWeight.from_gguf(kind, random_blocks(kind, 12, k, seed=6))
+            outputs = []
+            for variant in range(best + 1):  # on this CPU, every copy it can run
+                cpu_quant._ext.set_int8_variant(variant)
+                outputs.append(cpu_quant.linear(x, weight, int8=True))
+            assert all(torch.equal(o, outputs[0]) for o in outputs), kind
+    finally:
+        cpu_quant._ext.set_int8_variant(best)

@@ -1,0 +1,104 @@
+"""kernels/cpu_layers.c: a decode step's layers in one C call give the very bits of the layer-by-layer
+path (greedy tokens and every logprob), in the exact and the int8 modes, alone and in batches; the
+step falls back to the layers where it cannot run; bad indices are refused before any is followed."""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+
+from splitserve import SamplingParams
+from splitserve.kernels import cpu_layers
+from splitserve.kernels.cpu_layers import FusedDecode
+from splitserve.model.attention import AttentionMetadata
+
+pytestmark = pytest.mark.skipif(not cpu_layers.available(), reason="the fused decode kernel is not built for this CPU")
+
+PROMPTS = ["The capital of France is", "def fib(n):\n    ", "Once upon a time, in a small village by the sea, there"]
+
+
+@contextlib.contextmanager
+def fused(llm, on: bool, mode: str = "exact"):
+    """The model with its fused decode on or off and its quantized matmul in `mode`, counting the
+    fused steps; restored after."""
+    model = llm.engine.model
+    saved, calls = model.fused_decode, []
+    assert saved is not None, "the default model at float32 should decode through the fused kernel"
+    run = saved.run
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return run(*args, **kwargs)
+
+    model.fused_decode = saved if on else None
+    saved.run = counting
+    model.set_quantized_matmul(mode)
+    try:
+        yield calls
+    finally:
+        del saved.run
+        model.fused_decode = saved
+        model.set_quantized_matmul(llm.engine.quantized_matmul)
+
+
+def _outputs(llm, prompts, **kw):
+    assert llm.engine.block_manager.reset_prefix_cache()  # every run computes its prompts alike
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3, **kw)
+    return [(o.token_ids, [(lp.token_id, lp.logprob, lp.top) for lp in o.logprobs])
+            for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.parametrize("mode", ["exact", "int8"])
+def test_fused_decode_gives_the_layer_by_layer_bits(llm_f32, mode):
+    with fused(llm_f32, True, mode) as calls:
+        batch = _outputs(llm_f32, PROMPTS)
+        alone = _outputs(llm_f32, PROMPTS[:1])
+    assert calls and max(calls) == len(PROMPTS) and 1 in calls  # batched and single decode steps ran fused
+    with fused(llm_f32, False, mode) as calls:
+        reference = _outputs(llm_f32, PROMPTS)
+    assert not calls
+    assert batch == reference  # token ids and logprobs, to the bit
+    assert alone[0] == reference[0]  # and a row's bits do not depend on the others in its step
+
+
+def test_more_rows_than_the_kernel_takes_run_layer_by_layer(llm_f32):
+    fd = llm_f32.engine.model.fused_decode
+    saved, fd.max_rows = fd.max_rows, 2  # (the real limit, cpu_quant.max_rows(), is 48 rows)
+    try:
+        with fused(llm_f32, True) as calls:
+            out = llm_f32.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    finally:
+        fd.max_rows = saved
+    assert all(len(o.token_ids) == 3 for o in out)
+    assert not calls  # every decode step had 3 rows: each ran through the layers
+
+
+def test_bad_indices_are_refused_and_the_model_keeps_serving(llm_f32):
+    engine = llm_f32.engine
+    model, kv = engine.model, engine.runner._kv_pairs
+    hidden = model.args.hidden_size
+    blocks, block_size = kv[0][0].shape[0], kv[0][0].shape[1]
+    x = torch.zeros(1, hidden)
+    rope = model.rotary.lookup(torch.tensor([3]), torch.float32)
+
+    def meta(slot: int, block: int, length: int) -> AttentionMetadata:
+        return AttentionMetadata(slot_mapping=torch.tensor([slot]), num_decodes=1,
+                                 decode_block_tables=torch.tensor([[block]], dtype=torch.int32),
+                                 decode_seq_lens=torch.tensor([length], dtype=torch.int32), decode_mask=None,
+                                 prefill_query_lens=(), prefill_seq_lens=(), prefill_block_tables=(),
+                                 cpu_kernel=True)
+
+    with pytest.raises(ValueError, match="slot"):
+        model.fused_decode.run(x.clone(), rope, kv, meta(blocks * block_size, 0, 4))
+    with pytest.raises(ValueError, match="block id"):
+        model.fused_decode.run(x.clone(), rope, kv, meta(3, blocks, 4))
+    with pytest.raises(ValueError, match="context length"):
+        model.fused_decode.run(x.clone(), rope, kv, meta(3, 0, block_size + 1))
+    out = llm_f32.generate(["The capital of France is"], SamplingParams(temperature=0, max_tokens=3))
+    assert len(out[0].token_ids) == 3
+
+
+def test_only_a_quantized_float32_model_is_supported(llm_bf16):
+    model = llm_bf16.engine.model  # bf16 storage: dequantized weights, no blocks to hand to C
+    assert model.fused_decode is None and not FusedDecode.supported(model)
