@@ -138,7 +138,7 @@ def _env(name: str, value: str | None):
             os.environ[name] = old
 
 
-def load_mode(mode: str, model: str | None = None, kv_cache_memory_gb: float = 0.05):
+def load_mode(mode: str, model: str | None = None, kv_cache_memory_gb: float = 0.1):
     """A float32 LLM computing its projections the way `mode` says (see the module docstring)."""
     from splitserve import LLM
 
@@ -175,13 +175,14 @@ def window_logits(llm, token_ids: list[int], chunk: int) -> torch.Tensor:
                    engine.config.cache.block_size, engine.namespace())
     bm, runner = engine.block_manager, engine.runner
     if not bm.allocate_slots(seq.seq_id, n):
-        raise RuntimeError(f"the KV pool has {bm.num_free_blocks} free blocks, too few for a {n}-token window")
-    out = []
+        raise RuntimeError(f"the KV pool has {bm.num_free_blocks} free blocks of {engine.config.cache.block_size} "
+                           f"tokens, too few for a {n}-token window: raise --kv-cache-memory-gb or lower --window")
+    out, kv_layers = [], engine.kv_cache.layers
     try:
         for start in range(0, n, chunk):
             seq.num_computed_tokens = start
             inputs = runner.prepare([ScheduledSeq(seq, min(chunk, n - start))])
-            hidden = engine.model(inputs.input_ids, inputs.positions, runner._kv_pairs, inputs.meta)
+            hidden = engine.model(inputs.input_ids, inputs.positions, kv_layers, inputs.meta)
             out.append(engine.model.compute_logits(hidden).float())
     finally:
         bm.free(seq.seq_id)
@@ -238,7 +239,7 @@ def run_mode(mode: str, token_ids: list[int] | None, args: argparse.Namespace) -
     """Loads `mode`, measures it and drops it (one model in memory at a time). `token_ids` None: cut
     the text with this model's tokenizer (every mode loads the same file, so the same tokenizer)."""
     t0 = time.perf_counter()
-    llm = load_mode(mode, args.model)
+    llm = load_mode(mode, args.model, args.kv_cache_memory_gb)
     load_s = time.perf_counter() - t0
     if token_ids is None:
         token_ids = corpus_tokens(llm.tokenizer, args.tokens)
@@ -291,9 +292,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--greedy-tokens", type=int, default=32, help="greedy tokens per prompt")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma list of {', '.join(MODES)} (exact first)")
     p.add_argument("--model", default=None, help="GGUF file (default: the default model)")
+    p.add_argument("--kv-cache-memory-gb", type=float, default=0.1,
+                   help="KV pool of each mode's engine, GiB (a 512-token window of the default model: 22 MiB)")
     p.add_argument("--json", metavar="FILE", help="write the results here")
     args = p.parse_args(argv)
-    for name in ("tokens", "window", "stride", "chunk", "greedy_tokens"):
+    if not args.kv_cache_memory_gb > 0:
+        p.error("--kv-cache-memory-gb must be > 0")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json!r}: its folder does not exist")
+    for name in ("window", "stride", "chunk", "greedy_tokens"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.tokens < 2:
@@ -318,7 +325,10 @@ def main(argv=None) -> None:
     results, token_ids = [], None
     for mode in args.modes:
         print(f"[quality] {mode}: loading and scoring", file=sys.stderr, flush=True)
-        result, token_ids = run_mode(mode, token_ids, args)
+        try:
+            result, token_ids = run_mode(mode, token_ids, args)
+        except (ValueError, RuntimeError) as exc:  # a bad size for this text, model or pool: no traceback
+            sys.exit(f"quality_gate: {mode}: {exc}")
         results.append(result)
     rows = summarize(results)
     print_table(rows, args, len(token_ids))
