@@ -178,7 +178,7 @@ def test_refusals_name_the_argument():
         cpu_quant.linear(torch.zeros(2, 32), w)
     with pytest.raises(ValueError, match=r"bias must be contiguous float32 \[8\]"):
         cpu_quant.linear(torch.zeros(2, 64), w, torch.zeros(7))
-    with pytest.raises(ValueError, match=r"packed must be contiguous uint8 \[2, 2, 144\] for a Q8_0"):
+    with pytest.raises(ValueError, match=r"packed must be contiguous uint8 \[2, 2, 136\] for a Q8_0"):
         cpu_quant.linear(torch.zeros(2, 64), dataclasses.replace(w, kind="Q8_0"))
     with pytest.raises(ValueError, match=r"Q4_1 data must be uint8 \[rows, blocks \* 20\]"):
         QuantWeight.from_gguf("Q4_1", np.zeros((4, 30), np.uint8))

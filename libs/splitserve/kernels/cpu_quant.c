@@ -7,17 +7,18 @@
  * and four-bit codes (weight = d * q + m), Q4_0 four-bit codes around 8 (weight = d * (q - 8)), Q8_0
  * signed bytes (weight = d * q). A float32 copy of the default model's projections is 430 MB, which
  * a 2-core VM streams at ~10 GB/s: ~40 ms a step whatever the rows, 34 ms for a single decode row.
- * As Q4_1 blocks it is 80 MB. `linear` turns a tile of 4 weight rows back into float32 in an L1
+ * As Q4_1 blocks it is 66 MB. `linear` turns a tile of 4 weight rows back into float32 in an L1
  * buffer, then runs every row of x against it: the arithmetic per weight grows with the rows, the
  * unpacking does not. Above ~48 rows the float32 GEMM's arithmetic wins: `dequantize` writes a tile
  * of weight rows (a few MB, reused) for it, which costs a small part of the GEMM's time.
  *
  * Layout (made at load time by cpu_quant.py from GGUF's blocks): the weight rows in tiles of 4
  * (the last one padded with zero rows), each tile's blocks in order, one *group* per (tile, block):
- *   Q4_1: float32 d[4], float32 m[4], then 4 x 16 bytes of codes (byte j: q[j] low nibble, q[j+16] high)
- *   Q4_0: float32 d[4], then 4 x 16 bytes of codes (as Q4_1)
- *   Q8_0: float32 d[4], then 4 x 32 int8 codes
- * (d and m converted exactly from float16): a tile is read as one forward stream.
+ *   Q4_1: float16 d[4], float16 m[4], then 4 x 16 bytes of codes (byte j: q[j] low nibble, q[j+16] high)
+ *   Q4_0: float16 d[4], then 4 x 16 bytes of codes (as Q4_1)
+ *   Q8_0: float16 d[4], then 4 x 32 int8 codes
+ * (GGUF's own float16 scales, converted to float32 exactly as a block is read): a tile is read as
+ * one forward stream, and the blocks take GGUF's bytes (the default model's projections: 66 MB).
  *   x [M, K] float32 contiguous;  y [M, N] float32 contiguous;  bias [N] float32 or none
  *
  * Numerics: a Q4_1 weight is fma(q, d, m), one rounding of an exact product; Q4_0 (q - 8) * d and
@@ -45,19 +46,28 @@
 #define TILE_N 4  /* weight rows unpacked together */
 /* the block formats, as cpu_quant.py's KIND_CODES numbers them */
 enum { KIND_Q8_0 = 0, KIND_Q4_1 = 1, KIND_Q4_0 = 2, KINDS = 3 };
-/* float32 values one row carries in a group: d and m (Q4_1), d (Q4_0, Q8_0) */
-#define ROW_FLOATS(kind) ((kind) == KIND_Q4_1 ? 2 : 1)
+/* float16 values one row carries in a group: d and m (Q4_1), d (Q4_0, Q8_0) */
+#define ROW_HALVES(kind) ((kind) == KIND_Q4_1 ? 2 : 1)
 /* bytes of one row's codes in a group: two 4-bit codes a byte, or one int8 each */
 #define ROW_CODES(kind) ((kind) == KIND_Q8_0 ? QBLOCK : QBLOCK / 2)
 /* bytes of one group: TILE_N scales (and mins), then TILE_N rows of codes */
-#define GROUP_BYTES(kind) ((size_t)TILE_N * (ROW_FLOATS(kind) * sizeof(float) + ROW_CODES(kind)))
+#define GROUP_BYTES(kind) ((size_t)TILE_N * (ROW_HALVES(kind) * sizeof(uint16_t) + ROW_CODES(kind)))
+/* the first byte of row j's codes in a group */
+#define ROW_CODES_AT(group, kind, j) ((group) + TILE_N * ROW_HALVES(kind) * sizeof(uint16_t) + (j) * ROW_CODES(kind))
 #define TILE_M 3  /* rows of x run against them at once: 3 x 4 accumulators + 4 weight vectors */
 #define FEW_ROWS 2 /* up to this many rows of x take `few_rows` (no L1 tile) */
 
 #ifdef X86
 #include <immintrin.h>
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
+
+/* The i-th float16 of a group (d[0..3], then m[0..3] for Q4_1) as float32: exact. */
+static inline __attribute__((always_inline)) float group_half(const uint8_t *group, int i) {
+    uint16_t h;
+    memcpy(&h, group + 2 * i, sizeof h);
+    return _cvtsh_ss(h);
+}
 
 /* Q4_1: the 32 weights of one block as float32, w[0] holding weights 0-7 ... w[3] 24-31. */
 static inline __attribute__((always_inline)) void unpack_q4_1(const uint8_t *codes, float d, float m,
@@ -97,14 +107,13 @@ static inline __attribute__((always_inline)) void unpack_q8_0(const uint8_t *cod
 
 /* Row j of a group (see the layout above): its 32 weights of one block. */
 static inline __attribute__((always_inline)) void unpack(const uint8_t *group, const int kind, int j, __m256 w[4]) {
-    const float *f = (const float *)group;
-    const uint8_t *codes = group + TILE_N * ROW_FLOATS(kind) * sizeof(float) + j * ROW_CODES(kind);
+    const uint8_t *codes = ROW_CODES_AT(group, kind, j);
     if (kind == KIND_Q4_1)
-        unpack_q4_1(codes, f[j], f[TILE_N + j], w);
+        unpack_q4_1(codes, group_half(group, j), group_half(group, TILE_N + j), w);
     else if (kind == KIND_Q4_0)
-        unpack_q4_0(codes, f[j], w);
+        unpack_q4_0(codes, group_half(group, j), w);
     else
-        unpack_q8_0(codes, f[j], w);
+        unpack_q8_0(codes, group_half(group, j), w);
 }
 
 /* y[i][j] = dot(x row i, w row j) (+ bias[j]) for i < mb, j < nb; w [nb][k] float32 (the L1 tile). */
@@ -313,7 +322,7 @@ static void quantize_x(const float *x, long m, long k, XQ q) {
 /* The 32 codes of weight row j of a group as bytes in x's order: 4-bit codes unsigned 0-15 (byte i:
  * code i), Q8_0 signed. */
 static inline __attribute__((always_inline)) __m256i weight_codes(const uint8_t *group, const int kind, int j) {
-    const uint8_t *codes = group + TILE_N * ROW_FLOATS(kind) * sizeof(float) + j * ROW_CODES(kind);
+    const uint8_t *codes = ROW_CODES_AT(group, kind, j);
     if (kind == KIND_Q8_0) return _mm256_loadu_si256((const __m256i *)codes);
     const __m128i bytes = _mm_loadu_si128((const __m128i *)codes);
     const __m128i nib = _mm_set1_epi8(0x0F);
@@ -333,7 +342,7 @@ static inline __attribute__((always_inline)) __m256i weight_codes(const uint8_t 
  * integers), chosen at run time (`int8_variant`). */
 #if __GNUC__ >= 11
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")
 #define INT8_NAME(f) f##_avx512vnni
 #define INT8_DOT(u, s) _mm256_dpbusd_epi32(_mm256_setzero_si256(), (u), (s))
 #include "cpu_quant_int8.h"
@@ -341,7 +350,7 @@ static inline __attribute__((always_inline)) __m256i weight_codes(const uint8_t 
 #undef INT8_DOT
 #pragma GCC pop_options
 #pragma GCC push_options
-#pragma GCC target("avx2,fma,avxvnni")
+#pragma GCC target("avx2,fma,f16c,avxvnni")
 #define INT8_NAME(f) f##_avxvnni
 #define INT8_DOT(u, s) _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), (u), (s))
 #include "cpu_quant_int8.h"
@@ -366,7 +375,7 @@ static int int8_variant_best(void) {
 static int int8_variant = 0;
 
 #pragma GCC push_options
-#pragma GCC target("avx2,fma")
+#pragma GCC target("avx2,fma,f16c")
 /* y = x @ W^T (+ bias) by the int8 path: x quantized into a buffer of this call, then the copy of
  * the kernel this CPU runs best. -1 when out of memory. */
 static int linear_int8(const float *x, const uint8_t *packed, int kind, const float *bias, float *y, long m_rows,

@@ -1,7 +1,7 @@
 """Projections and embeddings straight from GGUF's quantized blocks on the CPU (`cpu_quant.c`).
 
 A quantized GGUF weight (Q4_0, Q4_1, Q8_0) is held only as its blocks, in a `QuantWeight`: the
-default model's projections are 80 MB as Q4_1 blocks against 430 MB as float32, its tied embedding
+default model's projections are 66 MB as Q4_1 blocks against 430 MB as float32, its tied embedding
 and LM head 30 MB as Q8_0 against 113 MB. Every read of it goes through this module:
 - `linear`: up to `max_rows()` rows of x (a decode step, a prefix-cache hit), the C kernel unpacks
   a few weight rows at a time and multiplies: a float32 GEMM over so few rows is bound by reading
@@ -62,7 +62,7 @@ _scratch = threading.local()
 
 
 def _floats(kind: str) -> int:
-    """float32 values a block row carries in a group: d and m (Q4_1), d (Q4_0, Q8_0)."""
+    """float16 values a block row carries in a group: d and m (Q4_1), d (Q4_0, Q8_0)."""
     return 2 if kind == "Q4_1" else 1
 
 
@@ -73,13 +73,13 @@ def _code_bytes(kind: str) -> int:
 
 def _group_bytes(kind: str) -> int:
     """Bytes of one group (a tile's block): its rows' floats, then their codes (GROUP_BYTES in C)."""
-    return TILE_N * (4 * _floats(kind) + _code_bytes(kind))
+    return TILE_N * (2 * _floats(kind) + _code_bytes(kind))
 
 
 @dataclass(frozen=True)
 class QuantWeight:
     """A [out_features, in_features] matrix in GGUF's Q4_0, Q4_1 or Q8_0, packed for the kernel: per
-    tile of 4 rows and block of 32 weights, one group of their float32 scales (and mins), then their
+    tile of 4 rows and block of 32 weights, one group of their float16 scales (and mins), then their
     codes (see cpu_quant.c). The model's only copy of that weight."""
 
     kind: str  # "Q4_0", "Q4_1" or "Q8_0"
@@ -128,10 +128,9 @@ class QuantWeight:
         def by_group(a: np.ndarray) -> np.ndarray:  # [tiles * 4, blocks, w] -> [tiles, blocks, 4, w], a view
             return a.reshape(tiles, TILE_N, nblocks, -1).transpose(0, 2, 1, 3)
 
-        for i in range(nf):  # d (and m): the float16 at byte 2 * i of every block, as float32 bytes
-            f32 = raw[:, :, 2 * i:2 * i + 2].copy().view(np.float16).astype(np.float32)
-            group_view(16 * i, 4)[...] = by_group(f32.view(np.uint8))
-        group_view(16 * nf, size - code_start)[...] = by_group(raw[:, :, code_start:])
+        for i in range(nf):  # d (and m): the float16 at byte 2 * i of every block, as it is
+            group_view(8 * i, 2)[...] = by_group(raw[:, :, 2 * i:2 * i + 2])
+        group_view(8 * nf, size - code_start)[...] = by_group(raw[:, :, code_start:])
         return cls(kind, n, nblocks * QBLOCK, torch.from_numpy(packed))
 
     def dequantize(self) -> torch.Tensor:
@@ -139,8 +138,8 @@ class QuantWeight:
         tiles, nblocks, _ = self.packed.shape
         nf = _floats(self.kind)
         g = self.packed
-        f = g[:, :, : nf * TILE_N * 4].contiguous().view(torch.float32).view(tiles, nblocks, nf, TILE_N)
-        codes = g[:, :, nf * TILE_N * 4:].reshape(tiles, nblocks, TILE_N, _code_bytes(self.kind))
+        f = g[:, :, : nf * TILE_N * 2].contiguous().view(torch.float16).to(torch.float32).view(tiles, nblocks, nf, TILE_N)
+        codes = g[:, :, nf * TILE_N * 2:].reshape(tiles, nblocks, TILE_N, _code_bytes(self.kind))
         if self.kind != "Q8_0":
             c = codes.to(torch.int32)
             q = torch.cat([c & 0x0F, c >> 4], dim=-1)

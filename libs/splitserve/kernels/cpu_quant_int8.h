@@ -22,16 +22,16 @@ static inline __attribute__((always_inline)) void INT8_NAME(int8_rows)(XQ q, lon
         }
     for (long b = 0; b < blocks; b++) {
         const uint8_t *group = groups + b * group_bytes;
-        const float *f = (const float *)group;
         for (int j = 0; j < nb; j++) {
+            const float dw = group_half(group, j), mw = kind == KIND_Q4_1 ? group_half(group, TILE_N + j) : 0.0f;
             const __m256i w = weight_codes(group, kind, j);
             for (int i = 0; i < mb; i++) {
                 const long r = i0 + i;
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(q.codes + r * k + b * QBLOCK));
                 const __m256 p = _mm256_cvtepi32_ps(INT8_NAME(block_dot)(w, xv, kind));
-                acc[i][j] = _mm256_fmadd_ps(p, _mm256_set1_ps(f[j] * q.d[r * blocks + b]), acc[i][j]);
-                if (kind == KIND_Q4_1) corr[i][j] = __builtin_fmaf(f[TILE_N + j], q.s[r * blocks + b], corr[i][j]);
-                else if (kind == KIND_Q4_0) corr[i][j] = __builtin_fmaf(f[j], q.s[r * blocks + b], corr[i][j]);
+                acc[i][j] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * q.d[r * blocks + b]), acc[i][j]);
+                if (kind == KIND_Q4_1) corr[i][j] = __builtin_fmaf(mw, q.s[r * blocks + b], corr[i][j]);
+                else if (kind == KIND_Q4_0) corr[i][j] = __builtin_fmaf(dw, q.s[r * blocks + b], corr[i][j]);
             }
         }
     }

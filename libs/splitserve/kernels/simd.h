@@ -12,14 +12,14 @@
 #endif
 
 /* The extension module of `def`, with `supported`: whether this CPU has what the kernels were
- * compiled for (AVX2 and FMA on x86); the Python side falls back to torch where it has not.
+ * compiled for (AVX2, FMA and F16C on x86); the Python side falls back to torch where it has not.
  * Compiled for the baseline instruction set: it runs on any CPU. */
 static PyObject *simd_module_create(struct PyModuleDef *def) {
     PyObject *mod = PyModule_Create(def);
     if (mod == NULL) return NULL;
 #ifdef X86
     __builtin_cpu_init();
-    int supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    int supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #else
     int supported = 1;
 #endif
