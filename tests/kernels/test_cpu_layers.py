@@ -102,3 +102,24 @@ def test_bad_indices_are_refused_and_the_model_keeps_serving(llm_f32):
 def test_only_a_quantized_float32_model_is_supported(llm_bf16):
     model = llm_bf16.engine.model  # bf16 storage: dequantized weights, no blocks to hand to C
     assert model.fused_decode is None and not FusedDecode.supported(model)
+
+
+def test_int8_mode_gives_the_same_bits_cold_cached_and_batched(llm_f32):
+    """In int8 mode every projection runs the int8 kernel at every row count, so a prompt's greedy
+    tokens and logprobs do not depend on how its prefill was cut: cold (one chunk of 70 rows),
+    after a full-block prefix hit (a few rows), or beside other prompts."""
+    prompt = "The quick brown fox jumps over the lazy dog. " * 7  # ~70 tokens
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=2)
+
+    def run(prompts):
+        return [(o.token_ids, [(lp.token_id, lp.logprob) for lp in o.logprobs], o.num_cached_tokens)
+                for o in llm_f32.generate(prompts, params)]
+
+    with fused(llm_f32, True, "int8"):
+        assert llm_f32.engine.block_manager.reset_prefix_cache()
+        cold = run([prompt])[0]
+        cached = run([prompt])[0]
+        assert llm_f32.engine.block_manager.reset_prefix_cache()
+        batched = run(PROMPTS + [prompt])[-1]
+    assert cold[2] == 0 and cached[2] > 0
+    assert cold[:2] == cached[:2] == batched[:2]

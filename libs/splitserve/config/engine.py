@@ -51,11 +51,11 @@ class ModelConfig:
     max_model_len: int | None = None
     """Longest prompt + output a sequence may have, in tokens; None takes the model's context length."""
     quantized_matmul: str = field(default="auto", metadata={"choices": QUANTIZED_MATMULS})
-    """How a float32 CPU model multiplies few rows (decode steps, prefix hits) by weights held as GGUF
-    blocks: "exact" (float arithmetic on the dequantized weights: HF transformers' values, greedy
-    tokens equal to theirs) or "int8" (activations quantized to 8 bits per block of 32, integer dot
-    products: faster, perplexity within 1% of exact, greedy tokens may differ). "auto" picks the
-    one measured best (docs/performance.md). Other models ignore it."""
+    """How a float32 CPU model multiplies activations by weights held as GGUF blocks: "exact" (float
+    arithmetic on the dequantized weights: HF transformers' values, greedy tokens equal to theirs) or
+    "int8" (activations quantized to 8 bits per block of 32, integer dot products at every row
+    count: faster decode steps, perplexity within 1% of exact, greedy tokens may differ from
+    exact's). "auto" picks the one measured best (docs/performance.md). Other models ignore it."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -254,10 +254,10 @@ class LlamaModel(nn.Module):
         self.fused_decode = FusedDecode(self) if FusedDecode.supported(self) else None
 
     def set_quantized_matmul(self, mode: str) -> None:
-        """How projections held as GGUF blocks multiply few rows (decode steps, prefix hits): "exact"
-        (float arithmetic on the dequantized weights, HF's values) or "int8" (activations quantized
-        per block of 32, integer dot products: cpu_quant.c). Larger row counts keep the tiled float
-        GEMM. Models without such projections ignore it."""
+        """How projections held as GGUF blocks multiply: "exact" (float arithmetic on the dequantized
+        weights, HF's values; few rows by the block kernel, more by the tiled float GEMM) or "int8"
+        (activations quantized per block of 32, integer dot products, cpu_quant.c, at every row
+        count). Models without such projections ignore it."""
         if mode not in ("exact", "int8"):
             raise ValueError(f"quantized_matmul must be 'exact' or 'int8' here, got {mode!r}")
         for module in self.modules():
@@ -358,7 +358,8 @@ class CpuLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if self.quant is not None:
-            if x2.shape[0] <= self.quant_rows:
+            if self.int8 or x2.shape[0] <= self.quant_rows:  # int8: one kernel at every row count, so a
+                # row's output never depends on how many rows its step had (cold or cached alike)
                 y = cpu_quant.linear(x2, self.quant, self.bias, self.int8)
             else:
                 y = cpu_quant.linear_tiled(x2, self.quant, self.bias)
