@@ -13,9 +13,10 @@ Workloads, per system, after a warm-up (one request, then --streams concurrent o
                   the requests); ITL mean = its inverse, ITL p50 = median gap between chunks;
   N streams       --streams concurrent requests of --output-len tokens, each its own --prompt-len
                   prompt: output tok/s = all output tokens / (last chunk - first send);
-  shared prefix   one request of a --prefix-len-token prefix plus 16 tokens warms the cache, then
-                  --prefix-requests requests of the same prefix and other 16 tokens each, one after
-                  the other, 4 output tokens: hit TTFT = first chunk - send (mean and p50);
+  shared prefix   one request of a --prefix-len-token prefix plus --suffix-len (16) tokens warms the
+                  cache, then --prefix-requests requests of the same prefix and other --suffix-len
+                  tokens each, one after the other, 4 output tokens: hit TTFT = first chunk - send
+                  (mean and p50);
   peak RSS        VmHWM of every process of the system (/proc/PID/status), read after the
                   workloads: llama-server's one process; splitserve's gateway, kvstore and workers
                   (the launcher's children) one by one and summed, and the launcher and Redis.
@@ -51,12 +52,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)  # bench_services: prompts, percentiles
+sys.path.insert(0, HERE)  # bench_services: prompts, percentiles, CPU meters
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # services_fixture.start_stack
 
-from bench_services import build_prompts, percentile  # noqa: E402
+from bench_services import CpuMeter, build_prompts, own_cpu, percentile, proc_tree_cpu  # noqa: E402
 
-SUFFIX_LEN = 16  # tokens after the shared prefix, different in every prefix request
 PREFIX_OUTPUT = 4  # output tokens of a prefix request (its TTFT is what is measured)
 WARMUP_OUTPUT = 4
 LLAMA_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # the default model: layers x (K, V) x kv heads x head dim x f16
@@ -185,15 +185,16 @@ class LlamaServer:
         port = free_port()
         self.base = f"http://127.0.0.1:{port}/v1"
         help_text = subprocess.run([args.llama_server, "--help"], capture_output=True, text=True).stdout
-        unified = "--kv-unified" in help_text
-        per_slot = max(args.prompt_len + args.output_len, args.prefix_len + SUFFIX_LEN + PREFIX_OUTPUT)
+        extra = shlex.split(args.llama_args)
+        unified = "--kv-unified" in help_text and not {"--no-kv-unified", "-no-kvu"} & set(extra)
+        per_slot = max(args.prompt_len + args.output_len, args.prefix_len + args.suffix_len + PREFIX_OUTPUT)
         # unified: one pool for every slot, all streams at once plus the cached prefix; else each
         # slot gets ctx / parallel and must hold the longest request alone
         need = args.streams * (args.prompt_len + args.output_len) + per_slot if unified else args.streams * per_slot
         self.ctx = args.llama_ctx or max(args.streams * 256, -(-need // 256) * 256)
         cmd = [args.llama_server, "-m", model_path, "-t", str(args.threads), "-tb", str(args.threads),
                "-c", str(self.ctx), "--parallel", str(args.streams), "-ngl", "0", "--host", "127.0.0.1",
-               "--port", str(port), *(["--kv-unified"] if unified else []), *shlex.split(args.llama_args)]
+               "--port", str(port), *(["--kv-unified"] if unified else []), *extra]
         self.cmd = cmd
         self.logfile = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False).name
         log(f"llama.cpp: {shlex.join(cmd)} (log {self.logfile})")
@@ -206,6 +207,7 @@ class LlamaServer:
             self.stop()
             raise
         self.kv_mib = self.ctx * LLAMA_KV_BYTES_PER_TOKEN / MiB
+        self.pid = self.proc.pid
 
     def rss(self) -> dict[str, dict]:
         return {"llama-server": {"peak_mib": peak_rss_mib(self.proc.pid), "kv_mib": self.kv_mib, "worker": True}}
@@ -236,6 +238,7 @@ class Splitserve:
         log(f"{name}: splitserve up {shlex.join(flags)}")
         self.stack = start_stack(*flags, timeout_s=args.startup_timeout_s)
         self.base = self.stack.http_base
+        self.pid = self.stack.proc.pid  # the launcher: its process tree is the system
         self.model = get_json(self.base, "/models")["data"][0]["id"]
 
     def rss(self) -> dict[str, dict]:
@@ -274,7 +277,7 @@ def build_all(args: argparse.Namespace) -> Prompts:
     n = 1 + args.streams + args.single_requests + args.streams
     plain = build_prompts(args.model, n, args.prompt_len, args.seed)
     prefix = build_prompts(args.model, 1, args.prefix_len, args.seed + 1)[0]
-    suffixes = build_prompts(args.model, 1 + args.prefix_requests, SUFFIX_LEN, args.seed + 2)
+    suffixes = build_prompts(args.model, 1 + args.prefix_requests, args.suffix_len, args.seed + 2)
     w, s = 1 + args.streams, 1 + args.streams + args.single_requests
     return Prompts(plain[:w], plain[w:s], plain[s:], [prefix + x for x in suffixes])
 
@@ -308,7 +311,11 @@ def run_round(system: tuple[str, callable], prompts: Prompts, args: argparse.Nam
     try:
         startup = time.perf_counter() - t0
         log(f"{name}: up in {startup:.1f}s, measuring")
-        result = run_workloads(server, prompts, args)
+        # the system's process tree and this client against the whole machine: other tenants show
+        meter = CpuMeter(lambda: proc_tree_cpu(server.pid) + own_cpu())
+        with meter:
+            result = run_workloads(server, prompts, args)
+        result |= meter.summary()
         result["rss"] = server.rss()
         result["startup_s"] = startup
         if isinstance(server, LlamaServer):
@@ -342,6 +349,8 @@ def summarize(rounds: list[dict]) -> dict:
             best = rss.setdefault(name, dict(row))
             best["peak_mib"] = max(best["peak_mib"] or 0, row["peak_mib"] or 0)
     out["rss"] = rss
+    out["sut_cpus"] = statistics.median(r["sut_cpus"] for r in rounds)
+    out["other_cpus"] = max(r["other_cpus"] for r in rounds)
     serving = {n: row for n, row in rss.items() if row["worker"]}
     out["rss_workers_mib"] = sum(row["peak_mib"] for row in serving.values())
     out["rss_max_worker_minus_kv_mib"] = max(row["peak_mib"] - row["kv_mib"] for n, row in serving.items()
@@ -365,6 +374,12 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> dict:
         print(f"{label.format(**vars(args)):<{width}} " + " ".join(f"{c:>22}" for c in cells))
     print(f"(medians over {args.rounds} round(s); {args.threads} threads each; ratios splitserve / llama.cpp: "
           "above 1 is better for tok/s, below 1 for ms and MiB)")
+    busiest = max(results[n]["other_cpus"] for n in names)
+    print("CPUs busy while measuring: " + ", ".join(
+        f"{n} {results[n]['sut_cpus']:.2f} (others on the machine {results[n]['other_cpus']:.2f})" for n in names))
+    if busiest > 0.2:
+        print(f"WARNING: other processes kept up to {busiest:.2f} CPUs busy during a measurement: the figures "
+              "are disturbed (spinning thread pools suffer most), rerun on a quiet machine")
     for n in names:
         rows = ", ".join(f"{p} {r['peak_mib']:.0f}" + (f" (KV {r['kv_mib']:.0f})" if r["kv_mib"] else "")
                          for p, r in results[n]["rss"].items())
@@ -409,6 +424,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--single-requests", type=int, default=2, help="one-stream requests per round")
     p.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix tokens")
     p.add_argument("--prefix-requests", type=int, default=8, help="prefix-hit requests per round (after the warming one)")
+    p.add_argument("--suffix-len", type=int, default=16, help="tokens after the shared prefix, other in every request")
     p.add_argument("--rounds", type=int, default=1, help="rounds; each starts and stops every system once")
     p.add_argument("--kv-cache-memory-gb", type=float, default=0.5, help="splitserve's KV pool per worker, GiB")
     p.add_argument("--seed", type=int, default=0, help="seeds the prompt text")
@@ -416,7 +432,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="FILE", help="write every round's figures here")
     args = p.parse_args(argv)
     for name in ("threads", "streams", "output_len", "prompt_len", "single_requests", "prefix_len",
-                 "prefix_requests", "rounds"):
+                 "prefix_requests", "suffix_len", "rounds"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.output_len < 2:
@@ -425,6 +441,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--kv-cache-memory-gb must be > 0 and --llama-ctx >= 0")
     if args.llama_server and not (os.path.isfile(args.llama_server) and os.access(args.llama_server, os.X_OK)):
         p.error(f"--llama-server {args.llama_server!r} is not an executable file")
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        p.error(f"--json {args.json!r}: its folder does not exist")
     if args.no_disaggregated and not args.colocated and not args.llama_server:
         p.error("nothing to run: --no-disaggregated without --colocated or --llama-server")
     return args
@@ -434,7 +452,10 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from splitserve.model.paths import check_model_path
 
-    model_path = str(check_model_path(args.model))
+    try:
+        model_path = str(check_model_path(args.model))
+    except (FileNotFoundError, ValueError) as exc:
+        sys.exit(f"vs_llamacpp: --model: {exc}")
     if args.model is None:  # splitserve loads the same file as llama-server
         args.model = model_path
     extra = [*args.up_arg, "--model", model_path]
@@ -450,7 +471,10 @@ def main(argv=None) -> None:
     rounds: dict[str, list[dict]] = {name: [] for name, _ in systems}
     for r in range(args.rounds):
         for system in (systems if r % 2 == 0 else systems[::-1]):
-            rounds[system[0]].append(run_round(system, prompts, args))
+            try:
+                rounds[system[0]].append(run_round(system, prompts, args))
+            except RuntimeError as exc:  # a server that did not start or broke a stream: its own words
+                sys.exit(f"vs_llamacpp: {system[0]}, round {r + 1}: {exc}")
     results = {name: summarize(rs) for name, rs in rounds.items()}
     summary = report(args, results)
     if args.json:
