@@ -13,8 +13,9 @@ just after it). A scored token so sees at least window - stride + 1 tokens of co
 first window (the default 512 / 256: 257 to 512). Inside a window the tokens go through the model in chunks of --chunk rows, each chunk
 attending over the window's earlier chunks in the paged KV cache, the way the engine computes a
 chunked prefill or a prefix-cache hit (the engine's own `ModelRunner.prepare` builds the inputs).
-The chunk size picks which kernel computes the projections: up to the quantized kernel's row
-limit (48 by default), the small-row kernel that also computes decode steps. Logits are float32;
+In exact mode the chunk size picks the kernel of the projections: up to the few-row kernel's
+limit (48 rows by default) the one decode steps run, above it a GEMM over dequantized tiles; int8
+runs its integer kernel at every row count, a row's result independent of the chunking. Logits are float32;
 perplexity = exp(mean negative log-likelihood), accumulated in float64.
 
 Greedy agreement: 16 fixed prompts, --greedy-tokens greedy tokens each (ignore_eos) through
