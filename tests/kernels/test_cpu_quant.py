@@ -184,8 +184,8 @@ def test_refusals_name_the_argument():
         QuantWeight.from_gguf("Q4_1", np.zeros((4, 30), np.uint8))
     with pytest.raises(ValueError, match=r"Q8_0 data must be uint8 \[rows, blocks \* 34\], got uint8 \(0, 34\)"):
         QuantWeight.from_gguf("Q8_0", np.zeros((0, 34), np.uint8))
-    with pytest.raises(ValueError, match="unsupported block format 'Q5_K'"):
-        QuantWeight.from_gguf("Q5_K", np.zeros((4, 20), np.uint8))
+    with pytest.raises(ValueError, match="unsupported block format 'Q5_0'"):
+        QuantWeight.from_gguf("Q5_0", np.zeros((4, 22), np.uint8))
     with pytest.raises(ValueError, match="x has 32 features; the weight takes 64"):
         cpu_quant.linear_tiled(torch.zeros(60, 32), w)
 

@@ -1,11 +1,13 @@
-/* y = x @ W^T for CPUs with W kept in GGUF's blocks (Q4_0, Q4_1 or Q8_0), and the two ways a model
+/* y = x @ W^T for CPUs with W kept in GGUF's blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K), and the two ways a model
  * reads such a W besides: dequantized rows for a float32 GEMM over many rows (a prefill chunk), and
  * gathered rows (the token embedding). The blocks are the only copy of a quantized weight a model
  * holds (cpu_quant.py, CpuLinear).
  *
- * All three formats store 32 weights a block with a float16 scale d: Q4_1 has a float16 minimum m
+ * Q4_0, Q4_1 and Q8_0 store 32 weights a block with a float16 scale d: Q4_1 has a float16 minimum m
  * and four-bit codes (weight = d * q + m), Q4_0 four-bit codes around 8 (weight = d * (q - 8)), Q8_0
- * signed bytes (weight = d * q). A float32 copy of the default model's projections is 430 MB, which
+ * signed bytes (weight = d * q). The K-quants store 256 weights a super-block, with a 6- or 8-bit
+ * scale (and a 6-bit min) per sub-block (cpu_quant_k.h): they are read a sub-block of 32 at a time,
+ * so every loop below runs over blocks and, for the K-quants, their 8 sub-blocks. A float32 copy of the default model's projections is 430 MB, which
  * a 2-core VM streams at ~10 GB/s: ~40 ms a step whatever the rows, 34 ms for a single decode row.
  * As Q4_1 blocks it is 66 MB. `linear` turns a tile of 4 weight rows back into float32 in an L1
  * buffer, then runs every row of x against it: the arithmetic per weight grows with the rows, the
@@ -17,12 +19,14 @@
  *   Q4_1: float16 d[4], float16 m[4], then 4 x 16 bytes of codes (byte j: q[j] low nibble, q[j+16] high)
  *   Q4_0: float16 d[4], then 4 x 16 bytes of codes (as Q4_1)
  *   Q8_0: float16 d[4], then 4 x 32 int8 codes
+ *   Q4_K, Q5_K, Q6_K: the 4 rows' super-blocks, each in GGUF's bytes (144, 176, 210), one after
+ *     the other: a row's scales sit beside its codes, decoded once a super-block (`kscales`)
  * (GGUF's own float16 scales, converted to float32 exactly as a block is read): a tile is read as
  * one forward stream, and the blocks take GGUF's bytes (the default model's projections: 66 MB).
  *   x [M, K] float32 contiguous;  y [M, N] float32 contiguous;  bias [N] float32 or none
  *
  * Numerics: a Q4_1 weight is fma(q, d, m), one rounding of an exact product; Q4_0 (q - 8) * d and
- * Q8_0 q * d are exact products: the very float32 values (signed zeros included) of GGUF's reference
+ * Q8_0 q * d are exact products (the K-quants: cpu_quant_k.h): the very float32 values (signed zeros included) of GGUF's reference
  * dequantization, and so of HF transformers. Each output of `linear` is a float32 dot product over K
  * in 8 lanes, summed at the end: the order differs from a BLAS's (last-bit differences) and does not
  * depend on M or on the other rows.
@@ -45,13 +49,22 @@
 #define QBLOCK 32 /* weights per block */
 #define TILE_N 4  /* weight rows unpacked together */
 /* the block formats, as cpu_quant.py's KIND_CODES numbers them */
-enum { KIND_Q8_0 = 0, KIND_Q4_1 = 1, KIND_Q4_0 = 2, KINDS = 3 };
+enum { KIND_Q8_0 = 0, KIND_Q4_1 = 1, KIND_Q4_0 = 2, KIND_Q4_K = 3, KIND_Q5_K = 4, KIND_Q6_K = 5, KINDS = 6 };
+#define IS_K(kind) ((kind) >= KIND_Q4_K) /* super-blocks of 256 weights (cpu_quant_k.h) */
+#define SUPER 256                         /* weights per K-quant super-block */
+/* bytes of one row's K-quant super-block, GGUF's (cpu_quant_k.h has the layouts) */
+#define K_BYTES(kind) ((kind) == KIND_Q4_K ? 144 : (kind) == KIND_Q5_K ? 176 : 210)
+/* weights a block row holds, and its sub-blocks of 32 (the unit of unpacking and of x's int8 scales) */
+#define BLOCK_WEIGHTS(kind) (IS_K(kind) ? SUPER : QBLOCK)
+#define SUBS(kind) (BLOCK_WEIGHTS(kind) / QBLOCK)
 /* float16 values one row carries in a group: d and m (Q4_1), d (Q4_0, Q8_0) */
 #define ROW_HALVES(kind) ((kind) == KIND_Q4_1 ? 2 : 1)
 /* bytes of one row's codes in a group: two 4-bit codes a byte, or one int8 each */
 #define ROW_CODES(kind) ((kind) == KIND_Q8_0 ? QBLOCK : QBLOCK / 2)
-/* bytes of one group: TILE_N scales (and mins), then TILE_N rows of codes */
-#define GROUP_BYTES(kind) ((size_t)TILE_N * (ROW_HALVES(kind) * sizeof(uint16_t) + ROW_CODES(kind)))
+/* bytes of one group: TILE_N scales (and mins), then TILE_N rows of codes; or TILE_N K-quant
+ * super-blocks as GGUF stores them (K_BYTES, cpu_quant_k.h) */
+#define GROUP_BYTES(kind) \
+    (IS_K(kind) ? (size_t)TILE_N * K_BYTES(kind) : (size_t)TILE_N * (ROW_HALVES(kind) * sizeof(uint16_t) + ROW_CODES(kind)))
 /* the first byte of row j's codes in a group */
 #define ROW_CODES_AT(group, kind, j) ((group) + TILE_N * ROW_HALVES(kind) * sizeof(uint16_t) + (j) * ROW_CODES(kind))
 #define TILE_M 3  /* rows of x run against them at once: 3 x 4 accumulators + 4 weight vectors */
@@ -105,15 +118,36 @@ static inline __attribute__((always_inline)) void unpack_q8_0(const uint8_t *cod
                              vd);
 }
 
-/* Row j of a group (see the layout above): its 32 weights of one block. */
-static inline __attribute__((always_inline)) void unpack(const uint8_t *group, const int kind, int j, __m256 w[4]) {
-    const uint8_t *codes = ROW_CODES_AT(group, kind, j);
-    if (kind == KIND_Q4_1)
-        unpack_q4_1(codes, group_half(group, j), group_half(group, TILE_N + j), w);
+#include "cpu_quant_k.h"
+
+/* The scales of row j of a group as float32: d[0] (and m[0] for Q4_1), or a K-quant row's D and M
+ * (kscales). Read once a block, then used for each of its sub-blocks. */
+typedef struct {
+    float d[16], m[8];
+} BlockScales;
+
+static inline __attribute__((always_inline)) void block_scales(const uint8_t *group, const int kind, int j,
+                                                               BlockScales *sc) {
+    if (IS_K(kind)) {
+        kscales(group + j * K_BYTES(kind), kind, sc->d, sc->m);
+        return;
+    }
+    sc->d[0] = group_half(group, j);
+    sc->m[0] = kind == KIND_Q4_1 ? group_half(group, TILE_N + j) : 0.0f;
+}
+
+/* Row j of a group (see the layout above): its 32 weights of sub-block s (0 for the 32-weight
+ * formats) as float32, GGUF's values. */
+static inline __attribute__((always_inline)) void unpack(const uint8_t *group, const int kind, int j, int s,
+                                                         const BlockScales *sc, __m256 w[4]) {
+    if (IS_K(kind))
+        kunpack(group + j * K_BYTES(kind), kind, s, sc->d, sc->m, w);
+    else if (kind == KIND_Q4_1)
+        unpack_q4_1(ROW_CODES_AT(group, kind, j), sc->d[0], sc->m[0], w);
     else if (kind == KIND_Q4_0)
-        unpack_q4_0(codes, group_half(group, j), w);
+        unpack_q4_0(ROW_CODES_AT(group, kind, j), sc->d[0], w);
     else
-        unpack_q8_0(codes, group_half(group, j), w);
+        unpack_q8_0(ROW_CODES_AT(group, kind, j), sc->d[0], w);
 }
 
 /* y[i][j] = dot(x row i, w row j) (+ bias[j]) for i < mb, j < nb; w [nb][k] float32 (the L1 tile). */
@@ -153,18 +187,23 @@ static void tile_any(const float *x, long ldx, const float *w, long k, const flo
 static inline __attribute__((always_inline)) void few_rows(const float *x, long k, const uint8_t *groups,
                                                           size_t group_bytes, const int kind, const float *bias, float *y,
                                                           long ldy, const int mb, const int nb) {
-    const long blocks = k / QBLOCK;
+    const long blocks = k / BLOCK_WEIGHTS(kind);
     __m256 acc[FEW_ROWS][TILE_N];
     for (int i = 0; i < mb; i++)
         for (int j = 0; j < nb; j++) acc[i][j] = _mm256_setzero_ps();
     for (long b = 0; b < blocks; b++) {
         const uint8_t *group = groups + b * group_bytes;
         for (int j = 0; j < nb; j++) {
-            __m256 w[4];
-            unpack(group, kind, j, w);
-            for (int i = 0; i < mb; i++)
-                for (int v = 0; v < 4; v++)
-                    acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(x + i * k + b * QBLOCK + v * 8), w[v], acc[i][j]);
+            BlockScales sc;
+            block_scales(group, kind, j, &sc);
+            for (int s = 0; s < SUBS(kind); s++) {
+                __m256 w[4];
+                unpack(group, kind, j, s, &sc, w);
+                const float *xs = x + b * BLOCK_WEIGHTS(kind) + s * QBLOCK;
+                for (int i = 0; i < mb; i++)
+                    for (int v = 0; v < 4; v++)
+                        acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(xs + i * k + v * 8), w[v], acc[i][j]);
+            }
         }
     }
     for (int i = 0; i < mb; i++)
@@ -187,7 +226,7 @@ static inline __attribute__((always_inline)) void few_rows_any(const float *x, l
  * branch on the format in the inner loops. */
 static inline __attribute__((always_inline)) int linear_kind(const float *x, const uint8_t *packed, const int kind,
                                                              const float *bias, float *y, long m_rows, long n, long k) {
-    const long blocks = k / QBLOCK, tiles = (n + TILE_N - 1) / TILE_N;
+    const long blocks = k / BLOCK_WEIGHTS(kind), tiles = (n + TILE_N - 1) / TILE_N;
     const size_t group_bytes = GROUP_BYTES(kind);
     int failed = 0;
 #pragma omp parallel
@@ -209,9 +248,14 @@ static inline __attribute__((always_inline)) int linear_kind(const float *x, con
             if (w == NULL) continue;
             for (long b = 0; b < blocks; b++)
                 for (int j = 0; j < nb; j++) {
-                    __m256 v[4];
-                    unpack(groups + b * group_bytes, kind, j, v);
-                    for (int q = 0; q < 4; q++) _mm256_storeu_ps(w + j * k + b * QBLOCK + q * 8, v[q]);
+                    BlockScales sc;
+                    block_scales(groups + b * group_bytes, kind, j, &sc);
+                    for (int s = 0; s < SUBS(kind); s++) {
+                        __m256 v[4];
+                        unpack(groups + b * group_bytes, kind, j, s, &sc, v);
+                        float *out = w + j * k + b * BLOCK_WEIGHTS(kind) + s * QBLOCK;
+                        for (int q = 0; q < 4; q++) _mm256_storeu_ps(out + q * 8, v[q]);
+                    }
                 }
             for (long i0 = 0; i0 < m_rows; i0 += TILE_M) {
                 const int mb = m_rows - i0 < TILE_M ? (int)(m_rows - i0) : TILE_M;
@@ -225,21 +269,42 @@ static inline __attribute__((always_inline)) int linear_kind(const float *x, con
 
 static int linear_quant(const float *x, const uint8_t *packed, int kind, const float *bias, float *y, long m_rows,
                         long n, long k) {
-    if (kind == KIND_Q4_1) return linear_kind(x, packed, KIND_Q4_1, bias, y, m_rows, n, k);
-    if (kind == KIND_Q4_0) return linear_kind(x, packed, KIND_Q4_0, bias, y, m_rows, n, k);
-    return linear_kind(x, packed, KIND_Q8_0, bias, y, m_rows, n, k);
+    switch (kind) {
+    case KIND_Q4_1: return linear_kind(x, packed, KIND_Q4_1, bias, y, m_rows, n, k);
+    case KIND_Q4_0: return linear_kind(x, packed, KIND_Q4_0, bias, y, m_rows, n, k);
+    case KIND_Q4_K: return linear_kind(x, packed, KIND_Q4_K, bias, y, m_rows, n, k);
+    case KIND_Q5_K: return linear_kind(x, packed, KIND_Q5_K, bias, y, m_rows, n, k);
+    case KIND_Q6_K: return linear_kind(x, packed, KIND_Q6_K, bias, y, m_rows, n, k);
+    default: return linear_kind(x, packed, KIND_Q8_0, bias, y, m_rows, n, k);
+    }
 }
 
 /* Weight row r (r < the padded rows) as float32 into out[k]: its tile's groups, row r % 4 of each. */
-static inline __attribute__((always_inline)) void unpack_row(const uint8_t *packed, int kind, long r, long k,
-                                                            float *out) {
-    const long blocks = k / QBLOCK;
+static inline __attribute__((always_inline)) void unpack_row_kind(const uint8_t *packed, const int kind, long r,
+                                                                 long k, float *out) {
+    const long blocks = k / BLOCK_WEIGHTS(kind);
     const size_t group_bytes = GROUP_BYTES(kind);
     const uint8_t *groups = packed + (size_t)(r / TILE_N) * blocks * group_bytes;
     for (long b = 0; b < blocks; b++) {
-        __m256 v[4];
-        unpack(groups + b * group_bytes, kind, (int)(r % TILE_N), v);
-        for (int q = 0; q < 4; q++) _mm256_storeu_ps(out + b * QBLOCK + q * 8, v[q]);
+        BlockScales sc;
+        block_scales(groups + b * group_bytes, kind, (int)(r % TILE_N), &sc);
+        for (int s = 0; s < SUBS(kind); s++) {
+            __m256 v[4];
+            unpack(groups + b * group_bytes, kind, (int)(r % TILE_N), s, &sc, v);
+            for (int q = 0; q < 4; q++) _mm256_storeu_ps(out + b * BLOCK_WEIGHTS(kind) + s * QBLOCK + q * 8, v[q]);
+        }
+    }
+}
+
+/* unpack_row_kind with the format a constant in each copy */
+static void unpack_row(const uint8_t *packed, int kind, long r, long k, float *out) {
+    switch (kind) {
+    case KIND_Q4_1: unpack_row_kind(packed, KIND_Q4_1, r, k, out); break;
+    case KIND_Q4_0: unpack_row_kind(packed, KIND_Q4_0, r, k, out); break;
+    case KIND_Q4_K: unpack_row_kind(packed, KIND_Q4_K, r, k, out); break;
+    case KIND_Q5_K: unpack_row_kind(packed, KIND_Q5_K, r, k, out); break;
+    case KIND_Q6_K: unpack_row_kind(packed, KIND_Q6_K, r, k, out); break;
+    default: unpack_row_kind(packed, KIND_Q8_0, r, k, out);
     }
 }
 
@@ -268,9 +333,14 @@ static long gather_rows(const uint8_t *packed, int kind, const int64_t *ids, lon
  *   Q8_0  dw * dx * sum(qw * c)
  *   Q4_0  dw * dx * sum(qw * c) - 8 * dw * s       (qw the unsigned 4-bit codes)
  *   Q4_1  dw * dx * sum(qw * c) + mw * s
+ *   Q4_K, Q5_K  per sub-block of 32: D * dx * sum(qw * c) - M * s   (qw unsigned, < 16 or < 32)
+ *   Q6_K  per sub-block: (D0 * dx, D1 * dx) times the sums over its two halves of (qw - 32) * c
  * The integer sums come from `maddubs` (unsigned x signed bytes to 16-bit pairs: at most
- * 2 x 128 x 127 = 32,512, never saturating here) and `madd` with ones to 8 int32 lanes, or from one
- * `dpbusd` on CPUs with VNNI: the same integers, so the same bits on either. The products of the
+ * 2 x 128 x 127 = 32,512 for Q8_0's |w| <= 128, 2 x 32 x 127 = 8,128 for Q6_K's |qw - 32| <= 32,
+ * 2 x 31 x 127 = 7,874 for Q5_K: never saturating) and `madd` with ones to 8 int32 lanes (lane t
+ * sums bytes 4t to 4t + 3: lanes 0-3 are a Q6_K sub-block's first 16 weights, 4-7 its last), or from
+ * one `dpbusd` on CPUs with VNNI: the same integers, so the same bits on either. Signed codes (Q8_0,
+ * Q6_K) go in as |w| and x with w's sign. The products of the
  * scales and the float32 accumulation (8 lanes, summed at the end, the corrections added last) do
  * not depend on the other rows of x: a row's output is the same alone or in any batch. */
 
@@ -409,9 +479,9 @@ static int api_linear(const float *x, const uint8_t *packed, int kind, const flo
 
 /* The sizes every entry point takes: a known format, n > 0 weight rows of k (whole blocks). */
 static int check_sizes(const char *fn, int kind, long rows, long n, long k) {
-    if (kind < 0 || kind >= KINDS || rows < 0 || n <= 0 || k <= 0 || k % QBLOCK) {
+    if (kind < 0 || kind >= KINDS || rows < 0 || n <= 0 || k <= 0 || k % BLOCK_WEIGHTS(kind)) {
         PyErr_Format(PyExc_ValueError, "%s: bad sizes: kind %d, rows %ld, n %ld, k %ld (a multiple of %d)", fn, kind,
-                     rows, n, k, QBLOCK);
+                     rows, n, k, kind >= 0 && kind < KINDS ? BLOCK_WEIGHTS(kind) : QBLOCK);
         return -1;
     }
 #ifdef X86
@@ -499,7 +569,7 @@ static PyObject *py_set_int8_variant(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"linear", py_linear, METH_VARARGS, "x @ W^T with W in Q4_0, Q4_1 or Q8_0 blocks (see cpu_quant.py)."},
+    {"linear", py_linear, METH_VARARGS, "x @ W^T with W in GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K; see cpu_quant.py)."},
     {"int8_variants", py_int8_variants, METH_NOARGS, "The best int8 kernel copy this CPU runs."},
     {"set_int8_variant", py_set_int8_variant, METH_VARARGS, "Selects the int8 kernel copy."},
     {"dequantize", py_dequantize, METH_VARARGS, "Rows [r0, r1) of a packed W as float32."},

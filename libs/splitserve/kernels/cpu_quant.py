@@ -1,6 +1,7 @@
 """Projections and embeddings straight from GGUF's quantized blocks on the CPU (`cpu_quant.c`).
 
-A quantized GGUF weight (Q4_0, Q4_1, Q8_0) is held only as its blocks, in a `QuantWeight`: the
+A quantized GGUF weight (Q4_0, Q4_1, Q8_0, and the K-quants Q4_K, Q5_K, Q6_K that a Q4_K_M file
+mixes) is held only as its blocks, in a `QuantWeight`: the
 default model's projections are 66 MB as Q4_1 blocks against 430 MB as float32, its tied embedding
 and LM head 30 MB as Q8_0 against 113 MB. Every read of it goes through this module:
 - `linear`: up to `max_rows()` rows of x (a decode step, a prefix-cache hit), the C kernel unpacks
@@ -31,9 +32,13 @@ try:
 except ImportError:  # not built (a source tree used without `pip install`): float32 GEMMs run
     _ext = None
 
-QBLOCK = 32  # weights per block, in every format
-BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}  # float16 d (and m for Q4_1), then the codes
-KIND_CODES = {"Q8_0": 0, "Q4_1": 1, "Q4_0": 2}  # the format numbers of cpu_quant.c
+QBLOCK = 32  # weights per block of Q4_0, Q4_1, Q8_0, per sub-block of a K-quant (and per int8 scale of x)
+SUPER = 256  # weights per K-quant super-block
+# bytes of one block: float16 d (and m for Q4_1), then the codes; a K-quant super-block as GGUF
+# stores it (d, dmin, packed 6-bit scales and mins, codes; Q6_K: codes, int8 scales, d)
+BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q4_K": 144, "Q5_K": 176, "Q6_K": 210}
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")
+KIND_CODES = {"Q8_0": 0, "Q4_1": 1, "Q4_0": 2, "Q4_K": 3, "Q5_K": 4, "Q6_K": 5}  # the format numbers of cpu_quant.c
 DEFAULT_MAX_ROWS = 48  # measured crossover on a 2-core AMD EPYC VM: ~100 rows; 1.2x faster at 48
 
 
@@ -72,17 +77,26 @@ def _code_bytes(kind: str) -> int:
 
 
 def _group_bytes(kind: str) -> int:
-    """Bytes of one group (a tile's block): its rows' floats, then their codes (GROUP_BYTES in C)."""
+    """Bytes of one group (a tile's block): its rows' floats, then their codes; a K-quant's the 4
+    rows' super-blocks as they are (GROUP_BYTES in C)."""
+    if kind in K_QUANTS:
+        return TILE_N * BLOCK_BYTES[kind]
     return TILE_N * (2 * _floats(kind) + _code_bytes(kind))
+
+
+def block_weights(kind: str) -> int:
+    """Weights per block of a row: 256 for a K-quant, else 32."""
+    return SUPER if kind in K_QUANTS else QBLOCK
 
 
 @dataclass(frozen=True)
 class QuantWeight:
-    """A [out_features, in_features] matrix in GGUF's Q4_0, Q4_1 or Q8_0, packed for the kernel: per
-    tile of 4 rows and block of 32 weights, one group of their float16 scales (and mins), then their
-    codes (see cpu_quant.c). The model's only copy of that weight."""
+    """A [out_features, in_features] matrix in one of GGUF's block formats (BLOCK_BYTES), packed for
+    the kernel: per tile of 4 rows and block of 32 weights, one group of their float16 scales (and
+    mins), then their codes; for a K-quant, per tile and super-block of 256, the 4 rows' super-blocks
+    in GGUF's bytes (see cpu_quant.c). The model's only copy of that weight."""
 
-    kind: str  # "Q4_0", "Q4_1" or "Q8_0"
+    kind: str  # a key of BLOCK_BYTES: "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K" or "Q6_K"
     out_features: int
     in_features: int
     packed: torch.Tensor  # [tiles, blocks, group bytes] uint8
@@ -92,8 +106,8 @@ class QuantWeight:
         if self.kind not in BLOCK_BYTES:
             raise ValueError(f"unsupported block format {self.kind!r}")
         n, k, p = self.out_features, self.in_features, self.packed
-        expected = (-(-n // TILE_N), k // QBLOCK, _group_bytes(self.kind))
-        if k % QBLOCK or p.dtype != torch.uint8 or tuple(p.shape) != expected or not p.is_contiguous():
+        expected = (-(-n // TILE_N), k // block_weights(self.kind), _group_bytes(self.kind))
+        if k % block_weights(self.kind) or p.dtype != torch.uint8 or tuple(p.shape) != expected or not p.is_contiguous():
             raise ValueError(f"packed must be contiguous uint8 {list(expected)} for a {self.kind} [{n}, {k}] weight, "
                              f"got {p.dtype} {list(p.shape)}")
 
@@ -115,11 +129,14 @@ class QuantWeight:
         n, nblocks = blocks.shape[0], blocks.shape[1] // size
         tiles = -(-n // TILE_N)
         raw = blocks.reshape(n, nblocks, size)
-        if n % TILE_N:  # padding rows: all-zero blocks (d = 0: zero weights)
+        if n % TILE_N:  # padding rows: all-zero blocks (d = 0, and dmin = 0: zero weights)
             raw = np.concatenate([raw, np.zeros((tiles * TILE_N - n, nblocks, size), np.uint8)])
         # each part written in place into the packed array (a model's load holds no other copy of it):
         # [tiles * 4, blocks, w] rows -> [tiles, blocks, 4, w] of the group
         packed = np.empty((tiles, nblocks, _group_bytes(kind)), np.uint8)
+        if kind in K_QUANTS:  # the 4 rows' super-blocks whole, one after the other
+            packed.reshape(tiles, nblocks, TILE_N, size)[...] = raw.reshape(tiles, TILE_N, nblocks, size).transpose(0, 2, 1, 3)
+            return cls(kind, n, nblocks * SUPER, torch.from_numpy(packed))
         nf, code_start = _floats(kind), 4 if kind == "Q4_1" else 2  # the codes follow d (and m)
 
         def group_view(start: int, width: int) -> np.ndarray:  # packed bytes [start, +4 * width) of each group
@@ -135,6 +152,8 @@ class QuantWeight:
 
     def dequantize(self) -> torch.Tensor:
         """[N, K] float32 with torch ops (d * q + m, or d * q): the reference of the kernel's unpacking."""
+        if self.kind in K_QUANTS:
+            return _dequantize_k(self)
         tiles, nblocks, _ = self.packed.shape
         nf = _floats(self.kind)
         g = self.packed
@@ -151,6 +170,44 @@ class QuantWeight:
             w = codes.view(torch.int8).to(torch.float32) * f[:, :, 0, :, None]
         # [tiles, blocks, 4, 32] -> [tiles * 4, blocks * 32], padding rows dropped
         return w.permute(0, 2, 1, 3).reshape(tiles * TILE_N, nblocks * QBLOCK)[: self.out_features]
+
+
+def _dequantize_k(weight: QuantWeight) -> torch.Tensor:
+    """A K-quant `QuantWeight` as [N, K] float32 with torch ops, from the layouts in cpu_quant_k.h:
+    D * q - M (Q4_K, Q5_K; D * q exact, one rounding) or (d * sc) * (q - 32) (Q6_K, exact)."""
+    tiles, nblocks, _ = weight.packed.shape
+    size = BLOCK_BYTES[weight.kind]
+    # [tiles, blocks, 4, bytes] -> [rows, blocks, bytes]: each row's super-blocks in GGUF's bytes
+    raw = weight.packed.view(tiles, nblocks, TILE_N, size).permute(0, 2, 1, 3).reshape(-1, nblocks, size)
+    rows = raw.shape[0]
+
+    def half(at: int) -> torch.Tensor:  # the float16 at byte `at` of each super-block, [rows, blocks, 1]
+        return raw[:, :, at:at + 2].contiguous().view(torch.float16).to(torch.float32)
+
+    def nibbles(b: torch.Tensor) -> torch.Tensor:  # [..., 32c + l] -> [..., c, 2, 32]: low, then high
+        b = b.to(torch.int32).unflatten(-1, (-1, 32))
+        return torch.stack([b & 0x0F, b >> 4], dim=-2)
+
+    if weight.kind == "Q6_K":
+        ql = raw[:, :, :128].to(torch.int32).view(rows, nblocks, 2, 64)  # half h: weights 128h + l, + 64
+        low = torch.stack([ql & 0x0F, ql >> 4], dim=3).view(rows, nblocks, 2, 4, 32)
+        qh = raw[:, :, 128:192].to(torch.int32).view(rows, nblocks, 2, 1, 32)
+        high = (qh >> torch.tensor([0, 2, 4, 6]).view(4, 1)) & 3
+        q = ((low | (high << 4)) - 32).to(torch.float32).view(rows, nblocks, 16, 16)
+        sc = raw[:, :, 192:208].contiguous().view(torch.int8).to(torch.float32)
+        w = (half(208) * sc)[..., None] * q
+    else:
+        s = raw[:, :, 4:16].to(torch.int32)
+        a, b, c = s[:, :, 0:4], s[:, :, 4:8], s[:, :, 8:12]
+        sc = torch.cat([a & 63, (c & 0x0F) | ((a >> 6) << 4)], dim=-1).to(torch.float32)
+        mn = torch.cat([b & 63, (c >> 4) | ((b >> 6) << 4)], dim=-1).to(torch.float32)
+        start = 48 if weight.kind == "Q5_K" else 16
+        q = nibbles(raw[:, :, start:start + 128]).view(rows, nblocks, 8, 32)  # sub-block 2c + nibble
+        if weight.kind == "Q5_K":
+            qh = raw[:, :, 16:48].to(torch.int32).view(rows, nblocks, 1, 32)
+            q = q | (((qh >> torch.arange(8).view(8, 1)) & 1) << 4)
+        w = (half(0) * sc)[..., None] * q.to(torch.float32) - (half(2) * mn)[..., None]
+    return w.reshape(rows, nblocks * SUPER)[: weight.out_features]
 
 
 def _checked(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:

@@ -3,7 +3,7 @@
  * u[i] * s[i] (u unsigned, s signed) in 8 int32 lanes, INT8_NAME(f) names this copy's functions. */
 
 static inline __attribute__((always_inline)) __m256i INT8_NAME(block_dot)(__m256i w, __m256i xc, const int kind) {
-    if (kind == KIND_Q8_0) /* signed x signed: |w| times x with w's sign */
+    if (kind == KIND_Q8_0 || kind == KIND_Q6_K) /* signed x signed: |w| times x with w's sign */
         return INT8_DOT(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xc, w));
     return INT8_DOT(w, xc);
 }
@@ -12,7 +12,7 @@ static inline __attribute__((always_inline)) __m256i INT8_NAME(block_dot)(__m256
 static inline __attribute__((always_inline)) void INT8_NAME(int8_rows)(XQ q, long i0, long k, const uint8_t *groups,
                                                            size_t group_bytes, const int kind, const float *bias,
                                                            float *y, long ldy, const int mb, const int nb) {
-    const long blocks = k / QBLOCK;
+    const long blocks = k / BLOCK_WEIGHTS(kind), xblocks = k / QBLOCK;
     __m256 acc[2][TILE_N];
     float corr[2][TILE_N];
     for (int i = 0; i < mb; i++)
@@ -23,15 +23,25 @@ static inline __attribute__((always_inline)) void INT8_NAME(int8_rows)(XQ q, lon
     for (long b = 0; b < blocks; b++) {
         const uint8_t *group = groups + b * group_bytes;
         for (int j = 0; j < nb; j++) {
-            const float dw = group_half(group, j), mw = kind == KIND_Q4_1 ? group_half(group, TILE_N + j) : 0.0f;
-            const __m256i w = weight_codes(group, kind, j);
-            for (int i = 0; i < mb; i++) {
-                const long r = i0 + i;
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(q.codes + r * k + b * QBLOCK));
-                const __m256 p = _mm256_cvtepi32_ps(INT8_NAME(block_dot)(w, xv, kind));
-                acc[i][j] = _mm256_fmadd_ps(p, _mm256_set1_ps(dw * q.d[r * blocks + b]), acc[i][j]);
-                if (kind == KIND_Q4_1) corr[i][j] = __builtin_fmaf(mw, q.s[r * blocks + b], corr[i][j]);
-                else if (kind == KIND_Q4_0) corr[i][j] = __builtin_fmaf(dw, q.s[r * blocks + b], corr[i][j]);
+            BlockScales sc;
+            block_scales(group, kind, j, &sc);
+            for (int s = 0; s < SUBS(kind); s++) {
+                const __m256i w = IS_K(kind) ? kcodes(group + j * K_BYTES(kind), kind, s) : weight_codes(group, kind, j);
+                const long xb = b * SUBS(kind) + s; /* x's block of 32 */
+                for (int i = 0; i < mb; i++) {
+                    const long r = i0 + i;
+                    const float dx = q.d[r * xblocks + xb], sx = q.s[r * xblocks + xb];
+                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(q.codes + r * k + xb * QBLOCK));
+                    const __m256 p = _mm256_cvtepi32_ps(INT8_NAME(block_dot)(w, xv, kind));
+                    /* Q6_K: lanes 0-3 sum weights 0-15 of the sub-block (scale D[2s]), 4-7 weights 16-31 */
+                    const __m256 scale = kind == KIND_Q6_K
+                        ? _mm256_set_m128(_mm_set1_ps(sc.d[2 * s + 1] * dx), _mm_set1_ps(sc.d[2 * s] * dx))
+                        : _mm256_set1_ps(sc.d[s] * dx);
+                    acc[i][j] = _mm256_fmadd_ps(p, scale, acc[i][j]);
+                    if (kind == KIND_Q4_1 || kind == KIND_Q4_K || kind == KIND_Q5_K)
+                        corr[i][j] = __builtin_fmaf(sc.m[s], sx, corr[i][j]);
+                    else if (kind == KIND_Q4_0) corr[i][j] = __builtin_fmaf(sc.d[0], sx, corr[i][j]);
+                }
             }
         }
     }
@@ -39,6 +49,7 @@ static inline __attribute__((always_inline)) void INT8_NAME(int8_rows)(XQ q, lon
         for (int j = 0; j < nb; j++) {
             float v = hsum((v8f)acc[i][j]);
             if (kind == KIND_Q4_1) v += corr[i][j];
+            else if (kind == KIND_Q4_K || kind == KIND_Q5_K) v -= corr[i][j]; /* the mins: weight D * q - M */
             else if (kind == KIND_Q4_0) v = __builtin_fmaf(-8.0f, corr[i][j], v);
             y[i * ldy + j] = v + (bias ? bias[j] : 0.0f);
         }
@@ -47,7 +58,7 @@ static inline __attribute__((always_inline)) void INT8_NAME(int8_rows)(XQ q, lon
 static inline __attribute__((always_inline)) void INT8_NAME(linear_int8_kind)(XQ q, const uint8_t *packed, const int kind,
                                                                   const float *bias, float *y, long m_rows, long n,
                                                                   long k) {
-    const long blocks = k / QBLOCK, tiles = (n + TILE_N - 1) / TILE_N;
+    const long blocks = k / BLOCK_WEIGHTS(kind), tiles = (n + TILE_N - 1) / TILE_N;
     const size_t group_bytes = GROUP_BYTES(kind);
 #pragma omp parallel for schedule(static)
     for (long t = 0; t < tiles; t++) {
@@ -67,7 +78,12 @@ static inline __attribute__((always_inline)) void INT8_NAME(linear_int8_kind)(XQ
 
 static void INT8_NAME(linear_int8)(XQ q, const uint8_t *packed, int kind, const float *bias, float *y, long m_rows,
                                    long n, long k) {
-    if (kind == KIND_Q4_1) INT8_NAME(linear_int8_kind)(q, packed, KIND_Q4_1, bias, y, m_rows, n, k);
-    else if (kind == KIND_Q4_0) INT8_NAME(linear_int8_kind)(q, packed, KIND_Q4_0, bias, y, m_rows, n, k);
-    else INT8_NAME(linear_int8_kind)(q, packed, KIND_Q8_0, bias, y, m_rows, n, k);
+    switch (kind) {
+    case KIND_Q4_1: INT8_NAME(linear_int8_kind)(q, packed, KIND_Q4_1, bias, y, m_rows, n, k); break;
+    case KIND_Q4_0: INT8_NAME(linear_int8_kind)(q, packed, KIND_Q4_0, bias, y, m_rows, n, k); break;
+    case KIND_Q4_K: INT8_NAME(linear_int8_kind)(q, packed, KIND_Q4_K, bias, y, m_rows, n, k); break;
+    case KIND_Q5_K: INT8_NAME(linear_int8_kind)(q, packed, KIND_Q5_K, bias, y, m_rows, n, k); break;
+    case KIND_Q6_K: INT8_NAME(linear_int8_kind)(q, packed, KIND_Q6_K, bias, y, m_rows, n, k); break;
+    default: INT8_NAME(linear_int8_kind)(q, packed, KIND_Q8_0, bias, y, m_rows, n, k);
+    }
 }
