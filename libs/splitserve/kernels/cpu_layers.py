@@ -51,7 +51,7 @@ class FusedDecode:
                 mlp.gate_up_proj.quant.packed.data_ptr(), cpu_quant.KIND_CODES[mlp.gate_up_proj.quant.kind],
                 mlp.down_proj.quant.packed.data_ptr(), cpu_quant.KIND_CODES[mlp.down_proj.quant.kind],
             ])
-        self._plans: dict[int, torch.Tensor] = {}  # first K page's address -> int64 [layers, plan_fields]
+        self._plans: dict[tuple, torch.Tensor] = {}  # the caches' page addresses -> int64 [layers, plan_fields]
 
     @staticmethod
     def supported(model) -> bool:
@@ -78,7 +78,9 @@ class FusedDecode:
                 and k.dtype == torch.float32 and k.device.type == "cpu")
 
     def _plan(self, kv_caches) -> torch.Tensor:
-        key = kv_caches[0][0].data_ptr()
+        # every page's address: a cache freed and another allocated at its first page's address
+        # (a model moved to another engine) must not reuse the old pointers
+        key = tuple(t.data_ptr() for kv in kv_caches for t in kv)
         plan = self._plans.get(key)
         if plan is None:
             if len(kv_caches) != len(self._layers):
