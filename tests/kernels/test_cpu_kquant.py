@@ -126,9 +126,10 @@ def model_rows() -> np.ndarray:
     """Weights of the default model as float32 [64, 1536]: rows of two layers' down projections."""
     import gguf
 
+    from splitserve.model.gguf_file import GGUFFile
     from splitserve.model.loader import default_model_path
 
-    tensors = {t.name: t for t in gguf.GGUFReader(str(default_model_path())).tensors}
+    tensors = {t.name: t for t in GGUFFile(default_model_path()).tensors}
     parts = [np.asarray(gguf.quants.dequantize(np.asarray(tensors[f"blk.{i}.ffn_down.weight"].data)[:32],
                                                tensors[f"blk.{i}.ffn_down.weight"].tensor_type)) for i in (0, 29)]
     return np.concatenate(parts).astype(np.float32)

@@ -101,7 +101,8 @@ def test_rss_after_loading_the_default_model_at_float32():
 
 def _retyped_gguf(src, dst, retype: dict, untie_as=None) -> None:
     """A copy of the GGUF file `src` with the tensors named in `retype` re-quantized to the given
-    type (from GGUF's own float32 values; F16 as float16), and with `untie_as` a type, an
+    type (from GGUF's own float32 values; F16 as float16; the K-quants, which the `gguf` package
+    does not quantize, by tests/kernels/test_cpu_kquant.quantize_k), and with `untie_as` a type, an
     `output.weight` (an untied LM head) made of the embedding's values in it: the metadata bytes
     unchanged but the tensor count, tensor infos and data rewritten (layout in model/gguf_file.py)."""
     import struct
@@ -110,6 +111,7 @@ def _retyped_gguf(src, dst, retype: dict, untie_as=None) -> None:
     import numpy as np
 
     from splitserve.model.gguf_file import GGUFFile, _Cursor
+    from tests.kernels.test_cpu_kquant import K_KINDS, quantize_k
 
     src_file = GGUFFile(src)
     cur = _Cursor(memoryview(src_file._map), str(src))
@@ -129,7 +131,10 @@ def _retyped_gguf(src, dst, retype: dict, untie_as=None) -> None:
         if tensor_name in retype:
             kind = retype[tensor_name]
             values = np.asarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
-            data = values.astype(np.float16) if kind == gguf.GGMLQuantizationType.F16 else gguf.quants.quantize(values, kind)
+            if kind == gguf.GGMLQuantizationType.F16:
+                data = values.astype(np.float16)
+            else:
+                data = quantize_k(values, kind.name) if kind.name in K_KINDS else gguf.quants.quantize(values, kind)
         name = tensor_name.encode()
         infos.append(struct.pack(f"<Q{len(name)}sI{len(t.shape)}QIQ", len(name), name, len(t.shape), *t.shape,
                                  int(kind), offset))
