@@ -90,7 +90,7 @@ CPU_OPS = EnvVar("SPLITSERVE_CPU_OPS", str, "kernel", (
     "CPU small ops (norms, rotary, activation): the C kernels (when built) or torch's."),
     choices=("kernel", "torch"))
 CPU_QUANT = EnvVar("SPLITSERVE_CPU_QUANT", str, "kernel", (
-    "Quantized (Q4_0/Q4_1/Q8_0) weights of a float32 CPU model: kept only as their GGUF blocks and "
+    "Quantized (Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K) weights of a float32 CPU model: kept only as their GGUF blocks and "
     "computed from them (kernel, when built), or off: dequantized to float32 copies at load (the "
     "float32 GEMM, ~4x the memory)."), choices=("kernel", "off"))
 CPU_QUANT_ROWS = EnvVar("SPLITSERVE_CPU_QUANT_ROWS", int, 48, (

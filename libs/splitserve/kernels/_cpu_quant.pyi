@@ -1,5 +1,6 @@
 # Typed surface of the C extension built from cpu_quant.c (pointers are tensors' data_ptr();
-# cpu_quant.py checks every tensor before it calls in; bias 0 means none; kind: cpu_quant.KIND_CODES).
+# cpu_quant.py checks every tensor before it calls in; bias 0 means none; kind: cpu_quant.KIND_CODES;
+# k a multiple of the format's block: 32, or 256 for the K-quants).
 supported: int
 def linear(x: int, packed: int, bias: int, y: int, kind: int, rows: int, n: int, k: int, int8: bool = ..., /) -> None: ...
 def dequantize(packed: int, out: int, kind: int, r0: int, r1: int, n: int, k: int, /) -> None: ...

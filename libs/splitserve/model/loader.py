@@ -1,12 +1,12 @@
 """Loads model weights and architecture from a GGUF file or a Hugging Face checkpoint folder.
 
-GGUF tensors (Q4_0, Q4_1, Q8_0, F16, F32, ...) are dequantized with the `gguf` package, except, for
-a float32 model on a CPU with kernels.cpu_quant built, the matrices in a block format that kernel
-takes (Q4_0, Q4_1, Q8_0: the projections, the embedding, the LM head): those are kept as their
-blocks only (`cpu_quant.QuantWeight`), never dequantized, and the model computes from them. llama.cpp's
+GGUF tensors (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K, F16, F32, ...) are dequantized with the `gguf`
+package, except, for a float32 model on a CPU with kernels.cpu_quant built, the matrices in a block
+format that kernel takes (cpu_quant.BLOCK_BYTES: Q4_0, Q4_1, Q8_0 and the K-quants; the projections,
+the embedding, the LM head): those are kept as their blocks only (`cpu_quant.QuantWeight`), never dequantized, and the model computes from them. llama.cpp's
 converter permutes the rows of the Q and K projections of llama-architecture models (interleaved
-RoPE); they are permuted back (as raw block rows for kept ones) so that the model uses rotate-half
-RoPE like HF transformers.
+RoPE); they are permuted back (as raw block rows for kept ones: a row is whole blocks, or whole
+256-weight super-blocks for a K-quant) so that the model uses rotate-half RoPE like HF transformers.
 """
 from __future__ import annotations
 
@@ -90,7 +90,9 @@ def _fuse_quantized(args: ModelArgs, quantized: dict, tensors: dict) -> dict[str
     """The kept blocks as `QuantWeight`s under the model's parameter names, fused as `_to_state_dict`
     fuses float weights: `embed_tokens.weight`, `lm_head.weight` (the embedding's own object when
     tied: one copy), `layers.N.self_attn.qkv_proj.weight`, ... A fused projection whose parts are
-    not all blocks of one format is dequantized into `tensors` instead (the float32 GEMM runs it).
+    not all blocks of one format is dequantized into `tensors` instead (the float32 GEMM runs it): a
+    Q4_K_M file's Q6_K attn_v beside Q4_K q/k, say. Raw rows of one format stack whatever it is (a
+    K-quant row is its super-blocks, as a 32-weight format's is its blocks).
     Empties `quantized`."""
     fused: dict[str, cpu_quant.QuantWeight] = {}
     for name in ("embed_tokens.weight", "lm_head.weight"):
