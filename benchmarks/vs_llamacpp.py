@@ -473,7 +473,8 @@ def main(argv=None) -> None:
         for system in (systems if r % 2 == 0 else systems[::-1]):
             try:
                 rounds[system[0]].append(run_round(system, prompts, args))
-            except RuntimeError as exc:  # a server that did not start or broke a stream: its own words
+            except (RuntimeError, OSError, ValueError, http.client.HTTPException) as exc:
+                # a server that did not start, broke a stream or answered garbage: its own words
                 sys.exit(f"vs_llamacpp: {system[0]}, round {r + 1}: {exc}")
     results = {name: summarize(rs) for name, rs in rounds.items()}
     summary = report(args, results)
