@@ -62,6 +62,7 @@ WARMUP_OUTPUT = 4
 LLAMA_KV_BYTES_PER_TOKEN = 30 * 2 * 3 * 64 * 2  # the default model: layers x (K, V) x kv heads x head dim x f16
 TARGETS = {"single_tok_s": 1.0, "streams_tok_s": 2.0, "streams_tok_s_colocated": 2.5, "prefix_ttft_ms": 25.0}
 MiB = 1 << 20
+QUIET_CPUS = 0.2  # other processes' CPUs above which a measurement is called disturbed
 MAX_NUM_SEQS = 64  # the engine's default batch limit: raised only for more streams
 
 
@@ -304,15 +305,32 @@ def run_workloads(server, prompts: Prompts, args: argparse.Namespace) -> dict:
             "prefix_ttft_all_ms": [1e3 * t for t in ttft]}
 
 
+def wait_quiet(name: str, sut_cpu, limit_s: float, busy_cpus: float = QUIET_CPUS) -> float:
+    """Waits (up to limit_s) until, over one second, processes other than the system under test keep
+    fewer than `busy_cpus` CPUs busy; returns what they kept busy in the last second."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        with CpuMeter(sut_cpu) as meter:
+            time.sleep(1.0)
+        others = meter.summary()["other_cpus"]
+        if others < busy_cpus or time.monotonic() >= deadline:
+            return others
+        log(f"{name}: other processes keep {others:.2f} CPUs busy; waiting for a quiet machine "
+            f"(up to {deadline - time.monotonic():.0f}s more)")
+        time.sleep(4.0)
+
+
 def run_round(system: tuple[str, callable], prompts: Prompts, args: argparse.Namespace) -> dict:
     name, start = system
     t0 = time.perf_counter()
     server = start()
     try:
         startup = time.perf_counter() - t0
-        log(f"{name}: up in {startup:.1f}s, measuring")
         # the system's process tree and this client against the whole machine: other tenants show
-        meter = CpuMeter(lambda: proc_tree_cpu(server.pid) + own_cpu())
+        sut_cpu = lambda: proc_tree_cpu(server.pid) + own_cpu()  # noqa: E731
+        others = wait_quiet(name, sut_cpu, args.wait_quiet_s)
+        log(f"{name}: up in {startup:.1f}s, measuring (others on the machine: {others:.2f} CPUs)")
+        meter = CpuMeter(sut_cpu)
         with meter:
             result = run_workloads(server, prompts, args)
         result |= meter.summary()
@@ -377,7 +395,7 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> dict:
     busiest = max(results[n]["other_cpus"] for n in names)
     print("CPUs busy while measuring: " + ", ".join(
         f"{n} {results[n]['sut_cpus']:.2f} (others on the machine {results[n]['other_cpus']:.2f})" for n in names))
-    if busiest > 0.2:
+    if busiest > QUIET_CPUS:
         print(f"WARNING: other processes kept up to {busiest:.2f} CPUs busy during a measurement: the figures "
               "are disturbed (spinning thread pools suffer most), rerun on a quiet machine")
     for n in names:
@@ -429,6 +447,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-memory-gb", type=float, default=0.5, help="splitserve's KV pool per worker, GiB")
     p.add_argument("--seed", type=int, default=0, help="seeds the prompt text")
     p.add_argument("--startup-timeout-s", type=float, default=400.0)
+    p.add_argument("--wait-quiet-s", type=float, default=120.0,
+                   help=f"before measuring a system, wait up to this long for other processes to keep fewer "
+                        f"than {QUIET_CPUS} CPUs busy (0: measure at once)")
     p.add_argument("--json", metavar="FILE", help="write every round's figures here")
     args = p.parse_args(argv)
     for name in ("threads", "streams", "output_len", "prompt_len", "single_requests", "prefix_len",
@@ -437,8 +458,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.output_len < 2:
         p.error("--output-len must be >= 2 (decode speed needs a token after the first)")
-    if not args.kv_cache_memory_gb > 0 or args.llama_ctx < 0:
-        p.error("--kv-cache-memory-gb must be > 0 and --llama-ctx >= 0")
+    if not args.kv_cache_memory_gb > 0 or args.llama_ctx < 0 or args.wait_quiet_s < 0:
+        p.error("--kv-cache-memory-gb must be > 0, --llama-ctx and --wait-quiet-s >= 0")
     if args.llama_server and not (os.path.isfile(args.llama_server) and os.access(args.llama_server, os.X_OK)):
         p.error(f"--llama-server {args.llama_server!r} is not an executable file")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
