@@ -168,3 +168,21 @@ def test_a_kquant_model_holds_its_blocks_and_answers_as_its_float32_copies(name,
     assert ours.token_ids == theirs.token_ids and len(ours.token_ids) == 6
     for a, b in zip(ours.logprobs, theirs.logprobs):
         assert abs(a.logprob - b.logprob) < 1e-4
+
+
+@needs_kernel
+def test_a_held_weight_of_the_wrong_shape_is_refused_at_load(llm_f32, tmp_path):
+    """Held blocks go to no state dict that would check them, and the fused decode step reads each
+    projection with the model's sizes: a file whose layer 3 has its down and output projections'
+    names swapped (a Q4_K down projection of [576, 1536] where [576, 576] belongs) is refused."""
+    import gguf
+
+    from splitserve.model.loader import ModelLoadError, load_model
+
+    path = tmp_path / "swapped.gguf"
+    _retyped_gguf(llm_f32.engine.model_path, path, {"blk.3.ffn_down.weight": gguf.GGMLQuantizationType.Q4_K},
+                  rename={"blk.3.ffn_down.weight": "blk.3.attn_output.weight",
+                          "blk.3.attn_output.weight": "blk.3.ffn_down.weight"})
+    with pytest.raises(ModelLoadError, match=r"tensor layers.3.self_attn.o_proj.weight has shape \(576, 1536\), "
+                                             r"expected \(576, 576\)"):
+        load_model(str(path), "float32", "cpu")

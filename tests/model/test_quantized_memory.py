@@ -99,12 +99,13 @@ def test_rss_after_loading_the_default_model_at_float32():
     assert loaded["VmHWM"] - torch_rss < LOAD_PEAK_MIB, report
 
 
-def _retyped_gguf(src, dst, retype: dict, untie_as=None) -> None:
+def _retyped_gguf(src, dst, retype: dict, untie_as=None, rename: dict | None = None) -> None:
     """A copy of the GGUF file `src` with the tensors named in `retype` re-quantized to the given
     type (from GGUF's own float32 values; F16 as float16; the K-quants, which the `gguf` package
     does not quantize, by tests/kernels/test_cpu_kquant.quantize_k), and with `untie_as` a type, an
     `output.weight` (an untied LM head) made of the embedding's values in it: the metadata bytes
-    unchanged but the tensor count, tensor infos and data rewritten (layout in model/gguf_file.py)."""
+    unchanged but the tensor count, tensor infos and data rewritten (layout in model/gguf_file.py).
+    `rename` maps a tensor's name in `src` to the one written (a malformed file: shapes swapped)."""
     import struct
 
     import gguf
@@ -135,7 +136,7 @@ def _retyped_gguf(src, dst, retype: dict, untie_as=None) -> None:
                 data = values.astype(np.float16)
             else:
                 data = quantize_k(values, kind.name) if kind.name in K_KINDS else gguf.quants.quantize(values, kind)
-        name = tensor_name.encode()
+        name = (rename or {}).get(tensor_name, tensor_name).encode()
         infos.append(struct.pack(f"<Q{len(name)}sI{len(t.shape)}QIQ", len(name), name, len(t.shape), *t.shape,
                                  int(kind), offset))
         blob = data.tobytes()

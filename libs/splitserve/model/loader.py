@@ -417,6 +417,15 @@ def _to_state_dict(args: ModelArgs, tensors: dict, path: Path, held: dict | None
     qkv_rows = (args.num_heads + 2 * args.num_kv_heads) * args.head_dim
     expected = {"embed_tokens.weight": (args.vocab_size, args.hidden_size),
                 "layers.0.self_attn.qkv_proj.weight": (qkv_rows, args.hidden_size)}
+    # every held weight too: no state dict checks them, and the fused decode step (cpu_layers.c)
+    # reads each projection's blocks with the model's own sizes
+    by_suffix = {"self_attn.qkv_proj.weight": (qkv_rows, args.hidden_size),
+                 "self_attn.o_proj.weight": (args.hidden_size, args.num_heads * args.head_dim),
+                 "mlp.gate_up_proj.weight": (2 * args.intermediate_size, args.hidden_size),
+                 "mlp.down_proj.weight": (args.hidden_size, args.intermediate_size),
+                 "lm_head.weight": expected["embed_tokens.weight"]}
+    expected |= {name: by_suffix[name if name in by_suffix else name.split(".", 2)[-1]]  # layers.N.<suffix>
+                 for name in held if name not in expected}
     for name, shape in expected.items():
         got = held[name] if name in held else state[name]
         if tuple(got.shape) != shape:
