@@ -287,12 +287,13 @@ def run_workloads(server, prompts: Prompts, args: argparse.Namespace) -> dict:
     base, model = server.base, server.model
     complete(base, model, prompts.warmup[0], WARMUP_OUTPUT)
     concurrent(base, model, prompts.warmup[1:], WARMUP_OUTPUT)
-    decode_s, decode_tokens, gaps = 0.0, 0, []
+    decode_s, decode_tokens, gaps, chunks = 0.0, 0, [], 0
     for p in prompts.single:
         r = complete(base, model, p, args.output_len)
         decode_s += r.arrivals[-1] - r.arrivals[0]
         decode_tokens += r.tokens - 1
         gaps += [b - a for a, b in zip(r.arrivals, r.arrivals[1:])]
+        chunks += len(r.arrivals)
     rs = concurrent(base, model, prompts.streams, args.output_len)
     wall = max(r.arrivals[-1] for r in rs) - min(r.sent for r in rs)
     complete(base, model, prompts.prefix[0], PREFIX_OUTPUT)  # fills the cache with the prefix
@@ -300,6 +301,8 @@ def run_workloads(server, prompts: Prompts, args: argparse.Namespace) -> dict:
     return {"single_tok_s": decode_tokens / decode_s if decode_s > 0 else float("nan"),
             "single_itl_mean_ms": 1e3 * decode_s / decode_tokens if decode_tokens else float("nan"),
             "single_itl_p50_ms": 1e3 * percentile(gaps, 0.5),
+            # 1.0 when every token came in its own chunk (the ITL p50 is then per token)
+            "single_tokens_per_chunk": (decode_tokens + len(prompts.single)) / chunks,
             "streams_tok_s": sum(r.tokens for r in rs) / wall,
             "prefix_ttft_mean_ms": 1e3 * statistics.fmean(ttft), "prefix_ttft_p50_ms": 1e3 * percentile(ttft, 0.5),
             "prefix_ttft_all_ms": [1e3 * t for t in ttft]}
@@ -367,6 +370,7 @@ def summarize(rounds: list[dict]) -> dict:
             best = rss.setdefault(name, dict(row))
             best["peak_mib"] = max(best["peak_mib"] or 0, row["peak_mib"] or 0)
     out["rss"] = rss
+    out["single_tokens_per_chunk"] = statistics.median(r["single_tokens_per_chunk"] for r in rounds)
     out["sut_cpus"] = statistics.median(r["sut_cpus"] for r in rounds)
     out["other_cpus"] = max(r["other_cpus"] for r in rounds)
     serving = {n: row for n, row in rss.items() if row["worker"]}
@@ -392,6 +396,8 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> dict:
         print(f"{label.format(**vars(args)):<{width}} " + " ".join(f"{c:>22}" for c in cells))
     print(f"(medians over {args.rounds} round(s); {args.threads} threads each; ratios splitserve / llama.cpp: "
           "above 1 is better for tok/s, below 1 for ms and MiB)")
+    print("output tokens per streamed chunk, one stream (1.00: the ITL p50 is per token): " + ", ".join(
+        f"{n} {results[n]['single_tokens_per_chunk']:.2f}" for n in names))
     busiest = max(results[n]["other_cpus"] for n in names)
     print("CPUs busy while measuring: " + ", ".join(
         f"{n} {results[n]['sut_cpus']:.2f} (others on the machine {results[n]['other_cpus']:.2f})" for n in names))

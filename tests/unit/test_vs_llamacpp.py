@@ -102,7 +102,7 @@ def test_summary_takes_medians_and_each_process_highest_peak(bench):
     def round_(tok_s, decode_mib):
         return {"single_tok_s": tok_s, "single_itl_mean_ms": 1e3 / tok_s, "single_itl_p50_ms": 10.0,
                 "streams_tok_s": 100.0, "prefix_ttft_mean_ms": 30.0, "prefix_ttft_p50_ms": 29.0,
-                "sut_cpus": 1.9, "other_cpus": 0.05,
+                "single_tokens_per_chunk": 1.0, "sut_cpus": 1.9, "other_cpus": 0.05,
                 "rss": {"launcher": {"peak_mib": 50.0, "kv_mib": 0.0, "worker": False},
                         "gateway": {"peak_mib": 300.0, "kv_mib": 0.0, "worker": True},
                         "decode-0": {"peak_mib": decode_mib, "kv_mib": 100.0, "worker": True}}}
