@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import math
 import os
 import re
 import shlex
@@ -248,14 +249,14 @@ class Splitserve:
         by_pid = {pid: name for name, pid in self.stack.pids.items()}
         kv = [float(m.group(1)) for line in self.stack.log if (m := _KV_LINE.search(line))]
         out = {"launcher": {"peak_mib": peak_rss_mib(self.stack.proc.pid), "kv_mib": 0.0, "worker": False}}
-        workers = 0
+        # the workers load at once, so their log lines come in any order and name no worker: a pool
+        # is attributed only when every worker logged the same size (nan otherwise)
+        pool = kv[0] if kv and all(k == kv[0] for k in kv) else float("nan")
         for pid, argv in sorted(_children(self.stack.proc.pid)):
             name = by_pid.get(pid) or next((a for a in argv if a in WORKER_NAMES), None) or \
                 ("redis" if any("redis" in a for a in argv[:1]) else os.path.basename(argv[0]) if argv else str(pid))
             is_worker = name.startswith(("prefill", "decode", "colocated"))
-            kv_mib = kv[workers] if is_worker and workers < len(kv) else 0.0  # logged in start order
-            workers += is_worker
-            out[name] = {"peak_mib": peak_rss_mib(pid), "kv_mib": kv_mib, "worker": name != "redis"}
+            out[name] = {"peak_mib": peak_rss_mib(pid), "kv_mib": pool if is_worker else 0.0, "worker": name != "redis"}
         return out
 
     def stop(self) -> None:
@@ -374,9 +375,9 @@ def summarize(rounds: list[dict]) -> dict:
     out["sut_cpus"] = statistics.median(r["sut_cpus"] for r in rounds)
     out["other_cpus"] = max(r["other_cpus"] for r in rounds)
     serving = {n: row for n, row in rss.items() if row["worker"]}
-    out["rss_workers_mib"] = sum(row["peak_mib"] for row in serving.values())
-    out["rss_max_worker_minus_kv_mib"] = max(row["peak_mib"] - row["kv_mib"] for n, row in serving.items()
-                                             if n not in ("gateway", "kvstore"))
+    out["rss_workers_mib"] = sum(row["peak_mib"] or 0 for row in serving.values())  # None: exited early
+    less_kv = [(row["peak_mib"] or 0) - row["kv_mib"] for n, row in serving.items() if n not in ("gateway", "kvstore")]
+    out["rss_max_worker_minus_kv_mib"] = max(less_kv) if less_kv and all(map(math.isfinite, less_kv)) else float("nan")
     return out
 
 

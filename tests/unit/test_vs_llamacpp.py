@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import importlib.util
 import json
+import math
 import socketserver
 import sys
 import threading
@@ -123,3 +124,14 @@ def test_arguments_are_checked_by_name(bench, capsys):
         with pytest.raises(SystemExit):
             bench.parse_args(argv)
         assert words in capsys.readouterr().err
+
+
+def test_summary_without_a_known_pool_or_a_peak_says_nan_not_a_number_made_up(bench):
+    row = {"single_tok_s": 1.0, "single_itl_mean_ms": 1.0, "single_itl_p50_ms": 1.0, "streams_tok_s": 1.0,
+           "prefix_ttft_mean_ms": 1.0, "prefix_ttft_p50_ms": 1.0, "single_tokens_per_chunk": 1.0,
+           "sut_cpus": 1.0, "other_cpus": 0.0,
+           "rss": {"prefill-0": {"peak_mib": 500.0, "kv_mib": float("nan"), "worker": True},
+                   "decode-0": {"peak_mib": None, "kv_mib": float("nan"), "worker": True}}}
+    s = bench.summarize([row])
+    assert s["rss_workers_mib"] == 500.0  # a process gone before its peak was read counts 0
+    assert math.isnan(s["rss_max_worker_minus_kv_mib"])  # the workers' pools differ: no subtraction
