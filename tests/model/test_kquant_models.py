@@ -150,6 +150,13 @@ def test_a_kquant_model_holds_its_blocks_and_answers_as_its_float32_copies(name,
     ids = llm_f32.tokenizer.encode(PROMPT)
     blocks_llm, copies_llm = _llm(llm_f32, blocks), _llm(llm_f32, float_copies)
     reference = gate.window_logits(copies_llm, ids, len(ids))
+    if name == "Q4_K_M":  # the shared copies are what the file itself loads as with the kernel off
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SPLITSERVE_CPU_QUANT", "off")
+            off, _ = load_model(str(path), "float32", "cpu")
+        assert not any(m.quant for m in off.modules() if isinstance(m, CpuLinear))
+        assert torch.equal(gate.window_logits(_llm(llm_f32, off), ids, len(ids)), reference)
+        del off
     _assert_close(gate.window_logits(blocks_llm, ids, len(ids)), reference, f"{name} prefill")
     for m in linears.values():
         m.quant_rows = 0
