@@ -1,15 +1,17 @@
-/* y = x @ W^T for CPUs with W kept in GGUF's blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K), and the two ways a model
- * reads such a W besides: dequantized rows for a float32 GEMM over many rows (a prefill chunk), and
- * gathered rows (the token embedding). The blocks are the only copy of a quantized weight a model
- * holds (cpu_quant.py, CpuLinear).
+/* y = x @ W^T for CPUs with W kept in GGUF's blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K or Q6_K), and the
+ * two ways a model reads such a W besides: dequantized rows for a float32 GEMM over many rows (a
+ * prefill chunk), and gathered rows (the token embedding). The blocks are the only copy of a
+ * quantized weight a model holds (cpu_quant.py, CpuLinear).
  *
  * Q4_0, Q4_1 and Q8_0 store 32 weights a block with a float16 scale d: Q4_1 has a float16 minimum m
  * and four-bit codes (weight = d * q + m), Q4_0 four-bit codes around 8 (weight = d * (q - 8)), Q8_0
  * signed bytes (weight = d * q). The K-quants store 256 weights a super-block, with a 6- or 8-bit
  * scale (and a 6-bit min) per sub-block (cpu_quant_k.h): they are read a sub-block of 32 at a time,
- * so every loop below runs over blocks and, for the K-quants, their 8 sub-blocks. A float32 copy of the default model's projections is 430 MB, which
- * a 2-core VM streams at ~10 GB/s: ~40 ms a step whatever the rows, 34 ms for a single decode row.
- * As Q4_1 blocks it is 66 MB. `linear` turns a tile of 4 weight rows back into float32 in an L1
+ * so every loop below runs over blocks and, for the K-quants, their 8 sub-blocks.
+ *
+ * A float32 copy of the default model's projections is 430 MB, which a 2-core VM streams at
+ * ~10 GB/s: ~40 ms a step whatever the rows, 34 ms for a single decode row. As Q4_1 blocks it is
+ * 66 MB. `linear` turns a tile of 4 weight rows back into float32 in an L1
  * buffer, then runs every row of x against it: the arithmetic per weight grows with the rows, the
  * unpacking does not. Above ~48 rows the float32 GEMM's arithmetic wins: `dequantize` writes a tile
  * of weight rows (a few MB, reused) for it, which costs a small part of the GEMM's time.
@@ -26,10 +28,10 @@
  *   x [M, K] float32 contiguous;  y [M, N] float32 contiguous;  bias [N] float32 or none
  *
  * Numerics: a Q4_1 weight is fma(q, d, m), one rounding of an exact product; Q4_0 (q - 8) * d and
- * Q8_0 q * d are exact products (the K-quants: cpu_quant_k.h): the very float32 values (signed zeros included) of GGUF's reference
- * dequantization, and so of HF transformers. Each output of `linear` is a float32 dot product over K
- * in 8 lanes, summed at the end: the order differs from a BLAS's (last-bit differences) and does not
- * depend on M or on the other rows.
+ * Q8_0 q * d are exact products (the K-quants: cpu_quant_k.h): the very float32 values (signed zeros
+ * included) of GGUF's reference dequantization, and so of HF transformers. Each output of `linear`
+ * is a float32 dot product over K in 8 lanes, summed at the end: the order differs from a BLAS's
+ * (last-bit differences) and does not depend on M or on the other rows.
  *
  * Work is split by tiles of weight rows (or by gathered rows) over the calling thread's OpenMP team
  * (torch's libgomp). The Python wrapper (cpu_quant.py) checks the tensors; this code trusts the
