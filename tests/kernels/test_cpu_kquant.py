@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from splitserve.kernels import cpu_quant
 from splitserve.kernels.cpu_quant import QuantWeight
-
 from tests.kernels.test_cpu_int8 import quantized_x
 from tests.kernels.test_cpu_quant import assert_near_reference, ggufs_values
 
@@ -125,6 +125,7 @@ def test_random_blocks_unpack_to_ggufs_bits(kind):
 def model_rows() -> np.ndarray:
     """Weights of the default model as float32 [64, 1536]: rows of two layers' down projections."""
     import gguf
+
     from splitserve.model.gguf_file import GGUFFile
     from splitserve.model.loader import default_model_path
 

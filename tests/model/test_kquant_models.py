@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from splitserve.kernels import cpu_quant
 from splitserve.model.llama import CpuLinear
-
 from tests.model.test_quantized_memory import _held_tensors, _retyped_gguf
 
 needs_kernel = pytest.mark.skipif(not cpu_quant.available(), reason="the quantized kernel is not built for this CPU")
@@ -103,6 +103,7 @@ def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 def _file_weights(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """gguf's dequantization of the named tensors of a GGUF file, float32 [out, in]."""
     import gguf
+
     from splitserve.model.gguf_file import GGUFFile
 
     tensors = {t.name: t for t in GGUFFile(path).tensors}
@@ -182,6 +183,7 @@ def test_a_held_weight_of_the_wrong_shape_is_refused_at_load(llm_f32, tmp_path):
     projection with the model's sizes: a file whose layer 3 has its down and output projections'
     names swapped (a Q4_K down projection of [576, 1536] where [576, 576] belongs) is refused."""
     import gguf
+
     from splitserve.model.loader import ModelLoadError, load_model
 
     path = tmp_path / "swapped.gguf"
