@@ -40,6 +40,9 @@ def fused(llm, on: bool, mode: str = "exact"):
         del saved.run
         model.fused_decode = saved
         model.set_quantized_matmul(llm.engine.quantized_matmul)
+        # KV computed in another mode must not serve later tests' prefix hits (the cache is keyed
+        # by tokens, not by how they were computed)
+        assert llm.engine.block_manager.reset_prefix_cache()
 
 
 def _outputs(llm, prompts, **kw):
