@@ -2,6 +2,7 @@
 and ownership parts, and what only a worker has (the kvstore it uses, threads, cores)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from splitserve.config.cpus import parse_cpu_list
@@ -44,6 +45,13 @@ class WorkerConfig:
     """Cores this worker runs on, in the cpu-list format of taskset ('0', '2-3', '0,4-7'; '' = all).
     Pinning prefill and decode workers to different cores keeps a long prefill from delaying the
     running decodes' next tokens."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM (or a Drain call) the worker stops taking work and lets its running requests
+    finish for at most this many seconds; a decode worker then ends the streams still running with
+    UNAVAILABLE, which the gateway resumes on another decode worker; then the process exits 0."""
+    registration_ttl_s: float = 3.0
+    """TTL of this worker's registration in Redis (role, advertised address, model, capacity), which
+    gateways follow to discover it; renewed every third of it (0: do not register)."""
 
     def __post_init__(self) -> None:
         if self.cpus:
@@ -51,6 +59,9 @@ class WorkerConfig:
         for name in ("max_pending", "grpc_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("drain_timeout_s", "registration_ttl_s"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number of seconds >= 0, got {getattr(self, name)}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
 
