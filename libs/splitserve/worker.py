@@ -10,6 +10,7 @@ thread, so a scrape never slows a step down and the step loop carries no metrics
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -17,13 +18,15 @@ import grpc
 
 from splitserve.config.cpus import parse_cpu_list, pin_process
 from splitserve.config.worker import WorkerConfig
+from splitserve.drain import Drain
 from splitserve.engine.engine_loop import EngineLoop, QueueFullError, RequestStream
 from splitserve.engine.hashing import block_hashes, hash_namespace
 from splitserve.engine.llm_engine import LLMEngine, StepOutput
 from splitserve.kvstore.client import KVStoreClient
 from splitserve.lifeline import SignalFlag
 from splitserve.metrics import Metrics, MetricsServer
-from splitserve.ownership.registry import OwnershipRegistry, OwnershipReporter
+from splitserve.ownership.membership import WorkerRecord, WorkerRegistration
+from splitserve.ownership.registry import OwnershipRegistry, OwnershipReporter, OwnershipUnavailable
 from splitserve.rpc import add_health_and_reflection, add_servicer, create_server, format_address, mtls_credentials
 from splitserve.sampling_params import SamplingParams
 from splitserve.v1 import prefill_pb2
@@ -55,6 +58,9 @@ class Worker:
         self.address = ""  # set by serve() once the port is bound
         self.counters = None  # () -> dict of extra LoadResponse counters, set by the servicer
         self.reporter: OwnershipReporter | None = None
+        self.registration: WorkerRegistration | None = None  # in Redis, for gateways to discover
+        self.drain = Drain(role)
+        self.health = None  # the grpc.health.v1 servicer, set by serve_worker
         self.metrics = Metrics(role, self.engine.model_id)
         self.metrics_server: MetricsServer | None = None  # started by serve_worker unless metrics_port is -1
         self.metrics.touch("generation_tokens", "prefix_cache_queries", "prefix_cache_hits", "num_preemptions")
@@ -79,6 +85,24 @@ class Worker:
             registry, self.worker_id, self._snapshot, refresh_s=self.config.ownership_ttl_s / 3
         )
         self.reporter.start()
+
+    def start_registration(self) -> None:
+        """Registers this worker in Redis under a lease (gateways discover it; splitserve.ownership.membership)."""
+        cfg = self.config
+        if not cfg.redis_url or not cfg.registration_ttl_s:
+            return
+        e = self.engine
+        record = WorkerRecord(self.role, self.address, e.model_id, e.block_manager.num_blocks,
+                              e.config.scheduler.max_num_seqs)
+        self.registration = WorkerRegistration(cfg.redis_url, record, cfg.registration_ttl_s).start()
+
+    def begin_drain(self) -> None:
+        """Takes no new request from now: health NOT_SERVING, GetLoad and the registration say draining."""
+        self.drain.begin()
+        if self.health is not None:
+            self.health.enter_graceful_shutdown()
+        if self.registration is not None:
+            self.registration.set_draining()
 
     def _snapshot(self) -> list[bytes]:
         return self.loop.call(lambda e: e.block_manager.cached_hashes()).result(timeout=30)
@@ -142,7 +166,7 @@ class Worker:
             vocab_size=e.model.args.vocab_size, model_path=str(e.model_path), batch_size=e.stats.last_batch_size,
             prefix_cache_queries=e.block_manager.stats.queries, prefix_cache_hits=e.block_manager.stats.hits,
             max_batch_size=e.stats.max_batch_size, num_preemptions=e.scheduler.num_preemptions,
-            prompt_tokens_computed=e.stats.prompt_tokens, **self.role_counters(),
+            prompt_tokens_computed=e.stats.prompt_tokens, draining=self.drain.draining, **self.role_counters(),
         )
 
     def _refresh_metrics(self) -> None:
@@ -175,12 +199,22 @@ class Worker:
         """Role-specific LoadResponse counters (set by the role's servicer)."""
         return self.counters() if self.counters else {}
 
-    def close(self) -> None:
+    def close(self, forget: bool = False) -> None:
+        """Stops every thread; with `forget` (a drained worker leaving for good) also deletes its
+        registration and its ownership entries: its prefix cache goes with the process."""
         if self.metrics_server is not None:
             self.metrics_server.stop()
             self.metrics_server = None
+        if self.registration is not None:
+            self.registration.stop(deregister=forget)
+            self.registration = None
         if self.reporter is not None:
             self.reporter.stop()
+            if forget:
+                try:
+                    self.reporter.registry.clear_owner(self.worker_id)
+                except OwnershipUnavailable as exc:  # the entries expire with their TTL instead
+                    logger.warning("ownership entries not cleared: owner=%s error=%s", self.worker_id, exc)
         self.loop.stop()
 
 
@@ -240,24 +274,60 @@ def serve_worker(worker: Worker, add_servicer, service_name: str | list[str]) ->
         except OSError:
             server.stop(0)
             raise
-    worker.address = cfg.advertise_address or format_address(cfg.host, port)
+    worker.address = cfg.advertise_address or advertised_address(cfg.host, port)
     add_servicer(server)
-    add_health_and_reflection(server, [service_name] if isinstance(service_name, str) else list(service_name))
+    names = [service_name] if isinstance(service_name, str) else list(service_name)
+    worker.health = add_health_and_reflection(server, names)
     server.start()
     if worker.metrics_server is not None:
         worker.metrics_server.start()
     worker.start_ownership()
+    worker.start_registration()
     logger.info("%s worker serving on %s (model %s), metrics %s", worker.role, worker.address,
                 worker.engine.model_id, worker.metrics_url or "off")
     return server, port
 
 
+def advertised_address(host: str, port: int) -> str:
+    """host:port where other machines reach a server bound to `host`: a wildcard bind (0.0.0.0, ::)
+    is no address to dial, so it advertises this host's own address (what its hostname resolves
+    to, else the interface of its default route, else loopback)."""
+    if host not in ("0.0.0.0", "::", "", "[::]"):
+        return format_address(host, port)
+    try:
+        ip = socket.gethostbyname(socket.gethostname())
+    except OSError:
+        ip = ""
+    if not ip or ip.startswith("127."):
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing interface
+                ip = s.getsockname()[0]
+        except OSError:
+            ip = "127.0.0.1"
+    return format_address(ip, port)
+
+
 def run_until_signal(server: grpc.Server, worker: Worker, grace_s: float = 5.0) -> None:
-    """Blocks until SIGTERM/SIGINT, then stops the server (in-flight calls get `grace_s`)."""
+    """Blocks until SIGTERM/SIGINT, then drains (splitserve.drain) and stops the server."""
     SignalFlag().wait()  # a handler must take no lock (see SignalFlag)
-    logger.info("%s worker shutting down", worker.role)
+    drain_and_stop(server, worker, grace_s)
+
+
+def drain_and_stop(server: grpc.Server, worker: Worker, grace_s: float = 5.0) -> None:
+    """Takes no new work, lets running calls finish within drain_timeout_s, ends the rest with
+    UNAVAILABLE (the gateway resumes them elsewhere), then stops the server and the worker."""
+    timeout_s = worker.config.drain_timeout_s
+    logger.info("%s worker draining: calls=%d drain_timeout_s=%g", worker.role, worker.drain.num_calls, timeout_s)
+    worker.begin_drain()
+    if not worker.drain.wait_idle(timeout_s):
+        handed = worker.drain.expire()
+        logger.warning("%s worker drain timed out after %g s: handing %d running request(s) back to the gateway",
+                       worker.role, timeout_s, handed)
+        worker.drain.wait_idle(grace_s)
+    logger.info("%s worker drained, shutting down", worker.role)
     server.stop(grace_s).wait(grace_s + 1)
-    worker.close()
+    worker.close(forget=True)
 
 
 def abort_invalid(context: grpc.ServicerContext, exc: Exception) -> None:

@@ -60,6 +60,10 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
                                    "num_recomputed": self.fetcher.num_recomputed}
 
     def Decode(self, request, context):
+        with self.worker.drain.call(context):  # refused (UNAVAILABLE) while draining
+            yield from self._decode(request, context)
+
+    def _decode(self, request, context):
         call = self._parse(request, context)
         hashes = self.worker.prompt_hashes(call.prompt, call.cache_salt)
         plan = FetchPlan(hashes, self.worker.num_local_prefix_blocks(hashes), request.kvstore_address)
@@ -72,9 +76,16 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
             before=lambda e: e.import_blocks(fetched.blocks),
         )
         state = StreamState(self.fetcher.settle(plan, fetched, stream.setup_result or 0))
+        self.worker.drain.track(stream)
         try:
             for out in stream:
                 yield self._respond(call, state, out)
+            if not state.ended and self.worker.drain.expired:  # handed back: the gateway resumes it
+                state.ended = True
+                self.metrics.rejected("drained")
+                logger.info("decode handed back: request_id=%s tokens=%d (drain timed out)", call.request_id,
+                            state.produced)
+                self.worker.drain.handed_back(context, "stream")
         except Exception:  # the engine step failed (GeneratorExit, a cancel, is no Exception)
             if not state.ended:
                 state.ended = True
@@ -84,6 +95,7 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
             if not state.ended:  # the caller cancelled (client gone, stop string matched at the gateway)
                 self.metrics.rejected("abort")
                 logger.info("decode aborted: request_id=%s (the caller went away)", call.request_id)
+            self.worker.drain.untrack(stream)
             stream.abort()  # no-op when finished; frees the blocks when the caller went away
             self.worker.sync_ownership(plan.hashes)
 

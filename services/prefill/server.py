@@ -41,6 +41,10 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
         worker.counters = lambda: {"num_blocks_put": self.exporter.num_blocks_put}
 
     def Prefill(self, request, context):
+        with self.worker.drain.call(context):  # refused (UNAVAILABLE) while draining
+            return self._prefill(request, context)
+
+    def _prefill(self, request, context):
         try:
             params = sampling_from_proto(request.sampling)
         except ValueError as exc:
@@ -51,7 +55,11 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
         stream = self.worker.admit(context, request_id, prompt, dataclasses.replace(params, max_tokens=1),
                                    cache_salt=request.cache_salt or None, detokenize=False,
                                    export_blocks=True, export_skip=skip)
-        out = self._first_token(stream, context)
+        self.worker.drain.track(stream)
+        try:
+            out = self._first_token(stream, context)
+        finally:
+            self.worker.drain.untrack(stream)
         hashes = out.prompt_block_hashes
         export = self.exporter.export(request_id, hashes, out.exported_blocks)
         if export.error:
@@ -83,7 +91,10 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
             stream.abort()
             m.rejected("deadline" if context.is_active() else "abort")
             context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "prefill did not finish before the deadline")
-        except RequestAborted:  # the caller went away: the request and its blocks are freed already
+        except RequestAborted:  # the caller went away (or the drain expired): its blocks are freed already
+            if self.worker.drain.expired:
+                m.rejected("drained")
+                self.worker.drain.handed_back(context, "prefill")
             m.rejected("abort")
             context.abort(grpc.StatusCode.CANCELLED, "prefill cancelled: the caller went away")
         except Exception as exc:

@@ -41,9 +41,9 @@ class GatewayConfig:
     server: ServerConfig = field(default_factory=lambda: ServerConfig(port=GATEWAY_PORT))
     """The gRPC server clients call: host (the HTTP server binds it too), port, max_message_bytes."""
     prefill: str = "127.0.0.1:50061"
-    """Prefill workers, comma-separated HOST:PORT."""
+    """Prefill workers, comma-separated HOST:PORT (empty: only those registered in Redis)."""
     decode: str = "127.0.0.1:50062"
-    """Decode workers, comma-separated HOST:PORT."""
+    """Decode workers, comma-separated HOST:PORT (empty: only those registered in Redis)."""
     redis_url: str = ""
     """Redis holding block ownership (redis://HOST:PORT/DB); empty: route by load only."""
     tokenizer: str = ""
@@ -79,16 +79,21 @@ class GatewayConfig:
     """Retries per role after a worker fails: prefill on another worker, decode resumed on another."""
     max_inflight_requests: int = 1024
     """Requests in progress beyond which new ones get RESOURCE_EXHAUSTED at once."""
+    discovery_interval_s: float = 1.0
+    """Seconds between two scans of the worker registrations in redis_url: workers that register
+    are routed to besides the --prefill/--decode ones, and those whose lease lapsed are dropped
+    (0: no discovery, the flags' workers only)."""
     redis_timeout_s: float = 0.5
     """Socket timeout of the ownership lookup; after a failure Redis is skipped for 2 s."""
     router: RouterConfig = field(default_factory=RouterConfig)
     """Routing policy weights and thresholds."""
 
     def __post_init__(self) -> None:
-        if not self.prefill_addresses:
-            raise ValueError("prefill must name at least one HOST:PORT")
-        if not self.decode_addresses:
-            raise ValueError("decode must name at least one HOST:PORT")
+        if not self.discovers and not (self.prefill_addresses and self.decode_addresses):
+            raise ValueError("prefill and decode must each name at least one HOST:PORT, unless workers are "
+                             "discovered (redis_url set and discovery_interval_s > 0)")
+        if not 0 <= self.discovery_interval_s < math.inf:
+            raise ValueError(f"discovery_interval_s must be a finite number >= 0, got {self.discovery_interval_s}")
         for name in ("load_poll_interval_s", "load_timeout_s", "request_timeout_s", "redis_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -98,6 +103,11 @@ class GatewayConfig:
             raise ValueError(f"http_port must be in [0, 65535] (or -1 for none), got {self.http_port}")
         if self.startup_timeout_s < 0 or self.max_retries < 0 or self.max_inflight_requests < 1:
             raise ValueError("startup_timeout_s and max_retries must be >= 0, max_inflight_requests >= 1")
+
+    @property
+    def discovers(self) -> bool:
+        """Whether the gateway follows worker registrations in Redis."""
+        return bool(self.redis_url) and self.discovery_interval_s > 0
 
     @property
     def prefill_addresses(self) -> list[str]:

@@ -22,6 +22,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from splitserve.config.gateway import GatewayConfig
+from splitserve.gateway.discovery import Discovery
 from splitserve.gateway.http import HttpApi, HttpServer
 from splitserve.gateway.service import GatewayService
 from splitserve.gateway.workers import WorkerPool
@@ -50,6 +51,7 @@ class GatewayHandle:
         self._health = health
         self.startup: asyncio.Task | None = None  # _start(), run by serve(); done once SERVING or failed
         self._health_task: asyncio.Task | None = None  # _follow_health(), from the end of startup
+        self.discovery: Discovery | None = None  # follows worker registrations in Redis (discovery_interval_s)
 
     async def _start(self) -> None:
         """Discovers the workers and the model, loads the tokenizer, turns SERVING."""
@@ -96,6 +98,8 @@ class GatewayHandle:
         await self._health.enter_graceful_shutdown()
         stops = [self.server.stop(grace_s)] + ([self.http.stop()] if self.http is not None else [])
         await asyncio.gather(*stops)
+        if self.discovery is not None:
+            await self.discovery.close()
         await self.pool.close()
         await self.service.owners.close()
 
@@ -131,6 +135,10 @@ async def serve(config: GatewayConfig, servicer: ServicerFactory, wait_ready: bo
     if http is not None:
         await http.start()
     handle = GatewayHandle(config, server, port, service, health, http)
+    if config.discovers:  # before startup waits for workers: registered ones count
+        handle.discovery = Discovery(config.redis_url, service.pool, config.discovery_interval_s,
+                                     timeout_s=config.redis_timeout_s)
+        handle.discovery.start()
     handle.startup = asyncio.create_task(handle._start(), name="gateway-startup")
     log.info("gateway listening: address=%s http=%s prefill=%s decode=%s redis=%s", handle.address,
              http.base_url if http else "off", config.prefill_addresses, config.decode_addresses,

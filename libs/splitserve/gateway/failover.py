@@ -102,9 +102,9 @@ class RequestPipeline:
 
     def _check_decode_available(self) -> None:
         decode = self._pool.router.workers(DECODE)
-        if not any(w.healthy for w in decode):
-            raise GatewayError(Code.UNAVAILABLE, f"no decode worker available: none of {len(decode)} is healthy "
-                                                 f"({'; '.join(f'{w.address}: {w.last_error}' for w in decode)})")
+        if not any(w.routable for w in decode):
+            why = "; ".join(f"{w.address}: {w.last_error or 'draining'}" for w in decode)
+            raise GatewayError(Code.UNAVAILABLE, f"no decode worker available: none of {len(decode)} is healthy ({why})")
 
     async def prefill(self, ctx: RequestContext) -> prefill_pb2.PrefillResponse:
         """The PrefillResponse of the cheapest prefill worker that answers; records it in ctx.route."""

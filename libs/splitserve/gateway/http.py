@@ -4,7 +4,8 @@ OpenAI-compatible API, /health and /metrics.
     GET  /v1/models, /v1/models/{model}
     POST /v1/completions, /v1/chat/completions   (stream: server-sent events ending in [DONE])
     GET  /health    200 when at least one prefill and one decode worker answer, else 503; the JSON
-                    counts healthy workers per role and says whether Redis is ok, degraded or off
+                    counts healthy (routable), draining and known workers per role and says whether
+                    Redis is ok, degraded or off
     GET  /metrics   Prometheus text format
     GET  /openapi.json  the OpenAPI 3.1 document of all of these (gateway/openapi.py)
 
@@ -122,8 +123,9 @@ class HttpApi:
         router = self.service.pool.router
         for role in ("prefill", "decode"):
             workers = router.workers(role) if router is not None else []
-            healthy = sum(1 for w in workers if w.healthy)
-            body[role] = {"healthy": healthy, "total": len(workers)}
+            healthy = sum(1 for w in workers if w.routable)
+            body[role] = {"healthy": healthy, "draining": sum(1 for w in workers if w.draining),
+                          "total": len(workers)}
             ready = ready and healthy > 0
         # Redis only steers routing (prefix hits): while it is down requests are still served by
         # load, so "degraded" is reported but never makes the gateway unready.

@@ -44,7 +44,8 @@ _HEALTH = {"type": "object", "required": ["status"], "properties": {
     "status": {"type": "string"}, "redis": {"type": "string"}}}
 # one server-sent event of a streamed answer: `data:` holds a chunk's JSON, an error body, or [DONE]
 _EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
-_ROLE_HEALTH = {"type": "object", "properties": {"healthy": {"type": "integer"}, "total": {"type": "integer"}}}
+_ROLE_HEALTH = {"type": "object", "properties": {"healthy": {"type": "integer"}, "draining": {"type": "integer"},
+                                                "total": {"type": "integer"}}}
 
 
 def _error(description: str) -> dict:

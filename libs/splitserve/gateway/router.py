@@ -58,6 +58,7 @@ class WorkerState:
     role: str
     worker_id: str = ""  # "prefill:HOST:PORT" / "decode:HOST:PORT" (the Redis owner id); "" until it answers
     healthy: bool = False  # answered its last poll and no call to it failed since
+    draining: bool = False  # said so (GetLoad or its registration): finishes its own work, gets none
     last_error: str = ""
     num_running: int = 0
     num_waiting: int = 0
@@ -67,6 +68,11 @@ class WorkerState:
     num_total_blocks: int = 0
     inflight_requests: int = 0  # calls this gateway has open to the worker
     inflight_tokens: int = 0  # prefill: uncached prompt tokens of those calls
+
+    @property
+    def routable(self) -> bool:
+        """Whether new work may go to it."""
+        return self.healthy and not self.draining
 
     @property
     def effective_queued_tokens(self) -> int:
@@ -127,6 +133,18 @@ class Router:
     def worker(self, role: str, address: str) -> WorkerState:
         return self._workers[_check_role(role)][address]
 
+    def has_worker(self, role: str, address: str) -> bool:
+        return address in self._workers[_check_role(role)]
+
+    def add_worker(self, role: str, address: str) -> WorkerState:
+        """A worker that joined (discovered): unhealthy until its first good poll."""
+        return self._workers[_check_role(role)].setdefault(address, WorkerState(address=address, role=role))
+
+    def remove_worker(self, role: str, address: str) -> None:
+        """Forgets a worker that left: its load, health and prefix entries go with it (calls
+        already sent to it keep their WorkerState object and end as they would)."""
+        self._workers[_check_role(role)].pop(address, None)
+
     def observe_load(self, role: str, address: str, load) -> WorkerState:
         """Records a GetLoad answer (a LoadResponse or anything with its fields); marks it healthy."""
         w = self.worker(role, address)
@@ -135,6 +153,7 @@ class Router:
             setattr(w, name, int(getattr(load, name)))
         w.kv_cache_usage = float(load.kv_cache_usage)
         w.healthy, w.last_error = True, ""
+        w.draining = bool(getattr(load, "draining", False))
         return w
 
     def observe_failure(self, role: str, address: str, error: str) -> WorkerState:
@@ -201,10 +220,12 @@ class Router:
 
     def _pick(self, role: str, exclude, score, busy) -> RouteDecision:
         workers = self._workers[role]
-        candidates = [w for a, w in sorted(workers.items()) if w.healthy and a not in exclude]
+        candidates = [w for a, w in sorted(workers.items()) if w.routable and a not in exclude]
         if not candidates:
             tried = f" ({len(exclude)} tried)" if exclude else ""
-            detail = "none configured" if not workers else f"none of {len(workers)} is healthy{tried}"
+            draining = sum(w.draining for w in workers.values())
+            detail = "none configured" if not workers else \
+                f"none of {len(workers)} is healthy{tried}" + (f" ({draining} draining)" if draining else "")
             raise NoWorkerAvailable(role, detail)
         idle = {w.address for w in candidates if not busy(w)}
         scored = [(w, *score(w)) for w in candidates]  # (worker, hit blocks, cost)

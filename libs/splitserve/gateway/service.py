@@ -91,12 +91,13 @@ class GatewayService:
 
     @property
     def serving(self) -> bool:
-        """Ready and at least one healthy prefill and one healthy decode worker (the rule of /health
-        and of the gRPC health service). Redis is not part of it: without it requests route by load."""
+        """Ready and at least one healthy prefill and one healthy decode worker that is not draining
+        (the rule of /health and of the gRPC health service). Redis is not part of it: without it
+        requests route by load."""
         router = self._pool.router
         if not self.ready or router is None:
             return False
-        return all(any(w.healthy for w in router.workers(role)) for role in ("prefill", "decode"))
+        return all(any(w.routable for w in router.workers(role)) for role in ("prefill", "decode"))
 
     def rejected(self, code: grpc.StatusCode) -> None:
         """Counts a request that ended with `code` in requests_rejected."""

@@ -21,6 +21,13 @@ meanwhile, and every process re-records its ownership once it answers). The gate
 restarted: when it exits, everything stops (as does every death with --no-restart). Ctrl-C or
 SIGTERM during a back-off stops at once.
 
+Drains: a worker sent SIGTERM on its own (by an operator, to take it out of service) drains
+(splitserve.drain) and exits 0. That is no crash: `up` logs it as drained and starts it again after
+the first delay (1 s) without growing the back-off, so a rolling restart of the workers, one
+SIGTERM at a time, serves every request. On shutdown `up` sends SIGTERM to every child at once
+(the gateway stops taking requests, the workers drain) and waits for the longest drain
+(`drain_timeout_s` + 5 s, at least 10 s) before SIGKILL.
+
 Configuration: `up` builds each child's config as an object (GatewayConfig, KVStoreConfig,
 WorkerConfig) from its own command line (config/launch.py: every role flag is settable, as
 --ROLE-FIELD) and what it decides itself (addresses, ports), and turns it into the child's flags
@@ -30,7 +37,8 @@ Metrics: the kvstore and every worker serve Prometheus /metrics on a free loopba
 own, or at fixed offsets from --metrics-port BASE (config/launch.py); the gateway serves its own on
 its HTTP port (--http-port, beside the OpenAI-compatible API). The endpoint block lists every URL,
 one per line, in the stable form `  NAME metrics  URL` (NAME: gateway, kvstore, prefill-0, ...),
-and `Child.metrics_url` holds them. --print-scrape-config prints a Prometheus config for them.
+and `Child.metrics_url` holds them. --print-scrape-config prints a Prometheus config for them;
+--prometheus-config PATH writes one (with the rules of deploy/prometheus/) once the stack is up.
 """
 from __future__ import annotations
 
@@ -50,8 +58,10 @@ from splitserve.config import env as env_registry
 from splitserve.config.cpus import parse_cpu_list
 from splitserve.config.flags import config_from_args, config_to_argv, from_flat
 from splitserve.config.gateway import GatewayConfig
+from splitserve.config.worker import WorkerConfig
 from splitserve.config.launch import (LOOPBACK, ROLE_CONFIGS, UpConfig, add_up_args,  # noqa: F401 (the CLI's)
-                                      check_settings, fixed_metrics_ports, local_host, role_values, scrape_config_of)
+                                      check_settings, fixed_metrics_ports, local_host, prometheus_config, role_values,
+                                      scrape_config_of)
 from splitserve import lifeline
 from splitserve.launch import preflight
 from splitserve.rpc import channel_credentials, format_address, mtls_credentials, wait_until_serving
@@ -241,6 +251,9 @@ class Launcher:
         for child in [c for c in (kv, *workers) if c is not None]:
             self._wait_healthy(child, up.startup_timeout_s)
         self._start_gateway(draft, workers)
+        if up.prometheus_config:  # before the endpoints: whoever waits for them finds the file
+            with open(up.prometheus_config, "w") as f:
+                f.write(prometheus_config(self.metrics_urls()))
         self.print_endpoints()
 
     def _start_gateway(self, draft: GatewayConfig, workers: list[Child]) -> None:
@@ -345,6 +358,11 @@ class Launcher:
             if c.restarts and now - c.started_s >= RESTART_RESET_AFTER_S:
                 c.restarts = 0  # it stayed up: the next death starts the back-off afresh
             return True
+        if code == 0 and c.restartable and self.up.restart and isinstance(c.config, WorkerConfig):
+            c.restart_at_s = now + RESTART_DELAY_S  # drained on purpose: no crash, no growing back-off
+            logger.warning("%s drained and exited (exit code 0); starting it again in %g s: pid=%d address=%s",
+                           c.name, RESTART_DELAY_S, c.proc.pid, c.address)
+            return True
         if not c.restartable or not self.up.restart:
             why = "--no-restart is set" if c.restartable else f"the {c.name} is not restarted"
             logger.error("%s exited (%s); %s, stopping everything: pid=%d", c.name, describe_exit(code), why,
@@ -358,6 +376,10 @@ class Launcher:
         return True
 
     def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM to every child (workers drain), SIGKILL to those still running after the longest
+        drain (or grace_s)."""
+        drains = [c.config.drain_timeout_s + 5.0 for c in self.children if isinstance(c.config, WorkerConfig)]
+        grace_s = max([grace_s, *drains])
         for c in reversed(self.children):
             if c.proc is not None and c.proc.poll() is None:
                 c.proc.terminate()

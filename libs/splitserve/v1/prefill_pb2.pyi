@@ -46,7 +46,7 @@ class LoadRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class LoadResponse(_message.Message):
-    __slots__ = ("worker_id", "num_running", "num_waiting", "queued_tokens", "kv_cache_usage", "num_free_blocks", "num_total_blocks", "model_id", "block_size", "max_model_len", "vocab_size", "model_path", "batch_size", "prefix_cache_queries", "prefix_cache_hits", "num_imported_blocks", "num_recomputed", "num_blocks_put", "max_batch_size", "num_preemptions", "prompt_tokens_computed")
+    __slots__ = ("worker_id", "num_running", "num_waiting", "queued_tokens", "kv_cache_usage", "num_free_blocks", "num_total_blocks", "model_id", "block_size", "max_model_len", "vocab_size", "model_path", "batch_size", "prefix_cache_queries", "prefix_cache_hits", "num_imported_blocks", "num_recomputed", "num_blocks_put", "max_batch_size", "num_preemptions", "prompt_tokens_computed", "draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class LoadResponse(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     NUM_PREEMPTIONS_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_running: int
     num_waiting: int
@@ -89,4 +90,5 @@ class LoadResponse(_message.Message):
     max_batch_size: int
     num_preemptions: int
     prompt_tokens_computed: int
-    def __init__(self, worker_id: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., model_id: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., model_path: _Optional[str] = ..., batch_size: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_imported_blocks: _Optional[int] = ..., num_recomputed: _Optional[int] = ..., num_blocks_put: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ...) -> None: ...
+    draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., kv_cache_usage: _Optional[float] = ..., num_free_blocks: _Optional[int] = ..., num_total_blocks: _Optional[int] = ..., model_id: _Optional[str] = ..., block_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., model_path: _Optional[str] = ..., batch_size: _Optional[int] = ..., prefix_cache_queries: _Optional[int] = ..., prefix_cache_hits: _Optional[int] = ..., num_imported_blocks: _Optional[int] = ..., num_recomputed: _Optional[int] = ..., num_blocks_put: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., prompt_tokens_computed: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
