@@ -11,6 +11,8 @@ process (unit, engine and kernels, less the tests marked loads_model):
     model     the model against HF transformers token for token, loading, tokenizer
     services  one role at a time through real processes, real gRPC and a real Redis
     e2e       the whole system started the way a user starts it (`splitserve up`)
+    deploy    deploy/: Prometheus rules (promtool, a real Prometheus scraping `up`), the Grafana
+              dashboard, the Kubernetes manifests (kubectl kustomize, schema validation)
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-TIERS = ("unit", "engine", "kernels", "model", "services", "e2e")
+TIERS = ("unit", "engine", "kernels", "model", "services", "e2e", "deploy")
 # fixtures that load the model (a test using one is also marked loads_model: `make test-fast` skips it)
 MODEL_FIXTURES = {"llm_f32", "hf_model", "http_stack", "two_prefill_stack"}
 
@@ -78,16 +80,19 @@ def redis_url():
 
 
 @pytest.fixture(scope="session")
-def http_stack():
+def http_stack(tmp_path_factory):
     """`splitserve up` in float32 (1 prefill, 1 decode worker) shared by the end-to-end tests of the
     gRPC and HTTP APIs: starting a stack costs ~40 s. Where the default dtype ("auto") is float32,
-    as on a CPU without native bf16, it is started without --dtype, as `make serve` starts it."""
+    as on a CPU without native bf16, it is started without --dtype, as `make serve` starts it.
+    It writes its Prometheus config (`s.prometheus_config`) for tests/deploy/test_prometheus.py."""
     from services_fixture import start_stack
     from splitserve.model.loader import resolve_model_dtype
 
     dtype = () if resolve_model_dtype("auto", "cpu")[0] == "float32" else ("--dtype", "float32")
-    s = start_stack(*dtype, "--kv-cache-memory-gb", "0.1", "--prefill-workers", "1", "--decode-workers", "1")
-    s.default_dtype = not dtype
+    prometheus_config = tmp_path_factory.mktemp("prometheus") / "prometheus.yml"
+    s = start_stack(*dtype, "--kv-cache-memory-gb", "0.1", "--prefill-workers", "1", "--decode-workers", "1",
+                    "--prometheus-config", str(prometheus_config))
+    s.default_dtype, s.prometheus_config = not dtype, prometheus_config
     yield s
     assert s.stop() == 0, "\n".join(s.log[-30:])
 

@@ -23,8 +23,11 @@ HTTP port (--http-port). So one Prometheus config (`up --print-scrape-config`) s
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from splitserve.config.cpus import parse_cpu_list
 from splitserve.config.flags import FlatField, add_config_args, add_flag, config_from_args, flag_name, flat_fields, from_flat
@@ -68,6 +71,10 @@ class UpConfig:
     print_scrape_config: bool = False
     """Print a Prometheus scrape config for the ports this command would use (needs --metrics-port
     BASE and a fixed --http-port) and exit."""
+    prometheus_config: str = ""
+    """Once the stack is up, write a Prometheus config to this path: a scrape job for every role's
+    /metrics as started (restarts keep the ports) and, in a source checkout, rule_files naming
+    deploy/prometheus/rules.yml (docs/deploy.md)."""
     startup_timeout_s: float = 300.0
     """Seconds each process gets to answer its health check at start-up."""
     restart: bool = True
@@ -88,6 +95,9 @@ class UpConfig:
             if max(self.prefill_workers, self.decode_workers) > METRICS_SLOTS:
                 raise ValueError(f"--metrics-port BASE fixes the ports of at most {METRICS_SLOTS} workers per role")
             check_port("metrics_port + 29", self.metrics_port + METRICS_OFFSETS["decode"] + METRICS_SLOTS - 1)
+        if self.prometheus_config and not Path(self.prometheus_config).resolve().parent.is_dir():
+            raise ValueError(f"--prometheus-config: no folder {Path(self.prometheus_config).resolve().parent} "
+                             "to write the config in")
         if not self.startup_timeout_s > 0:
             raise ValueError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
 
@@ -184,6 +194,20 @@ def scrape_config(gateway: str, gateway_scheme: str, targets: dict[str, str]) ->
         for name, address in targets.items():
             lines += [f'      - targets: ["{address}"]', f"        labels: {{process: {name}}}"]
     return "\n".join(lines) + "\n"
+
+
+RULES_FILE = Path(__file__).resolve().parents[3] / "deploy" / "prometheus" / "rules.yml"  # in a source checkout
+
+
+def prometheus_config(metrics_urls: dict[str, str], rules_file: Path = RULES_FILE) -> str:
+    """A whole Prometheus config (YAML) for a running stack: `metrics_urls` (name -> /metrics URL,
+    "gateway" among them) as scrape_config() lays them out, and `rules_file` when it exists."""
+    gateway = urlsplit(metrics_urls["gateway"])
+    targets = {name: urlsplit(url).netloc for name, url in metrics_urls.items() if name != "gateway"}
+    head = ["global:", "  scrape_interval: 15s", "  evaluation_interval: 15s"]
+    if rules_file.is_file():
+        head += ["rule_files:", f"  - {json.dumps(str(rules_file))}"]
+    return "\n".join(head) + "\n" + scrape_config(gateway.netloc, gateway.scheme, targets)
 
 
 def check_settings(args: argparse.Namespace) -> UpConfig:

@@ -1,0 +1,194 @@
+"""deploy/prometheus/rules.yml: promtool's checks and unit tests (tests/deploy/promtool/), its
+series against what the code exports, and a real Prometheus that scrapes a running `splitserve up`
+through the config `up --prometheus-config` wrote, with the rules loaded, until every recording
+rule has series and no rule fails to evaluate.
+
+promtool and prometheus come from the Debian package `prometheus` (.ci/run installs it); a test
+that needs one is skipped, saying so, only where it is not installed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from deploy_support import RULES_FILE, exported_series, metric_names, recorded_series
+
+yaml = pytest.importorskip("yaml")
+
+PROMTOOL_TESTS = Path(__file__).resolve().parent / "promtool" / "rules_test.yml"
+
+
+def _binary(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"`{name}` is not installed (Debian package prometheus; .ci/run installs it)")
+    return path
+
+
+def _rules() -> list[dict]:
+    return [rule for group in yaml.safe_load(RULES_FILE.read_text())["groups"] for rule in group["rules"]]
+
+
+def test_metric_names_reads_selectors_not_functions_or_labels():
+    expr = ('histogram_quantile(0.99, sum by (model_name, le) (rate(splitserve_a_bucket{role="x",le!="y"}[1m]))) '
+            '/ on () group_left () scalar(splitserve:b:config) or up offset 5m > 0.85')
+    assert metric_names(expr) == {"splitserve_a_bucket", "splitserve:b:config", "up"}
+
+
+def test_rules_read_only_series_the_code_exports():
+    """A renamed metric would leave a rule that silently never matches: every name a rule reads is
+    exported by splitserve.metrics, recorded by another rule, or Prometheus' own `up`."""
+    known = exported_series() | recorded_series() | {"up"}
+    for rule in _rules():
+        unknown = metric_names(rule["expr"]) - known
+        assert not unknown, f"{rule.get('record') or rule.get('alert')} reads series nothing exports: {unknown}"
+
+
+def test_capacity_constants_are_the_config_defaults():
+    """The batch-utilisation denominator is the workers' --max-num-seqs default (their config class)."""
+    from splitserve.config.flags import flat_fields
+    from splitserve.config.worker import WorkerConfig
+
+    max_num_seqs = next(ff.default for ff in flat_fields(WorkerConfig) if ff.name == "max_num_seqs")
+    consts = {rule["record"]: rule["expr"] for rule in _rules() if rule.get("record", "").endswith(":config")}
+    assert consts["splitserve:max_num_seqs:config"] == f"vector({max_num_seqs})"
+
+
+def test_promtool_checks_the_rules_and_runs_their_unit_tests():
+    promtool = _binary("promtool")
+    check = subprocess.run([promtool, "check", "rules", str(RULES_FILE)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f"SUCCESS: {len(_rules())} rules found" in check.stdout
+    unit = subprocess.run([promtool, "test", "rules", str(PROMTOOL_TESTS)], capture_output=True, text=True)
+    assert unit.returncode == 0, unit.stdout + unit.stderr
+
+
+def test_up_writes_the_scrape_config_of_its_processes_and_the_rules(http_stack):
+    """`up --prometheus-config PATH` (the session stack is started with it): one target per /metrics
+    URL `up` printed, each labelled with its process, and the repository's rules."""
+    config = yaml.safe_load(Path(http_stack.prometheus_config).read_text())
+    assert config["rule_files"] == [str(RULES_FILE)]
+    targets = {}
+    for job in config["scrape_configs"]:
+        for static in job["static_configs"]:
+            for target in static["targets"]:
+                targets[static["labels"]["process"]] = f"{job.get('scheme', 'http')}://{target}/metrics"
+    assert targets == http_stack.metrics
+    assert set(targets) == {"gateway", "kvstore", "prefill-0", "decode-0"}
+
+
+def test_prometheus_config_needs_a_folder_to_write_in(tmp_path):
+    from splitserve.config.launch import UpConfig, prometheus_config
+
+    with pytest.raises(ValueError, match="--prometheus-config: no folder .*missing"):
+        UpConfig(prometheus_config=str(tmp_path / "missing" / "prometheus.yml"))
+    assert UpConfig(prometheus_config=str(tmp_path / "prometheus.yml")).prometheus_config
+    text = prometheus_config({"gateway": "https://[::1]:8000/metrics"}, rules_file=tmp_path / "none.yml")
+    config = yaml.safe_load(text)
+    assert "rule_files" not in config, "an installed package has no rules file to name"
+    assert config["scrape_configs"] == [{"job_name": "splitserve-gateway", "scheme": "https", "static_configs": [
+        {"targets": ["[::1]:8000"], "labels": {"process": "gateway"}}]}]
+
+
+def _get(base: str, path: str, **params) -> dict:
+    url = f"{base}{path}?{urllib.parse.urlencode(params)}" if params else base + path
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _wait(what: str, condition, timeout_s: float = 30.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def _query(base: str, expr: str) -> dict[str, float]:
+    """Instant query: label set (as text) -> value."""
+    result = _get(base, "/api/v1/query", query=expr)["data"]["result"]
+    return {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in result}
+
+
+def _reject(http_base: str) -> None:
+    """A completion for a model the gateway does not serve: 404, counted as rejected (unknown_model)."""
+    body = json.dumps({"model": "no-such-model", "prompt": "x", "max_tokens": 1}).encode()
+    request = urllib.request.Request(f"{http_base}/completions", body, {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(request, timeout=10)
+    assert err.value.code == 404
+
+
+def _start_prometheus(config_text: str, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    from splitserve.launch.up import free_port
+
+    config = yaml.safe_load(config_text)
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}  # seconds, not minutes, of test
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen([_binary("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_a_real_prometheus_scrapes_the_stack_and_evaluates_every_rule(http_stack, tmp_path):
+    from splitserve.client import generate
+
+    _binary("prometheus")
+    proc, base = _start_prometheus(Path(http_stack.prometheus_config).read_text(), tmp_path)
+    try:
+        def all_up():
+            try:
+                targets = _get(base, "/api/v1/targets")["data"]["activeTargets"]
+            except OSError:
+                return False
+            return len(targets) == 4 and all(t["health"] == "up" for t in targets)
+
+        _wait("Prometheus to scrape all 4 processes", all_up)
+        time.sleep(1.5)  # a scrape before the requests: the counters' rates see them
+        for prompt in ("The capital of France is", "One, two, three,"):
+            generate(http_stack.gateway, prompt=prompt, sampling={"max_tokens": 4, "temperature": 0.0})
+            _reject(http_stack.http_base)  # the rejection series appear at the first rejection
+            time.sleep(1.5)
+        records = [rule["record"] for rule in _rules() if "record" in rule]
+        empty: list[str] = []
+
+        def evaluated():
+            empty[:] = [name for name in records if not _query(base, name)]
+            return not empty and _query(base, "splitserve:generation_tokens:rate1m > 0")
+
+        try:
+            _wait("every recording rule to have a series", evaluated)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; still empty: {empty}") from None
+
+        ttft = _query(base, "splitserve:time_to_first_token_seconds:p50")
+        assert len(ttft) == 1 and 0 < next(iter(ttft.values())) < 60, ttft
+        healthy = {json.loads(k)["role"]: v for k, v in _query(base, "splitserve:healthy_processes:count").items()}
+        assert healthy == {"gateway": 1, "kvstore": 1, "prefill": 1, "decode": 1}
+        usage = _query(base, 'splitserve:kv_cache_usage:max{role="decode"}')
+        assert len(usage) == 1 and 0 <= next(iter(usage.values())) <= 1
+        rejected = _query(base, "splitserve:requests_rejected:ratio_rate5m")
+        assert all(not math.isnan(v) and 0 <= v <= 1 for v in rejected.values()), rejected
+        groups = _get(base, "/api/v1/rules")["data"]["groups"]
+        bad = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] != "ok"]
+        assert not bad, f"rules that fail to evaluate: {bad}"
+        assert sum(len(g["rules"]) for g in groups) == len(_rules())
+        firing = [a["labels"]["alertname"] for a in _get(base, "/api/v1/alerts")["data"]["alerts"]
+                  if a["labels"]["alertname"] == "SplitserveRoleWithoutHealthyProcess"]
+        assert not firing, firing
+    finally:
+        proc.terminate()
+        proc.wait(10)
