@@ -12,14 +12,18 @@ import time
 
 import pytest
 import redis
-
 from services_fixture import wait_for
 from splitserve.config.gateway import GatewayConfig, RouterConfig
 from splitserve.config.worker import WorkerConfig
 from splitserve.gateway.discovery import Discovery
 from splitserve.gateway.router import DECODE, PREFILL, Router
 from splitserve.gateway.workers import WorkerPool
-from splitserve.ownership.membership import DRAINING, SERVING, WorkerRecord, WorkerRegistration
+from splitserve.ownership.membership import (
+    DRAINING,
+    SERVING,
+    WorkerRecord,
+    WorkerRegistration,
+)
 from splitserve.ownership.registry import OwnershipRegistry
 from splitserve.worker import advertised_address
 
@@ -86,10 +90,13 @@ def test_advertised_address_is_reachable_never_a_wildcard():
         assert port == "50061" and host not in ("0.0.0.0", "::", "", "[::]"), host
 
 
+LOAD = argparse.Namespace(worker_id="decode:d:2", num_running=0, num_waiting=0, queued_tokens=0, kv_cache_usage=0.0,
+                          num_free_blocks=100, num_total_blocks=100, draining=False)  # a GetLoad answer's fields
+
+
 def test_router_adds_and_forgets_workers_and_skips_draining_ones():
     router = Router(RouterConfig(), 16, ["p:1"], ["d:1"])
-    load = argparse.Namespace(worker_id="decode:d:2", num_running=0, num_waiting=0, queued_tokens=0, kv_cache_usage=0.0,
-                              num_free_blocks=100, num_total_blocks=100, draining=False)
+    load = LOAD
     router.observe_load(DECODE, "d:1", argparse.Namespace(**{**vars(load), "worker_id": "decode:d:1", "num_running": 5}))
     router.add_worker(DECODE, "d:2")
     assert [w.address for w in router.workers(DECODE)] == ["d:1", "d:2"]
@@ -126,8 +133,13 @@ def test_discovery_follows_registrations_into_the_pool_and_drops_gone_workers(cl
             regs[1].set_draining()
             await discovery.sync()
             assert pool.router.worker(DECODE, "127.0.0.1:7002").draining
+            pool.router.observe_load(DECODE, "127.0.0.1:7002", LOAD)  # it answers its polls
             for reg in regs[:2]:  # the static prefill worker and the decode worker leave
                 reg.stop(deregister=True)
+            await discovery.sync()
+            assert sorted(pool.addresses(DECODE)) == ["127.0.0.1:7002", "127.0.0.1:7003"]  # kept while it answers
+            assert ownership.owners(hashes)[1] == {"decode:127.0.0.1:7002"}
+            pool.router.observe_failure(DECODE, "127.0.0.1:7002", "GetLoad failed")
             await discovery.sync()
             assert sorted(pool.addresses(PREFILL)) == ["127.0.0.1:7001", "127.0.0.1:7003"]  # flags' workers stay
             assert pool.addresses(DECODE) == ["127.0.0.1:7003"]

@@ -5,7 +5,10 @@ registration adds the worker (routed to from its first good load poll, so within
 and a poll of its start), a draining one stops getting new work at once, and one that is gone
 (deregistered after a drain, or its lease lapsed: killed, hung, cut off) is removed with its
 routing state, and its block-ownership entries are deleted, since nobody can fetch from a process
-that is gone. Workers named by the gateway's flags stay whatever Redis says (the union is routed).
+that is gone. A worker whose lease lapsed while it still answers its load polls is kept until a
+poll fails: on a starved machine a renewal can come late, and a worker the gateway can reach is
+not gone (a killed or hung one fails its next poll, within a poll interval plus load_timeout_s).
+Workers named by the gateway's flags stay whatever Redis says (the union is routed).
 
 A scan that fails (Redis down) changes nothing: the workers already known keep being routed to,
 and their load polls still find out which are alive.
@@ -82,6 +85,8 @@ class Discovery:
             if record.draining:
                 self._pool.set_draining(role, address)
         gone = {key: r for key, r in self._known.items() if key not in seen}
+        for key in [key for key in gone if self._answers(*key)]:
+            seen[key] = gone.pop(key)  # lease lapsed but alive: looked at again at the next scan
         self._known = seen
         for (role, address), record in gone.items():
             removed = self._pool.remove(role, address)
@@ -90,6 +95,11 @@ class Discovery:
         for owner in {f"{r.role}:{r.address}" for r in gone.values()}:
             blocks = await self.forget_owner(owner)
             log.info("ownership entries dropped: owner=%s blocks=%d", owner, blocks)
+
+    def _answers(self, role: str, address: str) -> bool:
+        """Whether the worker answered its last load poll (and no call to it failed since)."""
+        router = self._pool.router
+        return router is not None and router.has_worker(role, address) and router.worker(role, address).healthy
 
     async def forget_owner(self, owner: str) -> int:
         """Deletes `owner`'s block-ownership entries (two round trips); returns how many blocks it had."""

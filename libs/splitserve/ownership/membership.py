@@ -61,7 +61,7 @@ class WorkerRecord:
         return json.dumps(asdict(self), sort_keys=True).encode()
 
     @classmethod
-    def decode(cls, raw: bytes) -> "WorkerRecord":
+    def decode(cls, raw: bytes) -> WorkerRecord:
         """The record of a registration's value; ValueError naming what is wrong."""
         try:
             fields = json.loads(raw)
@@ -99,7 +99,7 @@ class WorkerRegistration:
     def record(self) -> WorkerRecord:
         return self._record
 
-    def start(self) -> "WorkerRegistration":
+    def start(self) -> WorkerRegistration:
         self._write()
         self._thread = threading.Thread(target=self._run, name=f"registration-{self._record.role}", daemon=True)
         self._thread.start()
