@@ -11,7 +11,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_GIB = 1 << 30  # kv_cache_memory_gb is in GiB
+from splitserve.engine import memory
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The name engine.memory knows a torch dtype by ("float32", "bfloat16", ...)."""
+    return str(dtype).removeprefix("torch.")
 
 
 class KVCache:
@@ -50,23 +55,15 @@ class KVCache:
     @staticmethod
     def block_nbytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int,
                      dtype: torch.dtype) -> int:
-        """Bytes of one block across all layers, K and V."""
-        elem = torch.empty((), dtype=dtype).element_size()
-        return num_layers * 2 * block_size * num_kv_heads * head_dim * elem
+        """Bytes of one block across all layers, K and V (engine.memory: the planner's arithmetic too)."""
+        return memory.kv_block_bytes(num_layers, num_kv_heads, head_dim, block_size, dtype_name(dtype))
 
     @staticmethod
     def num_blocks_for_budget(memory_gb: float, num_layers: int, num_kv_heads: int, head_dim: int,
                               block_size: int, dtype: torch.dtype) -> int:
         """floor(memory_gb GiB / bytes per block); ValueError if not even one block fits."""
-        per_block = KVCache.block_nbytes(num_layers, num_kv_heads, head_dim, block_size, dtype)
-        num_blocks = int(memory_gb * _GIB) // per_block
-        if num_blocks < 1:
-            raise ValueError(
-                f"kv_cache_memory_gb={memory_gb} holds no KV block: one block needs {per_block} bytes "
-                f"({num_layers} layers x K,V x {block_size} tokens x {num_kv_heads} heads x "
-                f"{head_dim} dims, {dtype}); raise kv_cache_memory_gb"
-            )
-        return num_blocks
+        return memory.num_blocks_for_budget(memory_gb, num_layers, num_kv_heads, head_dim, block_size,
+                                            dtype_name(dtype))
 
     @property
     def bytes_per_block(self) -> int:

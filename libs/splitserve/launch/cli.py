@@ -5,6 +5,7 @@
     splitserve generate [--target HOST:PORT] [--max-tokens N] [--temperature T] PROMPT
     splitserve demo [--model M] [--dtype D] [PROMPT]     the engine in this process, no services
     splitserve --version
+    splitserve plan [MODEL] [--quantization Q] [--batch-size B] [--context-len C] ...  memory needed
     splitserve bench --base-url URL --num-prompts N ...  the serving benchmark (any OpenAI-compatible server)
     splitserve hf-serve [--model M] [--port 8001] ...     HF transformers static batching over the same API
 
@@ -174,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=None)
     demo.add_argument("prompt", nargs="*", help="answer this once instead of reading standard input")
     demo.set_defaults(func=cmd_demo)
+    from splitserve.launch.plan import add_plan_args, cmd_plan
+
+    plan = sub.add_parser("plan", help="the device memory a model needs for a workload (reads no weights)")
+    add_plan_args(plan)
+    plan.set_defaults(func=cmd_plan)
     from splitserve.bench.cli import add_bench_args, cmd_bench
 
     bench = sub.add_parser("bench", help="benchmark a running server over the OpenAI completions API")
