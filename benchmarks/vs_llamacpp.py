@@ -56,7 +56,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)  # bench_services: prompts, percentiles, CPU meters
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # services_fixture.start_stack
 
-from bench_services import CpuMeter, build_prompts, own_cpu, percentile, proc_tree_cpu  # noqa: E402
+from bench_services import CpuMeter, build_prompts, own_cpu, percentile, proc_tree_cpu
 
 PREFIX_OUTPUT = 4  # output tokens of a prefix request (its TTFT is what is measured)
 WARMUP_OUTPUT = 4
@@ -96,9 +96,10 @@ def get_json(base: str, path: str) -> dict:
         conn.close()
 
 
-def complete(base: str, model: str, prompt: list[int], max_tokens: int) -> Stream:
-    """One streamed completion; raises with the server's answer on anything but a full stream."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+def complete(base: str, model: str, prompt: list[int], max_tokens: int, ignore_eos: bool = True) -> Stream:
+    """One streamed completion; raises with the server's answer on anything but a full stream (all
+    max_tokens with ignore_eos, else up to them)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": ignore_eos,
             "stream": True, "stream_options": {"include_usage": True}, "cache_prompt": True}
     conn, prefix = _connect(base)
     try:
@@ -125,19 +126,20 @@ def complete(base: str, model: str, prompt: list[int], max_tokens: int) -> Strea
         conn.close()
     if usage is None:
         raise RuntimeError(f"{base}: the stream ended without a usage chunk")
-    if usage["completion_tokens"] != max_tokens or not arrivals:
+    if not arrivals or usage["completion_tokens"] > max_tokens or (ignore_eos and usage["completion_tokens"] != max_tokens):
         raise RuntimeError(f"{base}: {usage['completion_tokens']} tokens in {len(arrivals)} chunks, "
                            f"{max_tokens} asked for (ignore_eos)")
     return Stream(sent, arrivals, usage["completion_tokens"])
 
 
-def concurrent(base: str, model: str, prompts: list[list[int]], max_tokens: int) -> list[Stream]:
+def concurrent(base: str, model: str, prompts: list[list[int]], max_tokens: int,
+               ignore_eos: bool = True) -> list[Stream]:
     """All prompts at once (one thread each, released together)."""
     barrier = threading.Barrier(len(prompts))
 
     def one(p: list[int]) -> Stream:
         barrier.wait()
-        return complete(base, model, p, max_tokens)
+        return complete(base, model, p, max_tokens, ignore_eos)
 
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         return list(pool.map(one, prompts))
@@ -331,7 +333,7 @@ def run_round(system: tuple[str, callable], prompts: Prompts, args: argparse.Nam
     try:
         startup = time.perf_counter() - t0
         # the system's process tree and this client against the whole machine: other tenants show
-        sut_cpu = lambda: proc_tree_cpu(server.pid) + own_cpu()  # noqa: E731
+        sut_cpu = lambda: proc_tree_cpu(server.pid) + own_cpu()
         others = wait_quiet(name, sut_cpu, args.wait_quiet_s)
         log(f"{name}: up in {startup:.1f}s, measuring (others on the machine: {others:.2f} CPUs)")
         meter = CpuMeter(sut_cpu)

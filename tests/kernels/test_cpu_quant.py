@@ -80,10 +80,12 @@ def test_every_format_unpacks_to_ggufs_bits(kind):
 
 @needs_kernel
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("m,n,k", [(1, 1, 32), (2, 5, 64), (3, 4, 96), (7, 13, 576), (16, 9, 1536), (50, 6, 128)])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 32), (2, 5, 64), (3, 4, 96), (4, 7, 256), (5, 6, 64), (6, 3, 96),
+                                   (7, 13, 576), (8, 10, 256), (16, 9, 1536), (50, 6, 128)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_products_match_a_float64_reference(kind, m, n, k, bias):
-    """Every tile shape (rows of x in 3s, weight rows in 4s, with their remainders), both formats."""
+    """Every shape of the register kernel (1 to 8 rows of x, the tile's weight rows in chunks with
+    their remainders) and of the L1 tile (rows of x in 3s, weight rows in 4s), every format."""
     w = QuantWeight.from_gguf(kind, random_blocks(kind, n, k, seed=m * 100 + n))
     gen = torch.Generator().manual_seed(k)
     x = torch.randn(m, k, generator=gen)
@@ -160,15 +162,18 @@ def test_embedding_gathers_rows_and_refuses_bad_ids():
 
 
 @needs_kernel
-def test_a_row_gives_the_same_bits_alone_and_in_any_batch():
-    w = QuantWeight.from_gguf("Q4_1", random_blocks("Q4_1", 37, 576, seed=1))
-    x = torch.randn(20, 576, generator=torch.Generator().manual_seed(2))
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_row_gives_the_same_bits_alone_and_in_any_batch(kind):
+    """Every row count takes one of three paths (registers up to 8 rows, the L1 tile above, the
+    GEMM past the kernel's rows): each gives a row the same bits."""
+    w = QuantWeight.from_gguf(kind, random_blocks(kind, 37, 512, seed=1))
+    x = torch.randn(20, 512, generator=torch.Generator().manual_seed(2))
     batch = cpu_quant.linear(x, w)
-    for i in (0, 4, 19):
-        assert torch.equal(cpu_quant.linear(x[i:i + 1], w), batch[i:i + 1])
-    assert torch.equal(cpu_quant.linear(x[5:12], w), batch[5:12])
+    for rows in range(1, 12):
+        for start in (0, 20 - rows):
+            assert torch.equal(cpu_quant.linear(x[start:start + rows], w), batch[start:start + rows]), (rows, start)
     assert cpu_quant.linear(x[:0], w).shape == (0, 37)
-    assert cpu_quant.linear(x.view(4, 5, 576), w).shape == (4, 5, 37)  # leading dims kept
+    assert cpu_quant.linear(x.view(4, 5, 512), w).shape == (4, 5, 37)  # leading dims kept
 
 
 @needs_kernel

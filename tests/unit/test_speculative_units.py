@@ -59,7 +59,7 @@ class _Seq:
         self.params = SamplingParams(max_tokens=max_tokens)
         self.prompt = prompt
         self.draft_token_ids, self.draft_probs = [], None
-        self.spec_acceptance, self.spec_skip, self.spec_backoff = 1.0, 0, 1
+        self.spec_acceptance, self.spec_skip, self.spec_backoff, self.spec_len = 1.0, 0, 1, 0
 
     num_tokens = property(lambda self: len(self.token_ids))
     num_output_tokens = property(lambda self: len(self.token_ids) - self.prompt)
@@ -136,6 +136,21 @@ def _emitted_distribution(target_logits, proposal_q, params, certain: bool, seed
             second[v.token_ids[1]] += 1
             n_second += 1
     return first / DRAWS, second / max(n_second, 1)
+
+
+def test_the_proposal_length_follows_the_runs_that_hold():
+    """After a partial run the next proposal is one past what held (at least half the last); after
+    a whole run it doubles, up to num_speculative_tokens."""
+    spec = SpeculativeDecoder(SpeculativeConfig("ngram", 8, 1, 2, min_acceptance=0.0))
+    seq = _Seq([1, 2, 3, 4, 5, 6, 7, 8, 9] * 3, 26)
+    spec.propose([seq], max_model_len=1000, token_budget=512)
+    assert len(seq.draft_token_ids) == 8  # first proposal: the configured k
+    lengths = []
+    for proposed, accepted in ((8, 1), (4, 0), (2, 2), (4, 4), (8, 8), (8, 6)):
+        spec.record(seq, proposed, accepted)
+        spec.propose([seq], max_model_len=1000, token_budget=512)
+        lengths.append(len(seq.draft_token_ids))
+    assert lengths == [4, 2, 4, 8, 8, 7]
 
 
 @pytest.mark.parametrize("certain", [False, True], ids=["draft-distribution", "certain-proposals"])

@@ -68,6 +68,7 @@ class Sequence:
         self.spec_acceptance = 1.0  # moving average of the accepted share of its proposals
         self.spec_skip = 0  # steps left without proposals
         self.spec_backoff = 1  # the next skip's length after another poor run
+        self.spec_len = 0  # the next proposal's length limit (0: not yet proposed: the configured k)
         self.arrival_time = time.monotonic()
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

@@ -11,10 +11,12 @@
  *
  * A float32 copy of the default model's projections is 430 MB, which a 2-core VM streams at
  * ~10 GB/s: ~40 ms a step whatever the rows, 34 ms for a single decode row. As Q4_1 blocks it is
- * 66 MB. `linear` turns a tile of 4 weight rows back into float32 in an L1
- * buffer, then runs every row of x against it: the arithmetic per weight grows with the rows, the
- * unpacking does not. Above ~48 rows the float32 GEMM's arithmetic wins: `dequantize` writes a tile
- * of weight rows (a few MB, reused) for it, which costs a small part of the GEMM's time.
+ * 66 MB. Unpacking 32 weights costs as much as ~20 FMAs, so `linear` shares it between the rows of
+ * x: up to 8 rows, each sub-block of a tile of 4 weight rows is unpacked into registers and used at
+ * once by every row (`reg_tile`: 5 rows, a decode verifying 4 proposals, cost 1.9x one row instead
+ * of 2.5x through an L1 tile); above, the tile is unpacked into an L1 buffer and every row of x run
+ * against it (`tile`). Above ~48 rows the float32 GEMM's arithmetic wins: `dequantize` writes a
+ * tile of weight rows (a few MB, reused) for it, which costs a small part of the GEMM's time.
  *
  * Layout (made at load time by cpu_quant.py from GGUF's blocks): the weight rows in tiles of 4
  * (the last one padded with zero rows), each tile's blocks in order, one *group* per (tile, block):
@@ -70,7 +72,7 @@ enum { KIND_Q8_0 = 0, KIND_Q4_1 = 1, KIND_Q4_0 = 2, KIND_Q4_K = 3, KIND_Q5_K = 4
 /* the first byte of row j's codes in a group */
 #define ROW_CODES_AT(group, kind, j) ((group) + TILE_N * ROW_HALVES(kind) * sizeof(uint16_t) + (j) * ROW_CODES(kind))
 #define TILE_M 3  /* rows of x run against them at once: 3 x 4 accumulators + 4 weight vectors */
-#define FEW_ROWS 2 /* up to this many rows of x take `few_rows` (no L1 tile) */
+#define MID_ROWS 8 /* up to this many rows of x take `reg_tile` (no L1 tile) */
 
 #ifdef X86
 #include <immintrin.h>
@@ -183,24 +185,27 @@ static void tile_any(const float *x, long ldx, const float *w, long k, const flo
     }
 }
 
-/* One or two rows of x (a decode step): each block is unpacked into registers and used at once,
- * no L1 tile. The same single accumulator per output, over k in the same order, as `tile`: a row
- * gives the same bits on either path. */
-static inline __attribute__((always_inline)) void few_rows(const float *x, long k, const uint8_t *groups,
+/* Up to eight rows of x (decode steps, or sequences verifying their proposals): weight rows j0 ..
+ * j0 + nj - 1 of the tile against rows 0 .. mb - 1 of x, each sub-block unpacked once into
+ * registers and used at once by every row, no L1 tile (unpacking costs as much as ~20 FMAs: here the
+ * rows share it). mb * nj accumulators (at most 12) + 4 weight vectors fit the 16 registers, and the
+ * nj weight rows interleaved give both FMA units independent chains. The same single accumulator
+ * per output, over k in the same order, as `tile`: a row gives the same bits on every path. */
+static inline __attribute__((always_inline)) void reg_rows(const float *x, long k, const uint8_t *groups,
                                                           size_t group_bytes, const int kind, const float *bias, float *y,
-                                                          long ldy, const int mb, const int nb) {
+                                                          long ldy, const int mb, const int nj, const int j0) {
     const long blocks = k / BLOCK_WEIGHTS(kind);
-    __m256 acc[FEW_ROWS][TILE_N];
+    __m256 acc[MID_ROWS][TILE_N];
     for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) acc[i][j] = _mm256_setzero_ps();
+        for (int j = 0; j < nj; j++) acc[i][j] = _mm256_setzero_ps();
     for (long b = 0; b < blocks; b++) {
         const uint8_t *group = groups + b * group_bytes;
-        for (int j = 0; j < nb; j++) {
+        for (int j = 0; j < nj; j++) {
             BlockScales sc;
-            block_scales(group, kind, j, &sc);
+            block_scales(group, kind, j0 + j, &sc);
             for (int s = 0; s < SUBS(kind); s++) {
                 __m256 w[4];
-                unpack(group, kind, j, s, &sc, w);
+                unpack(group, kind, j0 + j, s, &sc, w);
                 const float *xs = x + b * BLOCK_WEIGHTS(kind) + s * QBLOCK;
                 for (int i = 0; i < mb; i++)
                     for (int v = 0; v < 4; v++)
@@ -209,19 +214,31 @@ static inline __attribute__((always_inline)) void few_rows(const float *x, long 
         }
     }
     for (int i = 0; i < mb; i++)
-        for (int j = 0; j < nb; j++) y[i * ldy + j] = hsum((v8f)acc[i][j]) + (bias ? bias[j] : 0.0f);
+        for (int j = 0; j < nj; j++) y[i * ldy + j0 + j] = hsum((v8f)acc[i][j]) + (bias ? bias[j0 + j] : 0.0f);
 }
 
-static inline __attribute__((always_inline)) void few_rows_any(const float *x, long k, const uint8_t *groups,
-                                                              size_t group_bytes, const int kind, const float *bias,
-                                                              float *y, long ldy, int mb, int nb) {
-#define FEW_CASE(MB, NB) \
-    case (MB) * 8 + (NB): few_rows(x, k, groups, group_bytes, kind, bias, y, ldy, MB, NB); break;
-    switch (mb * 8 + nb) {
-        FEW_CASE(1, 1) FEW_CASE(1, 2) FEW_CASE(1, 3) FEW_CASE(1, 4)
-        FEW_CASE(2, 1) FEW_CASE(2, 2) FEW_CASE(2, 3) FEW_CASE(2, 4)
+/* The nb (<= TILE_N) weight rows of a tile against mb (<= MID_ROWS) rows of x: in chunks of as many
+ * weight rows as keep mb * chunk <= 12 accumulators, each chunk's size a constant. */
+static inline __attribute__((always_inline)) void reg_tile(const float *x, long k, const uint8_t *groups,
+                                                          size_t group_bytes, const int kind, const float *bias,
+                                                          float *y, long ldy, int mb, int nb) {
+#define REG(MB, NJ, J0) reg_rows(x, k, groups, group_bytes, kind, bias, y, ldy, MB, NJ, J0)
+#define REG_CASE(MB, CHUNK)                                                                  \
+    case MB:                                                                                 \
+        for (int j0 = 0; j0 < nb; j0 += CHUNK) {                                             \
+            const int left = nb - j0;                                                        \
+            if (left >= CHUNK) REG(MB, CHUNK, j0);                                           \
+            else if (left == 3) REG(MB, 3, j0);                                              \
+            else if (left == 2) REG(MB, 2, j0);                                              \
+            else REG(MB, 1, j0);                                                             \
+        }                                                                                    \
+        break;
+    switch (mb) {
+        REG_CASE(1, 4) REG_CASE(2, 4) REG_CASE(3, 4) REG_CASE(4, 3) REG_CASE(5, 2) REG_CASE(6, 2)
+        REG_CASE(7, 1) REG_CASE(8, 1)
     }
-#undef FEW_CASE
+#undef REG_CASE
+#undef REG
 }
 
 /* `kind` is a constant in each caller below: the unpacking is compiled once per format, with no
@@ -233,8 +250,8 @@ static inline __attribute__((always_inline)) int linear_kind(const float *x, con
     int failed = 0;
 #pragma omp parallel
     {
-        float *w = m_rows > FEW_ROWS ? aligned_alloc(32, (size_t)TILE_N * k * sizeof(float)) : NULL;
-        if (m_rows > FEW_ROWS && w == NULL) {
+        float *w = m_rows > MID_ROWS ? aligned_alloc(32, (size_t)TILE_N * k * sizeof(float)) : NULL;
+        if (m_rows > MID_ROWS && w == NULL) {
 #pragma omp atomic write
             failed = 1;
         }
@@ -243,8 +260,8 @@ static inline __attribute__((always_inline)) int linear_kind(const float *x, con
             const long n0 = t * TILE_N;
             const int nb = n - n0 < TILE_N ? (int)(n - n0) : TILE_N;
             const uint8_t *groups = packed + (size_t)t * blocks * group_bytes;
-            if (m_rows <= FEW_ROWS) {
-                few_rows_any(x, k, groups, group_bytes, kind, bias ? bias + n0 : NULL, y + n0, n, (int)m_rows, nb);
+            if (m_rows <= MID_ROWS) {
+                reg_tile(x, k, groups, group_bytes, kind, bias ? bias + n0 : NULL, y + n0, n, (int)m_rows, nb);
                 continue;
             }
             if (w == NULL) continue;
