@@ -51,7 +51,7 @@ def role_config(role: str, args: list[str]):
     from splitserve.config.launch import ROLE_CONFIGS
 
     assert args[0] == role, f"the {role} container runs `splitserve {args[0]}`"
-    parser = argparse.ArgumentParser(prog=f"splitserve {role}", exit_on_error=False)
+    parser = argparse.ArgumentParser(prog=f"splitserve {role}", exit_on_error=False, allow_abbrev=False)
     add_config_args(parser, ROLE_CONFIGS[role])
     given = [a.replace("$(POD_IP)", POD_IP) for a in args[1:]]
     namespace, unknown = parser.parse_known_args(given)
@@ -84,8 +84,9 @@ def test_container_args_are_flags_of_the_role_config(overlay):
         assert config.host == "0.0.0.0", f"{role} must listen on the pod's address"
         if role in ("prefill", "decode", "kvstore"):
             assert config.metrics_port == 9090 and config.advertise_address.endswith(f":{config.port}")
-    with pytest.raises(AssertionError, match="not flags of WorkerConfig"):
-        role_config("decode", ["decode", "--no-such-flag", "1"])
+    for wrong in (["--no-such-flag", "1"], ["--drain-timeout", "30"]):  # unknown; a prefix of a flag is none
+        with pytest.raises(AssertionError, match="not flags of WorkerConfig"):
+            role_config("decode", ["decode", *wrong])
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

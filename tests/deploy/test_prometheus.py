@@ -19,7 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from deploy_support import RULES_FILE, exported_series, metric_names, recorded_series
+from deploy_support import DEPLOY, RULES_FILE, exported_series, metric_names, recorded_series
 
 yaml = pytest.importorskip("yaml")
 
@@ -83,6 +83,10 @@ def test_up_writes_the_scrape_config_of_its_processes_and_the_rules(http_stack):
                 targets[static["labels"]["process"]] = f"{job.get('scheme', 'http')}://{target}/metrics"
     assert targets == http_stack.metrics
     assert set(targets) == {"gateway", "kvstore", "prefill-0", "decode-0"}
+    promtool = _binary("promtool")  # the file as Prometheus reads it, the rules it names included
+    check = subprocess.run([promtool, "check", "config", str(http_stack.prometheus_config)], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_prometheus_config_needs_a_folder_to_write_in(tmp_path):
@@ -121,6 +125,18 @@ def _query(base: str, expr: str) -> dict[str, float]:
     return {json.dumps(r["metric"], sort_keys=True): float(r["value"][1]) for r in result}
 
 
+def _consumer_queries() -> list[str]:
+    """The PromQL of the Grafana dashboard's panels and of the KEDA triggers (deploy/)."""
+    dashboard = json.loads((DEPLOY / "grafana" / "splitserve.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets") or ()]
+    for path in (DEPLOY / "k8s" / "base").glob("*.yaml"):
+        for obj in yaml.safe_load_all(path.read_text()):
+            if obj and obj.get("kind") == "ScaledObject":
+                exprs += [t["metadata"]["query"] for t in obj["spec"]["triggers"]]
+    assert len(exprs) > 20, exprs
+    return exprs
+
+
 def _reject(http_base: str) -> None:
     """A completion for a model the gateway does not serve: 404, counted as rejected (unknown_model)."""
     body = json.dumps({"model": "no-such-model", "prompt": "x", "max_tokens": 1}).encode()
@@ -137,9 +153,10 @@ def _start_prometheus(config_text: str, tmp_path: Path) -> tuple[subprocess.Pope
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}  # seconds, not minutes, of test
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
-    proc = subprocess.Popen([_binary("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "w"))
+    with open(tmp_path / "prometheus.log", "w") as log:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen([_binary("prometheus"), f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT)
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -156,12 +173,12 @@ def test_a_real_prometheus_scrapes_the_stack_and_evaluates_every_rule(http_stack
                 return False
             return len(targets) == 4 and all(t["health"] == "up" for t in targets)
 
-        _wait("Prometheus to scrape all 4 processes", all_up)
-        time.sleep(1.5)  # a scrape before the requests: the counters' rates see them
+        _wait("Prometheus to scrape all 4 processes", all_up)  # a scrape before the requests: rates see them
         for prompt in ("The capital of France is", "One, two, three,"):
+            # the second request after a scrape that saw the first: the TTFT histogram's rate is > 0
             generate(http_stack.gateway, prompt=prompt, sampling={"max_tokens": 4, "temperature": 0.0})
             _reject(http_stack.http_base)  # the rejection series appear at the first rejection
-            time.sleep(1.5)
+            time.sleep(1.2)
         records = [rule["record"] for rule in _rules() if "record" in rule]
         empty: list[str] = []
 
@@ -189,6 +206,8 @@ def test_a_real_prometheus_scrapes_the_stack_and_evaluates_every_rule(http_stack
         firing = [a["labels"]["alertname"] for a in _get(base, "/api/v1/alerts")["data"]["alerts"]
                   if a["labels"]["alertname"] == "SplitserveRoleWithoutHealthyProcess"]
         assert not firing, firing
+        for expr in _consumer_queries():  # the dashboard's and the autoscalers' queries parse and evaluate
+            assert _get(base, "/api/v1/query", query=expr)["status"] == "success", expr
     finally:
         proc.terminate()
         proc.wait(10)
