@@ -10,7 +10,10 @@ thread, so a scrape never slows a step down and the step loop carries no metrics
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import sys
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -252,6 +255,7 @@ class WorkerRole(NamedTuple):
         config = parse_role_args(WorkerConfig, argv, f"splitserve {self.name}", f"Run one {self.name} worker.")
         server, worker, _ = self.serve(config)
         run_until_signal(server, worker)
+        exit_now(0)
         return 0
 
 
@@ -326,8 +330,23 @@ def drain_and_stop(server: grpc.Server, worker: Worker, grace_s: float = 5.0) ->
                        worker.role, timeout_s, handed)
         worker.drain.wait_idle(grace_s)
     logger.info("%s worker drained, shutting down", worker.role)
+    start = time.monotonic()
     server.stop(grace_s).wait(grace_s + 1)
+    stopped = time.monotonic()
     worker.close(forget=True)
+    logger.info("%s worker stopped: server_stop_s=%.2f close_s=%.2f", worker.role, stopped - start,
+                time.monotonic() - stopped)
+
+
+def exit_now(status: int) -> None:
+    """Ends a worker process that has drained and closed everything, skipping the interpreter's
+    teardown: unloading torch, its OpenMP team and gRPC's threads took 1.7 s on an idle 2-core
+    machine and 4-5 s on a loaded one, all of it between the drain's end and the exit that
+    `splitserve up` and Kubernetes wait for."""
+    logging.shutdown()  # flushes every log handler
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def abort_invalid(context: grpc.ServicerContext, exc: Exception) -> None:

@@ -381,7 +381,7 @@ def test_no_decode_worker_left_is_unavailable_at_once(stack, model):
     assert "decode worker" in reply["error"]["message"]
     assert time.monotonic() - start < 5
     code, body = wait_for(lambda: (h := health(stack))[0] == 503 and h, 5, "/health to say 503")
-    assert body["decode"] == {"healthy": 0, "total": 2} and body["status"] == "unavailable", body
+    assert body["decode"] == {"healthy": 0, "draining": 0, "total": 2} and body["status"] == "unavailable", body
     wait_for(lambda: grpc_health(stack) == health_pb2.HealthCheckResponse.NOT_SERVING, 5,
              "the gateway's gRPC health to say NOT_SERVING")  # it follows the workers, not only startup
     assert all(stack.pid(n) is None or load_fails(stack, n) for n in DECODES), "a decode worker came back already"

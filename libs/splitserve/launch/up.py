@@ -380,6 +380,7 @@ class Launcher:
         drain (or grace_s)."""
         drains = [c.config.drain_timeout_s + 5.0 for c in self.children if isinstance(c.config, WorkerConfig)]
         grace_s = max([grace_s, *drains])
+        logger.info("stopping %d processes: SIGTERM now, SIGKILL after %g s", len(self.children), grace_s)
         for c in reversed(self.children):
             if c.proc is not None and c.proc.poll() is None:
                 c.proc.terminate()
