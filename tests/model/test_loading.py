@@ -122,13 +122,21 @@ def test_corrupt_safetensors_is_reported(tmp_path, llm_f32):
 def test_concurrent_tokenizer_conversions_share_one_cache(tmp_path):
     """A prefill and a decode worker started together both convert the GGUF tokenizer into an empty
     cache: every process must load it, and the cache ends with one complete folder, no leftovers."""
+    import json
     import os
     import subprocess
     import sys
 
-    code = ("import sys; from splitserve.model.tokenizer import load_tokenizer; "
-            "from splitserve.model.loader import default_model_path; "
-            "t = load_tokenizer(default_model_path()); print(t.encode('Hello world'))")
+    from splitserve.model.loader import default_model_path
+    from splitserve.model.tokenizer import load_tokenizer
+
+    t = load_tokenizer(default_model_path())
+    # each converts in a child process of its own, then tokenizes and renders a chat: the process
+    # itself never imports transformers (issue 19: ~60 MiB a worker)
+    code = ("import json, sys; from splitserve.model.tokenizer import load_tokenizer; "
+            "from splitserve.model.loader import default_model_path; t = load_tokenizer(default_model_path()); "
+            "print(json.dumps([t.encode('Hello world'), t.apply_chat_template([{'role': 'user', 'content': 'Hi'}]), "
+            "'transformers' in sys.modules]))")
     env = {**os.environ, "SPLITSERVE_CACHE_DIR": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
@@ -136,6 +144,9 @@ def test_concurrent_tokenizer_conversions_share_one_cache(tmp_path):
     for p, (out, err) in zip(procs, results):
         assert p.returncode == 0, err[-2000:]
     assert len({out for out, _ in results}) == 1
+    hello, chat, imported = json.loads(results[0][0])
+    assert hello == t.encode("Hello world") and chat == t.apply_chat_template([{"role": "user", "content": "Hi"}])
+    assert chat[-4:] == t.encode("<|im_start|>assistant\n") and imported is False
     folders = sorted(x.name for x in (tmp_path / "tokenizers").iterdir())
     assert len(folders) == 1 and not folders[0].endswith(".tmp"), folders
     assert (tmp_path / "tokenizers" / folders[0] / "splitserve.json").is_file()

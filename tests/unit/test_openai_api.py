@@ -131,17 +131,13 @@ def test_json_body_and_request_id():
     assert error_of(oa.new_request_id, "bad\nid").param == "x-request-id"
 
 
-class _FakeHF:
+class _Tok:
     """Byte-level BPE pieces as GPT-2 tokenizers spell them."""
 
     pieces = {1: "Ġhello", 2: "Ã©", 3: "âĢ"}
 
     def convert_ids_to_tokens(self, i):
         return self.pieces[i]
-
-
-class _Tok:
-    hf = _FakeHF()
 
 
 def test_token_text_recovers_raw_bytes_and_logprob_shapes():

@@ -14,19 +14,14 @@ class _Backend:
     normalizer = None
 
 
-class _HF:
-    """A vocabulary whose longest entry is 3 characters."""
+class CharTokenizer:
+    """One token per character (so an n-character prompt is n tokens); counts its calls. Its
+    vocabulary's longest entry is 3 characters."""
 
     backend_tokenizer = _Backend()
 
     def get_vocab(self):
         return {"a": 0, "ab": 1, "abc": 2}
-
-
-class CharTokenizer:
-    """One token per character (so an n-character prompt is n tokens); counts its calls."""
-
-    hf = _HF()
 
     def __init__(self) -> None:
         self.calls = 0

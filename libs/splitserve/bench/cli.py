@@ -115,7 +115,7 @@ def build_workload(args, tokenizer, max_model_len: int | None) -> list:
         return datasets.sharegpt_requests(datasets.load_sharegpt(args.dataset_path), args.num_prompts,
                                           tokenizer.encode, output_len=args.output_len, seed=args.seed,
                                           max_prompt_len=min(1024, total), max_total_len=total)
-    ids = datasets.candidate_token_ids(tokenizer.vocab_size, tokenizer.hf.all_special_ids)
+    ids = datasets.candidate_token_ids(tokenizer.vocab_size, tokenizer.all_special_ids)
     input_len = args.input_len or DEFAULT_INPUT_LEN
     output_len = args.output_len or DEFAULT_OUTPUT_LEN
     if args.dataset == "random":

@@ -24,7 +24,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 class LoadedModel(NamedTuple):
     model: torch.nn.Module
-    tokenizer: object  # splitserve.model.tokenizer.Tokenizer (the HF tokenizer + EOS ids)
+    tokenizer: object  # splitserve.model.tokenizer.Tokenizer (the saved fast tokenizer + EOS ids)
     path: Path
     max_model_len: int  # the model's max_position_embeddings
     vocab_size: int  # rows of the embedding table
@@ -95,8 +95,8 @@ class StaticBatcher:
         self._loop = loop
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._sampler = Sampler()
-        hf_tok = loaded.tokenizer.hf
-        self._pad_id = hf_tok.pad_token_id if hf_tok.pad_token_id is not None else hf_tok.eos_token_id
+        tok = loaded.tokenizer
+        self._pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self._eos = loaded.tokenizer.eos_token_ids
         # transformers 5 names the cache argument `cache`, earlier versions `past_key_values`
         forward_args = inspect.signature(loaded.model.forward).parameters

@@ -198,7 +198,7 @@ class LLMEngine:
             seq.arrival_time = arrival_time
         self._seqs[request_id] = seq
         if detokenize:
-            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer.hf, seq.prompt_token_ids, params)
+            self._detok[request_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params)
         self.scheduler.add(seq)
 
     # ----------------------------------------------------------------------- KV blocks

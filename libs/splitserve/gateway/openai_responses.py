@@ -37,8 +37,7 @@ class TokenText:
 
     @lru_cache(maxsize=65536)
     def bytes(self, token_id: int) -> bytes:
-        hf = self._tok.hf
-        piece = hf.convert_ids_to_tokens(int(token_id))
+        piece = self._tok.convert_ids_to_tokens(int(token_id))
         table = _byte_decoder()
         if isinstance(piece, str) and piece and all(ch in table for ch in piece):
             return bytes(table[ch] for ch in piece)

@@ -32,7 +32,7 @@ class OutputStream:
     """
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams, max_model_len: int) -> None:
-        self._detok = IncrementalDetokenizer(tokenizer.hf, prompt_token_ids, params)
+        self._detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params)
         self._eos = tokenizer.eos_token_ids
         self._params = params
         self._num_prompt_tokens = len(prompt_token_ids)

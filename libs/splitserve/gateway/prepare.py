@@ -134,13 +134,13 @@ def _with_max_tokens(params: SamplingParams, sampling: common_pb2.SamplingParams
 
 
 @lru_cache(maxsize=4)
-def _max_chars_per_token(hf_tokenizer) -> int | None:
+def _max_chars_per_token(tokenizer) -> int | None:
     """Most characters one token can stand for (the longest vocabulary entry), or None when the
     tokenizer normalizes its input (a normalizer may drop characters: no such bound holds then)."""
-    backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.normalizer is not None:
         return None
-    return max((len(piece) for piece in hf_tokenizer.get_vocab()), default=None)
+    return max((len(piece) for piece in tokenizer.get_vocab()), default=None)
 
 
 def _refuse_surely_too_long(request, kind: str, tokenizer, max_model_len: int) -> None:
@@ -155,7 +155,7 @@ def _refuse_surely_too_long(request, kind: str, tokenizer, max_model_len: int) -
         chars = sum(len(m.content) for m in request.chat.messages)
     else:
         return
-    per_token = _max_chars_per_token(tokenizer.hf) if chars >= max_model_len else None
+    per_token = _max_chars_per_token(tokenizer) if chars >= max_model_len else None
     if per_token and chars >= max_model_len * per_token:
         at_least = -(-chars // per_token)
         raise InvalidRequest(kind, f"{kind} is {chars} characters, so at least {at_least} tokens; the context "
