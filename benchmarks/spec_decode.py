@@ -13,7 +13,7 @@ per cell: output tok/s (all tokens over the cell's wall time, prefill included),
 stream (tokens after the first over the time after the first: what speculation speeds up) and the
 time to first token. --offline runs the same cells in one process through `LLM.generate` instead.
 
-    .venv/bin/python benchmarks/spec_decode.py                       # served, ngram, k=4
+    .venv/bin/python benchmarks/spec_decode.py                       # served, ngram, k=8
     .venv/bin/python benchmarks/spec_decode.py --spec '{"method": "ngram", "num_speculative_tokens": 6}'
     .venv/bin/python benchmarks/spec_decode.py --offline --streams 1
 """
@@ -69,7 +69,7 @@ def prompt_ids(tokenizer, prompts: list[tuple[str, str]]) -> list[list[int]]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--spec", default='{"method": "ngram", "num_speculative_tokens": 4}',
+    p.add_argument("--spec", default='{"method": "ngram", "num_speculative_tokens": 8}',
                    help="the speculative config of the second configuration (JSON)")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens of every request")
     p.add_argument("--rounds", type=int, default=3, help="runs of each cell per configuration")

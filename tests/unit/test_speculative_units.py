@@ -10,7 +10,7 @@ import torch
 from splitserve.config.engine import EngineConfig
 from splitserve.config.speculative import SpeculativeConfig
 from splitserve.engine.sampler import Sampler
-from splitserve.engine.speculative import SpeculativeDecoder, ngram_proposal
+from splitserve.engine.speculative import SpeculativeDecoder, StepCost, ngram_proposal, worth_proposing
 from splitserve.sampling_params import SamplingParams
 
 
@@ -151,6 +151,37 @@ def test_the_proposal_length_follows_the_runs_that_hold():
         spec.propose([seq], max_model_len=1000, token_budget=512)
         lengths.append(len(seq.draft_token_ids))
     assert lengths == [4, 2, 4, 8, 8, 7]
+
+
+def test_the_step_cost_fit_finds_a_rows_share_of_a_step():
+    cost = StepCost(prior=0.2)
+    for _ in range(3):
+        cost.observe(1, 0.010)
+    assert cost.row_cost() == 0.2  # too few steps, and one row count only: the prior
+    for rows in (1, 3, 5, 2, 4) * 10:
+        cost.observe(rows, 0.008 + 0.002 * rows)  # a = 8 ms, b = 2 ms: a row is 2/10 of a one-row step
+    assert abs(cost.row_cost() - 0.2) < 1e-9
+    for rows in (1, 4, 8) * 200:
+        cost.observe(rows, 0.010 + 0.0001 * rows)  # a GPU-like step: the fit follows the newer steps
+    assert abs(cost.row_cost() - 0.0001 / 0.0101) < 1e-3
+
+
+def test_proposing_stops_where_the_batch_makes_a_rejected_row_dear():
+    assert worth_proposing(0.3, 1, 0.2) and not worth_proposing(0.15, 1, 0.2)
+    assert worth_proposing(0.55, 4, 0.2) and not worth_proposing(0.45, 4, 0.2)
+    assert not worth_proposing(0.75, 16, 0.2) and worth_proposing(0.85, 16, 0.2)
+    assert worth_proposing(0.1, 16, 0.001)  # rows nearly free: propose whatever the acceptance
+    spec = SpeculativeDecoder(SpeculativeConfig("ngram", 4, 1, 2, max_step_rows=64))
+    rep = [1, 2, 3, 4, 5, 6] * 3
+    seqs = [_Seq(list(rep), len(rep) - 1) for _ in range(6)]
+    seqs[0].spec_acceptance = 0.9
+    for s in seqs[1:]:
+        s.spec_acceptance = 0.4
+    spec.propose(seqs, max_model_len=1000, token_budget=512)
+    assert len(seqs[0].draft_token_ids) == 4  # 0.9 pays in a step of 6 rows (threshold ~0.6)
+    assert all(s.draft_token_ids == [] for s in seqs[1:])  # 0.4 does not, in a step of 10
+    spec.propose(seqs[1:2], max_model_len=1000, token_budget=512)
+    assert len(seqs[1].draft_token_ids) == 4  # alone, 0.4 pays
 
 
 @pytest.mark.parametrize("certain", [False, True], ids=["draft-distribution", "certain-proposals"])

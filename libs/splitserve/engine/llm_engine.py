@@ -259,6 +259,8 @@ class LLMEngine:
             return []
         now = time.monotonic()
         logits, sampled_idx, rows = self.runner.execute(sched.scheduled)
+        if self.spec is not None:
+            self.spec.observe_step(sched.scheduled, time.monotonic() - now)
         for seq, n in sched.scheduled:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
