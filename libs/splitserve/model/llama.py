@@ -16,7 +16,7 @@ from torch import nn
 
 from splitserve.config import env
 from splitserve.model.attention import AttentionMetadata, paged_attention
-from splitserve.kernels import cpu_ops, cpu_quant
+from splitserve.kernels import cpu_ops, cpu_quant, packed_quant
 from splitserve.kernels.cpu_layers import FusedDecode
 
 
@@ -231,10 +231,12 @@ class LlamaModel(nn.Module):
                 quant = blocks.get(f"{prefix}.{name}.weight" if prefix else f"{name}.weight")
                 if quant is not None and isinstance(child, nn.Linear):
                     bias = None if child.bias is None else child.bias.detach()
-                    setattr(module, name, CpuLinear(None, bias, torch.float32, quant))
+                    # an HF checkpoint's GPTQ / AWQ / FP8 tensors: computed by tiles from them
+                    setattr(module, name, packed_quant.PackedLinear(quant, bias)
+                            if isinstance(quant, packed_quant.PackedParts) else CpuLinear(None, bias, torch.float32, quant))
         if "embed_tokens.weight" in blocks:
             self.embed_tokens = QuantEmbedding(blocks["embed_tokens.weight"])
-        if "lm_head.weight" in blocks and not isinstance(self.lm_head, CpuLinear):
+        if "lm_head.weight" in blocks and self.lm_head is None:  # tied: the embedding's blocks
             self.lm_head = CpuLinear(None, None, torch.float32, blocks["lm_head.weight"])
 
     def use_cpu_kernels(self, compute_dtype: torch.dtype) -> None:

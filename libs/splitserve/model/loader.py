@@ -20,6 +20,7 @@ import torch
 
 from splitserve.config.engine import CPU_BF16_FLAGS, resolve_dtype
 from splitserve.kernels import cpu_quant
+from splitserve.model import hf_quant
 from splitserve.model.gguf_file import GGUFFile, GGUFFormatError
 from splitserve.model.llama import LlamaModel, ModelArgs
 # where the weights are: shared with `splitserve up`'s check of --model, which must not import torch
@@ -44,11 +45,13 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
     # float32 on a CPU with the quantized kernel: quantized matrices stay GGUF blocks (their only copy)
     quantized = {} if storage == compute == torch.float32 and torch.device(device).type == "cpu" \
         and cpu_quant.available() else None
+    packed: dict = {}  # an HF quantized checkpoint's GPTQ / AWQ / FP8 weights, kept packed (hf_quant)
     if path.is_dir():
-        args, tensors = _read_hf_folder(path)
+        args, tensors, packed = _read_hf_folder(path)
     else:
         args, tensors = _read_gguf(path, quantized)
-    blocks = _fuse_quantized(args, quantized or {}, tensors)
+    blocks = _fuse_quantized(args, quantized or {}, tensors) | hf_quant.fuse(args.num_layers, args.tie_word_embeddings,
+                                                                            packed, tensors)
     del quantized  # raw views of the file's map: the map is closed once the last goes
     positions = max_positions or args.max_position_embeddings
     with torch.device("meta"), _without_random_init():
@@ -359,11 +362,17 @@ def read_hf_config(path: Path) -> ModelArgs:
         raise ModelLoadError(f"{cfg_file}: missing key {exc.args[0]!r}") from exc
 
 
-def _read_hf_folder(path: Path) -> tuple[ModelArgs, dict[str, np.ndarray | torch.Tensor]]:
+def _read_hf_folder(path: Path) -> tuple[ModelArgs, dict[str, np.ndarray | torch.Tensor], dict]:
+    """The arguments, the float tensors (float32) and, for a quantized checkpoint, its packed weights
+    (`hf_quant.take_packed`: never made float)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     args = read_hf_config(path)
+    try:
+        spec = hf_quant.read_spec(path, json.loads((path / "config.json").read_text()))
+    except (hf_quant.QuantConfigError, ValueError, TypeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path / 'config.json'}: {exc}") from exc
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path}: no *.safetensors weight files")
@@ -376,8 +385,12 @@ def _read_hf_folder(path: Path) -> tuple[ModelArgs, dict[str, np.ndarray | torch
         for name, t in loaded.items():
             key = name.removeprefix("model.")
             key = key.replace("self_attn.", "").replace("mlp.", "")
-            tensors[key] = t.float()
-    return args, tensors
+            tensors[key] = t if spec is not None and hf_quant.keeps_raw(key, t) else t.float()
+    try:
+        packed = hf_quant.take_packed(spec, tensors, path) if spec is not None else {}
+    except hf_quant.QuantConfigError as exc:
+        raise ModelLoadError(str(exc)) from exc
+    return args, tensors, packed
 
 
 # ------------------------------------------------------------------------------------------- common

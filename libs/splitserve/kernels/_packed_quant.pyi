@@ -1,0 +1,6 @@
+# Typed surface of the C extension built from packed_quant.c (pointers are tensors' data_ptr();
+# packed_quant.py checks every tensor when a weight is made; g_idx 0 means groups in order).
+supported: int
+def group_tile(qweight: int, qzeros: int, scales: int, g_idx: int, out: int, bits: int, k: int, n: int, n0: int,
+               n1: int, groups: int, group_size: int, zero_offset: int, awq: int, /) -> None: ...
+def fp8_tile(weight: int, scale: int, out: int, k: int, n0: int, n1: int, scale_rows: int, bn: int, bk: int, /) -> None: ...
