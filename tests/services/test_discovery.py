@@ -180,3 +180,41 @@ def test_up_starts_a_drained_worker_again_without_counting_a_crash(code, drained
         assert child.restarts == 3 and delay <= RESTART_DELAY_S
     else:
         assert child.restarts == 4 and delay > 4 * RESTART_DELAY_S
+
+
+def test_a_draining_worker_refuses_new_calls_with_unavailable_and_counts_running_ones():
+    """splitserve.drain on a real gRPC server: a call admitted before the drain runs to its end
+    (wait_idle sees it leave), one arriving after is UNAVAILABLE, which the gateway retries elsewhere."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+    from splitserve.drain import Drain
+
+    drain, release = Drain("decode"), threading.Event()
+
+    def handler(request, context):
+        with drain.call(context):
+            if request == b"slow":
+                release.wait(10)
+            return b"ok"
+
+    server = grpc.server(ThreadPoolExecutor(4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "t.T", {"Call": grpc.unary_unary_rpc_method_handler(handler)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            call = ch.unary_unary("/t.T/Call")
+            slow = call.future(b"slow", timeout=10)
+            wait_for(lambda: drain.num_calls == 1, 5, "the slow call to be admitted", interval_s=0.01)
+            drain.begin()
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"new", timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in info.value.details()
+            assert not drain.wait_idle(0.1)  # the running call holds the drain
+            release.set()
+            assert slow.result() == b"ok" and drain.wait_idle(5) and drain.num_calls == 0
+    finally:
+        server.stop(0)
