@@ -12,7 +12,7 @@ import pytest
 
 from services_fixture import SERVED_NAME
 from splitserve import SamplingParams
-from splitserve.client import generate
+from splitserve.client import stream_generate
 
 # A: 141 tokens (8 full blocks of 16, 9 with the partial one); LONG: ~1,700 tokens, a long prefill.
 PROMPT_A = "Routing weights decide where a repeated prompt goes. " * 14
@@ -129,14 +129,19 @@ SPEC_PROMPTS = ["List the colours again: red, green, blue, yellow, red, green, b
 def test_speculative_decoding_through_up_keeps_greedy_output_and_counts_its_proposals(stack, llm_f32):
     """The decode worker speculates (n-gram, given to `up`): disaggregated greedy answers are those
     of this process without speculation, and its metrics add up."""
-    sampling = {"max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    sampling = {"max_tokens": 24, "temperature": 0, "ignore_eos": True, "logprobs": 2}
     prompts = [llm_f32.tokenizer.encode(p) for p in SPEC_PROMPTS]
     refs = llm_f32.generate(prompts, SamplingParams(**sampling))
     before = decode_metric(stack, "splitserve_spec_decode_num_accepted_tokens_total")
     for prompt, ref in zip(prompts, refs):
-        ids, text, final = generate(stack.gateway, token_ids=prompt, sampling=sampling, timeout_s=120)
-        assert ids == ref.token_ids and text == ref.text
-        assert final.finish_reason == "length"
+        msgs = list(stream_generate(stack.gateway, token_ids=prompt, sampling=sampling, timeout_s=120))
+        ids = [t for m in msgs for t in m.token_ids]
+        assert ids == ref.token_ids and "".join(m.text for m in msgs) == ref.text
+        assert msgs[-1].finish_reason == "length"
+        lps = [lp for m in msgs for lp in m.logprobs]  # the target model's, within the served path's last bits
+        assert [lp.token_id for lp in lps] == ids
+        assert all(abs(a.logprob - b.logprob) < 1e-4 and [t.token_id for t in a.top] == [t for t, _ in b.top]
+                   for a, b in zip(lps, ref.logprobs))
     drafted = decode_metric(stack, "splitserve_spec_decode_num_draft_tokens_total")
     accepted = decode_metric(stack, "splitserve_spec_decode_num_accepted_tokens_total")
     per_pos = decode_metric(stack, "splitserve_spec_decode_num_accepted_tokens_per_pos_total")
