@@ -10,6 +10,7 @@ from splitserve.config.speculative import SpeculativeConfig, canonical
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZED_MATMULS = ("auto", "exact", "int8")
+QUANTIZATIONS = ("none", "int8")
 # what "auto" runs: measured on a 2-core AVX2 VM (docs/performance.md, benchmarks/quality_gate.py)
 QUANTIZED_MATMUL_AUTO = "exact"
 # flags in /proc/cpuinfo that mean bfloat16 dot products in hardware
@@ -56,6 +57,12 @@ class ModelConfig:
     "int8" (activations quantized to 8 bits per block of 32, integer dot products at every row
     count: faster decode steps, perplexity within 1% of exact, greedy tokens may differ from
     exact's). "auto" picks the one measured best (docs/performance.md). Other models ignore it."""
+    quantization: str = field(default="none", metadata={"choices": QUANTIZATIONS})
+    """Quantize a checkpoint's float projection weights at load time: "int8" keeps each as signed
+    8-bit codes with one scale per output channel (a quarter of float32's bytes), computed by the
+    same kernels as GGUF's blocks (float32 on the CPU only). Weights the checkpoint already stores
+    quantized (GGUF blocks, GPTQ, AWQ, FP8) are kept as they are; embeddings, norms and the LM head
+    stay float. "none" (the default) computes with the checkpoint's values."""
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -63,6 +70,8 @@ class ModelConfig:
         if self.quantized_matmul not in QUANTIZED_MATMULS:
             raise ValueError(f"quantized_matmul must be one of {', '.join(QUANTIZED_MATMULS)}, "
                              f"got {self.quantized_matmul!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.device.startswith("cpu") and self.dtype == "float16":
             raise ValueError("dtype 'float16' is not supported on the CPU; use 'float32' or 'bfloat16'")
         if self.max_model_len is not None and self.max_model_len < 1:

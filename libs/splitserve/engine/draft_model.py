@@ -40,7 +40,7 @@ class DraftModel:
             if path.resolve() == target.model_path.resolve():
                 self.model = target.model  # the target as its own draft: no second copy of the weights
             else:
-                self.model, _ = load_model(config.model, mc.dtype, mc.device, mc.max_model_len)
+                self.model, _ = load_model(config.model, mc.dtype, mc.device, mc.max_model_len, mc.quantization)
                 self.model.set_quantized_matmul(target.quantized_matmul)
         except (OSError, ValueError) as exc:  # a missing or unreadable draft names the key it came from
             raise ValueError(f"speculative_config.model: {exc}") from exc

@@ -85,7 +85,7 @@ class LLMEngine:
             self.model, self.model_path = share_weights_with.model, share_weights_with.model_path
             self.tokenizer = share_weights_with.tokenizer
         else:
-            self.model, self.model_path = load_model(mc.model, mc.dtype, mc.device, mc.max_model_len)
+            self.model, self.model_path = load_model(mc.model, mc.dtype, mc.device, mc.max_model_len, mc.quantization)
             self.tokenizer = load_tokenizer(self.model_path)
         self.quantized_matmul = QUANTIZED_MATMUL_AUTO if mc.quantized_matmul == "auto" else mc.quantized_matmul
         if mc.quantized_matmul == "auto" and self.model.fused_decode is not None:

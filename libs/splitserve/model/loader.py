@@ -22,7 +22,9 @@ from splitserve.config.engine import CPU_BF16_FLAGS, resolve_dtype
 from splitserve.kernels import cpu_quant
 from splitserve.model import hf_quant
 from splitserve.model.gguf_file import GGUFFile, GGUFFormatError
+from splitserve.model.int8_load import check_quantization, quantize_int8
 from splitserve.model.llama import LlamaModel, ModelArgs
+
 # where the weights are: shared with `splitserve up`'s check of --model, which must not import torch
 from splitserve.model.paths import default_model_path, resolve_model_path  # noqa: F401 (default_model_path: re-exported)
 
@@ -33,9 +35,10 @@ class ModelLoadError(ValueError):
     """A model file or folder that exists but cannot be loaded; the message names the file."""
 
 
-def load_model(model: str | None, dtype: str, device: str, max_positions: int | None = None) -> tuple[LlamaModel, Path]:
-    """Builds the model with its weights; returns it with the resolved path. `dtype` is a concrete
-    one ("auto" is resolved before, by `resolve_model_dtype`)."""
+def load_model(model: str | None, dtype: str, device: str, max_positions: int | None = None,
+               quantization: str = "none") -> tuple[LlamaModel, Path]:
+    """The model with its weights, and the resolved path. `dtype`: a concrete one ("auto" is resolved
+    by `resolve_model_dtype`); `quantization`: see int8_load."""
     if dtype not in TORCH_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(TORCH_DTYPES)} here, got {dtype!r} "
                          "(resolve 'auto' with resolve_model_dtype first)")
@@ -45,6 +48,7 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
     # float32 on a CPU with the quantized kernel: quantized matrices stay GGUF blocks (their only copy)
     quantized = {} if storage == compute == torch.float32 and torch.device(device).type == "cpu" \
         and cpu_quant.available() else None
+    check_quantization(quantization, quantized is not None, dtype, device)
     packed: dict = {}  # an HF quantized checkpoint's GPTQ / AWQ / FP8 weights, kept packed (hf_quant)
     if path.is_dir():
         args, tensors, packed = _read_hf_folder(path)
@@ -52,6 +56,7 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
         args, tensors = _read_gguf(path, quantized)
     blocks = _fuse_quantized(args, quantized or {}, tensors) | hf_quant.fuse(args.num_layers, args.tie_word_embeddings,
                                                                             packed, tensors)
+    blocks |= quantize_int8(args, tensors, skip=blocks) if quantization == "int8" else {}
     del quantized  # raw views of the file's map: the map is closed once the last goes
     positions = max_positions or args.max_position_embeddings
     with torch.device("meta"), _without_random_init():
@@ -95,8 +100,7 @@ def _fuse_quantized(args: ModelArgs, quantized: dict, tensors: dict) -> dict[str
     tied: one copy), `layers.N.self_attn.qkv_proj.weight`, ... A fused projection whose parts are
     not all blocks of one format is dequantized into `tensors` instead (the float32 GEMM runs it): a
     Q4_K_M file's Q6_K attn_v beside Q4_K q/k, say. Raw rows of one format stack whatever it is (a
-    K-quant row is its super-blocks, as a 32-weight format's is its blocks).
-    Empties `quantized`."""
+    K-quant row is its super-blocks, as a 32-weight format's is its blocks). Empties `quantized`."""
     fused: dict[str, cpu_quant.QuantWeight] = {}
     for name in ("embed_tokens.weight", "lm_head.weight"):
         if name in quantized:

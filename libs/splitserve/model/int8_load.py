@@ -1,0 +1,59 @@
+"""`--quantization int8`: a float checkpoint's projections quantized at load time, per output
+channel, to signed 8-bit codes held as Q8_0 blocks whose every block of a row carries the row's
+scale. They then run on the kernels GGUF's blocks run on (kernels/cpu_quant.c: exact float
+arithmetic on d * q, or the int8 path), with no float copy resident: a quarter of float32's bytes
+plus 2 bytes per 32 weights."""
+from __future__ import annotations
+
+import numpy as np
+
+from splitserve.kernels import cpu_quant
+
+
+def check_quantization(quantization: str, cpu_kernels: bool, dtype: str, device: str) -> None:
+    """`quantization` is "none", or "int8" where the model computes on the CPU's quantized kernels
+    in float32 (`cpu_kernels`)."""
+    if quantization not in ("none", "int8"):
+        raise ValueError(f"quantization must be 'none' or 'int8', got {quantization!r}")
+    if quantization == "int8" and not cpu_kernels:
+        raise ValueError(f"quantization 'int8' computes with the CPU's quantized kernels in float32: use "
+                         f"dtype float32 on the CPU (got dtype {dtype!r} on {device!r}"
+                         f"{'' if cpu_quant.available() else ', and the kernels are not built'})")
+
+
+PROJECTION_PARTS = (("self_attn.qkv_proj.weight", ("q_proj", "k_proj", "v_proj")), ("self_attn.o_proj.weight", ("o_proj",)),
+                    ("mlp.gate_up_proj.weight", ("gate_proj", "up_proj")), ("mlp.down_proj.weight", ("down_proj",)))
+
+
+def quantize_int8(args, tensors: dict, skip: dict) -> dict[str, cpu_quant.QuantWeight]:
+    """The float projections of `tensors` (fused as the model holds them; the ones in `skip` are
+    already kept quantized) as per-channel int8, removed from `tensors`: `int8_blocks`."""
+    out = {}
+    for i in range(args.num_layers):
+        p = f"layers.{i}."
+        for target, parts in PROJECTION_PARTS:
+            names = [f"{p}{part}.weight" for part in parts]
+            if p + target in skip or not all(n in tensors for n in names):
+                continue
+            weight = np.concatenate([np.asarray(tensors.pop(n), dtype=np.float32) for n in names])
+            out[p + target] = cpu_quant.QuantWeight.from_gguf("Q8_0", int8_blocks(weight))
+    return out
+
+
+def int8_blocks(weight: np.ndarray) -> np.ndarray:
+    """W [N, K] float as Q8_0 blocks (uint8 [N, K / 32 * 34]) with one scale per row: d = the row's
+    largest |w| / 127, rounded to float16 (the block format's scale), and codes round(w / d) in
+    [-127, 127]. Every block of a row carries the same d, so the row is per-channel int8 and runs
+    on the Q8_0 kernels (exact float arithmetic on d * q, or the int8 path)."""
+    w = np.asarray(weight, dtype=np.float32)
+    if w.ndim != 2 or w.shape[1] % 32:
+        raise ValueError(f"int8 quantization needs a matrix with a multiple of 32 columns, got {w.shape}")
+    n, k = w.shape
+    d = (np.abs(w).max(axis=1) / 127).astype(np.float16)
+    d32 = d.astype(np.float32)
+    safe = np.where(d32 > 0, d32, 1.0)[:, None]
+    codes = np.clip(np.rint(w / safe), -127, 127).astype(np.int8)
+    blocks = np.empty((n, k // 32, 34), np.uint8)
+    blocks[:, :, :2] = np.repeat(d.view(np.uint8).reshape(n, 1, 2), k // 32, axis=1)
+    blocks[:, :, 2:] = codes.view(np.uint8).reshape(n, k // 32, 32)
+    return blocks.reshape(n, k // 32 * 34)
