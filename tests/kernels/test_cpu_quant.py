@@ -241,3 +241,28 @@ def test_the_loaded_model_computes_its_float32_weights_from_the_blocks(llm_f32):
         finally:
             lin.quant_rows = saved
         assert torch.equal(through_kernel, through_gemm), name
+
+
+@needs_kernel
+def test_the_tile_buffer_made_in_inference_mode_serves_calls_outside_it():
+    """A thread's first tiled call inside inference mode (an engine step) makes the shared buffer;
+    a later call outside it (a user's module call) must still write into it."""
+    import threading
+
+    w = QuantWeight.from_gguf("Q4_1", random_blocks("Q4_1", 9, 64, seed=3))
+    x = torch.randn(60, 64, generator=torch.Generator().manual_seed(1))
+    out, errors = [], []
+
+    def run():
+        try:
+            with torch.inference_mode():
+                out.append(cpu_quant.linear_tiled(x, w).clone())
+            out.append(cpu_quant.linear_tiled(x, w))
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)  # a fresh thread: its own buffer, made in inference mode
+    thread.start()
+    thread.join()
+    assert not errors, errors
+    assert torch.equal(out[0], out[1])

@@ -154,8 +154,8 @@ def _retyped_gguf(src, dst, retype: dict, untie_as=None, rename: dict | None = N
 @needs_kernel
 def test_a_mix_of_formats_loads_and_answers_as_its_float32_copies(llm_f32, tmp_path, monkeypatch):
     """The default model re-quantized in parts: a Q4_0 embedding and layer 1, an untied Q4_1 LM
-    head, a Q8_0 q_proj beside Q4_1 k/v (a fused qkv of mixed formats: dequantized, the float GEMM
-    runs it), an F16 down_proj. Held as blocks where it can be, it answers as the same file loaded
+    head, a Q8_0 q_proj beside Q4_1 k/v (a fused qkv of mixed formats: a part a format, model/
+    quant_parts.py), an F16 down_proj (dequantized: the float GEMM runs it). Held as blocks where it can be, it answers as the same file loaded
     with float32 copies everywhere (SPLITSERVE_CPU_QUANT=off)."""
     import gguf
 
@@ -175,7 +175,8 @@ def test_a_mix_of_formats_loads_and_answers_as_its_float32_copies(llm_f32, tmp_p
              for name, m in blocks.named_modules() if isinstance(m, CpuLinear)}
     assert not blocks.args.tie_word_embeddings and blocks.embed_tokens.quant.kind == "Q4_0"
     assert kinds["lm_head"] == ("quant", "Q4_1")
-    assert kinds["layers.0.self_attn.qkv_proj"] == ("onednn", None)
+    assert [kinds[f"layers.0.self_attn.qkv_proj.parts.{i}"] for i in range(3)] == \
+        [("quant", "Q8_0"), ("quant", "Q4_1"), ("quant", "Q4_1")]
     assert kinds["layers.0.mlp.gate_up_proj"] == ("quant", "Q4_1")
     assert {kinds[f"layers.1.{p}"] for p in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj",
                                               "mlp.down_proj")} == {("quant", "Q4_0")}

@@ -251,10 +251,13 @@ _ONEDNN = bool(torch.backends.mkldnn.is_available()) and hasattr(torch.ops.mkldn
 
 
 def _tile_buffer() -> torch.Tensor:
-    """This thread's dequantized tile: float32 [TILE_FLOATS], made on its first use."""
+    """This thread's dequantized tile: float32 [TILE_FLOATS], made on its first use. Made as a
+    normal tensor even inside inference mode (where an engine step first asks for it): an inference
+    tensor could not be written by a later call outside that mode."""
     buf = getattr(_scratch, "tile", None)
     if buf is None:
-        buf = _scratch.tile = torch.empty(TILE_FLOATS, dtype=torch.float32)
+        with torch.inference_mode(False):
+            buf = _scratch.tile = torch.empty(TILE_FLOATS, dtype=torch.float32)
     return buf
 
 

@@ -18,6 +18,7 @@ from splitserve.config import env
 from splitserve.model.attention import AttentionMetadata, paged_attention
 from splitserve.kernels import cpu_ops, cpu_quant, packed_quant
 from splitserve.kernels.cpu_layers import FusedDecode
+from splitserve.model import quant_parts
 
 
 @dataclass(frozen=True)
@@ -232,8 +233,12 @@ class LlamaModel(nn.Module):
                 if quant is not None and isinstance(child, nn.Linear):
                     bias = None if child.bias is None else child.bias.detach()
                     # an HF checkpoint's GPTQ / AWQ / FP8 tensors: computed by tiles from them
-                    setattr(module, name, packed_quant.PackedLinear(quant, bias)
-                            if isinstance(quant, packed_quant.PackedParts) else CpuLinear(None, bias, torch.float32, quant))
+                    if isinstance(quant, packed_quant.PackedParts):
+                        setattr(module, name, packed_quant.PackedLinear(quant, bias))
+                    elif isinstance(quant, quant_parts.QuantParts):  # a part a block format
+                        setattr(module, name, quant_parts.QuantPartsLinear(quant, bias))
+                    else:
+                        setattr(module, name, CpuLinear(None, bias, torch.float32, quant))
         if "embed_tokens.weight" in blocks:
             self.embed_tokens = QuantEmbedding(blocks["embed_tokens.weight"])
         if "lm_head.weight" in blocks and self.lm_head is None:  # tied: the embedding's blocks

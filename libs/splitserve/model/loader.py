@@ -20,7 +20,7 @@ import torch
 
 from splitserve.config.engine import CPU_BF16_FLAGS, resolve_dtype
 from splitserve.kernels import cpu_quant
-from splitserve.model import hf_quant
+from splitserve.model import hf_quant, quant_parts
 from splitserve.model.gguf_file import GGUFFile, GGUFFormatError
 from splitserve.model.int8_load import check_quantization, quantize_int8
 from splitserve.model.llama import LlamaModel, ModelArgs
@@ -98,9 +98,9 @@ def _fuse_quantized(args: ModelArgs, quantized: dict, tensors: dict) -> dict[str
     """The kept blocks as `QuantWeight`s under the model's parameter names, fused as `_to_state_dict`
     fuses float weights: `embed_tokens.weight`, `lm_head.weight` (the embedding's own object when
     tied: one copy), `layers.N.self_attn.qkv_proj.weight`, ... A fused projection whose parts are
-    not all blocks of one format is dequantized into `tensors` instead (the float32 GEMM runs it): a
-    Q4_K_M file's Q6_K attn_v beside Q4_K q/k, say. Raw rows of one format stack whatever it is (a
-    K-quant row is its super-blocks, as a 32-weight format's is its blocks). Empties `quantized`."""
+    blocks of different formats (a Q4_K_M file's Q6_K attn_v beside Q4_K q/k) keeps a part a format
+    (`quant_parts`); one with a part not kept as blocks is dequantized into `tensors` (the float32
+    GEMM runs it). Raw rows of one format stack (a K-quant row is its super-blocks). Empties `quantized`."""
     fused: dict[str, cpu_quant.QuantWeight] = {}
     for name in ("embed_tokens.weight", "lm_head.weight"):
         if name in quantized:
@@ -114,8 +114,8 @@ def _fuse_quantized(args: ModelArgs, quantized: dict, tensors: dict) -> dict[str
                               (p + "mlp.gate_up_proj.weight", ("gate_proj", "up_proj")),
                               (p + "mlp.down_proj.weight", ("down_proj",))):
             found = [quantized.pop(f"{p}{part}.weight", None) for part in parts]
-            if all(w is not None for w in found) and len({kind for kind, _ in found}) == 1:
-                fused[target] = cpu_quant.QuantWeight.from_gguf(found[0][0], np.concatenate([raw for _, raw in found]))
+            if all(w is not None for w in found):  # one block matrix, or a part a format (quant_parts)
+                fused[target] = quant_parts.fuse(found)
                 continue
             for part, kept in zip(parts, found):
                 if kept is not None:
