@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 
 import grpc
 from google.protobuf import message_factory
@@ -106,7 +107,7 @@ _NO_REUSEPORT = [("grpc.so_reuseport", 0)]
 
 def create_server(
     host: str, port: int, max_workers: int = 16, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-    credentials: grpc.ServerCredentials | None = None,
+    credentials: grpc.ServerCredentials | None = None, interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int]:
     """A sync gRPC server bound (insecure) to host:port, not started yet, and the bound port.
 
@@ -114,7 +115,7 @@ def create_server(
     """
     server = grpc.server(
         ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        options=size_options(max_message_bytes) + _NO_REUSEPORT,
+        options=size_options(max_message_bytes) + _NO_REUSEPORT, interceptors=list(interceptors) or None,
     )
     return server, _bind(server, host, port, credentials)
 

@@ -18,6 +18,7 @@ import logging
 import sys
 from dataclasses import dataclass
 
+from splitserve import tracing
 from splitserve.engine.llm_engine import StepOutput
 from splitserve.sampling_params import SamplingParams
 from splitserve.transfer.fetch import BlockFetcher, FetchPlan, TransferOutcome
@@ -54,20 +55,23 @@ class StreamState:
 class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
     def __init__(self, worker: Worker) -> None:
         super().__init__(worker)
+        tracing.setup(worker.config.tracing, worker.role)  # before any kvstore client: its channel carries the trace
         self.fetcher = BlockFetcher(worker.kvstore_client, worker.metrics)
         self.metrics = worker.metrics
         worker.counters = lambda: {"num_imported_blocks": self.fetcher.num_imported_blocks,
                                    "num_recomputed": self.fetcher.num_recomputed}
 
     def Decode(self, request, context):
-        with self.worker.drain.call(context):  # refused (UNAVAILABLE) while draining
-            yield from self._decode(request, context)
+        with self.worker.drain.call(context), \
+                tracing.server_span("decode.request", context, request.request_id) as span:
+            yield from self._decode(request, context, span)
 
-    def _decode(self, request, context):
+    def _decode(self, request, context, span=tracing.NOOP):
         call = self._parse(request, context)
         hashes = self.worker.prompt_hashes(call.prompt, call.cache_salt)
         plan = FetchPlan(hashes, self.worker.num_local_prefix_blocks(hashes), request.kvstore_address)
-        fetched = self.fetcher.fetch(plan, lease_id=call.request_id)
+        with tracing.active("kv.fetch", span):
+            fetched = self.fetcher.fetch(plan, lease_id=call.request_id)
         if fetched.error:
             logger.warning("KV fetch failed: request_id=%s error=%r (recomputing)", call.request_id, fetched.error)
         stream = self.worker.admit(
@@ -79,6 +83,9 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
         self.worker.drain.track(stream)
         try:
             for out in stream:
+                if out.finished:
+                    tracing.record("decode.queue", span, out.arrival_time, out.first_scheduled_time)
+                    tracing.record("decode.generate", span, out.first_scheduled_time, out.token_time)
                 yield self._respond(call, state, out)
             if not state.ended and self.worker.drain.expired:  # handed back: the gateway resumes it
                 state.ended = True

@@ -14,7 +14,7 @@ import asyncio
 import logging
 from contextlib import aclosing
 
-from splitserve import logs
+from splitserve import logs, tracing
 from splitserve.config import env
 from splitserve.config.flags import add_config_args, config_from_args
 from splitserve.config.gateway import GatewayConfig
@@ -39,6 +39,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     async def Generate(self, request, context):
         metadata = dict(context.invocation_metadata() or ())
+        tracing.set_incoming(metadata.get(tracing.TRACEPARENT))  # a client's trace is continued
         if not request.request_id:
             rid = metadata.get("x-request-id", "")
             if isinstance(rid, str) and rid:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from splitserve import rpc
+from splitserve import rpc, tracing
 from splitserve.config.flags import parse_role_args
 from splitserve.config.kvstore import KVStoreConfig
 from splitserve.kvstore import shm
@@ -107,9 +107,11 @@ class KVStoreServer:
         self.config = config
         self.node = KVStoreNode(config)
         server_creds, _ = rpc.mtls_credentials(config.tls_ca_file, config.tls_cert_file, config.tls_key_file)
+        tracing.setup(config.tracing, "kvstore")
         try:
-            self.server, self.port = rpc.create_server(config.host, config.port, config.max_workers,
-                                                       config.max_message_bytes, credentials=server_creds)
+            self.server, self.port = rpc.create_server(
+                config.host, config.port, config.max_workers, config.max_message_bytes, credentials=server_creds,
+                interceptors=tracing.server_interceptors(SERVICE_NAME, "kvstore"))
         except BaseException:
             self.node.close()
             raise

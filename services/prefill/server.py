@@ -20,6 +20,7 @@ import sys
 
 import grpc
 
+from splitserve import tracing
 from splitserve.engine.engine_loop import RequestAborted
 from splitserve.engine.llm_engine import StepOutput
 from splitserve.transfer.export import BlockExporter
@@ -35,23 +36,26 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
     def __init__(self, worker: Worker) -> None:
         super().__init__(worker)
         cfg = worker.config
+        tracing.setup(cfg.tracing, worker.role)  # before the kvstore client: its channel carries the trace
         self.exporter = BlockExporter(worker.kvstore_client(cfg.kvstore) if cfg.kvstore else None, worker.metrics,
                                       worker.sync_ownership, cfg.kv_lease_ttl_s)
         self.metrics = worker.metrics
         worker.counters = lambda: {"num_blocks_put": self.exporter.num_blocks_put}
 
     def Prefill(self, request, context):
-        with self.worker.drain.call(context):  # refused (UNAVAILABLE) while draining
-            return self._prefill(request, context)
+        with self.worker.drain.call(context), \
+                tracing.server_span("prefill.request", context, request.request_id) as span:
+            return self._prefill(request, context, span)
 
-    def _prefill(self, request, context):
+    def _prefill(self, request, context, span=tracing.NOOP):
         try:
             params = sampling_from_proto(request.sampling)
         except ValueError as exc:
             self.worker.reject_invalid(context, exc)
         request_id = request.request_id or f"prefill-{id(request)}"
         prompt = list(request.prompt_token_ids)
-        skip = self.exporter.skip(self.worker.prompt_hashes(prompt, request.cache_salt))
+        with tracing.outgoing(span):  # the Contains call it starts is part of the trace
+            skip = self.exporter.skip(self.worker.prompt_hashes(prompt, request.cache_salt))
         stream = self.worker.admit(context, request_id, prompt, dataclasses.replace(params, max_tokens=1),
                                    cache_salt=request.cache_salt or None, detokenize=False,
                                    export_blocks=True, export_skip=skip)
@@ -61,7 +65,10 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
         finally:
             self.worker.drain.untrack(stream)
         hashes = out.prompt_block_hashes
-        export = self.exporter.export(request_id, hashes, out.exported_blocks)
+        tracing.record("prefill.queue", span, out.arrival_time, out.first_scheduled_time)
+        tracing.record("prefill.compute", span, out.first_scheduled_time, out.first_token_time)
+        with tracing.active("kv.put", span):
+            export = self.exporter.export(request_id, hashes, out.exported_blocks)
         if export.error:
             logger.warning("kvstore put failed: request_id=%s code=%s (decode will recompute)", request_id,
                            export.error)

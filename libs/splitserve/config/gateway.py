@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from splitserve.config.flags import composed
-from splitserve.config.parts import ServerConfig, TLSConfig
+from splitserve.config.parts import ServerConfig, TLSConfig, TracingConfig
 
 GATEWAY_PORT = 50051  # the default gRPC port clients call (`up --grpc-port`)
 
@@ -87,6 +87,8 @@ class GatewayConfig:
     """Socket timeout of the ownership lookup; after a failure Redis is skipped for 2 s."""
     router: RouterConfig = field(default_factory=RouterConfig)
     """Routing policy weights and thresholds."""
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    """Trace spans (off unless otlp_endpoint is set)."""
 
     def __post_init__(self) -> None:
         if not self.discovers and not (self.prefill_addresses and self.decode_addresses):

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from splitserve.config.flags import composed
-from splitserve.config.parts import InternalServerConfig, MetricsConfig, OwnershipConfig, TLSConfig
+from splitserve.config.parts import InternalServerConfig, MetricsConfig, OwnershipConfig, TLSConfig, TracingConfig
 
 _GIB = 1 << 30
 CHUNK_OVERHEAD = 64 << 10  # room for header, hash and framing beside a chunk's data, bytes
@@ -50,6 +50,8 @@ class KVStoreConfig:
     """On SIGTERM/SIGINT, seconds in-flight RPCs get to finish."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """The Prometheus endpoint."""
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    """Trace spans (off unless otlp_endpoint is set)."""
 
     def __post_init__(self) -> None:
         if not self.capacity_bytes >= 1:

@@ -82,3 +82,19 @@ class OwnershipConfig:
             raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
         if not 0 < self.ownership_ttl_s < math.inf:
             raise ValueError(f"ownership_ttl_s must be a positive number of seconds, got {self.ownership_ttl_s}")
+
+
+@dataclass(frozen=True)
+class TracingConfig:
+    otlp_endpoint: str = ""
+    """OpenTelemetry collector this process exports trace spans to, over OTLP/gRPC (HOST:PORT, or
+    http:// or https:// URL); empty: no tracing, and OpenTelemetry is not even imported."""
+    trace_sample_ratio: float = 1.0
+    """Share of new traces recorded (0-1); a request that arrives with a traceparent follows its
+    caller's decision."""
+
+    def __post_init__(self) -> None:
+        if self.otlp_endpoint != self.otlp_endpoint.strip() or " " in self.otlp_endpoint:
+            raise ValueError(f"otlp_endpoint must be HOST:PORT or a URL without spaces, got {self.otlp_endpoint!r}")
+        if not 0.0 <= self.trace_sample_ratio <= 1.0:
+            raise ValueError(f"trace_sample_ratio must be in [0, 1], got {self.trace_sample_ratio}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from splitserve.config.cpus import parse_cpu_list
 from splitserve.config.engine import EngineConfig
 from splitserve.config.flags import composed
-from splitserve.config.parts import InternalServerConfig, MetricsConfig, OwnershipConfig, TLSConfig
+from splitserve.config.parts import InternalServerConfig, MetricsConfig, OwnershipConfig, TLSConfig, TracingConfig
 from splitserve.rpc import mtls_credentials
 
 WORKER_PORT = 50061  # the default gRPC port of a worker (compose's prefill; `up` picks free ones)
@@ -29,6 +29,8 @@ class WorkerConfig:
     """The Prometheus endpoint."""
     ownership: OwnershipConfig = field(default_factory=OwnershipConfig)
     """Redis records of the blocks in this worker's prefix cache."""
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    """Trace spans (off unless otlp_endpoint is set)."""
     kvstore: str = ""
     """Address of the kvstore the blocks go through ("" = none: decode recomputes prompts)."""
     kv_lease_ttl_s: float = 60.0

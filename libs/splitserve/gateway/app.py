@@ -21,6 +21,7 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2
 
+from splitserve import tracing
 from splitserve.config.gateway import GatewayConfig
 from splitserve.gateway.discovery import Discovery
 from splitserve.gateway.http import HttpApi, HttpServer
@@ -117,6 +118,7 @@ def _service(config: GatewayConfig) -> GatewayService:
 async def serve(config: GatewayConfig, servicer: ServicerFactory, wait_ready: bool = True) -> GatewayHandle:
     """Starts the gateway on the running event loop; with wait_ready, returns once it is SERVING
     (bounded by config.startup_timeout_s; on failure the server is stopped and the error raised)."""
+    tracing.setup(config.tracing, "gateway")
     tls = (config.tls_cert_file, config.tls_key_file) if config.tls_cert_file else None
     server, port = create_aio_server(config.host, config.port, config.max_message_bytes,
                                      server_credentials(*tls) if tls else None)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from splitserve import tracing
 from splitserve.gateway.prepare import PreparedRequest
 from splitserve.v1 import common_pb2
 
@@ -57,3 +58,4 @@ class RequestContext:
     times: StageTimes
     route: RouteTrace = field(default_factory=RouteTrace)
     owners: list[set[str]] = field(default_factory=list)  # Redis owner ids per prompt block (empty sets: unknown)
+    span: tracing.Span | tracing.NoopSpan = tracing.NOOP  # the request's gateway span (splitserve.tracing)

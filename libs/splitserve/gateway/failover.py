@@ -17,6 +17,7 @@ from typing import AsyncIterator, Callable
 
 import grpc
 
+from splitserve import tracing
 from splitserve.gateway.context import RequestContext
 from splitserve.gateway.errors import GatewayError, worker_error
 from splitserve.gateway.output import Delta, OutputStream
@@ -117,21 +118,25 @@ class RequestPipeline:
                                                               exclude=tried), last)
             worker = decision.worker
             tokens = len(req.prompt_token_ids) - decision.hit_blocks * bs  # expected uncached tokens
+            span = tracing.start("gateway.prefill", ctx.span, request_id=req.downstream_id, kind="client")
+            span.set("splitserve.worker", worker.address)
             call = self._pool.prefill_stub(worker.address).Prefill(
                 prefill_pb2.PrefillRequest(request_id=req.downstream_id, prompt_token_ids=req.prompt_token_ids,
                                            sampling=req.sampling, cache_salt=req.cache_salt),
-                timeout=remaining_s(ctx.deadline))
+                timeout=remaining_s(ctx.deadline), metadata=span.metadata())
             router.begin(worker, tokens)
             try:
                 first = await call
                 ctx.route.prefill_worker, ctx.route.prefill_reason = worker.address, decision.reason
                 return first
             except grpc.aio.AioRpcError as exc:
+                span.set_error(exc.code().name)
                 last = self._failed(PREFILL, worker, exc, tried)
                 log.warning("prefill retry: request_id=%s worker=%s error=%s", req.request_id, worker.address, last)
             finally:
                 router.end(worker, tokens)
                 call.cancel()  # no-op when it completed; cancels it when we were cancelled
+                span.end()
 
     async def decode(self, ctx: RequestContext, first: prefill_pb2.PrefillResponse,
                      out: OutputStream) -> AsyncIterator[Delta]:
@@ -145,8 +150,11 @@ class RequestPipeline:
                                                              len(req.prompt_token_ids) + len(out.token_ids),
                                                              exclude=tried), last)
             worker = decision.worker
+            span = tracing.start("gateway.decode", ctx.span, request_id=req.downstream_id, kind="client")
+            span.set("splitserve.worker", worker.address)
             call = self._pool.decode_stub(worker.address).Decode(decode_request(ctx, first, out),
-                                                                 timeout=remaining_s(ctx.deadline))
+                                                                 timeout=remaining_s(ctx.deadline),
+                                                                 metadata=span.metadata())
             router.begin(worker)
             ctx.route.decode_worker = worker.address
             worker_done = False  # the worker sent its finish_reason: nothing left to cancel
@@ -165,6 +173,7 @@ class RequestPipeline:
                 raise GatewayError(Code.INTERNAL, f"decode worker {worker.address} ended the stream "
                                                   "without a finish reason")
             except grpc.aio.AioRpcError as exc:
+                span.set_error(exc.code().name)
                 last = self._failed(DECODE, worker, exc, tried)
                 log.warning("decode resume: request_id=%s worker=%s tokens_streamed=%d error=%s",
                             req.request_id, worker.address, len(out.token_ids), last)
@@ -172,3 +181,4 @@ class RequestPipeline:
                 router.end(worker)
                 if not worker_done:
                     call.cancel()  # a stop string, our own limit, an error, or the client went away
+                span.end()

@@ -33,6 +33,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from splitserve import tracing
 from splitserve.gateway import openai_api as oa
 from splitserve.gateway import openai_responses as answers
 from splitserve.gateway.disconnect import ClientDisconnected, until_disconnect
@@ -190,6 +191,7 @@ class HttpApi:
         try:
             self._check_key(request)
             request_id = oa.new_request_id(request.headers.get("x-request-id"))
+            tracing.set_incoming(request.headers.get(tracing.TRACEPARENT))  # read by service.run, in this task's context
             raw = await self._body(request)
             if not self.service.ready:
                 raise GatewayError(Code.UNAVAILABLE, "gateway not ready: waiting for a prefill and a decode worker")

@@ -19,6 +19,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from splitserve import tracing
 from splitserve.config.gateway import GatewayConfig
 from splitserve.gateway.context import RequestContext, StageTimes
 from splitserve.gateway.errors import GatewayError, reject_reason
@@ -173,7 +174,9 @@ class GatewayService:
         response carrying finish_reason, usage and timings. `arrival`: time.monotonic() when the
         request arrived; `time_remaining`: the client's own deadline, in seconds, if it set one."""
         timeout_s = min(self._config.request_timeout_s, math.inf if time_remaining is None else time_remaining)
-        ctx = RequestContext(req, deadline=arrival + timeout_s, times=StageTimes(arrival))
+        span = tracing.start("gateway.request", tracing.incoming(), request_id=req.request_id, at=arrival,
+                             kind="server")
+        ctx = RequestContext(req, deadline=arrival + timeout_s, times=StageTimes(arrival), span=span)
         done = False  # the final response was handed out: a close after it is no cancellation
         try:
             first, out, delta = await self._prefill(ctx)
@@ -190,6 +193,10 @@ class GatewayService:
             if not done:
                 self.rejected(Code.CANCELLED)
             raise
+        finally:
+            if not done:
+                span.set_error("failed or cancelled before the final response")
+            span.end()
 
     async def _prefill(self, ctx: RequestContext) -> tuple[prefill_pb2.PrefillResponse, OutputStream, Delta]:
         """Reads the prompt blocks' owners, prefills, and starts the output with the first token;
@@ -209,6 +216,7 @@ class GatewayService:
         times = ctx.times
         times.first = time.monotonic()
         self.metrics.observe_queue(times.prefill - times.arrival)
+        tracing.record("gateway.queue", ctx.span, times.arrival, times.prefill)
         self.metrics.observe_prefill(times.prefilled - times.prefill)
         self.metrics.observe_ttft(times.first - times.arrival)
         return first, out, delta

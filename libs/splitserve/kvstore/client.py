@@ -13,6 +13,7 @@ from typing import Iterable
 
 import grpc
 
+from splitserve import tracing
 from splitserve.transfer.block import BlockHeader, KVBlockError, payload_checksum
 from splitserve.kvstore import shm
 from splitserve.kvstore.protocol import CHUNK_BYTES, block_chunks, reassemble_get
@@ -55,7 +56,7 @@ class KVStoreClient:
         self._buffers = _ReceiveBuffers(receive_buffer_bytes)
         self._lock = threading.Lock()
         self._channel = channel(address, max_message_bytes, credentials=credentials)
-        self._stub = kvstore_pb2_grpc.KVStoreStub(self._channel)
+        self._stub = kvstore_pb2_grpc.KVStoreStub(tracing.intercept(self._channel))  # calls carry the trace
 
     @property
     def transport(self) -> str:
