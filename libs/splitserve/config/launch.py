@@ -18,7 +18,9 @@ the field's default. `up --help` shows every flag with its default.
 
 Metrics ports (--metrics-port BASE): the kvstore serves /metrics on BASE, prefill-i (or colocated-i)
 on BASE+10+i, decode-i on BASE+20+i (at most 10 workers per role); the gateway serves its own on its
-HTTP port (--http-port). So one Prometheus config (`up --print-scrape-config`) survives restarts.
+HTTP port (--http-port); with --autoscale the launcher's own (its decisions) on BASE+30, and the
+scrape config lists every worker up to --autoscale-ROLE-max-workers. So one Prometheus config
+(`up --print-scrape-config`) survives restarts.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from splitserve.config.autoscale import AutoscaleConfig
 from splitserve.config.cpus import parse_cpu_list
 from splitserve.config.flags import FlatField, add_config_args, add_flag, config_from_args, flag_name, flat_fields, from_flat
 from splitserve.config.gateway import GatewayConfig
@@ -47,6 +50,7 @@ GATEWAY_ALIASES = {"host": "--host", "port": "--grpc-port", "http_port": "--http
                    "tls_cert_file": "--tls-cert-file", "tls_key_file": "--tls-key-file"}
 METRICS_OFFSETS = {"kvstore": 0, "prefill": 10, "colocated": 10, "decode": 20}  # from --metrics-port BASE
 METRICS_SLOTS = 10  # workers per role with a fixed metrics port (the offsets are 10 apart)
+AUTOSCALER_METRICS_OFFSET = 30  # the launcher's own endpoint (--autoscale) after the decode workers'
 
 
 @dataclass(frozen=True)
@@ -85,6 +89,12 @@ class UpConfig:
     $SPLITSERVE_LOG_FORMAT, else text)."""
     log_level: str = field(default="INFO", metadata={"choices": LEVELS})
     """Level of every role's log lines."""
+    autoscale: bool = False
+    """Start and drain workers by their roles' load (docs/architecture.md, "Autoscaling"), within
+    --autoscale-ROLE-min-workers/--autoscale-ROLE-max-workers; the launcher serves its decisions on a
+    metrics endpoint of its own (BASE+30 with --metrics-port BASE)."""
+    autoscaling: AutoscaleConfig = field(default_factory=AutoscaleConfig, metadata={"flag_prefix": "autoscale_"})
+    """The autoscaler's bounds, thresholds and timing (config/autoscale.py)."""
 
     def __post_init__(self) -> None:
         OwnershipConfig(redis_url=self.redis_url)  # the roles' rule for a Redis URL
@@ -94,12 +104,25 @@ class UpConfig:
         if self.metrics_port > 0:
             if max(self.prefill_workers, self.decode_workers) > METRICS_SLOTS:
                 raise ValueError(f"--metrics-port BASE fixes the ports of at most {METRICS_SLOTS} workers per role")
-            check_port("metrics_port + 29", self.metrics_port + METRICS_OFFSETS["decode"] + METRICS_SLOTS - 1)
+            check_port("metrics_port + 30", self.metrics_port + AUTOSCALER_METRICS_OFFSET)
         if self.prometheus_config and not Path(self.prometheus_config).resolve().parent.is_dir():
             raise ValueError(f"--prometheus-config: no folder {Path(self.prometheus_config).resolve().parent} "
                              "to write the config in")
+        if self.autoscale:
+            self._check_autoscale()
         if not self.startup_timeout_s > 0:
             raise ValueError(f"startup_timeout_s must be > 0, got {self.startup_timeout_s}")
+
+    def _check_autoscale(self) -> None:
+        """Each role starts within its autoscale bounds, and every worker it may add has a fixed port."""
+        for role, count in self.roles():
+            lo, hi = self.autoscaling.bounds(role)
+            if not lo <= count <= hi:
+                raise ValueError(f"--autoscale: {count} {role} workers to start, outside "
+                                 f"[--autoscale-*-min-workers {lo}, --autoscale-*-max-workers {hi}]")
+            if self.metrics_port > 0 and hi > METRICS_SLOTS:
+                raise ValueError(f"--metrics-port BASE fixes the ports of at most {METRICS_SLOTS} workers per role: "
+                                 f"--autoscale-*-max-workers is {hi}")
 
     def roles(self) -> list[tuple[str, int]]:
         """(worker role, count) in start order."""
@@ -239,12 +262,16 @@ def fixed_metrics_ports(args: argparse.Namespace) -> dict[str, tuple[str, int]]:
     up = config_from_args(UpConfig, args)
     out = {}
     for role, count in ([] if up.colocated else [("kvstore", 1)]) + up.roles():
+        if up.autoscale and role != "kvstore":  # every worker the autoscaler may start
+            count = up.autoscaling.bounds(role)[1]
         config = from_flat(ROLE_CONFIGS["prefill" if role == "colocated" else role], role_values(args, role))
         for i in range(count):
             base = role_values(args, role).get("metrics_port")
             port = base + i if base and base > 0 else up.metrics_port_of(role, i)
             if port is not None and port > 0:
                 out[role if role == "kvstore" else f"{role}-{i}"] = (config.metrics_host or config.host, port)
+    if up.autoscale and up.metrics_port > 0:
+        out["autoscaler"] = (LOOPBACK, up.metrics_port + AUTOSCALER_METRICS_OFFSET)
     return out
 
 

@@ -39,6 +39,9 @@ its HTTP port (--http-port, beside the OpenAI-compatible API). The endpoint bloc
 one per line, in the stable form `  NAME metrics  URL` (NAME: gateway, kvstore, prefill-0, ...),
 and `Child.metrics_url` holds them. --print-scrape-config prints a Prometheus config for them;
 --prometheus-config PATH writes one (with the rules of deploy/prometheus/) once the stack is up.
+
+Autoscaling (--autoscale): launch/autoscale.py starts workers of a loaded role (start_worker) and
+drains idle ones with SIGTERM; such a retiring worker's exit is no crash: it is removed, not restarted.
 """
 from __future__ import annotations
 
@@ -150,6 +153,8 @@ class Launcher:
         self._signals: lifeline.SignalFlag | None = None  # installed by wait()
         self._redis_restart_at: float | None = None  # when the embedded Redis is due to be started again
         self._redis_restarts = 0
+        self.kvstore_address = ""  # what every worker (and one the autoscaler adds) fetches blocks from
+        self.autoscaler = None  # launch.autoscale.Autoscaler with --autoscale
 
     # ----------------------------------------------------------------------------- start
     def _spawn(self, child: Child) -> Child:
@@ -239,22 +244,30 @@ class Launcher:
         kv = None
         if not up.colocated:  # colocated workers keep each prompt's blocks in their own cache
             kv = self._start_child("kvstore", "kvstore", self.role_config("kvstore", 0, self._stack_values("kvstore", 0)))
-        workers = []
-        for role, count in up.roles():
-            for i in range(count):
-                decided = {**self._stack_values(role, i), "kvstore": kv.address if kv is not None else ""}
-                config = self.role_config(role, i, decided)
-                if not config.torch_threads:  # one thread per core it may use (the workers share them)
-                    cores = len(parse_cpu_list(config.cpus)) if config.cpus else (os.cpu_count() or 1)
-                    config = dataclasses.replace(config, torch_threads=cores)
-                workers.append(self._start_child(f"{role}-{i}", role, config))
+        self.kvstore_address = kv.address if kv is not None else ""
+        workers = [self.start_worker(role, i) for role, count in up.roles() for i in range(count)]
         for child in [c for c in (kv, *workers) if c is not None]:
             self._wait_healthy(child, up.startup_timeout_s)
         self._start_gateway(draft, workers)
-        if up.prometheus_config:  # before the endpoints: whoever waits for them finds the file
-            with open(up.prometheus_config, "w") as f:
-                f.write(prometheus_config(self.metrics_urls()))
+        if up.autoscale:
+            from splitserve.launch.autoscale import start_autoscaler
+            self.autoscaler = start_autoscaler(self)
+        self.write_prometheus_config()  # before the endpoints: whoever waits for them finds the file
         self.print_endpoints()
+
+    def start_worker(self, role: str, index: int) -> Child:
+        """Spawns worker `index` of a role (not waiting for it to serve)."""
+        config = self.role_config(role, index, {**self._stack_values(role, index), "kvstore": self.kvstore_address})
+        if not config.torch_threads:  # one thread per core it may use (the workers share them)
+            cores = len(parse_cpu_list(config.cpus)) if config.cpus else (os.cpu_count() or 1)
+            config = dataclasses.replace(config, torch_threads=cores)
+        return self._start_child(f"{role}-{index}", role, config)
+
+    def write_prometheus_config(self) -> None:
+        """--prometheus-config: the running processes' scrape config (rewritten as the autoscaler adds workers)."""
+        if self.up.prometheus_config:
+            with open(self.up.prometheus_config, "w") as f:
+                f.write(prometheus_config(self.metrics_urls()))
 
     def _start_gateway(self, draft: GatewayConfig, workers: list[Child]) -> None:
         tls = self.up.internal_tls
@@ -277,7 +290,10 @@ class Launcher:
     def metrics_urls(self) -> dict[str, str]:
         """Child name -> its /metrics URL, the gateway first, then in start order (kvstore, prefill-0, ...)."""
         ordered = sorted(self.children, key=lambda c: c.name != "gateway")  # stable: start order after it
-        return {c.name: c.metrics_url for c in ordered if c.metrics_url}
+        urls = {c.name: c.metrics_url for c in ordered if c.metrics_url}
+        if self.autoscaler is not None and self.autoscaler.server is not None:
+            urls["autoscaler"] = self.autoscaler.server.url
+        return urls
 
     def print_endpoints(self) -> None:
         gateway = self.children[-1]
@@ -298,9 +314,11 @@ class Launcher:
         while not self._stop_requested():
             if self.redis is not None and not self.redis.running:
                 self._restart_redis()
-            for c in self.children:
+            for c in list(self.children):  # (a drained worker of the autoscaler leaves the list)
                 if not self._watch(c):
                     return 1
+            if self.autoscaler is not None:
+                self.autoscaler.step()
             time.sleep(0.5)
         return 0
 
@@ -354,6 +372,12 @@ class Launcher:
                 logger.warning("%s restarted: pid=%d attempt=%d address=%s", c.name, c.proc.pid, c.restarts, c.address)
             return True
         code = c.proc.poll()
+        if code is not None and c.extra.get("retiring"):  # drained by the autoscaler: gone for good
+            self.children.remove(c)
+            log = logger.warning if code == 0 else logger.error
+            log("%s drained by the autoscaler and removed (%s): pid=%d", c.name, describe_exit(code), c.proc.pid)
+            self.write_prometheus_config()
+            return True
         if code is None:
             if c.restarts and now - c.started_s >= RESTART_RESET_AFTER_S:
                 c.restarts = 0  # it stayed up: the next death starts the back-off afresh
@@ -396,6 +420,8 @@ class Launcher:
                 c.proc.wait()
         if self.redis is not None:
             self.redis.stop()
+        if self.autoscaler is not None:
+            self.autoscaler.close()
         logger.info("all processes stopped")
 
 
