@@ -1,5 +1,6 @@
 """`splitserve up --colocated`: the comparison baseline (one engine prefills and decodes, no
-kvstore) behind the same gateway, serving the same outputs."""
+kvstore) behind the same gateway, serving the same outputs, with n-gram speculative decoding on
+(the greedy answers are the same with it)."""
 from __future__ import annotations
 
 import json
@@ -15,7 +16,9 @@ from splitserve.client import generate
 from splitserve.config.cpus import available_cpus, format_cpu_list, parse_cpu_list
 from splitserve.sampling_params import SamplingParams
 
-PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time, in a small village,"]
+PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time, in a small village,",
+           "List the colours again: red, green, blue, yellow, red, green, blue, yellow, red, green,"]
+SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 4}'
 
 
 @pytest.mark.timeout(400)
@@ -28,7 +31,8 @@ def test_colocated_stack_serves_the_offline_engines_outputs(llm_f32):
     offline = llm_f32 if chosen == "float32" else LLM(dtype=chosen, kv_cache_memory_gb=0.05)
     refs = offline.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     pin = str(available_cpus()[-1])  # pinned to one core (any machine has one): --prefill-cpus reaches it
-    stack = start_stack("--colocated", "--kv-cache-memory-gb", "0.1", "--prefill-cpus", pin)
+    stack = start_stack("--colocated", "--kv-cache-memory-gb", "0.1", "--prefill-cpus", pin,
+                        "--speculative-config", SPECULATIVE)
     try:
         assert any(f"dtype auto -> {chosen}" in line for line in stack.log), why
         assert set(stack.roles) >= {"colocated-0"} and "kvstore" not in stack.roles
@@ -48,6 +52,9 @@ def test_colocated_stack_serves_the_offline_engines_outputs(llm_f32):
         with urllib.request.urlopen(stack.metrics["colocated-0"], timeout=30) as resp:
             text = resp.read().decode()
         assert 'role="colocated"' in text
+        accepted = [line for line in text.splitlines()
+                    if line.startswith("splitserve_spec_decode_num_accepted_tokens_total{")]
+        assert accepted and float(accepted[0].split()[-1]) > 0  # the repeated colours were proposed
         with urllib.request.urlopen(stack.http_base.removesuffix("/v1") + "/health", timeout=30) as resp:
             health = json.loads(resp.read())
         assert health["prefill"] == health["decode"] == {"healthy": 1, "draining": 0, "total": 1}
