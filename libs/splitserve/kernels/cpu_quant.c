@@ -14,7 +14,7 @@
  * 66 MB. Unpacking 32 weights costs as much as ~20 FMAs, so `linear` shares it between the rows of
  * x: up to 8 rows, each sub-block of a tile of 4 weight rows is unpacked into registers and used at
  * once by every row (`reg_tile`: 5 rows, a decode verifying 4 proposals, cost 1.9x one row instead
- * of 2.5x through an L1 tile); above, the tile is unpacked into an L1 buffer and every row of x run
+ * of 2.4x through an L1 tile); above, the tile is unpacked into an L1 buffer and every row of x run
  * against it (`tile`). Above ~48 rows the float32 GEMM's arithmetic wins: `dequantize` writes a
  * tile of weight rows (a few MB, reused) for it, which costs a small part of the GEMM's time.
  *
