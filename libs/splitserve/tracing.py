@@ -24,6 +24,7 @@ import collections
 import contextlib
 import contextvars
 import logging
+import threading
 import time
 from typing import Any
 
@@ -35,6 +36,7 @@ REQUEST_ID = "splitserve.request_id"  # the span attribute every splitserve span
 log = logging.getLogger(__name__)
 
 _tracer: Any = None  # an opentelemetry Tracer once setup() ran with an endpoint; None: tracing off
+_provider: Any = None  # its TracerProvider
 _role = ""
 # The client's traceparent for the gateway request being handled in this task (HTTP or gRPC).
 _incoming: contextvars.ContextVar[str | None] = contextvars.ContextVar("splitserve_incoming", default=None)
@@ -111,7 +113,7 @@ def setup(config, role: str) -> bool:
     """Sets up export for this process (role: "gateway", "prefill", ...) from its TracingConfig;
     without an endpoint does nothing and imports nothing. The first call with an endpoint wins (a
     colocated worker's two servicers both call it). Returns whether tracing is on."""
-    global _tracer, _role
+    global _tracer, _provider, _role
     if not config.otlp_endpoint or _tracer is not None:
         return _tracer is not None
     try:
@@ -130,9 +132,20 @@ def setup(config, role: str) -> bool:
                               resource=Resource.create({"service.name": f"splitserve-{role}"}))
     # one export per second at most: spans of a busy second go in one request
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=1000))
-    _tracer, _role = provider.get_tracer("splitserve"), role
+    _tracer, _provider, _role = provider.get_tracer("splitserve"), provider, role
     log.info("tracing on: role=%s otlp_endpoint=%s sample_ratio=%g", role, endpoint, config.trace_sample_ratio)
     return True
+
+
+def flush(timeout_s: float = 2.0) -> None:
+    """Exports the spans still buffered, waiting at most `timeout_s`: for a process that ends with
+    os._exit (a drained worker), which skips the SDK's own flush at interpreter exit. In a thread
+    of its own: the exporter's retries ignore force_flush's timeout (6.8 s against a collector
+    that is down, asked for 0.5 s), and the exit must not wait for them."""
+    if _provider is not None:
+        done = threading.Thread(target=_provider.force_flush, name="trace-flush", daemon=True)
+        done.start()
+        done.join(timeout_s)
 
 
 def start(name: str, parent: Span | NoopSpan | str | None = None, *, request_id: str = "",

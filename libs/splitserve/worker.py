@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import grpc
 
+from splitserve import tracing
 from splitserve.config.cpus import parse_cpu_list, pin_process
 from splitserve.config.worker import WorkerConfig
 from splitserve.drain import Drain
@@ -343,6 +344,7 @@ def exit_now(status: int) -> None:
     teardown: unloading torch, its OpenMP team and gRPC's threads took 1.7 s on an idle 2-core
     machine and 4-5 s on a loaded one, all of it between the drain's end and the exit that
     `splitserve up` and Kubernetes wait for."""
+    tracing.flush()  # the batch of spans not exported yet (no-op when tracing is off)
     logging.shutdown()  # flushes every log handler
     sys.stdout.flush()
     sys.stderr.flush()

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -179,3 +181,19 @@ def test_request_without_traceparent_starts_a_new_trace(stack, collector):
     root = wait_for(root_span, 30, "the gateway span of the request without traceparent")
     assert root.parent_id == ""
     check_tree(complete(root.trace_id, collector.trace), "trace-root")
+
+
+def test_a_drained_worker_exports_its_last_spans_before_it_exits(collector):
+    """A drained worker ends with os._exit (splitserve.worker.exit_now), which skips the SDK's flush
+    at exit: its last spans, still waiting for the batch's next second, must be exported first."""
+    code = "\n".join([
+        "from splitserve import tracing",
+        "from splitserve.config.parts import TracingConfig",
+        "from splitserve.worker import exit_now",
+        f"tracing.setup(TracingConfig(otlp_endpoint={collector.endpoint!r}), 'prefill')",
+        "tracing.start('last.span', request_id='exit-now').end()",
+        "exit_now(0)"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [s.service for s in list(collector.spans) if s.attributes.get("splitserve.request_id") == "exit-now"] \
+        == ["splitserve-prefill"]
