@@ -1,6 +1,6 @@
 """Tracing off (the default) costs nothing: the serving modules and every hook of a request's path
 import nothing of OpenTelemetry, and the hooks are no-ops measured in nanoseconds. Tracing on
-through a whole stack: tests/e2e/test_tracing.py."""
+through a whole stack: tests/e2e/test_tracing_stack.py."""
 from __future__ import annotations
 
 import subprocess
