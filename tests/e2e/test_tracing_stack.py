@@ -103,11 +103,13 @@ def grpc_generate(stack, prompt: str, request_id: str, metadata=()) -> None:
 
 def complete(trace_id: str, spans_of, wanted=("gateway.request", "prefill.request", "decode.request",
                                                "decode.generate", "kv.fetch", "kv.put")):
-    """The trace's spans once those named in `wanted` and a kvstore span arrived."""
+    """The trace's spans once those named in `wanted` and kvstore spans under kv.put and kv.fetch
+    arrived (each process exports its own batches: they come in any order)."""
     def ready():
         spans = spans_of(trace_id)
-        names = {s.name for s in spans}
-        return spans if set(wanted) <= names and any(s.service == "splitserve-kvstore" for s in spans) else None
+        ids = {s.name: s.span_id for s in spans}
+        kv_parents = {s.parent_id for s in spans if s.service == "splitserve-kvstore"}
+        return spans if set(wanted) <= set(ids) and {ids["kv.put"], ids["kv.fetch"]} <= kv_parents else None
     return wait_for(ready, 30, f"the spans of trace {trace_id}")
 
 
