@@ -5,37 +5,17 @@ copy of it exists, and the model answers as the same file loaded with float32 co
 dequantization (SPLITSERVE_CPU_QUANT=off), in the exact path and close in the int8 path."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
-import torch
 
 from splitserve.kernels import cpu_quant
 from splitserve.model.llama import CpuLinear
 from splitserve.model.quant_parts import QuantPartsLinear
+from tests.model.test_kquant_models import _llm, gate  # noqa: F401 (gate: the quality gate script, a fixture)
 from tests.model.test_quantized_memory import _held_tensors, _retyped_gguf
 
 needs_kernel = pytest.mark.skipif(not cpu_quant.available(), reason="the quantized kernel is not built for this CPU")
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "quality_gate.py"
 PROMPT = "The capital of France is"
 LOGITS_RTOL = 1e-5  # float32 sums in another order over 30 layers (as tests/model/test_kquant_models.py)
-
-
-@pytest.fixture(scope="module")
-def gate():
-    spec = importlib.util.spec_from_file_location("quality_gate_mixed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def _llm(llm_f32, model):
-    llm = llm_f32.with_config(kv_cache_memory_gb=0.01, enable_prefix_caching=False)
-    llm.engine.model = llm.engine.runner.model = model
-    return llm
 
 
 @needs_kernel
