@@ -146,6 +146,12 @@ class KVStoreServer:
                  redact_url(self.config.redis_url) if self.config.redis_url else "off", self.metrics_url or "off")
         return self
 
+    def drain(self) -> bool:
+        """NOT_SERVING, no new puts; leased blocks stay readable until no lease is left (bounded by
+        drain_timeout_s). Whether every lease ended."""
+        self.health.enter_graceful_shutdown()
+        return self.node.drain(self.config.drain_timeout_s)
+
     def stop(self, grace_s: float | None = None) -> None:
         """NOT_SERVING, then stop accepting RPCs and wait up to grace_s for in-flight ones."""
         if self._stopped.is_set():
@@ -177,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     signals.wait()  # a handler must take no lock (see SignalFlag)
     log.info("kvstore shutting down")
+    server.drain()
     server.stop()
     return 0
 

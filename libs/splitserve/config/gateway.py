@@ -83,6 +83,10 @@ class GatewayConfig:
     """Seconds between two scans of the worker registrations in redis_url: workers that register
     are routed to besides the --prefill/--decode ones, and those whose lease lapsed are dropped
     (0: no discovery, the flags' workers only)."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM the gateway turns NOT_SERVING (/health answers 503 "draining"), refuses new requests
+    (gRPC UNAVAILABLE, HTTP 503) and lets the open ones (streams too) finish for at most this many
+    seconds; then it stops (those still running are cancelled) and exits 0."""
     redis_timeout_s: float = 0.5
     """Socket timeout of the ownership lookup; after a failure Redis is skipped for 2 s."""
     router: RouterConfig = field(default_factory=RouterConfig)
@@ -94,6 +98,8 @@ class GatewayConfig:
         if not self.discovers and not (self.prefill_addresses and self.decode_addresses):
             raise ValueError("prefill and decode must each name at least one HOST:PORT, unless workers are "
                              "discovered (redis_url set and discovery_interval_s > 0)")
+        if not 0 <= self.drain_timeout_s < math.inf:
+            raise ValueError(f"drain_timeout_s must be a finite number of seconds >= 0, got {self.drain_timeout_s}")
         if not 0 <= self.discovery_interval_s < math.inf:
             raise ValueError(f"discovery_interval_s must be a finite number >= 0, got {self.discovery_interval_s}")
         for name in ("load_poll_interval_s", "load_timeout_s", "request_timeout_s", "redis_timeout_s"):

@@ -46,8 +46,12 @@ class KVStoreConfig:
     """Mutual TLS with the other roles."""
     max_workers: int = 16
     """gRPC server threads (concurrent RPCs)."""
+    drain_timeout_s: float = 30.0
+    """On SIGTERM/SIGINT the store turns NOT_SERVING and refuses new puts (UNAVAILABLE) but keeps
+    serving reads while leases pin blocks: until the last lease is released or expires, at most this
+    many seconds; then it stops (0: at once)."""
     shutdown_grace_s: float = 5.0
-    """On SIGTERM/SIGINT, seconds in-flight RPCs get to finish."""
+    """After the drain, seconds in-flight RPCs get to finish."""
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     """The Prometheus endpoint."""
     tracing: TracingConfig = field(default_factory=TracingConfig)
@@ -59,6 +63,8 @@ class KVStoreConfig:
         for name in ("lease_ttl_s", "max_lease_ttl_s", "ownership_retry_s", "shm_slot_ttl_s"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
+        if not 0 <= self.drain_timeout_s < math.inf:
+            raise ValueError(f"drain_timeout_s must be a finite number of seconds >= 0, got {self.drain_timeout_s}")
         if math.isnan(self.shm_arena_gb) or math.isinf(self.shm_arena_gb):
             raise ValueError(f"shm_arena_gb must be a number of GiB, got {self.shm_arena_gb}")
         if self.lease_ttl_s > self.max_lease_ttl_s:

@@ -7,6 +7,9 @@ model identity, loads the tokenizer, then turns SERVING. Requests before that ge
 or 503 (HTTP). From then on the gRPC health service follows `GatewayService.serving` (a healthy
 prefill and decode worker, as the load polls found them), re-read every load poll interval.
 
+Shutdown: SIGTERM drains (`GatewayHandle.drain`): NOT_SERVING, /health 503 "draining", new requests
+refused with UNAVAILABLE (HTTP 503), the open ones given up to drain_timeout_s; then stop(), exit 0.
+
 The gRPC servicer itself (protobuf in, GatewayService calls out) is the shell's
 (services/gateway/server.py): `serve` takes a factory for it.
 """
@@ -90,6 +93,26 @@ class GatewayHandle:
         """Returns once SERVING; raises what startup raised (TimeoutError after startup_timeout_s)."""
         await asyncio.shield(self.startup)
 
+    async def drain(self) -> bool:
+        """SIGTERM's drain: NOT_SERVING (/health 503 "draining"), new requests refused with
+        UNAVAILABLE (HTTP 503), the open ones (gRPC and SSE streams, plain HTTP requests) given up to
+        drain_timeout_s to finish. Whether they all did; stop() follows either way."""
+        self.service.draining = True
+        if self._health_task is not None:  # it would turn SERVING again on the next load poll
+            self._health_task.cancel()
+            await asyncio.gather(self._health_task, return_exceptions=True)
+        await self._set_health(False)
+        deadline = asyncio.get_running_loop().time() + self.config.drain_timeout_s
+        log.info("gateway draining: %d request(s) open, drain_timeout_s=%g", self.service.num_inflight,
+                 self.config.drain_timeout_s)
+        while self.service.num_inflight > 0 and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.service.num_inflight:
+            log.warning("gateway drain expired: %d request(s) still open are cancelled", self.service.num_inflight)
+            return False
+        log.info("gateway drained: every open request finished")
+        return True
+
     async def stop(self, grace_s: float = 5.0) -> None:
         """NOT_SERVING, then stops accepting and cancels requests still running after grace_s."""
         for task in (self._health_task, self.startup):
@@ -97,7 +120,7 @@ class GatewayHandle:
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
         await self._health.enter_graceful_shutdown()
-        stops = [self.server.stop(grace_s)] + ([self.http.stop()] if self.http is not None else [])
+        stops = [self.server.stop(grace_s)] + ([self.http.stop(grace_s)] if self.http is not None else [])
         await asyncio.gather(*stops)
         if self.discovery is not None:
             await self.discovery.close()
@@ -171,5 +194,6 @@ async def run_until_signalled(config: GatewayConfig, servicer: ServicerFactory) 
         await stop.wait()
     log.info("gateway stopping")
     waiter.cancel()
-    await handle.stop()
+    drained = status == 0 and await handle.drain()
+    await handle.stop(grace_s=1.0 if drained else 0.0)  # drained: what is left are responses' last bytes
     return status

@@ -131,7 +131,9 @@ class HttpApi:
         # Redis only steers routing (prefix hits): while it is down requests are still served by
         # load, so "degraded" is reported but never makes the gateway unready.
         body["redis"] = self.service.owners.status  # "ok" | "degraded" | "off"
-        if not ready:
+        if self.service.draining:  # load balancers stop sending; open requests still finish
+            ready, body["status"] = False, "draining"
+        elif not ready:
             body["status"] = "unavailable"
         return ready, body
 
@@ -193,8 +195,7 @@ class HttpApi:
             request_id = oa.new_request_id(request.headers.get("x-request-id"))
             tracing.set_incoming(request.headers.get(tracing.TRACEPARENT))  # read by service.run, in this task's context
             raw = await self._body(request)
-            if not self.service.ready:
-                raise GatewayError(Code.UNAVAILABLE, "gateway not ready: waiting for a prefill and a decode worker")
+            self.service.check_open()  # UNAVAILABLE (503) while draining or not yet ready
             parse = oa.parse_completion if kind == "completion" else oa.parse_chat
             body = parse_json(raw, request.headers.get("content-type"))
             parsed = parse(body, self.service.model_names, request_id, self.service.pool.model.max_model_len)
@@ -436,10 +437,13 @@ class HttpServer:
                 raise OSError("the HTTP server stopped during startup")
             await asyncio.sleep(0.01)
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Stops accepting, waits up to grace_s (default: the constructor's) for open responses."""
         if self._task is None:
             self.socket.close()
             return
+        if grace_s is not None:
+            self._server.config.timeout_graceful_shutdown = grace_s
         self._server.should_exit = True
         with contextlib.suppress(asyncio.CancelledError):
             await self._task

@@ -58,6 +58,7 @@ class GatewayService:
         self._tokenize_lock = threading.Lock()
         self.num_inflight = 0  # requests past admission, not yet ended
         self.num_prefilling = 0  # of those, the ones that have no first token yet
+        self.draining = False  # SIGTERM came: new requests are refused, open ones finish (app.drain)
 
     @property
     def ready(self) -> bool:
@@ -96,7 +97,7 @@ class GatewayService:
         (the rule of /health and of the gRPC health service). Redis is not part of it: without it
         requests route by load."""
         router = self._pool.router
-        if not self.ready or router is None:
+        if not self.ready or router is None or self.draining:
             return False
         return all(any(w.routable for w in router.workers(role)) for role in ("prefill", "decode"))
 
@@ -112,11 +113,19 @@ class GatewayService:
         scheme, _, token = (header or "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
 
-    @contextlib.contextmanager
-    def admit(self):
-        """Holds one in-flight slot; GatewayError UNAVAILABLE before startup, RESOURCE_EXHAUSTED at capacity."""
+    def check_open(self) -> None:
+        """GatewayError UNAVAILABLE while draining or before startup found the workers."""
+        if self.draining:
+            raise GatewayError(Code.UNAVAILABLE, "gateway draining (shutting down): it takes no new request; "
+                                                 "retry on another gateway")
         if not self.ready:
             raise GatewayError(Code.UNAVAILABLE, "gateway not ready: waiting for a prefill and a decode worker")
+
+    @contextlib.contextmanager
+    def admit(self):
+        """Holds one in-flight slot; GatewayError UNAVAILABLE before startup and while draining,
+        RESOURCE_EXHAUSTED at capacity."""
+        self.check_open()
         if self.num_inflight >= self._config.max_inflight_requests:
             raise GatewayError(Code.RESOURCE_EXHAUSTED,
                                f"gateway at capacity ({self._config.max_inflight_requests} requests in progress)")

@@ -9,6 +9,7 @@ capacity_bytes, read on each scrape.
 from __future__ import annotations
 
 import logging
+import time
 
 from splitserve.config.kvstore import KVStoreConfig
 from splitserve.kvstore import shm
@@ -83,6 +84,20 @@ class KVStoreNode:
     def start_metrics(self) -> None:
         if self.metrics_server is not None:
             self.metrics_server.start()
+
+    def drain(self, timeout_s: float) -> bool:
+        """SIGTERM: new puts are refused while blocks under lease stay readable (a decode worker is
+        still to fetch them); returns once no lease is left (released or expired), or False after
+        timeout_s."""
+        self.service.draining = True
+        deadline = time.monotonic() + timeout_s
+        leases = self.store.stats().num_leases
+        log.info("kvstore draining: %d lease(s) open, drain_timeout_s=%g", leases, timeout_s)
+        while leases and time.monotonic() < deadline:
+            time.sleep(0.05)
+            leases = self.store.stats().num_leases  # (stats() drops the expired ones)
+        (log.warning if leases else log.info)("kvstore drained: %d lease(s) still open", leases)
+        return not leases
 
     def close(self) -> None:
         """Stops reporting and frees the shared memory; the gRPC server must be stopped first."""

@@ -111,6 +111,12 @@ class KVStoreService:
         self.reporter = reporter
         self.arenas = arenas  # None: streams only
         self.metrics = metrics
+        self.draining = False  # SIGTERM came: no new puts; reads go on while leases last
+
+    def _refuse_if_draining(self) -> None:
+        if self.draining:
+            raise Reject(grpc.StatusCode.UNAVAILABLE, "kvstore draining (shutting down): it takes no new blocks; "
+                                                      "blocks already stored can still be read")
 
     def _metered(self, direction: str, handler: Callable, *args):
         """Runs a transfer handler returning (result, payload bytes) and records the call: bytes
@@ -131,6 +137,7 @@ class KVStoreService:
     # ------------------------------------------------------------------ streams
     def put(self, chunks: Iterable, is_active: Callable[[], bool]) -> PutCounts:
         """Stores the blocks of a Put stream. Reject, or ClientGone when the client went away."""
+        self._refuse_if_draining()
         return self._metered("put", self._put, chunks, is_active)
 
     def _put(self, chunks: Iterable, is_active: Callable[[], bool]) -> tuple[PutCounts, int]:
@@ -253,7 +260,8 @@ class KVStoreService:
 
     def reserve_slots(self, payload_size: int, num_slots: int) -> SlotGrant | None:
         """Slots for `num_slots` payloads of `payload_size` bytes (maybe fewer), or None when none
-        can be had (Put then says why)."""
+        can be had (Put then says why). A commit of slots reserved before a drain still stores."""
+        self._refuse_if_draining()
         arenas = self._need_arenas()
         if payload_size < 1 or num_slots < 1:
             raise Reject(grpc.StatusCode.INVALID_ARGUMENT,

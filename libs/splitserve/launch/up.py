@@ -25,8 +25,8 @@ Drains: a worker sent SIGTERM on its own (by an operator, to take it out of serv
 (splitserve.drain) and exits 0. That is no crash: `up` logs it as drained and starts it again after
 the first delay (1 s) without growing the back-off, so a rolling restart of the workers, one
 SIGTERM at a time, serves every request. On shutdown `up` sends SIGTERM to every child at once
-(the gateway stops taking requests, the workers drain) and waits for the longest drain
-(`drain_timeout_s` + 5 s, at least 10 s) before SIGKILL.
+(the gateway, the workers and the kvstore drain: no new work, open work finishes) and waits for
+the longest drain (`drain_timeout_s` + 5 s of any child, at least 10 s) before SIGKILL.
 
 Configuration: `up` builds each child's config as an object (GatewayConfig, KVStoreConfig,
 WorkerConfig) from its own command line (config/launch.py: every role flag is settable, as
@@ -402,7 +402,8 @@ class Launcher:
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM to every child (workers drain), SIGKILL to those still running after the longest
         drain (or grace_s)."""
-        drains = [c.config.drain_timeout_s + 5.0 for c in self.children if isinstance(c.config, WorkerConfig)]
+        drains = [c.config.drain_timeout_s + 5.0 for c in self.children  # gateway, workers, kvstore
+                  if hasattr(c.config, "drain_timeout_s")]
         grace_s = max([grace_s, *drains])
         logger.info("stopping %d processes: SIGTERM now, SIGKILL after %g s", len(self.children), grace_s)
         for c in reversed(self.children):
