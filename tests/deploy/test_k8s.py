@@ -125,17 +125,19 @@ def test_probes_ask_the_grpc_health_service_on_the_role_port(overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_workers_get_their_drain_timeout_before_they_are_killed(overlay):
-    """A worker drains for up to --drain-timeout-s after SIGTERM (WorkerConfig.drain_timeout_s); the
-    kubelet's SIGKILL comes terminationGracePeriodSeconds after SIGTERM, and a liveness probe that
-    fails for the whole drain must not kill the worker first."""
-    for role in ("prefill", "decode"):
+def test_every_role_gets_its_drain_timeout_before_it_is_killed(overlay):
+    """Every role drains for up to its --drain-timeout-s after SIGTERM (workers: running calls;
+    the gateway: its open streams; the kvstore: its leased blocks); the kubelet's SIGKILL comes
+    terminationGracePeriodSeconds after SIGTERM, and a liveness probe that fails for the whole
+    drain must not kill a worker first."""
+    for role in ("prefill", "decode", "gateway", "kvstore"):
         deployment = objects(overlay, "Deployment")[role]
         c = container(deployment)
         drain = role_config(role, c["args"]).drain_timeout_s
-        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == drain + DRAIN_MARGIN_S
-        live = c["livenessProbe"]
-        assert live["periodSeconds"] * live["failureThreshold"] > drain
+        assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == drain + DRAIN_MARGIN_S, role
+        if role in ("prefill", "decode"):
+            live = c["livenessProbe"]
+            assert live["periodSeconds"] * live["failureThreshold"] > drain
 
 
 def test_the_drain_timeout_the_manifests_give_is_the_config_default():
