@@ -106,13 +106,14 @@ def cells(args, tokenizer):
                 yield workload, streams, [[prompts[i % len(prompts)] for i in range(streams)]]
 
 
-def row(workload: str, streams: int, best: dict, drafted: int, accepted: int) -> dict:
+def row(workload: str, streams: int, best: dict, rounds: dict, drafted: int, accepted: int) -> dict:
+    """`best`: each configuration's best figures; `rounds`: its output tok/s of every round (a round
+    runs both configurations back to back, so the median of the rounds' ratios is given too)."""
     out = {"workload": workload, "streams": streams}
     for key in best["off"]:
-        if key != "rounds":
-            out[f"off_{key}"], out[f"spec_{key}"] = round(best["off"][key], 1), round(best["spec"][key], 1)
+        out[f"off_{key}"], out[f"spec_{key}"] = round(best["off"][key], 1), round(best["spec"][key], 1)
     out["ratio_median_of_rounds"] = round(statistics.median(
-        s / o for s, o in zip(best["spec"]["rounds"], best["off"]["rounds"])), 2)
+        s / o for s, o in zip(rounds["spec"], rounds["off"])), 2)
     out["ratio"] = round(best["spec"]["tok_s"] / best["off"]["tok_s"], 2)
     if "decode_tok_s" in best["off"]:
         out["decode_ratio"] = round(best["spec"]["decode_tok_s"] / best["off"]["decode_tok_s"], 2)
@@ -121,14 +122,10 @@ def row(workload: str, streams: int, best: dict, drafted: int, accepted: int) ->
 
 
 def better(old: dict | None, new: dict) -> dict:
-    """The best of each figure over the rounds (TTFT: the lowest); `rounds` keeps each round's
-    output tok/s, for the median of the rounds' ratios (a round runs both, one after the other)."""
+    """The best of each figure over the rounds (TTFT: the lowest)."""
     if old is None:
-        return {**new, "rounds": [new["tok_s"]]}
-    if "rounds" in new:
-        new = {k: v for k, v in new.items() if k != "rounds"}
-    return {**{k: (min if k.startswith("ttft") else max)(old[k], new[k]) for k in new},
-            "rounds": old["rounds"] + [new["tok_s"]]}
+        return new
+    return {k: (min if k.startswith("ttft") else max)(old[k], new[k]) for k in new}
 
 
 # ----------------------------------------------------------------------------- offline
@@ -141,7 +138,7 @@ def run_offline(args) -> list[dict]:
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     rows = []
     for workload, streams, batches in cells(args, base.engine.tokenizer):
-        best = {"off": None, "spec": None}
+        best, rounds = {"off": None, "spec": None}, {"off": [], "spec": []}
         drafted, accepted = stats.num_draft_tokens, stats.num_accepted_tokens
         configs["off"].generate(batches[0][:1], SamplingParams(max_tokens=4))  # warm-up
         for r in range(args.rounds):
@@ -149,8 +146,9 @@ def run_offline(args) -> list[dict]:
                 t0, tokens = time.perf_counter(), 0
                 for batch in batches:
                     tokens += sum(len(o.token_ids) for o in configs[name].generate(batch, sp))
-                best[name] = better(best[name], {"tok_s": tokens / (time.perf_counter() - t0)})
-        rows.append(row(workload, streams, best, stats.num_draft_tokens - drafted,
+                rounds[name].append(tokens / (time.perf_counter() - t0))
+                best[name] = better(best[name], {"tok_s": rounds[name][-1]})
+        rows.append(row(workload, streams, best, rounds, stats.num_draft_tokens - drafted,
                         stats.num_accepted_tokens - accepted))
         print(json.dumps(rows[-1]), flush=True)
     return rows
@@ -209,16 +207,18 @@ def run_served(args) -> list[dict]:
         tokenizer = load_tokenizer(check_model_path(None))
         rows = []
         for workload, streams, batches in cells(args, tokenizer):
-            best = {"off": None, "spec": None}
+            best, rounds = {"off": None, "spec": None}, {"off": [], "spec": []}
             for system in systems.values():  # warm-up: the prompts' KV in both caches alike
                 for batch in batches:
                     concurrent(system.base, system.model, batch, 2)
             drafted, accepted = spec_counters(spec)
             for r in range(args.rounds):
                 for name in (("off", "spec") if r % 2 == 0 else ("spec", "off")):
-                    best[name] = better(best[name], served_cell(systems[name], batches, args.max_tokens))
+                    cell = served_cell(systems[name], batches, args.max_tokens)
+                    rounds[name].append(cell["tok_s"])
+                    best[name] = better(best[name], cell)
             d, a = spec_counters(spec)
-            rows.append(row(workload, streams, best, d - drafted, a - accepted))
+            rows.append(row(workload, streams, best, rounds, d - drafted, a - accepted))
             print(json.dumps(rows[-1]), flush=True)
         return rows
     finally:

@@ -19,6 +19,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from services_fixture import wait_for
 from deploy_support import DEPLOY, RULES_FILE, exported_series, metric_names, recorded_series
 
 yaml = pytest.importorskip("yaml")
@@ -108,17 +109,6 @@ def _get(base: str, path: str, **params) -> dict:
         return json.loads(resp.read())
 
 
-def _wait(what: str, condition, timeout_s: float = 30.0):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.5)
-
-
 def _query(base: str, expr: str) -> dict[str, float]:
     """Instant query: label set (as text) -> value."""
     result = _get(base, "/api/v1/query", query=expr)["data"]["result"]
@@ -173,7 +163,7 @@ def test_a_real_prometheus_scrapes_the_stack_and_evaluates_every_rule(http_stack
                 return False
             return len(targets) == 4 and all(t["health"] == "up" for t in targets)
 
-        _wait("Prometheus to scrape all 4 processes", all_up)  # a scrape before the requests: rates see them
+        wait_for(all_up, 30.0, "Prometheus to scrape all 4 processes", 0.5)  # a scrape before the requests: rates see them
         for prompt in ("The capital of France is", "One, two, three,"):
             # the second request after a scrape that saw the first: the TTFT histogram's rate is > 0
             generate(http_stack.gateway, prompt=prompt, sampling={"max_tokens": 4, "temperature": 0.0})
@@ -187,7 +177,7 @@ def test_a_real_prometheus_scrapes_the_stack_and_evaluates_every_rule(http_stack
             return not empty and _query(base, "splitserve:generation_tokens:rate1m > 0")
 
         try:
-            _wait("every recording rule to have a series", evaluated)
+            wait_for(evaluated, 30.0, "every recording rule to have a series", 0.5)
         except AssertionError as exc:
             raise AssertionError(f"{exc}; still empty: {empty}") from None
 
@@ -201,7 +191,7 @@ def test_a_real_prometheus_scrapes_the_stack_and_evaluates_every_rule(http_stack
             generate(http_stack.gateway, prompt="The capital of France is", sampling={"max_tokens": 2})
             return None
 
-        ttft = _wait("the TTFT p50 rule to give a number", ttft_p50)
+        ttft = wait_for(ttft_p50, 30.0, "the TTFT p50 rule to give a number", 0.5)
         assert len(ttft) == 1 and 0 < next(iter(ttft.values())) < 60, ttft
         healthy = {json.loads(k)["role"]: v for k, v in _query(base, "splitserve:healthy_processes:count").items()}
         assert healthy == {"gateway": 1, "kvstore": 1, "prefill": 1, "decode": 1}

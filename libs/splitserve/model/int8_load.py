@@ -21,6 +21,7 @@ def check_quantization(quantization: str, cpu_kernels: bool, dtype: str, device:
                          f"{'' if cpu_quant.available() else ', and the kernels are not built'})")
 
 
+# a layer's fused projections and the checkpoint's parts of each, stacked by rows in this order
 PROJECTION_PARTS = (("self_attn.qkv_proj.weight", ("q_proj", "k_proj", "v_proj")), ("self_attn.o_proj.weight", ("o_proj",)),
                     ("mlp.gate_up_proj.weight", ("gate_proj", "up_proj")), ("mlp.down_proj.weight", ("down_proj",)))
 

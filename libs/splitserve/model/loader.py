@@ -22,7 +22,7 @@ from splitserve.config.engine import CPU_BF16_FLAGS, resolve_dtype
 from splitserve.kernels import cpu_quant
 from splitserve.model import hf_quant, quant_parts
 from splitserve.model.gguf_file import GGUFFile, GGUFFormatError
-from splitserve.model.int8_load import check_quantization, quantize_int8
+from splitserve.model.int8_load import PROJECTION_PARTS, check_quantization, quantize_int8
 from splitserve.model.llama import LlamaModel, ModelArgs
 
 # where the weights are: shared with `splitserve up`'s check of --model, which must not import torch
@@ -109,10 +109,8 @@ def _fuse_quantized(args: ModelArgs, quantized: dict, tensors: dict) -> dict[str
         fused["lm_head.weight"] = fused["embed_tokens.weight"]
     for i in range(args.num_layers):
         p = f"layers.{i}."
-        for target, parts in ((p + "self_attn.qkv_proj.weight", ("q_proj", "k_proj", "v_proj")),
-                              (p + "self_attn.o_proj.weight", ("o_proj",)),
-                              (p + "mlp.gate_up_proj.weight", ("gate_proj", "up_proj")),
-                              (p + "mlp.down_proj.weight", ("down_proj",))):
+        for suffix, parts in PROJECTION_PARTS:
+            target = p + suffix
             found = [quantized.pop(f"{p}{part}.weight", None) for part in parts]
             if all(w is not None for w in found):  # one block matrix, or a part a format (quant_parts)
                 fused[target] = quant_parts.fuse(found)

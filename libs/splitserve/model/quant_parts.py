@@ -30,13 +30,6 @@ class QuantParts:
     def shape(self) -> tuple[int, int]:
         return sum(p.shape[0] for p in self.parts), self.parts[0].shape[1]
 
-    @property
-    def kind(self) -> str:
-        return "+".join(p.kind for p in self.parts)
-
-    def dequantize(self) -> torch.Tensor:
-        return torch.cat([p.dequantize() for p in self.parts])
-
 
 def fuse(found: list[tuple[str, np.ndarray]]) -> cpu_quant.QuantWeight | QuantParts:
     """The (kind, raw rows) parts of a fused projection: one block matrix when they share a format
@@ -66,7 +59,6 @@ class QuantPartsLinear(nn.Module):
             rows = part.shape[0]
             self.parts.append(CpuLinear(None, None if bias is None else bias[start:start + rows], torch.float32, part))
             start += rows
-        self.quant = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in self.parts], dim=-1)
