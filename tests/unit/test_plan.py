@@ -107,14 +107,14 @@ def test_hf_folder_and_config_json(tmp_path):
 
 
 def test_kv_layout_of_every_dtype():
-    # [layers, K|V, block, heads, dim] elements, plus one float32 scale per layer, K|V and head for 8-bit
+    # [layers, K|V, block, heads, dim] elements, plus one float32 scale per layer, K|V, token and head for 8-bit
     assert memory.kv_block_bytes(30, 3, 64, 16, "float32") == 30 * 2 * 16 * 3 * 64 * 4
     assert memory.kv_block_bytes(30, 3, 64, 16, "bfloat16") == memory.kv_block_bytes(30, 3, 64, 16, "float16")
-    assert memory.kv_block_bytes(30, 3, 64, 16, "fp8_e4m3") == 30 * 2 * 3 * (16 * 64 + 4)
-    assert memory.kv_block_bytes(30, 3, 64, 16, "int8") == 30 * 2 * 3 * (16 * 64 + 4)
-    assert memory.kv_bytes_per_token(80, 8, 128, 16, "fp8_e4m3") == 2 * 80 * 8 * 128 + 2 * 80 * 8 * 4 / 16
+    assert memory.kv_block_bytes(30, 3, 64, 16, "fp8_e4m3") == 30 * 2 * 16 * 3 * (64 + 4)
+    assert memory.kv_block_bytes(30, 3, 64, 16, "int8") == 30 * 2 * 16 * 3 * (64 + 4)
+    assert memory.kv_bytes_per_token(80, 8, 128, 16, "fp8_e4m3") == 2 * 80 * 8 * (128 + 4)
     fp8 = make_plan(PlanInputs(**SEED, quantization="awq", kv_cache_dtype="fp8_e4m3"))
-    assert fp8["kv_bytes_per_token"] == 164_160 and fp8["max_batch_size"] > 60
+    assert fp8["kv_bytes_per_token"] == 168_960 and fp8["max_batch_size"] > 60
     with pytest.raises(ValueError, match="'int4' is not one of float32, bfloat16, float16, fp8_e4m3, int8"):
         memory.kv_block_bytes(1, 1, 1, 16, "int4")
 

@@ -5,10 +5,10 @@ the pool a worker really allocates cannot disagree. No torch: the planner runs w
 
 One block holds `block_size` tokens of every layer, K and V:
     elements  [num_layers, 2 (K, V), block_size, kv_heads, head_dim]  in the KV dtype
-    scales    [num_layers, 2 (K, V), kv_heads]  float32, only for the 8-bit KV dtypes
-The 8-bit dtypes (fp8_e4m3, int8) carry one float32 scale per layer, K or V, block and KV head
-(absmax of that head's `block_size x head_dim` values): the layout a worker with an 8-bit cache
-stores, so the plan already counts it. The 16- and 32-bit dtypes have no scales.
+    scales    [num_layers, 2 (K, V), block_size, kv_heads]  float32, only for the 8-bit KV dtypes
+The 8-bit dtypes (fp8_e4m3, int8) carry one float32 scale per layer, K or V, token and KV head (the
+absmax of that head's `head_dim` values; engine.kv_quant defines the arithmetic), the layout KVCache
+stores. The 16- and 32-bit dtypes have no scales.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ GIB = 1 << 30  # kv_cache_memory_gb, and every *_gb of the planner, is in GiB
 
 class KVDtype(NamedTuple):
     element_bytes: int  # bytes of one K or V element
-    scale_bytes: int  # bytes of the scale of one (layer, K|V, block, kv head); 0: unscaled
+    scale_bytes: int  # bytes of the scale of one (layer, K|V, token, kv head); 0: unscaled
 
 
 KV_DTYPES = {
@@ -44,13 +44,12 @@ def kv_dtype(name: str) -> KVDtype:
 def kv_block_bytes(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: str) -> int:
     """Bytes of one KV block across all layers, K and V, scales included (the layout above)."""
     spec = kv_dtype(dtype)
-    per_head = block_size * head_dim * spec.element_bytes + spec.scale_bytes
-    return num_layers * 2 * num_kv_heads * per_head
+    per_token_head = head_dim * spec.element_bytes + spec.scale_bytes
+    return num_layers * 2 * block_size * num_kv_heads * per_token_head
 
 
 def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, block_size: int, dtype: str) -> float:
-    """One token's share of a block: 2 x layers x kv_heads x head_dim x element bytes, plus the
-    block's scales spread over its `block_size` tokens (a float when they do not divide)."""
+    """One token's share of a block: 2 x layers x kv_heads x (head_dim x element bytes + scale bytes)."""
     return kv_block_bytes(num_layers, num_kv_heads, head_dim, block_size, dtype) / block_size
 
 
