@@ -28,7 +28,9 @@ Modes (each a float32 model of its own, loaded one after the other):
   int8    `quantized_matmul="int8"`: activations quantized per block to 8 bits, integer dot
           products (skipped, and said so, while the option does not exist);
   float   SPLITSERVE_CPU_QUANT=off: the weights dequantized once to float32 copies at load, the
-          plain float32 GEMM (a check of the exact path: they should agree to ~1e-6).
+          plain float32 GEMM (a check of the exact path: they should agree to ~1e-6);
+  kv-D    exact, with the KV cache stored as D (`--kv-cache-dtype`: bfloat16, float16, fp8_e4m3,
+          int8), on the exact mode's weights (no second load): what the cache's precision costs.
 Target: every mode's perplexity within 1% of exact's.
 
     .venv/bin/python benchmarks/quality_gate.py                  # 8192 tokens, all modes
@@ -50,7 +52,8 @@ from typing import NamedTuple
 import torch
 
 TARGET_PPL_RATIO = 0.01  # |ppl(mode) / ppl(exact) - 1| at most this
-MODES = ("exact", "int8", "float")
+KV_MODES = ("kv-bfloat16", "kv-float16", "kv-fp8_e4m3", "kv-int8")
+MODES = ("exact", "int8", "float") + KV_MODES
 # prompts of the greedy-agreement check: short, varied English (stories, facts, code, lists)
 PROMPTS = (
     "The capital of France is",
@@ -139,12 +142,19 @@ def _env(name: str, value: str | None):
             os.environ[name] = old
 
 
-def load_mode(mode: str, model: str | None = None, kv_cache_memory_gb: float = 0.1):
-    """A float32 LLM computing its projections the way `mode` says (see the module docstring)."""
+def load_mode(mode: str, model: str | None = None, kv_cache_memory_gb: float = 0.1, exact=None):
+    """A float32 LLM computing its projections the way `mode` says (see the module docstring); a kv-D
+    mode shares the weights of `exact` (the exact mode's LLM) when given."""
     from splitserve import LLM
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode in KV_MODES:
+        kv = mode.removeprefix("kv-")
+        if exact is not None:
+            return exact.with_config(kv_cache_dtype=kv, kv_cache_memory_gb=kv_cache_memory_gb)
+        return LLM(model=model, dtype="float32", kv_cache_memory_gb=kv_cache_memory_gb,
+                   quantized_matmul="exact", kv_cache_dtype=kv)
     kwargs = {}
     if mode in ("exact", "int8") and quantized_matmul_supported():
         kwargs["quantized_matmul"] = mode
@@ -236,18 +246,26 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-def run_mode(mode: str, token_ids: list[int] | None, args: argparse.Namespace) -> tuple[ModeResult, list[int]]:
-    """Loads `mode`, measures it and drops it (one model in memory at a time). `token_ids` None: cut
-    the text with this model's tokenizer (every mode loads the same file, so the same tokenizer)."""
+def run_mode(mode: str, token_ids: list[int] | None, args: argparse.Namespace,
+             exact=None) -> tuple[ModeResult, list[int]]:
+    """Loads `mode`, measures it and drops it (one model in memory at a time, but for `exact`, the
+    exact mode's LLM that kv-D modes share). `token_ids` None: cut the text with this model's
+    tokenizer (every mode loads the same file, so the same tokenizer)."""
     t0 = time.perf_counter()
-    llm = load_mode(mode, args.model, args.kv_cache_memory_gb)
-    load_s = time.perf_counter() - t0
+    llm = load_mode(mode, args.model, args.kv_cache_memory_gb, exact)
+    result, token_ids = measure(mode, llm, token_ids, args, time.perf_counter() - t0)
+    del llm
+    gc.collect()
+    return result, token_ids
+
+
+def measure(mode: str, llm, token_ids: list[int] | None, args: argparse.Namespace,
+            load_s: float = 0.0) -> tuple[ModeResult, list[int]]:
+    """Perplexity and greedy outputs of a loaded mode."""
     if token_ids is None:
         token_ids = corpus_tokens(llm.tokenizer, args.tokens)
     ppl = perplexity(llm, token_ids, args.window, args.stride, args.chunk)
     gen = greedy(llm, PROMPTS[: args.prompts], args.greedy_tokens)
-    del llm
-    gc.collect()
     return ModeResult(mode, ppl, gen, load_s), token_ids
 
 
@@ -271,13 +289,13 @@ def print_table(rows: dict, args: argparse.Namespace, num_tokens: int) -> None:
     print(f"quality gate: {num_tokens} tokens of pydoc_data.topics (Python {sys.version.split()[0]}), "
           f"windows {args.window} / stride {args.stride}, chunks of {args.chunk} rows; greedy: "
           f"{args.prompts} prompts x {args.greedy_tokens} tokens")
-    header = f"{'mode':<6} {'perplexity':>10} {'/ exact':>9} {'same tokens':>11} {'same outputs':>12} {'s':>6}  target"
+    header = f"{'mode':<11} {'perplexity':>10} {'/ exact':>9} {'same tokens':>11} {'same outputs':>12} {'s':>6}  target"
     print(header + "\n" + "-" * len(header))
     for mode, row in rows.items():
         ratio = f"{row['ratio_to_exact']:.6f}" if "ratio_to_exact" in row else "-"
         tok = f"{row['token_agreement']:.3f}" if "token_agreement" in row else "-"
         out = f"{row['output_agreement']:.3f}" if "output_agreement" in row else "-"
-        print(f"{mode:<6} {row['perplexity']:>10.4f} {ratio:>9} {tok:>11} {out:>12} "
+        print(f"{mode:<11} {row['perplexity']:>10.4f} {ratio:>9} {tok:>11} {out:>12} "
               f"{row['ppl_seconds'] + row['greedy_seconds']:>6.1f}  {row.get('verdict', '-')}")
     print(f"(target: perplexity within {TARGET_PPL_RATIO:.0%} of exact; same tokens / outputs: greedy "
           "agreement with exact, position by position / whole outputs)")
@@ -323,11 +341,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    results, token_ids = [], None
+    results, token_ids, exact = [], None, None
     for mode in args.modes:
         print(f"[quality] {mode}: loading and scoring", file=sys.stderr, flush=True)
         try:
-            result, token_ids = run_mode(mode, token_ids, args)
+            if mode == "exact" and any(m in KV_MODES for m in args.modes):  # kept: the kv-D modes share it
+                t0 = time.perf_counter()
+                exact = load_mode(mode, args.model, args.kv_cache_memory_gb)
+                result, token_ids = measure(mode, exact, token_ids, args, time.perf_counter() - t0)
+            else:
+                result, token_ids = run_mode(mode, token_ids, args, exact)
         except (ValueError, RuntimeError) as exc:  # a bad size for this text, model or pool: no traceback
             sys.exit(f"quality_gate: {mode}: {exc}")
         results.append(result)

@@ -1,8 +1,9 @@
 """The offline API, in the shape vLLM users know: `LLM(...).generate(prompts, sampling_params)`."""
 from __future__ import annotations
 
+
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Sequence, Union
 
 from splitserve.config.engine import EngineConfig
@@ -48,9 +49,9 @@ class LLM:
 
         `overrides` are cache and scheduler fields (kv_cache_memory_gb, max_num_seqs, ...)."""
         new = object.__new__(LLM)
-        mc = self.config.model
+        mc = self.config.model  # every model field, so that the engines' ModelConfigs are equal
         new.engine = LLMEngine(EngineConfig.from_kwargs(
-            model=mc.model, dtype=mc.dtype, device=mc.device, max_model_len=mc.max_model_len, **overrides
+            **{f.name: getattr(mc, f.name) for f in fields(mc)}, **overrides
         ), share_weights_with=self.engine)
         new.config = new.engine.config
         new._ids = itertools.count()

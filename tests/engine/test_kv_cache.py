@@ -144,7 +144,7 @@ def test_malformed_headers_are_named():
         BlockHeader.from_bytes(msgpack.packb(missing))
     for key, value, field in [
         ("layers", "3", "num_layers"), ("layers", True, "num_layers"), ("size", -1, "payload_size"),
-        ("hash", "abc", "block_hash"), ("model", "", "model_id"), ("dtype", "int8", "dtype"),
+        ("hash", "abc", "block_hash"), ("model", "", "model_id"), ("dtype", "int4", "dtype"), ("dtype", "fp8", "dtype"),
         ("xxh3", -1, "checksum"), ("xxh3", 1.5, "checksum"),
     ]:
         with pytest.raises(KVBlockError, match=f"'{field}'"):
@@ -154,3 +154,80 @@ def test_malformed_headers_are_named():
     # Unknown keys from a newer sender are ignored.
     assert BlockHeader.from_bytes(msgpack.packb({**good, "extra": 1})) == header
     assert issubclass(KVBlockError, ValueError)
+
+
+# ----------------------------------------------------------------------------- 8-bit caches
+EIGHT_BIT = [torch.int8, torch.float8_e4m3fn]
+
+
+def make_scaled_cache(dtype, num_blocks=5, seed=0):
+    """An 8-bit cache holding the quantized form of random K/V (written as write_kv_torch writes)."""
+    from splitserve.engine import kv_quant
+    from splitserve.model.attention import write_kv_torch
+
+    cache = KVCache(**SHAPE, num_blocks=num_blocks, dtype=dtype)
+    gen = torch.Generator().manual_seed(seed)
+    slots = torch.arange(num_blocks * SHAPE["block_size"])
+    for layer in cache.layers:
+        k, v = (torch.randn(len(slots), 2, 8, generator=gen) * 3 for _ in range(2))
+        write_kv_torch(k, v, layer[0], layer[1], slots, layer[2], layer[3])
+        assert torch.equal(layer[2].view(-1, 2), kv_quant.quantize(k, cache.dtype_name)[1])
+    return cache
+
+
+@pytest.mark.parametrize("dtype", EIGHT_BIT, ids=["int8", "fp8_e4m3"])
+def test_scaled_block_bytes_are_values_then_scales(dtype):
+    from splitserve.engine import memory
+
+    cache = make_scaled_cache(dtype)
+    assert cache.scaled and len(cache.layers[0]) == 4
+    assert cache.k_scales[0].shape == (5, 4, 2) and cache.k_scales[0].dtype == torch.float32
+    # 1 byte an element and a float32 scale per token and kv head; engine.memory counts the same
+    assert cache.bytes_per_block == 3 * 2 * 4 * 2 * (8 + 4) == memory.kv_block_bytes(3, 2, 8, 4, cache.dtype_name)
+    payload = cache.read_block(2)
+    assert len(payload) == cache.bytes_per_block
+    values = 3 * 2 * 4 * 2 * 8  # K0 V0 K1 V1 K2 V2 first, then their scales in the same order
+    assert payload[:64 * 2] == cache.k_caches[0][2].view(torch.uint8).numpy().tobytes() \
+        + cache.v_caches[0][2].view(torch.uint8).numpy().tobytes()
+    assert payload[values:values + 32] == cache.k_scales[0][2].numpy().tobytes()
+    assert payload[-32:] == cache.v_scales[2][2].numpy().tobytes()
+
+
+@pytest.mark.parametrize("dtype", EIGHT_BIT, ids=["int8", "fp8_e4m3"])
+def test_scaled_blocks_round_trip_with_their_scales(dtype):
+    src = make_scaled_cache(dtype, seed=1)
+    dst = KVCache(**SHAPE, num_blocks=5, dtype=dtype)
+    header, payload = encode_block(src, 3, HASH, "m")
+    assert header.dtype == src.dtype_name and header.payload_size == src.bytes_per_block
+    header = BlockHeader.from_bytes(header.to_bytes())  # through the wire
+    import_block(dst, 1, header, payload, "m", HASH)
+    for a, b in zip(src.layers, dst.layers):
+        for t_src, t_dst in zip(a, b):
+            assert torch.equal(t_src[3].view(torch.uint8), t_dst[1].view(torch.uint8))
+    assert dst.read_block(1) == payload and not dst.k_scales[0][0].any()  # other pages untouched
+    dst.copy_tokens(1, 4, 3)  # a partial prefix hit copies the scales with the values
+    assert torch.equal(dst.k_scales[1][4, :3], src.k_scales[1][3, :3]) and not dst.k_scales[1][4, 3].any()
+    assert torch.equal(dst.v_caches[2][4, :3].view(torch.uint8), src.v_caches[2][3, :3].view(torch.uint8))
+
+
+@pytest.mark.parametrize("sender, receiver", [
+    (torch.float32, torch.int8), (torch.int8, torch.float32), (torch.int8, torch.float8_e4m3fn),
+    (torch.float8_e4m3fn, torch.int8), (torch.bfloat16, torch.float8_e4m3fn),
+])
+def test_a_block_of_another_kv_dtype_is_refused_never_misread(sender, receiver):
+    """int8 and fp8 blocks have the same size: only the header's dtype tells them apart, and the
+    receiver refuses (the block is recomputed) rather than reinterpret the bytes."""
+    src = make_scaled_cache(sender) if sender in EIGHT_BIT else make_cache(sender, seed=2)
+    dst = KVCache(**SHAPE, num_blocks=5, dtype=receiver)
+    header, payload = encode_block(src, 0, HASH, "m")
+    with pytest.raises(KVBlockError, match="dtype mismatch: block has '.*', this cache has '.*'"):
+        import_block(dst, 0, header, payload, "m", HASH)
+    assert all(not t.view(torch.uint8).any() for layer in dst.layers for t in layer)  # nothing written
+
+
+def test_scaled_header_names_and_unknown_cache_dtypes():
+    for name in ("int8", "fp8_e4m3"):
+        header, _ = encode_block(make_scaled_cache(torch.int8 if name == "int8" else torch.float8_e4m3fn), 0, HASH, "m")
+        assert BlockHeader.from_bytes(header.to_bytes()).dtype == name
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        KVCache(**SHAPE, num_blocks=2, dtype=torch.uint8)

@@ -13,7 +13,9 @@ The paths, each on its own KV cache sharing the session's weights (`LLM.with_con
 in float32 (the session's engine, which is also the one compared with HF transformers) and in
 bfloat16 (bf16-rounded weights, a bf16 KV cache; on a CPU without bf16 instructions the arithmetic
 is float32). In bfloat16 the cold prefill used to attend over its freshly computed float32 K/V
-while every other path read them back rounded from the cache: greedy answers differed.
+while every other path read them back rounded from the cache: greedy answers differed. And float32
+with an 8-bit KV cache (`kv_cache_dtype` int8, fp8_e4m3: one scale per token and KV head, so a
+token's stored bits never depend on its block's other tokens or on how its prefill was cut).
 """
 from __future__ import annotations
 
@@ -29,8 +31,21 @@ FILLER = " The weather report for tomorrow says light rain in the morning and su
 SMALL_CACHE = 0.03
 
 
-@pytest.fixture(scope="module", params=["float32", "bfloat16"])
+class KVVariant:
+    """The session's float32 model with another KV-cache dtype on every engine the tests derive."""
+
+    def __init__(self, base, kv_cache_dtype: str) -> None:
+        self.base, self.kv_cache_dtype = base, kv_cache_dtype
+        self.tokenizer, self.config = base.tokenizer, base.config
+
+    def with_config(self, **overrides):
+        return self.base.with_config(kv_cache_dtype=self.kv_cache_dtype, **overrides)
+
+
+@pytest.fixture(scope="module", params=["float32", "bfloat16", "float32-kv-int8", "float32-kv-fp8_e4m3"])
 def llm(request, llm_f32, llm_bf16):
+    if request.param.startswith("float32-kv-"):
+        return KVVariant(llm_f32, request.param.removeprefix("float32-kv-"))
     return llm_f32 if request.param == "float32" else llm_bf16
 
 
@@ -45,6 +60,8 @@ def prompts(llm_f32):
 def cold(llm, prompts):
     """The reference: each prompt alone, nothing cached."""
     fresh = llm.with_config(kv_cache_memory_gb=SMALL_CACHE, enable_prefix_caching=False)
+    if isinstance(llm, KVVariant):
+        assert fresh.engine.kv_cache.dtype_name == llm.kv_cache_dtype
     return [fresh.generate([p], GREEDY)[0].token_ids for p in prompts]
 
 

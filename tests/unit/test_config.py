@@ -32,7 +32,7 @@ SAMPLES = {"dtype": "float32", "device": "cuda", "block_size": 32, "cpus": "0", 
            "internal_tls_ca_file": "/c/ca.pem", "internal_tls_cert_file": "/c/gw.pem",
            "internal_tls_key_file": "/c/gw.key", "decode_busy_kv_usage": 0.5, "log_format": "json",
            "log_level": "DEBUG", "prefill_workers": 2, "decode_workers": 3, "quantized_matmul": "int8",
-           "trace_sample_ratio": 0.25, "quantization": "int8"}
+           "trace_sample_ratio": 0.25, "quantization": "int8", "kv_cache_dtype": "fp8_e4m3"}
 
 
 def sample(ff):

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from splitserve.config.speculative import SpeculativeConfig, canonical
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8")
 QUANTIZED_MATMULS = ("auto", "exact", "int8")
 QUANTIZATIONS = ("none", "int8")
 # what "auto" runs: measured on a 2-core AVX2 VM (docs/performance.md, benchmarks/quality_gate.py)
@@ -86,8 +87,17 @@ class CacheConfig:
     """Memory budget of the paged KV cache in GiB (all layers, K and V); the pool never grows past it."""
     enable_prefix_caching: bool = True
     """Reuse the KV blocks of full prompt blocks seen before (chained block hashes)."""
+    kv_cache_dtype: str = field(default="auto", metadata={"choices": KV_CACHE_DTYPES})
+    """How K and V are stored, apart from the compute dtype: "auto" (the compute dtype), float32,
+    bfloat16, float16, or 8 bits with a float32 scale per token and KV head (fp8_e4m3, int8: about
+    half a 16-bit cache's bytes, a quarter of float32's, so the same budget holds ~2-4x the tokens;
+    engine/kv_quant.py). Prefill and decode workers of one deployment must agree: a block of another
+    dtype is refused and recomputed."""
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if not self.kv_cache_memory_gb > 0:

@@ -19,7 +19,7 @@ from splitserve.engine.detokenizer import IncrementalDetokenizer, apply_stop_rul
 from splitserve.engine.hashing import hash_namespace
 from splitserve.transfer.block import BlockHeader
 from splitserve.transfer.pages import blocks_to_export, import_blocks, read_blocks
-from splitserve.engine.kv_cache import KVCache
+from splitserve.engine.kv_cache import KV_TORCH_DTYPES, KVCache
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.sampler import Sampler, TokenLogprobs
 from splitserve.engine.scheduler import Scheduler
@@ -93,7 +93,7 @@ class LLMEngine:
         self.model.set_quantized_matmul(self.quantized_matmul)
         args = self.model.args
         self.model_id = self.model_path.name
-        dtype = TORCH_DTYPES[mc.dtype]
+        dtype = KV_TORCH_DTYPES[mc.dtype if cc.kv_cache_dtype == "auto" else cc.kv_cache_dtype]
         num_blocks = KVCache.num_blocks_for_budget(
             cc.kv_cache_memory_gb, args.num_layers, args.num_kv_heads, args.head_dim, cc.block_size, dtype
         )
@@ -114,8 +114,8 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._namespaces: dict[str | None, bytes] = {}
         logger.info(
-            "engine ready: model=%s dtype=%s blocks=%d x %d tokens (%.1f MiB) max_model_len=%d in %.1fs",
-            self.model_id, mc.dtype, num_blocks, cc.block_size,
+            "engine ready: model=%s dtype=%s kv_cache_dtype=%s blocks=%d x %d tokens (%.1f MiB) max_model_len=%d "
+            "in %.1fs", self.model_id, mc.dtype, self.kv_cache.dtype_name, num_blocks, cc.block_size,
             num_blocks * self.kv_cache.bytes_per_block / 2**20, self.max_model_len, time.monotonic() - t0,
         )
 

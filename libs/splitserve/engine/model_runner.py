@@ -30,7 +30,7 @@ class ModelRunner:
         self.use_triton = use_triton
         self.device = kv_cache.k_caches[0].device
         self.block_size = kv_cache.block_size
-        self._kv_pairs = list(zip(kv_cache.k_caches, kv_cache.v_caches))
+        self._kv_pairs = kv_cache.layers  # per layer (K, V) or, 8-bit, (K, V, K scales, V scales)
         self.compute_dtype = model.compute_dtype  # of q in attention: its masks' dtype
         args = model.args
         # CPU decode attention: the C kernel where it is built and handles this cache, else the torch path

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from splitserve.engine import kv_quant
 from splitserve.kernels import cpu_attention
 
 
@@ -109,11 +110,31 @@ def write_kv_torch(
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [T] int64
+    k_scales: torch.Tensor | None = None,  # [num_blocks, block_size, kv_heads] float32: an 8-bit cache
+    v_scales: torch.Tensor | None = None,
 ) -> None:
-    """Writes each new token's K and V into its slot (the torch reference of the Triton kernel)."""
+    """Writes each new token's K and V into its slot (the torch reference of the Triton kernel); an
+    8-bit cache stores them quantized with their scales (engine.kv_quant)."""
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    if k_scales is None:
+        k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+        return
+    name = kv_quant.SCALED_BY_STORAGE[k_cache.dtype]
+    for x, cache, scales in ((k, k_cache, k_scales), (v, v_cache, v_scales)):
+        values, scale = kv_quant.quantize(x, name)
+        # through uint8 views: index_copy_ has no float8 kernel
+        cache.view(torch.uint8).view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, values.view(torch.uint8))
+        scales.view(-1, kv_heads).index_copy_(0, slot_mapping, scale)
+
+
+def _gather_pages(cache: torch.Tensor, scales: torch.Tensor | None, block_ids: torch.Tensor) -> torch.Tensor:
+    """The pages `block_ids` of one layer's K or V [n, block_size, kv_heads, head_dim]: as stored,
+    or dequantized to float32 for an 8-bit cache."""
+    pages = cache.index_select(0, block_ids)
+    if scales is None:
+        return pages
+    return kv_quant.dequantize(pages, scales.index_select(0, block_ids))
 
 
 def decode_mask(seq_lens: torch.Tensor, max_blocks: int, block_size: int) -> torch.Tensor:
@@ -130,6 +151,8 @@ def paged_decode_attention_torch(
     seq_lens: torch.Tensor,  # [B] int32
     scale: float,
     mask: torch.Tensor | None = None,  # [B, 1, 1, max_blocks * block_size] bool, else built here
+    k_scales: torch.Tensor | None = None,  # an 8-bit cache's scales (write_kv_torch)
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [B, heads, head_dim]
     """One query token per sequence against its whole paged context (the torch path).
 
@@ -145,8 +168,8 @@ def paged_decode_attention_torch(
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     seq = block_tables.shape[1] * block_size
     flat = block_tables.reshape(-1).to(torch.long)
-    keys = k_cache.index_select(0, flat).view(batch, seq, kv_heads, head_dim).transpose(1, 2).float()
-    values = v_cache.index_select(0, flat).view(batch, seq, kv_heads, head_dim).transpose(1, 2).float()
+    keys = _gather_pages(k_cache, k_scales, flat).view(batch, seq, kv_heads, head_dim).transpose(1, 2).float()
+    values = _gather_pages(v_cache, v_scales, flat).view(batch, seq, kv_heads, head_dim).transpose(1, 2).float()
     if mask is None:
         mask = decode_mask(seq_lens, block_tables.shape[1], block_size)
     out = F.scaled_dot_product_attention(q.float().unsqueeze(2), keys, values, attn_mask=mask.view(batch, 1, 1, seq),
@@ -155,15 +178,16 @@ def paged_decode_attention_torch(
 
 
 def _grouped_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                              groups: tuple[DecodeGroup, ...], scale: float) -> torch.Tensor:
-    """`paged_decode_attention_torch` over each group of rows, results put back in row order."""
+                              groups: tuple[DecodeGroup, ...], scale: float, *scales) -> torch.Tensor:
+    """`paged_decode_attention_torch` over each group of rows, results put back in row order
+    (`scales`: an 8-bit cache's K and V scales)."""
     if len(groups) == 1 and groups[0].rows is None:
         g = groups[0]
-        return paged_decode_attention_torch(q, k_cache, v_cache, g.block_tables, g.seq_lens, scale, g.mask)
+        return paged_decode_attention_torch(q, k_cache, v_cache, g.block_tables, g.seq_lens, scale, g.mask, *scales)
     out = torch.empty_like(q)
     for g in groups:
         part = paged_decode_attention_torch(q.index_select(0, g.rows), k_cache, v_cache, g.block_tables,
-                                            g.seq_lens, scale, g.mask)
+                                            g.seq_lens, scale, g.mask, *scales)
         out.index_copy_(0, g.rows, part)
     return out
 
@@ -188,6 +212,8 @@ def prefill_attention_torch(
     seq_len: int,  # cached prefix + n
     scale: float,
     mask: torch.Tensor | None = None,  # prefill_mask(n, seq_len, q.dtype, ...), else built here
+    k_scales: torch.Tensor | None = None,  # an 8-bit cache's scales (write_kv_torch)
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [n, heads, head_dim]
     """Causal attention of a chunk of new tokens over the cached prefix and themselves."""
     n, heads, head_dim = q.shape
@@ -200,7 +226,11 @@ def prefill_attention_torch(
             # later chunk and decode read them back from the pages): with a bf16 cache and float32
             # arithmetic, attending over the unrounded K/V here made a cold prefill's greedy tokens
             # differ from a cached one's. The round trip is what write_kv_torch stored.
-            k, v = k.to(k_cache.dtype).to(k.dtype), v.to(v_cache.dtype).to(v.dtype)
+            if k_scales is not None:
+                name = kv_quant.SCALED_BY_STORAGE[k_cache.dtype]
+                k, v = kv_quant.round_trip(k, name), kv_quant.round_trip(v, name)
+            else:
+                k, v = k.to(k_cache.dtype).to(k.dtype), v.to(v_cache.dtype).to(v.dtype)
         keys = k.transpose(0, 1).unsqueeze(0)
         values = v.transpose(0, 1).unsqueeze(0)
         out = F.scaled_dot_product_attention(qt, keys, values, is_causal=True, scale=scale, enable_gqa=gqa)
@@ -209,8 +239,8 @@ def prefill_attention_torch(
         nblocks = (seq_len + block_size - 1) // block_size
         bt = block_table[:nblocks]
         # index_select, not k_cache[bt]: the same copy at a quarter of the cost on a CPU
-        keys = k_cache.index_select(0, bt).view(-1, kv_heads, head_dim)[:seq_len].transpose(0, 1).unsqueeze(0)
-        values = v_cache.index_select(0, bt).view(-1, kv_heads, head_dim)[:seq_len].transpose(0, 1).unsqueeze(0)
+        keys = _gather_pages(k_cache, k_scales, bt).view(-1, kv_heads, head_dim)[:seq_len].transpose(0, 1).unsqueeze(0)
+        values = _gather_pages(v_cache, v_scales, bt).view(-1, kv_heads, head_dim)[:seq_len].transpose(0, 1).unsqueeze(0)
         keys, values = keys.to(q.dtype), values.to(q.dtype)
         if mask is None:
             mask = prefill_mask(n, seq_len, q.dtype, q.device)
@@ -226,41 +256,38 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
+    k_scales: torch.Tensor | None = None,  # [num_blocks, block_size, kv_heads] float32: an 8-bit cache
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [T, heads, head_dim]
     """Writes the new K/V into the pages, then attends every query token over its context."""
+    scaled = {} if k_scales is None else {"k_scales": k_scales, "v_scales": v_scales}
     if meta.use_triton:
         from splitserve.kernels import triton_attention as kernels
 
-        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        kernels.write_kv(k, v, k_cache, v_cache, meta.slot_mapping, **scaled)
     else:
-        write_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping)
+        write_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping, k_scales, v_scales)
     outputs = []
     nd = meta.num_decodes
     if nd:
         if meta.use_triton:
-            outputs.append(
-                kernels.paged_decode_attention(
-                    q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale
-                )
-            )
+            outputs.append(kernels.paged_decode_attention(
+                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, **scaled))
         elif meta.cpu_kernel:
             outputs.append(cpu_attention.paged_decode_attention(
-                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale))
+                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, **scaled))
         elif meta.decode_groups:
-            outputs.append(_grouped_decode_attention(q[:nd], k_cache, v_cache, meta.decode_groups, scale))
+            outputs.append(_grouped_decode_attention(q[:nd], k_cache, v_cache, meta.decode_groups, scale,
+                                                     k_scales, v_scales))
         else:
-            outputs.append(
-                paged_decode_attention_torch(
-                    q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
-                    meta.decode_mask,
-                )
-            )
+            outputs.append(paged_decode_attention_torch(
+                q[:nd], k_cache, v_cache, meta.decode_block_tables, meta.decode_seq_lens, scale,
+                meta.decode_mask, k_scales, v_scales))
     start = nd
     masks = meta.prefill_masks or (None,) * len(meta.prefill_query_lens)
     for qlen, slen, bt, mask in zip(meta.prefill_query_lens, meta.prefill_seq_lens, meta.prefill_block_tables, masks):
         end = start + qlen
-        outputs.append(
-            prefill_attention_torch(q[start:end], k[start:end], v[start:end], k_cache, v_cache, bt, slen, scale, mask)
-        )
+        outputs.append(prefill_attention_torch(q[start:end], k[start:end], v[start:end], k_cache, v_cache, bt,
+                                               slen, scale, mask, k_scales, v_scales))
         start = end
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=0)

@@ -149,7 +149,7 @@ class Attention(nn.Module):
         qk = cpu_ops.rope(qk, *rope) if self.fused_ops else apply_rope(qk, *rope)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, kv_cache[0], kv_cache[1], meta, self.scale)  # [T, heads, head_dim]
+        out = paged_attention(q, k, v, *kv_cache[:2], meta, self.scale, *kv_cache[2:])  # [T, heads, head_dim]
         return self.o_proj(out.reshape(t, self.q_size))
 
 

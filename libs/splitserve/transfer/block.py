@@ -1,7 +1,10 @@
 """One KV block on the wire: a msgpack header and the raw payload (no pickle anywhere).
 
-payload: the bytes of [num_layers, 2 (K, V), block_size, kv_heads, head_dim] in `dtype`, little-endian
-         (exactly `KVCache.read_block`); the transport may chunk it, the receiver reassembles it.
+payload: the bytes of [num_layers, 2 (K, V), block_size, kv_heads, head_dim] in `dtype`, little-endian,
+         and for the 8-bit dtypes (int8, fp8_e4m3) their float32 scales [num_layers, 2, block_size,
+         kv_heads] after them (exactly `KVCache.read_block`); the transport may chunk it, the
+         receiver reassembles it. A block of another dtype than the receiver's cache is refused
+         (KVBlockError: the receiver recomputes it), never reinterpreted.
 header:  a msgpack map with the short keys of `_KEYS`; `checksum` is the 64-bit xxh3 of the payload
          (`payload_checksum`: ~20 GB/s, so checking every block on put, get and import stays cheap).
 The receiver runs `check_block` (or `import_block`) before a page is written: a block computed for
@@ -22,7 +25,7 @@ if TYPE_CHECKING:  # torch is not imported at run time: the kvstore parses heade
     from splitserve.engine.kv_cache import KVCache
 
 LAYOUT_VERSION = 2  # 2: xxh3-64 checksum (1 had crc32)
-_WIRE_DTYPES = ("float32", "bfloat16", "float16")
+_WIRE_DTYPES = ("float32", "bfloat16", "float16", "fp8_e4m3", "int8")
 _MAX_HASH_BYTES = 64
 
 # field name -> msgpack key
@@ -54,7 +57,7 @@ class BlockHeader:
     num_kv_heads: int
     head_dim: int
     block_size: int  # tokens
-    dtype: str  # "float32" | "bfloat16" | "float16"
+    dtype: str  # "float32" | "bfloat16" | "float16" | "fp8_e4m3" | "int8" (values, then scales)
     layout_version: int  # == LAYOUT_VERSION
     checksum: int  # payload_checksum(payload), [0, 2**64)
     payload_size: int  # bytes
@@ -119,12 +122,13 @@ def dtype_name(dtype: "torch.dtype") -> str:
     """The wire name of a cache dtype; KVBlockError for a dtype the wire format has no name for."""
     import torch
 
-    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
+             torch.float8_e4m3fn: "fp8_e4m3", torch.int8: "int8"}
     try:
         return names[dtype]
     except KeyError:
-        raise KVBlockError(f"KV cache dtype {dtype} has no wire name (supported: float32, bfloat16, "
-                           "float16)") from None
+        raise KVBlockError(f"KV cache dtype {dtype} has no wire name (supported: "
+                           f"{', '.join(_WIRE_DTYPES)})") from None
 
 
 def encode_block(
