@@ -250,3 +250,33 @@ def test_concurrent_puts_gets_and_releases_keep_the_accounting_consistent():
     assert s.used_bytes == s.num_blocks * NBYTES <= s.capacity_bytes
     pinned = sum(1 for e in store._blocks.values() if e.leases)
     assert s.num_pinned_blocks == pinned
+
+
+@pytest.mark.parametrize("kv_dtype, fits", [("bfloat16", 7), ("int8", 15), ("fp8_e4m3", 15)])
+def test_the_budget_counts_a_kv_dtype_s_real_bytes(kv_dtype, fits):
+    """Blocks of the default model's shape, encoded from real caches: a store sized for 4 float32
+    blocks (headers included) holds 7 bfloat16 ones (their headers take the eighth's room), and 15
+    of int8 or fp8 (1 byte a value plus a float32 scale per token and kv head: 68 of float32's 256
+    bytes per head and token)."""
+    from splitserve.engine import memory
+    from splitserve.engine.kv_cache import KV_TORCH_DTYPES, KVCache
+    from splitserve.transfer.block import encode_block
+
+    def blocks(dtype: str, n: int):
+        cache = KVCache(30, 3, 64, 16, n, KV_TORCH_DTYPES[dtype])
+        out = []
+        for i in range(n):
+            block_hash = hashlib.sha256(f"{dtype}{i}".encode()).digest()
+            header, payload = encode_block(cache, i, block_hash, "m")
+            out.append((block_hash, header.to_bytes(), payload))
+        return out
+
+    (f32,) = blocks("float32", 1)
+    store = BlockStore(capacity_bytes=4 * (len(f32[1]) + len(f32[2])))
+    ours = blocks(kv_dtype, 16)
+    for block_hash, header, payload in ours:
+        store.put(block_hash, header, payload)
+        assert len(payload) == memory.kv_block_bytes(30, 3, 64, 16, kv_dtype)
+    stats = store.stats()
+    assert stats.num_blocks == fits == store.capacity_bytes // (len(ours[0][1]) + len(ours[0][2]))
+    assert stats.used_bytes == fits * (len(ours[0][1]) + len(ours[0][2])) <= store.capacity_bytes
