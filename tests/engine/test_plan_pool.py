@@ -38,3 +38,17 @@ def test_plan_and_the_engine_size_any_budget_alike(llm_f32, budget_gb):
     blocks = KVCache.num_blocks_for_budget(budget_gb, args.num_layers, args.num_kv_heads, args.head_dim,
                                            cc.block_size, TORCH_DTYPES[engine.config.model.dtype])
     assert _plan_for(engine, budget_gb)["kv_pool_blocks"] == blocks
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3", "bfloat16"])
+def test_plan_counts_an_other_kv_dtype_s_pool_with_its_scales(llm_f32, kv_dtype):
+    """--kv-cache-dtype: the worker's pool (values and, for 8 bits, the float32 scales beside them)
+    is what the plan counts for that dtype."""
+    engine = llm_f32.with_config(kv_cache_memory_gb=0.02, kv_cache_dtype=kv_dtype).engine
+    kv = engine.kv_cache
+    plan = make_plan(PlanInputs(kv_cache_memory_gb=0.02, kv_cache_dtype=kv_dtype,
+                                block_size=engine.config.cache.block_size, context_len=256))
+    assert kv.dtype_name == kv_dtype and plan["kv_pool_blocks"] == kv.num_blocks
+    allocated = sum(t.nbytes for t in kv.k_caches + kv.v_caches + kv.k_scales + kv.v_scales)
+    assert plan["kv_block_bytes_per_device"] * kv.num_blocks == allocated
+    assert bool(kv.k_scales) == (kv_dtype != "bfloat16")
