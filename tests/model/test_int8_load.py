@@ -84,5 +84,52 @@ def test_int8_is_refused_where_the_kernels_do_not_compute(float_folder):
     with pytest.raises(ValueError, match="quantization 'int8' computes with the CPU's quantized kernels in "
                                          "float32: use dtype float32 on the CPU \\(got dtype 'bfloat16'"):
         LLM(model=float_folder, dtype="bfloat16", quantization="int8", kv_cache_memory_gb=0.02)
-    with pytest.raises(ValueError, match="quantization must be one of none, int8, got 'int4'"):
+    with pytest.raises(ValueError, match="quantization must be one of none, int8, fp8, got .int4."):
         LLM(model=float_folder, quantization="int4")
+
+
+# ----------------------------------------------------------------------------- --quantization fp8
+def test_fp8_values_and_scales_are_per_channel_round_to_nearest():
+    from splitserve.model.int8_load import fp8_weight
+
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((6, 64)).astype(np.float32) * rng.uniform(1e-3, 30, (6, 1)).astype(np.float32)
+    w[2] = 0.0
+    q = fp8_weight(w)
+    assert q.weight.dtype == torch.float8_e4m3fn and q.scale.shape == (6, 1) and q.block is None
+    scale = q.scale.double()[:, 0]
+    want = torch.from_numpy(np.abs(w.astype(np.float64)).max(axis=1) / 448)
+    assert torch.allclose(scale, want, rtol=1e-6) and scale[2] == 0
+    values = q.weight.double()
+    assert values.abs().max() <= 448 and not values[2].any()
+    # each value is the e4m3 neighbour of w / s nearest to it: within half the spacing there
+    # (3 mantissa bits: spacing 2**(e - 3) at exponent e, subnormal spacing 2**-9)
+    exact = torch.from_numpy(w.astype(np.float64)) / torch.where(scale > 0, scale, 1)[:, None]
+    exponent = torch.floor(torch.log2(exact.abs().clamp(min=2.0**-6)))
+    assert ((values - exact).abs() <= 2.0 ** (exponent - 4) * (1 + 1e-6)).all()
+    assert torch.equal(q.dequantize().double(), (values * scale[:, None]).float().double())
+
+
+@needs_kernel
+def test_a_float_checkpoint_loaded_fp8_keeps_fp8_parts_and_answers_like_the_float_model(float_folder, llm_f32):
+    from splitserve import LLM
+    from splitserve.kernels.packed_quant import Fp8Weight
+
+    llm = LLM(model=float_folder, dtype="float32", quantization="fp8", kv_cache_memory_gb=0.02,
+              enable_prefix_caching=False)
+    model = llm.engine.model
+    projections = [m for name, m in model.named_modules() if name.endswith(("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))]
+    assert len(projections) == 4 * model.args.num_layers
+    parts = [p for m in projections for p in m.weight_parts.parts]
+    assert len(parts) == 7 * model.args.num_layers and all(isinstance(p, Fp8Weight) for p in parts)
+    held = {tuple(p.shape) for p in parts} | {(m.out_features, m.in_features) for m in projections}
+    floats = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
+              if t is not None and t.is_floating_point() and tuple(t.shape) in held]
+    assert not floats, f"float copies of quantized projections: {floats[:4]}"
+    prompts = [llm_f32.tokenizer.encode(p) for p in PROMPTS]
+    want, _ = _greedy(llm_f32.with_config(kv_cache_memory_gb=0.02, enable_prefix_caching=False), prompts)
+    got, _ = _greedy(llm, prompts)
+    rate = _agreement(llm, prompts, want)
+    print(f"\nfp8 per channel: teacher-forced agreement {rate:.3f}, identical answers "
+          f"{sum(g == w for g, w in zip(got, want))}/{len(want)}")
+    assert rate >= 0.85

@@ -62,9 +62,9 @@ def test_linear_layers_cost_their_bits_plus_scales(scheme, bits):
     # per layer, 7 matrices: rows (outputs) and cols (inputs)
     rows = s.num_layers * (2 * 4096 + 2 * 1024 + 2 * 14336 + 4096)
     cols = s.num_layers * (6 * 4096 + 14336)
-    # int8: a float32 scale a row; fp8: one a matrix; 4-bit: a float16 scale and a 4-bit zero per
+    # int8 and fp8: a float32 scale a row; 4-bit: a float16 scale and a 4-bit zero per
     # 128 inputs of a row (2.5 bytes), gptq also an int32 group index per input
-    expected = {"none": 0, "int8": 4 * rows, "fp8": 4 * 7 * s.num_layers, "awq": linear // 128 * 5 // 2,
+    expected = {"none": 0, "int8": 4 * rows, "fp8": 4 * rows, "awq": linear // 128 * 5 // 2,
                 "gptq": linear // 128 * 5 // 2 + 4 * cols}
     assert extra == expected[scheme]
 

@@ -11,7 +11,7 @@ from splitserve.config.speculative import SpeculativeConfig, canonical
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8")
 QUANTIZED_MATMULS = ("auto", "exact", "int8")
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "fp8")
 # what "auto" runs: measured on a 2-core AVX2 VM (docs/performance.md, benchmarks/quality_gate.py)
 QUANTIZED_MATMUL_AUTO = "exact"
 # flags in /proc/cpuinfo that mean bfloat16 dot products in hardware
@@ -61,7 +61,9 @@ class ModelConfig:
     quantization: str = field(default="none", metadata={"choices": QUANTIZATIONS})
     """Quantize a checkpoint's float projection weights at load time: "int8" keeps each as signed
     8-bit codes with one scale per output channel (a quarter of float32's bytes), computed by the
-    same kernels as GGUF's blocks (float32 on the CPU only). Weights the checkpoint already stores
+    same kernels as GGUF's blocks (float32 on the CPU only); "fp8" keeps each as float8_e4m3fn with
+    one float32 scale per output channel, computed a dequantized tile at a time like an FP8
+    checkpoint's weights (any device and dtype; weight-only). Weights the checkpoint already stores
     quantized (GGUF blocks, GPTQ, AWQ, FP8) are kept as they are; embeddings, norms and the LM head
     stay float. "none" (the default) computes with the checkpoint's values."""
 

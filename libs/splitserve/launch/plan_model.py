@@ -8,7 +8,7 @@ same layer count, KV heads and head size a worker uses.
 Weight bytes of a shape under a quantization scheme count every tensor as that scheme stores it:
     none      16-bit (float16/bfloat16) everywhere
     int8      8-bit weights, one float32 scale per output channel (W8A8 per-channel)
-    fp8       fp8_e4m3 weights, one float32 scale per matrix (per-tensor)
+    fp8       fp8_e4m3 weights, one float32 scale per output channel (`--quantization fp8`)
     gptq/awq  4-bit weights; per group of 128 inputs, a float16 scale and a 4-bit zero point per
               output channel (gptq also an int32 group index per input)
 in the decoder's linear layers; the embedding, the LM head and the norms stay 16-bit, as those
@@ -193,10 +193,8 @@ def weight_bytes(s: Shape, scheme: str) -> tuple[int, int]:
 def _hf_matrix_bytes(scheme: str, rows: int, cols: int) -> int:
     if scheme == "none":
         return 2 * rows * cols
-    if scheme == "int8":
+    if scheme in ("int8", "fp8"):
         return rows * cols + 4 * rows
-    if scheme == "fp8":
-        return rows * cols + 4
     groups = -(-cols // GROUP_SIZE)
     packed = (rows * cols + 1) // 2 + groups * rows * 2 + (groups * rows + 1) // 2  # weights, scales, zeros
     return packed + (4 * cols if scheme == "gptq" else 0)

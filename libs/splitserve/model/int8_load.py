@@ -1,20 +1,30 @@
-"""`--quantization int8`: a float checkpoint's projections quantized at load time, per output
-channel, to signed 8-bit codes held as Q8_0 blocks whose every block of a row carries the row's
-scale. They then run on the kernels GGUF's blocks run on (kernels/cpu_quant.c: exact float
+"""Load-time quantization of a float checkpoint's projections, per output channel:
+
+`--quantization int8`: signed 8-bit codes held as Q8_0 blocks whose every block of a row carries the
+row's scale. They then run on the kernels GGUF's blocks run on (kernels/cpu_quant.c: exact float
 arithmetic on d * q, or the int8 path), with no float copy resident: a quarter of float32's bytes
-plus 2 bytes per 32 weights."""
+plus 2 bytes per 32 weights. The CPU's quantized kernels in float32 only.
+
+`--quantization fp8`: float8_e4m3fn values with a float32 scale a row, held as the FP8 weights of an
+HF FP8 checkpoint are (kernels/packed_quant.Fp8Weight, computed a dequantized tile at a time, on any
+device and compute dtype): a quarter of float32's bytes plus 4 bytes a row. Weight-only: the
+activations stay in the compute dtype."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from splitserve.kernels import cpu_quant
+from splitserve.kernels.packed_quant import Fp8Weight, PackedParts
+
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
 
 def check_quantization(quantization: str, cpu_kernels: bool, dtype: str, device: str) -> None:
-    """`quantization` is "none", or "int8" where the model computes on the CPU's quantized kernels
-    in float32 (`cpu_kernels`)."""
-    if quantization not in ("none", "int8"):
-        raise ValueError(f"quantization must be 'none' or 'int8', got {quantization!r}")
+    """`quantization` is "none", "fp8", or "int8" where the model computes on the CPU's quantized
+    kernels in float32 (`cpu_kernels`)."""
+    if quantization not in ("none", "int8", "fp8"):
+        raise ValueError(f"quantization must be 'none', 'int8' or 'fp8', got {quantization!r}")
     if quantization == "int8" and not cpu_kernels:
         raise ValueError(f"quantization 'int8' computes with the CPU's quantized kernels in float32: use "
                          f"dtype float32 on the CPU (got dtype {dtype!r} on {device!r}"
@@ -58,3 +68,31 @@ def int8_blocks(weight: np.ndarray) -> np.ndarray:
     blocks[:, :, :2] = np.repeat(d.view(np.uint8).reshape(n, 1, 2), k // 32, axis=1)
     blocks[:, :, 2:] = codes.view(np.uint8).reshape(n, k // 32, 32)
     return blocks.reshape(n, k // 32 * 34)
+
+
+def quantize_fp8(args, tensors: dict, skip: dict) -> dict[str, PackedParts]:
+    """The float projection parts of `tensors` (flat names, `layers.N.q_proj.weight`; the fused
+    projections in `skip` are already kept quantized) as per-channel FP8 weights, removed from
+    `tensors`, under the names `hf_quant.fuse` takes."""
+    out = {}
+    for i in range(args.num_layers):
+        p = f"layers.{i}."
+        for target, parts in PROJECTION_PARTS:
+            names = [f"{p}{part}.weight" for part in parts]
+            if p + target in skip or not all(n in tensors for n in names):
+                continue
+            for name in names:
+                out[name] = PackedParts((fp8_weight(tensors.pop(name)),))
+    return out
+
+
+def fp8_weight(weight) -> Fp8Weight:
+    """W [N, K] float as float8_e4m3fn values and a float32 scale a row: s = the row's largest |w| /
+    448, values w / s rounded to nearest even (torch's conversion); an all-zero row has s = 0."""
+    w = torch.as_tensor(np.asarray(weight, dtype=np.float32))
+    if w.dim() != 2:
+        raise ValueError(f"fp8 quantization needs a matrix, got shape {tuple(w.shape)}")
+    scale = w.abs().amax(dim=1, keepdim=True) / FP8_MAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    values = (w / safe).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return Fp8Weight(values.contiguous(), scale.contiguous(), None)
