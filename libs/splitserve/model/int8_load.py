@@ -36,6 +36,18 @@ PROJECTION_PARTS = (("self_attn.qkv_proj.weight", ("q_proj", "k_proj", "v_proj")
                     ("mlp.gate_up_proj.weight", ("gate_proj", "up_proj")), ("mlp.down_proj.weight", ("down_proj",)))
 
 
+def quantize_at_load(quantization: str, args, tensors: dict, skip: dict) -> dict:
+    """The projections `quantization` ("none", "int8", "fp8") quantizes, under the model's fused
+    names, removed from `tensors`; `skip`: the fused projections already kept quantized."""
+    if quantization == "int8":
+        return quantize_int8(args, tensors, skip)
+    if quantization == "fp8":
+        from splitserve.model import hf_quant
+
+        return hf_quant.fuse(args.num_layers, args.tie_word_embeddings, quantize_fp8(args, tensors, skip), tensors)
+    return {}
+
+
 def quantize_int8(args, tensors: dict, skip: dict) -> dict[str, cpu_quant.QuantWeight]:
     """The float projections of `tensors` (fused as the model holds them; the ones in `skip` are
     already kept quantized) as per-channel int8, removed from `tensors`: `int8_blocks`."""

@@ -22,7 +22,7 @@ from splitserve.config.engine import CPU_BF16_FLAGS, resolve_dtype
 from splitserve.kernels import cpu_quant
 from splitserve.model import hf_quant, quant_parts
 from splitserve.model.gguf_file import GGUFFile, GGUFFormatError
-from splitserve.model.int8_load import PROJECTION_PARTS, check_quantization, quantize_fp8, quantize_int8
+from splitserve.model.int8_load import PROJECTION_PARTS, check_quantization, quantize_at_load
 from splitserve.model.llama import LlamaModel, ModelArgs
 
 # where the weights are: shared with `splitserve up`'s check of --model, which must not import torch
@@ -56,10 +56,7 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
         args, tensors = _read_gguf(path, quantized)
     blocks = _fuse_quantized(args, quantized or {}, tensors) | hf_quant.fuse(args.num_layers, args.tie_word_embeddings,
                                                                             packed, tensors)
-    if quantization == "int8":
-        blocks |= quantize_int8(args, tensors, skip=blocks)
-    elif quantization == "fp8":
-        blocks |= hf_quant.fuse(args.num_layers, args.tie_word_embeddings, quantize_fp8(args, tensors, blocks), tensors)
+    blocks |= quantize_at_load(quantization, args, tensors, blocks)
     del quantized  # raw views of the file's map: the map is closed once the last goes
     positions = max_positions or args.max_position_embeddings
     with torch.device("meta"), _without_random_init():
