@@ -16,6 +16,7 @@ import torch
 
 from splitserve.kernels import cpu_quant
 from splitserve.kernels.packed_quant import Fp8Weight, PackedParts
+from splitserve.model import hf_quant
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 
@@ -42,8 +43,6 @@ def quantize_at_load(quantization: str, args, tensors: dict, skip: dict) -> dict
     if quantization == "int8":
         return quantize_int8(args, tensors, skip)
     if quantization == "fp8":
-        from splitserve.model import hf_quant
-
         return hf_quant.fuse(args.num_layers, args.tie_word_embeddings, quantize_fp8(args, tensors, skip), tensors)
     return {}
 
