@@ -86,6 +86,9 @@ CACHE_DIR = EnvVar("SPLITSERVE_CACHE_DIR", str, "", (
     "~/.cache/splitserve."))
 CPU_ATTENTION = EnvVar("SPLITSERVE_CPU_ATTENTION", str, "kernel", (
     "CPU attention: the C kernel (when built) or torch's."), choices=("kernel", "torch"))
+FP8_MM = EnvVar("SPLITSERVE_FP8_MM", str, "on", (
+    "FP8 weights on a GPU with FP8 tensor cores (compute capability 8.9+): W8A8 GEMMs (kernels/fp8_mm.py), "
+    "or the weight-only tile path (off)."), choices=("on", "off"))
 CPU_OPS = EnvVar("SPLITSERVE_CPU_OPS", str, "kernel", (
     "CPU small ops (norms, rotary, activation): the C kernels (when built) or torch's."),
     choices=("kernel", "torch"))
@@ -106,7 +109,7 @@ PARENT_PID = EnvVar("SPLITSERVE_PARENT_PID", int, None, (
     "Set by `splitserve up` for its children: the launcher's pid; the child dies with it. Removed "
     "from the environment once read. Not for users."), minimum=1, expected="a process id")
 
-REGISTRY: dict[str, EnvVar] = _declare(API_KEY, LOG_FORMAT, CACHE_DIR, CPU_ATTENTION, CPU_OPS, CPU_QUANT,
+REGISTRY: dict[str, EnvVar] = _declare(API_KEY, LOG_FORMAT, CACHE_DIR, CPU_ATTENTION, CPU_OPS, CPU_QUANT, FP8_MM,
                                        CPU_QUANT_ROWS, CPU_LAYERS, CPU_GEMM, PARENT_PID)
 
 

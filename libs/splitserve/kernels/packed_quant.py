@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitserve.kernels import cpu_quant, ext_ready
+from splitserve.kernels import cpu_quant, ext_ready, fp8_mm
 
 try:
     from splitserve.kernels import _packed_quant as _ext
@@ -239,6 +239,10 @@ class PackedLinear(nn.Module):
         y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32, device=x.device)
         col = 0
         for part in self.weight_parts.parts:
+            if isinstance(part, Fp8Weight) and fp8_mm.usable(x.device, part):  # FP8 tensor cores
+                y[:, col: col + part.out_features] = fp8_mm.scaled_linear(x2, part)
+                col += part.out_features
+                continue
             step = _tile_columns(part)
             buf = _buffer(step * part.in_features, x.device)
             for n0 in range(0, part.out_features, step):
