@@ -15,7 +15,9 @@ built from configs with seeded random weights.
 2. The engine on CUDA, float32, continuous batching with the Triton kernels, against HF
    transformers' greedy generate with the same weights, token for token. Random weights give flat
    logits, so a divergence is accepted only where HF's own top-2 logit gap is a near tie (< 1e-3).
-3. Throughput (bfloat16, a SmolLM2-135M-shaped model): the issue's batching workload (32 requests,
+3. Quantized checkpoints on the device (benchmarks/gpu_quant_check.py): GPTQ, AWQ and FP8
+   projections against the CPU's, FP8 through the tensor cores where the device has them, timings.
+4. Throughput (bfloat16, a SmolLM2-135M-shaped model): the issue's batching workload (32 requests,
    output lengths drawn from 16 to 256) through the engine against HF static batching of the same
    prompts.
 Prints a line per check and writes everything to --out; exits 1 if a correctness check fails.
@@ -266,7 +268,7 @@ def main() -> int:
     ap.add_argument("--tokenizer", type=Path, required=True, help="a tokenizer folder (tokenizer.json ...)")
     ap.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     ap.add_argument("--tmp", type=Path, default=Path("/tmp/splitserve-gpu-check"))
-    ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "engine", "throughput"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["kernels", "engine", "quant", "throughput"])
     ap.add_argument("--device", default="cuda", help="cuda; cpu only for a dry run of the script itself")
     args = ap.parse_args()
     global DEVICE
@@ -280,7 +282,10 @@ def main() -> int:
     RESULTS["env"] = {"gpu": torch.cuda.get_device_name() if DEVICE == "cuda" else "none (cpu dry run)", "torch": torch.__version__,
                       "triton": triton.__version__, "transformers": transformers.__version__}
     print(json.dumps(RESULTS["env"]), flush=True)
+    import gpu_quant_check  # beside this script
+
     sections = [("kernels", lambda: kernel_checks(DEVICE)), ("engine", lambda: engine_vs_hf(args.tmp, args.tokenizer)),
+                ("quant", lambda: gpu_quant_check.quant_checks(DEVICE, check, RESULTS)),
                 ("throughput", lambda: throughput(args.tmp, args.tokenizer))]
     for name, fn in sections:
         if name in args.skip:
