@@ -68,6 +68,7 @@ def num_blocks_for_budget(memory_gb: float, num_layers: int, num_kv_heads: int, 
         raise ValueError(
             f"kv_cache_memory_gb={memory_gb} holds no KV block: one block needs {per_block} bytes "
             f"({num_layers} layers x K,V x {block_size} tokens x {num_kv_heads} heads x "
-            f"{head_dim} dims, {dtype}); raise kv_cache_memory_gb"
+            f"{head_dim} dims, {dtype}{', each token and head with a float32 scale' if kv_dtype(dtype).scale_bytes else ''}); "
+            "raise kv_cache_memory_gb"
         )
     return num_blocks
