@@ -10,11 +10,16 @@
  *
  * Layout (the engine's KV cache):
  *   q          [B, heads, head_dim] float32, contiguous
- *   k/v cache  [num_blocks, block_size, kv_heads, head_dim] float32 or bfloat16, contiguous
+ *   k/v cache  [num_blocks, block_size, kv_heads, head_dim] float32, bfloat16, int8 or fp8 e4m3fn, contiguous
+ *   k/v scales [num_blocks, block_size, kv_heads] float32, an 8-bit cache's (one per token and kv head)
  *   tables     [B, max_blocks] int32 (padded; only the first ceil(len / block_size) are read)
  *   seq_lens   [B] int32, context length including the new token (its K/V already written)
  *   out        [B, heads, head_dim] float32, contiguous
- * Query head h attends with kv head h / (heads / kv_heads), as in HF's repeat_kv.
+ * Query head h attends with kv head h / (heads / kv_heads), as in HF's repeat_kv. An 8-bit cache's rows
+ * are dequantized as they are gathered (float(q) * scale, the float32 product kv_quant.dequantize
+ * makes), so the kernel attends over the very floats the torch path reads; `write_rows_8bit` stores
+ * new rows as kv_quant.quantize does, bit for bit (the module's flags hold no -ffast-math: the
+ * divisions and roundings below are IEEE ones).
  *
  * The Python entry point checks what it can (shapes, block ids inside the cache, lengths inside
  * the table); the kernel itself trusts the pointers it is handed, so only the wrapper in
@@ -34,6 +39,9 @@
 
 #include "simd.h"
 #include "kernel_api.h"
+#ifdef X86
+#include <immintrin.h>
+#endif
 
 #ifdef X86
 /* The kernel is compiled for AVX2 + FMA; the module says whether this CPU has them (`supported`)
@@ -41,6 +49,102 @@
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #endif
+
+/* 8 bytes widened to 8 int32 lanes, sign- or zero-extended (vpmovsxbd / vpmovzxbd on x86: the generic
+ * vector conversion of an 8-byte vector compiles to byte-by-byte inserts there). */
+static inline v8i widen8_i8(const void *p) {
+#ifdef X86
+    return (v8i)_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    int8_t b __attribute__((vector_size(8)));
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, v8i);
+#endif
+}
+
+static inline v8i widen8_u8(const void *p) {
+#ifdef X86
+    return (v8i)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+#else
+    uint8_t b __attribute__((vector_size(8)));
+    memcpy(&b, p, sizeof b);
+    return __builtin_convertvector(b, v8i);
+#endif
+}
+
+/* 8 fp8 e4m3fn bytes as float32, exactly. A normal byte's exponent and mantissa move into place
+ * (exponent bias 7 -> 127: + 120); a subnormal one (exponent 0) is its mantissa times 2^-9; the
+ * magnitude 0x7f is NaN. No float32 subnormal is formed (no slow path, and no reliance on the
+ * denormals mode). */
+static inline v8f fp8_to_float8(const void *p) {
+    const v8i b = widen8_u8(p);
+    const v8i mag = b & 0x7f;
+    const v8i normal = (mag << 20) + (120 << 23);
+    const v8i sub = (v8i)(__builtin_convertvector(mag, v8f) * splat(0x1p-9f));
+    const v8i is_sub = mag < 8, is_nan = mag == 0x7f;
+    v8i r = (normal & ~is_sub) | (sub & is_sub);
+    r = (r & ~is_nan) | (0x7fc00000 & is_nan);
+    return (v8f)(r | ((b & 0x80) << 24));
+}
+
+/* f (|f| <= 448, kv_quant clamps first) to e4m3fn, rounded to nearest, ties to even. Below 2^-6 the
+ * steps are 2^-9: rintf(|f| * 2^9) (an exact scaling) counts them, and 8 of them is the smallest
+ * normal, whose byte is 8 too. Above, the float32 mantissa's top 3 bits stay: adding 2^19 - 1 plus
+ * the kept lowest bit rounds the 20 dropped ones half to even (a carry bumps the exponent), and the
+ * exponent is rebased from 127 to 7. */
+static inline uint8_t fp8_from_float(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    const uint8_t sign = (uint8_t)((bits >> 24) & 0x80);
+    bits &= 0x7fffffffu;
+    float a;
+    memcpy(&a, &bits, sizeof a);
+    if (a != a) return sign | 0x7f;
+    if (a < 0x1p-6f) return sign | (uint8_t)rintf(a * 512.0f);
+    bits += 0x7ffffu + ((bits >> 20) & 1u);
+    return sign | (uint8_t)((bits >> 20) - (120u << 3));
+}
+
+/* One kv head's row x [dim] into values [dim] and *scale as kv_quant.quantize makes them: the
+ * float32 amax (a NaN spreads, as torch's amax), scale = amax / QMAX, q = x / scale (divided, not
+ * multiplied by a reciprocal), then int8: rintf (half to even) clamped to +-127; fp8: clamped to
+ * +-448 and rounded to e4m3fn. A zero (or NaN) scale stores zeros. */
+static void quantize_row(const float *x, int dim, int kind, uint8_t *values, float *scale) {
+    float amax = 0.0f;
+    for (int d = 0; d < dim; d++) {
+        const float a = fabsf(x[d]);
+        amax = (a > amax || a != a) ? a : amax;
+    }
+    const float s = amax / (kind == KV_INT8 ? 127.0f : 448.0f);
+    *scale = s;
+    if (!(s > 0.0f)) {
+        memset(values, 0, (size_t)dim);
+        return;
+    }
+    for (int d = 0; d < dim; d++) {
+        float q = x[d] / s;
+        if (kind == KV_INT8) {
+            q = rintf(q);
+            q = q < -127.0f ? -127.0f : q > 127.0f ? 127.0f : q;
+            values[d] = q == q ? (uint8_t)(int8_t)q : 0;
+        } else {
+            q = q < -448.0f ? -448.0f : q > 448.0f ? 448.0f : q;
+            values[d] = fp8_from_float(q);
+        }
+    }
+}
+
+/* See kernel_api.h: row r's kv head h goes to values[slot][h][:] and scales[slot][h]. */
+static void write_rows_8bit(const float *src, long src_stride, const int64_t *slots, long m, int kv_heads, int dim,
+                            int kind, uint8_t *values, float *scales) {
+    const long items = m * kv_heads;
+#pragma omp parallel for schedule(static) if (items >= 256)
+    for (long it = 0; it < items; it++) {
+        const long r = it / kv_heads, h = it % kv_heads;
+        const size_t at = (size_t)slots[r] * kv_heads + h;
+        quantize_row(src + r * src_stride + h * dim, dim, kind, values + at * dim, scales + at);
+    }
+}
 
 static inline v8f load8_bf16(const uint16_t *p) {
     v8h h;
@@ -50,19 +154,27 @@ static inline v8f load8_bf16(const uint16_t *p) {
 }
 
 /* Copies the rows of a chunk (n tokens from position `start`, through the block table) of one kv
- * head into dst [n][dim] as float32: contiguous, converted once, then read once per query head. */
+ * head into dst [n][dim] as float32: contiguous, converted once, then read once per query head.
+ * An 8-bit row is dequantized with its scale (scales: this kv head's, every kv_heads-th float). */
 static inline __attribute__((always_inline)) void gather_chunk(
-    const char *cache, int bf16, const int32_t *table, int start, int n, int block_size, size_t row_stride,
-    size_t head_offset, int nvec, float *dst) {
+    const char *cache, int kind, const float *scales, int kv_heads, const int32_t *table, int start, int n,
+    int block_size, size_t row_stride, size_t head_offset, int nvec, float *dst) {
     for (int t = 0; t < n; t++) {
         int pos = start + t;
         size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
         const char *src = cache + slot * row_stride + head_offset;
         float *d = dst + (size_t)t * nvec * 8;
-        if (bf16)
-            for (int i = 0; i < nvec; i++) store8(d + i * 8, load8_bf16((const uint16_t *)src + i * 8));
-        else
+        if (kind == KV_F32) {
             memcpy(d, src, (size_t)nvec * 32);
+        } else if (kind == KV_BF16) {
+            for (int i = 0; i < nvec; i++) store8(d + i * 8, load8_bf16((const uint16_t *)src + i * 8));
+        } else if (kind == KV_INT8) { /* float(q) * scale: kv_quant.dequantize's float32 product */
+            const v8f sc = splat(scales[slot * kv_heads]);
+            for (int i = 0; i < nvec; i++) store8(d + i * 8, __builtin_convertvector(widen8_i8(src + i * 8), v8f) * sc);
+        } else {
+            const v8f sc = splat(scales[slot * kv_heads]);
+            for (int i = 0; i < nvec; i++) store8(d + i * 8, fp8_to_float8(src + i * 8) * sc);
+        }
     }
 }
 
@@ -70,12 +182,17 @@ static inline __attribute__((always_inline)) void gather_chunk(
  * Inlined into one copy per head size, so that the loops over dim unroll and a query head's
  * accumulator stays in registers. */
 static inline __attribute__((always_inline)) void attend_impl(
-    const float *q, const char *k_cache, const char *v_cache, int bf16, const int32_t *table, int len,
-    int block_size, int kv_heads, int kv_head, int group, float scale, float *out, const int nvec) {
+    const float *q, const char *k_cache, const char *v_cache, int kind, const float *k_scales, const float *v_scales,
+    const int32_t *table, int len, int block_size, int kv_heads, int kv_head, int group, float scale, float *out,
+    const int nvec) {
     const int dim = nvec * 8;
-    const size_t elem = bf16 ? 2 : 4;
+    const size_t elem = kind == KV_F32 ? 4 : kind == KV_BF16 ? 2 : 1;
     const size_t row_stride = (size_t)kv_heads * dim * elem; /* bytes from one token to the next */
     const size_t head_offset = (size_t)kv_head * dim * elem;
+    if (k_scales != NULL) { /* from here on: this kv head's */
+        k_scales += kv_head;
+        v_scales += kv_head;
+    }
     float rows[CHUNK * MAX_HEAD_DIM] __attribute__((aligned(32)));
     float scores[MAX_GROUP][CHUNK] __attribute__((aligned(32)));
     v8f acc[MAX_GROUP][MAX_HEAD_DIM / 8];
@@ -87,7 +204,8 @@ static inline __attribute__((always_inline)) void attend_impl(
     }
     for (int start = 0; start < len; start += CHUNK) {
         const int n = len - start < CHUNK ? len - start : CHUNK;
-        gather_chunk(k_cache, bf16, table, start, n, block_size, row_stride, head_offset, nvec, rows);
+        gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n, block_size, row_stride, head_offset,
+                     nvec, rows);
         for (int g = 0; g < group; g++) {
             v8f qg[MAX_HEAD_DIM / 8];
             for (int i = 0; i < nvec; i++) qg[i] = load8(q + (size_t)g * dim + i * 8) * splat(scale);
@@ -112,7 +230,8 @@ static inline __attribute__((always_inline)) void attend_impl(
             if (corr != 1.0f)
                 for (int i = 0; i < nvec; i++) acc[g][i] *= splat(corr);
         }
-        gather_chunk(v_cache, bf16, table, start, n, block_size, row_stride, head_offset, nvec, rows);
+        gather_chunk(v_cache, kind, v_scales, kv_heads, table, start, n, block_size, row_stride, head_offset,
+                     nvec, rows);
         for (int g = 0; g < group; g++) {
             v8f a[MAX_HEAD_DIM / 8];
             for (int i = 0; i < nvec; i++) a[i] = acc[g][i];
@@ -131,29 +250,30 @@ static inline __attribute__((always_inline)) void attend_impl(
 }
 
 #define ATTEND_FOR(NVEC)                                                                                        \
-    static void attend_##NVEC(const float *q, const char *kc, const char *vc, int bf16, const int32_t *table,   \
-                              int len, int block_size, int kv_heads, int kv_head, int group, float scale,        \
-                              float *out) {                                                                     \
-        attend_impl(q, kc, vc, bf16, table, len, block_size, kv_heads, kv_head, group, scale, out, NVEC);       \
+    static void attend_##NVEC(const float *q, const char *kc, const char *vc, int kind, const float *ks,         \
+                              const float *vs, const int32_t *table, int len, int block_size, int kv_heads,     \
+                              int kv_head, int group, float scale, float *out) {                                \
+        attend_impl(q, kc, vc, kind, ks, vs, table, len, block_size, kv_heads, kv_head, group, scale, out, NVEC); \
     }
 ATTEND_FOR(4)  /* head_dim 32 */
 ATTEND_FOR(8)  /* 64 */
 ATTEND_FOR(16) /* 128 */
 
-static void attend_any(const float *q, const char *kc, const char *vc, int bf16, const int32_t *table, int len,
-                       int block_size, int kv_heads, int kv_head, int dim, int group, float scale, float *out) {
+static void attend_any(const float *q, const char *kc, const char *vc, int kind, const float *ks, const float *vs,
+                       const int32_t *table, int len, int block_size, int kv_heads, int kv_head, int dim, int group,
+                       float scale, float *out) {
     switch (dim) {
-    case 32: attend_4(q, kc, vc, bf16, table, len, block_size, kv_heads, kv_head, group, scale, out); break;
-    case 64: attend_8(q, kc, vc, bf16, table, len, block_size, kv_heads, kv_head, group, scale, out); break;
-    case 128: attend_16(q, kc, vc, bf16, table, len, block_size, kv_heads, kv_head, group, scale, out); break;
+    case 32: attend_4(q, kc, vc, kind, ks, vs, table, len, block_size, kv_heads, kv_head, group, scale, out); break;
+    case 64: attend_8(q, kc, vc, kind, ks, vs, table, len, block_size, kv_heads, kv_head, group, scale, out); break;
+    case 128: attend_16(q, kc, vc, kind, ks, vs, table, len, block_size, kv_heads, kv_head, group, scale, out); break;
     default:
-        attend_impl(q, kc, vc, bf16, table, len, block_size, kv_heads, kv_head, group, scale, out, dim / 8);
+        attend_impl(q, kc, vc, kind, ks, vs, table, len, block_size, kv_heads, kv_head, group, scale, out, dim / 8);
     }
 }
 
-static void decode_all(const float *q, const char *k_cache, const char *v_cache, int bf16, const int32_t *tables,
-                       int max_blocks, const int32_t *seq_lens, int batch, int heads, int kv_heads, int dim,
-                       int block_size, float scale, float *out) {
+static void decode_all(const float *q, const char *k_cache, const char *v_cache, int kind, const float *k_scales,
+                       const float *v_scales, const int32_t *tables, int max_blocks, const int32_t *seq_lens,
+                       int batch, int heads, int kv_heads, int dim, int block_size, float scale, float *out) {
     const int group = heads / kv_heads;
     /* A row's kv heads go to one thread, one after another: the tokens' K/V rows hold every kv
      * head side by side, so the second head reads lines the first one brought into cache. Only
@@ -166,8 +286,8 @@ static void decode_all(const float *q, const char *k_cache, const char *v_cache,
         const int first = by_row ? 0 : it % kv_heads, last = by_row ? kv_heads : first + 1;
         for (int h = first; h < last; h++) {
             size_t offset = ((size_t)b * heads + (size_t)h * group) * dim;
-            attend_any(q + offset, k_cache, v_cache, bf16, tables + (size_t)b * max_blocks, seq_lens[b], block_size,
-                       kv_heads, h, dim, group, scale, out + offset);
+            attend_any(q + offset, k_cache, v_cache, kind, k_scales, v_scales, tables + (size_t)b * max_blocks,
+                       seq_lens[b], block_size, kv_heads, h, dim, group, scale, out + offset);
         }
     }
 }
@@ -176,15 +296,20 @@ static void decode_all(const float *q, const char *k_cache, const char *v_cache,
 #pragma GCC pop_options
 #endif
 
-/* decode(q, k_cache, v_cache, tables, seq_lens, out: data pointers as ints, then
- *        kv_bf16, max_blocks, num_blocks, batch, heads, kv_heads, head_dim, block_size, scale) */
+/* decode(q, k_cache, v_cache, k_scales, v_scales, tables, seq_lens, out: data pointers as ints (the
+ *        scales 0 unless 8-bit), then kind (KV_*), max_blocks, num_blocks, batch, heads, kv_heads,
+ *        head_dim, block_size, scale) */
 static PyObject *py_decode(PyObject *self, PyObject *args) {
-    unsigned long long q, kc, vc, tables, lens, out;
-    int bf16, max_blocks, num_blocks, batch, heads, kv_heads, dim, block_size;
+    unsigned long long q, kc, vc, ks, vs, tables, lens, out;
+    int kind, max_blocks, num_blocks, batch, heads, kv_heads, dim, block_size;
     float scale;
-    if (!PyArg_ParseTuple(args, "KKKKKKpiiiiiiif", &q, &kc, &vc, &tables, &lens, &out, &bf16, &max_blocks,
-                          &num_blocks, &batch, &heads, &kv_heads, &dim, &block_size, &scale))
+    if (!PyArg_ParseTuple(args, "KKKKKKKKiiiiiiiif", &q, &kc, &vc, &ks, &vs, &tables, &lens, &out, &kind,
+                          &max_blocks, &num_blocks, &batch, &heads, &kv_heads, &dim, &block_size, &scale))
         return NULL;
+    if (kind < KV_F32 || kind > KV_FP8 || (kind >= KV_INT8) != (ks != 0 && vs != 0)) {
+        PyErr_Format(PyExc_ValueError, "cache kind %d: 0-3, with scales exactly for the 8-bit ones (2, 3)", kind);
+        return NULL;
+    }
     if (kv_heads <= 0 || heads % kv_heads || heads / kv_heads > MAX_GROUP) {
         PyErr_Format(PyExc_ValueError, "heads (%d) must be a multiple of kv_heads (%d), at most %d per kv head",
                      heads, kv_heads, MAX_GROUP);
@@ -218,20 +343,54 @@ static PyObject *py_decode(PyObject *self, PyObject *args) {
         }
     }
     Py_BEGIN_ALLOW_THREADS
-    decode_all((const float *)(uintptr_t)q, (const char *)(uintptr_t)kc, (const char *)(uintptr_t)vc, bf16, tables_p,
-               max_blocks, lens_p, batch, heads, kv_heads, dim, block_size, scale, (float *)(uintptr_t)out);
+    decode_all((const float *)(uintptr_t)q, (const char *)(uintptr_t)kc, (const char *)(uintptr_t)vc, kind,
+               (const float *)(uintptr_t)ks, (const float *)(uintptr_t)vs, tables_p, max_blocks, lens_p, batch, heads,
+               kv_heads, dim, block_size, scale, (float *)(uintptr_t)out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* write_kv(k, v, k_cache, v_cache, k_scales, v_scales, slots: data pointers as ints, then rows,
+ *          num_slots, kv_heads, head_dim, kind): k and v [rows][kv_heads][head_dim] float32, slots
+ *          int64; every slot is checked to lie inside the cache first */
+static PyObject *py_write_kv(PyObject *self, PyObject *args) {
+    unsigned long long k, v, kc, vc, ks, vs, slots;
+    long rows, num_slots;
+    int kv_heads, dim, kind;
+    if (!PyArg_ParseTuple(args, "KKKKKKKlliii", &k, &v, &kc, &vc, &ks, &vs, &slots, &rows, &num_slots, &kv_heads,
+                          &dim, &kind))
+        return NULL;
+    if ((kind != KV_INT8 && kind != KV_FP8) || rows < 0 || kv_heads <= 0 || dim <= 0) {
+        PyErr_Format(PyExc_ValueError, "write_kv: cache kind %d (2 int8, 3 fp8), %ld rows, %d kv heads, head_dim %d",
+                     kind, rows, kv_heads, dim);
+        return NULL;
+    }
+    const int64_t *slots_p = (const int64_t *)(uintptr_t)slots;
+    for (long r = 0; r < rows; r++)
+        if (slots_p[r] < 0 || slots_p[r] >= num_slots) {
+            PyErr_Format(PyExc_ValueError, "row %ld: slot %lld outside the cache's %ld slots", r,
+                         (long long)slots_p[r], num_slots);
+            return NULL;
+        }
+    const long stride = (long)kv_heads * dim;
+    Py_BEGIN_ALLOW_THREADS
+    write_rows_8bit((const float *)(uintptr_t)k, stride, slots_p, rows, kv_heads, dim, kind, (uint8_t *)(uintptr_t)kc,
+                    (float *)(uintptr_t)ks);
+    write_rows_8bit((const float *)(uintptr_t)v, stride, slots_p, rows, kv_heads, dim, kind, (uint8_t *)(uintptr_t)vc,
+                    (float *)(uintptr_t)vs);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"decode", py_decode, METH_VARARGS, "Paged decode attention (see cpu_attention.py, which checks the tensors)."},
+    {"write_kv", py_write_kv, METH_VARARGS, "New K/V rows into an 8-bit cache, quantized (cpu_attention.py)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_attention", NULL, -1, methods};
 
-static AttentionApi api = {decode_all};
+static AttentionApi api = {decode_all, write_rows_8bit};
 
 PyMODINIT_FUNC PyInit__cpu_attention(void) {
     PyObject *mod = simd_module_create(&module);

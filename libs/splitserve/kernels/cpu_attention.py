@@ -5,6 +5,10 @@ It reads each row's K and V straight from the pages up to the row's own length, 
 padded copies and runs SDPA over them. The model runner uses it for every decode batch on a CPU
 when `available()` and `supports(...)` say so; SPLITSERVE_CPU_ATTENTION=torch turns it off (to
 compare, or to rule it out).
+
+An 8-bit cache (int8 or float8_e4m3fn values with float32 scales, engine/kv_quant.py) is read
+dequantized row by row as the kernel gathers it, to the very floats `kv_quant.dequantize` gives;
+`write_kv_quantized` stores new rows as `kv_quant.quantize` does, to the bit.
 """
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ try:
 except ImportError:  # not built (a source tree used without `pip install`): the torch path runs
     _ext = None
 
-CACHE_DTYPES = (torch.float32, torch.bfloat16)
+# the kernel's cache kinds (kernel_api.h's KV_*): the 8-bit ones come with scales
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.float8_e4m3fn: 3}
+SCALED = (torch.int8, torch.float8_e4m3fn)
+CACHE_DTYPES = tuple(KINDS)
 MAX_GROUP = 16  # query heads per kv head (the kernel's limit)
 MAX_HEAD_DIM = 256
 
@@ -39,13 +46,31 @@ def supports(cache_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_d
             and num_heads // num_kv_heads <= MAX_GROUP and head_dim % 8 == 0 and 0 < head_dim <= MAX_HEAD_DIM)
 
 
+def check_scales(k_cache: torch.Tensor, k_scales, v_scales) -> None:
+    """An 8-bit cache comes with float32 contiguous scales [num_blocks, block_size, kv_heads] for K
+    and V, a float one with none; else ValueError."""
+    if k_cache.dtype not in SCALED:
+        if k_scales is not None or v_scales is not None:
+            raise ValueError(f"scales given for a {k_cache.dtype} cache, which holds its values as they are")
+        return
+    expected = tuple(k_cache.shape[:3])
+    for name, t in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if t is None:
+            raise ValueError(f"a {k_cache.dtype} cache needs {name} (float32 {expected})")
+        if t.dtype != torch.float32 or tuple(t.shape) != expected or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{name} is {t.dtype} {tuple(t.shape)} on {t.device}; the {k_cache.dtype} cache needs "
+                             f"contiguous float32 {expected} on the CPU")
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [B, heads, head_dim]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim] float32 or bfloat16
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim] float32, bfloat16, int8 or fp8 e4m3fn
     v_cache: torch.Tensor,
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     seq_lens: torch.Tensor,  # [B] int32, context length including the new token
     scale: float,
+    k_scales: torch.Tensor | None = None,  # [num_blocks, block_size, kv_heads] float32: an 8-bit cache's
+    v_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [B, heads, head_dim] in q's dtype
     """One query token per sequence against its paged context; computed in float32.
     ValueError names what is wrong with the arguments (nothing is read out of bounds)."""
@@ -67,6 +92,7 @@ def paged_decode_attention(
                          f"kv heads, head_dim {head_dim}")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous")
+    check_scales(k_cache, k_scales, v_scales)
     if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
         raise ValueError(f"block_tables ({block_tables.dtype}) and seq_lens ({seq_lens.dtype}) must be int32")
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or tuple(seq_lens.shape) != (batch,):
@@ -77,7 +103,43 @@ def paged_decode_attention(
     lens = seq_lens.contiguous()
     out = torch.empty((batch, heads, head_dim), dtype=torch.float32)
     if batch:
-        _ext.decode(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), tables.data_ptr(), lens.data_ptr(),
-                    out.data_ptr(), k_cache.dtype == torch.bfloat16, tables.shape[1], num_blocks, batch, heads,
-                    kv_heads, head_dim, block_size, float(scale))
+        ks, vs = (0, 0) if k_scales is None else (k_scales.data_ptr(), v_scales.data_ptr())
+        _ext.decode(qf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), ks, vs, tables.data_ptr(), lens.data_ptr(),
+                    out.data_ptr(), KINDS[k_cache.dtype], tables.shape[1], num_blocks, batch, heads, kv_heads,
+                    head_dim, block_size, float(scale))
     return out.to(q.dtype)
+
+
+def write_kv_quantized(
+    k: torch.Tensor,  # [T, kv_heads, head_dim], any float dtype (quantized from its float32 values)
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim] int8 or float8_e4m3fn
+    v_cache: torch.Tensor,
+    k_scales: torch.Tensor,  # [num_blocks, block_size, kv_heads] float32
+    v_scales: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64
+) -> None:
+    """Each new token's K and V into its slot of an 8-bit cache, quantized per kv head to the bits
+    `kv_quant.quantize` gives (what `model.attention.write_kv_torch` stores). ValueError names a
+    wrong argument or a slot outside the cache (checked before anything is written)."""
+    if _ext is None:
+        raise RuntimeError("the CPU attention kernel is not built: reinstall splitserve (pip install -e .)")
+    if k_cache.dtype not in SCALED or v_cache.dtype != k_cache.dtype or v_cache.shape != k_cache.shape:
+        raise ValueError(f"write_kv_quantized takes int8 or float8_e4m3fn caches of one shape, not k "
+                         f"{k_cache.dtype} {tuple(k_cache.shape)}, v {v_cache.dtype} {tuple(v_cache.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k_cache and v_cache must be contiguous")
+    check_scales(k_cache, k_scales, v_scales)
+    num_blocks, block_size, kv_heads, head_dim = k_cache.shape
+    rows = slot_mapping.shape[0] if slot_mapping.dim() == 1 else -1
+    if k.shape != (rows, kv_heads, head_dim) or v.shape != k.shape or slot_mapping.dtype != torch.int64:
+        raise ValueError(f"k {tuple(k.shape)}, v {tuple(v.shape)} and slot_mapping {tuple(slot_mapping.shape)} "
+                         f"{slot_mapping.dtype}: expected [T, {kv_heads}, {head_dim}] rows and [T] int64 slots")
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("slot_mapping", slot_mapping)):
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} is on {t.device}; the CPU kernel takes CPU tensors")
+    kf, vf = (t.to(torch.float32).contiguous() for t in (k, v))
+    slots = slot_mapping.contiguous()
+    _ext.write_kv(kf.data_ptr(), vf.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), k_scales.data_ptr(),
+                  v_scales.data_ptr(), slots.data_ptr(), rows, num_blocks * block_size, kv_heads, head_dim,
+                  KINDS[k_cache.dtype])

@@ -9,7 +9,9 @@
  * Each kernel is the very function the per-op path calls, reached through its extension's table
  * (kernel_api.h): the outputs are the same bits either way, and a row's output does not depend on
  * the other rows of the step. The cache is float32 (a quantized model computes in float32, and its
- * cache has the compute dtype).
+ * cache has the compute dtype), or 8-bit (int8 or fp8 e4m3fn values and float32 scales per token
+ * and kv head, engine/kv_quant.py): new rows are then quantized by the attention extension's
+ * `write_rows_8bit`, the function the per-op path's CPU write calls, to kv_quant.quantize's bits.
  *
  *   plan    int64 [layers][PLAN_FIELDS]: per layer the pointers and formats below (cpu_layers.py)
  *   x       [m][hidden] float32, the residual stream, updated in place
@@ -29,7 +31,7 @@
 #include "kernel_api.h"
 
 enum { P_IN_NORM, P_POST_NORM, P_QKV, P_QKV_KIND, P_QKV_BIAS, P_O, P_O_KIND, P_GU, P_GU_KIND, P_DOWN, P_DOWN_KIND,
-       P_K_CACHE, P_V_CACHE, PLAN_FIELDS };
+       P_K_CACHE, P_V_CACHE, P_K_SCALES, P_V_SCALES, P_KV_KIND, PLAN_FIELDS };
 
 typedef struct {
     int hidden, heads, kv_heads, head_dim, inter, block_size, max_blocks, int8;
@@ -42,9 +44,16 @@ static const QuantApi *quant;
 
 #define PTR(T, v) ((T)(uintptr_t)(v))
 
-/* rows of n floats at src (row stride src_stride) into their slots of a cache of rows of n */
-static void write_slots(const float *src, long src_stride, const int64_t *slots, long m, int n, float *cache) {
-    for (long r = 0; r < m; r++) memcpy(cache + slots[r] * n, src + r * src_stride, (size_t)n * sizeof(float));
+/* rows of kv_heads * head_dim floats at src (row stride src_stride) into their slots of a cache:
+ * copied into a float32 one, quantized with their scales into an 8-bit one (kind KV_INT8, KV_FP8) */
+static void write_slots(const float *src, long src_stride, const int64_t *slots, long m, const Shape *d, int kind,
+                        char *cache, float *scales) {
+    const long n = (long)d->kv_heads * d->head_dim;
+    if (kind == KV_F32)
+        for (long r = 0; r < m; r++)
+            memcpy((float *)cache + slots[r] * n, src + r * src_stride, (size_t)n * sizeof(float));
+    else
+        attention->write_rows_8bit(src, src_stride, slots, m, d->kv_heads, d->head_dim, kind, (uint8_t *)cache, scales);
 }
 
 static void add_rows(float *x, const float *y, long count) {
@@ -82,16 +91,18 @@ static int decode_layers(const int64_t *plan, int layers, float *x, long m, cons
     int rc = 0;
     for (int l = 0; l < layers && rc == 0; l++) {
         const int64_t *p = plan + (size_t)l * PLAN_FIELDS;
-        float *k_cache = PTR(float *, p[P_K_CACHE]), *v_cache = PTR(float *, p[P_V_CACHE]);
+        char *k_cache = PTR(char *, p[P_K_CACHE]), *v_cache = PTR(char *, p[P_V_CACHE]);
+        float *k_scales = PTR(float *, p[P_K_SCALES]), *v_scales = PTR(float *, p[P_V_SCALES]);
+        const int kind = (int)p[P_KV_KIND];
         ops->rms_norm_rows(x, PTR(const float *, p[P_IN_NORM]), s.h, m, d->hidden, d->eps);
         rc |= quant->linear(s.h, PTR(const uint8_t *, p[P_QKV]), (int)p[P_QKV_KIND], PTR(const float *, p[P_QKV_BIAS]),
                             s.qkv, m, nqkv, d->hidden, d->int8);
         ops->rope_rows(s.qkv, nqkv, cos, sin, s.q, m, d->heads, d->head_dim);
         ops->rope_rows(s.qkv + q, nqkv, cos, sin, s.k, m, d->kv_heads, d->head_dim);
-        write_slots(s.k, kv, slots, m, (int)kv, k_cache);
-        write_slots(s.qkv + q + kv, nqkv, slots, m, (int)kv, v_cache);
-        attention->decode_all(s.q, (const char *)k_cache, (const char *)v_cache, 0, tables, d->max_blocks, seq_lens, (int)m, d->heads,
-                              d->kv_heads, d->head_dim, d->block_size, d->scale, s.a);
+        write_slots(s.k, kv, slots, m, d, kind, k_cache, k_scales);
+        write_slots(s.qkv + q + kv, nqkv, slots, m, d, kind, v_cache, v_scales);
+        attention->decode_all(s.q, k_cache, v_cache, kind, k_scales, v_scales, tables, d->max_blocks, seq_lens, (int)m,
+                              d->heads, d->kv_heads, d->head_dim, d->block_size, d->scale, s.a);
         rc |= quant->linear(s.a, PTR(const uint8_t *, p[P_O]), (int)p[P_O_KIND], NULL, s.out, m, d->hidden, q, d->int8);
         add_rows(x, s.out, m * d->hidden);
         ops->rms_norm_rows(x, PTR(const float *, p[P_POST_NORM]), s.h, m, d->hidden, d->eps);
@@ -157,6 +168,15 @@ static PyObject *py_decode_layers(PyObject *self, PyObject *args) {
     if (ops == NULL || attention == NULL || quant == NULL || quant->linear == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "decode_layers: the CPU kernels it calls are not available");
         return NULL;
+    }
+    for (int l = 0; l < layers; l++) { /* each layer's cache kind, with scales exactly for the 8-bit ones */
+        const int64_t *p = PTR(const int64_t *, plan) + (size_t)l * PLAN_FIELDS;
+        const int kind = (int)p[P_KV_KIND], scaled = p[P_K_SCALES] != 0 && p[P_V_SCALES] != 0;
+        if ((kind != KV_F32 && kind != KV_INT8 && kind != KV_FP8) || scaled != (kind != KV_F32)) {
+            PyErr_Format(PyExc_ValueError, "decode_layers: layer %d: cache kind %lld (0 float32, 2 int8, 3 fp8), "
+                         "scales %s", l, (long long)kind, scaled ? "given" : "missing");
+            return NULL;
+        }
     }
     if (check_indices(PTR(const int64_t *, slots), PTR(const int32_t *, tables), PTR(const int32_t *, lens), m,
                       num_blocks, &d))

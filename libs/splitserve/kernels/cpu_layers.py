@@ -6,7 +6,9 @@ which calls the same kernels the per-op path calls (their C tables, kernel_api.h
 the same bits, so the model takes this path whenever it can and nothing else changes. It can when
 the model computes in float32 with every projection held as GGUF blocks (`CpuLinear` backend
 "quant"), the small ops and the attention kernel are built, the cache is float32 (it has the compute
-dtype), and the step is decode rows only, at most `max_rows` of them (more rows: the per-op path and its tiled
+dtype) or 8-bit (int8 or float8_e4m3fn with per-token scales, engine/kv_quant.py: a layer's cache is
+then the 4-tuple (k, v, k_scales, v_scales); new rows are quantized in C to kv_quant.quantize's bits),
+and the step is decode rows only, at most `max_rows` of them (more rows: the per-op path and its tiled
 GEMM). SPLITSERVE_CPU_LAYERS=torch turns it off (to compare, or to rule it out).
 """
 from __future__ import annotations
@@ -74,8 +76,10 @@ class FusedDecode:
         """This step can run here: decode rows only (the C attention kernel's tables), few enough,
         and a cache the kernel reads."""
         k = kv_caches[0][0]
+        scaled = k.dtype in cpu_attention.SCALED
         return (0 < rows <= self.max_rows and meta.cpu_kernel and not meta.use_triton and meta.num_decodes == rows
-                and k.dtype == torch.float32 and k.device.type == "cpu")
+                and (k.dtype == torch.float32 or scaled) and len(kv_caches[0]) == (4 if scaled else 2)
+                and k.device.type == "cpu")
 
     def _plan(self, kv_caches) -> torch.Tensor:
         # every page's address: a cache freed and another allocated at its first page's address
@@ -85,15 +89,27 @@ class FusedDecode:
         if plan is None:
             if len(kv_caches) != len(self._layers):
                 raise ValueError(f"{len(kv_caches)} KV caches for {len(self._layers)} layers")
-            rows = []
-            for fields, (k, v) in zip(self._layers, kv_caches):
-                if not (k.is_contiguous() and v.is_contiguous()) or k.shape != v.shape or k.dtype != v.dtype:
-                    raise ValueError("K and V caches must be contiguous, of one shape and dtype")
-                rows.append(fields + [k.data_ptr(), v.data_ptr()])
+            rows = [fields + self._cache_fields(kv) for fields, kv in zip(self._layers, kv_caches)]
             plan = self._plans[key] = torch.tensor(rows, dtype=torch.int64)
             if plan.shape[1] != _ext.plan_fields:
                 raise RuntimeError(f"plan has {plan.shape[1]} fields, the kernel takes {_ext.plan_fields}")
         return plan
+
+    @staticmethod
+    def _cache_fields(kv) -> list[int]:
+        """A layer's cache in the plan: K and V pages, K and V scales (0 for a float32 cache), kind."""
+        k, v, *scales = kv
+        if not (k.is_contiguous() and v.is_contiguous()) or k.shape != v.shape or k.dtype != v.dtype:
+            raise ValueError("K and V caches must be contiguous, of one shape and dtype")
+        kind = cpu_attention.KINDS.get(k.dtype)
+        if kind is None or k.dtype == torch.bfloat16:
+            raise ValueError(f"the fused decode takes float32, int8 or float8_e4m3fn caches, not {k.dtype}")
+        if (k.dtype in cpu_attention.SCALED) != bool(scales):
+            raise ValueError(f"a {k.dtype} cache comes as (k, v, k_scales, v_scales) exactly when it is 8-bit; "
+                             f"got {len(kv)} tensors")
+        if scales:
+            cpu_attention.check_scales(k, *scales)
+        return [k.data_ptr(), v.data_ptr(), *([t.data_ptr() for t in scales] or [0, 0]), kind]
 
     def run(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_caches, meta) -> torch.Tensor:
         """The residual stream after every layer: x [rows, hidden] float32 (updated in place and

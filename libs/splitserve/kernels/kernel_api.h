@@ -16,10 +16,19 @@ typedef struct {
                       int heads, int dim);
 } OpsApi;
 
+/* How a KV cache stores its rows: as float32 or bfloat16, or 8-bit with one float32 scale per token
+ * and kv head (engine/kv_quant.py; the scales [num_blocks][block_size][kv_heads]). */
+enum { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2, KV_FP8 = 3 };
+
 typedef struct {
-    void (*decode_all)(const float *q, const char *k_cache, const char *v_cache, int bf16, const int32_t *tables,
-                       int max_blocks, const int32_t *seq_lens, int batch, int heads, int kv_heads, int dim,
-                       int block_size, float scale, float *out);
+    /* k_scales / v_scales: NULL unless kind is KV_INT8 or KV_FP8 */
+    void (*decode_all)(const float *q, const char *k_cache, const char *v_cache, int kind, const float *k_scales,
+                       const float *v_scales, const int32_t *tables, int max_blocks, const int32_t *seq_lens,
+                       int batch, int heads, int kv_heads, int dim, int block_size, float scale, float *out);
+    /* m rows of kv_heads * dim floats (row stride src_stride) into their slots of an 8-bit cache,
+     * quantized per kv head exactly as kv_quant.quantize does (values and scales) */
+    void (*write_rows_8bit)(const float *src, long src_stride, const int64_t *slots, long m, int kv_heads, int dim,
+                            int kind, uint8_t *values, float *scales);
 } AttentionApi;
 
 typedef struct {
