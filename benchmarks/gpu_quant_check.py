@@ -135,3 +135,77 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def triton_quant_checks(device: str, check, results: dict, timings: bool = True) -> None:
+    """The Triton GEMM from GPTQ/AWQ words (kernels/triton_quant.py): within 1e-5 (max relative) of
+    the float64 product of the dequantized weight, for float32, float16 and bfloat16 x (the half ones
+    against the rounded x); PackedLinear on the device takes it and agrees with its tile path; timings
+    of a 4096 x 4096 projection against the tile path and bf16 F.linear. On a CPU it runs only under
+    TRITON_INTERPRET=1 (tests/kernels/test_triton_quant.py), without timings."""
+    from splitserve.kernels import triton_quant
+    from splitserve.kernels.packed_quant import PackedLinear
+
+    if not triton_quant.available() or (not device.startswith("cuda") and not triton_quant._kernel().interpret):
+        results["triton_quant"] = "skipped: needs triton and CUDA (or TRITON_INTERPRET=1 on a CPU)"
+        print(f"triton quant checks {results['triton_quant']}", flush=True)
+        return
+    # the interpreter computes a bfloat16 dot from the raw 16-bit words (tests/kernels/test_triton_quant.py)
+    dtypes = (torch.float32, torch.float16) + (() if triton_quant._kernel().interpret else (torch.bfloat16,))
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(384, 512, generator=gen) * 0.05
+    x = torch.randn(37, 512, generator=gen)
+    names = ("gptq-4bit-g128-desc_act", "gptq-8bit-per-channel", "awq-4bit-g128")
+    for name, (spec, tensors) in ((n, c) for n, c in _layouts(w).items() if n in names):
+        part = _packed(spec, tensors).parts[0]
+        wt = part.dequantize().double().t()
+        on_device = part.to(torch.device(device))
+        errors = {}
+        for dtype in dtypes:
+            xd = x.to(dtype)
+            ref = xd.double() @ wt
+            got = triton_quant.packed_matmul(xd.to(device), on_device).double().cpu()
+            errors[str(dtype).removeprefix("torch.")] = float((got - ref).abs().max() / ref.abs().max())
+        layer = PackedLinear(_packed(spec, {k: v.clone() for k, v in tensors.items()}))
+        taken = triton_quant.usable(torch.device(device))
+        through_layer = layer(x.to(device)).double().cpu()
+        errors["packed_linear"] = float((through_layer - x.double() @ wt).abs().max() / (x.double() @ wt).abs().max())
+        check(f"triton packed matmul {name} on {device}", max(errors.values()) <= 1e-5,
+              packed_linear_takes_triton=taken, **{k: f"{v:.2e}" for k, v in errors.items()})
+    if timings and device.startswith("cuda"):
+        _triton_timings(device, results)
+
+
+def _triton_timings(device: str, results: dict) -> None:
+    import os
+
+    from splitserve.kernels import triton_quant
+    from splitserve.kernels.packed_quant import PackedLinear
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4096, 4096, generator=gen) * 0.02
+    dense = w.to(device=device, dtype=torch.bfloat16)
+    for name, case in _layouts(w).items():
+        if name not in ("gptq-4bit-g128-desc_act", "gptq-8bit-per-channel", "awq-4bit-g128"):
+            continue
+        layer = PackedLinear(_packed(*case))
+        layer(torch.zeros(1, 4096, device=device))  # moves the packed tensors to the device
+        part = layer.weight_parts.parts[0]
+        for rows in (1, 16, 256):
+            x = torch.randn(rows, 4096, generator=gen).to(device)
+            xh = x.half()
+            row = {"bf16_linear_ms": _time(lambda x=x: torch.nn.functional.linear(x.bfloat16(), dense), device),
+                   "triton_fp32_x_ms": _time(lambda x=x, w=part: triton_quant.packed_matmul(x, w), device),
+                   "triton_fp16_x_ms": _time(lambda x=xh, w=part: triton_quant.packed_matmul(x, w), device)}
+            saved = os.environ.get("SPLITSERVE_TRITON_QUANT")
+            os.environ["SPLITSERVE_TRITON_QUANT"] = "off"  # PackedLinear's tile path, for the comparison
+            try:
+                row["tile_path_ms"] = _time(lambda x=x, layer=layer: layer(x), device)
+            finally:
+                os.environ.pop("SPLITSERVE_TRITON_QUANT")
+                if saved is not None:
+                    os.environ["SPLITSERVE_TRITON_QUANT"] = saved
+            row["speedup_fp16_x_over_tiles"] = row["tile_path_ms"] / row["triton_fp16_x_ms"]
+            results.setdefault("timings", {})[f"triton_{name}_4096x4096_rows{rows}"] = row
+            print(f"triton {name} 4096x4096, {rows} rows: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()),
+                  flush=True)

@@ -89,6 +89,9 @@ CPU_ATTENTION = EnvVar("SPLITSERVE_CPU_ATTENTION", str, "kernel", (
 FP8_MM = EnvVar("SPLITSERVE_FP8_MM", str, "on", (
     "FP8 weights on a GPU with FP8 tensor cores (compute capability 8.9+): W8A8 GEMMs (kernels/fp8_mm.py), "
     "or the weight-only tile path (off)."), choices=("on", "off"))
+TRITON_QUANT = EnvVar("SPLITSERVE_TRITON_QUANT", str, "on", (
+    "GPTQ/AWQ weights on a CUDA device: a Triton GEMM straight from the packed words (kernels/triton_quant.py), "
+    "or the tile path (off: a dequantized tile of W at a time, then a float GEMM)."), choices=("on", "off"))
 CPU_OPS = EnvVar("SPLITSERVE_CPU_OPS", str, "kernel", (
     "CPU small ops (norms, rotary, activation): the C kernels (when built) or torch's."),
     choices=("kernel", "torch"))
@@ -110,7 +113,7 @@ PARENT_PID = EnvVar("SPLITSERVE_PARENT_PID", int, None, (
     "from the environment once read. Not for users."), minimum=1, expected="a process id")
 
 REGISTRY: dict[str, EnvVar] = _declare(API_KEY, LOG_FORMAT, CACHE_DIR, CPU_ATTENTION, CPU_OPS, CPU_QUANT, FP8_MM,
-                                       CPU_QUANT_ROWS, CPU_LAYERS, CPU_GEMM, PARENT_PID)
+                                       TRITON_QUANT, CPU_QUANT_ROWS, CPU_LAYERS, CPU_GEMM, PARENT_PID)
 
 
 def read(name: str) -> str | int | None:

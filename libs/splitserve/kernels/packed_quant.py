@@ -22,8 +22,9 @@ fp8 value times a float32 scale rounds once, as a float64 product rounded to flo
 thread's reused float32 buffer (`cpu_quant`'s, 8 MB) and a float32 GEMM runs x against it; a fused
 projection (q/k/v, gate/up) holds its parts as they are and writes each one's columns of y. On the
 CPU the tiles come from packed_quant.c where it is built (`built()`), else from torch ops (the
-reference, the same values). The per-group scales are widened to float32 at load (1 / group_size of
-a float copy).
+reference, the same values). On a CUDA device GPTQ/AWQ parts go through kernels/triton_quant.py
+instead (a GEMM that unpacks the words itself; SPLITSERVE_TRITON_QUANT=off keeps the tiles). The
+per-group scales are widened to float32 at load (1 / group_size of a float copy).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from splitserve.kernels import cpu_quant, ext_ready, fp8_mm
+from splitserve.kernels import cpu_quant, ext_ready, fp8_mm, triton_quant
 
 try:
     from splitserve.kernels import _packed_quant as _ext
@@ -241,6 +242,10 @@ class PackedLinear(nn.Module):
         for part in self.weight_parts.parts:
             if isinstance(part, Fp8Weight) and fp8_mm.usable(x.device, part):  # FP8 tensor cores
                 y[:, col: col + part.out_features] = fp8_mm.scaled_linear(x2, part)
+                col += part.out_features
+                continue
+            if isinstance(part, GroupQuantWeight) and triton_quant.usable(x.device):  # from the packed words
+                y[:, col: col + part.out_features] = triton_quant.packed_matmul(x.reshape(-1, self.in_features), part)
                 col += part.out_features
                 continue
             step = _tile_columns(part)
