@@ -237,3 +237,23 @@ def test_fused_decode_gives_the_layer_by_layer_bits_on_an_8bit_cache(llm_f32, na
     assert not all(torch.equal(_bits(x), _bits(y)) for x, y in zip(fused_kv[0], caches[0]))  # rows were written
     one = _step(model, [tuple(t.clone() for t in layer) for layer in caches], 1, block_size, True)
     assert torch.equal(one[0], fused_out[0])  # a row's bits do not depend on the others in its step
+
+
+@pytest.mark.skipif(not cpu_layers.available(), reason="the fused decode kernel is not built for this CPU")
+def test_fused_decode_refuses_an_8bit_cache_without_its_scales(llm_f32):
+    fd = llm_f32.engine.model.fused_decode
+    k, v = (torch.zeros(4, 16, 3, 64, dtype=torch.int8) for _ in range(2))
+    scales = torch.zeros(4, 16, 3)
+    meta = AttentionMetadata(torch.tensor([0]), 1, torch.zeros(1, 1, dtype=torch.int32),
+                             torch.ones(1, dtype=torch.int32), None, (), (), (), cpu_kernel=True)
+    assert fd.accepts(1, [(k, v, scales, scales)], meta)
+    assert not fd.accepts(1, [(k, v)], meta)  # int8 pages without their scales
+    assert not fd.accepts(1, [(k.bfloat16(), v.bfloat16())], meta)
+    with pytest.raises(ValueError, match="exactly when it is 8-bit; got 2 tensors"):
+        fd._cache_fields((k, v))
+    with pytest.raises(ValueError, match="k_scales is torch.float32 \\(4, 16\\)"):
+        fd._cache_fields((k, v, scales[..., 0], scales))
+    with pytest.raises(ValueError, match="not torch.bfloat16"):
+        fd._cache_fields((k.bfloat16(), v.bfloat16()))
+    assert fd._cache_fields((k, v, scales, scales))[-1] == 2  # the kind, after the pages and scales
+    assert fd._cache_fields((k.float(), v.float()))[2:] == [0, 0, 0]  # no scales, float32
