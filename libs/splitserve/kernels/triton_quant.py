@@ -1,5 +1,5 @@
 """y = x @ W^T straight from GPTQ and AWQ packed weights (a Triton GEMM): each program unpacks the
-int32 words of its W tile in registers, so no float copy of W (not even a tile) is written to memory.
+int32 words of its W tile on chip, so no float copy of W (not even a tile) goes to the GPU's memory.
 
 The layouts are packed_quant's (its module docstring): GPTQ qweight int32 [K * bits / 32, N] packed
 along the input dim, qzeros [G, N * bits / 32] along the output dim, v1's zero offset, an optional
@@ -21,6 +21,7 @@ that a CPU server never needs): `available()` does, on the first CUDA call.
 """
 from __future__ import annotations  # keeps `tl.constexpr` annotations as strings: no triton at import
 
+import contextlib
 import functools
 from typing import NamedTuple
 
@@ -155,12 +156,15 @@ def packed_matmul(x: torch.Tensor, weight) -> torch.Tensor:
     scales = weight.scales if weight.scales.dtype == torch.float32 else weight.scales.float()
     g_idx = weight.g_idx if weight.g_idx is not None else weight.qzeros  # a placeholder pointer, never read
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    kernel.fn[grid](
-        x, weight.qweight.contiguous(), weight.qzeros.contiguous(), scales.contiguous(), g_idx, y,
-        m, n, k, x.stride(0), y.stride(0), weight.qweight.shape[1], weight.qzeros.shape[1],
-        weight.group_size, weight.zero_offset,
-        BITS=weight.bits, AWQ=weight.layout == "awq", HAS_GIDX=weight.g_idx is not None,
-        ONE_GROUP=weight.g_idx is None and weight.group_size % block_k == 0,
-        HALF=x.dtype != torch.float32, PRECISION="tf32x3", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-    )
+    # triton launches on the current device: make it x's (a worker on cuda:1) only when it differs
+    other_device = x.is_cuda and x.device.index != torch.cuda.current_device()
+    with torch.cuda.device(x.device) if other_device else contextlib.nullcontext():
+        kernel.fn[grid](
+            x, weight.qweight.contiguous(), weight.qzeros.contiguous(), scales.contiguous(), g_idx, y,
+            m, n, k, x.stride(0), y.stride(0), weight.qweight.shape[1], weight.qzeros.shape[1],
+            weight.group_size, weight.zero_offset,
+            BITS=weight.bits, AWQ=weight.layout == "awq", HAS_GIDX=weight.g_idx is not None,
+            ONE_GROUP=weight.g_idx is None and weight.group_size % block_k == 0,
+            HALF=x.dtype != torch.float32, PRECISION="tf32x3", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        )
     return y
