@@ -84,7 +84,7 @@ BF16_DOT = pytest.mark.xfail(strict=True, reason="triton 3.9's interpreter runs 
     pytest.param("gptq", torch.bfloat16, marks=BF16_DOT), pytest.param("awq", torch.bfloat16, marks=BF16_DOT)])
 def test_half_inputs_and_many_rows(layout, dtype):
     """float16/bfloat16 x (against the integer matrix in x's dtype, exact) and rows past one BLOCK_M
-    (40: tiles of 64, the last partial); N not a multiple of BLOCK_N (72)."""
+    (70: two tiles of 64, the second partial); N not a multiple of BLOCK_N (72)."""
     torch.manual_seed(7)
     n = 72
     w = torch.randn(n, K)
@@ -95,7 +95,7 @@ def test_half_inputs_and_many_rows(layout, dtype):
         tensors = gptq(w, 4, 64, False, layout == "gptq-desc_act", True, seed=3)
         spec, reference = hf_quant.QuantSpec("gptq", 4, 64, 1), gptq_reference(tensors, 4, True)
     weight = _weight(spec, tensors)
-    x = torch.randn(40, K).to(dtype)
+    x = torch.randn(70, K).to(dtype)
     _assert_close(triton_quant.packed_matmul(x, weight), x.float(), reference)
     xs = torch.randn(3, 2 * K)[:, ::2]  # a strided x (the kernel reads rows by their stride)
     _assert_close(triton_quant.packed_matmul(xs, weight), xs, reference)
