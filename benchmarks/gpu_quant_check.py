@@ -10,7 +10,9 @@ round to nearest per group, as the formats describe) and loaded through the load
   - FP8 per tensor and per channel through the FP8 tensor cores where the device has them
     (kernels/fp8_mm.py, capability 8.9+): equal to the product of its quantized operands, and within
     5% (norm) of the weight-only product;
-  - timings at 1 and 256 rows of a 4096 x 4096 projection: each layout's path against bf16 F.linear.
+  - timings at 1 and 256 rows of a 4096 x 4096 projection: each layout's path against bf16 F.linear;
+  - GPTQ and AWQ through the Triton GEMM (kernels/triton_quant.py) on CUDA against the float64
+    product, and its timings against the tile path (`triton_quant_checks`).
 
     python benchmarks/gpu_quant_check.py                # on cuda
     python benchmarks/gpu_quant_check.py --device cpu   # a dry run of the script itself
@@ -91,6 +93,7 @@ def quant_checks(device: str, check, results: dict, timings: bool = True) -> Non
               max_rel_err=f"{exact_err:.2e}")
     if timings:
         _timings(device, results)
+    triton_quant_checks(device, check, results, timings)  # GPTQ / AWQ through the Triton GEMM (CUDA)
 
 
 def _timings(device: str, results: dict) -> None:
@@ -132,9 +135,6 @@ def main() -> int:
     print(f"{len(results['checks']) - len(failed)} passed, {len(failed)} failed: {failed}")
     return 1 if failed else 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def triton_quant_checks(device: str, check, results: dict, timings: bool = True) -> None:
@@ -209,3 +209,7 @@ def _triton_timings(device: str, results: dict) -> None:
             results.setdefault("timings", {})[f"triton_{name}_4096x4096_rows{rows}"] = row
             print(f"triton {name} 4096x4096, {rows} rows: " + ", ".join(f"{k} {v:.3f}" for k, v in row.items()),
                   flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

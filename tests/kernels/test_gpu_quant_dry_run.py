@@ -14,5 +14,6 @@ def test_the_quantized_checks_pass_as_a_cpu_dry_run():
     spec.loader.exec_module(module)
     results, seen = {}, []
     module.quant_checks("cpu", lambda name, ok, **details: seen.append((name, ok, details)), results, timings=False)
-    assert len(seen) == 6 and all(ok for _, ok, _ in seen), seen
-    assert not any(details["fp8_tensor_cores"] for _, _, details in seen)  # no FP8 tensor cores on a CPU
+    # six layouts, then (under the tests' TRITON_INTERPRET=1) the Triton GEMM's three
+    assert len(seen) in (6, 9) and all(ok for _, ok, _ in seen), seen
+    assert not any(details["fp8_tensor_cores"] for _, _, details in seen[:6])  # no FP8 tensor cores on a CPU
