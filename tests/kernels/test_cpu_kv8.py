@@ -35,14 +35,14 @@ def _write(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     assert (_bits(k_cache)[untouched] == 0x5A).all() and (k_scales[untouched] == -3.0).all()
     neg_values, neg_scales = kv_quant.quantize(-x, name)
     assert torch.equal(_bits(v_cache.view(-1, kv_heads, dim)[slots]), _bits(neg_values))
-    assert torch.equal(v_scales.view(-1, kv_heads)[slots], neg_scales)
+    assert torch.equal(v_scales.view(-1, kv_heads)[slots].view(torch.int32), neg_scales.view(torch.int32))
     return k_cache.view(-1, kv_heads, dim)[slots], k_scales.view(-1, kv_heads)[slots]
 
 
 def _assert_like_torch(x: torch.Tensor, name: str) -> None:
     values, scales = _write(x, name)
     ref_values, ref_scales = kv_quant.quantize(x, name)
-    assert torch.equal(scales, ref_scales)
+    assert torch.equal(scales.view(torch.int32), ref_scales.view(torch.int32))  # bitwise: NaN scales too
     mismatch = (_bits(values) != _bits(ref_values)).nonzero()
     assert mismatch.numel() == 0, f"{len(mismatch)} values differ, first at {mismatch[0].tolist()}: " \
         f"x {x[tuple(mismatch[0])].item()!r}"
@@ -60,6 +60,7 @@ def test_write_matches_kv_quant_on_random_rows_of_every_magnitude(name):
     x[3] = torch.randn(3, 64, generator=gen) * 1e-39  # subnormal inputs, subnormal scales
     x[4] = 3e38  # near float32's max: x / scale stays finite
     x[5, :, ::2] *= 1e-6  # mixed magnitudes: fp8 subnormals and int8 zeros beside the large values
+    x[6, 0, 3], x[6, 1, 5], x[6, 2, 7] = float("inf"), float("-inf"), float("nan")  # as torch: NaN codes, 0s
     _assert_like_torch(x, name)
     _assert_like_torch(x.to(torch.bfloat16).float(), name)
     _assert_like_torch(x[:, :, :8].contiguous(), name)  # a small head

@@ -106,15 +106,17 @@ static inline uint8_t fp8_from_float(float f) {
 }
 
 /* One kv head's row x [dim] into values [dim] and *scale as kv_quant.quantize makes them: the
- * float32 amax (a NaN spreads, as torch's amax), scale = amax / QMAX, q = x / scale (divided, not
- * multiplied by a reciprocal), then int8: rintf (half to even) clamped to +-127; fp8: clamped to
- * +-448 and rounded to e4m3fn. A zero (or NaN) scale stores zeros. */
+ * float32 amax (a NaN spreads, as the quiet NaN 0x7fc00000 whatever its payload, as torch's amax
+ * gives it), scale = amax / QMAX, q = x / scale (divided, not multiplied by a reciprocal), then
+ * int8: rintf (half to even) clamped to +-127; fp8: clamped to +-448 and rounded to e4m3fn. A zero
+ * (or NaN) scale stores zeros. */
 static void quantize_row(const float *x, int dim, int kind, uint8_t *values, float *scale) {
     float amax = 0.0f;
     for (int d = 0; d < dim; d++) {
         const float a = fabsf(x[d]);
         amax = (a > amax || a != a) ? a : amax;
     }
+    if (amax != amax) amax = NAN;
     const float s = amax / (kind == KV_INT8 ? 127.0f : 448.0f);
     *scale = s;
     if (!(s > 0.0f)) {
