@@ -155,7 +155,7 @@ def _cache(name, heads, kv_heads, head_dim, block_size, lens, seed=0):
 
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim,block_size", [
-    (9, 3, 64, 16), (8, 8, 128, 16), (12, 2, 32, 8), (4, 2, 256, 4), (6, 3, 48, 16)])
+    (9, 3, 64, 16), (8, 8, 128, 16), (12, 2, 32, 8), (4, 2, 256, 4), (6, 3, 48, 16), (4, 2, 40, 8)])
 def test_attention_matches_the_torch_path_on_the_dequantized_cache(name, heads, kv_heads, head_dim, block_size):
     lens = [1, 5, block_size, block_size + 1, 33, 100]
     q, k, v, ks, vs, tables, lens = _cache(name, heads, kv_heads, head_dim, block_size, lens)
