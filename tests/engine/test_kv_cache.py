@@ -231,3 +231,15 @@ def test_scaled_header_names_and_unknown_cache_dtypes():
         assert BlockHeader.from_bytes(header.to_bytes()).dtype == name
     with pytest.raises(ValueError, match="dtype must be one of"):
         KVCache(**SHAPE, num_blocks=2, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", EIGHT_BIT, ids=["int8", "fp8_e4m3"])
+def test_the_torch_write_path_stores_the_c_kernel_s_bits(dtype, monkeypatch):
+    """write_kv_torch quantizes with torch when the C kernel is off (SPLITSERVE_CPU_ATTENTION=torch,
+    or not built): the same values and scales."""
+    kernel = make_scaled_cache(dtype, seed=3)
+    monkeypatch.setenv("SPLITSERVE_CPU_ATTENTION", "torch")
+    torch_path = make_scaled_cache(dtype, seed=3)
+    for a, b in zip(kernel.layers, torch_path.layers):
+        for t_a, t_b in zip(a, b):
+            assert torch.equal(t_a.view(torch.uint8), t_b.view(torch.uint8))

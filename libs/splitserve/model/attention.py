@@ -120,6 +120,9 @@ def write_kv_torch(
         k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
         v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
         return
+    if k_cache.device.type == "cpu" and cpu_attention.available():  # the same bits, ~10x faster a decode row
+        cpu_attention.write_kv_quantized(k, v, k_cache, v_cache, k_scales, v_scales, slot_mapping)
+        return
     name = kv_quant.SCALED_BY_STORAGE[k_cache.dtype]
     for x, cache, scales in ((k, k_cache, k_scales), (v, v_cache, v_scales)):
         values, scale = kv_quant.quantize(x, name)
