@@ -4,6 +4,8 @@ Same layout and semantics as the torch references in `splitserve.model.attention
 (`write_kv_torch`, `paged_decode_attention_torch`):
     k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim], contiguous
     slot = block_id * block_size + offset
+An int8 or float8_e4m3fn cache comes with k_scales/v_scales [num_blocks, block_size, kv_heads]
+float32 (engine/kv_quant.py, the definition): write_kv quantizes to its bits, decode dequantizes.
 
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests). Importing this module
 needs neither triton nor a GPU: the kernels are handed to `triton.jit` on first use, which is also
@@ -324,7 +326,7 @@ def paged_decode_attention(
 
 def kv8_selfcheck(device: str = "cuda", timings: bool = True, num_blocks: int = 64) -> dict:
     """The 8-bit cache paths on a device, for benchmarks/gpu_check.py: write_kv against
-    kv_quant.quantize run on the same device (every value byte and scale equal), decode attention
+    kv_quant.quantize run on the CPU (every value byte and scale equal), decode attention
     against the torch reference on the dequantized caches (max abs error <= 1e-5 in float32, as in
     tests/kernels/test_triton_kv8.py), and on CUDA the decode time against a bfloat16 cache.
     Returns {name: {...}, "ok": bool}. On a CPU it needs TRITON_INTERPRET=1 and a small num_blocks
@@ -343,11 +345,7 @@ def kv8_selfcheck(device: str = "cuda", timings: bool = True, num_blocks: int = 
         k, v = (torch.randn((nb * bs, kvh, hd), generator=gen).mul_(4).to(torch.bfloat16).to(device) for _ in "kv")
         slots = torch.randperm(nb * bs, generator=gen).to(device)
         write_kv(k, v, kc, vc, slots, ks, vs)
-        rk, rks = kv_quant.quantize(k, name)
-        rv, rvs = kv_quant.quantize(v, name)
-        exact = all(torch.equal(a.view(-1, kvh, hd)[slots].view(torch.uint8), b.view(torch.uint8))
-                    for a, b in ((kc, rk), (vc, rv))) and torch.equal(ks.view(-1, kvh)[slots], rks) \
-            and torch.equal(vs.view(-1, kvh)[slots], rvs)
+        exact = _written_exactly(name, (k, v), (kc, vc), (ks, vs), slots)
         lens = torch.tensor([1, bs, (per - 1) * bs + 5, per * bs], dtype=torch.int32, device=device)
         tables = torch.randperm(nb, generator=gen)[:batch * per].view(batch, per).to(torch.int32).to(device)
         q = torch.randn((batch, heads, hd), generator=gen).to(device)
@@ -359,6 +357,22 @@ def kv8_selfcheck(device: str = "cuda", timings: bool = True, num_blocks: int = 
     if timings and str(device).startswith("cuda"):
         results["decode_ms_128x2048"] = _kv8_decode_timings(device)
     return results
+
+
+def _written_exactly(name: str, new: tuple, caches: tuple, scales: tuple, slots: torch.Tensor) -> bool:
+    """Whether the slots of caches and scales hold kv_quant.quantize(new) bit for bit, the reference
+    run on the CPU: torch's CUDA division by a Python number multiplies by its reciprocal, which is
+    not kv_quant's float32 division."""
+    from splitserve.engine import kv_quant
+
+    slots = slots.cpu()
+    for x, cache, sc in zip(new, caches, scales):
+        values, ref_scales = kv_quant.quantize(x.cpu(), name)
+        got = cache.cpu().view(-1, *cache.shape[2:])[slots]
+        if not (torch.equal(got.view(torch.uint8), values.view(torch.uint8))
+                and torch.equal(sc.cpu().view(-1, sc.shape[2])[slots], ref_scales)):
+            return False
+    return True
 
 
 def _kv8_decode_timings(device: str) -> dict:
