@@ -112,6 +112,9 @@ def kernel_checks(device: str) -> None:
                   out.dtype == dtype and bool((err <= bound).all()),
                   max_abs_err=f"{err.max().item():.2e}", max_err_over_bound=f"{(err / bound).max().item():.2f}")
 
+    kv8 = kernels.kv8_selfcheck(device)  # 8-bit caches: write bits against kv_quant, decode against torch
+    check("8-bit KV cache kernels (write bits, decode)", kv8.pop("ok"), **kv8)
+
     # Time: 128 sequences of up to 2048 tokens, SmolLM2-135M heads, bf16.
     q, kc, vc, tables, lens = _decode_case(128, 16, 9, 3, 64, torch.bfloat16, 2048, gen, device)
     t_triton = triton.testing.do_bench(lambda: kernels.paged_decode_attention(q, kc, vc, tables, lens, 0.125))
@@ -147,13 +150,14 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
                     num_attention_heads=9, num_key_value_heads=3)
 
 
-def engine_for(folder: Path, dtype: str, use_triton: bool, max_num_seqs: int = 64):
+def engine_for(folder: Path, dtype: str, use_triton: bool, max_num_seqs: int = 64, kv_cache_dtype: str = "auto"):
     from splitserve.config.engine import EngineConfig
     from splitserve.engine.llm_engine import LLMEngine
 
     on_gpu = DEVICE == "cuda"
     cfg = EngineConfig.from_kwargs(model=str(folder), dtype=dtype, device=DEVICE, kv_cache_memory_gb=4.0 if on_gpu else 1.0,
-                                   max_num_seqs=max_num_seqs, use_triton=use_triton and on_gpu)
+                                   max_num_seqs=max_num_seqs, use_triton=use_triton and on_gpu,
+                                   kv_cache_dtype=kv_cache_dtype)
     return LLMEngine(cfg)
 
 
@@ -229,6 +233,15 @@ def engine_vs_hf(tmp: Path, tokenizer: Path) -> None:
     first = [next((j for j in range(new) if x[j] != y[j]), new) for x, y in zip(a, b)]
     check("engine bf16: Triton attention vs torch attention", same >= len(prompts) // 2,
           identical=f"{same}/{len(prompts)}", first_divergence=first)
+    # 8-bit KV caches (--kv-cache-dtype): the Triton write/decode kernels against the torch path,
+    # both quantizing to engine.kv_quant's bits; and how often the answers match the float32 cache's
+    for kv in ("int8", "fp8_e4m3"):
+        c, _, _ = run_engine(engine_for(folder, "float32", use_triton=True, kv_cache_dtype=kv), prompts, [new] * len(prompts))
+        d, _, _ = run_engine(engine_for(folder, "float32", use_triton=False, kv_cache_dtype=kv), prompts, [new] * len(prompts))
+        same = sum(x == y for x, y in zip(c, d))
+        vs_f32 = sum(a_ == b_ for x, y in zip(c, ours) for a_, b_ in zip(x, y)) / (new * len(prompts))
+        check(f"engine fp32, {kv} KV: Triton vs torch attention", same >= len(prompts) // 2,
+              identical=f"{same}/{len(prompts)}", token_agreement_with_float32_kv=round(vs_f32, 3))
     del engine, eng_tri, eng_torch, hf
     torch.cuda.empty_cache()
 

@@ -8,8 +8,8 @@ round to nearest per group, as the formats describe) and loaded through the load
     block: the device's `PackedLinear` (a dequantized tile at a time) equals the CPU's within float32
     GEMM rounding;
   - FP8 per tensor and per channel through the FP8 tensor cores where the device has them
-    (kernels/fp8_mm.py, capability 8.9+): equal to the product of its quantized operands, and within
-    5% (norm) of the weight-only product;
+    (kernels/fp8_mm.py, capability 8.9+): the product of its quantized operands within the tensor
+    cores' accumulation (1e-3 of max|y|), and within 5% (norm) of the weight-only product;
   - timings at 1 and 256 rows of a 4096 x 4096 projection: each layout's path against bf16 F.linear;
   - GPTQ and AWQ through the Triton GEMM (kernels/triton_quant.py) on CUDA against the float64
     product, and its timings against the tile path (`triton_quant_checks`).
@@ -85,7 +85,9 @@ def quant_checks(device: str, check, results: dict, timings: bool = True) -> Non
             x_q, s_x = fp8_mm.quantize_input(x)
             ref = (x_q.double() * s_x.double()) @ part.dequantize().double().t()
             exact_err = float((got.double() - ref).abs().max() / ref.abs().max())
-            ok = exact_err <= 1e-5 and float((got - on_cpu).norm() / on_cpu.norm()) <= 0.05
+            # Hopper's FP8 tensor cores accumulate with fewer bits than float32: 2.4e-4 of max|ref|
+            # on an H200 over K = 512 (a float32 GEMM of the same operands: ~1e-7)
+            ok = exact_err <= 1e-3 and float((got - on_cpu).norm() / on_cpu.norm()) <= 0.05
         else:
             exact_err = float((got - on_cpu).abs().max() / on_cpu.abs().max())
             ok = exact_err <= 1e-5
