@@ -15,7 +15,7 @@ in one venv and 124 MiB in a fresh install of the same wheel: the kernel maps a 
 page-cache folio, and a freshly written file sits in large folios. The model's own pages are not
 excluded, wherever they live. Measured on the 2-core VM (torch 2.13 CPU build): own memory
 274 MiB a worker in both venvs; the peak RSS less the pool 384 MiB in an old venv, 462-471 MiB in a fresh one
-(docs/performance.md: the issue's RSS figure is met only in the first).
+(docs/performance.md: the issue's RSS figure, 381 MiB, is missed in both).
 """
 from __future__ import annotations
 
