@@ -64,18 +64,26 @@ def test_a_float_checkpoint_loaded_int8_keeps_only_blocks_and_answers_like_the_f
     projections = [m for name, m in model.named_modules() if name.endswith(("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))]
     assert len(projections) == 4 * layers
     assert all(m.backend == "quant" and m.quant.kind == "Q8_0" for m in projections)
-    held = {tuple(m.quant.shape) for m in projections}
+    _assert_no_float_copy(model, {tuple(m.quant.shape) for m in projections})
+    assert model.fused_decode is not None  # the one-call decode step takes them like GGUF's blocks
+    assert _agreement_with_the_float_model(llm, llm_f32, "int8 per channel") >= 0.9
+
+
+def _assert_no_float_copy(model, held: set) -> None:
     floats = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
               if t is not None and t.is_floating_point() and tuple(t.shape) in held]
     assert not floats, f"float copies of quantized projections: {floats[:4]}"
-    assert model.fused_decode is not None  # the one-call decode step takes them like GGUF's blocks
+
+
+def _agreement_with_the_float_model(llm, llm_f32, label: str) -> float:
+    """Teacher-forced top-1 agreement with the session's float model on the test prompts."""
     prompts = [llm_f32.tokenizer.encode(p) for p in PROMPTS]
     want, _ = _greedy(llm_f32.with_config(kv_cache_memory_gb=0.02, enable_prefix_caching=False), prompts)
     got, _ = _greedy(llm, prompts)
     rate = _agreement(llm, prompts, want)
-    print(f"\nint8 per channel: teacher-forced agreement {rate:.3f}, identical answers "
+    print(f"\n{label}: teacher-forced agreement {rate:.3f}, identical answers "
           f"{sum(g == w for g, w in zip(got, want))}/{len(want)}")
-    assert rate >= 0.9
+    return rate
 
 
 def test_int8_is_refused_where_the_kernels_do_not_compute(float_folder):
@@ -122,14 +130,5 @@ def test_a_float_checkpoint_loaded_fp8_keeps_fp8_parts_and_answers_like_the_floa
     assert len(projections) == 4 * model.args.num_layers
     parts = [p for m in projections for p in m.weight_parts.parts]
     assert len(parts) == 7 * model.args.num_layers and all(isinstance(p, Fp8Weight) for p in parts)
-    held = {tuple(p.shape) for p in parts} | {(m.out_features, m.in_features) for m in projections}
-    floats = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-              if t is not None and t.is_floating_point() and tuple(t.shape) in held]
-    assert not floats, f"float copies of quantized projections: {floats[:4]}"
-    prompts = [llm_f32.tokenizer.encode(p) for p in PROMPTS]
-    want, _ = _greedy(llm_f32.with_config(kv_cache_memory_gb=0.02, enable_prefix_caching=False), prompts)
-    got, _ = _greedy(llm, prompts)
-    rate = _agreement(llm, prompts, want)
-    print(f"\nfp8 per channel: teacher-forced agreement {rate:.3f}, identical answers "
-          f"{sum(g == w for g, w in zip(got, want))}/{len(want)}")
-    assert rate >= 0.85
+    _assert_no_float_copy(model, {tuple(p.shape) for p in parts} | {(m.out_features, m.in_features) for m in projections})
+    assert _agreement_with_the_float_model(llm, llm_f32, "fp8 per channel") >= 0.85

@@ -51,15 +51,21 @@ def quantize_int8(args, tensors: dict, skip: dict) -> dict[str, cpu_quant.QuantW
     """The float projections of `tensors` (fused as the model holds them; the ones in `skip` are
     already kept quantized) as per-channel int8, removed from `tensors`: `int8_blocks`."""
     out = {}
+    for fused, names in _float_projections(args, tensors, skip):
+        weight = np.concatenate([np.asarray(tensors.pop(n), dtype=np.float32) for n in names])
+        out[fused] = cpu_quant.QuantWeight.from_gguf("Q8_0", int8_blocks(weight))
+    return out
+
+
+def _float_projections(args, tensors: dict, skip: dict):
+    """(the fused projection's name, its parts' names) of each projection whose parts are all float
+    in `tensors` and which `skip` does not already hold quantized."""
     for i in range(args.num_layers):
         p = f"layers.{i}."
         for target, parts in PROJECTION_PARTS:
             names = [f"{p}{part}.weight" for part in parts]
-            if p + target in skip or not all(n in tensors for n in names):
-                continue
-            weight = np.concatenate([np.asarray(tensors.pop(n), dtype=np.float32) for n in names])
-            out[p + target] = cpu_quant.QuantWeight.from_gguf("Q8_0", int8_blocks(weight))
-    return out
+            if p + target not in skip and all(n in tensors for n in names):
+                yield p + target, names
 
 
 def int8_blocks(weight: np.ndarray) -> np.ndarray:
@@ -86,14 +92,9 @@ def quantize_fp8(args, tensors: dict, skip: dict) -> dict[str, PackedParts]:
     projections in `skip` are already kept quantized) as per-channel FP8 weights, removed from
     `tensors`, under the names `hf_quant.fuse` takes."""
     out = {}
-    for i in range(args.num_layers):
-        p = f"layers.{i}."
-        for target, parts in PROJECTION_PARTS:
-            names = [f"{p}{part}.weight" for part in parts]
-            if p + target in skip or not all(n in tensors for n in names):
-                continue
-            for name in names:
-                out[name] = PackedParts((fp8_weight(tensors.pop(name)),))
+    for _, names in _float_projections(args, tensors, skip):
+        for name in names:
+            out[name] = PackedParts((fp8_weight(tensors.pop(name)),))
     return out
 
 
