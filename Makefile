@@ -26,7 +26,7 @@ serve: $(STAMP)
 	$(BIN)/splitserve up
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # the tiers that load no model and start no process (tests/conftest.py marks them): under a minute
 test-fast: $(STAMP)
