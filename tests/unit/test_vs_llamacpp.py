@@ -62,6 +62,8 @@ def server():
             self.wfile.write(payload)
 
     srv = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    # handler threads left waiting on a kept-alive connection must not hold the teardown (it took 14 s)
+    srv.daemon_threads, srv.block_on_close = True, False
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{srv.server_address[1]}/v1", seen
     srv.shutdown()
