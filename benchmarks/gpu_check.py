@@ -234,7 +234,7 @@ def engine_vs_hf(tmp: Path, tokenizer: Path) -> None:
     check("engine bf16: Triton attention vs torch attention", same >= len(prompts) // 2,
           identical=f"{same}/{len(prompts)}", first_divergence=first)
     # 8-bit KV caches (--kv-cache-dtype): the Triton write/decode kernels against the torch path,
-    # both quantizing to engine.kv_quant's bits; and how often the answers match the float32 cache's
+    # both quantizing to kernels.kv_quant's bits; and how often the answers match the float32 cache's
     for kv in ("int8", "fp8_e4m3"):
         c, _, _ = run_engine(engine_for(folder, "float32", use_triton=True, kv_cache_dtype=kv), prompts, [new] * len(prompts))
         d, _, _ = run_engine(engine_for(folder, "float32", use_triton=False, kv_cache_dtype=kv), prompts, [new] * len(prompts))

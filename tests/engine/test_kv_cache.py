@@ -162,7 +162,7 @@ EIGHT_BIT = [torch.int8, torch.float8_e4m3fn]
 
 def make_scaled_cache(dtype, num_blocks=5, seed=0):
     """An 8-bit cache holding the quantized form of random K/V (written as write_kv_torch writes)."""
-    from splitserve.engine import kv_quant
+    from splitserve.kernels import kv_quant
     from splitserve.model.attention import write_kv_torch
 
     cache = KVCache(**SHAPE, num_blocks=num_blocks, dtype=dtype)

@@ -1,4 +1,4 @@
-"""8-bit KV caches (int8, fp8 e4m3fn, per-token scales: engine/kv_quant.py) in the CPU C kernels:
+"""8-bit KV caches (int8, fp8 e4m3fn, per-token scales: kernels/kv_quant.py) in the CPU C kernels:
 `cpu_attention.write_kv_quantized` and the fused decode step store the very bits kv_quant.quantize
 makes (ties, subnormals, saturation, zeros, every fp8 rounding boundary), and the decode attention
 kernel reads them back to the very floats kv_quant.dequantize gives."""
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from splitserve.engine import kv_quant
+from splitserve.kernels import kv_quant
 from splitserve.kernels import cpu_attention, cpu_layers
 from splitserve.model.attention import AttentionMetadata, paged_decode_attention_torch
 

@@ -1,5 +1,5 @@
 """Triton KV kernels over an 8-bit cache (int8, fp8 e4m3fn; per-token scales), on CPU through
-triton's interpreter, against engine/kv_quant.py (the definition).
+triton's interpreter, against kernels/kv_quant.py (the definition).
 
 write_kv must give kv_quant.quantize's bytes and scales exactly: every int8 tie and every e4m3fn
 rounding boundary (midpoints, one float32 ulp either side, subnormals, the carry into the next
@@ -25,7 +25,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the Triton kernels cannot run")
 
-from splitserve.engine import kv_quant
+from splitserve.kernels import kv_quant
 from splitserve.kernels import triton_attention as kernels
 from splitserve.model.attention import paged_decode_attention_torch
 

@@ -93,7 +93,7 @@ class CacheConfig:
     """How K and V are stored, apart from the compute dtype: "auto" (the compute dtype), float32,
     bfloat16, float16, or 8 bits with a float32 scale per token and KV head (fp8_e4m3, int8: about
     half a 16-bit cache's bytes, a quarter of float32's, so the same budget holds ~2-4x the tokens;
-    engine/kv_quant.py). Prefill and decode workers of one deployment must agree: a block of another
+    kernels/kv_quant.py). Prefill and decode workers of one deployment must agree: a block of another
     dtype is refused and recomputed."""
 
     def __post_init__(self) -> None:

@@ -2,7 +2,7 @@
 
     k_caches[l], v_caches[l]: [num_blocks, block_size, kv_heads, head_dim], cache dtype, on `device`
     k_scales[l], v_scales[l]: [num_blocks, block_size, kv_heads] float32, only for an 8-bit cache
-                              (int8 or float8_e4m3fn values; engine.kv_quant defines the arithmetic)
+                              (int8 or float8_e4m3fn values; kernels.kv_quant defines the arithmetic)
 
 The serialized form of one block (`read_block`/`write_block`, and the payload on the wire) is the
 raw bytes, in the cache dtype and native (little-endian) byte order, of
@@ -15,11 +15,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from splitserve.engine import kv_quant, memory
+from splitserve.engine import memory
+from splitserve.kernels import kv_quant
 
 # KV-cache dtypes by the names of --kv-cache-dtype and engine.memory
 KV_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-                   "int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
+                   **kv_quant.STORAGE}
 
 
 def dtype_name(dtype: torch.dtype) -> str:

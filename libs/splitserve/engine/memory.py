@@ -7,7 +7,7 @@ One block holds `block_size` tokens of every layer, K and V:
     elements  [num_layers, 2 (K, V), block_size, kv_heads, head_dim]  in the KV dtype
     scales    [num_layers, 2 (K, V), block_size, kv_heads]  float32, only for the 8-bit KV dtypes
 The 8-bit dtypes (fp8_e4m3, int8) carry one float32 scale per layer, K or V, token and KV head (the
-absmax of that head's `head_dim` values; engine.kv_quant defines the arithmetic), the layout KVCache
+absmax of that head's `head_dim` values; kernels.kv_quant defines the arithmetic), the layout KVCache
 stores. The 16- and 32-bit dtypes have no scales.
 """
 from __future__ import annotations

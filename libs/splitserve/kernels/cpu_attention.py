@@ -6,7 +6,7 @@ padded copies and runs SDPA over them. The model runner uses it for every decode
 when `available()` and `supports(...)` say so; SPLITSERVE_CPU_ATTENTION=torch turns it off (to
 compare, or to rule it out).
 
-An 8-bit cache (int8 or float8_e4m3fn values with float32 scales, engine/kv_quant.py) is read
+An 8-bit cache (int8 or float8_e4m3fn values with float32 scales, kernels/kv_quant.py) is read
 dequantized row by row as the kernel gathers it, to the very floats `kv_quant.dequantize` gives;
 `write_kv_quantized` stores new rows as `kv_quant.quantize` does, to the bit.
 """
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch  # first: the extension then shares torch's OpenMP runtime (libgomp is loaded once)
 
-from splitserve.kernels import ext_ready, switched_on
+from splitserve.kernels import ext_ready, kv_quant, switched_on
 
 try:
     from splitserve.kernels import _cpu_attention as _ext
@@ -24,7 +24,7 @@ except ImportError:  # not built (a source tree used without `pip install`): the
 
 # the kernel's cache kinds (kernel_api.h's KV_*): the 8-bit ones come with scales
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.float8_e4m3fn: 3}
-SCALED = (torch.int8, torch.float8_e4m3fn)
+SCALED = tuple(kv_quant.SCALED_BY_STORAGE)
 CACHE_DTYPES = tuple(KINDS)
 MAX_GROUP = 16  # query heads per kv head (the kernel's limit)
 MAX_HEAD_DIM = 256

@@ -10,7 +10,7 @@
  * (kernel_api.h): the outputs are the same bits either way, and a row's output does not depend on
  * the other rows of the step. The cache is float32 (a quantized model computes in float32, and its
  * cache has the compute dtype), or 8-bit (int8 or fp8 e4m3fn values and float32 scales per token
- * and kv head, engine/kv_quant.py): new rows are then quantized by the attention extension's
+ * and kv head, kernels/kv_quant.py): new rows are then quantized by the attention extension's
  * `write_rows_8bit`, the function the per-op path's CPU write calls, to kv_quant.quantize's bits.
  *
  *   plan    int64 [layers][PLAN_FIELDS]: per layer the pointers and formats below (cpu_layers.py)

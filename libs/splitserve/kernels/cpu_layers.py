@@ -6,7 +6,7 @@ which calls the same kernels the per-op path calls (their C tables, kernel_api.h
 the same bits, so the model takes this path whenever it can and nothing else changes. It can when
 the model computes in float32 with every projection held as GGUF blocks (`CpuLinear` backend
 "quant"), the small ops and the attention kernel are built, the cache is float32 (it has the compute
-dtype) or 8-bit (int8 or float8_e4m3fn with per-token scales, engine/kv_quant.py: a layer's cache is
+dtype) or 8-bit (int8 or float8_e4m3fn with per-token scales, kernels/kv_quant.py: a layer's cache is
 then the 4-tuple (k, v, k_scales, v_scales); new rows are quantized in C to kv_quant.quantize's bits),
 and the step is decode rows only, at most `max_rows` of them (more rows: the per-op path and its tiled
 GEMM). SPLITSERVE_CPU_LAYERS=torch turns it off (to compare, or to rule it out).

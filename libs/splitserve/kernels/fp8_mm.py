@@ -31,7 +31,7 @@ def usable(device: torch.device, weight) -> bool:
     """The FP8 GEMM runs this weight (a packed_quant.Fp8Weight) on this device."""
     if device.type != "cuda" or not switched_on("SPLITSERVE_FP8_MM", "on", "off"):
         return False
-    if getattr(weight, "block", True) is not None or weight.weight.dtype != torch.float8_e4m3fn:
+    if weight.block is not None:
         return False
     n, k = weight.shape
     return n % ALIGN == 0 and k % ALIGN == 0 and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY

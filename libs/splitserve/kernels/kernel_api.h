@@ -17,7 +17,7 @@ typedef struct {
 } OpsApi;
 
 /* How a KV cache stores its rows: as float32 or bfloat16, or 8-bit with one float32 scale per token
- * and kv head (engine/kv_quant.py; the scales [num_blocks][block_size][kv_heads]). */
+ * and kv head (kernels/kv_quant.py; the scales [num_blocks][block_size][kv_heads]). */
 enum { KV_F32 = 0, KV_BF16 = 1, KV_INT8 = 2, KV_FP8 = 3 };
 
 typedef struct {

@@ -240,24 +240,30 @@ class PackedLinear(nn.Module):
         y = torch.empty((x2.shape[0], self.out_features), dtype=torch.float32, device=x.device)
         col = 0
         for part in self.weight_parts.parts:
-            if isinstance(part, Fp8Weight) and fp8_mm.usable(x.device, part):  # FP8 tensor cores
-                y[:, col: col + part.out_features] = fp8_mm.scaled_linear(x2, part)
-                col += part.out_features
-                continue
-            if isinstance(part, GroupQuantWeight) and triton_quant.usable(x.device):  # from the packed words
-                y[:, col: col + part.out_features] = triton_quant.packed_matmul(x.reshape(-1, self.in_features), part)
-                col += part.out_features
-                continue
-            step = _tile_columns(part)
-            buf = _buffer(step * part.in_features, x.device)
-            for n0 in range(0, part.out_features, step):
-                n1 = min(part.out_features, n0 + step)
-                w = part.tile(n0, n1, buf)
-                y[:, col + n0: col + n1] = x2 @ w if part.input_major else F.linear(x2, w)
+            direct = _direct_product(x.reshape(-1, self.in_features), x2, part)
+            if direct is not None:
+                y[:, col: col + part.out_features] = direct
+            else:
+                step = _tile_columns(part)
+                buf = _buffer(step * part.in_features, x.device)
+                for n0 in range(0, part.out_features, step):
+                    n1 = min(part.out_features, n0 + step)
+                    w = part.tile(n0, n1, buf)
+                    y[:, col + n0: col + n1] = x2 @ w if part.input_major else F.linear(x2, w)
             col += part.out_features
         if self.bias is not None:
             y += self.bias.to(torch.float32)
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+
+def _direct_product(x: torch.Tensor, x2: torch.Tensor, part: PackedWeight) -> torch.Tensor | None:
+    """x @ part^T by a kernel that reads the packed weight itself, where the device has one: FP8
+    tensor cores (x2, float32) or the Triton GEMM for GPTQ/AWQ (x in its own dtype); else None."""
+    if isinstance(part, Fp8Weight) and fp8_mm.usable(x.device, part):
+        return fp8_mm.scaled_linear(x2, part)
+    if isinstance(part, GroupQuantWeight) and triton_quant.usable(x.device):
+        return triton_quant.packed_matmul(x, part)
+    return None
 
 
 def _buffer(floats: int, device: torch.device) -> torch.Tensor:

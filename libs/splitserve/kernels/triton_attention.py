@@ -5,7 +5,7 @@ Same layout and semantics as the torch references in `splitserve.model.attention
     k_cache, v_cache: [num_blocks, block_size, kv_heads, head_dim], contiguous
     slot = block_id * block_size + offset
 An int8 or float8_e4m3fn cache comes with k_scales/v_scales [num_blocks, block_size, kv_heads]
-float32 (engine/kv_quant.py, the definition): write_kv quantizes to its bits, decode dequantizes.
+float32 (kernels/kv_quant.py, the definition): write_kv quantizes to its bits, decode dequantizes.
 
 Runs on CUDA tensors, and on CPU tensors under TRITON_INTERPRET=1 (tests). Importing this module
 needs neither triton nor a GPU: the kernels are handed to `triton.jit` on first use, which is also
@@ -17,6 +17,8 @@ import functools
 from typing import Any, NamedTuple
 
 import torch
+
+from splitserve.kernels import kv_quant
 
 try:
     import triton
@@ -209,7 +211,7 @@ def _check_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
 
 
 # 8-bit caches (kv_quant's layouts): the kernels' QUANT code and the QMAX the writer divides by
-_SCALED = {torch.int8: (1, 127.0), torch.float8_e4m3fn: (2, 448.0)}
+_SCALED = {torch.int8: (1, kv_quant.QMAX["int8"]), torch.float8_e4m3fn: (2, kv_quant.QMAX["fp8_e4m3"])}
 
 
 def _check_scales(k_cache: torch.Tensor, v_cache: torch.Tensor, k_scales: torch.Tensor | None,
@@ -331,7 +333,6 @@ def kv8_selfcheck(device: str = "cuda", timings: bool = True, num_blocks: int = 
     tests/kernels/test_triton_kv8.py), and on CUDA the decode time against a bfloat16 cache.
     Returns {name: {...}, "ok": bool}. On a CPU it needs TRITON_INTERPRET=1 and a small num_blocks
     (>= 8; the tests pass 8)."""
-    from splitserve.engine import kv_quant
     from splitserve.model.attention import paged_decode_attention_torch
 
     gen = torch.Generator().manual_seed(7)
@@ -363,7 +364,6 @@ def _written_exactly(name: str, new: tuple, caches: tuple, scales: tuple, slots:
     """Whether the slots of caches and scales hold kv_quant.quantize(new) bit for bit, the reference
     run on the CPU: torch's CUDA division by a Python number multiplies by its reciprocal, which is
     not kv_quant's float32 division."""
-    from splitserve.engine import kv_quant
 
     slots = slots.cpu()
     for x, cache, sc in zip(new, caches, scales):

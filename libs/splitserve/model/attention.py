@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from splitserve.engine import kv_quant
+from splitserve.kernels import kv_quant
 from splitserve.kernels import cpu_attention
 
 
@@ -114,7 +114,7 @@ def write_kv_torch(
     v_scales: torch.Tensor | None = None,
 ) -> None:
     """Writes each new token's K and V into its slot (the torch reference of the Triton kernel); an
-    8-bit cache stores them quantized with their scales (engine.kv_quant)."""
+    8-bit cache stores them quantized with their scales (kernels.kv_quant)."""
     kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     if k_scales is None:
         k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))

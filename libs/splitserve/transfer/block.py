@@ -119,16 +119,14 @@ def payload_checksum(payload: bytes | bytearray | memoryview) -> int:
 
 
 def dtype_name(dtype: "torch.dtype") -> str:
-    """The wire name of a cache dtype; KVBlockError for a dtype the wire format has no name for."""
-    import torch
+    """The wire name of a cache dtype (the cache's own name for it); KVBlockError for a dtype the
+    wire format has no name for."""
+    from splitserve.engine.kv_cache import dtype_name as cache_dtype_name
 
-    names = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-             torch.float8_e4m3fn: "fp8_e4m3", torch.int8: "int8"}
-    try:
-        return names[dtype]
-    except KeyError:
-        raise KVBlockError(f"KV cache dtype {dtype} has no wire name (supported: "
-                           f"{', '.join(_WIRE_DTYPES)})") from None
+    name = cache_dtype_name(dtype)
+    if name not in _WIRE_DTYPES:
+        raise KVBlockError(f"KV cache dtype {dtype} has no wire name (supported: {', '.join(_WIRE_DTYPES)})")
+    return name
 
 
 def encode_block(

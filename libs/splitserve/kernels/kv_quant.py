@@ -27,11 +27,6 @@ STORAGE = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn}
 SCALED_BY_STORAGE = {torch.int8: "int8", torch.float8_e4m3fn: "fp8_e4m3"}
 
 
-def is_scaled(name: str) -> bool:
-    """Whether a KV-cache dtype name is one of the 8-bit, scaled layouts."""
-    return name in QMAX
-
-
 def quantize(x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(values [..., head_dim] in STORAGE[name], scales [...] float32) of x [..., head_dim]."""
     qmax = QMAX[name]
