@@ -45,6 +45,16 @@ def llm_f32():
 
 
 @pytest.fixture(scope="session")
+def llm_exact(llm_f32):
+    """The default model in float32 on the exact path (`quantized_matmul="exact"`: float arithmetic on
+    the dequantized blocks, HF transformers' values): the engine compared with HF token for token.
+    The session's other engines run the default, the int8 path (one more load, ~3 s)."""
+    from splitserve import LLM
+
+    return LLM(dtype="float32", quantized_matmul="exact", kv_cache_memory_gb=0.1)
+
+
+@pytest.fixture(scope="session")
 def llm_bf16(llm_f32):
     """The default model in bfloat16 (one more load, ~8 s): the path-invariance matrix and the
     references of the bfloat16 fault stack (tests/e2e/test_faults.py)."""

@@ -45,8 +45,8 @@ def _prompts(tokenizer) -> list[tuple[str, list[int]]]:
 
 
 @pytest.fixture(scope="module")
-def prompts(llm_f32):
-    return _prompts(llm_f32.tokenizer)
+def prompts(llm_exact):
+    return _prompts(llm_exact.tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -102,20 +102,20 @@ def _params() -> SamplingParams:
     return SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, logprobs=0)
 
 
-def test_greedy_one_at_a_time_matches_hf(llm_f32, prompts, hf_reference):
+def test_greedy_one_at_a_time_matches_hf(llm_exact, prompts, hf_reference):
     worst = 0.0
     for name, ids in prompts:
-        (out,) = llm_f32.generate([ids], _params())
+        (out,) = llm_exact.generate([ids], _params())
         ref_logits = _compare(name, ids, out.token_ids, hf_reference)
         worst = max(worst, _check_logprobs(name, out, ref_logits))
         assert out.finish_reason == "length"
     print(f"max |logprob - HF| = {worst:.2e}")
 
 
-def test_greedy_batch_of_mixed_lengths_matches_hf(llm_f32, prompts, hf_reference):
+def test_greedy_batch_of_mixed_lengths_matches_hf(llm_exact, prompts, hf_reference):
     lengths = {len(ids) for _, ids in prompts}
     assert len(lengths) >= 6, "the batch must mix prompt lengths"
-    outs = llm_f32.generate([ids for _, ids in prompts], _params())
+    outs = llm_exact.generate([ids for _, ids in prompts], _params())
     worst = 0.0
     for (name, ids), out in zip(prompts, outs):
         ref_logits = _compare(name, ids, out.token_ids, hf_reference)
@@ -123,9 +123,9 @@ def test_greedy_batch_of_mixed_lengths_matches_hf(llm_f32, prompts, hf_reference
     print(f"batch: max |logprob - HF| = {worst:.2e}")
 
 
-def test_top_logprobs_match_hf(llm_f32, prompts, hf_reference):
+def test_top_logprobs_match_hf(llm_exact, prompts, hf_reference):
     name, ids = prompts[3]
-    (out,) = llm_f32.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5))
+    (out,) = llm_exact.generate([ids], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=5))
     ref_lp = torch.log_softmax(hf_reference(ids, out.token_ids), dim=-1)
     for i, lp in enumerate(out.logprobs):
         values, ids_ = torch.topk(ref_lp[i], 5)

@@ -417,9 +417,13 @@ def test_dtype_auto_choice(device, flags, cuda_bf16, expected):
     assert ("no native bfloat16" in why) == (device == "cpu" and expected == "float32")
     for explicit in ("float32", "bfloat16"):  # an explicit choice is kept, whatever the machine
         assert resolve_dtype(explicit, device, frozenset(flags), cuda_bf16) == (explicit, "given explicitly")
+    # a model of GGUF blocks computes in float32 on any CPU (the block kernels take float32 rows)
+    blocks = resolve_dtype("auto", device, frozenset(flags), cuda_bf16, cpu_blocks=True)
+    assert blocks[0] == ("float32" if device == "cpu" else expected)
+    assert ("GGUF blocks" in blocks[1]) == (device == "cpu")
 
 
-def test_dtype_auto_on_this_machine_follows_its_cpu_flags():
+def test_dtype_auto_on_this_machine_follows_its_cpu_flags(tmp_path):
     """Read /proc/cpuinfo here, independently of the loader, and expect what it implies."""
     from splitserve.model.loader import cpu_flags, resolve_model_dtype
 
@@ -431,8 +435,13 @@ def test_dtype_auto_on_this_machine_follows_its_cpu_flags():
              for f in line.split(":", 1)[1].split()}
     native = bool(flags & {"avx512_bf16", "amx_bf16"})
     assert cpu_flags() == frozenset(flags)
-    chosen, why = resolve_model_dtype("auto", "cpu")
+    chosen, why = resolve_model_dtype("auto", "cpu", str(tmp_path))  # not a GGUF file: the flags decide
     assert chosen == ("bfloat16" if native else "float32"), why
+    # the default model is Q4_1 blocks: float32 wherever the block kernels are built
+    from splitserve.kernels import cpu_quant
+
+    chosen, why = resolve_model_dtype("auto", "cpu")
+    assert chosen == ("float32" if cpu_quant.available() or not native else "bfloat16"), why
 
 
 def test_cpu_flags_parse_every_flags_line():

@@ -12,20 +12,24 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8")
 QUANTIZED_MATMULS = ("auto", "exact", "int8")
 QUANTIZATIONS = ("none", "int8", "fp8")
-# what "auto" runs: measured on a 2-core AVX2 VM (docs/performance.md, benchmarks/quality_gate.py)
-QUANTIZED_MATMUL_AUTO = "exact"
+# what "auto" runs: int8, measured on a 2-core AVX-512 VNNI VM (docs/performance.md: decode steps
+# 1.7x faster than exact, a 1,000-token prefill 0.83x; perplexity within 1%, benchmarks/quality_gate.py)
+QUANTIZED_MATMUL_AUTO = "int8"
 # flags in /proc/cpuinfo that mean bfloat16 dot products in hardware
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def resolve_dtype(dtype: str, device: str, cpu_flags: frozenset[str] | set[str] = frozenset(),
-                  cuda_bf16: bool = False) -> tuple[str, str]:
+                  cuda_bf16: bool = False, cpu_blocks: bool = False) -> tuple[str, str]:
     """The concrete dtype `dtype` stands for on `device`, and why (for the startup log).
 
-    "auto": float32 on a CPU without bfloat16 instructions (`cpu_flags` has none of CPU_BF16_FLAGS:
-    bf16 there is float32 arithmetic on rounded values, slower and no smaller in compute), bfloat16 on
-    a CPU with them and on CUDA where `cuda_bf16` (torch.cuda.is_bf16_supported()), else float16.
-    An explicit dtype is returned as it is. Pure: the caller reads the CPU flags and the CUDA support.
+    "auto": on a CPU, float32 for a model whose projections are GGUF blocks the CPU kernels compute
+    (`cpu_blocks`: they multiply the blocks by float32 activations; in bfloat16 the model would
+    take the slower float path), else float32 on a CPU without bfloat16 instructions (`cpu_flags`
+    has none of CPU_BF16_FLAGS: bf16 there is float32 arithmetic on rounded values, slower and no
+    smaller in compute), bfloat16 on a CPU with them; on CUDA bfloat16 where `cuda_bf16`
+    (torch.cuda.is_bf16_supported()), else float16. An explicit dtype is returned as it is. Pure:
+    the caller reads the CPU flags, the CUDA support and the model's formats.
     """
     if dtype != "auto":
         return dtype, "given explicitly"
@@ -33,6 +37,8 @@ def resolve_dtype(dtype: str, device: str, cpu_flags: frozenset[str] | set[str] 
         if cuda_bf16:
             return "bfloat16", "this CUDA device supports bfloat16"
         return "float16", "this CUDA device has no bfloat16 support"
+    if cpu_blocks:
+        return "float32", "the model's weights are GGUF blocks, which the CPU kernels compute in float32"
     found = sorted(set(cpu_flags) & set(CPU_BF16_FLAGS))
     if found:
         return "bfloat16", f"this CPU has native bfloat16 ({', '.join(found)})"

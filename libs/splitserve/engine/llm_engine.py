@@ -73,7 +73,7 @@ class LLMEngine:
         t0 = time.monotonic()
         # "auto" becomes a concrete dtype here, once: everything after (the model, the KV cache and
         # its block headers, the workers' reports of self.config) sees the resolved value.
-        dtype_name, why = resolve_model_dtype(config.model.dtype, config.model.device)
+        dtype_name, why = resolve_model_dtype(config.model.dtype, config.model.device, config.model.model)
         if dtype_name != config.model.dtype:
             logger.info("dtype %s -> %s: %s", config.model.dtype, dtype_name, why)
             config = replace(config, model=replace(config.model, dtype=dtype_name))

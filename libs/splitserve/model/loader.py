@@ -144,12 +144,37 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & set(CPU_BF16_FLAGS))
 
 
-def resolve_model_dtype(dtype: str, device: str) -> tuple[str, str]:
-    """`config.engine.resolve_dtype` with this machine's CPU flags and CUDA bf16 support."""
+def computes_gguf_blocks_on_cpu(model: str | None) -> bool:
+    """Whether `model` (None: the default) is a GGUF file with projections in block formats the CPU
+    kernels compute, and those kernels are built. Reads the file's header only; False for anything
+    that is not such a file (the loader reports what is wrong with it)."""
+    if not cpu_quant.available():
+        return False
+    try:
+        path = resolve_model_path(model)
+        if path.is_dir():
+            return False
+        gguf = GGUFFile(path)
+    except (OSError, ValueError):
+        return False
+    return any(t.tensor_type.name in cpu_quant.BLOCK_BYTES and t.name.endswith(_PROJECTION_SUFFIXES)
+               for t in gguf.tensors)
+
+
+# GGUF names of the projections (attn_q ... ffn_down)
+_PROJECTION_SUFFIXES = tuple(f"{p}.weight" for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                                                      "ffn_up", "ffn_down"))
+
+
+def resolve_model_dtype(dtype: str, device: str, model: str | None = None) -> tuple[str, str]:
+    """`config.engine.resolve_dtype` with this machine's CPU flags and CUDA bf16 support, for
+    `model` (None: the default model)."""
     cuda_bf16 = False
     if dtype == "auto" and device.startswith("cuda") and torch.cuda.is_available():
         cuda_bf16 = bool(torch.cuda.is_bf16_supported())
-    return resolve_dtype(dtype, device, cpu_flags() if dtype == "auto" else frozenset(), cuda_bf16)
+    auto_cpu = dtype == "auto" and not device.startswith("cuda")
+    return resolve_dtype(dtype, device, cpu_flags() if dtype == "auto" else frozenset(), cuda_bf16,
+                         cpu_blocks=auto_cpu and computes_gguf_blocks_on_cpu(model))
 
 
 def compute_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
