@@ -74,7 +74,7 @@ def _server_process():
 
 
 @pytest.fixture(scope="module")
-def server(_server_process, llm_f32):
+def server(_server_process, llm_exact):
     """The server, ready; it loads while this process loads the engine (the reference)."""
     _server_process.wait_ready()
     return _server_process
@@ -114,8 +114,8 @@ def _greedy(llm, prompt: list[int], n: int):
     return llm.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
 
 
-def test_burst_is_one_batch_with_exact_lengths_and_engine_greedy(server, llm_f32):
-    tok = llm_f32.tokenizer
+def test_burst_is_one_batch_with_exact_lengths_and_engine_greedy(server, llm_exact):
+    tok = llm_exact.tokenizer
     prompts = [tok.encode("La tour Eiffel est un monument de Paris qui"), tok.encode("1, 2, 3, 5, 8, 13,")]
     assert len(prompts[0]) != len(prompts[1])  # the shorter row is left-padded
     a, b = _burst(server, prompts, [3, 6])
@@ -124,23 +124,23 @@ def test_burst_is_one_batch_with_exact_lengths_and_engine_greedy(server, llm_f32
         assert r["done"] and r["finish"] == "length"
         assert r["usage"]["completion_tokens"] == n and r["usage"]["prompt_tokens"] == len(prompt)
         assert 1 <= r["text_chunks"] <= n  # streamed token by token (a chunk may wait for a whole character)
-        assert r["text"] == _greedy(llm_f32, prompt, n).text
+        assert r["text"] == _greedy(llm_exact, prompt, n).text
     lines = server.batch_lines(a["batch"][0])
     assert len(lines) == 1, server.log[-10:]
     assert f"size=2 padded_prompt_len={max(map(len, prompts))} steps=6 useful_tokens=9 computed_tokens=12" in lines[0]
 
 
-def test_single_greedy_matches_engine(server, llm_f32):
-    prompt = llm_f32.tokenizer.encode("def quicksort(arr):\n    \"\"\"Sort a list.\"\"\"\n")
+def test_single_greedy_matches_engine(server, llm_exact):
+    prompt = llm_exact.tokenizer.encode("def quicksort(arr):\n    \"\"\"Sort a list.\"\"\"\n")
     (r,) = _burst(server, [prompt], [16])
-    ref = _greedy(llm_f32, prompt, 16)
+    ref = _greedy(llm_exact, prompt, 16)
     assert r["text"] == ref.text and r["usage"]["completion_tokens"] == len(ref.token_ids) == 16
     # not streamed: one JSON body, same answer; text prompts are tokenized like the engine does
     body = {"model": server.model, "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0}
     resp = httpx.post(f"{server.url}/completions", json=body, timeout=60)
     assert resp.status_code == 200, resp.text
     choice = resp.json()["choices"][0]
-    ref = llm_f32.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=5))[0]
+    ref = llm_exact.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=5))[0]
     assert choice["text"] == ref.text and choice["finish_reason"] == ref.finish_reason
 
 

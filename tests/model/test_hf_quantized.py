@@ -166,12 +166,12 @@ PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_att
 
 
 @pytest.fixture(scope="module")
-def float_model(llm_f32):
-    """The default model's float32 weights (the GGUF file dequantized, as llm_f32 computes with them)
+def float_model(llm_exact):
+    """The default model's float32 weights (the GGUF file dequantized, as llm_exact computes with them)
     under HF names, and its config."""
     from splitserve.model.loader import _read_gguf
 
-    args, tensors = _read_gguf(llm_f32.engine.model_path)
+    args, tensors = _read_gguf(llm_exact.engine.model_path)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": args.vocab_size,
               "hidden_size": args.hidden_size, "intermediate_size": args.intermediate_size,
               "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_heads,
@@ -188,7 +188,7 @@ def float_model(llm_f32):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(float_model, llm_f32, tmp_path_factory):
+def checkpoint(float_model, llm_exact, tmp_path_factory):
     """checkpoint(case) -> a folder: config.json with the case's quantization_config, the projections
     quantized by the writer, every other tensor float32 as in the float model, the tokenizer."""
     from safetensors.torch import save_file
@@ -209,7 +209,7 @@ def checkpoint(float_model, llm_f32, tmp_path_factory):
                     out[name] = t
             save_file(out, str(folder / "model.safetensors"), metadata={"format": "pt"})
             (folder / "config.json").write_text(json.dumps({**config, "quantization_config": qcfg}, indent=1))
-            llm_f32.tokenizer.hf.save_pretrained(str(folder))
+            llm_exact.tokenizer.hf.save_pretrained(str(folder))
             made[case] = folder
         return made[case]
 
@@ -239,11 +239,11 @@ MIN_AGREEMENT = {"gptq-4bit-g128-desc_act-v1": 0.5, "gptq-8bit-channel-sym-v2": 
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_quantized_checkpoint_answers_like_the_float_model(case, checkpoint, llm_f32):
+def test_quantized_checkpoint_answers_like_the_float_model(case, checkpoint, llm_exact):
     from splitserve import LLM
 
-    prompts = [llm_f32.tokenizer.encode(p) for p in PROMPTS]
-    want, _ = _greedy(llm_f32.with_config(kv_cache_memory_gb=0.02, enable_prefix_caching=False), prompts)
+    prompts = [llm_exact.tokenizer.encode(p) for p in PROMPTS]
+    want, _ = _greedy(llm_exact.with_config(kv_cache_memory_gb=0.02, enable_prefix_caching=False), prompts)
     llm = LLM(model=str(checkpoint(case)), dtype="float32", kv_cache_memory_gb=0.02, enable_prefix_caching=False)
     linears = [m for m in llm.engine.model.modules() if isinstance(m, PackedLinear)]
     assert len(linears) == 4 * llm.engine.model.args.num_layers
@@ -324,7 +324,7 @@ def test_no_float_copy_of_a_quantized_weight_is_resident(checkpoint, float_model
 
 
 @pytest.mark.parametrize("layout", ["compressed-tensors-channel", "fp8-block"])
-def test_fp8_checkpoint_matches_transformers(layout, tmp_path, llm_f32):
+def test_fp8_checkpoint_matches_transformers(layout, tmp_path, llm_exact):
     """HF transformers loads the same FP8 checkpoint of a small random Llama (compressed-tensors
     decompresses it; its own "fp8" method dequantizes block scales on a CPU): the same greedy tokens,
     the same log-probabilities."""
@@ -333,7 +333,7 @@ def test_fp8_checkpoint_matches_transformers(layout, tmp_path, llm_f32):
 
     from splitserve import LLM, SamplingParams
 
-    cfg = tf.LlamaConfig(vocab_size=len(llm_f32.tokenizer.hf), hidden_size=128, intermediate_size=256,
+    cfg = tf.LlamaConfig(vocab_size=len(llm_exact.tokenizer.hf), hidden_size=128, intermediate_size=256,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=256, rms_norm_eps=1e-5, tie_word_embeddings=False)
     torch.manual_seed(0)
@@ -342,7 +342,7 @@ def test_fp8_checkpoint_matches_transformers(layout, tmp_path, llm_f32):
         for p in model.parameters():
             p.mul_(4.0)  # logits far from ties, as tests/model/test_loading.py makes them
     model.save_pretrained(str(tmp_path), safe_serialization=True)
-    llm_f32.tokenizer.hf.save_pretrained(str(tmp_path))
+    llm_exact.tokenizer.hf.save_pretrained(str(tmp_path))
     scale_name = "weight_scale" if layout.startswith("compressed") else "weight_scale_inv"
     tensors = {}
     for name, t in load_file(str(tmp_path / "model.safetensors")).items():

@@ -37,6 +37,14 @@ class ModelRunner:
         self.cpu_kernel = (not use_triton and self.device.type == "cpu" and cpu_attention.available()
                            and cpu_attention.supports(kv_cache.k_caches[0].dtype, args.num_heads,
                                                       args.num_kv_heads, args.head_dim))
+        # A float32 model with the C kernel attends every row of a step, a prefill's too, as a decode
+        # row (each up to its own position, the keys in one order whatever the step). Its projections
+        # give a row the same bits in any batch (the block kernels), so a token's K/V and logits are
+        # then the same bits whether it was prefilled cold, after a cached prefix, in chunks of any
+        # size, decoded, verified as a proposal or recomputed after a preemption: greedy output never
+        # depends on the cache path, even where the int8 path's rounding of activations would turn a
+        # last-bit difference into another token. (bfloat16 GEMMs depend on the batch anyway.)
+        self.rows_as_decodes = self.cpu_kernel and model.compute_dtype == torch.float32
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> StepInputs:
         """Flat inputs of one step; `scheduled` has its decodes (one-token queries, and sequences
@@ -59,10 +67,10 @@ class ModelRunner:
             input_ids.extend(seq.token_ids[start:end] if not drafts else seq.token_ids[start:] + drafts)
             positions.extend(range(start, end))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            if n == 1 or drafts:  # a decode; with proposals, one decode row per scored position
-                for pos in range(start, end):  # (every row's K/V is written before attention runs)
-                    decode_tables.append(table)
-                    decode_lens.append(pos + 1)
+            if n == 1 or drafts or self.rows_as_decodes:  # a decode; with proposals (or every row on the
+                # CPU kernel), one decode row per position (every row's K/V is written before attention runs)
+                decode_tables.append((table, n))
+                decode_lens.extend(range(start + 1, end + 1))
             else:
                 prefill_q.append(n)
                 prefill_len.append(end)
@@ -74,7 +82,7 @@ class ModelRunner:
                 sample_indices.extend(range(len(input_ids) - 1 - len(drafts), len(input_ids)))
                 sampled.append(idx)
                 rows.append(1 + len(drafts))
-        num_decodes = len(decode_tables)
+        num_decodes = len(decode_lens)
         tables, seq_lens, groups = self._decode_tables(decode_tables, decode_lens)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
@@ -99,19 +107,23 @@ class ModelRunner:
             rows,
         )
 
-    def _decode_tables(self, decode_tables: list[list[int]], decode_lens: list[int]):
-        """The decode rows' block tables in the form the attention path takes: for a kernel one padded
-        int32 table [rows, max_blocks] and the lengths [rows] (the kernel walks each row's own
-        length); for the torch path, groups of rows of similar length (it gathers padded pages)."""
+    def _decode_tables(self, decode_tables: list[tuple[list[int], int]], decode_lens: list[int]):
+        """The decode rows' block tables (each sequence's table and its number of rows) in the form
+        the attention path takes: for a kernel one padded int32 table [rows, max_blocks] and the
+        lengths [rows] (the kernel walks each row's own length); for the torch path, groups of rows
+        of similar length (it gathers padded pages)."""
         if self.use_triton or self.cpu_kernel:
-            max_blocks = max((len(t) for t in decode_tables), default=0)
-            tables = torch.zeros((len(decode_tables), max_blocks), dtype=torch.int32)
-            for row, t in enumerate(decode_tables):
-                tables[row, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            max_blocks = max((len(t) for t, _ in decode_tables), default=0)
+            tables = torch.zeros((len(decode_lens), max_blocks), dtype=torch.int32)
+            row = 0
+            for t, n in decode_tables:
+                tables[row: row + n, : len(t)] = torch.tensor(t, dtype=torch.int32)
+                row += n
             seq_lens = torch.tensor(decode_lens, dtype=torch.int32, device=self.device)
             return tables.to(self.device), seq_lens, ()
         empty = torch.empty(0, dtype=torch.int32)
-        groups = decode_groups(decode_tables, decode_lens, self.block_size, self.device) if decode_tables else ()
+        per_row = [t for t, n in decode_tables for _ in range(n)]
+        groups = decode_groups(per_row, decode_lens, self.block_size, self.device) if per_row else ()
         return empty, empty, groups
 
     @torch.inference_mode()

@@ -57,7 +57,7 @@ def _compute_dtype(device: str) -> str:
     """What a worker's dtype "auto" becomes on `device` (a CUDA device is assumed to have bf16)."""
     flags: frozenset[str] = frozenset()
     if device == "cpu":
-        from splitserve.model.loader import cpu_flags
+        from splitserve.model.dtype_choice import cpu_flags
 
         flags = cpu_flags()
     return resolve_dtype("auto", device, flags, cuda_bf16=True)[0]
