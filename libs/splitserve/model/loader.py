@@ -20,7 +20,8 @@ import torch
 
 from splitserve.kernels import cpu_quant
 from splitserve.model import hf_quant, quant_parts
-from splitserve.model.dtype_choice import cpu_flags, cpu_has_native_bf16, resolve_model_dtype  # noqa: F401
+from splitserve.model.dtype_choice import (  # noqa: F401 (cpu_flags, resolve_model_dtype: re-exported)
+    computes_gguf_blocks_on_cpu, cpu_flags, cpu_has_native_bf16, resolve_model_dtype)
 from splitserve.model.gguf_file import GGUFFile, GGUFFormatError
 from splitserve.model.int8_load import PROJECTION_PARTS, check_quantization, quantize_at_load
 from splitserve.model.llama import LlamaModel, ModelArgs
@@ -44,10 +45,13 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
                          "(resolve 'auto' with resolve_model_dtype first)")
     path = resolve_model_path(model)
     storage = TORCH_DTYPES[dtype]
-    compute = compute_dtype(storage, device)
-    # float32 on a CPU with the quantized kernel: quantized matrices stay GGUF blocks (their only copy)
-    quantized = {} if storage == compute == torch.float32 and torch.device(device).type == "cpu" \
-        and cpu_quant.available() else None
+    on_cpu = torch.device(device).type == "cpu"
+    gguf_blocks = on_cpu and computes_gguf_blocks_on_cpu(model)
+    compute = compute_dtype(storage, device, gguf_blocks)
+    # float32 arithmetic on a CPU with the quantized kernel: quantized matrices stay GGUF blocks (their
+    # only copy), in a float32 model and in a bfloat16 one of GGUF blocks
+    quantized = {} if compute == torch.float32 and on_cpu and cpu_quant.available() \
+        and (storage == torch.float32 or gguf_blocks) else None
     check_quantization(quantization, quantized is not None, dtype, device)
     packed: dict = {}  # an HF quantized checkpoint's GPTQ / AWQ / FP8 weights, kept packed (hf_quant)
     if path.is_dir():
@@ -123,15 +127,17 @@ def _fuse_quantized(args: ModelArgs, quantized: dict, tensors: dict) -> dict[str
     return fused
 
 
-def compute_dtype(dtype: torch.dtype, device: str) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype, device: str, gguf_blocks: bool = False) -> torch.dtype:
     """The dtype the model computes in for weights and KV cache stored as `dtype`.
 
-    bfloat16 on a CPU without bf16 instructions: every bf16 operation would be emulated, 2-3x
-    slower than float32 (GEMMs, and element-wise ops through conversions). The weights are then
-    rounded to bfloat16 (the same values as a bf16 model) and the arithmetic runs in float32; the
-    KV cache stays bfloat16 (half the memory). Elsewhere the model computes in `dtype` itself.
+    bfloat16 on a CPU computes in float32 with the KV cache in bfloat16 (half the memory) where
+    the CPU has no bf16 instructions (every bf16 operation would be emulated, 2-3x slower than
+    float32) or the model's projections are GGUF blocks (`gguf_blocks`: the block kernels multiply
+    them by float32 rows, keeping the blocks as the weights' only copy; a bf16 GEMM would need a
+    dequantized copy, is slower, and its rows' values depend on the batch). Float weights are then
+    rounded to bfloat16 (the same values as a bf16 model). Elsewhere the model computes in `dtype`.
     """
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_has_native_bf16():
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and (gguf_blocks or not cpu_has_native_bf16()):
         return torch.float32
     return dtype
 
