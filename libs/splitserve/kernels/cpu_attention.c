@@ -36,6 +36,7 @@
 #define MAX_GROUP 16      /* query heads per kv head */
 #define MAX_HEAD_DIM 256
 #define CHUNK 32          /* keys scored before each softmax rescale */
+#define MAX_RUN 8         /* query rows of one sequence that share a gathered chunk */
 
 #include "simd.h"
 #include "kernel_api.h"
@@ -206,13 +207,17 @@ static inline __attribute__((always_inline)) void gather_chunk(
     }
 }
 
-/* One (sequence, kv head): q [group][dim] (its query heads, consecutive), out [group][dim].
- * Inlined into one copy per head size, so that the loops over dim unroll and a query head's
- * accumulator stays in registers. */
+/* One kv head of `nrows` query rows of one sequence, at consecutive positions (row r attends to
+ * len0 + r tokens: a decode row, or the rows of a prefill chunk or of a verified proposal, each up to
+ * its own position): row r's q [group][dim] (its query heads, consecutive) at q + r * q_stride, its
+ * out likewise. A chunk of keys and values is gathered once for all the rows; each row's arithmetic
+ * is the one a row alone gets (the same chunks, scores, softmax and sums in the same order), so a
+ * row's output does not depend on the rows beside it. Inlined into one copy per head size, so that
+ * the loops over dim unroll and a query head's accumulator stays in registers. */
 static inline __attribute__((always_inline)) void attend_impl(
-    const float *q, const char *k_cache, const char *v_cache, int kind, const float *k_scales, const float *v_scales,
-    const int32_t *table, int len, int block_size, int kv_heads, int kv_head, int group, float scale, float *out,
-    const int nvec) {
+    const float *q, size_t q_stride, const char *k_cache, const char *v_cache, int kind, const float *k_scales,
+    const float *v_scales, const int32_t *table, int len0, int nrows, int block_size, int kv_heads, int kv_head,
+    int group, float scale, float *out, const int nvec) {
     const int dim = nvec * 8;
     const size_t elem = kind == KV_F32 ? 4 : kind == KV_BF16 ? 2 : 1;
     const size_t row_stride = (size_t)kv_heads * dim * elem; /* bytes from one token to the next */
@@ -222,80 +227,93 @@ static inline __attribute__((always_inline)) void attend_impl(
         v_scales += kv_head;
     }
     float rows[CHUNK * MAX_HEAD_DIM] __attribute__((aligned(32)));
-    float scores[MAX_GROUP][CHUNK] __attribute__((aligned(32)));
-    v8f acc[MAX_GROUP][MAX_HEAD_DIM / 8];
-    float m[MAX_GROUP], l[MAX_GROUP];
-    for (int g = 0; g < group; g++) {
-        for (int i = 0; i < nvec; i++) acc[g][i] = splat(0.0f);
-        m[g] = -INFINITY;
-        l[g] = 0.0f;
-    }
-    for (int start = 0; start < len; start += CHUNK) {
-        const int n = len - start < CHUNK ? len - start : CHUNK;
-        gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n, block_size, row_stride, head_offset,
-                     nvec, rows);
+    float scores[MAX_RUN][MAX_GROUP][CHUNK] __attribute__((aligned(32)));
+    v8f acc[nrows][group][nvec];
+    float m[MAX_RUN][MAX_GROUP], l[MAX_RUN][MAX_GROUP];
+    for (int r = 0; r < nrows; r++)
         for (int g = 0; g < group; g++) {
-            v8f qg[MAX_HEAD_DIM / 8];
-            for (int i = 0; i < nvec; i++) qg[i] = load8(q + (size_t)g * dim + i * 8) * splat(scale);
-            for (int t = 0; t < n; t++) {
-                const float *k = rows + (size_t)t * dim;
-                v8f s = qg[0] * load8(k);
-                for (int i = 1; i < nvec; i++) s += qg[i] * load8(k + i * 8);
-                scores[g][t] = hsum(s);
+            for (int i = 0; i < nvec; i++) acc[r][g][i] = splat(0.0f);
+            m[r][g] = -INFINITY;
+            l[r][g] = 0.0f;
+        }
+    const int len_max = len0 + nrows - 1;
+    for (int start = 0; start < len_max; start += CHUNK) {
+        const int n_max = len_max - start < CHUNK ? len_max - start : CHUNK;
+        gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n_max, block_size, row_stride, head_offset,
+                     nvec, rows);
+        for (int r = 0; r < nrows; r++) {
+            const int len = len0 + r;
+            if (start >= len) continue;
+            const int n = len - start < CHUNK ? len - start : CHUNK;
+            const float *qr = q + (size_t)r * q_stride;
+            for (int g = 0; g < group; g++) {
+                v8f qg[MAX_HEAD_DIM / 8];
+                for (int i = 0; i < nvec; i++) qg[i] = load8(qr + (size_t)g * dim + i * 8) * splat(scale);
+                for (int t = 0; t < n; t++) {
+                    const float *k = rows + (size_t)t * dim;
+                    v8f sv = qg[0] * load8(k);
+                    for (int i = 1; i < nvec; i++) sv += qg[i] * load8(k + i * 8);
+                    scores[r][g][t] = hsum(sv);
+                }
+            }
+            for (int g = 0; g < group; g++) {
+                float mx = m[r][g];
+                for (int t = 0; t < n; t++) mx = scores[r][g][t] > mx ? scores[r][g][t] : mx;
+                const float corr = expf(m[r][g] - mx); /* 0 on the first chunk (m = -inf) */
+                m[r][g] = mx;
+                const int padded = (n + 7) & ~7;
+                for (int t = n; t < padded; t++) scores[r][g][t] = mx; /* exp'd, never used */
+                for (int t = 0; t < padded; t += 8)
+                    store8(&scores[r][g][t], exp_nonpositive(load8(&scores[r][g][t]) - splat(mx)));
+                float sum = 0.0f;
+                for (int t = 0; t < n; t++) sum += scores[r][g][t];
+                l[r][g] = l[r][g] * corr + sum;
+                if (corr != 1.0f)
+                    for (int i = 0; i < nvec; i++) acc[r][g][i] *= splat(corr);
             }
         }
-        for (int g = 0; g < group; g++) {
-            float mx = m[g];
-            for (int t = 0; t < n; t++) mx = scores[g][t] > mx ? scores[g][t] : mx;
-            const float corr = expf(m[g] - mx); /* 0 on the first chunk (m = -inf) */
-            m[g] = mx;
-            const int padded = (n + 7) & ~7;
-            for (int t = n; t < padded; t++) scores[g][t] = mx; /* exp'd, never used */
-            for (int t = 0; t < padded; t += 8) store8(&scores[g][t], exp_nonpositive(load8(&scores[g][t]) - splat(mx)));
-            float sum = 0.0f;
-            for (int t = 0; t < n; t++) sum += scores[g][t];
-            l[g] = l[g] * corr + sum;
-            if (corr != 1.0f)
-                for (int i = 0; i < nvec; i++) acc[g][i] *= splat(corr);
-        }
-        gather_chunk(v_cache, kind, v_scales, kv_heads, table, start, n, block_size, row_stride, head_offset,
+        gather_chunk(v_cache, kind, v_scales, kv_heads, table, start, n_max, block_size, row_stride, head_offset,
                      nvec, rows);
-        for (int g = 0; g < group; g++) {
-            v8f a[MAX_HEAD_DIM / 8];
-            for (int i = 0; i < nvec; i++) a[i] = acc[g][i];
-            for (int t = 0; t < n; t++) {
-                const v8f p = splat(scores[g][t]);
-                const float *v = rows + (size_t)t * dim;
-                for (int i = 0; i < nvec; i++) a[i] += p * load8(v + i * 8);
+        for (int r = 0; r < nrows; r++) {
+            const int len = len0 + r;
+            if (start >= len) continue;
+            const int n = len - start < CHUNK ? len - start : CHUNK;
+            for (int g = 0; g < group; g++) {
+                v8f a[MAX_HEAD_DIM / 8];
+                for (int i = 0; i < nvec; i++) a[i] = acc[r][g][i];
+                for (int t = 0; t < n; t++) {
+                    const v8f p = splat(scores[r][g][t]);
+                    const float *v = rows + (size_t)t * dim;
+                    for (int i = 0; i < nvec; i++) a[i] += p * load8(v + i * 8);
+                }
+                for (int i = 0; i < nvec; i++) acc[r][g][i] = a[i];
             }
-            for (int i = 0; i < nvec; i++) acc[g][i] = a[i];
         }
     }
-    for (int g = 0; g < group; g++) {
-        const v8f inv = splat(1.0f / l[g]);
-        for (int i = 0; i < nvec; i++) store8(out + (size_t)g * dim + i * 8, acc[g][i] * inv);
-    }
+    for (int r = 0; r < nrows; r++)
+        for (int g = 0; g < group; g++) {
+            const v8f inv = splat(1.0f / l[r][g]);
+            for (int i = 0; i < nvec; i++) store8(out + (size_t)r * q_stride + (size_t)g * dim + i * 8, acc[r][g][i] * inv);
+        }
 }
 
-#define ATTEND_FOR(NVEC)                                                                                        \
-    static void attend_##NVEC(const float *q, const char *kc, const char *vc, int kind, const float *ks,         \
-                              const float *vs, const int32_t *table, int len, int block_size, int kv_heads,     \
-                              int kv_head, int group, float scale, float *out) {                                \
-        attend_impl(q, kc, vc, kind, ks, vs, table, len, block_size, kv_heads, kv_head, group, scale, out, NVEC); \
-    }
+#define ATTEND_ARGS                                                                                               \
+    const float *q, size_t q_stride, const char *kc, const char *vc, int kind, const float *ks, const float *vs, \
+        const int32_t *table, int len0, int nrows, int block_size, int kv_heads, int kv_head, int group, float scale, \
+        float *out
+#define ATTEND_PASS q, q_stride, kc, vc, kind, ks, vs, table, len0, nrows, block_size, kv_heads, kv_head, group, scale, out
+#define ATTEND_FOR(NVEC) \
+    static void attend_##NVEC(ATTEND_ARGS) { attend_impl(ATTEND_PASS, NVEC); }
 ATTEND_FOR(4)  /* head_dim 32 */
 ATTEND_FOR(8)  /* 64 */
 ATTEND_FOR(16) /* 128 */
 
-static void attend_any(const float *q, const char *kc, const char *vc, int kind, const float *ks, const float *vs,
-                       const int32_t *table, int len, int block_size, int kv_heads, int kv_head, int dim, int group,
-                       float scale, float *out) {
+static void attend_any(ATTEND_ARGS, int dim) {
     switch (dim) {
-    case 32: attend_4(q, kc, vc, kind, ks, vs, table, len, block_size, kv_heads, kv_head, group, scale, out); break;
-    case 64: attend_8(q, kc, vc, kind, ks, vs, table, len, block_size, kv_heads, kv_head, group, scale, out); break;
-    case 128: attend_16(q, kc, vc, kind, ks, vs, table, len, block_size, kv_heads, kv_head, group, scale, out); break;
-    default:
-        attend_impl(q, kc, vc, kind, ks, vs, table, len, block_size, kv_heads, kv_head, group, scale, out, dim / 8);
+    case 32: attend_4(ATTEND_PASS); break;
+    case 64: attend_8(ATTEND_PASS); break;
+    case 128: attend_16(ATTEND_PASS); break;
+    default: attend_impl(ATTEND_PASS, dim / 8);
     }
 }
 
@@ -303,19 +321,32 @@ static void decode_all(const float *q, const char *k_cache, const char *v_cache,
                        const float *v_scales, const int32_t *tables, int max_blocks, const int32_t *seq_lens,
                        int batch, int heads, int kv_heads, int dim, int block_size, float scale, float *out) {
     const int group = heads / kv_heads;
-    /* A row's kv heads go to one thread, one after another: the tokens' K/V rows hold every kv
+    /* Runs of rows of one sequence at consecutive positions (the same table, lengths one apart: a
+     * prefill chunk, a verified proposal), at most MAX_RUN a run, share their gathered keys. */
+    int starts[batch + 1];
+    int runs = 0;
+    for (int b = 0; b < batch; b++) {
+        const int joins = b > 0 && b - starts[runs - 1] < MAX_RUN && seq_lens[b] == seq_lens[b - 1] + 1 &&
+                          memcmp(tables + (size_t)b * max_blocks, tables + (size_t)(b - 1) * max_blocks,
+                                 (size_t)max_blocks * sizeof(int32_t)) == 0;
+        if (!joins) starts[runs++] = b;
+    }
+    starts[runs] = batch;
+    /* A run's kv heads go to one thread, one after another: the tokens' K/V rows hold every kv
      * head side by side, so the second head reads lines the first one brought into cache. Only
-     * batches too small to keep the team busy split rows by kv head. */
-    const int by_row = batch >= 4 * omp_get_max_threads();
-    const int items = by_row ? batch : batch * kv_heads;
+     * too few runs to keep the team busy split by kv head. */
+    const int by_run = runs >= 4 * omp_get_max_threads();
+    const int items = by_run ? runs : runs * kv_heads;
+    const size_t q_stride = (size_t)heads * dim;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int it = 0; it < items; it++) {
-        const int b = by_row ? it : it / kv_heads;
-        const int first = by_row ? 0 : it % kv_heads, last = by_row ? kv_heads : first + 1;
+        const int run = by_run ? it : it / kv_heads;
+        const int b = starts[run], nrows = starts[run + 1] - b;
+        const int first = by_run ? 0 : it % kv_heads, last = by_run ? kv_heads : first + 1;
         for (int h = first; h < last; h++) {
-            size_t offset = ((size_t)b * heads + (size_t)h * group) * dim;
-            attend_any(q + offset, k_cache, v_cache, kind, k_scales, v_scales, tables + (size_t)b * max_blocks,
-                       seq_lens[b], block_size, kv_heads, h, dim, group, scale, out + offset);
+            size_t offset = (size_t)b * q_stride + (size_t)h * group * dim;
+            attend_any(q + offset, q_stride, k_cache, v_cache, kind, k_scales, v_scales, tables + (size_t)b * max_blocks,
+                       seq_lens[b], nrows, block_size, kv_heads, h, group, scale, out + offset, dim);
         }
     }
 }
