@@ -228,7 +228,7 @@ static inline __attribute__((always_inline)) void attend_impl(
     }
     float rows[CHUNK * MAX_HEAD_DIM] __attribute__((aligned(32)));
     float scores[MAX_RUN][MAX_GROUP][CHUNK] __attribute__((aligned(32)));
-    v8f acc[nrows][group][nvec];
+    v8f acc[MAX_RUN][MAX_GROUP][MAX_HEAD_DIM / 8]; /* 128 KB of stack at most; what is used: nrows x group x nvec */
     float m[MAX_RUN][MAX_GROUP], l[MAX_RUN][MAX_GROUP];
     for (int r = 0; r < nrows; r++)
         for (int g = 0; g < group; g++) {
@@ -302,8 +302,15 @@ static inline __attribute__((always_inline)) void attend_impl(
         const int32_t *table, int len0, int nrows, int block_size, int kv_heads, int kv_head, int group, float scale, \
         float *out
 #define ATTEND_PASS q, q_stride, kc, vc, kind, ks, vs, table, len0, nrows, block_size, kv_heads, kv_head, group, scale, out
-#define ATTEND_FOR(NVEC) \
-    static void attend_##NVEC(ATTEND_ARGS) { attend_impl(ATTEND_PASS, NVEC); }
+/* one copy per head size, and within it one for a single row (a decode: fixed-size arrays) */
+#define ATTEND_FOR(NVEC)                                                                                 \
+    static void attend_##NVEC(ATTEND_ARGS) {                                                             \
+        if (nrows == 1)                                                                                  \
+            attend_impl(q, q_stride, kc, vc, kind, ks, vs, table, len0, 1, block_size, kv_heads, kv_head, \
+                        group, scale, out, NVEC);                                                        \
+        else                                                                                             \
+            attend_impl(ATTEND_PASS, NVEC);                                                              \
+    }
 ATTEND_FOR(4)  /* head_dim 32 */
 ATTEND_FOR(8)  /* 64 */
 ATTEND_FOR(16) /* 128 */
