@@ -466,9 +466,7 @@ static inline __attribute__((always_inline)) void kscales4(const uint8_t *group,
 #define INT8_NAME(f) f##_avx512vnni
 #define INT8_DOT_ACC(acc, u, s) _mm256_dpbusd_epi32((acc), (u), (s))
 #define INT8_ROWS 12
-#define INT8_ZMM 1
 #include "cpu_quant_int8.h"
-#undef INT8_ZMM
 #undef INT8_NAME
 #undef INT8_DOT_ACC
 #undef INT8_ROWS

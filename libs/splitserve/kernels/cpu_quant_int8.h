@@ -134,121 +134,6 @@ static inline __attribute__((always_inline)) void INT8_NAME(tile_any)(XQ q, long
 #undef INT8_CASE
 }
 
-#ifdef INT8_ZMM
-#ifndef INT8_ZMM_ROWS
-#define INT8_ZMM_ROWS 2
-#endif
-static inline __attribute__((always_inline)) __m512i INT8_NAME(join)(__m256i a, __m256i b) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1);
-}
-
-static inline __attribute__((always_inline)) __m512 INT8_NAME(join_ps)(__m256 a, __m256 b) {
-    return _mm512_castsi512_ps(INT8_NAME(join)(_mm256_castps_si256(a), _mm256_castps_si256(b)));
-}
-
-/* Two consecutive tiles (8 columns) at once in 512-bit vectors: tile A's lanes in the low half,
- * B's in the high half, each lane computed by the very operations of `row_step` (the same integer
- * sums, scale products and fused multiply-adds), so the bits are those of tile_rows. A signed
- * format's x takes w's signs by a masked negation (AVX-512 has no vpsignb; where w is 0 its
- * |w| is 0 and the product is 0 either way). */
-static inline __attribute__((always_inline)) void INT8_NAME(pair_rows)(XQ q, long r0, const int mb, long k,
-                                                                      const uint8_t *groups, size_t group_bytes,
-                                                                      const int kind, const INT8_NAME(Prep) *preps,
-                                                                      const float *bias, float *y, long n, int nb_b) {
-    const long blocks = k / BLOCK_WEIGHTS(kind), xblocks = k / QBLOCK;
-    const uint8_t *groups_b = groups + (size_t)blocks * group_bytes;
-    const int is_signed = kind == KIND_Q8_0 || kind == KIND_Q6_K;
-    __m512 acc[INT8_ROWS];
-    for (int i = 0; i < mb; i++) acc[i] = _mm512_setzero_ps();
-    for (long b = 0; b < blocks; b++) {
-        KScales4 ksa, ksb;
-        if (IS_K(kind) && preps == NULL) {
-            kscales4(groups + b * group_bytes, kind, &ksa);
-            kscales4(groups_b + b * group_bytes, kind, &ksb);
-        }
-        if (preps == NULL) _mm_prefetch((const char *)groups_b + b * group_bytes + PREFETCH_AHEAD, _MM_HINT_T0);
-        for (int s = 0; s < SUBS(kind); s++) {
-            const long xb = b * SUBS(kind) + s;
-            INT8_NAME(Prep) la, lb;
-            const INT8_NAME(Prep) *pa = preps ? preps + xb : &la, *pb = preps ? preps + xblocks + xb : &lb;
-            if (preps == NULL) {
-                INT8_NAME(prep)(groups + b * group_bytes, kind, s, &ksa, &la);
-                INT8_NAME(prep)(groups_b + b * group_bytes, kind, s, &ksb, &lb);
-            }
-            __m512i u[4], neg[4];
-            __mmask64 negm[4];
-            for (int v = 0; v < 4; v++) {
-                u[v] = INT8_NAME(join)(pa->u[v], pb->u[v]);
-                if (is_signed) {
-                    neg[v] = INT8_NAME(join)(pa->w[v], pb->w[v]);
-                    negm[v] = _mm512_movepi8_mask(neg[v]);
-                }
-            }
-            const __m512 d = INT8_NAME(join_ps)(pa->d, pb->d), m = INT8_NAME(join_ps)(pa->m, pb->m);
-            for (int i = 0; i < mb; i++) {
-                const long r = r0 + i, at = r * xblocks + xb;
-                const __m256i *xe = (const __m256i *)(q.codes + (size_t)at * XQ_BLOCK_BYTES);
-                __m512i isum = _mm512_setzero_si512();
-                for (int v = 0; v < 4; v++) {
-                    __m512i xv = _mm512_broadcast_i64x4(_mm256_load_si256(xe + v));
-                    if (is_signed) xv = _mm512_mask_sub_epi8(xv, negm[v], _mm512_setzero_si512(), xv);
-                    isum = _mm512_dpbusd_epi32(isum, u[v], xv);
-                }
-                acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_mul_ps(d, _mm512_set1_ps(q.d[at])), acc[i]);
-                if (!is_signed) acc[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(q.s[at]), acc[i]);
-            }
-        }
-    }
-    __m256 lo[INT8_ROWS], hi[INT8_ROWS];
-    for (int i = 0; i < mb; i++) {
-        lo[i] = _mm512_castps512_ps256(acc[i]);
-        hi[i] = _mm256_castsi256_ps(_mm512_extracti64x4_epi64(_mm512_castps_si512(acc[i]), 1));
-    }
-    INT8_NAME(store_rows)(lo, mb, r0, bias, y, n, TILE_N);
-    INT8_NAME(store_rows)(hi, mb, r0, bias ? bias + TILE_N : NULL, y + TILE_N, n, nb_b);
-}
-
-static inline __attribute__((always_inline)) void INT8_NAME(pair_any)(XQ q, long r0, int mb, long k,
-                                                                     const uint8_t *groups, size_t group_bytes,
-                                                                     const int kind, const INT8_NAME(Prep) *preps,
-                                                                     const float *bias, float *y, long n, int nb_b) {
-#define INT8_CASE(MB) \
-    case MB: INT8_NAME(pair_rows)(q, r0, MB, k, groups, group_bytes, kind, preps, bias, y, n, nb_b); break;
-    switch (mb) {
-        INT8_CASE(1) INT8_CASE(2) INT8_CASE(3) INT8_CASE(4) INT8_CASE(5) INT8_CASE(6) INT8_CASE(7) INT8_CASE(8)
-#if INT8_ROWS > 8
-        INT8_CASE(9) INT8_CASE(10) INT8_CASE(11) INT8_CASE(12)
-#endif
-    }
-#undef INT8_CASE
-}
-#endif
-
-/* Tiles [t0, t1) against rows r0 .. r0 + mb - 1; `preps`: tile t0's prepared sub-blocks (the
- * following tiles' after them), or NULL to prepare them here. With 512-bit vectors two tiles go
- * at once. */
-static inline __attribute__((always_inline)) void INT8_NAME(span)(XQ q, long r0, int mb, long k, const uint8_t *packed,
-                                                                 size_t group_bytes, const int kind,
-                                                                 const INT8_NAME(Prep) *preps, long t0, long t1,
-                                                                 const float *bias, float *y, long n) {
-    const long blocks = k / BLOCK_WEIGHTS(kind), xblocks = k / QBLOCK;
-    long t = t0;
-#ifdef INT8_ZMM
-    for (; mb >= INT8_ZMM_ROWS && t + 1 < t1; t += 2) {
-        const long n0 = t * TILE_N;
-        const int nb_b = n - n0 - TILE_N < TILE_N ? (int)(n - n0 - TILE_N) : TILE_N;
-        INT8_NAME(pair_any)(q, r0, mb, k, packed + (size_t)t * blocks * group_bytes, group_bytes, kind,
-                            preps ? preps + (t - t0) * xblocks : NULL, bias ? bias + n0 : NULL, y + n0, n, nb_b);
-    }
-#endif
-    for (; t < t1; t++) {
-        const long n0 = t * TILE_N;
-        const int nb = n - n0 < TILE_N ? (int)(n - n0) : TILE_N;
-        INT8_NAME(tile_any)(q, r0, mb, k, packed + (size_t)t * blocks * group_bytes, group_bytes, kind,
-                            preps ? preps + (t - t0) * xblocks : NULL, bias ? bias + n0 : NULL, y + n0, n, nb);
-    }
-}
-
 /* y = x @ W^T (+ bias) for quantized x, split by groups of tiles of weight rows over the OpenMP
  * team. Up to INT8_ROWS rows prepare each sub-block in registers. More rows prepare a group's tiles
  * once into a buffer of this thread (~64 KB: in L2) and run INT8_ROWS rows at a time against every
@@ -263,10 +148,6 @@ static inline __attribute__((always_inline)) int INT8_NAME(linear_int8_kind)(XQ 
     long per_group = m_rows > INT8_ROWS ? (long)(65536 / tile_preps) : 1;
     const long share = tiles / (4L * omp_get_max_threads()); /* at least ~4 groups a thread */
     if (per_group > share) per_group = share;
-#ifdef INT8_ZMM
-    per_group += per_group & 1; /* whole pairs of tiles */
-    if (per_group < 2) per_group = 2;
-#endif
     if (per_group < 1) per_group = 1;
     const long ngroups = (tiles + per_group - 1) / per_group;
     int failed = 0;
@@ -284,7 +165,12 @@ static inline __attribute__((always_inline)) int INT8_NAME(linear_int8_kind)(XQ 
         for (long g = 0; g < ngroups; g++) {
             const long t0 = g * per_group, t1 = t0 + per_group < tiles ? t0 + per_group : tiles;
             if (m_rows <= INT8_ROWS) {
-                INT8_NAME(span)(q, 0, (int)m_rows, k, packed, group_bytes, kind, NULL, t0, t1, bias, y, n);
+                for (long t = t0; t < t1; t++) {
+                    const long n0 = t * TILE_N;
+                    const int nb = n - n0 < TILE_N ? (int)(n - n0) : TILE_N;
+                    INT8_NAME(tile_any)(q, 0, (int)m_rows, k, packed + (size_t)t * blocks * group_bytes, group_bytes,
+                                        kind, NULL, bias ? bias + n0 : NULL, y + n0, n, nb);
+                }
                 continue;
             }
             if (preps == NULL) continue;
@@ -300,7 +186,12 @@ static inline __attribute__((always_inline)) int INT8_NAME(linear_int8_kind)(XQ 
             }
             for (long r0 = 0; r0 < m_rows; r0 += INT8_ROWS) {
                 const int mb = m_rows - r0 < INT8_ROWS ? (int)(m_rows - r0) : INT8_ROWS;
-                INT8_NAME(span)(q, r0, mb, k, packed, group_bytes, kind, preps, t0, t1, bias, y, n);
+                for (long t = t0; t < t1; t++) {
+                    const long n0 = t * TILE_N;
+                    const int nb = n - n0 < TILE_N ? (int)(n - n0) : TILE_N;
+                    INT8_NAME(tile_any)(q, r0, mb, k, NULL, group_bytes, kind, preps + (t - t0) * xblocks,
+                                        bias ? bias + n0 : NULL, y + n0, n, nb);
+                }
             }
         }
         free(preps);
