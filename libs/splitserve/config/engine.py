@@ -12,8 +12,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8_e4m3", "int8")
 QUANTIZED_MATMULS = ("auto", "exact", "int8")
 QUANTIZATIONS = ("none", "int8", "fp8")
-# what "auto" runs: int8, measured on a 2-core AVX-512 VNNI VM (docs/performance.md: decode steps
-# 1.7x faster than exact, a 1,000-token prefill 0.83x; perplexity within 1%, benchmarks/quality_gate.py)
+# what "auto" runs: int8, measured on a 2-core AVX-512 VNNI VM (docs/performance.md: one stream decodes
+# 1.7-1.9x as fast as exact, a 1,000-token prefill ~0.85x; perplexity within 1%, benchmarks/quality_gate.py)
 QUANTIZED_MATMUL_AUTO = "int8"
 # flags in /proc/cpuinfo that mean bfloat16 dot products in hardware
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")

@@ -364,12 +364,14 @@ static long gather_rows(const uint8_t *packed, int kind, const int64_t *ids, lon
  *   Q6_K  per sub-block: (D0 * dx, D1 * dx) times the sums over its two halves of (qw - 32) * c
  * The integer sums come from `maddubs` (unsigned x signed bytes to 16-bit pairs: at most
  * 2 x 128 x 127 = 32,512 for Q8_0's |w| <= 128, 2 x 32 x 127 = 8,128 for Q6_K's |qw - 32| <= 32,
- * 2 x 31 x 127 = 7,874 for Q5_K: never saturating) and `madd` with ones to 8 int32 lanes (lane t
- * sums bytes 4t to 4t + 3: lanes 0-3 are a Q6_K sub-block's first 16 weights, 4-7 its last), or from
- * one `dpbusd` on CPUs with VNNI: the same integers, so the same bits on either. Signed codes (Q8_0,
- * Q6_K) go in as |w| and x with w's sign. The products of the
- * scales and the float32 accumulation (8 lanes, summed at the end, the corrections added last) do
- * not depend on the other rows of x: a row's output is the same alone or in any batch. */
+ * 2 x 31 x 127 = 7,874 for Q5_K: never saturating) and `madd` with ones to int32 lanes of 4 bytes
+ * each, or from one `dpbusd` on CPUs with VNNI: the same integers, so the same bits on either. The
+ * weights of a tile are transposed so that a vector's lanes are its 4 columns, twice: lanes 0-3 the
+ * first 16 weights of a block (a Q6_K sub-block's first scale), 4-7 the last 16
+ * (cpu_quant_int8.h). Signed codes (Q8_0, Q6_K) go in as |w| and x with w's sign. Per column, the
+ * block's integer sum times (dw * dx) and the minimum's term (mw * s, -8 dw * s, -M * s) are added
+ * in block order to a float32 lane, and the two halves' lanes summed at the end: nothing depends
+ * on the other rows of x, so a row's output is the same alone or in any batch. */
 
 #define XQ_BLOCK_BYTES 128 /* one block of x's codes, expanded: 4 vectors of 32 bytes (cpu_quant_int8.h) */
 
