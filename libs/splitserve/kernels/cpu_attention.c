@@ -207,6 +207,9 @@ static inline __attribute__((always_inline)) void gather_chunk(
     }
 }
 
+/* The keys of the chunk from `start` that a row attending to `len` tokens reads (none: <= 0) */
+static inline int chunk_keys(int len, int start) { return len - start < CHUNK ? len - start : CHUNK; }
+
 /* One kv head of `nrows` query rows of one sequence, at consecutive positions (row r attends to
  * len0 + r tokens: a decode row, or the rows of a prefill chunk or of a verified proposal, each up to
  * its own position): row r's q [group][dim] (its query heads, consecutive) at q + r * q_stride, its
@@ -238,13 +241,12 @@ static inline __attribute__((always_inline)) void attend_impl(
         }
     const int len_max = len0 + nrows - 1;
     for (int start = 0; start < len_max; start += CHUNK) {
-        const int n_max = len_max - start < CHUNK ? len_max - start : CHUNK;
+        const int n_max = chunk_keys(len_max, start);
         gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n_max, block_size, row_stride, head_offset,
                      nvec, rows);
         for (int r = 0; r < nrows; r++) {
-            const int len = len0 + r;
-            if (start >= len) continue;
-            const int n = len - start < CHUNK ? len - start : CHUNK;
+            const int n = chunk_keys(len0 + r, start);
+            if (n <= 0) continue;
             const float *qr = q + (size_t)r * q_stride;
             for (int g = 0; g < group; g++) {
                 v8f qg[MAX_HEAD_DIM / 8];
@@ -275,9 +277,8 @@ static inline __attribute__((always_inline)) void attend_impl(
         gather_chunk(v_cache, kind, v_scales, kv_heads, table, start, n_max, block_size, row_stride, head_offset,
                      nvec, rows);
         for (int r = 0; r < nrows; r++) {
-            const int len = len0 + r;
-            if (start >= len) continue;
-            const int n = len - start < CHUNK ? len - start : CHUNK;
+            const int n = chunk_keys(len0 + r, start);
+            if (n <= 0) continue;
             for (int g = 0; g < group; g++) {
                 v8f a[MAX_HEAD_DIM / 8];
                 for (int i = 0; i < nvec; i++) a[i] = acc[r][g][i];

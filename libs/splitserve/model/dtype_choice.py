@@ -9,7 +9,7 @@ import torch
 
 from splitserve.config.engine import CPU_BF16_FLAGS, resolve_dtype
 from splitserve.kernels import cpu_quant
-from splitserve.model.gguf_file import GGUFFile
+from splitserve.model.gguf_file import GGUF_PROJECTIONS, GGUFFile
 from splitserve.model.paths import resolve_model_path
 
 
@@ -34,6 +34,9 @@ def cpu_has_native_bf16() -> bool:
     return bool(cpu_flags() & set(CPU_BF16_FLAGS))
 
 
+_PROJECTION_WEIGHTS = tuple(f"{g}.weight" for g in GGUF_PROJECTIONS)
+
+
 def computes_gguf_blocks_on_cpu(model: str | None) -> bool:
     """Whether `model` (None: the default) is a GGUF file with projections in block formats the CPU
     kernels compute, and those kernels are built. Reads the file's header only; False for anything
@@ -47,13 +50,9 @@ def computes_gguf_blocks_on_cpu(model: str | None) -> bool:
         gguf = GGUFFile(path)
     except (OSError, ValueError):
         return False
-    return any(t.tensor_type.name in cpu_quant.BLOCK_BYTES and t.name.endswith(_PROJECTION_SUFFIXES)
+    return any(t.tensor_type.name in cpu_quant.BLOCK_BYTES and t.name.endswith(_PROJECTION_WEIGHTS)
                for t in gguf.tensors)
 
-
-# GGUF names of the projections (attn_q ... ffn_down)
-_PROJECTION_SUFFIXES = tuple(f"{p}.weight" for p in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
-                                                      "ffn_up", "ffn_down"))
 
 
 def resolve_model_dtype(dtype: str, device: str, model: str | None = None) -> tuple[str, str]:

@@ -22,6 +22,23 @@ import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 _MAGIC = b"GGUF"
+# A llama-architecture GGUF's tensor names (blk.N.<name>.weight, or top-level) -> the model's
+GGUF_NAMES = {
+    "token_embd": "embed_tokens",
+    "output_norm": "norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "q_proj",
+    "attn_k": "k_proj",
+    "attn_v": "v_proj",
+    "attn_output": "o_proj",
+    "ffn_gate": "gate_proj",
+    "ffn_up": "up_proj",
+    "ffn_down": "down_proj",
+}
+# the GGUF names of the projections (the matrices the CPU block kernels multiply by)
+GGUF_PROJECTIONS = tuple(g for g, name in GGUF_NAMES.items() if name.endswith("_proj"))
 # value type -> struct format of one scalar (8: string, 9: array are read apart)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9

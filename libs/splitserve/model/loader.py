@@ -22,7 +22,7 @@ from splitserve.kernels import cpu_quant
 from splitserve.model import hf_quant, quant_parts
 from splitserve.model.dtype_choice import (  # noqa: F401 (cpu_flags, resolve_model_dtype: re-exported)
     computes_gguf_blocks_on_cpu, cpu_flags, cpu_has_native_bf16, resolve_model_dtype)
-from splitserve.model.gguf_file import GGUFFile, GGUFFormatError
+from splitserve.model.gguf_file import GGUF_NAMES, GGUF_PROJECTIONS, GGUFFile, GGUFFormatError
 from splitserve.model.int8_load import PROJECTION_PARTS, check_quantization, quantize_at_load
 from splitserve.model.llama import LlamaModel, ModelArgs
 
@@ -46,7 +46,8 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
     path = resolve_model_path(model)
     storage = TORCH_DTYPES[dtype]
     on_cpu = torch.device(device).type == "cpu"
-    gguf_blocks = on_cpu and computes_gguf_blocks_on_cpu(model)
+    # decides only for bfloat16 (float32 keeps blocks anyway); `auto` was resolved by reading it once
+    gguf_blocks = on_cpu and storage == torch.bfloat16 and computes_gguf_blocks_on_cpu(model)
     compute = compute_dtype(storage, device, gguf_blocks)
     # float32 arithmetic on a CPU with the quantized kernel: quantized matrices stay GGUF blocks (their
     # only copy), in a float32 model and in a bfloat16 one of GGUF blocks
@@ -220,7 +221,7 @@ def _unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 # the projections whose GGUF blocks `CpuLinear` can compute with directly (kernels.cpu_quant)
-_QUANT_PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+_QUANT_PROJECTIONS = {GGUF_NAMES[g] for g in GGUF_PROJECTIONS}
 
 
 def _read_gguf(path: Path, quantized: dict | None = None) -> tuple[ModelArgs, dict[str, np.ndarray]]:
@@ -233,20 +234,7 @@ def _read_gguf(path: Path, quantized: dict | None = None) -> tuple[ModelArgs, di
     except (GGUFFormatError, OSError) as exc:
         raise ModelLoadError(f"{path}: not a readable GGUF file ({exc})") from exc
     args = read_gguf_args(reader, path)
-    names = {
-        "token_embd": "embed_tokens",
-        "output_norm": "norm",
-        "output": "lm_head",
-        "attn_norm": "input_layernorm",
-        "ffn_norm": "post_attention_layernorm",
-        "attn_q": "q_proj",
-        "attn_k": "k_proj",
-        "attn_v": "v_proj",
-        "attn_output": "o_proj",
-        "ffn_gate": "gate_proj",
-        "ffn_up": "up_proj",
-        "ffn_down": "down_proj",
-    }
+    names = GGUF_NAMES
     tensors: dict[str, np.ndarray] = {}
     for t in reader.tensors:
         parts = t.name.split(".")
