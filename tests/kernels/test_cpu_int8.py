@@ -71,8 +71,11 @@ def _cpu_flags() -> set[str]:
 @needs_kernel
 def test_the_vnni_copies_give_the_avx2_copys_bits():
     flags = _cpu_flags()
-    # Linux spells the AVX-512 one "avx512_vnni" (gcc's __builtin_cpu_supports: "avx512vnni")
-    expected = 2 if {"avx512_vnni", "avx512vl", "avx512bw"} <= flags else 1 if "avx_vnni" in flags else 0
+    # Linux spells the AVX-512 one "avx512_vnni" (gcc's __builtin_cpu_supports: "avx512vnni"); it
+    # lists amx_tile / amx_int8 only where the kernel hands out AMX state, which the module asks for
+    avx512 = {"avx512_vnni", "avx512vl", "avx512bw"} <= flags
+    expected = (3 if avx512 and {"amx_tile", "amx_int8"} <= flags else 2 if avx512
+                else 1 if "avx_vnni" in flags else 0)
     best = cpu_quant._ext.int8_variants()
     assert best == expected, f"the kernel chose copy {best}; /proc/cpuinfo says {expected}"
     with pytest.raises(ValueError, match="int8 variant"):
@@ -89,3 +92,33 @@ def test_the_vnni_copies_give_the_avx2_copys_bits():
             assert all(torch.equal(o, outputs[0]) for o in outputs), kind
     finally:
         cpu_quant._ext.set_int8_variant(best)
+
+
+@needs_kernel
+@pytest.mark.skipif(cpu_quant.built() and cpu_quant._ext.int8_variants() < 3,
+                    reason="this CPU (or its kernel) has no AMX tiles for the int8 kernel's AMX copy")
+@pytest.mark.parametrize("kind", KINDS + ["Q4_K", "Q5_K", "Q6_K"])
+def test_the_amx_copy_gives_the_vnni_copys_bits(kind):
+    """The AMX copy (13 rows and more) against the AVX-512 VNNI copy: whole and partial 16-row tiles
+    of x, a last column tile of 16 weight rows cut short (n = 37 or 20), with and without a bias,
+    zero blocks and large magnitudes."""
+    from tests.kernels.test_cpu_kquant import K_KINDS, random_k_blocks  # (it imports this module)
+
+    k = 768 if kind in K_KINDS else 576
+    gen = torch.Generator().manual_seed(9)
+    try:
+        for n in (37, 20):
+            weight = QuantWeight.from_gguf(kind, (random_k_blocks if kind in K_KINDS else random_blocks)(kind, n, k, n))
+            bias = torch.randn(n, generator=gen)
+            for rows in (13, 16, 17, 31, 32, 33, 80):
+                x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 8
+                x[1, 32:64] = 0.0
+                x[-1, :32] *= 1e6
+                for b in (None, bias):
+                    cpu_quant._ext.set_int8_variant(2)
+                    vnni = cpu_quant.linear(x, weight, b, int8=True)
+                    cpu_quant._ext.set_int8_variant(3)
+                    amx = cpu_quant.linear(x, weight, b, int8=True)
+                    assert torch.equal(amx, vnni), (n, rows, b is None, float((amx - vnni).abs().max()))
+    finally:
+        cpu_quant._ext.set_int8_variant(cpu_quant._ext.int8_variants())

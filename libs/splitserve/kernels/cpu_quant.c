@@ -46,6 +46,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "simd.h"
 #include "kernel_api.h"
@@ -77,6 +81,11 @@ enum { KIND_Q8_0 = 0, KIND_Q4_1 = 1, KIND_Q4_0 = 2, KIND_Q4_K = 3, KIND_Q5_K = 4
  * read in one forward stream a thread): a cold weight, read from memory, otherwise stalls them
  * ~2.5x (a decode step's projections, the default model on a 2-core VM: 12 ms without, 4.7 ms at
  * 8 KB, 4.5 ms with every weight in cache). A prefetch past the end faults nothing. */
+/* From this many rows of x the AMX copy runs, where the CPU has it (fewer: the AVX-512 VNNI copy, which
+ * runs 12 rows a pass; at 8 and 12 rows the two take the same time) */
+#ifndef AMX_MIN_ROWS
+#define AMX_MIN_ROWS 13
+#endif
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8192
 #endif
@@ -382,7 +391,8 @@ typedef struct {
     float *s;      /* [m][blocks] dx * sum(codes of the block) */
 } XQ;
 
-static inline __attribute__((always_inline)) void quantize_block(const float *x, int8_t *codes, float *d, float *s) {
+/* One block of x: its codes c (byte i: weight i), *d = dx and *s = dx * sum(c) */
+static inline __attribute__((always_inline)) __m256i quantize_codes(const float *x, float *d, float *s) {
     __m256 v[4];
     __m256 amax = _mm256_setzero_ps();
     const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -403,16 +413,21 @@ static inline __attribute__((always_inline)) void quantize_block(const float *x,
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
     s4 = _mm_hadd_epi32(s4, s4);
     s4 = _mm_hadd_epi32(s4, s4);
+    *d = dx;
+    *s = dx * (float)_mm_cvtsi128_si32(s4);
     /* packs interleave the 128-bit lanes: bytes come out as q0[0:4] q1[0:4] q2[0:4] q3[0:4] | q0[4:8] ...;
      * the permutation puts them back in order */
     const __m256i p16a = _mm256_packs_epi32(q[0], q[1]), p16b = _mm256_packs_epi32(q[2], q[3]);
     const __m256i p8 = _mm256_packs_epi16(p16a, p16b);
-    const __m256i c = _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    return _mm256_permutevar8x32_epi32(p8, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+/* One block of x, its codes stored expanded (XQ) */
+static inline __attribute__((always_inline)) void quantize_block(const float *x, int8_t *codes, float *d, float *s) {
+    const __m256i c = quantize_codes(x, d, s);
     for (int p = 0; p < 4; p++)
         _mm256_store_si256((__m256i *)codes + p,
                            _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(p, p, p, p, p + 4, p + 4, p + 4, p + 4)));
-    *d = dx;
-    *s = dx * (float)_mm_cvtsi128_si32(s4);
 }
 
 static void quantize_x(const float *x, long m, long k, XQ q) {
@@ -422,6 +437,18 @@ static void quantize_x(const float *x, long m, long k, XQ q) {
         for (long b = 0; b < blocks; b++)
             quantize_block(x + r * k + b * QBLOCK, q.codes + ((size_t)r * blocks + b) * XQ_BLOCK_BYTES, q.d + r * blocks + b,
                            q.s + r * blocks + b);
+}
+
+/* x's codes in order, [m_pad][k] (rows m .. m_pad - 1 zeros: whole A tiles), the same codes and
+ * scales as quantize_x (the AMX copy's operand) */
+static void quantize_x_plain(const float *x, long m, long m_pad, long k, int8_t *codes, float *d, float *s) {
+    const long blocks = k / QBLOCK;
+#pragma omp parallel for schedule(static) if (m * blocks >= 4096)
+    for (long r = 0; r < m; r++)
+        for (long b = 0; b < blocks; b++)
+            _mm256_storeu_si256((__m256i *)(codes + (size_t)r * k + b * QBLOCK),
+                                quantize_codes(x + r * k + b * QBLOCK, d + r * blocks + b, s + r * blocks + b));
+    memset(codes + (size_t)m * k, 0, (size_t)(m_pad - m) * k);
 }
 
 /* The 32 codes of weight row j of a group as bytes in x's order: 4-bit codes unsigned 0-15 (byte i:
@@ -484,15 +511,34 @@ static inline __attribute__((always_inline)) void kscales4(const uint8_t *group,
 #undef INT8_ROWS
 #pragma GCC pop_options
 #define HAVE_VNNI_COPIES 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni,amx-tile,amx-int8")
+#include "cpu_quant_amx.h"
+#pragma GCC pop_options
 #endif
 
-/* Which copy of the int8 kernel runs on this CPU: 2 (AVX-512 VNNI), 1 (AVX-VNNI) or 0 (AVX2);
- * SPLITSERVE_CPU_INT8_VARIANT (read by cpu_quant.py, passed to `set_int8_variant`) may lower it. */
+/* Linux gives a process AMX's tile data only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM); 1 when
+ * it did (asked once, at import). */
+static int amx_granted = 0;
+
+static void amx_request(void) {
+#if defined(HAVE_VNNI_COPIES) && defined(__linux__)
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
+        __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw"))
+        amx_granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#endif
+}
+
+/* Which copy of the int8 kernel runs on this CPU: 3 (AMX tiles for AMX_MIN_ROWS rows and more, the
+ * AVX-512 VNNI copy below), 2 (AVX-512 VNNI), 1 (AVX-VNNI) or 0 (AVX2); `set_int8_variant` may
+ * lower it. Every copy gives the same bits. */
 static int int8_variant_best(void) {
 #ifdef HAVE_VNNI_COPIES
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-        return 2;
+        return amx_granted ? 3 : 2;
     if (__builtin_cpu_supports("avxvnni")) return 1;
 #endif
     return 0;
@@ -507,6 +553,20 @@ static int int8_variant = 0;
 static int linear_int8(const float *x, const uint8_t *packed, int kind, const float *bias, float *y, long m_rows,
                        long n, long k) {
     const long blocks = k / QBLOCK;
+#ifdef HAVE_VNNI_COPIES
+    if (int8_variant == 3 && m_rows >= AMX_MIN_ROWS) { /* x's codes in order, whole A tiles */
+        const long m_pad = (m_rows + AMX_M - 1) / AMX_M * AMX_M;
+        const size_t code_bytes = ((size_t)m_pad * k + 63) & ~(size_t)63;
+        const size_t scale_bytes = ((size_t)m_rows * blocks * sizeof(float) + 63) & ~(size_t)63;
+        char *buf = aligned_alloc(64, code_bytes + 2 * scale_bytes);
+        if (buf == NULL) return -1;
+        float *xd = (float *)(buf + code_bytes), *xs = (float *)(buf + code_bytes + scale_bytes);
+        quantize_x_plain(x, m_rows, m_pad, k, (int8_t *)buf, xd, xs);
+        const int rc = amx_linear((const int8_t *)buf, xd, xs, packed, kind, bias, y, m_rows, n, k);
+        free(buf);
+        return rc;
+    }
+#endif
     const size_t code_bytes = (size_t)m_rows * blocks * XQ_BLOCK_BYTES;
     const size_t scale_bytes = ((size_t)m_rows * blocks * sizeof(float) + 31) & ~(size_t)31;
     char *buf = aligned_alloc(32, code_bytes + 2 * scale_bytes);
@@ -515,7 +575,7 @@ static int linear_int8(const float *x, const uint8_t *packed, int kind, const fl
     quantize_x(x, m_rows, k, q);
     int rc;
 #ifdef HAVE_VNNI_COPIES
-    if (int8_variant == 2) rc = linear_int8_avx512vnni(q, packed, kind, bias, y, m_rows, n, k);
+    if (int8_variant >= 2) rc = linear_int8_avx512vnni(q, packed, kind, bias, y, m_rows, n, k);
     else if (int8_variant == 1) rc = linear_int8_avxvnni(q, packed, kind, bias, y, m_rows, n, k);
     else
 #endif
@@ -643,7 +703,10 @@ static QuantApi api = {api_linear};
 PyMODINIT_FUNC PyInit__cpu_quant(void) {
     PyObject *mod = simd_module_create(&module);
 #ifdef X86
-    if (mod != NULL) int8_variant = int8_variant_best();
+    if (mod != NULL) {
+        amx_request();
+        int8_variant = int8_variant_best();
+    }
     if (mod != NULL && add_api_capsule(mod, &api, QUANT_API_NAME) < 0) Py_CLEAR(mod);
 #else
     if (mod != NULL && PyModule_AddIntConstant(mod, "supported", 0) < 0) Py_CLEAR(mod); /* x86 only */
