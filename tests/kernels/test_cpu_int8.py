@@ -122,3 +122,22 @@ def test_the_amx_copy_gives_the_vnni_copys_bits(kind):
                     assert torch.equal(amx, vnni), (n, rows, b is None, float((amx - vnni).abs().max()))
     finally:
         cpu_quant._ext.set_int8_variant(cpu_quant._ext.int8_variants())
+
+
+@needs_kernel
+def test_the_copy_is_chosen_by_splitserve_cpu_int8(monkeypatch):
+    best = cpu_quant._ext.int8_variants()
+    try:
+        monkeypatch.setenv("SPLITSERVE_CPU_INT8", "avx2")
+        assert cpu_quant.int8_copy() == "avx2"
+        monkeypatch.setenv("SPLITSERVE_CPU_INT8", "best")
+        assert cpu_quant.int8_copy() == cpu_quant.INT8_COPIES[best]
+        monkeypatch.setenv("SPLITSERVE_CPU_INT8", "sse")
+        with pytest.raises(ValueError, match="SPLITSERVE_CPU_INT8"):
+            cpu_quant.int8_copy()
+        if best < 3:
+            monkeypatch.setenv("SPLITSERVE_CPU_INT8", "amx")
+            with pytest.raises(ValueError, match="SPLITSERVE_CPU_INT8=amx: this CPU runs the int8 kernel's copies"):
+                cpu_quant.int8_copy()
+    finally:
+        cpu_quant._ext.set_int8_variant(best)

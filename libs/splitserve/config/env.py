@@ -102,6 +102,10 @@ CPU_QUANT = EnvVar("SPLITSERVE_CPU_QUANT", str, "kernel", (
 CPU_QUANT_ROWS = EnvVar("SPLITSERVE_CPU_QUANT_ROWS", int, 48, (
     "Up to how many rows of activations the quantized kernel runs; above, a float32 GEMM over weight "
     "tiles dequantized from the blocks does (0: that GEMM always)."), minimum=0)
+CPU_INT8 = EnvVar("SPLITSERVE_CPU_INT8", str, "best", (
+    "The copy of the int8 matmul kernel a CPU model runs: best (what this CPU has: amx for 13 rows and "
+    "more, else avx512vnni, avxvnni or avx2), or one of those (at most the best; the same bits, to "
+    "compare or to rule one out)."), choices=("best", "avx2", "avxvnni", "avx512vnni", "amx"))
 CPU_LAYERS = EnvVar("SPLITSERVE_CPU_LAYERS", str, "kernel", (
     "Decode steps of a quantized float32 CPU model: every layer in one C call (kernel, when built) or "
     "layer by layer in torch (the same bits; to compare, or to rule it out)."), choices=("kernel", "torch"))
@@ -113,7 +117,7 @@ PARENT_PID = EnvVar("SPLITSERVE_PARENT_PID", int, None, (
     "from the environment once read. Not for users."), minimum=1, expected="a process id")
 
 REGISTRY: dict[str, EnvVar] = _declare(API_KEY, LOG_FORMAT, CACHE_DIR, CPU_ATTENTION, CPU_OPS, CPU_QUANT, FP8_MM,
-                                       TRITON_QUANT, CPU_QUANT_ROWS, CPU_LAYERS, CPU_GEMM, PARENT_PID)
+                                       TRITON_QUANT, CPU_QUANT_ROWS, CPU_INT8, CPU_LAYERS, CPU_GEMM, PARENT_PID)
 
 
 def read(name: str) -> str | int | None:

@@ -88,9 +88,11 @@ class LLMEngine:
             self.model, self.model_path = load_model(mc.model, mc.dtype, mc.device, mc.max_model_len, mc.quantization)
             self.tokenizer = load_tokenizer(self.model_path)
         self.quantized_matmul = QUANTIZED_MATMUL_AUTO if mc.quantized_matmul == "auto" else mc.quantized_matmul
-        if mc.quantized_matmul == "auto" and self.model.fused_decode is not None:
-            logger.info("quantized_matmul auto -> %s", self.quantized_matmul)
         self.model.set_quantized_matmul(self.quantized_matmul)
+        if getattr(self.model, "int8_copy", None):
+            logger.info("quantized_matmul %s -> int8, kernel copy %s", mc.quantized_matmul, self.model.int8_copy)
+        elif mc.quantized_matmul == "auto" and self.model.fused_decode is not None:
+            logger.info("quantized_matmul auto -> %s", self.quantized_matmul)
         args = self.model.args
         self.model_id = self.model_path.name
         dtype = KV_TORCH_DTYPES[mc.dtype if cc.kv_cache_dtype == "auto" else cc.kv_cache_dtype]

@@ -519,17 +519,36 @@ static inline __attribute__((always_inline)) void kscales4(const uint8_t *group,
 #pragma GCC pop_options
 #endif
 
-/* Linux gives a process AMX's tile data only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM); 1 when
- * it did (asked once, at import). */
-static int amx_granted = 0;
+/* Linux gives a process AMX's tile data only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM). It is
+ * asked on the first call that would run the AMX copy, not at import: a process that never does (a
+ * decode worker serving one stream) keeps the ordinary signal frames and context switches.
+ * amx_supported: the kernel offers it (ARCH_GET_XCOMP_SUPP) on a CPU with the instructions;
+ * amx_state: 0 not asked yet, 1 granted, -1 refused. */
+static int amx_supported = 0;
+static int amx_state = 0;
 
-static void amx_request(void) {
+static void amx_probe(void) {
 #if defined(HAVE_VNNI_COPIES) && defined(__linux__)
     __builtin_cpu_init();
+    unsigned long features = 0;
     if (__builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") &&
         __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
-        __builtin_cpu_supports("avx512bw"))
-        amx_granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+        __builtin_cpu_supports("avx512bw") &&
+        syscall(SYS_arch_prctl, 0x1021 /* ARCH_GET_XCOMP_SUPP */, &features) == 0)
+        amx_supported = (features >> 18) & 1; /* XFEATURE_XTILEDATA */
+#endif
+}
+
+static int amx_ready(void) {
+#if defined(HAVE_VNNI_COPIES) && defined(__linux__)
+    int state = __atomic_load_n(&amx_state, __ATOMIC_ACQUIRE);
+    if (state == 0) { /* asking twice (two threads at once) is harmless */
+        state = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
+        __atomic_store_n(&amx_state, state, __ATOMIC_RELEASE);
+    }
+    return state == 1;
+#else
+    return 0;
 #endif
 }
 
@@ -540,7 +559,7 @@ static int int8_variant_best(void) {
 #ifdef HAVE_VNNI_COPIES
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-        return amx_granted ? 3 : 2;
+        return amx_supported ? 3 : 2;
     if (__builtin_cpu_supports("avxvnni")) return 1;
 #endif
     return 0;
@@ -556,7 +575,7 @@ static int linear_int8(const float *x, const uint8_t *packed, int kind, const fl
                        long n, long k) {
     const long blocks = k / QBLOCK;
 #ifdef HAVE_VNNI_COPIES
-    if (int8_variant == 3 && m_rows >= AMX_MIN_ROWS) { /* x's codes in order, whole A tiles */
+    if (int8_variant == 3 && m_rows >= AMX_MIN_ROWS && amx_ready()) { /* x's codes in order, whole A tiles */
         const long m_pad = (m_rows + AMX_M - 1) / AMX_M * AMX_M;
         const size_t code_bytes = ((size_t)m_pad * k + 63) & ~(size_t)63;
         const size_t scale_bytes = ((size_t)m_rows * blocks * sizeof(float) + 63) & ~(size_t)63;
@@ -706,7 +725,7 @@ PyMODINIT_FUNC PyInit__cpu_quant(void) {
     PyObject *mod = simd_module_create(&module);
 #ifdef X86
     if (mod != NULL) {
-        amx_request();
+        amx_probe();
         int8_variant = int8_variant_best();
     }
     if (mod != NULL && add_api_capsule(mod, &api, QUANT_API_NAME) < 0) Py_CLEAR(mod);

@@ -52,6 +52,22 @@ def available() -> bool:
     return switched_on("SPLITSERVE_CPU_QUANT", "kernel", "off") and built()
 
 
+INT8_COPIES = ("avx2", "avxvnni", "avx512vnni", "amx")  # the int8 kernel's copies, as cpu_quant.c numbers them
+
+
+def int8_copy() -> str:
+    """The copy of the int8 kernel that runs: SPLITSERVE_CPU_INT8 (default best: the best this CPU
+    has). ValueError names the variable when it asks for a copy this CPU cannot run."""
+    best = _ext.int8_variants()
+    wanted = env.CPU_INT8.read()
+    index = best if wanted == "best" else INT8_COPIES.index(wanted)
+    if index > best:
+        raise ValueError(f"SPLITSERVE_CPU_INT8={wanted}: this CPU runs the int8 kernel's copies "
+                         f"{', '.join(INT8_COPIES[:best + 1])}")
+    _ext.set_int8_variant(index)
+    return INT8_COPIES[index]
+
+
 def max_rows() -> int:
     """Up to how many rows of x `linear` runs (SPLITSERVE_CPU_QUANT_ROWS, default 48); above,
     `linear_tiled` does."""

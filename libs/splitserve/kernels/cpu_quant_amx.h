@@ -20,9 +20,9 @@
  * One tdp takes ~16 cycles whatever its depth; the C tiles' float arithmetic, ~8 vector
  * instructions a row and half, is what bounds it.
  *
- * Linux hands out AMX state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM, once, at
- * import: `amx_request`); each thread loads the tile configuration at the start of its share of a
- * call and releases the tiles at the end. */
+ * Linux hands out AMX state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM, once, on
+ * the first call that would use it: `amx_ready` in cpu_quant.c); each thread loads the tile
+ * configuration at the start of its share of a call and releases the tiles at the end. */
 
 #define AMX_N 16 /* weight rows of a B tile: 4 packed tiles of TILE_N */
 #define AMX_M 16 /* rows of x of an A tile */

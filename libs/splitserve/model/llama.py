@@ -267,6 +267,9 @@ class LlamaModel(nn.Module):
         count). Models without such projections ignore it."""
         if mode not in ("exact", "int8"):
             raise ValueError(f"quantized_matmul must be 'exact' or 'int8' here, got {mode!r}")
+        self.int8_copy = None  # the int8 kernel's copy that runs (SPLITSERVE_CPU_INT8), when int8 does
+        if mode == "int8" and any(isinstance(m, CpuLinear) and m.quant is not None for m in self.modules()):
+            self.int8_copy = cpu_quant.int8_copy()
         for module in self.modules():
             if isinstance(module, CpuLinear):
                 module.int8 = mode == "int8"
