@@ -17,13 +17,26 @@ from splitserve.sampling_params import SamplingParams
 # ------------------------------------------------------------------------------ n-gram lookup
 def test_ngram_takes_the_longest_suffix_that_occurs_and_its_latest_occurrence():
     tokens = [1, 2, 3, 9, 9, 5, 2, 3, 7, 8, 1, 2, 3]
-    # suffix [1, 2, 3] occurs at 0 (followed by 9, 9, 5); [2, 3] would also match later (7, 8)
+    # suffix [1, 2, 3] occurs once before, at 0 (followed by 9, 9, 5): proposed whole
     assert ngram_proposal(tokens, 3, 2, 3) == [9, 9, 5]
-    assert ngram_proposal(tokens, 3, 2, 2) == [7, 8, 1]  # only bigrams: the latest [2, 3] is at 6
-    assert ngram_proposal(tokens, 10, 1, 1) == [7, 8, 1, 2, 3]  # unigram 3 at 7: up to the end
+    # only bigrams: [2, 3] at 1 and at 6, followed by 9 and by 7: the text went on two ways, no proposal
+    assert ngram_proposal(tokens, 3, 2, 2) == []
+    assert ngram_proposal(tokens, 10, 1, 1) == []  # unigram 3 likewise
     assert ngram_proposal([4, 5, 6, 7], 3, 1, 3) == []  # nothing repeats
     assert ngram_proposal([5], 3, 1, 3) == []
     assert ngram_proposal([5, 5], 3, 1, 3) == [5]
+    assert ngram_proposal([5, 5, 5, 5], 3, 1, 1) == [5]  # the latest 5 at 2 (one token after it), the one before agrees
+
+
+def test_an_ngram_proposal_stops_where_the_two_latest_continuations_differ():
+    # an item "a b c x y DAY ." written twice with another day: after "a b c" the two continuations
+    # share "x y" and then differ, so only "x y" is proposed
+    a, b, c, x, y, mon, tue, dot = 1, 2, 3, 4, 5, 6, 7, 9
+    tokens = [a, b, c, x, y, mon, dot, a, b, c, x, y, tue, dot, a, b, c]
+    assert ngram_proposal(tokens, 8, 2, 3) == [x, y]
+    # the first repetition has one earlier occurrence only: proposed whole, up to k
+    assert ngram_proposal(tokens[:10], 8, 2, 3) == [x, y, mon, dot, a, b, c]
+    assert ngram_proposal(tokens[:10], 3, 2, 3) == [x, y, mon]
 
 
 def test_speculative_config_is_validated_and_canonical():
@@ -139,17 +152,24 @@ def _emitted_distribution(target_logits, proposal_q, params, certain: bool, seed
 
 
 def test_the_proposal_length_follows_the_runs_that_hold():
-    """After a partial run the next proposal is one past what held (at least half the last); after
-    a whole run it doubles, up to num_speculative_tokens."""
+    """n-gram: every proposal may be k long (the lookup cuts it where the text has varied). A draft
+    model's: after a partial run one past what held (at least half the last), after a whole run
+    double, up to num_speculative_tokens."""
     spec = SpeculativeDecoder(SpeculativeConfig("ngram", 8, 1, 2, min_acceptance=0.0))
     seq = _Seq([1, 2, 3, 4, 5, 6, 7, 8, 9] * 3, 26)
     spec.propose([seq], max_model_len=1000, token_budget=512)
     assert len(seq.draft_token_ids) == 8  # first proposal: the configured k
     lengths = []
-    for proposed, accepted in ((8, 1), (4, 0), (2, 2), (4, 4), (8, 8), (8, 6)):
+    for proposed, accepted in ((8, 1), (4, 0), (2, 2)):
         spec.record(seq, proposed, accepted)
         spec.propose([seq], max_model_len=1000, token_budget=512)
         lengths.append(len(seq.draft_token_ids))
+    assert lengths == [8, 8, 8]
+    drafted = SpeculativeDecoder(SpeculativeConfig("ngram", 8, 1, 2, min_acceptance=0.0), draft=object())
+    lengths = []
+    for proposed, accepted in ((8, 1), (4, 0), (2, 2), (4, 4), (8, 8), (8, 6)):
+        drafted.record(seq, proposed, accepted)
+        lengths.append(seq.spec_len)
     assert lengths == [4, 2, 4, 8, 8, 7]
 
 

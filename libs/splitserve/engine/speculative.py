@@ -12,9 +12,11 @@ Which sequences propose, and how much, adapts: the step's rows stay within `max_
 a rejected token is no longer nearly free), the sequences whose proposals were accepted most go
 first, a sequence proposes only while its acceptance pays for the rows in this step's batch
 (`worth_proposing`, with the cost of a row measured from the engine's own steps, `StepCost`),
-a sequence's next proposal is one token past the run that held last time (doubling again
-after a run that held whole: on a CPU each verified row costs ~20% of a one-row step, so rows that
-will be rejected are not free), and a sequence whose recent proposals were mostly wrong stops
+a proposal is cut where it is likely to be wrong (on a CPU each verified row costs ~13% of a
+one-row step, so rows that will be rejected are not free: an n-gram proposal stops where the two
+latest continuations of its n-gram differ, `ngram_proposal`; a draft model's next proposal is one
+token past the run that held last time, doubling again after a run that held whole), and a
+sequence whose recent proposals were mostly wrong stops
 proposing for a while (doubling each time), so a workload that does not repeat pays almost nothing.
 """
 from __future__ import annotations
@@ -83,7 +85,13 @@ class SpecStats:
 
 def ngram_proposal(tokens: list[int] | np.ndarray, k: int, n_min: int, n_max: int) -> list[int]:
     """Up to k tokens that followed the most recent earlier occurrence of the sequence's last n
-    tokens, for the largest n in [n_min, n_max] that occurs; [] when none does."""
+    tokens, for the largest n in [n_min, n_max] that occurs; [] when none does.
+
+    Where the n-gram occurred more than once, the proposal stops where what followed its two latest
+    occurrences differs: the text has shown that it goes on in more than one way from there (a list
+    whose items repeat but for a name, a template filled in twice), so the rows past it would most
+    likely be rejected; when they differ at once, nothing is proposed. A first repetition (one earlier
+    occurrence: copying a span of the prompt) is proposed whole."""
     arr = np.asarray(tokens, dtype=np.int64)
     length = arr.shape[0]
     for n in range(min(n_max, length - 1), n_min - 1, -1):
@@ -93,7 +101,13 @@ def ngram_proposal(tokens: list[int] | np.ndarray, k: int, n_min: int, n_max: in
         hits = np.flatnonzero((windows == pattern).all(axis=1))
         if hits.size:
             start = int(hits[-1]) + n
-            return arr[start: start + k].tolist()
+            proposal = arr[start: start + k]
+            if hits.size >= 2:  # the continuation of the occurrence before (as long: it starts earlier)
+                before = arr[int(hits[-2]) + n: int(hits[-2]) + n + proposal.shape[0]]
+                differs = np.flatnonzero(proposal != before)
+                if differs.size:
+                    proposal = proposal[: int(differs[0])]
+            return proposal.tolist()
     return []
 
 
@@ -152,12 +166,13 @@ class SpeculativeDecoder:
         for pos in range(num_accepted):
             st.accepted_per_pos[pos] += 1
         rate = num_accepted / num_proposed
-        # The next length: one past the run that held, doubled after a run that held whole (a
-        # copied span grows back to k in a few steps; a mismatch every few tokens stops paying
-        # for rows that are rejected).
+        # The next length (a mismatch every few tokens must stop paying for rows that are rejected)
         k = self.config.num_speculative_tokens
-        seq.spec_len = min(k, 2 * num_proposed if num_accepted == num_proposed else
-                           max(num_accepted + 1, num_proposed // 2))
+        if self.draft is None:  # n-gram: the lookup itself cuts a proposal where the text has varied
+            seq.spec_len = k
+        else:  # a draft model's proposal costs draft steps: one past the run that held, doubled after a whole one
+            seq.spec_len = min(k, 2 * num_proposed if num_accepted == num_proposed else
+                               max(num_accepted + 1, num_proposed // 2))
         seq.spec_acceptance = ACCEPTANCE_DECAY * seq.spec_acceptance + (1 - ACCEPTANCE_DECAY) * rate
         if seq.spec_acceptance < self.config.min_acceptance:
             seq.spec_skip = seq.spec_backoff
