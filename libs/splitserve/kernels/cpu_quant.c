@@ -382,7 +382,9 @@ static long gather_rows(const uint8_t *packed, int kind, const int64_t *ids, lon
  * (cpu_quant_int8.h). Signed codes (Q8_0, Q6_K) go in as |w| and x with w's sign. Per column, the
  * block's integer sum times (dw * dx) and the minimum's term (mw * s, -8 dw * s, -M * s) are added
  * in block order to a float32 lane, and the two halves' lanes summed at the end: nothing depends
- * on the other rows of x, so a row's output is the same alone or in any batch. */
+ * on the other rows of x, so a row's output is the same alone or in any batch. On CPUs with AMX,
+ * 13 rows and more take the integer sums of 16 rows by 16 columns from tile dot products and then
+ * the same float arithmetic (cpu_quant_amx.h): the same bits again. */
 
 #define XQ_BLOCK_BYTES 128 /* one block of x's codes, expanded: 4 vectors of 32 bytes (cpu_quant_int8.h) */
 

@@ -16,9 +16,12 @@
  *     p, bytes 4c..4c+3: weights 4p..4p+3 of weight row c), made by the VNNI copy's 4-byte
  *     transpose of each packed tile of 4 rows (`amx_prep`), once per (16 weight rows, sub-block),
  *     then used by every 16 rows of x;
- *   - the accumulators: float32 [16 rows][2 halves][16 weight rows] of this thread, in L1.
- * One tdp takes ~16 cycles whatever its depth; the C tiles' float arithmetic, ~8 vector
- * instructions a row and half, is what bounds it.
+ *   - the tile products of AMX_CHUNK sub-blocks are issued (over two pairs of C tiles by turns)
+ *     and stored before their float arithmetic runs, 4 rows of x at a time: 8 accumulators of 16
+ *     lanes in registers, independent chains.
+ * One tdp takes ~16 cycles whatever its depth; the float arithmetic after the tiles and preparing
+ * the weights' B tiles are what bound it (below ~12 rows the preparation costs more than the tiles
+ * save: AMX_MIN_ROWS in cpu_quant.c).
  *
  * Linux hands out AMX state only to a process that asks (arch_prctl ARCH_REQ_XCOMP_PERM, once, on
  * the first call that would use it: `amx_ready` in cpu_quant.c); each thread loads the tile
