@@ -180,6 +180,27 @@ static inline v8f load8_bf16(const uint16_t *p) {
     return (v8f)wide;
 }
 
+/* hsum of each of v[0..7] (lane j of the result: hsum(v[j])), the very additions hsum makes in the
+ * same order, for 8 vectors at once: the 128-bit halves added pairwise (v0 + v4, v1 + v5, ...), then
+ * two horizontal adds ((v0 + v4) + (v1 + v5) and (v2 + v6) + (v3 + v7), then their sum), then the
+ * lanes put back in order. */
+static inline v8f hsum8(const v8f v[8]) {
+#ifdef X86
+    __m256 h[4];
+    for (int p = 0; p < 4; p++) {
+        const __m256 a = (__m256)v[2 * p], b = (__m256)v[2 * p + 1];
+        h[p] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+    }
+    /* h[p] = [v(2p) lo + hi | v(2p+1) lo + hi]; after two hadds: [s0 s2 s4 s6 | s1 s3 s5 s7] */
+    const __m256 w = _mm256_hadd_ps(_mm256_hadd_ps(h[0], h[1]), _mm256_hadd_ps(h[2], h[3]));
+    return (v8f)_mm256_permutevar8x32_ps(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+#else
+    v8f out;
+    for (int j = 0; j < 8; j++) out[j] = hsum(v[j]);
+    return out;
+#endif
+}
+
 /* Copies the rows of a chunk (n tokens from position `start`, through the block table) of one kv
  * head into dst [n][dim] as float32: contiguous, converted once, then read once per query head.
  * An 8-bit row is dequantized with its scale (scales: this kv head's, every kv_heads-th float). */
@@ -251,7 +272,17 @@ static inline __attribute__((always_inline)) void attend_impl(
             for (int g = 0; g < group; g++) {
                 v8f qg[MAX_HEAD_DIM / 8];
                 for (int i = 0; i < nvec; i++) qg[i] = load8(qr + (size_t)g * dim + i * 8) * splat(scale);
-                for (int t = 0; t < n; t++) {
+                int t = 0;
+                for (; t + 8 <= n; t += 8) { /* 8 keys' lane sums, then their 8 hsums at once */
+                    v8f sv[8];
+                    for (int j = 0; j < 8; j++) {
+                        const float *k = rows + (size_t)(t + j) * dim;
+                        sv[j] = qg[0] * load8(k);
+                        for (int i = 1; i < nvec; i++) sv[j] += qg[i] * load8(k + i * 8);
+                    }
+                    store8(&scores[r][g][t], hsum8(sv));
+                }
+                for (; t < n; t++) {
                     const float *k = rows + (size_t)t * dim;
                     v8f sv = qg[0] * load8(k);
                     for (int i = 1; i < nvec; i++) sv += qg[i] * load8(k + i * 8);
