@@ -72,7 +72,8 @@ def _cpu_flags() -> set[str]:
 def test_the_vnni_copies_give_the_avx2_copys_bits():
     flags = _cpu_flags()
     # Linux spells the AVX-512 one "avx512_vnni" (gcc's __builtin_cpu_supports: "avx512vnni"); it
-    # lists amx_tile / amx_int8 only where the kernel hands out AMX state, which the module asks for
+    # lists amx_tile / amx_int8 only where the kernel hands out AMX state (the module asks for it on
+    # its first AMX call)
     avx512 = {"avx512_vnni", "avx512vl", "avx512bw"} <= flags
     expected = (3 if avx512 and {"amx_tile", "amx_int8"} <= flags else 2 if avx512
                 else 1 if "avx_vnni" in flags else 0)

@@ -90,7 +90,8 @@ class LLMEngine:
         self.quantized_matmul = QUANTIZED_MATMUL_AUTO if mc.quantized_matmul == "auto" else mc.quantized_matmul
         self.model.set_quantized_matmul(self.quantized_matmul)
         if getattr(self.model, "int8_copy", None):
-            logger.info("quantized_matmul %s -> int8, kernel copy %s", mc.quantized_matmul, self.model.int8_copy)
+            logger.info("quantized_matmul %sint8, kernel copy %s", "auto -> " if mc.quantized_matmul == "auto" else "",
+                        self.model.int8_copy)
         elif mc.quantized_matmul == "auto" and self.model.fused_decode is not None:
             logger.info("quantized_matmul auto -> %s", self.quantized_matmul)
         args = self.model.args

@@ -81,15 +81,15 @@ enum { KIND_Q8_0 = 0, KIND_Q4_1 = 1, KIND_Q4_0 = 2, KIND_Q4_K = 3, KIND_Q5_K = 4
  * read in one forward stream a thread): a cold weight, read from memory, otherwise stalls them
  * ~2.5x (a decode step's projections, the default model on a 2-core VM: 12 ms without, 4.7 ms at
  * 8 KB, 4.5 ms with every weight in cache). A prefetch past the end faults nothing. */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 8192
+#endif
 /* From this many rows of x the AMX copy runs, where the CPU has it (fewer: the AVX-512 VNNI copy,
  * 12 rows a pass). Its fixed cost is preparing the weights' tiles: the default model's 30 layers
  * with their weights cold from memory (a step) take 14.3 ms at 8 rows against VNNI's 11.7, 14.7
  * against 15.4 at 12, 19.4 against 24.1 at 16 and 27 against 41 at 32. */
 #ifndef AMX_MIN_ROWS
 #define AMX_MIN_ROWS 13
-#endif
-#ifndef PREFETCH_AHEAD
-#define PREFETCH_AHEAD 8192
 #endif
 
 #ifdef X86
@@ -685,7 +685,8 @@ static PyObject *py_gather(PyObject *self, PyObject *args) {
     return PyLong_FromLong(bad);
 }
 
-/* int8_variants() -> the best copy of the int8 kernel this CPU runs (0 AVX2, 1 AVX-VNNI, 2 AVX-512 VNNI) */
+/* int8_variants() -> the best copy of the int8 kernel this CPU runs (0 AVX2, 1 AVX-VNNI, 2 AVX-512 VNNI,
+ * 3 AMX for many rows) */
 static PyObject *py_int8_variants(PyObject *self, PyObject *noargs) {
 #ifdef X86
     return PyLong_FromLong(int8_variant_best());

@@ -110,8 +110,8 @@ static inline __attribute__((always_inline)) void amx_prep(const uint8_t *packed
 
 /* Rows r0 .. r0 + mb - 1 (mb <= 16) of x against column tile ct, every sub-block prepared in
  * `preps`: y's nb (<= 16) columns from n0. The tile products of AMX_CHUNK sub-blocks are issued
- * and stored first, then their float arithmetic runs row by row (a row's two accumulators stay in
- * registers over the chunk): the tiles' latency is not waited for once a sub-block, and the
+ * and stored first, then their float arithmetic runs 4 rows at a time (their 8 accumulators stay
+ * in registers over the chunk): the tiles' latency is not waited for once a sub-block, and the
  * stored products are read well after they were written. */
 static inline __attribute__((always_inline)) void amx_rows(const int8_t *codes, const float *xd, const float *xs,
                                                           long r0, int mb, long k, const int kind,
