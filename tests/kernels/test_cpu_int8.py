@@ -142,3 +142,35 @@ def test_the_copy_is_chosen_by_splitserve_cpu_int8(monkeypatch):
                 cpu_quant.int8_copy()
     finally:
         cpu_quant._ext.set_int8_variant(best)
+
+
+@needs_kernel
+@pytest.mark.skipif(cpu_quant.built() and cpu_quant._ext.int8_variants() < 3,
+                    reason="this CPU (or its kernel) has no AMX tiles for the int8 kernel's AMX copy")
+def test_amx_is_asked_for_only_by_the_first_call_that_uses_it():
+    """A process that imports the kernel and runs decode rows holds no AMX permission (Linux's
+    ARCH_GET_XCOMP_PERM, read in a fresh interpreter); the first call of 13 rows asks for it."""
+    import subprocess
+    import sys
+
+    script = """
+import ctypes, torch
+from splitserve.kernels import cpu_quant
+from splitserve.kernels.cpu_quant import QuantWeight
+from tests.kernels.test_cpu_quant import random_blocks
+libc = ctypes.CDLL(None, use_errno=True)
+def tiles_permitted():
+    mask = ctypes.c_uint64(0)
+    assert libc.syscall(158, 0x1022, ctypes.byref(mask)) == 0  # arch_prctl(ARCH_GET_XCOMP_PERM)
+    return bool(mask.value >> 18 & 1)
+w = QuantWeight.from_gguf("Q4_1", random_blocks("Q4_1", 16, 64, 1))
+before = tiles_permitted()
+cpu_quant.linear(torch.randn(12, 64), w, int8=True)
+few = tiles_permitted()
+cpu_quant.linear(torch.randn(13, 64), w, int8=True)
+print(before, few, tiles_permitted())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=str(__import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "True"], out.stdout
