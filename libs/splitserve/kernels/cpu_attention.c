@@ -180,6 +180,14 @@ static inline v8f load8_bf16(const uint16_t *p) {
     return (v8f)wide;
 }
 
+/* One key's dot product with a query head, before its horizontal sum: qg[i] * k[8i..8i+7] summed
+ * over i in 8 lanes (a product, then fused multiply-adds in order) */
+static inline __attribute__((always_inline)) v8f key_lanes(const v8f *qg, const float *k, const int nvec) {
+    v8f sv = qg[0] * load8(k);
+    for (int i = 1; i < nvec; i++) sv += qg[i] * load8(k + i * 8);
+    return sv;
+}
+
 /* hsum of each of v[0..7] (lane j of the result: hsum(v[j])), the very additions hsum makes in the
  * same order, for 8 vectors at once: the 128-bit halves added pairwise (v0 + v4, v1 + v5, ...), then
  * two horizontal adds ((v0 + v4) + (v1 + v5) and (v2 + v6) + (v3 + v7), then their sum), then the
@@ -275,19 +283,10 @@ static inline __attribute__((always_inline)) void attend_impl(
                 int t = 0;
                 for (; t + 8 <= n; t += 8) { /* 8 keys' lane sums, then their 8 hsums at once */
                     v8f sv[8];
-                    for (int j = 0; j < 8; j++) {
-                        const float *k = rows + (size_t)(t + j) * dim;
-                        sv[j] = qg[0] * load8(k);
-                        for (int i = 1; i < nvec; i++) sv[j] += qg[i] * load8(k + i * 8);
-                    }
+                    for (int j = 0; j < 8; j++) sv[j] = key_lanes(qg, rows + (size_t)(t + j) * dim, nvec);
                     store8(&scores[r][g][t], hsum8(sv));
                 }
-                for (; t < n; t++) {
-                    const float *k = rows + (size_t)t * dim;
-                    v8f sv = qg[0] * load8(k);
-                    for (int i = 1; i < nvec; i++) sv += qg[i] * load8(k + i * 8);
-                    scores[r][g][t] = hsum(sv);
-                }
+                for (; t < n; t++) scores[r][g][t] = hsum(key_lanes(qg, rows + (size_t)t * dim, nvec));
             }
             for (int g = 0; g < group; g++) {
                 float mx = m[r][g];

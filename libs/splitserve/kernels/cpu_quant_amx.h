@@ -125,7 +125,25 @@ static inline __attribute__((always_inline)) void amx_rows(const int8_t *codes, 
     for (long x0 = 0; x0 < xblocks; x0 += AMX_CHUNK) {
         const int nx = xblocks - x0 < AMX_CHUNK ? (int)(xblocks - x0) : AMX_CHUNK;
         /* two pairs of C tiles, by turns (0-1, 6-7): a sub-block's products are stored after the
-         * next one's are issued, so the tiles never wait on their own latency */
+         * next one's are issued, so the tiles never wait on their own latency. (Tile numbers are
+         * immediates: the pair is a macro argument.) */
+#define AMX_PRODUCTS(C0, C1)                 \
+    do {                                     \
+        _tile_zero(C0);                      \
+        _tile_zero(C1);                      \
+        if (is_signed) {                     \
+            _tile_dpbssd(C0, 2, 4);          \
+            _tile_dpbssd(C1, 3, 5);          \
+        } else {                             \
+            _tile_dpbsud(C0, 2, 4);          \
+            _tile_dpbsud(C1, 3, 5);          \
+        }                                    \
+    } while (0)
+#define AMX_STORE(C0, C1, c)                      \
+    do {                                          \
+        _tile_stored(C0, cbuf[c][0], 64);         \
+        _tile_stored(C1, cbuf[c][1], 64);         \
+    } while (0)
         for (int c = 0; c < nx; c++) {
             const AmxPrep *p = preps + x0 + c;
             const int8_t *a = codes + (size_t)r0 * k + (x0 + c) * QBLOCK;
@@ -134,40 +152,19 @@ static inline __attribute__((always_inline)) void amx_rows(const int8_t *codes, 
             _tile_loadd(4, p->b[0], 64);
             _tile_loadd(5, p->b[1], 64);
             if (c & 1) {
-                _tile_zero(6);
-                _tile_zero(7);
-                if (is_signed) {
-                    _tile_dpbssd(6, 2, 4);
-                    _tile_dpbssd(7, 3, 5);
-                } else {
-                    _tile_dpbsud(6, 2, 4);
-                    _tile_dpbsud(7, 3, 5);
-                }
-                _tile_stored(0, cbuf[c - 1][0], 64);
-                _tile_stored(1, cbuf[c - 1][1], 64);
+                AMX_PRODUCTS(6, 7);
+                AMX_STORE(0, 1, c - 1);
             } else {
-                _tile_zero(0);
-                _tile_zero(1);
-                if (is_signed) {
-                    _tile_dpbssd(0, 2, 4);
-                    _tile_dpbssd(1, 3, 5);
-                } else {
-                    _tile_dpbsud(0, 2, 4);
-                    _tile_dpbsud(1, 3, 5);
-                }
-                if (c > 0) {
-                    _tile_stored(6, cbuf[c - 1][0], 64);
-                    _tile_stored(7, cbuf[c - 1][1], 64);
-                }
+                AMX_PRODUCTS(0, 1);
+                if (c > 0) AMX_STORE(6, 7, c - 1);
             }
         }
-        if (nx & 1) { /* the last one: even, in 0-1 */
-            _tile_stored(0, cbuf[nx - 1][0], 64);
-            _tile_stored(1, cbuf[nx - 1][1], 64);
-        } else {
-            _tile_stored(6, cbuf[nx - 1][0], 64);
-            _tile_stored(7, cbuf[nx - 1][1], 64);
-        }
+        if (nx & 1) /* the last one: even, in 0-1 */
+            AMX_STORE(0, 1, nx - 1);
+        else
+            AMX_STORE(6, 7, nx - 1);
+#undef AMX_PRODUCTS
+#undef AMX_STORE
         /* 4 rows at a time: 8 independent accumulator chains */
         for (int i0 = 0; i0 < mb; i0 += 4) {
             const int ni = mb - i0 < 4 ? mb - i0 : 4;
