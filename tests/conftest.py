@@ -112,13 +112,16 @@ def two_prefill_stack():
     """`splitserve up` with two prefill workers and one decode worker, shared by the routing tests
     (tests/e2e/test_services.py) and the flag tests (tests/e2e/test_up_flags.py), which give the
     gateway's routing weight, its served model name, a metrics base port and the decode worker's
-    n-gram speculative decoding (greedy answers are the same with it) through `up`."""
-    from services_fixture import OVERLAP_WEIGHT, SERVED_NAME, SPECULATIVE, metrics_base, start_stack
+    n-gram speculative decoding (greedy answers are the same with it) through `up`. The decode
+    worker's fetch buffer holds two float32 blocks (0.7 MiB each), so every prompt of more than two
+    blocks is fetched and imported in parts (tests/e2e/test_services.py)."""
+    from services_fixture import FETCH_BUFFER_MB, OVERLAP_WEIGHT, SERVED_NAME, SPECULATIVE, metrics_base, start_stack
 
     base = metrics_base()
     flags = ("--dtype", "float32", "--kv-cache-memory-gb", "0.15", "--prefill-workers", "2", "--decode-workers", "1",
              "--gateway-overlap-weight", str(OVERLAP_WEIGHT), "--gateway-served-model-name", SERVED_NAME,
-             "--metrics-port", str(base), "--decode-speculative-config", SPECULATIVE)
+             "--metrics-port", str(base), "--decode-speculative-config", SPECULATIVE,
+             "--decode-kv-fetch-buffer-mb", str(FETCH_BUFFER_MB))
     s = start_stack(*flags)
     s.flags, s.base = flags, base
     yield s

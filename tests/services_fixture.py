@@ -24,6 +24,7 @@ from splitserve.v1 import decode_pb2_grpc, prefill_pb2, prefill_pb2_grpc
 OVERLAP_WEIGHT = 50.0  # the gateway's default is 1.0
 SPECULATIVE = '{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2, "prompt_lookup_max": 4}'
 SERVED_NAME = "tiny-llm"
+FETCH_BUFFER_MB = 1.5  # two float32 blocks of the default model: longer prompts are fetched in parts
 
 _LINE = re.compile(r"^\s+(\S+)\s+(\S+:\d+)")
 _PID = re.compile(r"\(.*\bpid (\d+)\)")

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 import grpc
 
-from splitserve import tracing
+from splitserve import heap, tracing
 from splitserve.config.cpus import parse_cpu_list, pin_process
 from splitserve.config.worker import WorkerConfig
 from splitserve.drain import Drain
@@ -44,6 +44,7 @@ class Worker:
     def __init__(self, config: WorkerConfig, role: str) -> None:
         self.config = config
         self.role = role
+        heap.limit_arenas()  # before the engine loop's and gRPC's threads
         cpus = parse_cpu_list(config.cpus) if config.cpus else None
         if cpus is not None:
             pin_process(cpus)

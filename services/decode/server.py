@@ -14,6 +14,8 @@ abort = the caller cancelled, error); the get series of splitserve.transfer.fetc
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import sys
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from splitserve import tracing
 from splitserve.engine.llm_engine import StepOutput
 from splitserve.sampling_params import SamplingParams
-from splitserve.transfer.fetch import BlockFetcher, FetchPlan, TransferOutcome
+from splitserve.transfer.fetch import BlockFetcher, Fetched, FetchPlan, TransferOutcome
 from splitserve.v1 import decode_pb2, decode_pb2_grpc
 from splitserve.wire import logprob_to_proto, sampling_from_proto
 from splitserve.worker import Worker, WorkerRole, WorkerServicer, servicer_adder
@@ -56,7 +58,8 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
     def __init__(self, worker: Worker) -> None:
         super().__init__(worker)
         tracing.setup(worker.config.tracing, worker.role)  # before any kvstore client: its channel carries the trace
-        self.fetcher = BlockFetcher(worker.kvstore_client, worker.metrics)
+        self.fetcher = BlockFetcher(worker.kvstore_client, worker.metrics,
+                                    buffer_bytes=int(worker.config.kv_fetch_buffer_mb * (1 << 20)))
         self.metrics = worker.metrics
         worker.counters = lambda: {"num_imported_blocks": self.fetcher.num_imported_blocks,
                                    "num_recomputed": self.fetcher.num_recomputed}
@@ -70,16 +73,10 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
         call = self._parse(request, context)
         hashes = self.worker.prompt_hashes(call.prompt, call.cache_salt)
         plan = FetchPlan(hashes, self.worker.num_local_prefix_blocks(hashes), request.kvstore_address)
-        with tracing.active("kv.fetch", span):
-            fetched = self.fetcher.fetch(plan, lease_id=call.request_id)
+        stream, fetched, num_imported = self._fetch_and_admit(context, call, request, plan, span)
         if fetched.error:
             logger.warning("KV fetch failed: request_id=%s error=%r (recomputing)", call.request_id, fetched.error)
-        stream = self.worker.admit(
-            context, call.request_id, call.prompt, call.params, cache_salt=call.cache_salt,
-            output_token_ids=call.outputs, detokenize=False, rng_state=request.rng_state or None,
-            before=lambda e: e.import_blocks(fetched.blocks),
-        )
-        state = StreamState(self.fetcher.settle(plan, fetched, stream.setup_result or 0))
+        state = StreamState(self.fetcher.settle(plan, fetched, num_imported))
         self.worker.drain.track(stream)
         try:
             for out in stream:
@@ -105,6 +102,33 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
             self.worker.drain.untrack(stream)
             stream.abort()  # no-op when finished; frees the blocks when the caller went away
             self.worker.sync_ownership(plan.hashes)
+
+    def _fetch_and_admit(self, context, call: DecodeCall, request, plan: FetchPlan, span):
+        """Fetches the blocks the plan names, part by part within the fetch buffer, imports each
+        part (the last one right before admission) and admits the request. Returns (the stream,
+        what the fetch delivered, without payloads, the blocks imported). A part that did not
+        import whole ends the fetch: the engine recomputes from the first block it lacks."""
+        parts, num_imported = [], 0
+        admit = functools.partial(self.worker.admit, context, call.request_id, call.prompt, call.params,
+                                  cache_salt=call.cache_salt, output_token_ids=call.outputs, detokenize=False,
+                                  rng_state=request.rng_state or None)
+        block_bytes = self.worker.engine.kv_cache.bytes_per_block
+        with tracing.active("kv.fetch", span), \
+                contextlib.closing(self.fetcher.fetch_parts(plan, call.request_id, block_bytes,
+                                                            context.is_active)) as fetching:
+            for part, last in fetching:
+                parts.append(part._replace(blocks=[], count=part.num_blocks))  # no payloads kept
+                if last:  # imported on the loop thread right before admission: nothing evicts it between
+                    stream = admit(before=lambda e, blocks=part.blocks: e.import_blocks(blocks))
+                    return stream, Fetched.total(parts), num_imported + (stream.setup_result or 0)
+                done = self.worker.loop.call(lambda e, blocks=part.blocks: e.import_blocks(blocks)).result()
+                num_imported += done
+                if done < part.num_blocks:
+                    break
+                del part  # its payloads go before the next part is fetched
+        if plan.fetching and not parts:  # the caller went away while waiting for room: admit() ends it
+            return admit(), Fetched([], True, "the call ended before its blocks were fetched", 0, 0.0), 0
+        return admit(), Fetched.total(parts), num_imported
 
     def _parse(self, request, context) -> DecodeCall:
         try:

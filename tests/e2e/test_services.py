@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -158,6 +159,41 @@ def test_shared_prefix_goes_to_its_owner(stack2, llm_f32):
     new_full_blocks = len(third) // 16 - 4
     assert dec_after.num_imported_blocks - dec_before.num_imported_blocks == new_full_blocks
     assert dec_after.num_recomputed == dec_before.num_recomputed
+
+
+def _decode_gets(stack) -> float:
+    """The decode worker's kv_transfer_seconds_count{direction="get"}: its get calls that answered."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(stack.metrics["decode-0"], timeout=30) as resp:
+        text = resp.read().decode()
+    return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+               if s.name == "splitserve_kv_transfer_seconds_count" and s.labels.get("direction") == "get")
+
+
+def test_a_prompt_over_the_fetch_buffer_is_fetched_and_imported_in_parts(stack2, llm_f32):
+    """The decode worker's fetch buffer holds two blocks (conftest: two_prefill_stack): a prompt of
+    13 full blocks arrives in seven parts, every block imported, nothing recomputed, the output the
+    offline engine's; sixteen such requests at once wait for room in turn and all answer."""
+    from services_fixture import FETCH_BUFFER_MB
+
+    assert int(FETCH_BUFFER_MB * 2**20 // (16 * 30 * 2 * 3 * 64 * 4)) == 2  # blocks a part
+    prompts = [[(7919 * (i + 1) * j) % 40000 + 100 for j in range(13 * 16 + 5)] for i in range(17)]
+    refs = llm_f32.generate(prompts, SamplingParams(temperature=0, max_tokens=4))
+    before, gets_before = stack2.decode_load(), _decode_gets(stack2)
+    ids, _, final = generate(stack2.gateway, token_ids=prompts[0], sampling=_greedy(4), timeout_s=120)
+    after = stack2.decode_load()
+    assert ids == refs[0].token_ids and final.usage.cached_tokens == 0
+    assert after.num_imported_blocks - before.num_imported_blocks == 13
+    assert _decode_gets(stack2) - gets_before == 7  # get calls: 2 + 2 + 2 + 2 + 2 + 2 + 1 blocks
+    assert after.num_recomputed == before.num_recomputed
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(lambda p: generate(stack2.gateway, token_ids=p, sampling=_greedy(4), timeout_s=300),
+                                prompts[1:]))
+    assert [r[0] for r in results] == [r.token_ids for r in refs[1:]]
+    end = stack2.decode_load()
+    assert end.num_imported_blocks - after.num_imported_blocks == 16 * 13
+    assert end.num_recomputed == before.num_recomputed
 
 
 @pytest.mark.parametrize("kvstore", ["live", "down"])

@@ -3,6 +3,9 @@ recomputes, against fake stores with exact answers (block hashes, block ids, cou
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import threading
+import time
 from types import SimpleNamespace
 
 import grpc
@@ -14,7 +17,7 @@ from splitserve.engine.hashing import block_hashes, hash_namespace
 from splitserve.engine.kv_cache import KVCache
 from splitserve.transfer.block import KVBlockError, encode_block
 from splitserve.transfer.export import BlockExporter, StoredBlocks
-from splitserve.transfer.fetch import NOTHING_FETCHED, BlockFetcher, FetchPlan, fetch, settle
+from splitserve.transfer.fetch import NOTHING_FETCHED, BlockFetcher, Fetched, FetchBuffer, FetchPlan, fetch, settle
 from splitserve.transfer.pages import blocks_to_export, import_blocks, read_blocks
 
 BS = 4
@@ -209,6 +212,62 @@ def test_fetcher_counts_and_records_metrics_per_call():
     assert metrics.calls == [("bytes", "get", 2 * payload), ("failed", "get")]
     assert (fetcher.num_imported_blocks, fetcher.num_recomputed) == (2, 1)
     assert fetcher.source("kv:1") is sources["kv:1"]
+
+
+def test_fetch_parts_stay_within_the_buffer_and_only_the_last_releases_the_lease():
+    blocks = wire_blocks(H[:6])
+    size = len(blocks[0][1])
+    source, metrics = FakeSource(blocks), FakeMetrics()
+    fetcher = BlockFetcher({"kv:1": source}.__getitem__, metrics, buffer_bytes=2 * size + 1)
+    plan = FetchPlan(H[:6], 1, "kv:1")
+    seen = []
+    with contextlib.closing(fetcher.fetch_parts(plan, "req-9", size)) as parts:
+        for part, last in parts:
+            seen.append(([h.block_hash for h, _ in part.blocks], last, fetcher.buffer.held))
+    assert seen == [(H[1:3], False, 2 * size), (H[3:5], False, 2 * size), (H[5:6], True, size)]
+    assert source.asked == [(H[1:3], ""), (H[3:5], ""), (H[5:6], "req-9")]  # the lease goes with the last
+    assert fetcher.buffer.held == 0
+    assert metrics.calls == [("bytes", "get", 2 * size), ("bytes", "get", 2 * size), ("bytes", "get", size)]
+    total = Fetched.total([p for p, _ in [(fetch(FetchPlan(H[:2], 0, "kv:1"), source, ""), 0)]] * 2)
+    assert (total.blocks, total.num_blocks, total.failed, total.num_bytes) == ([], 4, False, 4 * size)
+    assert Fetched.total([]) == NOTHING_FETCHED
+
+
+def test_a_short_part_is_the_last_and_a_closed_iteration_gives_its_room_back():
+    blocks = wire_blocks(H[:6])
+    size = len(blocks[0][1])
+    source = FakeSource([b for b in blocks if b[0].block_hash != H[3]])  # H[3] was evicted
+    fetcher = BlockFetcher({"kv:1": source}.__getitem__, FakeMetrics(), buffer_bytes=2 * size)
+    parts = list(fetcher.fetch_parts(FetchPlan(H[:6], 0, "kv:1"), "r", size))
+    assert [([h.block_hash for h, _ in p.blocks], last, p.failed) for p, last in parts] == \
+        [(H[:2], False, False), (H[2:3], True, True)]
+    assert source.asked == [(H[:2], ""), (H[2:4], "")]  # nothing asked after the short part
+    summary = Fetched.total([p for p, _ in parts])
+    assert settle(FetchPlan(H[:6], 0, "kv:1"), summary, 3) == (0, 3, True, True)
+    it = fetcher.fetch_parts(FetchPlan(H[:6], 0, "kv:1"), "r", size)
+    next(it)
+    assert fetcher.buffer.held == 2 * size
+    it.close()  # the caller stopped after a part (its import fell short): the room goes back
+    assert fetcher.buffer.held == 0
+
+
+def test_the_fetch_buffer_makes_callers_wait_for_room_and_lets_a_gone_caller_go():
+    buffer = FetchBuffer(100)
+    assert buffer.acquire(60)
+    assert not buffer.acquire(60, is_active=lambda: False)  # would wait; the caller is gone
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(buffer.acquire(60)))
+    waiter.start()
+    time.sleep(0.2)
+    assert got == [] and buffer.held == 60  # waiting for room
+    buffer.release(60)
+    waiter.join(5)
+    assert got == [True] and buffer.held == 60
+    buffer.release(60)
+    assert buffer.acquire(500) and buffer.held == 500  # larger than the buffer: let in alone
+    buffer.release(500)
+    with pytest.raises(ValueError, match="at least one byte"):
+        FetchBuffer(0)
 
 
 # ------------------------------------------------------------------ import into the paged cache

@@ -112,12 +112,16 @@ CPU_LAYERS = EnvVar("SPLITSERVE_CPU_LAYERS", str, "kernel", (
 CPU_GEMM = EnvVar("SPLITSERVE_CPU_GEMM", str, "onednn", (
     "The float32 CPU GEMM: onednn, mkl or plain (torch.mm); a backend this torch build lacks falls to "
     "the next one in that order."), choices=("onednn", "mkl", "plain"))
+MALLOC_ARENAS = EnvVar("SPLITSERVE_MALLOC_ARENAS", int, 1, (
+    "glibc malloc arenas of a worker process (splitserve.heap): 1 keeps its gRPC threads from each "
+    "holding freed memory in an arena of its own; 0 leaves glibc's default (8 per core)."), minimum=0)
 PARENT_PID = EnvVar("SPLITSERVE_PARENT_PID", int, None, (
     "Set by `splitserve up` for its children: the launcher's pid; the child dies with it. Removed "
     "from the environment once read. Not for users."), minimum=1, expected="a process id")
 
 REGISTRY: dict[str, EnvVar] = _declare(API_KEY, LOG_FORMAT, CACHE_DIR, CPU_ATTENTION, CPU_OPS, CPU_QUANT, FP8_MM,
-                                       TRITON_QUANT, CPU_QUANT_ROWS, CPU_INT8, CPU_LAYERS, CPU_GEMM, PARENT_PID)
+                                       TRITON_QUANT, CPU_QUANT_ROWS, CPU_INT8, CPU_LAYERS, CPU_GEMM, MALLOC_ARENAS,
+                                       PARENT_PID)
 
 
 def read(name: str) -> str | int | None:

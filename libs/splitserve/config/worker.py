@@ -35,6 +35,9 @@ class WorkerConfig:
     """Address of the kvstore the blocks go through ("" = none: decode recomputes prompts)."""
     kv_lease_ttl_s: float = 60.0
     """How long the kvstore pins a request's blocks for the decode worker."""
+    kv_fetch_buffer_mb: float = 32.0
+    """A decode worker's most MiB of fetched KV blocks not yet imported into its cache, across its
+    requests: a prompt with more is fetched and imported in parts, and requests wait for room."""
     max_pending: int = 256
     """Most requests held at once; beyond it new ones are refused with RESOURCE_EXHAUSTED."""
     grpc_threads: int = 64
@@ -64,6 +67,8 @@ class WorkerConfig:
         for name in ("drain_timeout_s", "registration_ttl_s"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a finite number of seconds >= 0, got {getattr(self, name)}")
+        if not 1 / 1024 <= self.kv_fetch_buffer_mb < math.inf:  # below a KiB: surely a mistake
+            raise ValueError(f"kv_fetch_buffer_mb must be a finite number of MiB >= 1/1024, got {self.kv_fetch_buffer_mb}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
 

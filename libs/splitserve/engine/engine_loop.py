@@ -14,6 +14,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable, NamedTuple
 
+from splitserve import heap
 from splitserve.engine.llm_engine import LLMEngine, StepOutput
 
 logger = logging.getLogger(__name__)
@@ -178,13 +179,18 @@ class EngineLoop:
             import torch
 
             torch.set_num_threads(self.num_threads)
+        stepped = False  # since the heap was last trimmed
         while not self._stop.is_set():
             self._drain_inbox()
             self._publish()
             if not self.engine.has_unfinished():
-                self._wake.wait(0.5)
+                woken = self._wake.wait(0.5)
                 self._wake.clear()
+                if stepped and not woken:  # idle for half a second: the steps' freed memory goes back
+                    heap.trim()
+                    stepped = False
                 continue
+            stepped = True
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # a failed step fails its requests, not the process

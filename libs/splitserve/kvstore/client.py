@@ -22,7 +22,7 @@ from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 
 SHM_BATCH_BLOCKS = 32  # blocks per CommitSlots call: writing one batch overlaps the store checking the last
 MAX_RESERVE_BLOCKS = 1024  # slots asked for per ReserveSlots call
-RECEIVE_BUFFER_BYTES = 512 << 20  # most bytes of get buffers a client keeps for reuse
+RECEIVE_BUFFER_BYTES = 8 << 20  # most bytes of get buffers a client keeps for reuse (beyond, the heap's freed memory)
 log = logging.getLogger(__name__)
 
 

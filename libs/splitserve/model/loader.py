@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from splitserve import heap
 from splitserve.kernels import cpu_quant
 from splitserve.model import hf_quant, quant_parts
 from splitserve.model.dtype_choice import (  # noqa: F401 (cpu_flags, resolve_model_dtype: re-exported)
@@ -81,6 +82,7 @@ def load_model(model: str | None, dtype: str, device: str, max_positions: int | 
     if torch.device(device).type == "cpu":
         model_obj.use_cpu_kernels(compute)
     model_obj.eval()
+    heap.trim()  # the file's copies and the fused parts were freed between the kept blocks
     return model_obj, path
 
 

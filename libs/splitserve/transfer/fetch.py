@@ -7,6 +7,12 @@ the prompt from the first block it lacks: the output is the same, only slower.
 The blocks are always named by hashes the decode worker computes from the prompt, never by hashes
 a peer sends.
 
+Fetched payloads are held only until they are imported, and a worker holds at most its fetch buffer
+of them at once (`FetchBuffer`, --kv-fetch-buffer-mb): a prompt with more blocks is fetched and
+imported in parts, and concurrent requests wait for room. Without the bound a decode worker's peak
+memory grew with the concurrent prompts' KV (32 streams of 32 tokens: 45 MiB; one 1K-token prompt:
+47 MiB of float32 KV).
+
 Metrics, per fetch: kv_transfer_bytes/seconds{direction="get"} (payload bytes received, duration
 of the get call) and kv_transfer_failures{direction="get"} when a fetch did not deliver every block
 it asked for in usable form and the prompt is recomputed.
@@ -15,7 +21,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple, Protocol
 
 import grpc
@@ -56,6 +62,20 @@ class Fetched(NamedTuple):
     error: str  # why the call failed ("" when it answered, maybe with fewer blocks)
     num_bytes: int  # payload bytes received
     seconds: float  # duration of the get call
+    count: int = -1  # blocks that arrived, for a summary whose payloads are gone (-1: len(blocks))
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks) if self.count < 0 else self.count
+
+    @staticmethod
+    def total(parts: list["Fetched"]) -> "Fetched":
+        """What the parts of one prompt's fetch delivered together, without their payloads."""
+        if not parts:
+            return NOTHING_FETCHED
+        return Fetched([], any(p.failed for p in parts), next((p.error for p in parts if p.error), ""),
+                       sum(p.num_bytes for p in parts), sum(p.seconds for p in parts),
+                       sum(p.num_blocks for p in parts))
 
 
 NOTHING_FETCHED = Fetched([], False, "", 0, 0.0)
@@ -73,7 +93,11 @@ class TransferOutcome(NamedTuple):
 def fetch(plan: FetchPlan, source: BlockSource | None, lease_id: str) -> Fetched:
     """Pulls the plan's to_fetch from `source`, releasing the prefill's lease `lease_id` on them.
     A failed call (store down, malformed answer) is a Fetched with no blocks and the error."""
-    wanted = plan.to_fetch
+    return fetch_blocks(plan.to_fetch, source, lease_id)
+
+
+def fetch_blocks(wanted: list[bytes], source: BlockSource | None, lease_id: str) -> Fetched:
+    """`fetch` of the blocks `wanted` (lease_id "": the prefill's lease is kept, for a later part)."""
     if not wanted or source is None:
         return NOTHING_FETCHED
     t0 = time.monotonic()
@@ -91,16 +115,49 @@ def settle(plan: FetchPlan, fetched: Fetched, num_imported: int) -> TransferOutc
     """The outcome once the engine imported `num_imported` leading blocks of `fetched`. The prompt
     is recomputed when blocks it lacks did not arrive or did not import (with nothing to fetch and
     nothing local, e.g. the prefill's put failed, the engine computes the prompt as any new one)."""
-    short = fetched.failed or num_imported < len(fetched.blocks)
+    short = fetched.failed or num_imported < fetched.num_blocks
     recomputed = short and plan.num_local < len(plan.hashes)
     return TransferOutcome(plan.num_local, num_imported, recomputed, plan.fetching and recomputed)
 
 
-class BlockFetcher:
-    """The decode worker's side of transfers: a client per kvstore address, the get metrics and
-    the cumulative counts its LoadResponse reports."""
+class FetchBuffer:
+    """The bytes of fetched payloads a worker holds before importing them, at most `limit_bytes`
+    across its calls. One part larger than the limit is let in alone, so nothing waits forever."""
 
-    def __init__(self, connect: Callable[[str], BlockSource], metrics) -> None:
+    def __init__(self, limit_bytes: int) -> None:
+        if limit_bytes < 1:
+            raise ValueError(f"the fetch buffer must hold at least one byte, got {limit_bytes}")
+        self.limit_bytes = limit_bytes
+        self.held = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int, is_active: Callable[[], bool] = lambda: True, poll_s: float = 0.05) -> bool:
+        """Waits for room for `nbytes` and takes it; False (nothing taken) once is_active() is false
+        while waiting (the caller went away)."""
+        with self._cond:
+            while self.held and self.held + nbytes > self.limit_bytes:
+                if not is_active():
+                    return False
+                self._cond.wait(poll_s)
+            self.held += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.held -= nbytes
+            self._cond.notify_all()
+
+
+DEFAULT_FETCH_BUFFER_BYTES = 32 << 20
+
+
+class BlockFetcher:
+    """The decode worker's side of transfers: a client per kvstore address, the get metrics, the
+    fetch buffer and the cumulative counts its LoadResponse reports."""
+
+    def __init__(self, connect: Callable[[str], BlockSource], metrics,
+                 buffer_bytes: int = DEFAULT_FETCH_BUFFER_BYTES) -> None:
+        self.buffer = FetchBuffer(buffer_bytes)
         self._connect = connect  # address -> a client of the kvstore there
         self._sources: dict[str, BlockSource] = {}
         self._lock = threading.Lock()
@@ -123,6 +180,37 @@ class BlockFetcher:
         if not fetched.error:
             self.metrics.kv_transfer("get", fetched.num_bytes, fetched.seconds)
         return fetched
+
+    def fetch_parts(self, plan: FetchPlan, lease_id: str, block_bytes: int,
+                    is_active: Callable[[], bool] = lambda: True) -> Iterator[tuple[Fetched, bool]]:
+        """The plan's to_fetch in parts of at most the fetch buffer (one block at least), as
+        (part, last). Each part is fetched once the buffer has room for it, and its room is given
+        back when the next part is asked for or the iteration is closed: import a part before
+        asking for the next, admit the request with the last one, then close. Only the last part's
+        get releases the prefill's lease. The parts end early, `last` set, at a part that fell
+        short; with none at all when the caller went away while waiting for room."""
+        wanted = plan.to_fetch
+        if not wanted:
+            return
+        per_part = max(1, self.buffer.limit_bytes // max(1, block_bytes))
+        source = self.source(plan.kvstore_address)
+        for start in range(0, len(wanted), per_part):
+            hashes = wanted[start:start + per_part]
+            last = start + per_part >= len(wanted)
+            nbytes = len(hashes) * block_bytes
+            if not self.buffer.acquire(nbytes, is_active):
+                return
+            try:
+                part = fetch_blocks(hashes, source, lease_id if last else "")
+                if not part.error:
+                    self.metrics.kv_transfer("get", part.num_bytes, part.seconds)
+                failed = part.failed
+                yield part, last or failed
+            finally:
+                self.buffer.release(nbytes)
+            del part  # not held while the next part is fetched
+            if failed:
+                return
 
     def settle(self, plan: FetchPlan, fetched: Fetched, num_imported: int) -> TransferOutcome:
         """`settle`, counted."""
