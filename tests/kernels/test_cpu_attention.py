@@ -111,3 +111,74 @@ def test_paged_attention_dispatch_writes_the_cache_and_matches(kernel):
     (ref, ref_k, ref_v), (out, out_k, out_v) = results
     assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
     assert (out - ref).abs().max().item() <= 1e-5
+
+def _has_avx512() -> bool:
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512f" in flags and "avx512dq" in flags
+
+
+needs_avx512 = pytest.mark.skipif(not (cpu_attention.built() and _has_avx512()),
+                                  reason="the CPU has no AVX-512 F and DQ: only the avx2 copy runs here")
+
+
+@needs_avx512
+@pytest.mark.parametrize("head_dim", [32, 64, 128, 256, 40])
+@pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (16, 1), (6, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn])
+def test_the_avx512_copy_gives_the_avx2_copys_bits(head_dim, heads, kv_heads, dtype):
+    """Two keys a vector and sixteen value floats a vector, two heads at once: every output float the
+    same bits as the AVX2 copy's, over decode rows, runs of prefill rows (odd and even counts of keys
+    in the last chunk, runs longer than one gathered chunk's rows) and a row alone."""
+    lens = [1, 2, 33, 34, 35, 36, 37, 38, 39, 40, 41, 5, 300, 301, 302, 7]
+    q, k, v, tables, lens_t = _case(heads, kv_heads, head_dim, 16, torch.float32, lens, seed=head_dim + heads)
+    tables[3:11] = tables[2]  # rows 2..10: one sequence's consecutive positions (a run of rows)
+    tables[12:15] = tables[12]
+    ks = vs = None
+    if dtype in (torch.int8, torch.float8_e4m3fn):
+        gen = torch.Generator().manual_seed(7)
+        k = (k * 40).clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else k.to(dtype)
+        v = (v * 40).clamp(-127, 127).to(torch.int8) if dtype == torch.int8 else v.to(dtype)
+        ks = torch.rand(k.shape[:3], generator=gen) * 0.05
+        vs = torch.rand(k.shape[:3], generator=gen) * 0.05
+    else:
+        k, v = k.to(dtype), v.to(dtype)
+    outs = {}
+    try:
+        for copy in ("avx2", "avx512"):
+            cpu_attention._ext.set_copy(copy == "avx512")
+            assert cpu_attention._ext.copy() == copy
+            outs[copy] = cpu_attention.paged_decode_attention(q, k, v, tables, lens_t, head_dim**-0.5, ks, vs)
+    finally:
+        cpu_attention.select_copy()
+    assert torch.equal(outs["avx2"].view(torch.int32), outs["avx512"].view(torch.int32))
+    ref = paged_decode_attention_torch(q, *(_dequantized(x, s) for x, s in ((k, ks), (v, vs))), tables, lens_t,
+                                       head_dim**-0.5)
+    assert (outs["avx512"] - ref).abs().max().item() <= 1e-4
+
+
+def _dequantized(x, scales):
+    return x.float() if scales is None else x.float() * scales[..., None]
+
+
+@pytest.mark.skipif(not cpu_attention.built(), reason="the C kernel is not built for this CPU")
+def test_the_copy_follows_splitserve_cpu_attention_copy(monkeypatch):
+    try:
+        monkeypatch.setenv("SPLITSERVE_CPU_ATTENTION_COPY", "avx2")
+        assert cpu_attention.available() and cpu_attention._ext.copy() == "avx2"
+        monkeypatch.setenv("SPLITSERVE_CPU_ATTENTION_COPY", "best")
+        assert cpu_attention.select_copy() == ("avx512" if _has_avx512() else "avx2")
+        monkeypatch.setenv("SPLITSERVE_CPU_ATTENTION_COPY", "avx512")
+        if _has_avx512():
+            assert cpu_attention.select_copy() == "avx512"
+        else:
+            with pytest.raises(ValueError, match="SPLITSERVE_CPU_ATTENTION_COPY=avx512: this CPU has no AVX-512"):
+                cpu_attention.select_copy()
+        monkeypatch.setenv("SPLITSERVE_CPU_ATTENTION_COPY", "avx1024")
+        with pytest.raises(ValueError, match="SPLITSERVE_CPU_ATTENTION_COPY"):
+            cpu_attention.available()
+    finally:
+        monkeypatch.delenv("SPLITSERVE_CPU_ATTENTION_COPY")
+        cpu_attention.select_copy()

@@ -86,6 +86,9 @@ CACHE_DIR = EnvVar("SPLITSERVE_CACHE_DIR", str, "", (
     "~/.cache/splitserve."))
 CPU_ATTENTION = EnvVar("SPLITSERVE_CPU_ATTENTION", str, "kernel", (
     "CPU attention: the C kernel (when built) or torch's."), choices=("kernel", "torch"))
+CPU_ATTENTION_COPY = EnvVar("SPLITSERVE_CPU_ATTENTION_COPY", str, "best", (
+    "The copy of the CPU attention kernel: best (avx512 where the CPU has AVX-512F and DQ, else avx2), or "
+    "one of those (the same bits; to compare, or to rule one out)."), choices=("best", "avx2", "avx512"))
 FP8_MM = EnvVar("SPLITSERVE_FP8_MM", str, "on", (
     "FP8 weights on a GPU with FP8 tensor cores (compute capability 8.9+): W8A8 GEMMs (kernels/fp8_mm.py), "
     "or the weight-only tile path (off)."), choices=("on", "off"))
@@ -119,7 +122,7 @@ PARENT_PID = EnvVar("SPLITSERVE_PARENT_PID", int, None, (
     "Set by `splitserve up` for its children: the launcher's pid; the child dies with it. Removed "
     "from the environment once read. Not for users."), minimum=1, expected="a process id")
 
-REGISTRY: dict[str, EnvVar] = _declare(API_KEY, LOG_FORMAT, CACHE_DIR, CPU_ATTENTION, CPU_OPS, CPU_QUANT, FP8_MM,
+REGISTRY: dict[str, EnvVar] = _declare(API_KEY, LOG_FORMAT, CACHE_DIR, CPU_ATTENTION, CPU_ATTENTION_COPY, CPU_OPS, CPU_QUANT, FP8_MM,
                                        TRITON_QUANT, CPU_QUANT_ROWS, CPU_INT8, CPU_LAYERS, CPU_GEMM, MALLOC_ARENAS,
                                        PARENT_PID)
 

@@ -209,17 +209,63 @@ static inline v8f hsum8(const v8f v[8]) {
 #endif
 }
 
+/* The largest of m and s[0..n-1], scores ignoring NaN: the value `x > mx ? x : mx` over t in order
+ * gives (max has no rounding: the order cannot change it; of two equal zeros either may come out, and
+ * exp(s - mx) and exp(m - mx) are 1 for both), 8 lanes at a time. */
+static inline float max_scores(const float *s, int n, float m) {
+    int t = 0;
+#ifdef X86
+    if (n >= 8) {
+        __m256 v = _mm256_set1_ps(m);
+        for (; t + 8 <= n; t += 8) v = _mm256_max_ps(_mm256_loadu_ps(s + t), v); /* NaN in s: v kept */
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_shuffle_ps(h, h, 1));
+        m = _mm_cvtss_f32(h);
+    }
+#endif
+    for (; t < n; t++) m = s[t] > m ? s[t] : m;
+    return m;
+}
+
+/* *out[i] = s[i][0] + s[i][1] + ... + s[i][n[i] - 1], in that order, for `count` score rows: runs of
+ * four rows of one length are added in step, so that four chains of dependent adds run at once. */
+static inline void sum_rows(const float *const *s, const int *n, float *const *out, int count) {
+    int i = 0;
+    while (i < count) {
+        if (i + 4 <= count && n[i + 1] == n[i] && n[i + 2] == n[i] && n[i + 3] == n[i]) {
+            const float *s0 = s[i], *s1 = s[i + 1], *s2 = s[i + 2], *s3 = s[i + 3];
+            float a = 0.0f, b = 0.0f, c = 0.0f, d = 0.0f;
+            for (int t = 0; t < n[i]; t++) {
+                a += s0[t];
+                b += s1[t];
+                c += s2[t];
+                d += s3[t];
+            }
+            *out[i] = a, *out[i + 1] = b, *out[i + 2] = c, *out[i + 3] = d;
+            i += 4;
+        } else {
+            float a = 0.0f;
+            for (int t = 0; t < n[i]; t++) a += s[i][t];
+            *out[i++] = a;
+        }
+    }
+}
+
 /* Copies the rows of a chunk (n tokens from position `start`, through the block table) of one kv
- * head into dst [n][dim] as float32: contiguous, converted once, then read once per query head.
- * An 8-bit row is dequantized with its scale (scales: this kv head's, every kv_heads-th float). */
+ * head into dst as float32, converted once, then read once per query head: [n][dim], or `paired`,
+ * two keys side by side 8 floats at a time ([n / 2][dim / 8][2][8], an odd last key beside zeros),
+ * as the 512-bit copy scores two keys per vector. An 8-bit row is dequantized with its scale
+ * (scales: this kv head's, every kv_heads-th float). */
 static inline __attribute__((always_inline)) void gather_chunk(
     const char *cache, int kind, const float *scales, int kv_heads, const int32_t *table, int start, int n,
-    int block_size, size_t row_stride, size_t head_offset, int nvec, float *dst) {
+    int block_size, size_t row_stride, size_t head_offset, int nvec, float *dst, const int paired) {
+    float row[MAX_HEAD_DIM] __attribute__((aligned(32)));
     for (int t = 0; t < n; t++) {
         int pos = start + t;
         size_t slot = (size_t)table[pos / block_size] * block_size + pos % block_size;
         const char *src = cache + slot * row_stride + head_offset;
-        float *d = dst + (size_t)t * nvec * 8;
+        float *d = paired ? row : dst + (size_t)t * nvec * 8;
         if (kind == KV_F32) {
             memcpy(d, src, (size_t)nvec * 32);
         } else if (kind == KV_BF16) {
@@ -233,127 +279,40 @@ static inline __attribute__((always_inline)) void gather_chunk(
             for (; i + 2 <= nvec; i += 2) fp8x16_scaled((const uint8_t *)src + i * 8, sc, d + i * 8);
             if (i < nvec) store8(d + i * 8, fp8_to_float8(src + i * 8) * sc);
         }
+        if (paired) {
+            float *pair = dst + (size_t)(t >> 1) * nvec * 16 + (t & 1) * 8;
+            for (int i = 0; i < nvec; i++) store8(pair + i * 16, load8(row + i * 8));
+        }
     }
+    if (paired && (n & 1)) /* the odd last key's partner: zeros, scored and never used */
+        for (int i = 0; i < nvec; i++) store8(dst + (size_t)(n >> 1) * nvec * 16 + i * 16 + 8, splat(0.0f));
 }
 
 /* The keys of the chunk from `start` that a row attending to `len` tokens reads (none: <= 0) */
 static inline int chunk_keys(int len, int start) { return len - start < CHUNK ? len - start : CHUNK; }
 
-/* One kv head of `nrows` query rows of one sequence, at consecutive positions (row r attends to
- * len0 + r tokens: a decode row, or the rows of a prefill chunk or of a verified proposal, each up to
- * its own position): row r's q [group][dim] (its query heads, consecutive) at q + r * q_stride, its
- * out likewise. A chunk of keys and values is gathered once for all the rows; each row's arithmetic
- * is the one a row alone gets (the same chunks, scores, softmax and sums in the same order), so a
- * row's output does not depend on the rows beside it. Inlined into one copy per head size, so that
- * the loops over dim unroll and a query head's accumulator stays in registers. */
-static inline __attribute__((always_inline)) void attend_impl(
-    const float *q, size_t q_stride, const char *k_cache, const char *v_cache, int kind, const float *k_scales,
-    const float *v_scales, const int32_t *table, int len0, int nrows, int block_size, int kv_heads, int kv_head,
-    int group, float scale, float *out, const int nvec) {
-    const int dim = nvec * 8;
-    const size_t elem = kind == KV_F32 ? 4 : kind == KV_BF16 ? 2 : 1;
-    const size_t row_stride = (size_t)kv_heads * dim * elem; /* bytes from one token to the next */
-    const size_t head_offset = (size_t)kv_head * dim * elem;
-    if (k_scales != NULL) { /* from here on: this kv head's */
-        k_scales += kv_head;
-        v_scales += kv_head;
-    }
-    float rows[CHUNK * MAX_HEAD_DIM] __attribute__((aligned(32)));
-    float scores[MAX_RUN][MAX_GROUP][CHUNK] __attribute__((aligned(32)));
-    v8f acc[MAX_RUN][MAX_GROUP][MAX_HEAD_DIM / 8]; /* 128 KB of stack at most; what is used: nrows x group x nvec */
-    float m[MAX_RUN][MAX_GROUP], l[MAX_RUN][MAX_GROUP];
-    for (int r = 0; r < nrows; r++)
-        for (int g = 0; g < group; g++) {
-            for (int i = 0; i < nvec; i++) acc[r][g][i] = splat(0.0f);
-            m[r][g] = -INFINITY;
-            l[r][g] = 0.0f;
-        }
-    const int len_max = len0 + nrows - 1;
-    for (int start = 0; start < len_max; start += CHUNK) {
-        const int n_max = chunk_keys(len_max, start);
-        gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n_max, block_size, row_stride, head_offset,
-                     nvec, rows);
-        for (int r = 0; r < nrows; r++) {
-            const int n = chunk_keys(len0 + r, start);
-            if (n <= 0) continue;
-            const float *qr = q + (size_t)r * q_stride;
-            for (int g = 0; g < group; g++) {
-                v8f qg[MAX_HEAD_DIM / 8];
-                for (int i = 0; i < nvec; i++) qg[i] = load8(qr + (size_t)g * dim + i * 8) * splat(scale);
-                int t = 0;
-                for (; t + 8 <= n; t += 8) { /* 8 keys' lane sums, then their 8 hsums at once */
-                    v8f sv[8];
-                    for (int j = 0; j < 8; j++) sv[j] = key_lanes(qg, rows + (size_t)(t + j) * dim, nvec);
-                    store8(&scores[r][g][t], hsum8(sv));
-                }
-                for (; t < n; t++) scores[r][g][t] = hsum(key_lanes(qg, rows + (size_t)t * dim, nvec));
-            }
-            for (int g = 0; g < group; g++) {
-                float mx = m[r][g];
-                for (int t = 0; t < n; t++) mx = scores[r][g][t] > mx ? scores[r][g][t] : mx;
-                const float corr = expf(m[r][g] - mx); /* 0 on the first chunk (m = -inf) */
-                m[r][g] = mx;
-                const int padded = (n + 7) & ~7;
-                for (int t = n; t < padded; t++) scores[r][g][t] = mx; /* exp'd, never used */
-                for (int t = 0; t < padded; t += 8)
-                    store8(&scores[r][g][t], exp_nonpositive(load8(&scores[r][g][t]) - splat(mx)));
-                float sum = 0.0f;
-                for (int t = 0; t < n; t++) sum += scores[r][g][t];
-                l[r][g] = l[r][g] * corr + sum;
-                if (corr != 1.0f)
-                    for (int i = 0; i < nvec; i++) acc[r][g][i] *= splat(corr);
-            }
-        }
-        gather_chunk(v_cache, kind, v_scales, kv_heads, table, start, n_max, block_size, row_stride, head_offset,
-                     nvec, rows);
-        for (int r = 0; r < nrows; r++) {
-            const int n = chunk_keys(len0 + r, start);
-            if (n <= 0) continue;
-            for (int g = 0; g < group; g++) {
-                v8f a[MAX_HEAD_DIM / 8];
-                for (int i = 0; i < nvec; i++) a[i] = acc[r][g][i];
-                for (int t = 0; t < n; t++) {
-                    const v8f p = splat(scores[r][g][t]);
-                    const float *v = rows + (size_t)t * dim;
-                    for (int i = 0; i < nvec; i++) a[i] += p * load8(v + i * 8);
-                }
-                for (int i = 0; i < nvec; i++) acc[r][g][i] = a[i];
-            }
-        }
-    }
-    for (int r = 0; r < nrows; r++)
-        for (int g = 0; g < group; g++) {
-            const v8f inv = splat(1.0f / l[r][g]);
-            for (int i = 0; i < nvec; i++) store8(out + (size_t)r * q_stride + (size_t)g * dim + i * 8, acc[r][g][i] * inv);
-        }
-}
+/* The attention of runs of rows (attend_impl, one copy per head size, attend_any), compiled twice: for
+ * AVX2 + FMA (8 floats a vector) and, where the CPU has AVX-512, with 16: the same operations on
+ * every float in the same order, so both copies give the same bits (decode_all picks one). */
+#define WIDE 0
+#define ROWS_FN(name) name##_avx2
+#include "cpu_attention_rows.h"
+#undef WIDE
+#undef ROWS_FN
+#ifdef X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx2,fma")
+#define WIDE 1
+#define ROWS_FN(name) name##_avx512
+#include "cpu_attention_rows.h"
+#undef WIDE
+#undef ROWS_FN
+#pragma GCC pop_options
+#endif
 
-#define ATTEND_ARGS                                                                                               \
-    const float *q, size_t q_stride, const char *kc, const char *vc, int kind, const float *ks, const float *vs, \
-        const int32_t *table, int len0, int nrows, int block_size, int kv_heads, int kv_head, int group, float scale, \
-        float *out
-#define ATTEND_PASS q, q_stride, kc, vc, kind, ks, vs, table, len0, nrows, block_size, kv_heads, kv_head, group, scale, out
-/* one copy per head size, and within it one for a single row (a decode: fixed-size arrays) */
-#define ATTEND_FOR(NVEC)                                                                                 \
-    static void attend_##NVEC(ATTEND_ARGS) {                                                             \
-        if (nrows == 1)                                                                                  \
-            attend_impl(q, q_stride, kc, vc, kind, ks, vs, table, len0, 1, block_size, kv_heads, kv_head, \
-                        group, scale, out, NVEC);                                                        \
-        else                                                                                             \
-            attend_impl(ATTEND_PASS, NVEC);                                                              \
-    }
-ATTEND_FOR(4)  /* head_dim 32 */
-ATTEND_FOR(8)  /* 64 */
-ATTEND_FOR(16) /* 128 */
-
-static void attend_any(ATTEND_ARGS, int dim) {
-    switch (dim) {
-    case 32: attend_4(ATTEND_PASS); break;
-    case 64: attend_8(ATTEND_PASS); break;
-    case 128: attend_16(ATTEND_PASS); break;
-    default: attend_impl(ATTEND_PASS, dim / 8);
-    }
-}
+/* 1: decode_all runs the AVX-512 copy (set_copy; the module starts with it where the CPU has AVX-512F
+ * and DQ, the Python side then applies SPLITSERVE_CPU_ATTENTION) */
+static int wide_copy = 0;
 
 static void decode_all(const float *q, const char *k_cache, const char *v_cache, int kind, const float *k_scales,
                        const float *v_scales, const int32_t *tables, int max_blocks, const int32_t *seq_lens,
@@ -383,8 +342,16 @@ static void decode_all(const float *q, const char *k_cache, const char *v_cache,
         const int first = by_run ? 0 : it % kv_heads, last = by_run ? kv_heads : first + 1;
         for (int h = first; h < last; h++) {
             size_t offset = (size_t)b * q_stride + (size_t)h * group * dim;
-            attend_any(q + offset, q_stride, k_cache, v_cache, kind, k_scales, v_scales, tables + (size_t)b * max_blocks,
-                       seq_lens[b], nrows, block_size, kv_heads, h, group, scale, out + offset, dim);
+#ifdef X86
+            if (wide_copy)
+                attend_any_avx512(q + offset, q_stride, k_cache, v_cache, kind, k_scales, v_scales,
+                                  tables + (size_t)b * max_blocks, seq_lens[b], nrows, block_size, kv_heads, h, group,
+                                  scale, out + offset, dim);
+            else
+#endif
+                attend_any_avx2(q + offset, q_stride, k_cache, v_cache, kind, k_scales, v_scales,
+                                tables + (size_t)b * max_blocks, seq_lens[b], nrows, block_size, kv_heads, h, group,
+                                scale, out + offset, dim);
         }
     }
 }
@@ -479,8 +446,33 @@ static PyObject *py_write_kv(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static int wide_supported(void) {
+#ifdef X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+#else
+    return 0;
+#endif
+}
+
+/* set_copy(wide): 1 runs the AVX-512 copy (ValueError where the CPU lacks it), 0 the AVX2 one */
+static PyObject *py_set_copy(PyObject *self, PyObject *args) {
+    int wide;
+    if (!PyArg_ParseTuple(args, "p", &wide)) return NULL;
+    if (wide && !wide_supported()) {
+        PyErr_SetString(PyExc_ValueError, "this CPU has no AVX-512 (F and DQ): only the avx2 copy runs here");
+        return NULL;
+    }
+    wide_copy = wide;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_get_copy(PyObject *self, PyObject *args) { return PyUnicode_FromString(wide_copy ? "avx512" : "avx2"); }
+
 static PyMethodDef methods[] = {
     {"decode", py_decode, METH_VARARGS, "Paged decode attention (see cpu_attention.py, which checks the tensors)."},
+    {"set_copy", py_set_copy, METH_VARARGS, "Runs the AVX-512 copy (True) or the AVX2 one (False); the same bits."},
+    {"copy", py_get_copy, METH_NOARGS, "The copy decode runs: 'avx512' or 'avx2'."},
     {"write_kv", py_write_kv, METH_VARARGS, "New K/V rows into an 8-bit cache, quantized (cpu_attention.py)."},
     {NULL, NULL, 0, NULL},
 };
@@ -490,6 +482,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_attention", NUL
 static AttentionApi api = {decode_all, write_rows_8bit};
 
 PyMODINIT_FUNC PyInit__cpu_attention(void) {
+    wide_copy = wide_supported();
     PyObject *mod = simd_module_create(&module);
     if (mod != NULL && add_api_capsule(mod, &api, ATTENTION_API_NAME) < 0) Py_CLEAR(mod);
     return mod;

@@ -4,7 +4,9 @@ It reads each row's K and V straight from the pages up to the row's own length, 
 (`model.attention.paged_decode_attention_torch`, still the reference and the fallback) gathers
 padded copies and runs SDPA over them. The model runner uses it for every decode batch on a CPU
 when `available()` and `supports(...)` say so; SPLITSERVE_CPU_ATTENTION=torch turns it off (to
-compare, or to rule it out).
+compare, or to rule it out). The kernel has an AVX2 copy and, for CPUs with AVX-512, a copy that
+scores two keys and sums sixteen value floats per vector, with the same operations on every float
+in the same order (the same bits); SPLITSERVE_CPU_ATTENTION_COPY picks one.
 
 An 8-bit cache (int8 or float8_e4m3fn values with float32 scales, kernels/kv_quant.py) is read
 dequantized row by row as the kernel gathers it, to the very floats `kv_quant.dequantize` gives;
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import torch  # first: the extension then shares torch's OpenMP runtime (libgomp is loaded once)
 
+from splitserve.config import env
 from splitserve.kernels import ext_ready, kv_quant, switched_on
 
 try:
@@ -36,8 +39,29 @@ def built() -> bool:
 
 
 def available() -> bool:
-    """`built()`, and SPLITSERVE_CPU_ATTENTION (kernel, the default, or torch) does not turn it off."""
-    return switched_on("SPLITSERVE_CPU_ATTENTION", "kernel", "torch") and built()
+    """`built()`, and SPLITSERVE_CPU_ATTENTION (kernel, the default, or torch) does not turn it off.
+    Applies SPLITSERVE_CPU_ATTENTION_COPY (ValueError naming it for a copy this CPU cannot run)."""
+    if not (switched_on("SPLITSERVE_CPU_ATTENTION", "kernel", "torch") and built()):
+        return False
+    select_copy()
+    return True
+
+
+def select_copy() -> str:
+    """Makes the kernel run the copy SPLITSERVE_CPU_ATTENTION_COPY names (best: AVX-512 where the CPU
+    has it, else AVX2; every copy gives the same bits) and returns it: "avx512" or "avx2"."""
+    wanted = env.CPU_ATTENTION_COPY.read()
+    if wanted != "best":
+        try:
+            _ext.set_copy(wanted == "avx512")
+        except ValueError as exc:
+            raise ValueError(f"SPLITSERVE_CPU_ATTENTION_COPY={wanted}: {exc}") from None
+    else:
+        try:
+            _ext.set_copy(True)
+        except ValueError:
+            _ext.set_copy(False)
+    return _ext.copy()
 
 
 def supports(cache_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
