@@ -196,6 +196,37 @@ def test_a_prompt_over_the_fetch_buffer_is_fetched_and_imported_in_parts(stack2,
     assert end.num_recomputed == before.num_recomputed
 
 
+def test_callers_that_give_up_at_any_point_leave_no_fetch_buffer_room_held(stack2, llm_f32):
+    """Sixteen requests of 13-block prompts whose callers give up after 20 ms to 1 s (before their
+    prefill, while their blocks are fetched in parts, while they decode): afterwards a prompt that
+    needs the whole fetch buffer is answered right and the decode worker holds no blocks for the
+    abandoned ones (a part's room kept by a gone caller would make it wait forever)."""
+    import grpc
+
+    prompts = [[(104729 * (i + 3) * j) % 40000 + 100 for j in range(13 * 16 + 3)] for i in range(17)]
+    before = stack2.decode_load()
+
+    def abandon(i: int) -> None:
+        try:
+            for _ in stream_generate(stack2.gateway, token_ids=prompts[i], timeout_s=0.02 + 0.065 * i,
+                                     sampling={"max_tokens": 64, "temperature": 0.0, "ignore_eos": True}):
+                pass
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(abandon, range(16)))
+    (ref,) = llm_f32.generate([prompts[16]], SamplingParams(temperature=0, max_tokens=4))
+    ids, _, _ = generate(stack2.gateway, token_ids=prompts[16], sampling=_greedy(4), timeout_s=60)
+    assert ids == ref.token_ids
+    deadline = time.monotonic() + 20
+    while stack2.decode_load().num_running and time.monotonic() < deadline:
+        time.sleep(0.2)
+    after = stack2.decode_load()
+    assert after.num_running == 0 and after.num_waiting == 0
+    assert after.num_free_blocks == before.num_free_blocks  # cached blocks count as free: nothing held
+
+
 @pytest.mark.parametrize("kvstore", ["live", "down"])
 def test_decode_recomputes_when_import_fails(stack2, llm_f32, kvstore):
     """Blocks the kvstore does not have, or a kvstore that is down: the decode worker recomputes."""
