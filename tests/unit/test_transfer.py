@@ -203,10 +203,12 @@ def test_fetcher_counts_and_records_metrics_per_call():
     metrics, sources = FakeMetrics(), {"kv:1": FakeSource(wire_blocks(H[:2])), "kv:2": FakeSource(error=Unavailable())}
     fetcher = BlockFetcher(sources.__getitem__, metrics)
     ok_plan = FetchPlan(H[:2], 0, "kv:1")
-    ok = fetcher.fetch(ok_plan, "a")
+    ((ok, last),) = fetcher.fetch_parts(ok_plan, "a", block_bytes=1)  # a buffer of 32 MiB: one part
+    assert last and not ok.failed
     fetcher.settle(ok_plan, ok, 2)
     down_plan = FetchPlan(H[:2], 0, "kv:2")
-    down = fetcher.fetch(down_plan, "b")
+    ((down, last),) = fetcher.fetch_parts(down_plan, "b", block_bytes=1)
+    assert last and down.failed and down.error
     fetcher.settle(down_plan, down, 0)
     payload = len(ok.blocks[0][1])
     assert metrics.calls == [("bytes", "get", 2 * payload), ("failed", "get")]

@@ -68,7 +68,8 @@ class WorkerConfig:
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a finite number of seconds >= 0, got {getattr(self, name)}")
         if not 1 / 1024 <= self.kv_fetch_buffer_mb < math.inf:  # below a KiB: surely a mistake
-            raise ValueError(f"kv_fetch_buffer_mb must be a finite number of MiB >= 1/1024, got {self.kv_fetch_buffer_mb}")
+            raise ValueError(f"kv_fetch_buffer_mb must be a finite number of MiB >= 1/1024, "
+                             f"got {self.kv_fetch_buffer_mb}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
 

@@ -172,15 +172,6 @@ class BlockFetcher:
                 self._sources[address] = self._connect(address)
             return self._sources[address]
 
-    def fetch(self, plan: FetchPlan, lease_id: str) -> Fetched:
-        """`fetch` from the plan's kvstore, with the call recorded when it answered."""
-        if not plan.fetching:
-            return NOTHING_FETCHED
-        fetched = fetch(plan, self.source(plan.kvstore_address), lease_id)
-        if not fetched.error:
-            self.metrics.kv_transfer("get", fetched.num_bytes, fetched.seconds)
-        return fetched
-
     def fetch_parts(self, plan: FetchPlan, lease_id: str, block_bytes: int,
                     is_active: Callable[[], bool] = lambda: True) -> Iterator[tuple[Fetched, bool]]:
         """The plan's to_fetch in parts of at most the fetch buffer (one block at least), as
@@ -188,7 +179,8 @@ class BlockFetcher:
         back when the next part is asked for or the iteration is closed: import a part before
         asking for the next, admit the request with the last one, then close. Only the last part's
         get releases the prefill's lease. The parts end early, `last` set, at a part that fell
-        short; with none at all when the caller went away while waiting for room."""
+        short; with none at all when the caller went away while waiting for room. Every get that
+        answered is recorded (kv_transfer_bytes/seconds{direction="get"})."""
         wanted = plan.to_fetch
         if not wanted:
             return
