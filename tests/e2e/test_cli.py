@@ -65,6 +65,20 @@ def test_a_worker_role_refuses_a_bad_model(tmp_path):
     assert result.stderr.startswith("splitserve prefill: error: --model: ")
 
 
+@pytest.mark.parametrize("variable,value", [("SPLITSERVE_MALLOC_ARENAS", "one"), ("SPLITSERVE_MALLOC_ARENAS", "-2"),
+                                            ("SPLITSERVE_CPU_ATTENTION_COPY", "avx1024"),
+                                            ("SPLITSERVE_CPU_INT8", "fastest")])
+@pytest.mark.parametrize("command", [["up", "--http-port", "0"], ["decode", "--port", "0"]])
+def test_a_bad_splitserve_variable_is_refused_before_anything_starts(variable, value, command):
+    """A worker used to exit with a traceback while `up` waited for it; every command now reads
+    every SPLITSERVE_* variable first."""
+    start = time.monotonic()
+    result = subprocess.run([*CLI, *command], capture_output=True, text=True, timeout=60,
+                            env={**ENV, variable: value})
+    _refused(result, variable, repr(value))
+    assert time.monotonic() - start < 30, "the check must not wait for a model load"
+
+
 # ---------------------------------------------------------------------------------------- ports in use
 def test_up_refuses_ports_in_use_without_loading_a_model():
     with socket.socket() as held:

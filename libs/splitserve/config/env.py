@@ -136,6 +136,13 @@ def read(name: str) -> str | int | None:
     return variable.read()
 
 
+def check() -> None:
+    """Reads every registered variable: ValueError naming the first one set to a value it refuses
+    (the CLI checks this first, so `splitserve up` fails before it starts a process)."""
+    for variable in REGISTRY.values():
+        variable.read()
+
+
 def cache_dir() -> Path:
     """Where derived artifacts are kept: $SPLITSERVE_CACHE_DIR or ~/.cache/splitserve (created)."""
     raw = str(CACHE_DIR.read())

@@ -198,8 +198,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import importlib
 
-    from splitserve import logs
-    from splitserve import lifeline
+    from splitserve import lifeline, logs
+    from splitserve.config import env
 
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         logs.configure(logging.INFO)  # a role sets its own level again from its --log-level
-    except ValueError as exc:  # a bad SPLITSERVE_LOG_FORMAT (the message names it)
+        env.check()  # every SPLITSERVE_* variable, before anything starts
+    except ValueError as exc:  # a bad SPLITSERVE_* value (the message names it)
         print(f"splitserve: error: {exc}", file=sys.stderr)
         return 2
     if argv and argv[0] in ROLES:  # each role parses its own flags (generated from its config)
