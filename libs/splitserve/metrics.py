@@ -117,6 +117,8 @@ class Metrics:
         self._waiting = gauge("num_requests_waiting", "Requests queued, not yet running.")
         self._kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache capacity in use, 0 to 1.")
         self._batch = gauge("batch_size", "Sequences in the last engine step.")
+        self._fetch_buffer = gauge("kv_fetch_buffer_bytes", "Decode: bytes of fetched KV payloads held before "
+                                   "their import (at most --kv-fetch-buffer-mb).")
         self._redis_up = gauge("redis_up", "Gateway: 1 while the ownership Redis answers its periodic PING, else 0 "
                                "(absent without Redis).")
         self._labels = {"model_name": model_name, "role": role}
@@ -199,6 +201,9 @@ class Metrics:
             self._l(self._kv_usage).set(kv_cache_usage)
         if batch_size is not None:
             self._l(self._batch).set(batch_size)
+
+    def set_fetch_buffer(self, nbytes: int) -> None:
+        self._l(self._fetch_buffer).set(nbytes)
 
     def set_redis_up(self, up: bool) -> None:
         self._l(self._redis_up).set(1 if up else 0)

@@ -10,7 +10,8 @@ made); inter_token_latency_seconds between consecutive tokens of a request as th
 them (a request streaming k tokens gives k - 1 observations); at the end request_success{
 finished_reason} ("stop" | "length") with request_decode_time_seconds (its first engine step to its
 last token) and request_queue_time_seconds, or requests_rejected{reason} (invalid, queue_full,
-abort = the caller cancelled, error); the get series of splitserve.transfer.fetch.
+abort = the caller cancelled, error); the get series of splitserve.transfer.fetch; at each scrape,
+kv_fetch_buffer_bytes (fetched payloads held before their import).
 """
 from __future__ import annotations
 
@@ -61,6 +62,7 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
         self.fetcher = BlockFetcher(worker.kvstore_client, worker.metrics,
                                     buffer_bytes=int(worker.config.kv_fetch_buffer_mb * (1 << 20)))
         self.metrics = worker.metrics
+        self.metrics.on_collect(lambda: self.metrics.set_fetch_buffer(self.fetcher.buffer.held))
         worker.counters = lambda: {"num_imported_blocks": self.fetcher.num_imported_blocks,
                                    "num_recomputed": self.fetcher.num_recomputed}
 

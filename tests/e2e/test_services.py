@@ -161,6 +161,14 @@ def test_shared_prefix_goes_to_its_owner(stack2, llm_f32):
     assert dec_after.num_recomputed == dec_before.num_recomputed
 
 
+def _decode_gauge(stack, name: str) -> float | None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(stack.metrics["decode-0"], timeout=30) as resp:
+        text = resp.read().decode()
+    return next((s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name), None)
+
+
 def _decode_gets(stack) -> float:
     """The decode worker's kv_transfer_seconds_count{direction="get"}: its get calls that answered."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -225,6 +233,7 @@ def test_callers_that_give_up_at_any_point_leave_no_fetch_buffer_room_held(stack
     after = stack2.decode_load()
     assert after.num_running == 0 and after.num_waiting == 0
     assert after.num_free_blocks == before.num_free_blocks  # cached blocks count as free: nothing held
+    assert _decode_gauge(stack2, "splitserve_kv_fetch_buffer_bytes") == 0  # and no payload
 
 
 @pytest.mark.parametrize("kvstore", ["live", "down"])

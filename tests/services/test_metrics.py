@@ -102,8 +102,13 @@ def test_every_series_named_and_labelled():
                     "prefix_cache_queries", "prefix_cache_hits", "num_preemptions", "kv_transfer_bytes",
                     "kv_transfer_failures", "routing_decisions"):
         assert f"splitserve_{counter}_total" in names, counter
-    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "batch_size"):
+    m.set_fetch_buffer(4096)
+    samples = parse(m.render().decode())
+    names = {n for n, _, _ in samples}
+    for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "batch_size",
+                  "kv_fetch_buffer_bytes"):
         assert f"splitserve_{gauge}" in names, gauge
+    assert total(samples, "splitserve_kv_fetch_buffer_bytes") == 4096
     assert total(samples, "splitserve_prompt_tokens_total") == 7
     assert total(samples, "splitserve_request_success_total", finished_reason="stop") == 1
     assert total(samples, "splitserve_requests_rejected_total", reason="invalid") == 1
