@@ -117,8 +117,7 @@ class Metrics:
         self._waiting = gauge("num_requests_waiting", "Requests queued, not yet running.")
         self._kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV-cache capacity in use, 0 to 1.")
         self._batch = gauge("batch_size", "Sequences in the last engine step.")
-        self._fetch_buffer = gauge("kv_fetch_buffer_bytes", "Decode: bytes of fetched KV payloads held before "
-                                   "their import (at most --kv-fetch-buffer-mb).")
+        self._fetch_buffer = gauge("kv_fetch_buffer_bytes", "Decode: fetched KV payloads held before import.")
         self._redis_up = gauge("redis_up", "Gateway: 1 while the ownership Redis answers its periodic PING, else 0 "
                                "(absent without Redis).")
         self._labels = {"model_name": model_name, "role": role}
