@@ -65,7 +65,7 @@ def test_fused_decode_gives_the_layer_by_layer_bits(llm_f32, mode):
     assert alone[0] == reference[0]  # and a row's bits do not depend on the others in its step
 
 
-def test_more_rows_than_the_kernel_takes_run_layer_by_layer(llm_f32):  # in the exact mode
+def test_more_rows_than_the_kernel_takes_run_layer_by_layer(llm_f32):
     fd = llm_f32.engine.model.fused_decode
     saved, fd.max_rows = fd.max_rows, 2  # (the real limit, cpu_quant.max_rows(), is 48 rows)
     try:
@@ -75,20 +75,6 @@ def test_more_rows_than_the_kernel_takes_run_layer_by_layer(llm_f32):  # in the 
         fd.max_rows = saved
     assert all(len(o.token_ids) == 3 for o in out)
     assert not calls  # every decode step had 3 rows: each ran through the layers
-
-
-def test_int8_prefill_chunks_of_any_size_run_fused_to_the_same_bits(llm_f32):
-    """In the int8 mode one kernel runs every row count, so a prefill chunk of more rows than the
-    exact mode's few-row limit runs in the one C call too (one scratch block instead of a tensor an
-    op, ~4% faster on a 1,000-token prefill), with the layer-by-layer bits."""
-    long_prompt = " ".join(f"word{i}" for i in range(60))  # ~180 tokens: one chunk, past 48 rows
-    prompts = [long_prompt, PROMPTS[1]]
-    with fused(llm_f32, True, "int8") as calls:
-        out = _outputs(llm_f32, prompts)
-    assert max(calls) > llm_f32.engine.model.fused_decode.max_rows  # the prefill step ran fused
-    with fused(llm_f32, False, "int8") as calls:
-        reference = _outputs(llm_f32, prompts)
-    assert not calls and out == reference
 
 
 def test_bad_indices_are_refused_and_the_model_keeps_serving(llm_f32):

@@ -8,10 +8,8 @@ the model computes in float32 with every projection held as GGUF blocks (`CpuLin
 "quant"), the small ops and the attention kernel are built, the cache is float32 (it has the compute
 dtype) or 8-bit (int8 or float8_e4m3fn with per-token scales, kernels/kv_quant.py: a layer's cache is
 then the 4-tuple (k, v, k_scales, v_scales); new rows are quantized in C to kv_quant.quantize's bits),
-and the step is decode rows only (a float32 CPU model attends every row as one), at most `max_rows`
-of them in the exact mode (more rows: the per-op path and its tiled GEMM), any number in the int8
-mode, whose kernel runs every row count (a 512-row prefill chunk then takes one scratch block
-instead of a tensor an op). SPLITSERVE_CPU_LAYERS=torch turns it off (to compare, or to rule it out).
+and the step is decode rows only, at most `max_rows` of them (more rows: the per-op path and its tiled
+GEMM). SPLITSERVE_CPU_LAYERS=torch turns it off (to compare, or to rule it out).
 """
 from __future__ import annotations
 
@@ -75,11 +73,11 @@ class FusedDecode:
         return True
 
     def accepts(self, rows: int, kv_caches, meta) -> bool:
-        """This step can run here: decode rows only (the C attention kernel's tables), few enough
-        (any number in the int8 mode), and a cache the kernel reads."""
+        """This step can run here: decode rows only (the C attention kernel's tables), few enough,
+        and a cache the kernel reads."""
         k = kv_caches[0][0]
         scaled = k.dtype in cpu_attention.SCALED
-        return (0 < rows and (rows <= self.max_rows or self.int8) and meta.cpu_kernel and not meta.use_triton and meta.num_decodes == rows
+        return (0 < rows <= self.max_rows and meta.cpu_kernel and not meta.use_triton and meta.num_decodes == rows
                 and (k.dtype == torch.float32 or scaled) and len(kv_caches[0]) == (4 if scaled else 2)
                 and k.device.type == "cpu")
 
