@@ -311,7 +311,7 @@ static inline int chunk_keys(int len, int start) { return len - start < CHUNK ? 
 #endif
 
 /* 1: decode_all runs the AVX-512 copy (set_copy; the module starts with it where the CPU has AVX-512F
- * and DQ, the Python side then applies SPLITSERVE_CPU_ATTENTION) */
+ * and DQ, its `avx512` constant, and the Python side then applies SPLITSERVE_CPU_ATTENTION_COPY) */
 static int wide_copy = 0;
 
 static void decode_all(const float *q, const char *k_cache, const char *v_cache, int kind, const float *k_scales,
@@ -484,6 +484,8 @@ static AttentionApi api = {decode_all, write_rows_8bit};
 PyMODINIT_FUNC PyInit__cpu_attention(void) {
     wide_copy = wide_supported();
     PyObject *mod = simd_module_create(&module);
-    if (mod != NULL && add_api_capsule(mod, &api, ATTENTION_API_NAME) < 0) Py_CLEAR(mod);
+    if (mod != NULL && (PyModule_AddIntConstant(mod, "avx512", wide_copy) < 0 ||
+                        add_api_capsule(mod, &api, ATTENTION_API_NAME) < 0))
+        Py_CLEAR(mod);
     return mod;
 }

@@ -51,17 +51,13 @@ def select_copy() -> str:
     """Makes the kernel run the copy SPLITSERVE_CPU_ATTENTION_COPY names (best: AVX-512 where the CPU
     has it, else AVX2; every copy gives the same bits) and returns it: "avx512" or "avx2"."""
     wanted = env.CPU_ATTENTION_COPY.read()
-    if wanted != "best":
+    target = ("avx512" if _ext.avx512 else "avx2") if wanted == "best" else wanted
+    if _ext.copy() != target:  # available() runs per layer on some paths: the kernel is told only changes
         try:
-            _ext.set_copy(wanted == "avx512")
+            _ext.set_copy(target == "avx512")
         except ValueError as exc:
             raise ValueError(f"SPLITSERVE_CPU_ATTENTION_COPY={wanted}: {exc}") from None
-    else:
-        try:
-            _ext.set_copy(True)
-        except ValueError:
-            _ext.set_copy(False)
-    return _ext.copy()
+    return target
 
 
 def supports(cache_dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:

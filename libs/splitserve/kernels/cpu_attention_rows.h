@@ -58,9 +58,12 @@ static inline __attribute__((always_inline)) void ROWS_FN(attend_impl)(
         const int n_max = chunk_keys(len_max, start);
         gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n_max, block_size, row_stride, head_offset,
                      nvec, rows, WIDE);
+        /* the (row, head) pairs this chunk reaches, in order: their scores (exp'd in place), keys, sum
+         * and accumulator, for the interleaved sums and, in the wide copy, the paired value sums */
         float corr[MAX_RUN][MAX_GROUP], sum[MAX_RUN][MAX_GROUP];
         const float *sum_of[MAX_RUN * MAX_GROUP];
         float *sum_to[MAX_RUN * MAX_GROUP];
+        v8f *acc_of[MAX_RUN * MAX_GROUP];
         int sum_len[MAX_RUN * MAX_GROUP], count = 0;
         for (int r = 0; r < nrows; r++) {
             const int n = chunk_keys(len0 + r, start);
@@ -105,7 +108,7 @@ static inline __attribute__((always_inline)) void ROWS_FN(attend_impl)(
                 for (int t = n; t < padded; t++) scores[r][g][t] = mx; /* exp'd, never used */
                 for (int t = 0; t < padded; t += 8)
                     store8(&scores[r][g][t], exp_nonpositive(load8(&scores[r][g][t]) - splat(mx)));
-                sum_of[count] = scores[r][g], sum_len[count] = n, sum_to[count++] = &sum[r][g];
+                sum_of[count] = scores[r][g], sum_len[count] = n, acc_of[count] = acc[r][g], sum_to[count++] = &sum[r][g];
             }
         }
         sum_rows(sum_of, sum_len, sum_to, count); /* the rows' and heads' sums, interleaved */
@@ -123,22 +126,15 @@ static inline __attribute__((always_inline)) void ROWS_FN(attend_impl)(
         if (!(nvec & 1)) { /* 16 of the value's floats a vector, two query heads at once (of the
                             * rows' heads with the same keys): each lane's sum as the narrow copy's,
                             * with twice the independent chains of fused multiply-adds */
-            int items[MAX_RUN * MAX_GROUP], lens[MAX_RUN * MAX_GROUP], count = 0;
-            for (int r = 0; r < nrows; r++) {
-                const int n = chunk_keys(len0 + r, start);
-                for (int g = 0; n > 0 && g < group; g++) items[count] = r * MAX_GROUP + g, lens[count++] = n;
-            }
             for (int k = 0; k < count;) {
-                const int both = k + 1 < count && lens[k + 1] == lens[k];
-                v8f *acc0 = acc[items[k] / MAX_GROUP][items[k] % MAX_GROUP];
-                v8f *acc1 = acc[items[k + both] / MAX_GROUP][items[k + both] % MAX_GROUP];
-                const float *s0 = scores[items[k] / MAX_GROUP][items[k] % MAX_GROUP];
-                const float *s1 = scores[items[k + both] / MAX_GROUP][items[k + both] % MAX_GROUP];
+                const int both = k + 1 < count && sum_len[k + 1] == sum_len[k];
+                v8f *acc0 = acc_of[k], *acc1 = acc_of[k + both];
+                const float *s0 = sum_of[k], *s1 = sum_of[k + both];
                 v16f a0[MAX_HEAD_DIM / 16], a1[MAX_HEAD_DIM / 16];
                 for (int i = 0; i < nvec / 2; i++) a0[i] = pair8(acc0[2 * i], acc0[2 * i + 1]), a1[i] = a0[i];
                 if (both) {
                     for (int i = 0; i < nvec / 2; i++) a1[i] = pair8(acc1[2 * i], acc1[2 * i + 1]);
-                    for (int t = 0; t < lens[k]; t++) {
+                    for (int t = 0; t < sum_len[k]; t++) {
                         const v16f p0 = splat16(s0[t]), p1 = splat16(s1[t]);
                         const float *v = rows + (size_t)t * dim;
                         for (int i = 0; i < nvec / 2; i++) {
@@ -149,7 +145,7 @@ static inline __attribute__((always_inline)) void ROWS_FN(attend_impl)(
                     }
                     for (int i = 0; i < nvec / 2; i++) acc1[2 * i] = low8(a1[i]), acc1[2 * i + 1] = high8(a1[i]);
                 } else {
-                    for (int t = 0; t < lens[k]; t++) {
+                    for (int t = 0; t < sum_len[k]; t++) {
                         const v16f p0 = splat16(s0[t]);
                         const float *v = rows + (size_t)t * dim;
                         for (int i = 0; i < nvec / 2; i++) a0[i] += p0 * load16(v + i * 16);
