@@ -58,7 +58,7 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
             skip = self.exporter.skip(self.worker.prompt_hashes(prompt, request.cache_salt))
         stream = self.worker.admit(context, request_id, prompt, dataclasses.replace(params, max_tokens=1),
                                    cache_salt=request.cache_salt or None, detokenize=False,
-                                   export_blocks=True, export_skip=skip)
+                                   export_blocks=True, export_skip=skip, pin_export=True)
         self.worker.drain.track(stream)
         try:
             out = self._first_token(stream, context)
@@ -68,7 +68,7 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
         tracing.record("prefill.queue", span, out.arrival_time, out.first_scheduled_time)
         tracing.record("prefill.compute", span, out.first_scheduled_time, out.first_token_time)
         with tracing.active("kv.put", span):
-            export = self.exporter.export(request_id, hashes, out.exported_blocks)
+            export = self.exporter.export(request_id, hashes, out.pinned_export or out.exported_blocks)
         if export.error:
             logger.warning("kvstore put failed: request_id=%s code=%s (decode will recompute)", request_id,
                            export.error)

@@ -430,3 +430,30 @@ def test_partial_prefix_misuse():
     with pytest.raises(ValueError, match=r"4 blocks|1 blocks \* block_size 4 \+ 2"):
         bm.allocate_slots("b", 9, PrefixMatch([0], 5, (), 1, 2, hashes(list(range(8)))[1]))
     assert not bm.has_seq("b")
+
+
+def test_pinned_blocks_outlive_their_sequence_until_unpinned():
+    """A finished prefill's exported blocks stay out of the free queue while pinned (nothing evicts
+    or overwrites them), and become the cache's again, evictable, once unpinned."""
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    run_seq(bm, "a", list(range(8)))  # blocks 0, 1: full and cached
+    bm.pin([0, 1, 1])  # block 1 twice: two exports of it
+    bm.free("a")
+    assert (bm.num_free_blocks, bm.num_pinned_blocks) == (2, 2)
+    assert refcounts(bm) == [1, 2, 0, 0]
+    assert not bm.allocate_slots("b", 12)  # 3 blocks wanted, only the 2 unpinned ones are free
+    assert bm.allocate_slots("b", 8) and bm.block_table("b") == [2, 3]
+    bm.free("b")
+    bm.unpin([0, 1])
+    assert refcounts(bm) == [0, 1, 0, 0] and bm.num_pinned_blocks == 1
+    with pytest.raises(ValueError, match="not pinned 2 time"):
+        bm.unpin([1, 1])
+    bm.unpin([1])
+    assert (bm.num_free_blocks, bm.num_pinned_blocks) == (4, 0)
+    match = bm.find_cached_prefix(hashes(list(range(9))), 9)  # still cached: a hit
+    assert match.num_cached_tokens == 8
+    with pytest.raises(ValueError, match="not held by anything"):
+        bm.pin([2])  # a free block: its KV may be overwritten at any time
+    with pytest.raises(ValueError, match="outside"):
+        bm.pin([7])
+    assert refcounts(bm) == [0, 0, 0, 0]

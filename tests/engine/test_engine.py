@@ -287,3 +287,60 @@ def test_engine_loop_refuses_past_max_pending_at_once_and_frees_on_abort(llm_f32
         assert sum(len(o.new_token_ids) for o in out) == 2
     finally:
         loop.stop()
+
+
+def test_a_pinned_export_is_the_copied_one_left_in_its_pages(llm_f32):
+    """pin_export: the prefill's blocks stay in their pages, pinned past the sequence's end, and
+    encode (on any thread) to exactly the headers and bytes a copied export gives; release gives
+    the pages back. Through an EngineLoop the release runs on the loop thread, also for an export
+    nobody released (its output dropped: released when collected)."""
+    import gc
+    import threading
+    import time
+
+    from splitserve.engine.engine_loop import EngineLoop
+
+    llm = llm_f32.with_config(kv_cache_memory_gb=0.05)
+    bm = llm.engine.block_manager
+    ids = llm.tokenizer.encode("Pinned pages leave by the kvstore: " + "north south east west " * 10)
+    params = SamplingParams(temperature=0, max_tokens=1)
+    outs = {}
+    for rid, pin in (("copied", False), ("pinned", True)):
+        llm.engine.add_request(rid, ids, params, export_blocks=True, pin_export=pin)
+        while llm.engine.has_unfinished():
+            outs.update((o.request_id, o) for o in llm.engine.step() if o.finished)
+    copied, pinned = outs["copied"], outs["pinned"]
+    assert copied.pinned_export is None and pinned.exported_blocks == []
+    n = len(ids) // 16
+    assert len(pinned.pinned_export) == n == len(copied.exported_blocks) and bm.num_pinned_blocks == n
+    free = bm.num_free_blocks
+    got = []
+    reader = threading.Thread(target=lambda: got.extend(pinned.pinned_export.blocks()))
+    reader.start()
+    reader.join()
+    assert [h for h, _ in got] == [h for h, _ in copied.exported_blocks]
+    assert [p.tobytes() for _, p in got] == [p for _, p in copied.exported_blocks]
+    pinned.pinned_export.release()
+    pinned.pinned_export.release()  # once only
+    assert bm.num_pinned_blocks == 0 and bm.num_free_blocks == free + n
+    with pytest.raises(RuntimeError, match="released"):
+        pinned.pinned_export.blocks()
+
+    loop = EngineLoop(llm.engine).start()
+    try:
+        for rid in ("loop-released", "loop-dropped"):
+            stream = loop.add_request(rid, ids, params, export_blocks=True, pin_export=True)
+            out = stream.get(timeout=60)
+            assert loop.call(lambda e: e.block_manager.num_pinned_blocks).result(10) == n
+            if rid == "loop-released":
+                releaser = threading.Thread(target=out.pinned_export.release)
+                releaser.start()
+                releaser.join()
+            del out, stream
+            gc.collect()
+            deadline = time.monotonic() + 10  # the loop thread may drop its own reference a moment later
+            while loop.call(lambda e: e.block_manager.num_pinned_blocks).result(10) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert loop.call(lambda e: e.block_manager.num_pinned_blocks).result(10) == 0
+    finally:
+        loop.stop()

@@ -10,11 +10,13 @@ import time
 
 import grpc
 import pytest
+import torch
 
 from splitserve import rpc
 from splitserve.transfer import block as kv_block
 from splitserve.kvstore import shm
 from splitserve.kvstore.arena import ArenaPayload
+from splitserve.engine.kv_cache import KVCache
 from splitserve.kvstore.client import KVStoreClient
 from splitserve.services.kvstore.server import serve
 from splitserve.config.kvstore import KVStoreConfig
@@ -231,6 +233,67 @@ def test_blocks_put_through_streams_are_read_through_a_stream(store):
     finally:
         plain.close()
         client.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_page_payloads_are_written_from_the_pages_and_read_back_as_their_bytes(store, dtype):
+    """A pinned export's payloads (the block's page slices, not joined) put through the arena slots
+    (one vectored write each) and through the streams: every block reads back as read_block's bytes
+    under the checksum of those bytes; an 8-bit cache's scales come after its values."""
+    cache = KVCache(**SMALL, num_blocks=4, dtype=dtype)
+    g = torch.Generator().manual_seed(11)
+    for t in cache.k_caches + cache.v_caches:
+        t.copy_(torch.randint(-100, 100, t.shape, generator=g).to(dtype))
+    for t in cache.k_scales + cache.v_scales:
+        t.copy_(torch.rand(t.shape, generator=g))
+    hashes = [bytes([i + 1]) * 32 for i in range(4)]
+    blocks = [kv_block.encode_block(cache, i, hashes[i], "m", copy=False) for i in range(4)]
+    assert all(isinstance(p, kv_block.PagePayload) for _, p in blocks)
+    expected = [cache.read_block(i) for i in range(4)]
+    assert [h.checksum for h, _ in blocks] == [kv_block.payload_checksum(p) for p in expected]
+    plain, client = KVStoreClient(store.address, use_shm=False), KVStoreClient(store.address)
+    try:
+        assert client.put(blocks[:2], lease_id="r", lease_ttl_s=30).num_stored == 2
+        assert plain.put(blocks[2:], lease_id="r", lease_ttl_s=30).num_stored == 2
+        assert in_arena(store, hashes[0]) and not in_arena(store, hashes[2])
+        got = client.get(hashes, release_lease_id="r")
+        assert [bytes(p) for _, p in got] == expected
+    finally:
+        plain.close()
+        client.close()
+
+
+def test_a_short_vectored_write_is_finished(tmp_path, monkeypatch):
+    """pwritev may write less than asked (never on tmpfs, but any file system may): the rest of the
+    slices, from the byte where it stopped, follows."""
+    from splitserve.kvstore import client as client_module
+
+    real = os.pwritev
+    sizes = []
+
+    def short(fd, buffers, offset):  # at most 1000 bytes a call, across slice boundaries
+        left, cut = 1000, []
+        for b in buffers:
+            take = memoryview(b)[:left]
+            cut.append(take)
+            left -= take.nbytes
+            if not left:
+                break
+        sizes.append(len(buffers))
+        return real(fd, cut, offset)
+
+    monkeypatch.setattr(client_module.os, "pwritev", short)
+    data = [bytes(range(i, i + 200)) * 7 for i in range(5)]  # 1400-byte slices
+    payload = kv_block.PagePayload([memoryview(d) for d in data])
+    path = tmp_path / "slot"
+    path.write_bytes(b"x" * 50)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        client_module._pwrite_all(fd, payload, 50)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"x" * 50 + b"".join(data)
+    assert len(sizes) == 7 and sizes[0] == 5  # 7000 bytes, 1000 a call
 
 
 def test_without_room_in_shared_memory_puts_stream(tmp_path):

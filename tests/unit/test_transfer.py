@@ -136,6 +136,43 @@ def test_a_failed_put_answers_no_address_so_decode_recomputes():
     assert exporter.num_blocks_put == 0
 
 
+class BrokenSink(FakeSink):
+    def put(self, blocks, lease_id="", lease_ttl_s=0.0):
+        raise OSError("the store's directory went away")
+
+
+@pytest.mark.parametrize("sink", ["ok", "failing", "broken", "none"])
+def test_a_pinned_export_is_put_from_its_pages_and_released_whatever_the_put_did(sink):
+    """The exporter puts a pinned export's blocks as its pages' slices (the headers made on the
+    handler's thread), and unpins the pages after the put: also when it failed, raised, or there
+    was no kvstore to put into."""
+    from splitserve.transfer.block import PagePayload
+    from splitserve.transfer.pages import PinnedExport
+
+    cache, bm = cache_with_blocks(6), BlockManager(6, BS)
+    assert bm.allocate_slots("s", 3 * BS)
+    table = bm.block_table("s")
+    pinned = PinnedExport(cache, bm, table, [(0, H[0]), (2, H[2])], MODEL)
+    bm.free("s")
+    assert bm.num_pinned_blocks == 2 and bm.num_free_blocks == 4
+    got = []
+    store = {"ok": FakeSink(), "failing": FakeSink(fail=True), "broken": BrokenSink(), "none": None}[sink]
+    if store is not None:
+        put = store.put
+        store.put = lambda blocks, **kw: (got.extend(blocks), put(blocks, **kw))
+    exporter = BlockExporter(store, FakeMetrics(), lambda hashes: None, 30.0)
+    if sink == "broken":
+        with pytest.raises(OSError):
+            exporter.export("r", H[:3], pinned)
+    else:
+        assert exporter.export("r", H[:3], pinned).num_put == (2 if sink == "ok" else 0)
+    assert bm.num_pinned_blocks == 0 and bm.num_free_blocks == 6
+    if store is not None:
+        assert [h.block_hash for h, _ in got] == [H[0], H[2]]
+        assert all(isinstance(p, PagePayload) for _, p in got)
+        assert [p.tobytes() for _, p in got] == [cache.read_block(table[0]), cache.read_block(table[2])]
+
+
 # ------------------------------------------------------------------ fetch (decode side)
 class FakeSource:
     def __init__(self, blocks=(), error=None):

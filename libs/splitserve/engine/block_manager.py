@@ -1,7 +1,8 @@
 """The block manager: sole owner of KV block ids, refcounts, the free queue and the prefix cache.
 
 State and its invariants (nothing else in the code base touches these):
-- `_ref_counts[b]`: sequences (plus importers, see `allocate_cached_block`) holding block b.
+- `_ref_counts[b]`: sequences (plus importers, see `allocate_cached_block`, and pins, see `pin`)
+  holding block b.
 - `_free`: exactly the blocks with refcount 0, least recently freed first (the LRU head is evicted
   first). A block in `_free` may still carry a hash: its KV stays valid until the block is popped.
 - `_hash_to_block` and `_block_hash` are inverse maps: `_hash_to_block[h] == b` iff
@@ -14,7 +15,7 @@ State and its invariants (nothing else in the code base touches these):
 """
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -75,6 +76,7 @@ class BlockManager:
         self._num_cache_checked: dict[str, int] = {}
         # Blocks holding the one reference taken by allocate_cached_block, not yet released.
         self._importing: set[int] = set()
+        self._pins: dict[int, int] = {}  # block -> references taken by `pin`, not yet given back
         self._stats = PrefixCacheStats()
         self.track_evictions = False  # a worker turns this on to keep Redis ownership in step
         self.evicted_hashes: list[bytes] = []
@@ -328,6 +330,34 @@ class BlockManager:
         self._drop_ref(block_id)
         if not keep_cached and self._ref_counts[block_id] == 0:
             self._free.move_to_end(block_id, last=False)  # its KV is garbage: reuse it first
+
+    def pin(self, block_ids: list[int]) -> None:
+        """Takes one reference on each block (a block may appear more than once), so none is freed,
+        evicted or written until `unpin` gives them back: a finished prefill's exported blocks are
+        read from their pages while the engine goes on (splitserve.transfer.pages.PinnedExport).
+        The blocks must be held now (by a sequence or an earlier pin)."""
+        for block_id in block_ids:
+            if self._ref_counts[self._check_block_id(block_id)] == 0:
+                raise ValueError(f"pin: block {block_id} is not held by anything")
+        for block_id in block_ids:
+            self._take_ref(block_id)
+            self._pins[block_id] = self._pins.get(block_id, 0) + 1
+
+    def unpin(self, block_ids: list[int]) -> None:
+        """Gives back the references `pin` took (each block as many times as it was pinned)."""
+        for block_id, times in Counter(block_ids).items():
+            if self._pins.get(block_id, 0) < times:
+                raise ValueError(f"unpin: block {block_id!r} is not pinned {times} time(s)")
+        for block_id in block_ids:
+            self._pins[block_id] -= 1
+            if not self._pins[block_id]:
+                del self._pins[block_id]
+            self._drop_ref(block_id)
+
+    @property
+    def num_pinned_blocks(self) -> int:
+        """Blocks held by `pin` now (each counted once)."""
+        return len(self._pins)
 
     def reset_prefix_cache(self) -> bool:
         """Drops the hashes of all unreferenced blocks. Returns True if the cache is now empty,

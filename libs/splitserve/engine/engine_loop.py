@@ -94,6 +94,7 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self.last_error: BaseException | None = None
         self.queue_state = QueueState()  # replaced whole by the loop thread, read by any thread
+        engine.defer = lambda fn: self.call(lambda _engine: fn())  # pinned exports' releases
 
     def start(self) -> "EngineLoop":
         self._thread.start()
@@ -206,6 +207,9 @@ class EngineLoop:
                         self._streams.pop(out.request_id, None)
                 if stream is not None:
                     stream._put(out)
+            # held no longer than the streams hold them: an output nobody reads (its caller went
+            # away) goes now, with what it holds (a pinned export is released when collected)
+            outputs = out = stream = None
         self._fail_all(RuntimeError("engine loop stopped"))
 
     def _fail_all(self, exc: BaseException) -> None:

@@ -106,12 +106,19 @@ class KVCache:
 
     def read_block(self, block_id: int) -> bytes:
         """Raw bytes of one block, layout [layers, 2, block_size, kv_heads, head_dim]."""
-        self._check_block_id(block_id)
-        views = self._host_views()
-        if views is not None:  # one copy: the 2 x layers page slices joined into the payload
-            return b"".join([view[block_id].data for view in views])
+        parts = self.block_parts(block_id)
+        if parts is not None:  # one copy: the 2 x layers page slices joined into the payload
+            return b"".join(parts)
         # each page's slice as bytes (uint8 views: numpy lacks bf16 and fp8), in payload order
         return b"".join(t[block_id].contiguous().view(torch.uint8).cpu().numpy().tobytes() for t in self._pages())
+
+    def block_parts(self, block_id: int) -> list[memoryview] | None:
+        """A CPU cache's block as the slices of its pages, in payload order (read_block's bytes,
+        joined), aliasing the cache: valid while the block is neither freed nor written (a pinned
+        block, BlockManager.pin). None on other devices."""
+        self._check_block_id(block_id)
+        views = self._host_views()
+        return None if views is None else [view[block_id].data for view in views]
 
     def write_block(self, block_id: int, data: bytes | bytearray | memoryview) -> None:
         """Inverse of read_block; ValueError if data is not exactly bytes_per_block long."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -18,7 +18,7 @@ from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.detokenizer import IncrementalDetokenizer, apply_stop_rules
 from splitserve.engine.hashing import hash_namespace
 from splitserve.transfer.block import BlockHeader
-from splitserve.transfer.pages import blocks_to_export, import_blocks, read_blocks
+from splitserve.transfer.pages import PinnedExport, blocks_to_export, import_blocks, read_blocks
 from splitserve.engine.kv_cache import KV_TORCH_DTYPES, KVCache
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.sampler import Sampler, TokenLogprobs
@@ -47,6 +47,7 @@ class StepOutput:
     num_cached_tokens: int = 0
     # Requests added with export_blocks=True, in their last output only:
     exported_blocks: list[tuple[BlockHeader, bytes]] = field(default_factory=list)  # full prompt blocks, less export_skip
+    pinned_export: PinnedExport | None = None  # the same blocks left in their pages, with pin_export=True
     prompt_block_hashes: list[bytes] = field(default_factory=list)  # every full prompt block, exported or not
     rng_state: bytes = b""  # the seeded generator's state after the last token
     # time.monotonic() stamps, for the workers' latency metrics (no extra work: the engine keeps them):
@@ -116,6 +117,9 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._namespaces: dict[str | None, bytes] = {}
+        # How a pinned export's release (any thread) reaches this engine's thread: EngineLoop sets it;
+        # None runs it at once (a caller on the engine's own thread)
+        self.defer: Callable[[Callable[[], None]], object] | None = None
         logger.info(
             "engine ready: model=%s dtype=%s kv_cache_dtype=%s blocks=%d x %d tokens (%.1f MiB) max_model_len=%d "
             "in %.1fs", self.model_id, mc.dtype, self.kv_cache.dtype_name, num_blocks, cc.block_size,
@@ -161,6 +165,7 @@ class LLMEngine:
         detokenize: bool = True,
         export_blocks: bool = False,
         export_skip: Container[bytes] = (),
+        pin_export: bool = False,
         rng_state: bytes | None = None,
         arrival_time: float | None = None,
     ) -> None:
@@ -168,7 +173,8 @@ class LLMEngine:
         token from a prefill worker, or a stream being resumed); `detokenize=False` leaves text and
         stop strings to the caller (the gateway); `export_blocks` returns the prompt's full KV blocks
         with the last output, less those whose hash is in `export_skip` (blocks the kvstore already
-        holds: copying them out would be wasted); `rng_state` continues a seeded generator from that state; `arrival_time`
+        holds: copying them out would be wasted); with `pin_export` they stay in their pages, pinned,
+        as the output's `pinned_export`, which the caller must release on the loop thread; `rng_state` continues a seeded generator from that state; `arrival_time`
         (time.monotonic()) is when the request arrived, if earlier than now (queue-time metrics)."""
         if request_id in self._seqs:
             raise ValueError(f"request_id {request_id!r} is already running")
@@ -197,6 +203,7 @@ class LLMEngine:
             seq.append_token(t)
         seq.export_blocks = export_blocks
         seq.export_skip = export_skip
+        seq.pin_export = pin_export
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         self._seqs[request_id] = seq
@@ -220,13 +227,16 @@ class LLMEngine:
         (splitserve.transfer.pages.import_blocks)."""
         return import_blocks(self.block_manager, self.kv_cache, self.model_id, blocks)
 
-    def _export(self, seq: Sequence) -> tuple[list[tuple[BlockHeader, bytes]], list[bytes]]:
-        """(the computed full blocks of the prompt not in seq.export_skip, the hashes of all of them);
-        read before the sequence's blocks are freed."""
+    def _export(self, seq: Sequence) -> tuple[list[tuple[BlockHeader, bytes]], PinnedExport | None, list[bytes]]:
+        """(the computed full blocks of the prompt not in seq.export_skip read out, or [] and the same
+        blocks pinned (seq.pin_export); the hashes of all of them). Before the sequence's blocks are freed."""
         selected, hashes = blocks_to_export(seq.block_hashes, seq.num_prompt_tokens, seq.num_computed_tokens,
                                             self.config.cache.block_size, seq.export_skip)
-        return read_blocks(self.kv_cache, self.block_manager.block_table(seq.seq_id), selected,
-                           self.model_id), hashes
+        table = self.block_manager.block_table(seq.seq_id)
+        if seq.pin_export:
+            pinned = PinnedExport(self.kv_cache, self.block_manager, table, selected, self.model_id, self.defer)
+            return [], pinned, hashes
+        return read_blocks(self.kv_cache, table, selected, self.model_id), None, hashes
 
     def abort_request(self, request_id: str) -> bool:
         """Ends a request at once and frees its blocks; False if it is unknown or already done."""
@@ -331,11 +341,11 @@ class LLMEngine:
             self.block_manager.cache_full_blocks(seq.seq_id, seq.block_hashes, seq.num_computed_tokens,
                                                  seq.token_ids)
             self.block_manager.trim(seq.seq_id, seq.num_computed_tokens)  # slots of rejected proposals
-        exported, prompt_hashes, rng_state = [], [], b""
+        exported, pinned, prompt_hashes, rng_state = [], None, [], b""
         if reason is not None:
             seq.stop_reason = stop_reason
             if seq.export_blocks:
-                exported, prompt_hashes = self._export(seq)
+                exported, pinned, prompt_hashes = self._export(seq)
                 if seq.generator is not None:
                     rng_state = seq.generator.get_state().numpy().tobytes()
             self._end(seq, reason)
@@ -350,6 +360,7 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             exported_blocks=exported,
+            pinned_export=pinned,
             prompt_block_hashes=prompt_hashes,
             rng_state=rng_state,
             arrival_time=seq.arrival_time,

@@ -55,6 +55,7 @@ class Sequence:
         self.num_preemptions = 0
         self.export_blocks = False  # hand the prompt's KV blocks out when it finishes (prefill role)
         self.export_skip: Container[bytes] = ()  # ... less these (the kvstore holds them)
+        self.pin_export = False  # ... left pinned in their pages instead of copied out
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it

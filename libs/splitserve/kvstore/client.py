@@ -14,7 +14,7 @@ from typing import Iterable
 import grpc
 
 from splitserve import tracing
-from splitserve.transfer.block import BlockHeader, KVBlockError, payload_checksum
+from splitserve.transfer.block import BlockHeader, KVBlockError, PagePayload, payload_checksum
 from splitserve.kvstore import shm
 from splitserve.kvstore.protocol import CHUNK_BYTES, block_chunks, reassemble_get
 from splitserve.rpc import DEFAULT_MAX_MESSAGE_BYTES, channel
@@ -23,6 +23,7 @@ from splitserve.v1 import kvstore_pb2, kvstore_pb2_grpc
 SHM_BATCH_BLOCKS = 32  # blocks per CommitSlots call: writing one batch overlaps the store checking the last
 MAX_RESERVE_BLOCKS = 1024  # slots asked for per ReserveSlots call
 RECEIVE_BUFFER_BYTES = 8 << 20  # most bytes of get buffers a client keeps for reuse (beyond, the heap's freed memory)
+IOV_MAX = 1024  # buffers one pwritev takes (Linux's limit)
 log = logging.getLogger(__name__)
 
 
@@ -126,10 +127,11 @@ class KVStoreClient:
         """`contains` without waiting: a grpc.Future of the ContainsResponse (its `present` flags)."""
         return self._stub.Contains.future(kvstore_pb2.ContainsRequest(block_hashes=hashes), timeout=self.timeout_s)
 
-    def put(self, blocks: Iterable[tuple[BlockHeader, bytes]], lease_id: str = "",
+    def put(self, blocks: Iterable[tuple[BlockHeader, bytes | PagePayload]], lease_id: str = "",
             lease_ttl_s: float = 0.0) -> kvstore_pb2.PutResponse:
-        """Stores the blocks, each pinned under `lease_id` for at most lease_ttl_s. RpcError from the
-        store (a refused block: INVALID_ARGUMENT; no room: RESOURCE_EXHAUSTED) propagates."""
+        """Stores the blocks, each pinned under `lease_id` for at most lease_ttl_s. A payload is
+        bytes-like or a PagePayload (a pinned page's slices, written straight into the slot). RpcError
+        from the store (a refused block: INVALID_ARGUMENT; no room: RESOURCE_EXHAUSTED) propagates."""
         blocks = list(blocks)
         done = kvstore_pb2.PutResponse()
         directory = self._shm()
@@ -138,9 +140,10 @@ class KVStoreClient:
         if not blocks:
             return done
 
-        def chunks():
+        def chunks():  # a PagePayload is joined here, one block at a time
             for header, payload in blocks:
-                yield from block_chunks(header.block_hash, header.to_bytes(), payload, self.chunk_bytes,
+                data = payload.tobytes() if isinstance(payload, PagePayload) else payload
+                yield from block_chunks(header.block_hash, header.to_bytes(), data, self.chunk_bytes,
                                         lease_id, lease_ttl_s)
         _add_counts(done, self._stub.Put(chunks(), timeout=self.timeout_s))
         return done
@@ -336,7 +339,19 @@ def _unused(buf: bytearray) -> bool:
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
-    """Writes all of `data` at `offset` (one write on tmpfs; a short one is finished here)."""
+    """Writes all of `data` (bytes-like, or a PagePayload's slices in one vectored write) at
+    `offset` (one write on tmpfs; a short one is finished here)."""
+    if isinstance(data, PagePayload):
+        parts = [memoryview(part) for part in data.parts]
+        while parts:
+            done = os.pwritev(fd, parts[:IOV_MAX], offset)
+            offset += done
+            while parts and done >= parts[0].nbytes:
+                done -= parts[0].nbytes
+                parts.pop(0)
+            if done:
+                parts[0] = parts[0][done:]
+        return
     view = memoryview(data)
     done = 0
     while done < view.nbytes:

@@ -113,8 +113,33 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__} {text[:60] + '...' if len(text) > 60 else text}"
 
 
-def payload_checksum(payload: bytes | bytearray | memoryview) -> int:
-    """The checksum a header carries for `payload`: 64-bit xxh3 (seed 0)."""
+class PagePayload:
+    """A block's payload as the slices of the cache's pages it is made of (`KVCache.block_parts`, in
+    payload order), not joined: what a pinned export (splitserve.transfer.pages.PinnedExport) hands
+    to the kvstore client, which writes the slices straight into its slot. len() is the payload's
+    bytes; `tobytes` joins them (a stream's chunks, one block at a time)."""
+
+    __slots__ = ("parts", "nbytes")
+
+    def __init__(self, parts: list[memoryview]) -> None:
+        self.parts = parts
+        self.nbytes = sum(part.nbytes for part in parts)
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def tobytes(self) -> bytes:
+        return b"".join(self.parts)
+
+
+def payload_checksum(payload: bytes | bytearray | memoryview | PagePayload) -> int:
+    """The checksum a header carries for `payload`: 64-bit xxh3 (seed 0). A PagePayload's slices are
+    hashed in order, as the joined bytes would be."""
+    if isinstance(payload, PagePayload):
+        state = xxhash.xxh3_64()
+        for part in payload.parts:
+            state.update(part)
+        return state.intdigest()
     return xxhash.xxh3_64_intdigest(payload)
 
 
@@ -130,10 +155,12 @@ def dtype_name(dtype: "torch.dtype") -> str:
 
 
 def encode_block(
-    cache: "KVCache", block_id: int, block_hash: bytes, model_id: str
-) -> tuple[BlockHeader, bytes]:
-    """The header and payload of one cached block, ready to send."""
-    payload = cache.read_block(block_id)
+    cache: "KVCache", block_id: int, block_hash: bytes, model_id: str, copy: bool = True
+) -> tuple[BlockHeader, bytes | PagePayload]:
+    """The header and payload of one cached block, ready to send. With copy=False (a CPU cache) the
+    payload is the block's page slices (PagePayload), valid only while the block stays pinned."""
+    parts = None if copy else cache.block_parts(block_id)
+    payload = cache.read_block(block_id) if parts is None else PagePayload(parts)
     header = BlockHeader(
         block_hash=block_hash, model_id=model_id, num_layers=cache.num_layers,
         num_kv_heads=cache.num_kv_heads, head_dim=cache.head_dim, block_size=cache.block_size,

@@ -4,8 +4,10 @@ request, and recording in Redis that this worker's prefix cache holds all of the
 
 When the prompt is queued, one Contains call asks the kvstore which of its full blocks it already
 holds; it runs during the prefill (`StoredBlocks`), so on a prefix-cache hit, where nearly every
-block is stored, the hit costs the suffix's compute and little more. The engine reads the other
-blocks out before the sequence is freed (splitserve.transfer.pages).
+block is stored, the hit costs the suffix's compute and little more. The engine pins the other
+blocks' pages before the sequence is freed (splitserve.transfer.pages.PinnedExport): their payloads
+go from the pages straight into the kvstore's slots (no copy on the loop thread, none held in the
+worker), and the pages are unpinned once the put is over.
 
 Metrics, per export: kv_transfer_bytes/seconds{direction="put"} (payload bytes of the blocks put,
 duration of the put call), kv_transfer_failures{direction="put"} when the kvstore could not take them.
@@ -19,7 +21,7 @@ from typing import Any, NamedTuple, Protocol
 
 import grpc
 
-from splitserve.transfer.pages import Block
+from splitserve.transfer.pages import Block, PinnedExport
 
 
 class BlockSink(Protocol):
@@ -31,7 +33,8 @@ class BlockSink(Protocol):
         """A grpc.Future whose result has `present`, one flag per hash."""
 
     def put(self, blocks: list[Block], lease_id: str = "", lease_ttl_s: float = 0.0) -> Any:
-        """Stores the blocks under the lease; grpc.RpcError when the store cannot."""
+        """Stores the blocks (payloads bytes-like or PagePayload) under the lease; grpc.RpcError when
+        the store cannot."""
 
 
 class StoredBlocks:
@@ -95,16 +98,23 @@ class BlockExporter:
             return frozenset(prompt_hashes)
         return StoredBlocks(prompt_hashes, self.store.contains_future(prompt_hashes))
 
-    def export(self, request_id: str, prompt_hashes: list[bytes], blocks: list[Block]) -> ExportResult:
-        """Puts `blocks` (the prompt's blocks the kvstore lacked) under a lease named `request_id`
-        while recording all `prompt_hashes` as held here; returns once both are done, so the next
-        request is routed here."""
-        skipped = len(prompt_hashes) - len(blocks)
-        self.num_blocks_skipped += skipped
-        recorded = self._recorder.submit(self._record_ownership, prompt_hashes)
-        address, error = self._put(request_id, blocks)
-        recorded.result()
-        return ExportResult(address, len(blocks) if address else 0, skipped, error)
+    def export(self, request_id: str, prompt_hashes: list[bytes], blocks: list[Block] | PinnedExport) -> ExportResult:
+        """Puts `blocks` (the prompt's blocks the kvstore lacked: read out, or pinned in the cache's
+        pages, which are released here once the put is over) under a lease named `request_id` while
+        recording all `prompt_hashes` as held here; returns once both are done, so the next request
+        is routed here."""
+        pinned = blocks if isinstance(blocks, PinnedExport) else None
+        try:
+            skipped = len(prompt_hashes) - len(blocks)
+            self.num_blocks_skipped += skipped
+            recorded = self._recorder.submit(self._record_ownership, prompt_hashes)
+            # a pinned export's headers are made here, off the loop thread (the checksums read the pages)
+            address, error = self._put(request_id, pinned.blocks() if pinned is not None and self.store else blocks)
+            recorded.result()
+            return ExportResult(address, len(blocks) if address else 0, skipped, error)
+        finally:
+            if pinned is not None:
+                pinned.release()
 
     def _put(self, request_id: str, blocks: list[Block]) -> tuple[str, str]:
         """(the kvstore's address or "" when the put failed, the failure's status code name or "")."""

@@ -1,13 +1,15 @@
 """KV blocks in and out of the paged cache: which of a finished prefill's blocks are read out
-(`blocks_to_export`, `read_blocks`), and writing received blocks into free pages registered in the
-prefix cache (`import_blocks`). The engine calls these on its loop thread; they touch the cache
-and the block manager only through the block manager's import API (allocate_cached_block /
-release_block), so no other code handles free lists or refcounts.
+(`blocks_to_export`, `read_blocks`, or left pinned in their pages for the caller to write out:
+`PinnedExport`), and writing received blocks into free pages registered in the prefix cache
+(`import_blocks`). The engine calls these on its loop thread; they touch the cache and the block
+manager only through the block manager's import and pin API (allocate_cached_block / release_block,
+pin / unpin), so no other code handles free lists or refcounts.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Container
+import threading
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING
 
 from splitserve.transfer.block import BlockHeader, KVBlockError, encode_block, import_block
@@ -36,6 +38,66 @@ def read_blocks(cache: "KVCache", block_table: list[int], selected: list[tuple[i
     """The header and payload of each selected block (index into `block_table`, hash), in order;
     read before the sequence's pages are freed."""
     return [encode_block(cache, block_table[i], h, model_id) for i, h in selected]
+
+
+class PinnedExport:
+    """A finished prefill's exported blocks left in its cache's pages, pinned (BlockManager.pin),
+    instead of copied out on the loop thread: the caller encodes them (`blocks`: the checksums read
+    the pages, the payloads alias them) on its own thread, puts them, then gives the pages back with
+    `release`, whatever happened to the put. Made on the engine's thread; `release` may run on any
+    thread: the unpin goes through `defer` (EngineLoop: run on the loop thread between two steps;
+    None: at once, for a caller on the engine's thread). An export nobody released (its request's
+    caller went away before reading it) is released when it is collected.
+    A cache off the CPU has no page slices to alias: its blocks are copied out here, as
+    `read_blocks` does, and nothing is pinned."""
+
+    def __init__(self, cache: "KVCache", block_manager: "BlockManager", block_table: list[int],
+                 selected: list[tuple[int, bytes]], model_id: str,
+                 defer: Callable[[Callable[[], None]], object] | None = None) -> None:
+        self._cache, self._block_manager, self._model_id, self._defer = cache, block_manager, model_id, defer
+        self._lock = threading.Lock()
+        self._ids = [(block_table[i], h) for i, h in selected]
+        self._copied: list[Block] | None = None
+        self._pinned: list[int] | None = []
+        if self._ids and cache.block_parts(self._ids[0][0]) is None:
+            self._copied = [encode_block(cache, b, h, model_id) for b, h in self._ids]
+        else:
+            self._pinned = [b for b, _ in self._ids]
+            block_manager.pin(self._pinned)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def block_hashes(self) -> list[bytes]:
+        return [h for _, h in self._ids]
+
+    def blocks(self) -> list[Block]:
+        """Each block's header and payload (a PagePayload over the pinned pages), in order; any
+        thread, before `release`."""
+        if self._copied is not None:
+            return self._copied
+        if self._pinned is None:
+            raise RuntimeError("the exported blocks were released: their pages may hold other KV now")
+        return [encode_block(self._cache, b, h, self._model_id, copy=False) for b, h in self._ids]
+
+    def release(self) -> None:
+        """Unpins the pages (through `defer`: the block manager is the engine thread's); the first
+        call only."""
+        with self._lock:
+            pinned, self._pinned = self._pinned, None
+        if pinned:
+            block_manager = self._block_manager
+            if self._defer is None:
+                block_manager.unpin(pinned)
+            else:
+                self._defer(lambda: block_manager.unpin(pinned))
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown: the pool goes with the process
+            pass
 
 
 def import_blocks(block_manager: "BlockManager", cache: "KVCache", model_id: str, blocks: list[Block]) -> int:
