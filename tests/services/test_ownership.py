@@ -131,13 +131,14 @@ def test_reporter_rebuilds_ownership_after_an_outage(owner):
             reporter.record(held)
             assert reg.owners(held) == [{owner}] * 3
             server.stop()
-            reporter.record(held)  # fails once, then skipped while down
+            held += hashes(1, "new")
+            reporter.record(held)  # the new block's record fails once, then records are skipped while down
             assert not reporter.synced
             server = EmbeddedRedis(port=server.port).start()  # a new, empty Redis
             deadline = time.monotonic() + 5
             while not reporter.synced and time.monotonic() < deadline:
                 time.sleep(0.02)
-            assert reg.owners(held) == [{owner}] * 3
+            assert reg.owners(held) == [{owner}] * 4
         finally:
             reporter.stop()
     finally:
@@ -157,3 +158,38 @@ def test_embedded_redis_leaves_no_process():
     server.stop()
     assert proc.poll() is not None and not server.running
     server.stop()  # idempotent
+
+
+def test_reporter_sends_only_blocks_it_has_not_recorded(redis_url, owner):
+    """A prefix hit records its whole prompt again: the blocks recorded already cost no Redis
+    command; a removed block is recorded again when it comes back; a resync (the refresh) makes
+    what Redis holds and what the reporter knows the snapshot again."""
+    reg = OwnershipRegistry(redis_url)
+    held: list[bytes] = []
+    reporter = OwnershipReporter(reg, owner, snapshot=lambda: list(held), refresh_s=60)
+    reporter.start()
+    try:
+        prefix, (x, y) = hashes(4, "prefix"), hashes(2, "suffix")
+        held += prefix + [x]
+        reporter.record(prefix + [x])
+        trips = reg.round_trips
+        reporter.record(prefix + [x])  # a full hit: nothing new
+        assert reg.round_trips == trips and reporter.num_recorded == 5
+        held.append(y)
+        reporter.record(prefix + [y])  # a hit with another suffix: only y is sent
+        assert reg.round_trips == trips + 1
+        assert reg.owners(prefix + [x, y]) == [{owner}] * 6
+        reporter.remove([prefix[3]])  # evicted
+        assert reg.owners([prefix[3]]) == [set()]
+        reporter.record(prefix)  # cached again: recorded again
+        assert reg.owners([prefix[3]]) == [{owner}] and reporter.num_recorded == 6
+        redis.Redis.from_url(redis_url).delete(BLOCK_KEY_PREFIX + x.hex())  # lost behind our back
+        reporter.record([x])
+        assert reg.owners([x]) == [set()]  # not resent: the reporter believes Redis has it ...
+        held.remove(y)
+        reporter._resync()  # ... until the refresh re-records what is held
+        assert reg.owners([x]) == [{owner}] and reporter.num_recorded == 5
+        reporter.record([y])
+        assert reg.owners([y]) == [{owner}]
+    finally:
+        reporter.stop()

@@ -198,6 +198,8 @@ def _parse(kind: str, body: dict, max_model_len: int | None = None):
     (b"[" * 100_000 + b"]" * 100_000, None, "deeper than"),
     (b'{"a":' * 40 + b"1" + b"}" * 40, None, "deeper than"),
     (b'{"a":' * 5000 + b"1" + b"}" * 5000, None, "deeper than"),
+    (b'{"p": ' + b"[" * 31 + b"1, 2" + b"]" * 31 + b"}", None, "deeper than"),  # numbers a level too deep
+    (b'{"prompt": [1, 2, [3, "\ud800"]]}', "prompt[2][1]", "surrogate"),  # a string among numbers
     (b'{"max_tokens": 1' + b"0" * 5000 + b"}", None, "digits"),
     (b"", None, "not valid JSON"),
     (b"\xff\xfe\x00", None, "not UTF-8"),
@@ -206,6 +208,11 @@ def _parse(kind: str, body: dict, max_model_len: int | None = None):
 def test_hostile_json_is_a_400_naming_what_is_wrong(raw, param, words):
     err = error_of(parse_json, raw)
     assert err.status == 400 and err.param == param and words in err.message, err.message
+
+
+def test_json_nesting_up_to_the_limit_is_accepted():
+    assert parse_json(b'{"p": ' + b"[" * 30 + b"1, 2" + b"]" * 30 + b"}")  # numbers at level 32
+    assert parse_json(b'{"p": ' + b"[" * 30 + b"[]" + b"]" * 30 + b"}")  # an empty list at level 32
 
 
 def test_json_encodings_and_declared_charsets():

@@ -89,7 +89,11 @@ def _check_tree(body: dict) -> None:
                                    "surrogate escape (\\ud800-\\udfff)", path or None, "invalid_string")
                 todo.append((item, name, depth + 1))
         elif isinstance(value, list):
-            todo.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value))
+            if depth < MAX_JSON_DEPTH:  # numbers, booleans and nulls hold nothing to check: skipped
+                todo.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)
+                            if isinstance(item, (str, dict, list)))
+            else:  # an item here is too deep, whatever it is
+                todo.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value[:1]))
 
 
 def json_type(v: Any) -> str:

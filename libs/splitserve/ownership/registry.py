@@ -187,7 +187,11 @@ class OwnershipReporter:
       entries (one EXISTS): a Redis that went down and came back empty while this process had no
       traffic (nothing failed on the hot path) is noticed within check_s, not after refresh_s
       (minutes), and the entries are rebuilt; an unreachable Redis starts the outage handling.
-    Entries may be stale for up to the registry's TTL (a block evicted during a resync).
+    - A block already recorded (since the last resync, and not removed since) is not sent again:
+      a prefix hit re-records its whole prompt, and the refresh keeps recorded blocks alive, so only
+      the blocks new to this process cost a Redis command on the hot path.
+    Entries may be stale for up to the registry's TTL (a block evicted during a resync), and a
+    block may go unrecorded until the next refresh (one whose record and eviction raced).
     """
 
     _BATCH = 1024  # hashes per pipelined record during a resync
@@ -208,6 +212,8 @@ class OwnershipReporter:
         self._warned = False  # the current outage has been logged
         self._stop = threading.Event()
         self._wake = threading.Event()  # set when an outage starts or on stop: the thread re-plans
+        self._recorded: set[bytes] = set()  # what Redis holds for us, as far as we know (under _lock)
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     @property
@@ -227,21 +233,38 @@ class OwnershipReporter:
             self._thread = None
 
     def record(self, hashes: list[bytes]) -> None:
-        self._send(self.registry.record, hashes)
+        """Records the blocks not recorded already (one round trip when there are any)."""
+        with self._lock:
+            new = [h for h in dict.fromkeys(hashes) if h not in self._recorded]
+        if self._send(self.registry.record, new):
+            with self._lock:
+                self._recorded.update(new)
 
     def remove(self, hashes: list[bytes]) -> None:
+        with self._lock:
+            self._recorded.difference_update(hashes)
         self._send(self.registry.remove, hashes)
 
-    def _send(self, op, hashes: list[bytes]) -> None:
+    @property
+    def num_recorded(self) -> int:
+        """Blocks recorded and not removed since the last resync."""
+        return len(self._recorded)
+
+    def _send(self, op, hashes: list[bytes]) -> bool:
+        """True when Redis took the command."""
         if not hashes or not self._synced:
-            return
+            return False
         try:
             op(self.owner, hashes)
+            return True
         except OwnershipUnavailable as e:
             self._lost(e)
+            return False
 
     def _lost(self, error: Exception) -> None:
         self._synced = False
+        with self._lock:
+            self._recorded.clear()
         self._wake.set()
         if not self._warned:  # once per outage
             self._warned = True
@@ -261,6 +284,8 @@ class OwnershipReporter:
             held = self._snapshot()
             for i in range(0, len(held), self._BATCH):
                 self.registry.record(self.owner, held[i:i + self._BATCH])
+            with self._lock:
+                self._recorded = set(held)
         except OwnershipUnavailable as e:
             self._lost(e)
             return
