@@ -106,31 +106,33 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
             self.worker.sync_ownership(plan.hashes)
 
     def _fetch_and_admit(self, context, call: DecodeCall, request, plan: FetchPlan, span):
-        """Fetches the blocks the plan names, part by part within the fetch buffer, imports each
-        part (the last one right before admission) and admits the request. Returns (the stream,
-        what the fetch delivered, without payloads, the blocks imported). A part that did not
-        import whole ends the fetch: the engine recomputes from the first block it lacks."""
-        parts, num_imported = [], 0
+        """Fetches the blocks the plan names into pages the engine gives them (from a same-host
+        kvstore, read straight into the pages; otherwise part by part within the fetch buffer, each
+        part written into its pages on this thread), keeps them in the prefix cache right before
+        admission (until then no part's pages can be evicted by the next's) and admits the request.
+        Returns (the stream, what the fetch delivered, without payloads, the blocks imported). A
+        part that did not import whole ends the fetch: the engine recomputes from the first block
+        it lacks."""
+        parts, imports = [], []
         admit = functools.partial(self.worker.admit, context, call.request_id, call.prompt, call.params,
                                   cache_salt=call.cache_salt, output_token_ids=call.outputs, detokenize=False,
                                   rng_state=request.rng_state or None)
         block_bytes = self.worker.engine.kv_cache.bytes_per_block
+        begin = lambda hashes: self.worker.loop.call(lambda e: e.begin_import(hashes)).result()  # noqa: E731
         with tracing.active("kv.fetch", span), \
                 contextlib.closing(self.fetcher.fetch_parts(plan, call.request_id, block_bytes,
-                                                            context.is_active)) as fetching:
-            for part, last in fetching:
+                                                            context.is_active, begin)) as fetching:
+            for part, last, pages in fetching:
+                good = pages.place(part.blocks)  # checks, and writes what arrived as bytes
                 parts.append(part._replace(blocks=[], count=part.num_blocks))  # no payloads kept
-                if last:  # imported on the loop thread right before admission: nothing evicts it between
-                    stream = admit(before=lambda e, blocks=part.blocks: e.import_blocks(blocks))
-                    return stream, Fetched.total(parts), num_imported + (stream.setup_result or 0)
-                done = self.worker.loop.call(lambda e, blocks=part.blocks: e.import_blocks(blocks)).result()
-                num_imported += done
-                if done < part.num_blocks:
+                imports.append(pages)
+                if last or good < part.num_blocks:
                     break
-                del part  # its payloads go before the next part is fetched
+                del part, pages  # its payloads go before the next part is fetched
         if plan.fetching and not parts:  # the caller went away while waiting for room: admit() ends it
             return admit(), Fetched([], True, "the call ended before its blocks were fetched", 0, 0.0), 0
-        return admit(), Fetched.total(parts), num_imported
+        stream = admit(before=lambda e: sum(pages.finish() for pages in imports))
+        return stream, Fetched.total(parts), stream.setup_result or 0
 
     def _parse(self, request, context) -> DecodeCall:
         try:

@@ -219,6 +219,32 @@ def test_a_slot_damaged_after_the_put_reads_as_missing(store):
         client.close()
 
 
+def test_a_get_reads_same_host_payloads_straight_into_the_pages_it_is_given(store):
+    """`into` names where block i goes (a page's slices): its bytes land there, checked against the
+    header's checksum, and come back as a PagePayload of those slices; a block `into` has no place
+    for comes in a buffer; a damaged slot read in place still reads as missing."""
+    source = random_cache(SMALL, 3, seed=12)
+    encoded = [encode(source, i) for i in range(3)]
+    target = KVCache(**SMALL, num_blocks=3, dtype=torch.float32)
+    client = KVStoreClient(store.address)
+    try:
+        client.put(as_blocks(encoded), lease_id="r", lease_ttl_s=30)
+        places = {0: target.block_parts(2), 2: target.block_parts(0)}  # block 1: no place
+        got = client.get([h for h, _, _ in encoded], release_lease_id="r", into=lambda i, header: places.get(i))
+        assert isinstance(got[0][1], kv_block.PagePayload) and got[0][1].parts is places[0]
+        assert not isinstance(got[1][1], kv_block.PagePayload) and bytes(got[1][1]) == encoded[1][2]
+        assert target.read_block(2) == encoded[0][2] and target.read_block(0) == encoded[2][2]
+        client.put(as_blocks(encoded), lease_id="r2", lease_ttl_s=30)
+        payload = store.store._blocks[encoded[0][0]].payload
+        fd = os.open(os.path.join(store.area.path, payload.arena.name), os.O_WRONLY)
+        os.pwrite(fd, b"\xff" * 8, payload.offset + 100)
+        os.close(fd)
+        assert client.get([encoded[0][0]], release_lease_id="r2", into=lambda i, header: target.block_parts(1)) == []
+        assert store.store.stats().num_leases == 0
+    finally:
+        client.close()
+
+
 def test_blocks_put_through_streams_are_read_through_a_stream(store):
     cache = random_cache(SMALL, 3, seed=9)
     a, b, c = (encode(cache, i) for i in range(3))

@@ -173,12 +173,61 @@ def test_a_pinned_export_is_put_from_its_pages_and_released_whatever_the_put_did
         assert [p.tobytes() for _, p in got] == [cache.read_block(table[0]), cache.read_block(table[2])]
 
 
+def test_a_page_import_reads_into_its_pages_and_keeps_the_good_leading_blocks():
+    """begin gives each block not cached a page (lookup sees it, a prefix match not yet), up to the
+    first without one; payloads land in place (a same-host read) or are written from bytes (a
+    stream); place stops at the first bad block; finish keeps the good leading ones cached and frees
+    the others' pages; an import never finished is finished with nothing kept when collected."""
+    import gc
+
+    from splitserve.transfer.block import PagePayload
+    from splitserve.transfer.pages import PageImport
+
+    source = cache_with_blocks(6, seed=3)
+    wire = [encode_block(source, i, H[i], MODEL) for i in range(5)]
+    cache, bm = cache_with_blocks(6, seed=4), BlockManager(6, BS)
+    cached = bm.allocate_cached_block(H[1])  # H[1] is cached already
+    bm.release_block(cached)
+    assert bm.allocate_slots("busy", 2 * BS)  # 2 pages taken: 3 left for the import
+    imp = PageImport(cache, bm, MODEL, H[:5])
+    assert imp.hashes == H[:4] and imp.ids[1] is None and None not in (imp.ids[0], imp.ids[2], imp.ids[3])
+    assert bm.lookup(H[0]) == imp.ids[0] and bm.find_cached_prefix(H[:1] + [b"x"], 2 * BS).num_cached_tokens == 0
+    arrived = []
+    for i, (header, payload) in enumerate(wire[:4]):
+        dest = imp.into(i, header)
+        if i == 2:  # came through a stream: bytes, written by place
+            arrived.append((header, payload))
+            continue
+        if dest is None:
+            arrived.append((header, payload))
+            continue
+        flat = memoryview(payload)
+        at = 0
+        for part in dest:  # what the kvstore client's read does
+            part[:] = flat[at:at + part.nbytes]
+            at += part.nbytes
+        arrived.append((header, PagePayload(dest)))
+    damaged = bytearray(wire[3][1])
+    damaged[5] ^= 1
+    assert imp.place(arrived[:3] + [(wire[3][0], bytes(damaged))]) == 3  # the 4th fails its checksum
+    assert imp.finish() == 3 and imp.finish() == 0  # once
+    assert [bm.lookup(h) is not None for h in H[:4]] == [True, True, True, False]
+    assert [cache.read_block(bm.lookup(H[i])) for i in (0, 2)] == [wire[0][1], wire[2][1]]  # H[1] was there
+    assert bm.num_free_blocks == 6 - 2  # the busy sequence's; the imported pages are cached, evictable
+
+    lost = PageImport(cache, bm, MODEL, [H[3], H[4]])
+    taken = [b for b in lost.ids]
+    del lost
+    gc.collect()
+    assert [bm.lookup(h) for h in (H[3], H[4])] == [None, None] and all(bm.ref_count(b) == 0 for b in taken)
+
+
 # ------------------------------------------------------------------ fetch (decode side)
 class FakeSource:
     def __init__(self, blocks=(), error=None):
         self.blocks, self.error, self.asked = {h.block_hash: (h, p) for h, p in blocks}, error, []
 
-    def get(self, hashes, release_lease_id=""):
+    def get(self, hashes, release_lease_id="", into=None):  # another host's: `into` unused
         self.asked.append((list(hashes), release_lease_id))
         if self.error is not None:
             raise self.error
@@ -188,6 +237,63 @@ class FakeSource:
                 break
             out.append(self.blocks[h])
         return out
+
+
+class SameHostSource(FakeSource):
+    """A same-host kvstore: payloads read where `into` says (as KVStoreClient.get does)."""
+
+    transport = "shm"
+
+    def get(self, hashes, release_lease_id="", into=None):
+        from splitserve.transfer.block import PagePayload
+
+        out = []
+        for i, (header, payload) in enumerate(super().get(hashes, release_lease_id)):
+            dest = into(i, header) if into is not None else None
+            if dest is None:
+                out.append((header, payload))
+                continue
+            flat, at = memoryview(payload), 0
+            for part in dest:
+                part[:] = flat[at:at + part.nbytes]
+                at += part.nbytes
+            out.append((header, PagePayload(dest)))
+        return out
+
+
+@pytest.mark.parametrize("same_host", [True, False])
+def test_fetch_parts_into_pages(same_host):
+    """With the engine's page imports: from a same-host kvstore one part of every block, read into
+    its pages, the fetch buffer untouched; from another host, parts within the buffer, each with its
+    pages (the payloads written by place; no part's pages are evicted for the next's while none is
+    finished). A part some blocks found no page for is the last, failed, and releases the prefill's
+    lease."""
+    from splitserve.transfer.pages import PageImport
+
+    source_cache = cache_with_blocks(6, seed=5)
+    blocks = [encode_block(source_cache, i, H[i], MODEL) for i in range(6)]
+    size = len(blocks[0][1])
+    source = (SameHostSource if same_host else FakeSource)(blocks)
+    fetcher = BlockFetcher({"kv:1": source}.__getitem__, FakeMetrics(), buffer_bytes=2 * size)
+    cache, bm = cache_with_blocks(6, seed=6), BlockManager(6, BS)
+    assert bm.allocate_slots("busy", BS)  # 5 pages left for 6 blocks
+    held = []
+    begin = lambda hashes: PageImport(cache, bm, MODEL, hashes)  # noqa: E731
+    imports = []  # finished together, at the end (the decode server: right before admission)
+    for part, last, pages in fetcher.fetch_parts(FetchPlan(H[:6], 0, "kv:1"), "req", size, begin=begin):
+        held.append(fetcher.buffer.held)
+        assert pages.place(part.blocks) == part.num_blocks
+        imports.append(pages)
+        if last:
+            assert part.failed  # the 6th block had no page
+            break
+    assert sum(pages.finish() for pages in imports) == 5 and [bm.lookup(h) is not None for h in H[:6]] == [True] * 5 + [False]
+    assert [cache.read_block(bm.lookup(H[i])) for i in range(5)] == [p for _, p in blocks[:5]]
+    if same_host:
+        assert source.asked == [(H[:5], "req")] and held == [0]
+    else:
+        assert source.asked == [(H[:2], ""), (H[2:4], ""), (H[4:5], "req")] and held == [2 * size] * 3
+    assert fetcher.buffer.held == 0
 
 
 def test_plan_fetches_what_follows_the_local_prefix():
@@ -240,11 +346,11 @@ def test_fetcher_counts_and_records_metrics_per_call():
     metrics, sources = FakeMetrics(), {"kv:1": FakeSource(wire_blocks(H[:2])), "kv:2": FakeSource(error=Unavailable())}
     fetcher = BlockFetcher(sources.__getitem__, metrics)
     ok_plan = FetchPlan(H[:2], 0, "kv:1")
-    ((ok, last),) = fetcher.fetch_parts(ok_plan, "a", block_bytes=1)  # a buffer of 32 MiB: one part
+    ((ok, last, _),) = fetcher.fetch_parts(ok_plan, "a", block_bytes=1)  # a buffer of 32 MiB: one part
     assert last and not ok.failed
     fetcher.settle(ok_plan, ok, 2)
     down_plan = FetchPlan(H[:2], 0, "kv:2")
-    ((down, last),) = fetcher.fetch_parts(down_plan, "b", block_bytes=1)
+    ((down, last, _),) = fetcher.fetch_parts(down_plan, "b", block_bytes=1)
     assert last and down.failed and down.error
     fetcher.settle(down_plan, down, 0)
     payload = len(ok.blocks[0][1])
@@ -261,7 +367,7 @@ def test_fetch_parts_stay_within_the_buffer_and_only_the_last_releases_the_lease
     plan = FetchPlan(H[:6], 1, "kv:1")
     seen = []
     with contextlib.closing(fetcher.fetch_parts(plan, "req-9", size)) as parts:
-        for part, last in parts:
+        for part, last, _ in parts:
             seen.append(([h.block_hash for h, _ in part.blocks], last, fetcher.buffer.held))
     assert seen == [(H[1:3], False, 2 * size), (H[3:5], False, 2 * size), (H[5:6], True, size)]
     assert source.asked == [(H[1:3], ""), (H[3:5], ""), (H[5:6], "req-9")]  # the lease goes with the last
@@ -278,10 +384,10 @@ def test_a_short_part_is_the_last_and_a_closed_iteration_gives_its_room_back():
     source = FakeSource([b for b in blocks if b[0].block_hash != H[3]])  # H[3] was evicted
     fetcher = BlockFetcher({"kv:1": source}.__getitem__, FakeMetrics(), buffer_bytes=2 * size)
     parts = list(fetcher.fetch_parts(FetchPlan(H[:6], 0, "kv:1"), "r", size))
-    assert [([h.block_hash for h, _ in p.blocks], last, p.failed) for p, last in parts] == \
+    assert [([h.block_hash for h, _ in p.blocks], last, p.failed) for p, last, _ in parts] == \
         [(H[:2], False, False), (H[2:3], True, True)]
     assert source.asked == [(H[:2], ""), (H[2:4], "")]  # nothing asked after the short part
-    summary = Fetched.total([p for p, _ in parts])
+    summary = Fetched.total([p for p, _, _ in parts])
     assert settle(FetchPlan(H[:6], 0, "kv:1"), summary, 3) == (0, 3, True, True)
     it = fetcher.fetch_parts(FetchPlan(H[:6], 0, "kv:1"), "r", size)
     next(it)

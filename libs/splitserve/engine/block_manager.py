@@ -76,7 +76,7 @@ class BlockManager:
         self._num_cache_checked: dict[str, int] = {}
         # Blocks holding the one reference taken by allocate_cached_block, not yet released.
         self._importing: set[int] = set()
-        self._pins: dict[int, int] = {}  # block -> references taken by `pin`, not yet given back
+        self._pins: Counter[int] = Counter()  # block -> references taken by `pin`, not yet given back
         self._stats = PrefixCacheStats()
         self.track_evictions = False  # a worker turns this on to keep Redis ownership in step
         self.evicted_hashes: list[bytes] = []
@@ -106,6 +106,8 @@ class BlockManager:
     def num_cached_blocks(self) -> int:
         return len(self._hash_to_block)
 
+    num_pinned_blocks = property(lambda self: len(self._pins))  # blocks held by `pin` now
+
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[self._check_block_id(block_id)]
 
@@ -114,23 +116,19 @@ class BlockManager:
     def find_cached_prefix(self, block_hashes: list[bytes], num_tokens: int, record: bool = True,
                            token_ids: Sequence[int] | None = None) -> PrefixMatch:
         """The longest cached prefix of a sequence; takes no references.
-
         First the longest run of leading blocks whose hashes are cached, capped at
         (num_tokens - 1) // block_size blocks, so at least one token is left to compute (the model
         needs the last token's logits) and hashes past num_tokens are ignored. A block still being
         imported (allocate_cached_block, not yet released) ends the run.
-
         Then, given the sequence's `token_ids` (and a `copy_tokens` hook), a partial hit: among the
         cached blocks that follow the same parent block, the one sharing the most leading tokens
         with the sequence's next block (still leaving one token to compute). `allocate_slots` copies
         those tokens' KV into the sequence's own block, so a prompt that diverges in the middle of a
         block, or a repeated prompt, recomputes only what is new (a prompt sharing a 1,000-token
         prefix computes its own suffix, not the prefix's last 8 tokens as well).
-
         Counts queries += num_tokens and hits += num_cached_tokens (nothing when caching is
         disabled), unless `record` is False: a caller that may not use the match (admission can
-        fail) records it with `record_prefix_query` once it does.
-        """
+        fail) records it with `record_prefix_query` once it does."""
         if not isinstance(num_tokens, int) or num_tokens < 1:
             raise ValueError(f"num_tokens must be a positive integer, got {num_tokens!r}")
         if not self.enable_prefix_caching:
@@ -168,14 +166,12 @@ class BlockManager:
 
     def allocate_slots(self, seq_id: str, num_tokens: int, prefix: PrefixMatch | None = None) -> bool:
         """Ensures seq_id owns ceil(num_tokens / block_size) blocks; never shrinks a table.
-
         On the first call (seq_id unknown) the prefix blocks come first: refcount +1, out of the free
         queue if they were unreferenced. Then fresh blocks are popped from the free-queue head, which
         evicts their hashes. With a partial hit, the first fresh block receives the shared tokens'
         KV from the prefix's partial block (held meanwhile, so the pops cannot evict it). Returns
         False, changing nothing, when too few blocks are free. A prefix is only accepted on the first
-        call and must be fresh (see PrefixMatch); else ValueError.
-        """
+        call and must be fresh (see PrefixMatch); else ValueError."""
         if not isinstance(num_tokens, int) or num_tokens < 0:
             raise ValueError(f"num_tokens must be a non-negative integer, got {num_tokens!r}")
         table = self._tables.get(seq_id)
@@ -240,12 +236,10 @@ class BlockManager:
         """Registers the sequence's fully computed blocks (i < num_computed_tokens // block_size and
         i < len(block_hashes)) in the prefix cache; with the sequence's `token_ids`, each newly
         registered block also becomes a candidate for partial hits (find_cached_prefix).
-
         A block already registered is skipped. If another block already holds the hash (two sequences
         computed the same block concurrently), the existing mapping stays and this block stays
         unhashed: it is freed as an ordinary block. Each block is considered once. An unknown
-        (already freed) seq_id is a no-op, like free().
-        """
+        (already freed) seq_id is a no-op, like free()."""
         table = self._tables.get(seq_id)
         if table is None:  # freed meanwhile (abort): its blocks are no longer its to cache
             return
@@ -277,11 +271,9 @@ class BlockManager:
         self._num_cache_checked[seq_id] = max(self._num_cache_checked[seq_id], num_full)
 
     def free(self, seq_id: str) -> None:
-        """Drops the sequence's references; idempotent (an unknown seq_id is a no-op).
-
-        Blocks reaching refcount 0 join the free-queue tail in reverse table order, so a sequence's
-        last blocks are evicted before its first ones and a shared prefix stays cached longest.
-        """
+        """Drops the sequence's references; idempotent (an unknown seq_id is a no-op). Blocks reaching
+        refcount 0 join the free-queue tail in reverse table order, so a sequence's last blocks are
+        evicted before its first ones and a shared prefix stays cached longest."""
         table = self._tables.pop(seq_id, None)
         self._num_cache_checked.pop(seq_id, None)
         for block_id in reversed(table or ()):
@@ -296,13 +288,11 @@ class BlockManager:
     def allocate_cached_block(self, block_hash: bytes) -> int | None:
         """A fresh block registered under block_hash, holding one reference, for KV imported from
         elsewhere; None if no block is free.
-
         The reference keeps the block from eviction while the caller writes its KV. Until
         release_block, lookup() sees the block (so it is not imported twice) but find_cached_prefix
         does not (its KV is not written yet). Call release_block(block_id) once the KV is written, or
         release_block(block_id, keep_cached=False) if the import failed.
-        Raises ValueError if block_hash is already cached (check lookup() first) or caching is off.
-        """
+        Raises ValueError if block_hash is already cached (check lookup() first) or caching is off."""
         if not self.enable_prefix_caching:
             raise ValueError("allocate_cached_block: prefix caching is disabled")
         if not isinstance(block_hash, bytes) or not block_hash:
@@ -332,32 +322,21 @@ class BlockManager:
             self._free.move_to_end(block_id, last=False)  # its KV is garbage: reuse it first
 
     def pin(self, block_ids: list[int]) -> None:
-        """Takes one reference on each block (a block may appear more than once), so none is freed,
-        evicted or written until `unpin` gives them back: a finished prefill's exported blocks are
-        read from their pages while the engine goes on (splitserve.transfer.pages.PinnedExport).
-        The blocks must be held now (by a sequence or an earlier pin)."""
-        for block_id in block_ids:
-            if self._ref_counts[self._check_block_id(block_id)] == 0:
-                raise ValueError(f"pin: block {block_id} is not held by anything")
+        """A reference on each block (held or cached now) until `unpin`: none is freed, evicted or
+        written meanwhile (a prefill's exported blocks read from their pages: PinnedExport)."""
+        if any(self._ref_counts[self._check_block_id(b)] == 0 and self._block_hash[b] is None for b in block_ids):
+            raise ValueError(f"pin: a block of {block_ids} is neither held nor cached")
+        self._pins.update(block_ids)
         for block_id in block_ids:
             self._take_ref(block_id)
-            self._pins[block_id] = self._pins.get(block_id, 0) + 1
 
     def unpin(self, block_ids: list[int]) -> None:
-        """Gives back the references `pin` took (each block as many times as it was pinned)."""
-        for block_id, times in Counter(block_ids).items():
-            if self._pins.get(block_id, 0) < times:
-                raise ValueError(f"unpin: block {block_id!r} is not pinned {times} time(s)")
+        """Gives back the references `pin` took."""
+        if Counter(block_ids) - self._pins:
+            raise ValueError(f"unpin: {sorted(Counter(block_ids) - self._pins)} not pinned that often")
+        self._pins = self._pins - Counter(block_ids)
         for block_id in block_ids:
-            self._pins[block_id] -= 1
-            if not self._pins[block_id]:
-                del self._pins[block_id]
             self._drop_ref(block_id)
-
-    @property
-    def num_pinned_blocks(self) -> int:
-        """Blocks held by `pin` now (each counted once)."""
-        return len(self._pins)
 
     def reset_prefix_cache(self) -> bool:
         """Drops the hashes of all unreferenced blocks. Returns True if the cache is now empty,

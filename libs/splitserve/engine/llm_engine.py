@@ -18,7 +18,7 @@ from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.detokenizer import IncrementalDetokenizer, apply_stop_rules
 from splitserve.engine.hashing import hash_namespace
 from splitserve.transfer.block import BlockHeader
-from splitserve.transfer.pages import PinnedExport, blocks_to_export, import_blocks, read_blocks
+from splitserve.transfer.pages import PageImport, PinnedExport, blocks_to_export, import_blocks, read_blocks
 from splitserve.engine.kv_cache import KV_TORCH_DTYPES, KVCache
 from splitserve.engine.model_runner import ModelRunner
 from splitserve.engine.sampler import Sampler, TokenLogprobs
@@ -226,6 +226,11 @@ class LLMEngine:
         invalid or finds no page; returns how many leading blocks are now cached
         (splitserve.transfer.pages.import_blocks)."""
         return import_blocks(self.block_manager, self.kv_cache, self.model_id, blocks)
+
+    def begin_import(self, block_hashes: list[bytes]) -> PageImport:
+        """Pages for blocks to be fetched straight into them, in order, up to the first that finds
+        none (splitserve.transfer.pages.PageImport: place them, then finish on this thread)."""
+        return PageImport(self.kv_cache, self.block_manager, self.model_id, block_hashes, self.defer)
 
     def _export(self, seq: Sequence) -> tuple[list[tuple[BlockHeader, bytes]], PinnedExport | None, list[bytes]]:
         """(the computed full blocks of the prompt not in seq.export_skip read out, or [] and the same

@@ -9,7 +9,7 @@ import os
 import secrets
 import threading
 import time
-from typing import Iterable
+from typing import Callable, Iterable
 
 import grpc
 
@@ -222,11 +222,16 @@ class KVStoreClient:
                 call.cancel()
         return put, failure
 
-    def get(self, hashes: list[bytes], release_lease_id: str = "") -> list[tuple[BlockHeader, bytes]]:
+    def get(self, hashes: list[bytes], release_lease_id: str = "",
+            into: Callable[[int, BlockHeader], list[memoryview] | None] | None = None
+            ) -> list[tuple[BlockHeader, bytes | PagePayload]]:
         """The leading blocks of `hashes` the store has, in order; stops at the first missing one
         (a block whose bytes fail their checksum counts as missing). A payload is bytes (streams) or
         a read-only memoryview of a receive buffer (same host) that is reused once every view of it
-        is gone. KVBlockError when what arrived is malformed (the caller recomputes)."""
+        is gone; or, same host, where `into(i, header)` gives writable slices of exactly the payload's
+        size for block i (its page: splitserve.transfer.pages.PageImport), the payload is read
+        straight into them and is a PagePayload of those slices. KVBlockError when what arrived is
+        malformed (the caller recomputes)."""
         if not hashes:
             return []
         request = kvstore_pb2.GetRequest(block_hashes=hashes, release_lease_id=release_lease_id)
@@ -241,7 +246,7 @@ class KVStoreClient:
             self._disable_shm(e.details())  # a store restarted without shared memory
             return self._get_stream(request, hashes)
         try:
-            out, intact = self._read_slots(directory, reply, hashes)
+            out, intact = self._read_slots(directory, reply, hashes, into)
         except OSError as e:  # the store's directory went away under us
             self._disable_shm(e)
             out, intact = [], True
@@ -257,7 +262,7 @@ class KVStoreClient:
         return out + self._get_stream(kvstore_pb2.GetRequest(block_hashes=rest, release_lease_id=release_lease_id),
                                       rest)
 
-    def _read_slots(self, directory: str, reply, hashes: list[bytes]) -> tuple[list, bool]:
+    def _read_slots(self, directory: str, reply, hashes: list[bytes], into=None) -> tuple[list, bool]:
         """Copies each block out of its slot and checks it against its header, then drops the read
         lease. Returns (the leading intact blocks, False when one failed its checksum)."""
         out: list[tuple[BlockHeader, bytes]] = []
@@ -270,13 +275,19 @@ class KVStoreClient:
                     arena = self._arena_file(directory, block.arena)
                 except shm.ShmNameError as e:
                     raise KVBlockError(f"kvstore reply: {e}") from None
-                buf = self._buffers.take(header.payload_size)
-                got = os.preadv(arena.fileno(), [buf], block.offset)
-                if got != header.payload_size or payload_checksum(buf) != header.checksum:
+                dest = into(i, header) if into is not None else None
+                if dest is not None and sum(part.nbytes for part in dest) == header.payload_size:
+                    payload = PagePayload(dest)
+                    got = _preadv_all(arena.fileno(), dest, block.offset)
+                else:
+                    buf = self._buffers.take(header.payload_size)
+                    got = os.preadv(arena.fileno(), [buf], block.offset)
+                    payload = buf.toreadonly()
+                if got != header.payload_size or payload_checksum(payload) != header.checksum:
                     log.warning("kvstore %s: block %s failed its checksum in shared memory (treated as "
                                 "missing)", self.address, block.block_hash.hex()[:16])
                     return out, False
-                out.append((header, buf.toreadonly()))
+                out.append((header, payload))
             return out, True
         finally:
             if reply.read_lease_id:
@@ -336,6 +347,24 @@ def _unused(buf: bytearray) -> bool:
         return False
     buf.append(last)
     return True
+
+
+def _preadv_all(fd: int, parts: list[memoryview], offset: int) -> int:
+    """Reads into `parts`, in order, from `offset` (a short read is continued, up to the end of the
+    file); returns the bytes read."""
+    parts = [memoryview(part) for part in parts]
+    total = 0
+    while parts:
+        got = os.preadv(fd, parts[:IOV_MAX], offset + total)
+        if got == 0:
+            break
+        total += got
+        while parts and got >= parts[0].nbytes:
+            got -= parts[0].nbytes
+            parts.pop(0)
+        if got:
+            parts[0] = parts[0][got:]
+    return total
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:

@@ -175,6 +175,13 @@ def check_block(
 ) -> None:
     """Raises KVBlockError naming the first mismatch between a received block and the receiving cache
     (model id, expected hash if given, shape fields, dtype, payload size, checksum)."""
+    check_header(header, cache, model_id, block_hash)
+    check_payload(header, payload)
+
+
+def check_header(header: BlockHeader, cache: "KVCache", model_id: str, block_hash: bytes | None = None) -> None:
+    """check_block without the payload: the header against the receiving cache (a payload read
+    straight into its page was checked against the header's checksum as it was read)."""
     if header.model_id != model_id:
         raise KVBlockError(f"KV block model_id mismatch: block is for {header.model_id!r}, "
                            f"this cache serves {model_id!r}")
@@ -190,13 +197,12 @@ def check_block(
     if header.payload_size != cache.bytes_per_block:
         raise KVBlockError(f"KV block payload_size mismatch: header says {header.payload_size} bytes, "
                            f"this cache's blocks are {cache.bytes_per_block} bytes")
-    check_payload(header, payload)
 
 
 def check_payload(header: BlockHeader, payload: bytes, where: str = "") -> None:
     """KVBlockError unless the payload has the header's size and checksum (`where` names the block
     in the message). The one integrity check of a block's bytes, for the kvstore and the importer."""
-    received = memoryview(payload).nbytes
+    received = len(payload) if isinstance(payload, PagePayload) else memoryview(payload).nbytes
     if received != header.payload_size:
         raise KVBlockError(f"KV block payload size mismatch: received {received} bytes, "
                            f"header says {header.payload_size} (truncated or padded in transit){where}")

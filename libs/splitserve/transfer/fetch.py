@@ -27,14 +27,15 @@ from typing import NamedTuple, Protocol
 import grpc
 
 from splitserve.transfer.block import KVBlockError
-from splitserve.transfer.pages import Block
+from splitserve.transfer.pages import Block, PageImport
 
 
 class BlockSource(Protocol):
     """The part of a kvstore client the decode side uses (splitserve.kvstore.client.KVStoreClient)."""
 
-    def get(self, hashes: list[bytes], release_lease_id: str = "") -> list[Block]:
-        """The leading blocks of `hashes` the store holds, in order; grpc.RpcError or KVBlockError."""
+    def get(self, hashes: list[bytes], release_lease_id: str = "", into=None) -> list[Block]:
+        """The leading blocks of `hashes` the store holds, in order, same-host payloads read where
+        `into(i, header)` says (PageImport.into); grpc.RpcError or KVBlockError."""
 
 
 class FetchPlan(NamedTuple):
@@ -96,13 +97,14 @@ def fetch(plan: FetchPlan, source: BlockSource | None, lease_id: str) -> Fetched
     return fetch_blocks(plan.to_fetch, source, lease_id)
 
 
-def fetch_blocks(wanted: list[bytes], source: BlockSource | None, lease_id: str) -> Fetched:
-    """`fetch` of the blocks `wanted` (lease_id "": the prefill's lease is kept, for a later part)."""
+def fetch_blocks(wanted: list[bytes], source: BlockSource | None, lease_id: str, into=None) -> Fetched:
+    """`fetch` of the blocks `wanted` (lease_id "": the prefill's lease is kept, for a later part),
+    same-host payloads read where `into` says."""
     if not wanted or source is None:
         return NOTHING_FETCHED
     t0 = time.monotonic()
     try:
-        blocks = source.get(wanted, release_lease_id=lease_id)
+        blocks = source.get(wanted, release_lease_id=lease_id, into=into)
     except grpc.RpcError as exc:
         return Fetched([], True, f"{exc.code().name}: {exc.details()}", 0, time.monotonic() - t0)
     except KVBlockError as exc:
@@ -118,6 +120,14 @@ def settle(plan: FetchPlan, fetched: Fetched, num_imported: int) -> TransferOutc
     short = fetched.failed or num_imported < fetched.num_blocks
     recomputed = short and plan.num_local < len(plan.hashes)
     return TransferOutcome(plan.num_local, num_imported, recomputed, plan.fetching and recomputed)
+
+
+def _same_host(source: BlockSource) -> bool:
+    """Whether the source's payloads come through the kvstore's shared memory (read in place)."""
+    try:
+        return getattr(source, "transport", "grpc") == "shm"
+    except grpc.RpcError:  # the store is down: its get says so
+        return False
 
 
 class FetchBuffer:
@@ -173,34 +183,51 @@ class BlockFetcher:
             return self._sources[address]
 
     def fetch_parts(self, plan: FetchPlan, lease_id: str, block_bytes: int,
-                    is_active: Callable[[], bool] = lambda: True) -> Iterator[tuple[Fetched, bool]]:
-        """The plan's to_fetch in parts of at most the fetch buffer (one block at least), as
-        (part, last). Each part is fetched once the buffer has room for it, and its room is given
-        back when the next part is asked for or the iteration is closed: import a part before
-        asking for the next, admit the request with the last one, then close. Only the last part's
-        get releases the prefill's lease. The parts end early, `last` set, at a part that fell
-        short; with none at all when the caller went away while waiting for room. Every get that
-        answered is recorded (kv_transfer_bytes/seconds{direction="get"})."""
+                    is_active: Callable[[], bool] = lambda: True,
+                    begin: Callable[[list[bytes]], PageImport] | None = None
+                    ) -> Iterator[tuple[Fetched, bool, PageImport | None]]:
+        """The plan's to_fetch in parts, as (part, last, pages). Only the last part's get releases the
+        prefill's lease. The parts end early, `last` set, at a part that fell short; with none at all
+        when the caller went away while waiting for room. Every get that answered is recorded
+        (kv_transfer_bytes/seconds{direction="get"}).
+        With `begin` (the engine's PageImport of a part's hashes, made on its thread), each part's
+        blocks get their pages first and a same-host kvstore's payloads are read straight into them
+        (pages: place the part, then finish it); a part without pages for all its blocks is the last,
+        failed: the engine recomputes the rest. Payloads read in place take no memory: from such a
+        kvstore the whole fetch is one part, outside the fetch buffer.
+        Otherwise (and from a kvstore on another host) the parts hold at most the fetch buffer of
+        payloads (one block at least): each part is fetched once the buffer has room for it, and its
+        room is given back when the next part is asked for or the iteration is closed. Import (or
+        place and finish) a part before asking for the next, admit the request with the last one,
+        then close."""
         wanted = plan.to_fetch
         if not wanted:
             return
-        per_part = max(1, self.buffer.limit_bytes // max(1, block_bytes))
         source = self.source(plan.kvstore_address)
+        in_place = begin is not None and _same_host(source)
+        per_part = len(wanted) if in_place else max(1, self.buffer.limit_bytes // max(1, block_bytes))
         for start in range(0, len(wanted), per_part):
             hashes = wanted[start:start + per_part]
             last = start + per_part >= len(wanted)
-            nbytes = len(hashes) * block_bytes
-            if not self.buffer.acquire(nbytes, is_active):
+            nbytes = 0 if in_place else len(hashes) * block_bytes
+            if nbytes and not self.buffer.acquire(nbytes, is_active):
                 return
             try:
-                part = fetch_blocks(hashes, source, lease_id if last else "")
+                pages = begin(hashes) if begin is not None else None
+                asked = pages.hashes if pages is not None else hashes
+                short = len(asked) < len(hashes)  # no free page for the rest
+                part = fetch_blocks(asked, source, lease_id if last or short else "",
+                                    pages.into if pages is not None else None)
+                if short:
+                    part = part._replace(failed=True)
                 if not part.error:
                     self.metrics.kv_transfer("get", part.num_bytes, part.seconds)
                 failed = part.failed
-                yield part, last or failed
+                yield part, last or failed, pages
             finally:
-                self.buffer.release(nbytes)
-            del part  # not held while the next part is fetched
+                if nbytes:
+                    self.buffer.release(nbytes)
+            del part, pages  # not held while the next part is fetched
             if failed:
                 return
 

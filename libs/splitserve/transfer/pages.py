@@ -12,7 +12,8 @@ import threading
 from collections.abc import Callable, Container
 from typing import TYPE_CHECKING
 
-from splitserve.transfer.block import BlockHeader, KVBlockError, encode_block, import_block
+from splitserve.transfer.block import (BlockHeader, KVBlockError, PagePayload, check_block, check_header, encode_block,
+                                      import_block)
 
 if TYPE_CHECKING:
     from splitserve.engine.block_manager import BlockManager
@@ -97,6 +98,110 @@ class PinnedExport:
         try:
             self.release()
         except Exception:  # interpreter shutdown: the pool goes with the process
+            pass
+
+
+class PageImport:
+    """Fetched blocks written straight into the pages they will live in, so that neither their bytes
+    nor the copy into the cache weigh on the engine's thread:
+    - `begin` (on the engine's thread) gives each block not cached yet a page
+      (BlockManager.allocate_cached_block: lookup() sees it, find_cached_prefix not before `finish`),
+      in order, stopping at the first that finds none; `hashes` are the blocks to fetch;
+    - the caller's thread reads a same-host payload straight into its page (`into`, the kvstore
+      client's destination; the read is checked against the header's checksum), then `place`s the
+      blocks: checks each header, writes a payload that arrived as bytes into its page (on the
+      engine's thread, in `finish`, for a cache off the CPU) and counts the leading good ones;
+    - `finish` (on the engine's thread) keeps that many leading blocks cached and frees the others'
+      pages. An import never finished (its caller failed in between) is finished with nothing kept
+      when `abandon`ed or collected (through `defer`, as PinnedExport's release)."""
+
+    def __init__(self, cache: "KVCache", block_manager: "BlockManager", model_id: str, hashes: list[bytes],
+                 defer: Callable[[Callable[[], None]], object] | None = None) -> None:
+        self._cache, self._block_manager, self._model_id, self._defer = cache, block_manager, model_id, defer
+        self._lock = threading.Lock()
+        self._finished = False
+        self._pending: list[tuple[int, Block]] = []  # (page, block) to write on the engine's thread
+        self._dest: dict[int, list[memoryview]] = {}  # block index -> the page slices `into` gave
+        self._good = 0
+        self.ids: list[int | None] = []  # per fetched block: its page, None when it was cached already
+        self._cached: list[int] = []  # the pages of those, pinned meanwhile: no later page evicts them
+        for h in hashes:
+            cached = block_manager.lookup(h)
+            if cached is not None:
+                block_manager.pin([cached])
+                self._cached.append(cached)
+                self.ids.append(None)
+                continue
+            block_id = block_manager.allocate_cached_block(h)
+            if block_id is None:
+                break
+            self.ids.append(block_id)
+        self.hashes = list(hashes[:len(self.ids)])
+
+    def into(self, i: int, header: BlockHeader) -> list[memoryview] | None:
+        """Where block i's payload goes when read (its page's slices), or None: read it into a
+        buffer (it was cached already, or the cache is off the CPU)."""
+        block_id = self.ids[i] if i < len(self.ids) else None
+        parts = None if block_id is None else self._cache.block_parts(block_id)
+        if parts is not None:
+            self._dest[i] = parts
+        return parts
+
+    def place(self, blocks: list[Block]) -> int:
+        """How many leading `blocks` (what the fetch of `hashes` delivered, in order) are good: each
+        header matches this cache and the block it was asked for, and its payload is in its page, or
+        written there now. Stops at the first that is not (logged)."""
+        good = 0
+        for i, (header, payload) in enumerate(blocks[:len(self.ids)]):
+            block_id = self.ids[i]
+            try:
+                if block_id is None:  # cached already (another request imported it meanwhile)
+                    check_header(header, self._cache, self._model_id, self.hashes[i])
+                elif isinstance(payload, PagePayload) and payload.parts is self._dest.get(i):
+                    check_header(header, self._cache, self._model_id, self.hashes[i])  # read in place, checked
+                elif self._cache.block_parts(block_id) is None:  # written on the engine's thread
+                    check_block(header, payload, self._cache, self._model_id, self.hashes[i])
+                    self._pending.append((block_id, (header, payload)))
+                else:
+                    import_block(self._cache, block_id, header, payload, self._model_id, self.hashes[i])
+            except KVBlockError as exc:
+                logger.warning("KV block import failed, the rest is recomputed: %s", exc)
+                break
+            good += 1
+        self._good = good
+        return good
+
+    def finish(self, num_good: int | None = None) -> int:
+        """On the engine's thread: keeps the leading `num_good` (default: what `place` found) blocks
+        cached and frees the rest's pages; the first call only. Returns the blocks kept."""
+        with self._lock:
+            if self._finished:
+                return 0
+            self._finished = True
+        keep = self._good if num_good is None else num_good
+        for block_id, (header, payload) in self._pending:
+            if self.ids.index(block_id) < keep:
+                self._cache.write_block(block_id, payload)
+        self._pending = []
+        for i, block_id in enumerate(self.ids):
+            if block_id is not None:
+                self._block_manager.release_block(block_id, keep_cached=i < keep)
+        self._block_manager.unpin(self._cached)
+        return keep
+
+    def abandon(self) -> None:
+        """From any thread: finish with nothing kept, on the engine's thread (no-op once finished)."""
+        if self._finished:
+            return
+        if self._defer is None:
+            self.finish(0)
+        else:
+            self._defer(lambda: self.finish(0))
+
+    def __del__(self) -> None:
+        try:
+            self.abandon()
+        except Exception:  # interpreter shutdown
             pass
 
 
