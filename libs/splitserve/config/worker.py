@@ -36,8 +36,9 @@ class WorkerConfig:
     kv_lease_ttl_s: float = 60.0
     """How long the kvstore pins a request's blocks for the decode worker."""
     kv_fetch_buffer_mb: float = 32.0
-    """A decode worker's most MiB of fetched KV blocks not yet imported into its cache, across its
-    requests: a prompt with more is fetched and imported in parts, and requests wait for room."""
+    """A decode worker's most MiB of fetched KV blocks not yet written into its cache, across its
+    requests, from a kvstore on another host (same-host payloads are read straight into their
+    pages): a prompt with more is fetched in parts, and requests wait for room."""
     max_pending: int = 256
     """Most requests held at once; beyond it new ones are refused with RESOURCE_EXHAUSTED."""
     grpc_threads: int = 64
