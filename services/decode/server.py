@@ -119,19 +119,24 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
                                   rng_state=request.rng_state or None)
         block_bytes = self.worker.engine.kv_cache.bytes_per_block
         begin = lambda hashes: self.worker.loop.call(lambda e: e.begin_import(hashes)).result()  # noqa: E731
-        with tracing.active("kv.fetch", span), \
-                contextlib.closing(self.fetcher.fetch_parts(plan, call.request_id, block_bytes,
-                                                            context.is_active, begin)) as fetching:
-            for part, last, pages in fetching:
-                good = pages.place(part.blocks)  # checks, and writes what arrived as bytes
-                parts.append(part._replace(blocks=[], count=part.num_blocks))  # no payloads kept
-                imports.append(pages)
-                if last or good < part.num_blocks:
-                    break
-                del part, pages  # its payloads go before the next part is fetched
-        if plan.fetching and not parts:  # the caller went away while waiting for room: admit() ends it
-            return admit(), Fetched([], True, "the call ended before its blocks were fetched", 0, 0.0), 0
-        stream = admit(before=lambda e: sum(pages.finish() for pages in imports))
+        try:
+            with tracing.active("kv.fetch", span), \
+                    contextlib.closing(self.fetcher.fetch_parts(plan, call.request_id, block_bytes,
+                                                                context.is_active, begin)) as fetching:
+                for part, last, pages in fetching:
+                    imports.append(pages)
+                    good = pages.place(part.blocks)  # checks, and writes what arrived as bytes
+                    parts.append(part._replace(blocks=[], count=part.num_blocks))  # no payloads kept
+                    if last or good < part.num_blocks:
+                        break
+                    del part, pages  # its payloads go before the next part is fetched
+            if plan.fetching and not parts:  # the caller went away while waiting for room: admit() ends it
+                return admit(), Fetched([], True, "the call ended before its blocks were fetched", 0, 0.0), 0
+            stream = admit(before=lambda e: sum(pages.finish() for pages in imports))
+        except BaseException:  # refused or failed before admission: the pages go back (no-op once kept)
+            for pages in imports:
+                pages.abandon()
+            raise
         return stream, Fetched.total(parts), stream.setup_result or 0
 
     def _parse(self, request, context) -> DecodeCall:

@@ -209,13 +209,15 @@ def test_a_prompt_over_the_fetch_buffer_is_read_straight_into_its_pages(stack2, 
 
 def test_callers_that_give_up_at_any_point_leave_no_fetch_buffer_room_held(stack2, llm_f32):
     """Sixteen requests of 13-block prompts whose callers give up after 20 ms to 1 s (before their
-    prefill, while their blocks are fetched in parts, while they decode): afterwards a prompt that
-    needs the whole fetch buffer is answered right and the decode worker holds no blocks for the
-    abandoned ones (a part's room kept by a gone caller would make it wait forever)."""
+    prefill, while their blocks are fetched, while they decode): afterwards a prompt that needs the
+    whole fetch buffer is answered right and no worker holds blocks for the abandoned ones (a page
+    import, or a prefill's pinned export, left behind by a gone caller)."""
     import grpc
 
     prompts = [[(104729 * (i + 3) * j) % 40000 + 100 for j in range(13 * 16 + 3)] for i in range(17)]
     before = stack2.decode_load()
+    prefills = [name for name in stack2.roles if name.startswith("prefill")]
+    prefill_free = [stack2.prefill_load(name).num_free_blocks for name in prefills]
 
     def abandon(i: int) -> None:
         try:
@@ -237,6 +239,8 @@ def test_callers_that_give_up_at_any_point_leave_no_fetch_buffer_room_held(stack
     assert after.num_running == 0 and after.num_waiting == 0
     assert after.num_free_blocks == before.num_free_blocks  # cached blocks count as free: nothing held
     assert _decode_gauge(stack2, "splitserve_kv_fetch_buffer_bytes") == 0  # and no payload
+    # nor do the prefill workers: no exported block stays pinned for an answer nobody read
+    assert [stack2.prefill_load(name).num_free_blocks for name in prefills] == prefill_free
 
 
 @pytest.mark.parametrize("kvstore", ["live", "down"])

@@ -342,5 +342,25 @@ def test_a_pinned_export_is_the_copied_one_left_in_its_pages(llm_f32):
             while loop.call(lambda e: e.block_manager.num_pinned_blocks).result(10) and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert loop.call(lambda e: e.block_manager.num_pinned_blocks).result(10) == 0
+        # A caller that gives up (its stream aborted) with the output queued, or arriving after:
+        # nobody reads it, and its pages go back at once (not when a cycle collection finds it).
+        stream = loop.add_request("given-up", ids, params, export_blocks=True, pin_export=True)
+        deadline = time.monotonic() + 60
+        while stream._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        gc.disable()
+        try:
+            stream.abort()
+            assert loop.call(lambda e: e.block_manager.num_pinned_blocks).result(10) == 0
+            other = loop.add_request("late", ids, params, export_blocks=True, pin_export=True)
+            out = other.get(timeout=60)
+            other.abort()  # finished already: the caller owns the export ...
+            assert loop.call(lambda e: e.block_manager.num_pinned_blocks).result(10) == n
+            kept = out.pinned_export  # alive: only the drop can release it
+            stream._put(out)  # ... handed to an aborted stream: dropped, released
+            assert loop.call(lambda e: e.block_manager.num_pinned_blocks).result(10) == 0
+            del kept
+        finally:
+            gc.enable()
     finally:
         loop.stop()

@@ -47,9 +47,15 @@ class RequestStream:
         self._queue: queue.Queue[StepOutput | BaseException] = queue.Queue()
         self.finished = False
         self.setup_result: Any = None  # what add_request's `before` hook returned
+        self._aborted = False  # under _lock: outputs are dropped, not queued
+        self._lock = threading.Lock()
 
     def _put(self, item: StepOutput | BaseException) -> None:
-        self._queue.put(item)
+        with self._lock:
+            if not self._aborted:
+                self._queue.put(item)
+                return
+        _drop(item)
 
     def get(self, timeout: float | None = None) -> StepOutput:
         """The next output; raises what the loop failed with, or queue.Empty on timeout."""
@@ -76,7 +82,17 @@ class RequestStream:
         if not self.finished:
             self.finished = True
             self._loop.abort(self.request_id)
-            self._queue.put(RequestAborted(f"request {self.request_id!r} aborted"))
+            with self._lock:  # what is queued, or comes later, nobody reads: what it holds goes now
+                self._aborted = True
+                while not self._queue.empty():
+                    _drop(self._queue.get_nowait())
+                self._queue.put(RequestAborted(f"request {self.request_id!r} aborted"))
+
+
+def _drop(item: StepOutput | BaseException) -> None:
+    """An output nobody will read: its pinned export's pages go back (on the loop thread)."""
+    if isinstance(item, StepOutput) and item.pinned_export is not None:
+        item.pinned_export.release()
 
 
 class EngineLoop:
