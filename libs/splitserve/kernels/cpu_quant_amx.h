@@ -7,7 +7,11 @@
  * integer sums of its two halves (weights 0-15 and 16-31: a Q6_K sub-block has one scale per half),
  * each times (the half's weight scale * dx) into its own float32 accumulator with one fused
  * multiply-add, then the minimum's term (mw * s, fused) into both (the second half's coefficient is
- * 0), and at the end the two accumulators summed, then the bias. Here the same:
+ * 0), and at the end the two accumulators summed, then the bias. Here the same, but for the second
+ * half's 0 * s: with s finite it adds a zero to an accumulator that started at +0 and so is never
+ * -0 (round to nearest makes an exact cancellation +0), which changes no bit; skipping it took 4% off
+ * a 16-row step. (With a non-finite activation both copies' outputs are non-finite, not always the
+ * same non-finite value.) Here:
  *   - a C tile per half: int32 [16 rows of x][16 weight rows], from tdpbsud (x signed, codes
  *     unsigned) or tdpbssd (Q8_0, Q6_K: signed codes); the integers equal dpbusd's on (|w|, x with
  *     w's sign) exactly;
@@ -184,11 +188,9 @@ static inline __attribute__((always_inline)) void amx_rows(const int8_t *codes, 
                     const __m512 dd1 = kind == KIND_Q6_K ? _mm512_mul_ps(d1, vxd) : dd0;
                     a0[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cbuf[c][0][i0 + i])), dd0, a0[i]);
                     a1[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(cbuf[c][1][i0 + i])), dd1, a1[i]);
-                    if (!is_signed) {
-                        const __m512 vxs = _mm512_set1_ps(xs[at]);
-                        a0[i] = _mm512_fmadd_ps(m, vxs, a0[i]);
-                        a1[i] = _mm512_fmadd_ps(_mm512_setzero_ps(), vxs, a1[i]);
-                    }
+                    if (!is_signed) /* (the VNNI copy also adds 0 * xs to the second half: a no-op on
+                                     * finite activations, left out here; see the top of this file) */
+                        a0[i] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs[at]), a0[i]);
                 }
             }
             for (int i = 0; i < ni; i++) {
