@@ -226,6 +226,11 @@ def test_a_page_import_reads_into_its_pages_and_keeps_the_good_leading_blocks():
 class FakeSource:
     def __init__(self, blocks=(), error=None):
         self.blocks, self.error, self.asked = {h.block_hash: (h, p) for h, p in blocks}, error, []
+        self.released = []
+
+    def release(self, lease_id):
+        self.released.append(lease_id)
+        return 1
 
     def get(self, hashes, release_lease_id="", into=None):  # another host's: `into` unused
         self.asked.append((list(hashes), release_lease_id))
@@ -293,7 +298,15 @@ def test_fetch_parts_into_pages(same_host):
         assert source.asked == [(H[:5], "req")] and held == [0]
     else:
         assert source.asked == [(H[:2], ""), (H[2:4], ""), (H[4:5], "req")] and held == [2 * size] * 3
-    assert fetcher.buffer.held == 0
+    assert fetcher.buffer.held == 0 and source.released == []
+    # no free page at all: nothing is asked for, and the prefill's lease is dropped all the same
+    full = BlockManager(2, BS)
+    assert full.allocate_slots("busy", 2 * BS)
+    begin = lambda hashes: PageImport(cache, full, MODEL, hashes)  # noqa: E731
+    gets = len(source.asked)
+    ((part, last, pages),) = fetcher.fetch_parts(FetchPlan(H[:6], 0, "kv:1"), "req-2", size, begin=begin)
+    assert (part.num_blocks, part.failed, last, pages.hashes) == (0, True, True, [])
+    assert source.released == ["req-2"] and len(source.asked) == gets
 
 
 def test_plan_fetches_what_follows_the_local_prefix():

@@ -31,6 +31,7 @@ from splitserve.metrics import Metrics
 from splitserve.ownership.reader import AsyncOwnersReader
 from splitserve.v1 import common_pb2, gateway_pb2, prefill_pb2
 
+INLINE_IDS = 8192  # a token-id prompt up to this long is checked on the event loop (~1 ms at most)
 log = logging.getLogger("splitserve.gateway")
 Code = grpc.StatusCode
 INTERNAL_MESSAGE = "internal gateway error (see the gateway's log)"  # never leak internals to the client
@@ -167,7 +168,11 @@ class GatewayService:
     async def prepare(self, request: gateway_pb2.GenerateRequest) -> PreparedRequest:
         """Validates and tokenizes; GatewayError INVALID_ARGUMENT (or NOT_FOUND for the model)."""
         try:
-            req = await asyncio.to_thread(self._prepare, request)  # tokenizing a long prompt takes ms
+            if request.WhichOneof("input") == "prompt_token_ids" and len(request.prompt_token_ids.ids) <= INLINE_IDS:
+                # no tokenizer, a short check: here, without a thread's hops
+                req = prepare_request(request, self.tokenizer, self._pool.model, self._served_names)
+            else:
+                req = await asyncio.to_thread(self._prepare, request)  # tokenizing a long prompt takes ms
         except InvalidRequest as exc:
             code = Code.NOT_FOUND if exc.field == "model" else Code.INVALID_ARGUMENT
             raise GatewayError(code, str(exc), exc.field) from None

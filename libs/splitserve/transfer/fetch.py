@@ -37,6 +37,9 @@ class BlockSource(Protocol):
         """The leading blocks of `hashes` the store holds, in order, same-host payloads read where
         `into(i, header)` says (PageImport.into); grpc.RpcError or KVBlockError."""
 
+    def release(self, lease_id: str) -> int:
+        """Drops a lease; grpc.RpcError when the store cannot be reached."""
+
 
 class FetchPlan(NamedTuple):
     """Which of a prompt's full blocks come from where."""
@@ -120,6 +123,13 @@ def settle(plan: FetchPlan, fetched: Fetched, num_imported: int) -> TransferOutc
     short = fetched.failed or num_imported < fetched.num_blocks
     recomputed = short and plan.num_local < len(plan.hashes)
     return TransferOutcome(plan.num_local, num_imported, recomputed, plan.fetching and recomputed)
+
+
+def _release(source: BlockSource, lease_id: str) -> None:
+    try:
+        source.release(lease_id)
+    except grpc.RpcError:  # the store is down: the lease goes with its TTL
+        pass
 
 
 def _same_host(source: BlockSource) -> bool:
@@ -220,6 +230,8 @@ class BlockFetcher:
                                     pages.into if pages is not None else None)
                 if short:
                     part = part._replace(failed=True)
+                    if not asked:  # no get to drop the prefill's lease with: dropped here
+                        _release(source, lease_id)
                 if not part.error:
                     self.metrics.kv_transfer("get", part.num_bytes, part.seconds)
                 failed = part.failed
