@@ -292,7 +292,8 @@ def test_fetch_parts_into_pages(same_host):
         if last:
             assert part.failed  # the 6th block had no page
             break
-    assert sum(pages.finish() for pages in imports) == 5 and [bm.lookup(h) is not None for h in H[:6]] == [True] * 5 + [False]
+    assert sum(pages.finish() for pages in imports) == 5
+    assert [bm.lookup(h) is not None for h in H[:6]] == [True] * 5 + [False]
     assert [cache.read_block(bm.lookup(H[i])) for i in range(5)] == [p for _, p in blocks[:5]]
     if same_host:
         assert source.asked == [(H[:5], "req")] and held == [0]

@@ -174,8 +174,9 @@ class LLMEngine:
         stop strings to the caller (the gateway); `export_blocks` returns the prompt's full KV blocks
         with the last output, less those whose hash is in `export_skip` (blocks the kvstore already
         holds: copying them out would be wasted); with `pin_export` they stay in their pages, pinned,
-        as the output's `pinned_export`, which the caller must release on the loop thread; `rng_state` continues a seeded generator from that state; `arrival_time`
-        (time.monotonic()) is when the request arrived, if earlier than now (queue-time metrics)."""
+        as the output's `pinned_export`, which the caller releases (any thread: PinnedExport);
+        `rng_state` continues a seeded generator from that state; `arrival_time` (time.monotonic())
+        is when the request arrived, if earlier than now (queue-time metrics)."""
         if request_id in self._seqs:
             raise ValueError(f"request_id {request_id!r} is already running")
         if not isinstance(params, SamplingParams):

@@ -374,6 +374,8 @@ def _pwrite_all(fd: int, data, offset: int) -> None:
         parts = [memoryview(part) for part in data.parts]
         while parts:
             done = os.pwritev(fd, parts[:IOV_MAX], offset)
+            if done <= 0:
+                raise OSError(f"pwritev wrote nothing at offset {offset}")
             offset += done
             while parts and done >= parts[0].nbytes:
                 done -= parts[0].nbytes

@@ -1,9 +1,10 @@
 """KV blocks in and out of the paged cache: which of a finished prefill's blocks are read out
 (`blocks_to_export`, `read_blocks`, or left pinned in their pages for the caller to write out:
 `PinnedExport`), and writing received blocks into free pages registered in the prefix cache
-(`import_blocks`). The engine calls these on its loop thread; they touch the cache and the block
-manager only through the block manager's import and pin API (allocate_cached_block / release_block,
-pin / unpin), so no other code handles free lists or refcounts.
+(`import_blocks`, or `PageImport`: the pages first, the payloads read or written into them off the
+loop thread). The engine makes these on its loop thread; they touch the cache and the block manager
+only through the block manager's import and pin API (allocate_cached_block / release_block, pin /
+unpin), so no other code handles free lists or refcounts.
 """
 from __future__ import annotations
 
