@@ -473,3 +473,26 @@ def test_plan_over_a_real_prefix_cache(num_local):
     outcome = settle(plan, fetched, import_blocks(bm, cache, MODEL, fetched.blocks))
     assert outcome == (num_local, 5 - num_local, False, False)
     assert [bm.lookup(h) is not None for h in H[:5]] == [True] * 5
+
+
+def test_a_cache_off_the_cpu_copies_its_exports_and_writes_its_imports_on_the_engines_thread(monkeypatch):
+    """No page slices to alias (a GPU cache: block_parts is None): a pinned export copies its blocks
+    out at once and pins nothing; a page import reads into buffers and writes the pages in finish."""
+    from splitserve.transfer.pages import PageImport, PinnedExport
+
+    cache, bm = cache_with_blocks(6, seed=7), BlockManager(6, BS)
+    monkeypatch.setattr(cache, "block_parts", lambda block_id: None)
+    assert bm.allocate_slots("s", 2 * BS)
+    table = bm.block_table("s")
+    exported = PinnedExport(cache, bm, table, [(0, H[0]), (1, H[1])], MODEL)
+    assert bm.num_pinned_blocks == 0
+    assert [p for _, p in exported.blocks()] == [cache.read_block(b) for b in table]
+    exported.release()
+    bm.free("s")
+    wire = [encode_block(cache_with_blocks(2, seed=8), i, H[2 + i], MODEL) for i in range(2)]
+    imp = PageImport(cache, bm, MODEL, H[2:4])
+    assert [imp.into(i, h) for i, (h, _) in enumerate(wire)] == [None, None]
+    assert imp.place(wire) == 2
+    assert [cache.read_block(b) for b in imp.ids] != [p for _, p in wire]  # not written yet
+    assert imp.finish() == 2
+    assert [cache.read_block(bm.lookup(h)) for h in H[2:4]] == [p for _, p in wire]
