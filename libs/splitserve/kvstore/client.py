@@ -349,39 +349,35 @@ def _unused(buf: bytearray) -> bool:
     return True
 
 
-def _preadv_all(fd: int, parts: list[memoryview], offset: int) -> int:
-    """Reads into `parts`, in order, from `offset` (a short read is continued, up to the end of the
-    file); returns the bytes read."""
-    parts = [memoryview(part) for part in parts]
+def _vectored(call, fd: int, parts: list, offset: int) -> int:
+    """Runs os.preadv or os.pwritev over `parts` from `offset` until all are done (a short call is
+    continued where it stopped) or a call moves nothing; returns the bytes moved."""
+    left = [memoryview(part) for part in parts]
     total = 0
-    while parts:
-        got = os.preadv(fd, parts[:IOV_MAX], offset + total)
-        if got == 0:
+    while left:
+        moved = call(fd, left[:IOV_MAX], offset + total)
+        if moved <= 0:
             break
-        total += got
-        while parts and got >= parts[0].nbytes:
-            got -= parts[0].nbytes
-            parts.pop(0)
-        if got:
-            parts[0] = parts[0][got:]
+        total += moved
+        while left and moved >= left[0].nbytes:
+            moved -= left[0].nbytes
+            left.pop(0)
+        if moved:
+            left[0] = left[0][moved:]
     return total
+
+
+def _preadv_all(fd: int, parts: list[memoryview], offset: int) -> int:
+    """Reads into `parts`, in order, from `offset` (up to the end of the file); the bytes read."""
+    return _vectored(os.preadv, fd, parts, offset)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
     """Writes all of `data` (bytes-like, or a PagePayload's slices in one vectored write) at
     `offset` (one write on tmpfs; a short one is finished here)."""
     if isinstance(data, PagePayload):
-        parts = [memoryview(part) for part in data.parts]
-        while parts:
-            done = os.pwritev(fd, parts[:IOV_MAX], offset)
-            if done <= 0:
-                raise OSError(f"pwritev wrote nothing at offset {offset}")
-            offset += done
-            while parts and done >= parts[0].nbytes:
-                done -= parts[0].nbytes
-                parts.pop(0)
-            if done:
-                parts[0] = parts[0][done:]
+        if _vectored(os.pwritev, fd, data.parts, offset) != data.nbytes:
+            raise OSError(f"pwritev wrote less than {data.nbytes} bytes at offset {offset}")
         return
     view = memoryview(data)
     done = 0
