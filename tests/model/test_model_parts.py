@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, rotate_half
 
-from splitserve.model.llama import ModelArgs, RMSNorm, RotaryEmbedding, apply_rope
+from splitserve.model.llama import ModelArgs, RMSNorm, RotaryEmbedding, apply_rope, rope_inv_freq
 
 
 @pytest.mark.parametrize("rows", [1, 3, 32, 512])
@@ -34,6 +34,8 @@ def test_rope_is_hf_bit_for_bit(dtype):
     positions = torch.tensor([0, 1, 7, 100, 1000, 4095])
     cos, signed_sin = rotary.lookup(positions, dtype)
     x = torch.randn(len(positions), 12, 64, generator=torch.Generator().manual_seed(1)).to(dtype)
-    sin = rotary.sin[positions].to(dtype).unsqueeze(1)
+    inv_freq, scaling = rope_inv_freq(args)  # HF's sin, computed here: the module keeps only the signed one
+    freqs = positions[:, None].float() * inv_freq[None, :]
+    sin = (torch.cat((freqs, freqs), dim=-1).sin() * scaling).to(dtype).unsqueeze(1)
     expected = x * cos + rotate_half(x) * sin  # HF's apply_rotary_pos_emb on one tensor
     assert torch.equal(apply_rope(x, cos, signed_sin), expected)

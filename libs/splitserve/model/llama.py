@@ -88,12 +88,12 @@ class RotaryEmbedding(nn.Module):
         freqs = pos[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)  # [P, head_dim] f32
-        self.register_buffer("sin", emb.sin() * attention_scaling, persistent=False)
         # the sin with its first half negated, what `apply_rope` multiplies by (negation is exact,
-        # in float32 here and after rounding to any dtype)
+        # in float32 here and after rounding to any dtype); the sin itself is not kept (2 MiB at 8K
+        # positions of 64)
+        sin = emb.sin() * attention_scaling
         half = args.head_dim // 2
-        self.register_buffer("signed_sin", torch.cat((-self.sin[:, :half], self.sin[:, half:]), dim=-1),
-                             persistent=False)
+        self.register_buffer("signed_sin", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin of each token's position: [T, 1, head_dim] in `dtype` (once per step,
