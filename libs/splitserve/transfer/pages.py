@@ -61,7 +61,7 @@ class PinnedExport:
         self._ids = [(block_table[i], h) for i, h in selected]
         self._copied: list[Block] | None = None
         self._pinned: list[int] | None = []
-        if self._ids and cache.block_parts(self._ids[0][0]) is None:
+        if self._ids and cache.block_parts(0) is None:  # off the CPU
             self._copied = [encode_block(cache, b, h, model_id) for b, h in self._ids]
         else:
             self._pinned = [b for b, _ in self._ids]
@@ -69,10 +69,6 @@ class PinnedExport:
 
     def __len__(self) -> int:
         return len(self._ids)
-
-    @property
-    def block_hashes(self) -> list[bytes]:
-        return [h for _, h in self._ids]
 
     def blocks(self) -> list[Block]:
         """Each block's header and payload (a PagePayload over the pinned pages), in order; any
@@ -121,7 +117,8 @@ class PageImport:
         self._cache, self._block_manager, self._model_id, self._defer = cache, block_manager, model_id, defer
         self._lock = threading.Lock()
         self._finished = False
-        self._pending: list[tuple[int, Block]] = []  # (page, block) to write on the engine's thread
+        self._on_host = cache.block_parts(0) is not None  # payloads can be written into the pages here
+        self._pending: list[tuple[int, int, Block]] = []  # (index, page, block) to write on the engine's thread
         self._dest: dict[int, list[memoryview]] = {}  # block index -> the page slices `into` gave
         self._good = 0
         self.ids: list[int | None] = []  # per fetched block: its page, None when it was cached already
@@ -160,9 +157,9 @@ class PageImport:
                     check_header(header, self._cache, self._model_id, self.hashes[i])
                 elif isinstance(payload, PagePayload) and payload.parts is self._dest.get(i):
                     check_header(header, self._cache, self._model_id, self.hashes[i])  # read in place, checked
-                elif self._cache.block_parts(block_id) is None:  # written on the engine's thread
+                elif not self._on_host:  # written on the engine's thread
                     check_block(header, payload, self._cache, self._model_id, self.hashes[i])
-                    self._pending.append((block_id, (header, payload)))
+                    self._pending.append((i, block_id, (header, payload)))
                 else:
                     import_block(self._cache, block_id, header, payload, self._model_id, self.hashes[i])
             except KVBlockError as exc:
@@ -180,8 +177,8 @@ class PageImport:
                 return 0
             self._finished = True
         keep = self._good if num_good is None else num_good
-        for block_id, (header, payload) in self._pending:
-            if self.ids.index(block_id) < keep:
+        for i, block_id, (_, payload) in self._pending:
+            if i < keep:
                 self._cache.write_block(block_id, payload)
         self._pending = []
         for i, block_id in enumerate(self.ids):
