@@ -32,6 +32,8 @@ TARGET_MIB = 400e6 / 2**20  # the issue's bound, 400 MB, on a worker's peak less
 # `regex` is a hard dependency of transformers, mapped as soon as it is imported; no serving code of
 # splitserve imports it (transformers is pure Python: this is what its import leaves in the maps)
 TRANSFORMERS_MARK = "/regex/_regex"
+TOKENIZERS_MARK = "/tokenizers/tokenizers."  # the package's compiled library (tokenizers.abi3.so)
+HIREDIS_MARK = "/hiredis/hiredis."  # redis-py's C reply parser, a dependency: mapped when redis-py is imported
 
 
 def _status_mib(pid: int) -> dict[str, float]:
@@ -118,3 +120,28 @@ def test_no_serving_process_has_imported_transformers(http_stack):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().replace(b"\0", b" ").decode(errors="replace")
         assert TRANSFORMERS_MARK not in mapped, f"pid {pid} ({argv}) has imported transformers"
+
+
+def test_a_served_worker_holds_no_tokenizer_and_no_redis_py(http_stack):
+    """The gateway encodes, decodes and applies stop strings; a worker needs only the EOS ids,
+    saved with the GGUF file's converted tokenizer (model.tokenizer.LazyTokenizer): the `tokenizers`
+    package (3 MiB mapped) and the vocabulary (14.5 MiB) stay out of the workers. A worker writes
+    Redis through ownership.resp, not redis-py (8.9 MiB imported; it maps hiredis, its C parser)."""
+    with urllib.request.urlopen(f"{http_stack.http_base}/models", timeout=60) as resp:
+        model = json.loads(resp.read())["data"][0]["id"]
+    done = _post(http_stack, "/completions", {"model": model, "prompt": "Stop ids only", "max_tokens": 3,
+                                              "temperature": 0, "stop": ["zz"]})
+    assert done["usage"]["completion_tokens"] == 3
+    pids = {name: http_stack.pid(name) for name in ("prefill-0", "decode-0")}
+    for pid in http_stack.child_pids():
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"\0gateway\0" in f.read():
+                pids["gateway"] = pid
+    mapped = {}
+    for name, pid in pids.items():
+        with open(f"/proc/{pid}/maps") as f:
+            mapped[name] = f.read()
+    assert TOKENIZERS_MARK in mapped["gateway"] and HIREDIS_MARK in mapped["gateway"]  # the marks are right
+    for name in ("prefill-0", "decode-0"):
+        assert "/torch/" in mapped[name], name
+        assert TOKENIZERS_MARK not in mapped[name] and HIREDIS_MARK not in mapped[name], name

@@ -47,15 +47,17 @@ def test_owners_is_one_round_trip(redis_url, owner):
     blocks = hashes(50, "rt")
     reg.record(owner, blocks)
     sent = []
-    conn = reg._client.connection_pool.get_connection()
-    reg._client.connection_pool.release(conn)
-    original = conn.send_packed_command
+    sock = reg._client._sock  # connected by record()
 
-    def counting_send(command, *args, **kwargs):  # every socket write of this client's connection
-        sent.append(command)
-        return original(command, *args, **kwargs)
+    class CountingSocket:  # every socket write of this client's connection
+        def sendall(self, data):
+            sent.append(data)
+            return sock.sendall(data)
 
-    conn.send_packed_command = counting_send
+        def __getattr__(self, name):
+            return getattr(sock, name)
+
+    reg._client._sock = CountingSocket()
     before = reg.round_trips
     result = reg.owners(blocks)
     assert result == [{owner}] * 50

@@ -78,8 +78,10 @@ class OwnershipConfig:
     are recorded again every third of it."""
 
     def __post_init__(self) -> None:
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"redis_url must start with redis://, rediss:// or unix://, got {self.redis_url!r}")
+        if self.redis_url:
+            from splitserve.ownership.resp import parse_url  # stdlib only: the workers' client
+
+            parse_url(self.redis_url)  # what every role's client takes: a ValueError at every role's start
         if not 0 < self.ownership_ttl_s < math.inf:
             raise ValueError(f"ownership_ttl_s must be a positive number of seconds, got {self.ownership_ttl_s}")
 

@@ -26,7 +26,7 @@ from splitserve.engine.scheduler import Scheduler
 from splitserve.engine.sequence import Sequence, check_token_ids
 from splitserve.engine.speculative import SpeculativeDecoder
 from splitserve.model.loader import TORCH_DTYPES, load_model, resolve_model_dtype
-from splitserve.model.tokenizer import load_tokenizer
+from splitserve.model.tokenizer import LazyTokenizer
 from splitserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -84,10 +84,11 @@ class LLMEngine:
             if share_weights_with.config.model != mc:
                 raise ValueError("share_weights_with: the other engine has a different ModelConfig")
             self.model, self.model_path = share_weights_with.model, share_weights_with.model_path
-            self.tokenizer = share_weights_with.tokenizer
+            self._tokenizer = share_weights_with._tokenizer
         else:
             self.model, self.model_path = load_model(mc.model, mc.dtype, mc.device, mc.max_model_len, mc.quantization)
-            self.tokenizer = load_tokenizer(self.model_path)
+            self._tokenizer = LazyTokenizer(self.model_path)
+        self.eos_token_ids = self._tokenizer.eos_token_ids
         self.quantized_matmul = QUANTIZED_MATMUL_AUTO if mc.quantized_matmul == "auto" else mc.quantized_matmul
         self.model.set_quantized_matmul(self.quantized_matmul)
         if getattr(self.model, "int8_copy", None):
@@ -125,6 +126,11 @@ class LLMEngine:
             "in %.1fs", self.model_id, mc.dtype, self.kv_cache.dtype_name, num_blocks, cc.block_size,
             num_blocks * self.kv_cache.bytes_per_block / 2**20, self.max_model_len, time.monotonic() - t0,
         )
+
+    @property
+    def tokenizer(self):
+        """The model's tokenizer, built on first use (a served worker never asks: model.tokenizer.LazyTokenizer)."""
+        return self._tokenizer.get()
 
     def _speculative_decoder(self, config: EngineConfig) -> SpeculativeDecoder | None:
         spec = config.speculative
@@ -301,7 +307,9 @@ class LLMEngine:
         plain = [i for i, r in enumerate(rows) if r == 1]
         emitted: dict[int, tuple[list[int], list]] = {}
         if plain:  # one batched draw for every sequence without proposals
-            out = self.sampler(logits[[offsets[i] for i in plain]], [seqs[i].params for i in plain],
+            # every row plain (no proposals this step): the logits as they are, not a copy of them
+            picked = logits if len(plain) == len(rows) else logits[[offsets[i] for i in plain]]
+            out = self.sampler(picked, [seqs[i].params for i in plain],
                                [seqs[i].generator for i in plain])
             for i, token, lp in zip(plain, out.token_ids, out.logprobs):
                 emitted[i] = ([token], [lp])
@@ -336,7 +344,7 @@ class LLMEngine:
             if lp is not None:
                 seq.logprobs.append(lp)
                 new_lps.append(lp)
-            text, reason, stop_reason = apply_stop_rules(token, params, self.tokenizer.eos_token_ids, detok,
+            text, reason, stop_reason = apply_stop_rules(token, params, self.eos_token_ids, detok,
                                                          seq.num_output_tokens, seq.num_tokens, self.max_model_len)
             texts.append(text)
             if reason is not None:

@@ -81,12 +81,14 @@ class Sampler:
         token_ids = torch.empty(batch, dtype=torch.long, device=logits.device)  # [B]
         greedy_rows = [i for i in range(batch) if greedy[i]]
         random_rows = [i for i in range(batch) if not greedy[i]]
+        # a kind that holds every row reads the logits as they are (an indexed read copies them all)
         if greedy_rows:
             rows = torch.tensor(greedy_rows, device=logits.device)
-            token_ids[rows] = logits[rows].argmax(dim=-1)
+            token_ids[rows] = (logits if len(greedy_rows) == batch else logits[rows]).argmax(dim=-1)
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
-            probs = self._probs(logits[rows], [params[i] for i in random_rows])
+            probs = self._probs(logits if len(random_rows) == batch else logits[rows],
+                                [params[i] for i in random_rows])
             token_ids[rows] = self._draw(probs, [generators[i] for i in random_rows])
         logprobs = self._logprobs(logits, token_ids, params) if any(want_logprobs) else [None] * batch
         return SamplerOutput(token_ids.tolist(), logprobs)

@@ -24,15 +24,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Sequence
-
-from tokenizers import AddedToken
-from tokenizers import Tokenizer as _Backend
-from tokenizers import processors
+from typing import TYPE_CHECKING, Sequence
 
 from splitserve.config.env import cache_dir
 from splitserve.model.chat_template import render_chat
+
+if TYPE_CHECKING:
+    import tokenizers
 
 # transformers' named special tokens; a config may name more (any "*_token" key holding a token)
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
@@ -153,7 +153,43 @@ def load_tokenizer(model_path: Path) -> Tokenizer:
                                     "(save the model's tokenizer with transformers' save_pretrained to write one)")
         return Tokenizer(model_path)
     saved = _converted_folder(model_path)
-    return Tokenizer(saved, json.loads((saved / "splitserve.json").read_text())["eos_token_ids"])
+    return Tokenizer(saved, _saved_eos_ids(saved))
+
+
+def _saved_eos_ids(saved: Path) -> list[int]:
+    return json.loads((saved / "splitserve.json").read_text())["eos_token_ids"]
+
+
+class LazyTokenizer:
+    """A model's stop ids at once, its tokenizer on first use (from any thread, built once).
+
+    A served worker never encodes or decodes text (the gateway does both and owns the stop
+    strings); it needs the EOS ids alone. For a GGUF file those were saved with its converted
+    tokenizer, so a worker never builds the tokenizer: 14.5 MiB of resident memory, plus the 3 MiB
+    the `tokenizers` package maps when imported, on the default model (issue 19's bound on a
+    worker's peak RSS). An HF folder's EOS ids are token names in its config, which only its
+    vocabulary resolves: that tokenizer is built at once and kept."""
+
+    def __init__(self, model_path: Path) -> None:
+        self.model_path = model_path
+        self._lock = threading.Lock()
+        self._tokenizer: Tokenizer | None = None
+        if model_path.is_dir():
+            self._tokenizer = load_tokenizer(model_path)
+            self.eos_token_ids = self._tokenizer.eos_token_ids
+        else:
+            self.eos_token_ids = frozenset(int(i) for i in _saved_eos_ids(_converted_folder(model_path)))
+
+    @property
+    def loaded(self) -> bool:
+        return self._tokenizer is not None
+
+    def get(self) -> Tokenizer:
+        if self._tokenizer is None:
+            with self._lock:
+                if self._tokenizer is None:
+                    self._tokenizer = load_tokenizer(self.model_path)
+        return self._tokenizer
 
 
 def _converted_folder(model_path: Path) -> Path:
@@ -256,11 +292,14 @@ def _release_freed_heap() -> None:
         pass
 
 
-def _backend(folder: Path, config: dict, special: dict[str, str]) -> _Backend:
+def _backend(folder: Path, config: dict, special: dict[str, str]) -> "tokenizers.Tokenizer":
     """tokenizer.json, set up as transformers (TokenizersBackend) sets it up: every special token
     known as a special added token, no truncation or padding, special-token text in the input
     matched as the token (unless split_special_tokens). BOS/EOS come from the file's post-processor
     alone: transformers drops the config's add_bos_token/add_eos_token when a tokenizer.json exists."""
+    from tokenizers import AddedToken, processors  # here: a served worker never builds a tokenizer
+    from tokenizers import Tokenizer as _Backend
+
     path = folder / "tokenizer.json"
     try:
         backend = _Backend.from_file(str(path))

@@ -16,10 +16,7 @@ import logging
 import threading
 from dataclasses import asdict, dataclass, replace
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
-
+from splitserve.ownership import resp
 from splitserve.ownership.registry import redact_url
 
 log = logging.getLogger(__name__)
@@ -70,12 +67,6 @@ class WorkerRecord:
             raise ValueError(f"bad worker registration {raw[:80]!r}: {exc}") from None
 
 
-def redis_client(url: str, timeout_s: float = 0.5) -> redis.Redis:
-    """A client that fails fast (no retries): a renewal that hangs would let the lease lapse anyway."""
-    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                retry=Retry(NoBackoff(), 0))
-
-
 class WorkerRegistration:
     """A worker's registration, renewed every ttl_s / 3 by a daemon thread until stop().
 
@@ -88,7 +79,8 @@ class WorkerRegistration:
             raise ValueError(f"registration ttl_s must be > 0, got {ttl_s}")
         self.url = redact_url(redis_url)
         self.ttl_ms = max(int(ttl_s * 1000), 1)
-        self._client = redis_client(redis_url)
+        # fails fast (no retries): a renewal that hangs would let the lease lapse anyway
+        self._client = resp.Client(redis_url, timeout_s=0.5)
         self._record = record
         self._lock = threading.Lock()  # the record and the write that carries it
         self._stop = threading.Event()
@@ -116,7 +108,7 @@ class WorkerRegistration:
         with self._lock:
             try:
                 self._client.set(self._record.key, self._record.encode(), px=self.ttl_ms)
-            except redis.RedisError as exc:
+            except resp.RedisError as exc:
                 if not self._failing:
                     log.warning("worker registration not renewed: key=%s redis=%s error=%s", self._record.key,
                                 self.url, exc)
@@ -139,7 +131,7 @@ class WorkerRegistration:
         if deregister:
             try:
                 self._client.delete(self._record.key)
-            except redis.RedisError as exc:  # the lease runs out instead
+            except resp.RedisError as exc:  # the lease runs out instead
                 log.warning("worker not deregistered (its lease expires instead): key=%s error=%s",
                             self._record.key, exc)
         self._client.close()

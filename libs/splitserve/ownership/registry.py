@@ -21,11 +21,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from urllib.parse import urlsplit, urlunsplit
-
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from splitserve.ownership import resp
+from splitserve.ownership.resp import redact_url  # noqa: F401 (the roles import it from here)
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +34,6 @@ class OwnershipUnavailable(RuntimeError):
     """Redis could not be reached or answered with an error; callers fall back (route by load only)."""
 
 
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by '***' (for logs and error messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-
-
 def block_key(block_hash: bytes) -> str:
     """The Redis key of a block's owner set; ValueError unless the hash is non-empty bytes."""
     if not isinstance(block_hash, (bytes, bytearray)) or not block_hash:
@@ -55,7 +42,7 @@ def block_key(block_hash: bytes) -> str:
 
 
 def queue_owner_reads(pipe, hashes: list[bytes]) -> None:
-    """Queues one SMEMBERS per block hash on `pipe`, a redis or a redis.asyncio pipeline (the one
+    """Queues one SMEMBERS per block hash on `pipe`, a resp.Pipeline or a redis.asyncio pipeline (the one
     owner read of both the registry and the gateway's async reader); owner_sets parses the replies."""
     for h in hashes:
         pipe.smembers(block_key(h))
@@ -68,7 +55,7 @@ def owner_sets(replies: list) -> list[set[str]]:
 
 class OwnershipRegistry:
     """Records and reads block ownership; every method is at most one pipelined round trip
-    (clear_owner: two). Thread-safe (redis-py's connection pool is).
+    (clear_owner: two). Thread-safe (the client sends one round trip at a time).
 
     Raises OwnershipUnavailable on any Redis error; ValueError on bad arguments.
     """
@@ -79,19 +66,16 @@ class OwnershipRegistry:
         self.ttl_ms = max(int(ttl_s * 1000), 1)  # PEXPIRE takes milliseconds
         self.url = redact_url(redis_url)
         # No retries: a caller on the hot path prefers a fast OwnershipUnavailable to a slow answer.
-        self._client = redis.Redis.from_url(
-            redis_url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self._client = resp.Client(redis_url, socket_timeout_s)
         self._lock = threading.Lock()
         self.round_trips = 0  # pipelines and commands sent to Redis by this instance
 
-    def _run(self, what: str, pipe: "redis.client.Pipeline") -> list:
+    def _run(self, what: str, pipe: resp.Pipeline) -> list:
         with self._lock:
             self.round_trips += 1
         try:
             return pipe.execute()
-        except redis.RedisError as e:
+        except resp.RedisError as e:
             raise OwnershipUnavailable(f"Redis at {self.url} unavailable ({what}): {e}") from e
 
     @staticmethod
@@ -106,7 +90,7 @@ class OwnershipRegistry:
         if not keys:
             return
         own_key = OWNER_KEY_PREFIX + owner
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._client.pipeline()
         for key in keys:
             pipe.sadd(key, owner)
             pipe.pexpire(key, self.ttl_ms)
@@ -120,7 +104,7 @@ class OwnershipRegistry:
         keys = [block_key(h) for h in hashes]
         if not keys:
             return
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._client.pipeline()
         for key in keys:
             pipe.srem(key, owner)
         pipe.srem(OWNER_KEY_PREFIX + owner, *(k[len(BLOCK_KEY_PREFIX):] for k in keys))
@@ -130,7 +114,7 @@ class OwnershipRegistry:
         """The owner ids of each block, in input order (empty set: nobody); one round trip."""
         if not hashes:
             return []
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._client.pipeline()
         queue_owner_reads(pipe, hashes)
         return owner_sets(self._run("owners", pipe))
 
@@ -141,10 +125,10 @@ class OwnershipRegistry:
         """
         self._check_owner(owner)
         own_key = OWNER_KEY_PREFIX + owner
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._client.pipeline()
         pipe.smembers(own_key)
         (members,) = self._run("clear_owner", pipe)
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._client.pipeline()
         for hex_hash in members:
             pipe.srem(BLOCK_KEY_PREFIX + hex_hash.decode(), owner)
         pipe.delete(own_key)
@@ -155,7 +139,7 @@ class OwnershipRegistry:
         """Whether Redis holds `owner`'s entries (its ss:own key); one round trip. False after a
         flush, a restart of a Redis without persistence, or a failover to an empty replica."""
         self._check_owner(owner)
-        pipe = self._client.pipeline(transaction=False)
+        pipe = self._client.pipeline()
         pipe.exists(OWNER_KEY_PREFIX + owner)
         (count,) = self._run("has_owner", pipe)
         return bool(count)
@@ -165,8 +149,8 @@ class OwnershipRegistry:
         with self._lock:
             self.round_trips += 1
         try:
-            return bool(self._client.ping())
-        except redis.RedisError:
+            return self._client.ping()
+        except resp.RedisError:
             return False
 
     def close(self) -> None:
