@@ -20,12 +20,6 @@ from splitserve.kernels import cpu_ops, cpu_quant, packed_quant
 from splitserve.kernels.cpu_layers import FusedDecode
 from splitserve.model import quant_parts
 
-# Rows the MLP of an int8 model runs at once. A 512-row prefill chunk of the default model holds
-# 9 MiB of gate/up and SiLU activations per layer at once (the most of any point of its step); in
-# chunks of 128 rows, 2.3 MiB. The int8 kernel gives a row the same bits in any batch, so the
-# split changes no output, and at 128 rows it is compute-bound: no slower a row.
-MLP_ROW_CHUNK = 128
-
 
 @dataclass(frozen=True)
 class ModelArgs:
@@ -167,17 +161,8 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(args.hidden_size, 2 * args.intermediate_size, bias=False)
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
         self.fused_ops = False  # float32 on the CPU: SiLU-and-multiply in kernels.cpu_ops
-        self.row_chunk = 0  # > 0: at most this many rows at once (LlamaModel.set_quantized_matmul)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not 0 < self.row_chunk < x.shape[0]:
-            return self._rows(x)
-        out = torch.empty_like(x)
-        for start in range(0, x.shape[0], self.row_chunk):
-            out[start:start + self.row_chunk] = self._rows(x[start:start + self.row_chunk])
-        return out
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
         if self.fused_ops:
             return self.down_proj(cpu_ops.silu_mul(gate_up))
@@ -288,9 +273,6 @@ class LlamaModel(nn.Module):
         for module in self.modules():
             if isinstance(module, CpuLinear):
                 module.int8 = mode == "int8"
-            elif isinstance(module, MLP):
-                quant = isinstance(module.gate_up_proj, CpuLinear) and module.gate_up_proj.quant is not None
-                module.row_chunk = MLP_ROW_CHUNK if mode == "int8" and quant else 0
         if self.fused_decode is not None:
             self.fused_decode.int8 = mode == "int8"
 
