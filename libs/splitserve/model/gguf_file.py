@@ -3,7 +3,8 @@
 The `gguf` package's reader makes a numpy view for every part of every metadata value: for a
 tokenizer's vocabulary and merges that is ~200,000 views, 5 s of every worker start on this
 machine. Here the metadata is decoded with `struct` in one pass and each tensor's bytes are a numpy
-view of one memory map; the `gguf` package still does the dequantizing.
+view of one memory map; the `gguf` package still does the dequantizing where the model loader asks
+for it, and is not imported otherwise (its import maps 3.5 MiB: issue 19's bound on a worker's memory).
 
 Layout (little-endian): magic "GGUF", version u32, tensor count u64, metadata count u64; each
 metadata entry is a string key, a u32 value type and the value (strings are a u64 length and UTF-8
@@ -15,13 +16,40 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from enum import IntEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 _MAGIC = b"GGUF"
+
+
+class GGMLType(IntEnum):
+    """A tensor's element type, by its number in the file (the format's ggml_type)."""
+
+    F32, F16, Q4_0, Q4_1 = 0, 1, 2, 3
+    Q5_0, Q5_1, Q8_0, Q8_1 = 6, 7, 8, 9
+    Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K = 10, 11, 12, 13, 14, 15
+    IQ2_XXS, IQ2_XS, IQ3_XXS, IQ1_S, IQ4_NL, IQ3_S, IQ2_S, IQ4_XS = 16, 17, 18, 19, 20, 21, 22, 23
+    I8, I16, I32, I64, F64, IQ1_M, BF16 = 24, 25, 26, 27, 28, 29, 30
+    TQ1_0, TQ2_0, MXFP4, NVFP4, Q1_0 = 34, 35, 39, 40, 41
+
+
+# (elements a block, bytes a block) of each type, from the block layouts: a Q4_0 block is a float16
+# scale and 32 4-bit codes (18 bytes); a K-quant's super-block holds 256 (tests/model/test_gguf_file.py
+# checks every entry against the gguf package's table)
+BLOCK_SIZES = {
+    GGMLType.F32: (1, 4), GGMLType.F16: (1, 2), GGMLType.BF16: (1, 2), GGMLType.F64: (1, 8),
+    GGMLType.I8: (1, 1), GGMLType.I16: (1, 2), GGMLType.I32: (1, 4), GGMLType.I64: (1, 8),
+    GGMLType.Q4_0: (32, 18), GGMLType.Q4_1: (32, 20), GGMLType.Q5_0: (32, 22), GGMLType.Q5_1: (32, 24),
+    GGMLType.Q8_0: (32, 34), GGMLType.Q8_1: (32, 40), GGMLType.IQ4_NL: (32, 18), GGMLType.MXFP4: (32, 17),
+    GGMLType.Q2_K: (256, 84), GGMLType.Q3_K: (256, 110), GGMLType.Q4_K: (256, 144), GGMLType.Q5_K: (256, 176),
+    GGMLType.Q6_K: (256, 210), GGMLType.Q8_K: (256, 292), GGMLType.IQ2_XXS: (256, 66), GGMLType.IQ2_XS: (256, 74),
+    GGMLType.IQ3_XXS: (256, 98), GGMLType.IQ1_S: (256, 50), GGMLType.IQ3_S: (256, 110), GGMLType.IQ2_S: (256, 82),
+    GGMLType.IQ4_XS: (256, 136), GGMLType.IQ1_M: (256, 56), GGMLType.TQ1_0: (256, 54), GGMLType.TQ2_0: (256, 66),
+    GGMLType.NVFP4: (64, 36), GGMLType.Q1_0: (128, 18),
+}
 # A llama-architecture GGUF's tensor names (blk.N.<name>.weight, or top-level) -> the model's
 GGUF_NAMES = {
     "token_embd": "embed_tokens",
@@ -44,10 +72,8 @@ _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: 
 _STRING, _ARRAY = 8, 9
 # element types stored as plain numbers (everything else is quantized blocks, kept as uint8 rows)
 _PLAIN = {
-    GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
-    GGMLQuantizationType.F64: np.float64, GGMLQuantizationType.I8: np.int8,
-    GGMLQuantizationType.I16: np.int16, GGMLQuantizationType.I32: np.int32,
-    GGMLQuantizationType.I64: np.int64,
+    GGMLType.F32: np.float32, GGMLType.F16: np.float16, GGMLType.F64: np.float64, GGMLType.I8: np.int8,
+    GGMLType.I16: np.int16, GGMLType.I32: np.int32, GGMLType.I64: np.int64,
 }
 _MAX_DIMS = 4  # GGML_MAX_DIMS
 
@@ -59,7 +85,7 @@ class GGUFFormatError(ValueError):
 @dataclass(frozen=True)
 class GGUFTensor:
     name: str
-    tensor_type: GGMLQuantizationType
+    tensor_type: GGMLType
     shape: tuple[int, ...]  # GGUF's order: the fastest-varying dimension first
     # numpy's order (the reverse); quantized types as uint8 [..., bytes per row], as llama.cpp stores them
     data: np.ndarray
@@ -143,13 +169,13 @@ class GGUFFile:
         dims = tuple(cur.take("<Q") for _ in range(n_dims))
         raw_type = cur.take("<I")
         try:
-            kind = GGMLQuantizationType(raw_type)
+            kind = GGMLType(raw_type)
         except ValueError:
             raise GGUFFormatError(f"{self.path}: tensor {name} has unknown element type {raw_type}") from None
         return name, dims, kind, cur.take("<Q")
 
-    def _tensor(self, start: int, name: str, dims: tuple[int, ...], kind: GGMLQuantizationType, offset: int) -> GGUFTensor:
-        block, type_size = GGML_QUANT_SIZES[kind]
+    def _tensor(self, start: int, name: str, dims: tuple[int, ...], kind: GGMLType, offset: int) -> GGUFTensor:
+        block, type_size = BLOCK_SIZES[kind]
         if dims[0] % block:
             raise GGUFFormatError(f"{self.path}: tensor {name}'s rows of {dims[0]} are not whole {kind.name} blocks of {block}")
         n_elements = int(np.prod(dims))

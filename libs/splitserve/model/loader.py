@@ -197,10 +197,13 @@ def read_gguf_args(reader: GGUFFile, path: Path) -> ModelArgs:
 
 
 def _dequantize(tensor) -> np.ndarray:
-    import gguf
+    if tensor.data.dtype != np.uint8:  # a plain float (or integer) tensor: its values as float32
+        return np.array(tensor.data, dtype=np.float32)
+    import gguf  # here: loading a model whose kept blocks and norms are plain imports no gguf
 
     # numpy shape is the reverse of GGUF's ne order: [out_features, in_features] for a matrix.
-    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+    kind = gguf.GGMLQuantizationType(int(tensor.tensor_type))
+    return np.asarray(gguf.quants.dequantize(tensor.data, kind), dtype=np.float32)
 
 
 def _dequantize_raw(kind: str, raw: np.ndarray) -> np.ndarray:
