@@ -364,3 +364,34 @@ def test_a_pinned_export_is_the_copied_one_left_in_its_pages(llm_f32):
             gc.enable()
     finally:
         loop.stop()
+
+
+def test_the_loop_trims_the_heap_after_a_long_prefill_step_not_after_decode_steps(llm_f32, monkeypatch):
+    """A step of TRIM_AFTER_PROMPT_TOKENS prompt tokens or more hands its freed memory back at once
+    (the decode steps that follow would touch its holes page by page); decode steps do not trim
+    (one takes a few ms), and a loop gone idle trims as before."""
+    import time
+
+    from splitserve import heap
+    from splitserve.engine import engine_loop
+
+    trims = []
+    llm = llm_f32.with_config(kv_cache_memory_gb=0.05, max_num_batched_tokens=256)
+    monkeypatch.setattr(heap, "trim", lambda: trims.append(llm.engine.stats.prompt_tokens) or True)
+    loop = engine_loop.EngineLoop(llm.engine).start()
+    try:
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        out = list(loop.add_request("short", list(range(100, 150)), params))  # 50 prompt tokens
+        assert sum(len(o.new_token_ids) for o in out) == 12
+        assert trims in ([], [50])  # no step reached the bound (an idle half second trims: a slow machine)
+        long = list(range(1000, 1000 + 2 * engine_loop.TRIM_AFTER_PROMPT_TOKENS))  # shares no block
+        out = list(loop.add_request("long", long, params))  # two steps of 256 prompt tokens, 11 decodes
+        assert sum(len(o.new_token_ids) for o in out) == 12
+        after = [t for t in trims if t > 50]
+        assert after[:2] == [50 + 256, 50 + 512]  # right after each long step, none after its decodes
+        deadline = time.monotonic() + 5
+        while len([t for t in trims if t > 50]) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [t for t in trims if t > 50] == [306, 562, 562]  # and once more when idle
+    finally:
+        loop.stop()

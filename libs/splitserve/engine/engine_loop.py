@@ -19,6 +19,13 @@ from splitserve.engine.llm_engine import LLMEngine, StepOutput
 
 logger = logging.getLogger(__name__)
 
+# A step that computed this many prompt tokens hands its freed memory back at once (heap.trim), not
+# only when the engine goes idle. Its activations (a 512-token chunk: ~14 MiB) leave holes that
+# the decode steps after it would touch page by page; trimmed, the default model's colocated worker
+# peaked 5-7 MiB lower over a burst of 32 prompts (893/894/893 against 900/900/898 MiB, three stacks
+# each). The trim takes ~1.5 ms, against ~360 ms for such a step.
+TRIM_AFTER_PROMPT_TOKENS = 256
+
 
 class QueueState(NamedTuple):
     """The scheduler's queues as of the last step, published by the loop thread for other threads
@@ -209,7 +216,10 @@ class EngineLoop:
                 continue
             stepped = True
             try:
+                prompt_tokens = self.engine.stats.prompt_tokens
                 outputs = self.engine.step()
+                if self.engine.stats.prompt_tokens - prompt_tokens >= TRIM_AFTER_PROMPT_TOKENS:
+                    heap.trim()
             except Exception as exc:  # a failed step fails its requests, not the process
                 logger.exception("engine step failed")
                 self.last_error = exc
