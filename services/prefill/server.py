@@ -43,9 +43,10 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
         worker.counters = lambda: {"num_blocks_put": self.exporter.num_blocks_put}
 
     def Prefill(self, request, context):
+        """The first token as soon as it is sampled, then the put's result (prefill.proto)."""
         with self.worker.drain.call(context), \
                 tracing.server_span("prefill.request", context, request.request_id) as span:
-            return self._prefill(request, context, span)
+            yield from self._prefill(request, context, span)
 
     def _prefill(self, request, context, span=tracing.NOOP):
         try:
@@ -67,26 +68,30 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
         hashes = out.prompt_block_hashes
         tracing.record("prefill.queue", span, out.arrival_time, out.first_scheduled_time)
         tracing.record("prefill.compute", span, out.first_scheduled_time, out.first_token_time)
-        with tracing.active("kv.put", span):
-            export = self.exporter.export(request_id, hashes, out.pinned_export or out.exported_blocks)
+        self._record(out)
+        try:
+            yield prefill_pb2.PrefillResponse(
+                request_id=request_id,
+                first_token_id=out.new_token_ids[0],
+                first_logprob=logprob_to_proto(out.new_logprobs[0]) if out.new_logprobs else None,
+                num_cached_tokens=out.num_cached_tokens,
+                num_computed_tokens=out.num_prompt_tokens - out.num_cached_tokens,
+                rng_state=out.rng_state,
+                worker_id=self.worker.worker_id,
+            )
+        finally:  # after the token has left, and also when the caller does not stay for the rest
+            with tracing.active("kv.put", span):  # (the export releases a pinned export's pages)
+                export = self.exporter.export(request_id, hashes, out.pinned_export or out.exported_blocks)
+            if export.num_put and not context.is_active():  # gone (or done at the first token): no
+                self.exporter.release(request_id)  # decode fetches under this lease
         if export.error:
             logger.warning("kvstore put failed: request_id=%s code=%s (decode will recompute)", request_id,
                            export.error)
-        self._record(out)
         logger.info("prefill done: request_id=%s prompt_tokens=%d cached_tokens=%d blocks=%d kvstore=%s",
                     request_id, out.num_prompt_tokens, out.num_cached_tokens, len(hashes),
                     export.kvstore_address or "-")
-        return prefill_pb2.PrefillResponse(
-            request_id=request_id,
-            first_token_id=out.new_token_ids[0],
-            first_logprob=logprob_to_proto(out.new_logprobs[0]) if out.new_logprobs else None,
-            block_hashes=hashes,
-            num_cached_tokens=out.num_cached_tokens,
-            num_computed_tokens=out.num_prompt_tokens - out.num_cached_tokens,
-            kvstore_address=export.kvstore_address,
-            rng_state=out.rng_state,
-            worker_id=self.worker.worker_id,
-        )
+        yield prefill_pb2.PrefillResponse(request_id=request_id, block_hashes=hashes,
+                                          kvstore_address=export.kvstore_address)
 
     def _first_token(self, stream, context) -> StepOutput:
         """The one-token run's output; the call ends (and the request is freed) when the deadline

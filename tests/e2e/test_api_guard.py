@@ -385,13 +385,15 @@ def _rss_mib(pid: int) -> float:
 def test_many_more_requests_than_room_are_served_or_refused_and_nothing_leaks(guarded, model, http_stack):
     """24 concurrent requests (HTTP and gRPC) against room for one: each is served correctly or
     refused with 429 / RESOURCE_EXHAUSTED, nothing else; the process's memory does not grow with
-    the refusals; afterwards the decode worker's KV usage and the kvstore's leases are idle."""
+    the refusals; afterwards the decode worker's KV usage is idle and the kvstore holds no lease of theirs."""
     import os
     from concurrent.futures import ThreadPoolExecutor
 
     from splitserve.v1 import kvstore_pb2_grpc
 
     idle = _decode_usage(http_stack)
+    with rpc.channel(http_stack.roles["kvstore"]) as ch:  # what earlier tests' direct Prefill calls hold
+        leases_before = kvstore_pb2_grpc.KVStoreStub(ch).Stats(kvstore_pb2.StatsRequest(), timeout=10).num_leases
     reference = http("POST", guarded.base + "/v1/completions",
                      {"model": model, "prompt": "Name three colors:", "max_tokens": 6, "temperature": 0,
                       "ignore_eos": True}, AUTH)[1]["choices"][0]["text"]
@@ -431,9 +433,11 @@ def test_many_more_requests_than_room_are_served_or_refused_and_nothing_leaks(gu
     with rpc.channel(http_stack.roles["kvstore"]) as ch:
         stats = kvstore_pb2_grpc.KVStoreStub(ch)
         wait = time.monotonic() + 15
-        while stats.Stats(kvstore_pb2.StatsRequest(), timeout=10).num_leases and time.monotonic() < wait:
+        while stats.Stats(kvstore_pb2.StatsRequest(), timeout=10).num_leases > leases_before and \
+                time.monotonic() < wait:
             time.sleep(0.2)
-        assert stats.Stats(kvstore_pb2.StatsRequest(), timeout=10).num_leases == 0
+        # (a lease of an earlier test may run out meanwhile: none of these requests' is left)
+        assert stats.Stats(kvstore_pb2.StatsRequest(), timeout=10).num_leases <= leases_before
 
 
 @pytest.mark.timeout(120)

@@ -123,9 +123,9 @@ def test_shared_prefix_goes_to_its_owner(stack2, llm_f32):
     owner = sorted(stack2.roles[n] for n in ("prefill-0", "prefill-1"))[1]  # not the tie-break's pick
     other = next(a for n, a in stack2.roles.items() if n.startswith("prefill") and a != owner)
     stub = prefill_pb2_grpc.PrefillStub(channel(owner))
-    warm = stub.Prefill(prefill_pb2.PrefillRequest(request_id="warm", prompt_token_ids=first,
-                                                   sampling=sampling_to_proto(SamplingParams(temperature=0, max_tokens=1))),
-                        timeout=60)
+    *_, warm = stub.Prefill(prefill_pb2.PrefillRequest(  # the first token, then the put's result
+        request_id="warm", prompt_token_ids=first,
+        sampling=sampling_to_proto(SamplingParams(temperature=0, max_tokens=1))), timeout=60)
     registry = OwnershipRegistry(stack2.redis_url)
     prefix_hashes = list(warm.block_hashes)[:4]
     for owners in registry.owners(prefix_hashes):

@@ -49,6 +49,8 @@ def load_response(worker_id: str, **fields) -> prefill_pb2.LoadResponse:
 class FakePrefill(prefill_pb2_grpc.PrefillServicer):
     def __init__(self) -> None:
         self.port, self.queued_tokens, self.first_override, self.delay_s = 0, 0, None, 0.0
+        self.put_s, self.die_after_first = 0.0, False  # the put: how long it takes, whether the worker dies in it
+        self.first_sent: list[float] = []
         self.calls: list = []
         self.cancelled: list[str] = []
         self.seen: set[bytes] = set()  # its "prefix cache"
@@ -71,11 +73,17 @@ class FakePrefill(prefill_pb2_grpc.PrefillServicer):
         cached = min(hit * BS, len(ids) - 1)
         first = first_token(ids) if self.first_override is None else self.first_override
         resp = prefill_pb2.PrefillResponse(
-            request_id=request.request_id, first_token_id=first, block_hashes=hashes, num_cached_tokens=cached,
-            num_computed_tokens=len(ids) - cached, kvstore_address="127.0.0.1:9", worker_id=self.worker_id)
+            request_id=request.request_id, first_token_id=first, num_cached_tokens=cached,
+            num_computed_tokens=len(ids) - cached, worker_id=self.worker_id)
         if request.sampling.HasField("logprobs"):
             resp.first_logprob.CopyFrom(fake_logprob(first))
-        return resp
+        yield resp  # the first token, then the put's result (prefill.proto)
+        self.first_sent.append(time.monotonic())
+        await asyncio.sleep(self.put_s)
+        if self.die_after_first:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "worker lost during the put")
+        yield prefill_pb2.PrefillResponse(request_id=request.request_id, block_hashes=hashes,
+                                          kvstore_address="127.0.0.1:9")
 
     async def GetLoad(self, request, context):
         return load_response(self.worker_id, queued_tokens=self.queued_tokens)
@@ -185,7 +193,7 @@ def env():
 def reset_fakes(env):
     yield
     for p in env.prefills:
-        p.queued_tokens, p.first_override, p.delay_s = 0, None, 0.0
+        p.queued_tokens, p.first_override, p.delay_s, p.put_s, p.die_after_first = 0, None, 0.0, 0.0, False
     for d in env.decodes:
         d.delay_s, d.chunk, d.eos_at = 0.0, 2, None
     env.fail["armed"] = False
@@ -246,6 +254,44 @@ def test_first_token_can_finish_the_request(env):
     ids, text, final = call(env, token_ids=[5, 6])
     assert (ids, text, final.finish_reason, final.stop_reason) == ([EOS], "", "stop", "")
     assert sum(len(d.calls) for d in env.decodes) == n_decode  # no decode call was made
+
+
+def test_the_first_token_goes_on_before_the_put_ends(env):
+    """The prefill worker's first message (its token) reaches the client at once; the decode starts
+    when its second one (the put's result) arrives. A request the first token finishes has its
+    answer at once too."""
+    for p in env.prefills:
+        p.put_s = 0.6
+    start = time.monotonic()
+    msgs = stream_generate(env.gw.address, token_ids=[5, 6, 7], channel=env.channel, timeout_s=10,
+                           sampling={"max_tokens": 5}, request_id="early-1")
+    first = next(msgs)
+    first_at = time.monotonic() - start
+    rest = list(msgs)
+    assert list(first.token_ids) == [1018] and first_at < 0.4
+    assert [t for m in rest for t in m.token_ids] == [1019, 1020, 1021, 1022]
+    assert time.monotonic() - start >= 0.6  # the decode waited for the put's result
+    (dc,) = decode_calls(env, "early-1")
+    assert dc.kvstore_address == "127.0.0.1:9" and list(dc.output_token_ids) == [1018]
+    start = time.monotonic()
+    msgs = stream_generate(env.gw.address, token_ids=[5, 6, 8], channel=env.channel, timeout_s=10,
+                           sampling={"max_tokens": 1})
+    final = next(msgs)  # the answer at once; the stream ends with the put (the prefill's call is not cut)
+    assert list(final.token_ids) == [1019] and final.finish_reason == "length"
+    assert time.monotonic() - start < 0.4 and list(msgs) == [] and time.monotonic() - start >= 0.6
+
+
+def test_a_prefill_worker_lost_during_its_put_is_a_failed_put(env):
+    """After the first token went to the client the prefill is not retried: the decode recomputes
+    the prompt (no kvstore address), and the client gets every token once."""
+    n_prefill = sum(len(p.calls) for p in env.prefills)
+    for p in env.prefills:
+        p.die_after_first = True
+    ids, _, final = call(env, token_ids=[5, 6, 9], sampling={"max_tokens": 4}, request_id="lost-put")
+    assert ids == [1020, 1021, 1022, 1023] and final.finish_reason == "length"
+    assert sum(len(p.calls) for p in env.prefills) == n_prefill + 1
+    (dc,) = decode_calls(env, "lost-put")
+    assert dc.kvstore_address == "" and list(dc.output_token_ids) == [1020]
 
 
 def test_eos_and_stop_token_ids(env):

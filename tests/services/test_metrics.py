@@ -384,8 +384,8 @@ def test_stack_worker_and_kvstore_series(stack):
 
     # Refusals and failures, straight at the workers.
     with pytest.raises(grpc.RpcError) as err:
-        prefill_pb2_grpc.PrefillStub(channel(stack.roles["prefill-0"])).Prefill(
-            prefill_pb2.PrefillRequest(request_id="empty", prompt_token_ids=[]), timeout=30)
+        list(prefill_pb2_grpc.PrefillStub(channel(stack.roles["prefill-0"])).Prefill(
+            prefill_pb2.PrefillRequest(request_id="empty", prompt_token_ids=[]), timeout=30))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     orphan = list(range(1000, 1040))  # no worker holds these blocks; the kvstore is unreachable
     msgs = list(decode_pb2_grpc.DecodeStub(channel(stack.roles["decode-0"])).Decode(decode_pb2.DecodeRequest(

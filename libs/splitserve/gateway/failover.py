@@ -74,6 +74,43 @@ def _trace_decode(ctx: RequestContext, reason: str, resp: decode_pb2.DecodeRespo
     route.local_hit_blocks, route.recomputed = resp.num_local_hit_blocks, resp.recomputed
 
 
+class PendingBlocks:
+    """The rest of a Prefill stream once its first token has gone on: the put's result (block
+    hashes, the kvstore's address), read before the decode starts. A worker lost in between is a
+    put that failed: the decode recomputes the prompt (no prefill is retried once the client has
+    its first token). `close` (idempotent) ends the call and the worker's routing charge."""
+
+    def __init__(self, call, worker: WorkerState, end: Callable[[], None], span) -> None:
+        self._call, self._worker, self._end, self._span = call, worker, end, span
+        self._open = True
+
+    async def result(self, first: prefill_pb2.PrefillResponse, request_id: str) -> prefill_pb2.PrefillResponse:
+        """`first` with the put's result merged in (no kvstore address when the worker failed)."""
+        merged = prefill_pb2.PrefillResponse()
+        merged.CopyFrom(first)
+        try:
+            rest = await self._call.read()
+            if rest is grpc.aio.EOF:
+                raise GatewayError(Code.INTERNAL, "the stream ended before the put's result")
+            merged.MergeFrom(rest)
+            await self._call.read()  # the stream's end (its status follows the last message at once)
+        except (grpc.aio.AioRpcError, GatewayError) as exc:
+            why = exc.code().name if isinstance(exc, grpc.aio.AioRpcError) else str(exc)
+            self._span.set_error(why)
+            log.warning("prefill worker lost after the first token: request_id=%s worker=%s error=%s "
+                        "(decode recomputes)", request_id, self._worker.address, why)
+        finally:
+            self.close()
+        return merged
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._end()
+            self._call.cancel()  # no-op when it completed
+            self._span.end()
+
+
 class RequestPipeline:
     """Prefill then decode for one request at a time (one instance serves all requests)."""
 
@@ -107,8 +144,10 @@ class RequestPipeline:
             why = "; ".join(f"{w.address}: {w.last_error or 'draining'}" for w in decode)
             raise GatewayError(Code.UNAVAILABLE, f"no decode worker available: none of {len(decode)} is healthy ({why})")
 
-    async def prefill(self, ctx: RequestContext) -> prefill_pb2.PrefillResponse:
-        """The PrefillResponse of the cheapest prefill worker that answers; records it in ctx.route."""
+    async def prefill(self, ctx: RequestContext) -> tuple[prefill_pb2.PrefillResponse, PendingBlocks]:
+        """The first message of the cheapest prefill worker that answers (its first token), and the
+        rest of its stream; records the worker in ctx.route. A worker that fails before its first
+        token is retried on another (the put's result comes later: PendingBlocks)."""
         self._check_decode_available()
         req, router, bs = ctx.request, self._pool.router, self._pool.model.block_size
         tried: set[str] = set()
@@ -125,18 +164,24 @@ class RequestPipeline:
                                            sampling=req.sampling, cache_salt=req.cache_salt),
                 timeout=remaining_s(ctx.deadline), metadata=span.metadata())
             router.begin(worker, tokens)
+            pending = None
             try:
-                first = await call
+                first = await call.read()
+                if first is grpc.aio.EOF:
+                    raise GatewayError(Code.INTERNAL, f"prefill worker {worker.address} ended the stream "
+                                                      "without a first token")
                 ctx.route.prefill_worker, ctx.route.prefill_reason = worker.address, decision.reason
-                return first
+                pending = PendingBlocks(call, worker, lambda w=worker, t=tokens: router.end(w, t), span)
+                return first, pending
             except grpc.aio.AioRpcError as exc:
                 span.set_error(exc.code().name)
                 last = self._failed(PREFILL, worker, exc, tried)
                 log.warning("prefill retry: request_id=%s worker=%s error=%s", req.request_id, worker.address, last)
             finally:
-                router.end(worker, tokens)
-                call.cancel()  # no-op when it completed; cancels it when we were cancelled
-                span.end()
+                if pending is None:  # failed, or we were cancelled
+                    router.end(worker, tokens)
+                    call.cancel()
+                    span.end()
 
     async def decode(self, ctx: RequestContext, first: prefill_pb2.PrefillResponse,
                      out: OutputStream) -> AsyncIterator[Delta]:

@@ -23,7 +23,7 @@ from splitserve import tracing
 from splitserve.config.gateway import GatewayConfig
 from splitserve.gateway.context import RequestContext, StageTimes
 from splitserve.gateway.errors import GatewayError, reject_reason
-from splitserve.gateway.failover import RequestPipeline
+from splitserve.gateway.failover import PendingBlocks, RequestPipeline
 from splitserve.gateway.output import Delta, OutputStream
 from splitserve.gateway.prepare import InvalidRequest, PreparedRequest, prepare_request
 from splitserve.gateway.workers import WorkerPool
@@ -192,13 +192,16 @@ class GatewayService:
                              kind="server")
         ctx = RequestContext(req, deadline=arrival + timeout_s, times=StageTimes(arrival), span=span)
         done = False  # the final response was handed out: a close after it is no cancellation
+        pending = None
         try:
-            first, out, delta = await self._prefill(ctx)
+            first, pending, out, delta = await self._prefill(ctx)
             if out.finished:
                 done = True
                 yield self._final(ctx, first, out, delta)
+                await pending.result(first, req.request_id)  # the put ends (the client has its answer)
                 return
-            yield _response(req, delta)
+            yield _response(req, delta)  # the first token, while the prefill worker still puts the blocks
+            first = await pending.result(first, req.request_id)
             async with aclosing(self._decode(ctx, first, out)) as responses:
                 async for response in responses:
                     done = bool(response.finish_reason)
@@ -208,18 +211,21 @@ class GatewayService:
                 self.rejected(Code.CANCELLED)
             raise
         finally:
+            if pending is not None:
+                pending.close()  # the worker finishes its put without us
             if not done:
                 span.set_error("failed or cancelled before the final response")
             span.end()
 
-    async def _prefill(self, ctx: RequestContext) -> tuple[prefill_pb2.PrefillResponse, OutputStream, Delta]:
+    async def _prefill(self, ctx: RequestContext) -> tuple[prefill_pb2.PrefillResponse, PendingBlocks, OutputStream,
+                                                          Delta]:
         """Reads the prompt blocks' owners, prefills, and starts the output with the first token;
         records queue time, prefill time and TTFT."""
         self.num_prefilling += 1
         try:
             ctx.owners = await self._owners.owners(ctx.request.block_hashes)
             ctx.times.prefill = time.monotonic()
-            first = await self._pipeline.prefill(ctx)
+            first, pending = await self._pipeline.prefill(ctx)
             ctx.times.prefilled = time.monotonic()
         finally:
             self.num_prefilling -= 1
@@ -233,7 +239,7 @@ class GatewayService:
         tracing.record("gateway.queue", ctx.span, times.arrival, times.prefill)
         self.metrics.observe_prefill(times.prefilled - times.prefill)
         self.metrics.observe_ttft(times.first - times.arrival)
-        return first, out, delta
+        return first, pending, out, delta
 
     async def _decode(self, ctx: RequestContext, first: prefill_pb2.PrefillResponse,
                       out: OutputStream) -> AsyncIterator[gateway_pb2.GenerateResponse]:

@@ -14,6 +14,7 @@ duration of the put call), kv_transfer_failures{direction="put"} when the kvstor
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Container
 from concurrent.futures import ThreadPoolExecutor
@@ -23,11 +24,16 @@ import grpc
 
 from splitserve.transfer.pages import Block, PinnedExport
 
+logger = logging.getLogger(__name__)
+
 
 class BlockSink(Protocol):
     """The part of a kvstore client the prefill side uses (splitserve.kvstore.client.KVStoreClient)."""
 
     address: str
+
+    def release(self, lease_id: str) -> int:
+        """Ends a lease; the number of blocks it held."""
 
     def contains_future(self, hashes: list[bytes]) -> Any:
         """A grpc.Future whose result has `present`, one flag per hash."""
@@ -115,6 +121,14 @@ class BlockExporter:
         finally:
             if pinned is not None:
                 pinned.release()
+
+    def release(self, request_id: str) -> None:
+        """Ends the lease of a put nobody will fetch under (its caller went away): the blocks stay in
+        the kvstore, evictable like any other. A failure is logged: the lease's TTL ends it."""
+        try:
+            self.store.release(request_id)
+        except grpc.RpcError as exc:
+            logger.warning("kvstore lease not released (its TTL ends it): request_id=%s error=%s", request_id, exc)
 
     def _put(self, request_id: str, blocks: list[Block]) -> tuple[str, str]:
         """(the kvstore's address or "" when the put failed, the failure's status code name or "")."""

@@ -34,7 +34,7 @@ class PrefillStub:
         Args:
             channel: A grpc.Channel.
         """
-        self.Prefill = channel.unary_unary(
+        self.Prefill = channel.unary_stream(
                 '/splitserve.v1.Prefill/Prefill',
                 request_serializer=splitserve_dot_v1_dot_prefill__pb2.PrefillRequest.SerializeToString,
                 response_deserializer=splitserve_dot_v1_dot_prefill__pb2.PrefillResponse.FromString,
@@ -50,7 +50,11 @@ class PrefillServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Prefill(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Two messages: the first token as soon as it is sampled (first_token_id, first_logprob,
+        num_cached_tokens, num_computed_tokens, rng_state, worker_id), then, once the prompt's blocks
+        are in the kvstore, block_hashes and kvstore_address (empty: the put failed, decode recomputes).
+        The caller streams the token on without waiting for the put.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -64,7 +68,7 @@ class PrefillServicer:
 
 def add_PrefillServicer_to_server(servicer, server):
     rpc_method_handlers = {
-            'Prefill': grpc.unary_unary_rpc_method_handler(
+            'Prefill': grpc.unary_stream_rpc_method_handler(
                     servicer.Prefill,
                     request_deserializer=splitserve_dot_v1_dot_prefill__pb2.PrefillRequest.FromString,
                     response_serializer=splitserve_dot_v1_dot_prefill__pb2.PrefillResponse.SerializeToString,
@@ -96,7 +100,7 @@ class Prefill:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.unary_unary(
+        return grpc.experimental.unary_stream(
             request,
             target,
             '/splitserve.v1.Prefill/Prefill',
