@@ -82,16 +82,22 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
         finally:  # after the token has left, and also when the caller does not stay for the rest
             with tracing.active("kv.put", span):  # (the export releases a pinned export's pages)
                 export = self.exporter.export(request_id, hashes, out.pinned_export or out.exported_blocks)
-            if export.num_put and not context.is_active():  # gone (or done at the first token): no
-                self.exporter.release(request_id)  # decode fetches under this lease
+            released = bool(export.num_put) and (not context.is_active() or params.max_tokens == 1)
+            if released:  # the caller is gone, or no decode follows: nobody fetches under the lease
+                self.exporter.release(request_id)
         if export.error:
             logger.warning("kvstore put failed: request_id=%s code=%s (decode will recompute)", request_id,
                            export.error)
         logger.info("prefill done: request_id=%s prompt_tokens=%d cached_tokens=%d blocks=%d kvstore=%s",
                     request_id, out.num_prompt_tokens, out.num_cached_tokens, len(hashes),
                     export.kvstore_address or "-")
-        yield prefill_pb2.PrefillResponse(request_id=request_id, block_hashes=hashes,
-                                          kvstore_address=export.kvstore_address)
+        try:
+            yield prefill_pb2.PrefillResponse(request_id=request_id, block_hashes=hashes,
+                                              kvstore_address=export.kvstore_address)
+        except GeneratorExit:  # not sent (the caller left meanwhile): nobody learns where the blocks are
+            if export.num_put and not released:
+                self.exporter.release(request_id)
+            raise
 
     def _first_token(self, stream, context) -> StepOutput:
         """The one-token run's output; the call ends (and the request is freed) when the deadline

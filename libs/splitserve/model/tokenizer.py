@@ -180,10 +180,6 @@ class LazyTokenizer:
         else:
             self.eos_token_ids = frozenset(int(i) for i in _saved_eos_ids(_converted_folder(model_path)))
 
-    @property
-    def loaded(self) -> bool:
-        return self._tokenizer is not None
-
     def get(self) -> Tokenizer:
         if self._tokenizer is None:
             with self._lock:
