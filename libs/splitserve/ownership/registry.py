@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+
 from splitserve.ownership import resp
 from splitserve.ownership.resp import redact_url  # noqa: F401 (the roles import it from here)
 
