@@ -57,7 +57,7 @@ def test_an_error_reply_raises_and_leaves_the_connection_in_step(redis_url):
     client.delete(key)
 
 
-def test_password_user_and_database(tmp_path):
+def test_password_user_and_database():
     with EmbeddedRedis() as server:
         admin = redis.Redis.from_url(server.url)
         admin.acl_setuser("worker", enabled=True, passwords=["+s3cr:et"], commands=["+@all"], keys=["*"])
@@ -86,7 +86,7 @@ def test_a_dropped_connection_fails_once_then_reconnects(redis_url):
     assert client.execute([("CLIENT", "ID")])[0] != client_id
 
 
-def test_a_redis_that_never_answers_times_out(tmp_path):
+def test_a_redis_that_never_answers_times_out():
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(4)
