@@ -227,13 +227,12 @@ class Client:
                 if self._sock is None:
                     self._connect()
                 return self._round_trip(commands)
-            except ReplyError:
+            except ConnectionFailed:
+                self._close()
                 raise
-            except (OSError, ConnectionFailed, ValueError) as exc:  # ValueError: a garbled length
+            except (OSError, ValueError) as exc:  # ValueError: a garbled length
                 self._close()
                 where = self.endpoint.path or f"{self.endpoint.host}:{self.endpoint.port}"
-                if isinstance(exc, ConnectionFailed):
-                    raise
                 raise ConnectionFailed(f"redis at {where}: {type(exc).__name__}: {exc}") from exc
 
     def pipeline(self) -> "Pipeline":
