@@ -239,7 +239,8 @@ class Launcher:
         if not self.redis_url:
             from splitserve.ownership.redis_server import EmbeddedRedis
 
-            self.redis = EmbeddedRedis().start()  # bound before any other pick: no clash, and it retries
+            # bound before any other pick, on a port not reserved for the gateway; it retries
+            self.redis = EmbeddedRedis(pick_port=free_port).start()
             self.redis_url = self.redis.url
         kv = None
         if not up.colocated:  # colocated workers keep each prompt's blocks in their own cache

@@ -72,8 +72,11 @@ class EmbeddedRedis:
     """
 
     def __init__(self, port: int | None = None, startup_timeout_s: float = 10.0,
-                 stop_timeout_s: float = 5.0, die_with_parent: bool = True):
+                 stop_timeout_s: float = 5.0, die_with_parent: bool = True, pick_port=None):
+        """`pick_port`: where a port comes from when none is requested (default: any free one; `up`
+        passes its own picker, which skips the ports it handed out or reserved for its roles)."""
         self._requested_port = port
+        self._pick_port = pick_port or _free_port
         self.port: int = port or 0
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
@@ -107,7 +110,7 @@ class EmbeddedRedis:
         remove_leftovers()
         attempts = 1 if self._requested_port else 3  # a free port may be taken before redis binds it
         for attempt in range(attempts):
-            self.port = self._requested_port or _free_port()
+            self.port = self._requested_port or self._pick_port()
             self._dir = tempfile.mkdtemp(prefix=owned_prefix(DIR_PREFIX))
             logfile = os.path.join(self._dir, "redis.log")
             cmd = [binary, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
