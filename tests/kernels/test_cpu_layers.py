@@ -52,29 +52,41 @@ def _outputs(llm, prompts, **kw):
             for o in llm.generate(prompts, params)]
 
 
+# a prompt whose prefill step has more rows than the few-row kernel takes (cpu_quant.max_rows(), 48)
+LONG = "A list of the rivers of Europe, from the longest to the shortest, with their sources: " * 4
+
+
 @pytest.mark.parametrize("mode", ["exact", "int8"])
 def test_fused_decode_gives_the_layer_by_layer_bits(llm_f32, mode):
+    # int8: with a prefill step of more rows than max_rows, which runs fused too (in the exact mode
+    # it would run layer by layer, its float GEMM batch-dependent: see the test below)
+    prompts = PROMPTS + ([LONG] if mode == "int8" else [])
     with fused(llm_f32, True, mode) as calls:
-        batch = _outputs(llm_f32, PROMPTS)
-        alone = _outputs(llm_f32, PROMPTS[:1])
-    assert len(PROMPTS) in calls and 1 in calls  # batched and single decode steps ran fused (prefills too)
+        batch = _outputs(llm_f32, prompts)
+        alone = _outputs(llm_f32, prompts[:1])
+    assert len(prompts) in calls and 1 in calls  # batched and single decode steps ran fused (prefills too)
+    assert (max(calls) > llm_f32.engine.model.fused_decode.max_rows) == (mode == "int8")
     with fused(llm_f32, False, mode) as calls:
-        reference = _outputs(llm_f32, PROMPTS)
+        reference = _outputs(llm_f32, prompts)
     assert not calls
     assert batch == reference  # token ids and logprobs, to the bit
     assert alone[0] == reference[0]  # and a row's bits do not depend on the others in its step
 
 
-def test_more_rows_than_the_kernel_takes_run_layer_by_layer(llm_f32):
+@pytest.mark.parametrize("mode", ["exact", "int8"])
+def test_more_rows_than_the_kernel_takes_run_layer_by_layer_in_the_exact_mode(llm_f32, mode):
     fd = llm_f32.engine.model.fused_decode
     saved, fd.max_rows = fd.max_rows, 2  # (the real limit, cpu_quant.max_rows(), is 48 rows)
     try:
-        with fused(llm_f32, True) as calls:
+        with fused(llm_f32, True, mode) as calls:
             out = llm_f32.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
     finally:
         fd.max_rows = saved
     assert all(len(o.token_ids) == 3 for o in out)
-    assert not calls  # every decode step had 3 rows: each ran through the layers
+    if mode == "exact":
+        assert not calls  # every step had 3 rows or more: each ran through the layers
+    else:  # the int8 kernel takes any number of rows: every step ran fused
+        assert 3 in calls and max(calls) > 3
 
 
 def test_bad_indices_are_refused_and_the_model_keeps_serving(llm_f32):
@@ -133,3 +145,19 @@ def test_int8_mode_gives_the_same_bits_cold_cached_and_batched(llm_f32):
         batched = run(PROMPTS + [prompt])[-1]
     assert cold[2] == 0 and cached[2] > 0
     assert cold[:2] == cached[:2] == batched[:2]
+
+
+def test_a_step_in_pieces_gives_the_bits_of_one_call(llm_f32):
+    """A step of more than PIECE_ROWS rows runs as several calls, one after another: every row's
+    bits are those of one call (each attends up to its own position, to K/V the earlier pieces wrote)."""
+    fd = llm_f32.engine.model.fused_decode
+    with fused(llm_f32, True, "int8") as calls:
+        whole = _outputs(llm_f32, PROMPTS + [LONG])
+    assert max(calls) < fd.PIECE_ROWS  # (the first step's rows: one call)
+    fd.PIECE_ROWS = 5
+    try:
+        with fused(llm_f32, True, "int8"):
+            pieces = _outputs(llm_f32, PROMPTS + [LONG])
+    finally:
+        del fd.PIECE_ROWS
+    assert pieces == whole

@@ -130,7 +130,7 @@ def test_a_kquant_model_holds_its_blocks_and_answers_as_its_float32_copies(name,
     floats = {n for n, t in _held_tensors(blocks).items() if t.is_floating_point()}
     assert floats == ({f"layers.{i}.{norm}.weight" for i in range(LAYERS)
                        for norm in ("input_layernorm", "post_attention_layernorm")}
-                      | {"norm.weight", "rotary.cos", "rotary.signed_sin"})  # and nothing else
+                      | {"norm.weight", "rotary.cos", "rotary.sin"})  # and nothing else
 
     # the file's float32 copies: the down projections (and an untied head) from gguf's values, which
     # the blocks read back bit for bit (the C unpacking, row by row)

@@ -38,7 +38,7 @@ def test_mixed_format_qkv_keeps_a_part_a_format_and_answers_as_its_float32_copie
     floats = {n for n, t in _held_tensors(blocks).items() if t.is_floating_point()}
     assert floats == ({f"layers.{i}.{norm}.weight" for i in range(layers)
                        for norm in ("input_layernorm", "post_attention_layernorm")}
-                      | {"norm.weight", "rotary.cos", "rotary.signed_sin"})  # no float copy
+                      | {"norm.weight", "rotary.cos", "rotary.sin"})  # no float copy
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SPLITSERVE_CPU_QUANT", "off")

@@ -37,5 +37,6 @@ def test_rope_is_hf_bit_for_bit(dtype):
     inv_freq, scaling = rope_inv_freq(args)  # HF's sin, computed here: the module keeps only the signed one
     freqs = positions[:, None].float() * inv_freq[None, :]
     sin = (torch.cat((freqs, freqs), dim=-1).sin() * scaling).to(dtype).unsqueeze(1)
+    assert torch.equal(cos, (torch.cat((freqs, freqs), dim=-1).cos() * scaling).to(dtype).unsqueeze(1))  # HF's cos
     expected = x * cos + rotate_half(x) * sin  # HF's apply_rotary_pos_emb on one tensor
     assert torch.equal(apply_rope(x, cos, signed_sin), expected)

@@ -50,7 +50,7 @@ def test_no_float_copy_of_a_quantized_weight_after_load(llm_f32):
     floats = {name: t for name, t in held.items() if t.is_floating_point()}
     assert set(floats) == ({f"layers.{i}.{norm}.weight" for i in range(args.num_layers)
                             for norm in ("input_layernorm", "post_attention_layernorm")}
-                           | {"norm.weight", "rotary.cos", "rotary.signed_sin"})
+                           | {"norm.weight", "rotary.cos", "rotary.sin"})
     quantized_sizes = {m.quant.out_features * m.quant.in_features for m in linears.values()}
     quantized_sizes |= {args.vocab_size * args.hidden_size, args.intermediate_size * args.hidden_size,
                         args.num_heads * args.head_dim * args.hidden_size}  # the unfused parts too

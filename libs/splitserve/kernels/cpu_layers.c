@@ -56,29 +56,41 @@ static void write_slots(const float *src, long src_stride, const int64_t *slots,
         attention->write_rows_8bit(src, src_stride, slots, m, d->kv_heads, d->head_dim, kind, (uint8_t *)cache, scales);
 }
 
+/* x += y over count floats, spread over the OpenMP team for a prefill chunk's rows (each float's
+ * add is the same one whichever thread makes it) */
 static void add_rows(float *x, const float *y, long count) {
+#pragma omp parallel for schedule(static) if (count >= 65536)
     for (long i = 0; i < count; i++) x[i] = x[i] + y[i];
 }
 
-/* The scratch of one step: h [m][hidden], qkv [m][q + 2kv], q [m][q], k [m][kv], a [m][q],
- * out [m][hidden], gu [m][2 inter], act [m][inter]; 0 when out of memory. */
+/* The scratch of one step, by phase of a layer (what one phase writes, the other never reads):
+ *   h [m][hidden] (a norm's output) and out [m][hidden] (a projection's, added into x): both phases;
+ *   attention: qkv [m][q + 2kv], q [m][q], k [m][kv], a [m][q];
+ *   MLP, over the same floats: gu [m][2 inter], act [m][inter].
+ * 22.5 KiB a row instead of 31.5 for the default model (11.3 MiB for a 512-row prefill chunk);
+ * 0 when out of memory. */
 typedef struct {
-    float *h, *qkv, *q, *k, *a, *out, *gu, *act;
+    float *h, *out, *qkv, *q, *k, *a, *gu, *act;
 } Scratch;
+
+static long rounded(long n) { return (n + 15) & ~15L; } /* 64-byte steps */
 
 static float *scratch_alloc(Scratch *s, long m, const Shape *d) {
     const long q = (long)d->heads * d->head_dim, kv = (long)d->kv_heads * d->head_dim;
-    const long sizes[8] = {d->hidden, q + 2 * kv, q, kv, q, d->hidden, 2L * d->inter, d->inter};
-    long total = 0;
-    for (int i = 0; i < 8; i++) total += (m * sizes[i] + 7) & ~7L;
-    float *base = aligned_alloc(32, (size_t)total * sizeof(float));
+    const long attn = rounded(m * (q + 2 * kv)) + rounded(m * q) + rounded(m * kv) + rounded(m * q);
+    const long mlp = rounded(m * 2L * d->inter) + rounded(m * (long)d->inter);
+    const long total = 2 * rounded(m * (long)d->hidden) + (attn > mlp ? attn : mlp);
+    float *base = aligned_alloc(64, (size_t)total * sizeof(float));
     if (base == NULL) return NULL;
-    float **slots[8] = {&s->h, &s->qkv, &s->q, &s->k, &s->a, &s->out, &s->gu, &s->act};
-    float *p = base;
-    for (int i = 0; i < 8; i++) {
-        *slots[i] = p;
-        p += (m * sizes[i] + 7) & ~7L;
-    }
+    s->h = base;
+    s->out = s->h + rounded(m * (long)d->hidden);
+    float *phase = s->out + rounded(m * (long)d->hidden);
+    s->qkv = phase;
+    s->q = s->qkv + rounded(m * (q + 2 * kv));
+    s->k = s->q + rounded(m * q);
+    s->a = s->k + rounded(m * kv);
+    s->gu = phase;
+    s->act = s->gu + rounded(m * 2L * d->inter);
     return base;
 }
 

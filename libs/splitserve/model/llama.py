@@ -86,19 +86,18 @@ class RotaryEmbedding(nn.Module):
         inv_freq, attention_scaling = rope_inv_freq(args)
         pos = torch.arange(max_positions, dtype=torch.float32)
         freqs = pos[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * attention_scaling, persistent=False)  # [P, head_dim] f32
-        # the sin with its first half negated, what `apply_rope` multiplies by (negation is exact,
-        # in float32 here and after rounding to any dtype); the sin itself is not kept (2 MiB at 8K
-        # positions of 64)
-        sin = emb.sin() * attention_scaling
-        half = args.head_dim // 2
-        self.register_buffer("signed_sin", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
+        # HF's cos and sin are those of cat(freqs, freqs): two equal halves, so one is kept ([P,
+        # head_dim // 2] each, 2 MiB at 8K positions of 64 instead of 4) and `lookup` doubles the
+        # rows it takes. The same bits: cos and sin are elementwise.
+        self.register_buffer("cos", freqs.cos() * attention_scaling, persistent=False)
+        self.register_buffer("sin", freqs.sin() * attention_scaling, persistent=False)
 
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin of each token's position: [T, 1, head_dim] in `dtype` (once per step,
-        not per layer)."""
-        return self.cos[positions].to(dtype).unsqueeze(1), self.signed_sin[positions].to(dtype).unsqueeze(1)
+        not per layer). The signed sin is HF's sin with its first half negated, what `apply_rope`
+        multiplies by (negation is exact, in float32 and after rounding to any dtype)."""
+        cos, sin = self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+        return torch.cat((cos, cos), dim=-1).unsqueeze(1), torch.cat((-sin, sin), dim=-1).unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
