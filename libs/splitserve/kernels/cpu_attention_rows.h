@@ -56,6 +56,9 @@ static inline __attribute__((always_inline)) void ROWS_FN(attend_impl)(
     const int len_max = len0 + nrows - 1;
     for (int start = 0; start < len_max; start += CHUNK) {
         const int n_max = chunk_keys(len_max, start);
+        if (start + CHUNK < len_max)
+            prefetch_chunk(k_cache, v_cache, table, start + CHUNK, chunk_keys(len_max, start + CHUNK), block_size,
+                           row_stride, head_offset, (size_t)dim * elem);
         gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n_max, block_size, row_stride, head_offset,
                      nvec, rows, WIDE);
         /* the (row, head) pairs this chunk reaches, in order: their scores (exp'd in place), keys, sum
