@@ -60,6 +60,7 @@ class Worker:
         self.engine = LLMEngine(config.engine_config())
         self.engine.block_manager.track_evictions = bool(config.redis_url)
         self.loop = EngineLoop(self.engine, max_pending=config.max_pending, num_threads=threads).start()
+        heap.freeze_objects()  # what startup built stays: no full collection walks it again
         self.address = ""  # set by serve() once the port is bound
         self.counters = None  # () -> dict of extra LoadResponse counters, set by the servicer
         self.reporter: OwnershipReporter | None = None

@@ -1,4 +1,5 @@
-"""How a worker runs its torch threads: one OpenMP team (the loop thread's), and a short spin.
+"""How a worker runs its torch threads: one OpenMP team (the loop thread's), and a short spin; and
+that its startup objects are frozen out of Python's collections.
 
 libgomp counts the threads of every team in a process; once they outnumber the cores it throttles
 the spin of waiting threads to 1,000 rounds, and each small op of a step then waits for its
@@ -25,14 +26,20 @@ from splitserve.config.worker import WorkerConfig
 w = Worker(WorkerConfig(dtype="float32", torch_threads=2, kv_cache_memory_gb=0.05, metrics_port=-1), "prefill")
 out = w.loop.add_request("r", [1, 2, 3, 4, 5], SamplingParams(max_tokens=2, temperature=0)).get(timeout=120)
 loop_threads = w.loop.call(lambda e: torch.get_num_threads()).result(timeout=30)
-print(json.dumps({"main": torch.get_num_threads(), "loop": loop_threads, "tokens": len(out.new_token_ids)}))
+import gc
+print(json.dumps({"main": torch.get_num_threads(), "loop": loop_threads, "tokens": len(out.new_token_ids),
+                  "frozen": gc.get_freeze_count(), "walked": len(gc.get_objects())}))
 w.loop.stop()
 """
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
+    frozen, walked = result.pop("frozen"), result.pop("walked")
     assert result == {"main": 1, "loop": 2, "tokens": 1}
+    # what the worker built at startup (torch, the model, gRPC: ~180K objects) is frozen: a full
+    # collection walks only what came after (a few thousand here), not every module and class
+    assert frozen > 100_000 and walked < frozen / 10, (frozen, walked)
 
 
 def _environ(pid: int) -> dict[str, str]:

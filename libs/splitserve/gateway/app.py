@@ -24,7 +24,7 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2
 
-from splitserve import tracing
+from splitserve import heap, tracing
 from splitserve.config.gateway import GatewayConfig
 from splitserve.gateway.discovery import Discovery
 from splitserve.gateway.http import HttpApi, HttpServer
@@ -184,6 +184,7 @@ async def run_until_signalled(config: GatewayConfig, servicer: ServicerFactory) 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     handle = await serve(config, servicer, wait_ready=False)
+    heap.freeze_objects()  # what startup built stays: no full collection walks it again
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([waiter, handle.startup], return_when=asyncio.FIRST_COMPLETED)
     status = 0
