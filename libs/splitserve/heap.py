@@ -10,9 +10,12 @@ Two habits of glibc's allocator keep a serving process's resident set well above
   Loading a model frees its file copies and fused parts between the blocks it keeps: 14 MiB.
 
 `limit_arenas` (before the threads start) and `trim` (after a load, and when the engine goes idle)
-address both. `freeze_objects` is about Python's own collector: see there. One arena costs nothing measurable here: the engine's hot loop is one thread, its
+address both. One arena costs nothing measurable here: the engine's hot loop is one thread, its
 kernels' OpenMP threads do not allocate, and the gRPC threads take turns on the GIL anyway.
 SPLITSERVE_MALLOC_ARENAS sets the arena count (0: glibc's default), to compare or to rule it out.
+
+`freeze_objects` is about Python's own collector, the other thing a long-lived process pays for
+what it built at startup: see there.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ too: model_runner's rows_as_decodes). In the exact mode at most `max_rows` of th
 per-op path, whose tiled float GEMM is faster there than the few-row kernel. In the int8 mode every
 row count: the per-op path would run the same int8 kernel, and here a step's activations live in one
 scratch buffer a call (`PIECE_ROWS` rows at most: 5.6 MiB on the default model), not in the ~20
-tensors a layer that torch allocates and frees, whose holes raised a worker's peak RSS by 13-20 MiB
+tensors a layer that torch allocates and frees, whose holes raised a worker's peak RSS by 12-20 MiB
 more over a burst. SPLITSERVE_CPU_LAYERS=torch turns it off (to compare, or to rule it out).
 """
 from __future__ import annotations
@@ -89,9 +89,9 @@ class FusedDecode:
         reads."""
         k = kv_caches[0][0]
         scaled = k.dtype in cpu_attention.SCALED
-        return (0 < rows and (self.int8 or rows <= self.max_rows) and meta.cpu_kernel and not meta.use_triton and meta.num_decodes == rows
-                and (k.dtype == torch.float32 or scaled) and len(kv_caches[0]) == (4 if scaled else 2)
-                and k.device.type == "cpu")
+        return (0 < rows and (self.int8 or rows <= self.max_rows) and meta.cpu_kernel and not meta.use_triton
+                and meta.num_decodes == rows and (k.dtype == torch.float32 or scaled)
+                and len(kv_caches[0]) == (4 if scaled else 2) and k.device.type == "cpu")
 
     def _plan(self, kv_caches) -> torch.Tensor:
         # every page's address: a cache freed and another allocated at its first page's address
