@@ -197,8 +197,15 @@ def test_a_real_prometheus_scrapes_the_stack_and_evaluates_every_rule(http_stack
         assert healthy == {"gateway": 1, "kvstore": 1, "prefill": 1, "decode": 1}
         usage = _query(base, 'splitserve:kv_cache_usage:max{role="decode"}')
         assert len(usage) == 1 and 0 <= next(iter(usage.values())) <= 1
-        rejected = _query(base, "splitserve:requests_rejected:ratio_rate5m")
-        assert all(not math.isnan(v) and 0 <= v <= 1 for v in rejected.values()), rejected
+        def rejected_ratio():
+            """The ratio, once a number: the rule's first evaluations can come before a scrape saw
+            the requests above change the counters (a rate of one sample), and record 0 / 0. Both
+            rates stay above 0 for the 5m window after that: a later evaluation gives the number."""
+            values = _query(base, "splitserve:requests_rejected:ratio_rate5m")
+            return values if values and all(math.isfinite(v) for v in values.values()) else None
+
+        rejected = wait_for(rejected_ratio, 30.0, "the rejection ratio rule to give a number", 0.5)
+        assert all(0 <= v <= 1 for v in rejected.values()), rejected
         groups = _get(base, "/api/v1/rules")["data"]["groups"]
         bad = [(r["name"], r.get("lastError")) for g in groups for r in g["rules"] if r["health"] != "ok"]
         assert not bad, f"rules that fail to evaluate: {bad}"
