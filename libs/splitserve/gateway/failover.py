@@ -164,24 +164,23 @@ class RequestPipeline:
                                            sampling=req.sampling, cache_salt=req.cache_salt),
                 timeout=remaining_s(ctx.deadline), metadata=span.metadata())
             router.begin(worker, tokens)
-            pending = None
+            pending = PendingBlocks(call, worker, lambda w=worker, t=tokens: router.end(w, t), span)
+            handed = False
             try:
                 first = await call.read()
                 if first is grpc.aio.EOF:
                     raise GatewayError(Code.INTERNAL, f"prefill worker {worker.address} ended the stream "
                                                       "without a first token")
                 ctx.route.prefill_worker, ctx.route.prefill_reason = worker.address, decision.reason
-                pending = PendingBlocks(call, worker, lambda w=worker, t=tokens: router.end(w, t), span)
+                handed = True
                 return first, pending
             except grpc.aio.AioRpcError as exc:
                 span.set_error(exc.code().name)
                 last = self._failed(PREFILL, worker, exc, tried)
                 log.warning("prefill retry: request_id=%s worker=%s error=%s", req.request_id, worker.address, last)
             finally:
-                if pending is None:  # failed, or we were cancelled
-                    router.end(worker, tokens)
-                    call.cancel()
-                    span.end()
+                if not handed:  # failed, or we were cancelled: the call, its charge and span end here
+                    pending.close()
 
     async def decode(self, ctx: RequestContext, first: prefill_pb2.PrefillResponse,
                      out: OutputStream) -> AsyncIterator[Delta]:
