@@ -161,3 +161,21 @@ def test_a_step_in_pieces_gives_the_bits_of_one_call(llm_f32):
     finally:
         del fd.PIECE_ROWS
     assert pieces == whole
+
+
+def test_a_cache_at_another_caches_addresses_gets_its_own_plan(llm_f32):
+    """The plans are cached by the caches' page addresses. An int8 cache freed and an fp8 one of the
+    same size allocated at the same addresses (the allocator hands freed memory back; a CI run
+    met it between two engines sharing the model) must not get the int8 plan: the kernel would
+    write and read the fp8 pages as int8 codes. Here the same memory is viewed as either dtype."""
+    fd = llm_f32.engine.model.fused_decode
+    shape = (4, 16, llm_f32.engine.model.args.num_kv_heads, llm_f32.engine.model.args.head_dim)
+    layers = []
+    for _ in fd._layers:
+        k, v = torch.zeros(shape, dtype=torch.int8), torch.zeros(shape, dtype=torch.int8)
+        layers.append((k, v, torch.ones(shape[:3]), torch.ones(shape[:3])))
+    as_fp8 = [(k.view(torch.float8_e4m3fn), v.view(torch.float8_e4m3fn), ks, vs) for k, v, ks, vs in layers]
+    int8_plan, fp8_plan = fd._plan(layers), fd._plan(as_fp8)
+    assert [t.data_ptr() for kv in layers for t in kv] == [t.data_ptr() for kv in as_fp8 for t in kv]
+    kind = -1  # the plan's last field: the cache's kind (cpu_attention.KINDS)
+    assert set(int8_plan[:, kind].tolist()) == {2} and set(fp8_plan[:, kind].tolist()) == {3}

@@ -64,7 +64,7 @@ class FusedDecode:
                 mlp.gate_up_proj.quant.packed.data_ptr(), cpu_quant.KIND_CODES[mlp.gate_up_proj.quant.kind],
                 mlp.down_proj.quant.packed.data_ptr(), cpu_quant.KIND_CODES[mlp.down_proj.quant.kind],
             ])
-        self._plans: dict[tuple, torch.Tensor] = {}  # the caches' page addresses -> int64 [layers, plan_fields]
+        self._plans: dict[tuple, torch.Tensor] = {}  # the caches' pages (address, dtype) -> int64 [layers, plan_fields]
 
     @staticmethod
     def supported(model) -> bool:
@@ -94,9 +94,11 @@ class FusedDecode:
                 and len(kv_caches[0]) == (4 if scaled else 2) and k.device.type == "cpu")
 
     def _plan(self, kv_caches) -> torch.Tensor:
-        # every page's address: a cache freed and another allocated at its first page's address
-        # (a model moved to another engine) must not reuse the old pointers
-        key = tuple(t.data_ptr() for kv in kv_caches for t in kv)
+        # every page's address and dtype: a cache freed and another allocated at its first page's
+        # address (a model moved to another engine) must not reuse the old pointers, nor one of
+        # another dtype at the very same addresses (an int8 cache freed, an fp8 one of its size
+        # allocated where it was) the old cache's kind
+        key = tuple((t.data_ptr(), t.dtype) for kv in kv_caches for t in kv)
         plan = self._plans.get(key)
         if plan is None:
             if len(kv_caches) != len(self._layers):
