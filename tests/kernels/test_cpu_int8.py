@@ -81,16 +81,16 @@ def test_the_vnni_copies_give_the_avx2_copys_bits():
     assert best == expected, f"the kernel chose copy {best}; /proc/cpuinfo says {expected}"
     with pytest.raises(ValueError, match="int8 variant"):
         cpu_quant._ext.set_int8_variant(best + 1)
-    k = 576
-    x = torch.randn(29, k, generator=torch.Generator().manual_seed(4))  # past every copy's rows per pass
     try:
-        for kind in KINDS:
-            weight = QuantWeight.from_gguf(kind, random_blocks(kind, 12, k, seed=6))
-            outputs = []
-            for variant in range(best + 1):  # on this CPU, every copy it can run
-                cpu_quant._ext.set_int8_variant(variant)
-                outputs.append(cpu_quant.linear(x, weight, int8=True))
-            assert all(torch.equal(o, outputs[0]) for o in outputs), kind
+        for k in (576, 544):  # an even and an odd count of blocks (the copies sum blocks by pairs)
+            x = torch.randn(29, k, generator=torch.Generator().manual_seed(4))  # past every copy's rows per pass
+            for kind in KINDS:
+                weight = QuantWeight.from_gguf(kind, random_blocks(kind, 12, k, seed=6))
+                outputs = []
+                for variant in range(best + 1):  # on this CPU, every copy it can run
+                    cpu_quant._ext.set_int8_variant(variant)
+                    outputs.append(cpu_quant.linear(x, weight, int8=True))
+                assert all(torch.equal(o, outputs[0]) for o in outputs), (kind, k)
     finally:
         cpu_quant._ext.set_int8_variant(best)
 
@@ -102,13 +102,13 @@ def test_the_vnni_copies_give_the_avx2_copys_bits():
 def test_the_amx_copy_gives_the_vnni_copys_bits(kind):
     """The AMX copy (13 rows and more) against the AVX-512 VNNI copy: whole and partial 16-row tiles
     of x, a last column tile of 16 weight rows cut short (n = 37 or 20), with and without a bias,
-    zero blocks and large magnitudes."""
+    zero blocks and large magnitudes, an even and an odd count of blocks (both copies sum the
+    blocks in two chains by parity)."""
     from tests.kernels.test_cpu_kquant import K_KINDS, random_k_blocks  # (it imports this module)
 
-    k = 768 if kind in K_KINDS else 576
     gen = torch.Generator().manual_seed(9)
     try:
-        for n in (37, 20):
+        for k, n in ([(768, 37), (768, 20)] if kind in K_KINDS else [(576, 37), (576, 20), (544, 37)]):
             weight = QuantWeight.from_gguf(kind, (random_k_blocks if kind in K_KINDS else random_blocks)(kind, n, k, n))
             bias = torch.randn(n, generator=gen)
             for rows in (13, 16, 17, 31, 32, 33, 80):

@@ -379,12 +379,18 @@ static long gather_rows(const uint8_t *packed, int kind, const int64_t *ids, lon
  * each, or from one `dpbusd` on CPUs with VNNI: the same integers, so the same bits on either. The
  * weights of a tile are transposed so that a vector's lanes are its 4 columns, twice: lanes 0-3 the
  * first 16 weights of a block (a Q6_K sub-block's first scale), 4-7 the last 16
- * (cpu_quant_int8.h). Signed codes (Q8_0, Q6_K) go in as |w| and x with w's sign. Per column, the
- * block's integer sum times (dw * dx) and the minimum's term (mw * s, -8 dw * s, -M * s) are added
- * in block order to a float32 lane, and the two halves' lanes summed at the end: nothing depends
- * on the other rows of x, so a row's output is the same alone or in any batch. On CPUs with AMX,
- * 13 rows and more take the integer sums of 16 rows by 16 columns from tile dot products and then
- * the same float arithmetic (cpu_quant_amx.h): the same bits again. */
+ * (cpu_quant_int8.h). Signed codes (Q8_0, Q6_K) go in as |w| and x with w's sign. Per column:
+ *   - every format but Q6_K: a sub-block's two halves' integer sums are added (exact), and its
+ *     float32 (that sum times (dw * dx), then the minimum's term mw * s, -8 dw * s or -M * s, each a
+ *     fused multiply-add) goes into one of two chains by the sub-block's parity, even or odd; the
+ *     output is (even + odd) + bias;
+ *   - Q6_K: each half's sum times (its D * dx) goes into its own chain, and the output is
+ *     (first + second) + bias.
+ * Nothing depends on the other rows of x, so a row's output is the same alone or in any batch. On
+ * CPUs with AMX, 13 rows and more take the integer sums from tile dot products and then the same
+ * float arithmetic (cpu_quant_amx.h): the same bits again. (One sum a sub-block instead of one a
+ * half took a 16-row step's AMX matmuls from 12-16 ms to 10-12: half the tile products, stores and
+ * float arithmetic. The per-format results moved by a rounding, ~1e-7 relative.) */
 
 #define XQ_BLOCK_BYTES 128 /* one block of x's codes, expanded: 4 vectors of 32 bytes (cpu_quant_int8.h) */
 

@@ -7,9 +7,14 @@
  * 8 int32 lanes holds [rows 0-3 of bytes 4p..4p+3 | rows 0-3 of bytes 16+4p..16+4p+3] (p = 0..3,
  * `prep`), and x's codes are stored expanded to match (`quantize_x`: each 4 bytes repeated in 4
  * lanes). A sub-block of 32 weights against one row of x is then 4 dot-product instructions into
- * one int32 vector whose lanes are the 4 output columns (twice: the sub-block's two halves), scaled
- * by one vector of the 4 rows' scales times x's scale: the weights are unpacked once per tile and
- * used by every row of x, and a row's work has no per-column scalar step. */
+ * one int32 vector whose lanes are the 4 output columns, twice (the sub-block's two halves): the
+ * weights are unpacked once per tile and used by every row of x, and a row's work has no
+ * per-column scalar step. Q6_K scales each half: the vector times [the 4 rows' first scales | their
+ * second ones] times x's scale (`row_step`). Every other format has one scale a sub-block, and
+ * takes sub-blocks by pairs (`pair_step`): the halves' integers of the even one and of the odd one
+ * are added lane by lane (one 128-bit shuffle each), so the vector holds [the even sub-block's 4
+ * sums | the odd one's], scaled once, in two chains of float32 lanes; AMX's tile products give the
+ * same sums and it keeps the same two chains (cpu_quant_amx.h). */
 
 /* The weights of one sub-block of a tile, ready for every row of x: u (unsigned operands: the
  * codes, or |codes| for the signed formats), w (the signed codes whose signs x takes: Q8_0, Q6_K),
@@ -64,25 +69,64 @@ static inline __attribute__((always_inline)) void INT8_NAME(prep)(const uint8_t 
         p->m = _mm256_setzero_ps();
 }
 
-/* acc += row r of x's sub-block xb against the prepared weights: the integer sums of the 4 columns
- * (both halves), times the weights' scales times x's, plus the minimum's term */
-static inline __attribute__((always_inline)) __m256 INT8_NAME(row_step)(const INT8_NAME(Prep) *p, const int kind,
-                                                                        XQ q, long r, long xblocks, long xb,
-                                                                        __m256 acc) {
+/* Q6_K: acc += row r of x's sub-block xb against the prepared weights: the integer sums of the 4
+ * columns (both halves), times the halves' scales times x's */
+static inline __attribute__((always_inline)) __m256 INT8_NAME(row_step)(const INT8_NAME(Prep) *p, XQ q, long r,
+                                                                        long xblocks, long xb, __m256 acc) {
+    const __m256i *xe = (const __m256i *)(q.codes + ((size_t)r * xblocks + xb) * XQ_BLOCK_BYTES);
+    __m256i isum = _mm256_setzero_si256();
+    for (int v = 0; v < 4; v++) isum = INT8_DOT_ACC(isum, p->u[v], _mm256_sign_epi8(_mm256_load_si256(xe + v), p->w[v]));
+    const long at = r * xblocks + xb;
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(p->d, _mm256_set1_ps(q.d[at])), acc);
+}
+
+/* Every kind but Q6_K (one scale a sub-block): row r's integer sums of sub-block xb against the
+ * prepared weights, both halves ([columns 0-3 of weights 0-15 | of weights 16-31]) */
+static inline __attribute__((always_inline)) __m256i INT8_NAME(row_isum)(const INT8_NAME(Prep) *p, const int kind,
+                                                                         XQ q, long r, long xblocks, long xb) {
     const __m256i *xe = (const __m256i *)(q.codes + ((size_t)r * xblocks + xb) * XQ_BLOCK_BYTES);
     __m256i isum = _mm256_setzero_si256();
     for (int v = 0; v < 4; v++) {
         const __m256i xv = _mm256_load_si256(xe + v);
-        isum = INT8_DOT_ACC(isum, p->u[v], (kind == KIND_Q8_0 || kind == KIND_Q6_K) ? _mm256_sign_epi8(xv, p->w[v]) : xv);
+        isum = INT8_DOT_ACC(isum, p->u[v], kind == KIND_Q8_0 ? _mm256_sign_epi8(xv, p->w[v]) : xv);
     }
+    return isum;
+}
+
+/* acc += a pair of sub-blocks (xb even, xb + 1) of row r: lanes 0-3 are the 4 columns' chain of the
+ * even sub-blocks, lanes 4-7 the odd ones'. Each sub-block's two halves' integers are summed (exact),
+ * then, as the AMX copy does it: its float times (weight scale * dx), fused into its chain, then the
+ * minimum's term, fused. */
+static inline __attribute__((always_inline)) __m256 INT8_NAME(pair_step)(__m256i ie, __m256i io, __m256 de,
+                                                                         __m256 me, const INT8_NAME(Prep) *po,
+                                                                         const int kind, XQ q, long r, long xblocks,
+                                                                         long xb, __m256 acc) {
+    const __m256i isum = _mm256_add_epi32(_mm256_permute2x128_si256(ie, io, 0x20),
+                                          _mm256_permute2x128_si256(ie, io, 0x31));
     const long at = r * xblocks + xb;
-    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(p->d, _mm256_set1_ps(q.d[at])), acc);
-    if (kind != KIND_Q8_0 && kind != KIND_Q6_K) acc = _mm256_fmadd_ps(p->m, _mm256_set1_ps(q.s[at]), acc);
+    const __m256 dx = _mm256_set_m128(_mm_set1_ps(q.d[at + 1]), _mm_set1_ps(q.d[at]));
+    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(_mm256_permute2f128_ps(de, po->d, 0x20), dx), acc);
+    if (kind != KIND_Q8_0) {
+        const __m256 sx = _mm256_set_m128(_mm_set1_ps(q.s[at + 1]), _mm_set1_ps(q.s[at]));
+        acc = _mm256_fmadd_ps(_mm256_permute2f128_ps(me, po->m, 0x20), sx, acc);
+    }
     return acc;
 }
 
+/* acc += the last sub-block xb (even: an odd count of them) of row r, into the even chain alone */
+static inline __attribute__((always_inline)) __m256 INT8_NAME(tail_step)(__m256i ie, __m256 de, __m256 me,
+                                                                         const int kind, XQ q, long r, long xblocks,
+                                                                         long xb, __m256 acc) {
+    const __m128i isum = _mm_add_epi32(_mm256_castsi256_si128(ie), _mm256_extracti128_si256(ie, 1));
+    const long at = r * xblocks + xb;
+    __m128 lo = _mm256_castps256_ps128(acc);
+    lo = _mm_fmadd_ps(_mm_cvtepi32_ps(isum), _mm_mul_ps(_mm256_castps256_ps128(de), _mm_set1_ps(q.d[at])), lo);
+    if (kind != KIND_Q8_0) lo = _mm_fmadd_ps(_mm256_castps256_ps128(me), _mm_set1_ps(q.s[at]), lo);
+    return _mm256_insertf128_ps(acc, lo, 0);
+}
+
 /* The nb (<= 4) outputs of each of rows r0 .. r0 + mb - 1 from their accumulators (lanes j and j + 4
- * are column j's two halves) */
+ * are column j's two chains: Q6_K's halves, or the even and the odd sub-blocks) */
 static inline __attribute__((always_inline)) void INT8_NAME(store_rows)(const __m256 *acc, const int mb, long r0,
                                                                        const float *bias, float *y, long n, int nb) {
     for (int i = 0; i < mb; i++) {
@@ -102,6 +146,8 @@ static inline __attribute__((always_inline)) void INT8_NAME(tile_rows)(XQ q, lon
                                                                       const float *bias, float *y, long n, int nb) {
     const long blocks = k / BLOCK_WEIGHTS(kind), xblocks = k / QBLOCK;
     __m256 acc[INT8_ROWS];
+    __m256i ie[INT8_ROWS]; /* the even sub-block's sums, per row (not Q6_K) */
+    __m256 de = _mm256_setzero_ps(), me = de;
     for (int i = 0; i < mb; i++) acc[i] = _mm256_setzero_ps();
     for (long b = 0; b < blocks; b++) {
         KScales4 ks;
@@ -113,7 +159,19 @@ static inline __attribute__((always_inline)) void INT8_NAME(tile_rows)(XQ q, lon
             if (preps == NULL && s == 0) /* the weights stream from memory: ask for them ahead */
                 _mm_prefetch((const char *)groups + b * group_bytes + PREFETCH_AHEAD, _MM_HINT_T0);
             if (preps == NULL) INT8_NAME(prep)(groups + b * group_bytes, kind, s, &ks, &local);
-            for (int i = 0; i < mb; i++) acc[i] = INT8_NAME(row_step)(p, kind, q, r0 + i, xblocks, xb, acc[i]);
+            if (kind == KIND_Q6_K) {
+                for (int i = 0; i < mb; i++) acc[i] = INT8_NAME(row_step)(p, q, r0 + i, xblocks, xb, acc[i]);
+            } else if (!(xb & 1)) { /* the even one of a pair: its sums wait for the odd one */
+                de = p->d, me = p->m;
+                for (int i = 0; i < mb; i++) ie[i] = INT8_NAME(row_isum)(p, kind, q, r0 + i, xblocks, xb);
+                if (xb + 1 == xblocks)
+                    for (int i = 0; i < mb; i++)
+                        acc[i] = INT8_NAME(tail_step)(ie[i], de, me, kind, q, r0 + i, xblocks, xb, acc[i]);
+            } else {
+                for (int i = 0; i < mb; i++)
+                    acc[i] = INT8_NAME(pair_step)(ie[i], INT8_NAME(row_isum)(p, kind, q, r0 + i, xblocks, xb), de, me,
+                                                  p, kind, q, r0 + i, xblocks, xb - 1, acc[i]);
+            }
         }
     }
     INT8_NAME(store_rows)(acc, mb, r0, bias, y, n, nb);
