@@ -12,6 +12,7 @@ import time
 
 import grpc
 import pytest
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from splitserve.client import generate, stream_generate
@@ -451,6 +452,37 @@ def test_redis_down_reads_as_no_owners(env):
             await reader.close()
 
     assert env.run(read()) == ([set(), set()], False)
+
+
+def test_the_owner_read_answers_every_block_in_order_and_survives_a_flushed_script(env):
+    """One script call reads every block's owners from a real Redis, in the order asked (blocks
+    nobody owns: empty sets); when Redis has lost the script (a restart, SCRIPT FLUSH) the next
+    read loads it again instead of failing over to "no owners"."""
+    from splitserve.ownership.registry import block_key
+
+    client = redis.Redis.from_url(env.redis.url)
+    owned = {bytes([i]) * 32: {f"prefill:h:{i % 3}", f"kvstore:h:{i}"} for i in range(1, 70, 2)}
+    for h, ids in owned.items():
+        client.sadd(block_key(h), *ids)
+    hashes = [bytes([i]) * 32 for i in range(1, 71)]  # every other one owned
+
+    async def read():
+        reader = AsyncOwnersReader(env.redis.url, timeout_s=1.0)
+        try:
+            first = await reader.owners(hashes)
+            client.script_flush()
+            again = await reader.owners(list(reversed(hashes)))
+            return first, again, await reader.owners([]), reader.available
+        finally:
+            await reader.close()
+
+    try:
+        first, again, empty, available = env.run(read())
+    finally:
+        client.delete(*[block_key(h) for h in owned])
+        client.close()
+    expected = [owned.get(h, set()) for h in hashes]
+    assert first == expected and again == expected[::-1] and empty == [] and available
 
 
 def test_redis_probe_runs_from_start_and_never_reports_an_unprobed_redis_ok(env):

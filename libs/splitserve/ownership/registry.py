@@ -43,14 +43,16 @@ def block_key(block_hash: bytes) -> str:
 
 
 def queue_owner_reads(pipe, hashes: list[bytes]) -> None:
-    """Queues one SMEMBERS per block hash on `pipe`, a resp.Pipeline or a redis.asyncio pipeline (the one
-    owner read of both the registry and the gateway's async reader); owner_sets parses the replies."""
+    """Queues one SMEMBERS per block hash on `pipe` (a resp.Pipeline: the registry's owner read; the
+    gateway's async reader gets the same replies from one script, reader.OWNERS_SCRIPT); owner_sets
+    parses the replies."""
     for h in hashes:
         pipe.smembers(block_key(h))
 
 
 def owner_sets(replies: list) -> list[set[str]]:
-    """The owner ids per block from the replies of queue_owner_reads' commands, in order."""
+    """The owner ids per block from the replies of queue_owner_reads' commands (or of the reader's
+    script), in order."""
     return [{m.decode() for m in members} for members in replies]
 
 
