@@ -101,13 +101,14 @@ static inline __attribute__((always_inline)) __m256 INT8_NAME(pair_step)(__m256i
                                                                          __m256 me, const INT8_NAME(Prep) *po,
                                                                          const int kind, XQ q, long r, long xblocks,
                                                                          long xb, __m256 acc) {
-    const __m256i isum = _mm256_add_epi32(_mm256_permute2x128_si256(ie, io, 0x20),
-                                          _mm256_permute2x128_si256(ie, io, 0x31));
+    /* [even lo | odd hi] + [even hi | odd lo] */
+    const __m256i isum = _mm256_add_epi32(_mm256_blend_epi32(ie, io, 0xF0), _mm256_permute2x128_si256(ie, io, 0x21));
     const long at = r * xblocks + xb;
-    const __m256 dx = _mm256_set_m128(_mm_set1_ps(q.d[at + 1]), _mm_set1_ps(q.d[at]));
+    const __m256i pair = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1); /* [dx of xb x 4 | of xb + 1 x 4] */
+    const __m256 dx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(q.d + at)))), pair);
     acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(_mm256_permute2f128_ps(de, po->d, 0x20), dx), acc);
     if (kind != KIND_Q8_0) {
-        const __m256 sx = _mm256_set_m128(_mm_set1_ps(q.s[at + 1]), _mm_set1_ps(q.s[at]));
+        const __m256 sx = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(q.s + at)))), pair);
         acc = _mm256_fmadd_ps(_mm256_permute2f128_ps(me, po->m, 0x20), sx, acc);
     }
     return acc;
@@ -146,33 +147,55 @@ static inline __attribute__((always_inline)) void INT8_NAME(tile_rows)(XQ q, lon
                                                                       const float *bias, float *y, long n, int nb) {
     const long blocks = k / BLOCK_WEIGHTS(kind), xblocks = k / QBLOCK;
     __m256 acc[INT8_ROWS];
-    __m256i ie[INT8_ROWS]; /* the even sub-block's sums, per row (not Q6_K) */
-    __m256 de = _mm256_setzero_ps(), me = de;
     for (int i = 0; i < mb; i++) acc[i] = _mm256_setzero_ps();
-    for (long b = 0; b < blocks; b++) {
-        KScales4 ks;
-        if (IS_K(kind) && preps == NULL) kscales4(groups + b * group_bytes, kind, &ks);
-        for (int s = 0; s < SUBS(kind); s++) {
-            const long xb = b * SUBS(kind) + s;
-            INT8_NAME(Prep) local;
-            const INT8_NAME(Prep) *p = preps ? preps + xb : &local;
-            if (preps == NULL && s == 0) /* the weights stream from memory: ask for them ahead */
+    if (kind == KIND_Q6_K) {
+        for (long b = 0; b < blocks; b++) {
+            KScales4 ks;
+            if (preps == NULL) {
                 _mm_prefetch((const char *)groups + b * group_bytes + PREFETCH_AHEAD, _MM_HINT_T0);
-            if (preps == NULL) INT8_NAME(prep)(groups + b * group_bytes, kind, s, &ks, &local);
-            if (kind == KIND_Q6_K) {
+                kscales4(groups + b * group_bytes, kind, &ks);
+            }
+            for (int s = 0; s < SUBS(kind); s++) {
+                const long xb = b * SUBS(kind) + s;
+                INT8_NAME(Prep) local;
+                const INT8_NAME(Prep) *p = preps ? preps + xb : &local;
+                if (preps == NULL) INT8_NAME(prep)(groups + b * group_bytes, kind, s, &ks, &local);
                 for (int i = 0; i < mb; i++) acc[i] = INT8_NAME(row_step)(p, q, r0 + i, xblocks, xb, acc[i]);
-            } else if (!(xb & 1)) { /* the even one of a pair: its sums wait for the odd one */
-                de = p->d, me = p->m;
-                for (int i = 0; i < mb; i++) ie[i] = INT8_NAME(row_isum)(p, kind, q, r0 + i, xblocks, xb);
-                if (xb + 1 == xblocks)
-                    for (int i = 0; i < mb; i++)
-                        acc[i] = INT8_NAME(tail_step)(ie[i], de, me, kind, q, r0 + i, xblocks, xb, acc[i]);
-            } else {
-                for (int i = 0; i < mb; i++)
-                    acc[i] = INT8_NAME(pair_step)(ie[i], INT8_NAME(row_isum)(p, kind, q, r0 + i, xblocks, xb), de, me,
-                                                  p, kind, q, r0 + i, xblocks, xb - 1, acc[i]);
             }
         }
+        INT8_NAME(store_rows)(acc, mb, r0, bias, y, n, nb);
+        return;
+    }
+    /* one scale a sub-block: by pairs (xb, xb + 1), which for a K-quant lie in one super-block (8
+     * sub-blocks) and otherwise are blocks b, b + 1; an odd last block goes alone (tail_step) */
+    KScales4 ks; /* a K-quant super-block's scales, for its 4 pairs */
+    for (long xb = 0; xb + 1 < xblocks; xb += 2) {
+        INT8_NAME(Prep) le, lo;
+        const INT8_NAME(Prep) *pe = preps ? preps + xb : &le, *po = preps ? preps + xb + 1 : &lo;
+        if (preps == NULL) {
+            const long b = xb / SUBS(kind);
+            const int s = (int)(xb % SUBS(kind));
+            const uint8_t *ge = groups + b * group_bytes, *go = IS_K(kind) ? ge : ge + group_bytes;
+            if (s == 0) { /* the weights stream from memory: ask for them ahead */
+                _mm_prefetch((const char *)ge + PREFETCH_AHEAD, _MM_HINT_T0);
+                if (IS_K(kind)) kscales4(ge, kind, &ks);
+            }
+            INT8_NAME(prep)(ge, kind, s, &ks, &le);
+            INT8_NAME(prep)(go, kind, IS_K(kind) ? s + 1 : 0, &ks, &lo);
+        }
+        for (int i = 0; i < mb; i++)
+            acc[i] = INT8_NAME(pair_step)(INT8_NAME(row_isum)(pe, kind, q, r0 + i, xblocks, xb),
+                                          INT8_NAME(row_isum)(po, kind, q, r0 + i, xblocks, xb + 1), pe->d, pe->m, po,
+                                          kind, q, r0 + i, xblocks, xb, acc[i]);
+    }
+    if (xblocks & 1) { /* (never a K-quant: 8 sub-blocks a super-block) */
+        const long xb = xblocks - 1;
+        INT8_NAME(Prep) le;
+        const INT8_NAME(Prep) *pe = preps ? preps + xb : &le;
+        if (preps == NULL) INT8_NAME(prep)(groups + xb * group_bytes, kind, 0, &ks, &le);
+        for (int i = 0; i < mb; i++)
+            acc[i] = INT8_NAME(tail_step)(INT8_NAME(row_isum)(pe, kind, q, r0 + i, xblocks, xb), pe->d, pe->m, kind, q,
+                                          r0 + i, xblocks, xb, acc[i]);
     }
     INT8_NAME(store_rows)(acc, mb, r0, bias, y, n, nb);
 }
