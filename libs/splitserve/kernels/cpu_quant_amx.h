@@ -48,6 +48,16 @@ typedef struct {
     uint8_t rows[16];
 } __attribute__((packed, aligned(64))) AmxConfig;
 
+/* A thread's buffer of a call (64-byte aligned); NULL, with *failed set, when out of memory */
+static inline void *amx_thread_buffer(size_t bytes, int *failed) {
+    void *p = aligned_alloc(64, bytes);
+    if (p == NULL) {
+#pragma omp atomic write
+        *failed = 1;
+    }
+    return p;
+}
+
 /* Q6_K: tiles 0-1 and 6-7: C of the two halves (two sub-blocks); 2-3: A (x's codes) of the two
  * halves; 4-5: B of the two halves */
 static void amx_configure(void) {
@@ -362,11 +372,7 @@ static inline __attribute__((always_inline)) int amx_linear_whole(const int8_t *
     {
 #pragma omp for schedule(static)
         for (long rt = 0; rt < rtiles; rt++) amx_x(codes, xd, xs, rt, m_rows, k, xt + rt * xblocks);
-        AmxWeights *w = aligned_alloc(64, (size_t)xblocks * sizeof(AmxWeights));
-        if (w == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        AmxWeights *w = amx_thread_buffer((size_t)xblocks * sizeof(AmxWeights), &failed);
         amx_configure_whole();
 #pragma omp for schedule(static)
         for (long ct = 0; ct < ctiles; ct++) {
@@ -398,11 +404,7 @@ static int amx_linear_q6_k(const int8_t *codes, const float *xd, const uint8_t *
     int failed = 0;
 #pragma omp parallel
     {
-        AmxPrep *preps = aligned_alloc(64, (size_t)xblocks * sizeof(AmxPrep));
-        if (preps == NULL) {
-#pragma omp atomic write
-            failed = 1;
-        }
+        AmxPrep *preps = amx_thread_buffer((size_t)xblocks * sizeof(AmxPrep), &failed);
         amx_configure();
 #pragma omp for schedule(static)
         for (long ct = 0; ct < ctiles; ct++) {
