@@ -29,8 +29,9 @@ def quantized_x(x: torch.Tensor) -> torch.Tensor:
 
 @needs_kernel
 @pytest.mark.parametrize("kind", KINDS)
-def test_int8_matches_a_float64_reference_of_the_quantized_activations(kind):
-    n, k = 37, 320  # a partial tile of weight rows, 10 blocks
+@pytest.mark.parametrize("k", [320, 352])  # 10 blocks, and 11: the kernel sums blocks in two chains by parity
+def test_int8_matches_a_float64_reference_of_the_quantized_activations(kind, k):
+    n = 37  # a partial tile of weight rows
     weight = QuantWeight.from_gguf(kind, random_blocks(kind, n, k, seed=3))
     w64 = weight.dequantize().double()
     bias = torch.randn(n, generator=torch.Generator().manual_seed(1))
