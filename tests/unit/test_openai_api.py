@@ -199,7 +199,7 @@ def _parse(kind: str, body: dict, max_model_len: int | None = None):
     (b'{"a":' * 40 + b"1" + b"}" * 40, None, "deeper than"),
     (b'{"a":' * 5000 + b"1" + b"}" * 5000, None, "deeper than"),
     (b'{"p": ' + b"[" * 31 + b"1, 2" + b"]" * 31 + b"}", None, "deeper than"),  # numbers a level too deep
-    (b'{"prompt": [1, 2, [3, "\ud800"]]}', "prompt[2][1]", "surrogate"),  # a string among numbers
+    (b'{"prompt": [1, 2, [3, "\\ud800"]]}', "prompt[2][1]", "surrogate"),  # a string among numbers
     (b'{"max_tokens": 1' + b"0" * 5000 + b"}", None, "digits"),
     (b"", None, "not valid JSON"),
     (b"\xff\xfe\x00", None, "not UTF-8"),

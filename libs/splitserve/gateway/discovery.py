@@ -21,7 +21,7 @@ import logging
 import redis
 import redis.asyncio as aioredis
 from redis.backoff import NoBackoff
-from redis.retry import Retry
+from redis.asyncio.retry import Retry
 
 from splitserve.gateway.router import DECODE, PREFILL
 from splitserve.gateway.workers import WorkerPool
