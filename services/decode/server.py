@@ -76,6 +76,7 @@ class DecodeServicer(WorkerServicer, decode_pb2_grpc.DecodeServicer):
         hashes = self.worker.prompt_hashes(call.prompt, call.cache_salt)
         plan = FetchPlan(hashes, self.worker.num_local_prefix_blocks(hashes), request.kvstore_address)
         stream, fetched, num_imported = self._fetch_and_admit(context, call, request, plan, span)
+        self.fetcher.release_unfetched(plan, call.request_id)  # after admission: off the first token's path
         if fetched.error:
             logger.warning("KV fetch failed: request_id=%s error=%r (recomputing)", call.request_id, fetched.error)
         state = StreamState(self.fetcher.settle(plan, fetched, num_imported))

@@ -123,6 +123,15 @@ def test_a_request_leaves_no_kvstore_lease_behind(stack):
         got = generate(stack.gateway, prompt=f"{i} {words}", timeout_s=60, sampling=_greedy(n))
         assert len(got.token_ids) == n
         assert settled(before) == before, n
+    # a conversation's next turn: the prefill puts the block its last answer filled, which the
+    # decode worker (that decoded the answer) holds already and so does not fetch
+    turn = [1000 + i for i in range(80)]  # 5 full blocks
+    got = generate(stack.gateway, token_ids=turn, timeout_s=60, sampling=dict(_greedy(20), ignore_eos=True))
+    assert len(got.token_ids) == 20  # the answer fills block 5 (tokens 80-95)
+    assert settled(before) == before
+    got = generate(stack.gateway, token_ids=turn + got.token_ids, timeout_s=60, sampling=_greedy(3))
+    assert got.final.usage.cached_tokens >= 80
+    assert settled(before) == before
 
 
 # --------------------------------------------------------------------------- two prefill workers

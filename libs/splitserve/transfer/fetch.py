@@ -192,6 +192,15 @@ class BlockFetcher:
                 self._sources[address] = self._connect(address)
             return self._sources[address]
 
+    def release_unfetched(self, plan: FetchPlan, lease_id: str) -> None:
+        """Drops the prefill's lease `lease_id` when the plan fetches nothing although the prefill
+        put blocks: this worker held them all already (a conversation's next turn, whose last
+        answer this worker decoded, puts the blocks of that answer). No get releases it then, and
+        it would pin the blocks in the kvstore until its TTL (and hold a draining kvstore that
+        long). A prefill that put nothing has no lease: the call is then a no-op."""
+        if plan.kvstore_address and lease_id and not plan.fetching:
+            _release(self.source(plan.kvstore_address), lease_id)
+
     def fetch_parts(self, plan: FetchPlan, lease_id: str, block_bytes: int,
                     is_active: Callable[[], bool] = lambda: True,
                     begin: Callable[[list[bytes]], PageImport] | None = None
