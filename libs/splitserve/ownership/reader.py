@@ -4,9 +4,11 @@ Reads the keys `splitserve.ownership.registry.OwnershipRegistry` writes (ss:blk:
 ids), in one round trip and one command per request: a server-side script that runs SMEMBERS on each
 key it is given (the replies a pipeline of SMEMBERS gets, in order). redis-py packs and parses every
 pipelined command in Python: a 1,040-token prompt's 65 keys took 1.2-1.4 ms as a pipeline and
-0.6 ms as the script. redis-py loads the script again when Redis lost it (a restart, SCRIPT FLUSH). Ownership is a routing hint only: when Redis is
-unreachable the reader answers "nobody owns anything" (the router then routes by load), logs the
-outage once, and skips Redis for `backoff_s` so requests do not each pay a connect timeout.
+0.6 ms as the script. redis-py loads the script again when Redis lost it (a restart, SCRIPT FLUSH).
+
+Ownership is a routing hint only: when Redis is unreachable the reader answers "nobody owns
+anything" (the router then routes by load), logs the outage once, and skips Redis for `backoff_s`
+so requests do not each pay a connect timeout.
 
 A probe task PINGs Redis every `probe_interval_s` (each PING bounded by the socket timeout), so
 `status` (the gateway's /health and its splitserve_redis_up gauge) is current without traffic,

@@ -197,7 +197,8 @@ class BlockFetcher:
         put blocks: this worker held them all already (a conversation's next turn, whose last
         answer this worker decoded, puts the blocks of that answer). No get releases it then, and
         it would pin the blocks in the kvstore until its TTL (and hold a draining kvstore that
-        long). A prefill that put nothing has no lease: the call is then a no-op."""
+        long). A prefill that put nothing made no lease: the kvstore then finds none (one round
+        trip, after admission)."""
         if plan.kvstore_address and lease_id and not plan.fetching:
             _release(self.source(plan.kvstore_address), lease_id)
 
