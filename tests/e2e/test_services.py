@@ -125,7 +125,7 @@ def test_a_request_leaves_no_kvstore_lease_behind(stack):
         assert settled(before) == before, n
     # a conversation's next turn: the prefill puts the block its last answer filled, which the
     # decode worker (that decoded the answer) holds already and so does not fetch
-    turn = [1000 + i for i in range(80)]  # 5 full blocks
+    turn = [21000 + 3 * i for i in range(80)]  # 5 full blocks of ids no other test of the shared stack sends
     got = generate(stack.gateway, token_ids=turn, timeout_s=60, sampling=dict(_greedy(20), ignore_eos=True))
     assert len(got.token_ids) == 20  # the answer fills block 5 (tokens 80-95)
     assert settled(before) == before
