@@ -144,7 +144,10 @@ class SpeculativeDecoder:
             # The emitted run (accepted proposals + one token) must fit max_tokens and the context.
             k = min(seq.spec_len or cfg.num_speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
                     max_model_len - seq.num_tokens - 1, room)
-            if k <= 0 or not worth_proposing(seq.spec_acceptance, decode_rows, row_cost):
+            # a seeded request decides on the prior cost, not on measured step times: what it
+            # proposes, and so which draws its tokens take, must not depend on the machine's load
+            cost = self.cost.prior if seq.params.seed is not None else row_cost
+            if k <= 0 or not worth_proposing(seq.spec_acceptance, decode_rows, cost):
                 continue
             wanted.append((seq, k))
             room -= k
