@@ -69,28 +69,24 @@ static inline __attribute__((always_inline)) void INT8_NAME(prep)(const uint8_t 
         p->m = _mm256_setzero_ps();
 }
 
-/* Q6_K: acc += row r of x's sub-block xb against the prepared weights: the integer sums of the 4
- * columns (both halves), times the halves' scales times x's */
-static inline __attribute__((always_inline)) __m256 INT8_NAME(row_step)(const INT8_NAME(Prep) *p, XQ q, long r,
-                                                                        long xblocks, long xb, __m256 acc) {
-    const __m256i *xe = (const __m256i *)(q.codes + ((size_t)r * xblocks + xb) * XQ_BLOCK_BYTES);
-    __m256i isum = _mm256_setzero_si256();
-    for (int v = 0; v < 4; v++) isum = INT8_DOT_ACC(isum, p->u[v], _mm256_sign_epi8(_mm256_load_si256(xe + v), p->w[v]));
-    const long at = r * xblocks + xb;
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(p->d, _mm256_set1_ps(q.d[at])), acc);
-}
-
-/* Every kind but Q6_K (one scale a sub-block): row r's integer sums of sub-block xb against the
- * prepared weights, both halves ([columns 0-3 of weights 0-15 | of weights 16-31]) */
+/* Row r's integer sums of sub-block xb against the prepared weights, both halves ([columns 0-3 of
+ * weights 0-15 | of weights 16-31]); the signed formats' x takes the weights' signs */
 static inline __attribute__((always_inline)) __m256i INT8_NAME(row_isum)(const INT8_NAME(Prep) *p, const int kind,
                                                                          XQ q, long r, long xblocks, long xb) {
     const __m256i *xe = (const __m256i *)(q.codes + ((size_t)r * xblocks + xb) * XQ_BLOCK_BYTES);
     __m256i isum = _mm256_setzero_si256();
     for (int v = 0; v < 4; v++) {
         const __m256i xv = _mm256_load_si256(xe + v);
-        isum = INT8_DOT_ACC(isum, p->u[v], kind == KIND_Q8_0 ? _mm256_sign_epi8(xv, p->w[v]) : xv);
+        isum = INT8_DOT_ACC(isum, p->u[v], (kind == KIND_Q8_0 || kind == KIND_Q6_K) ? _mm256_sign_epi8(xv, p->w[v]) : xv);
     }
     return isum;
+}
+
+/* Q6_K: acc += row r's sums of sub-block xb times the halves' scales times x's */
+static inline __attribute__((always_inline)) __m256 INT8_NAME(row_step)(const INT8_NAME(Prep) *p, XQ q, long r,
+                                                                        long xblocks, long xb, __m256 acc) {
+    const __m256i isum = INT8_NAME(row_isum)(p, KIND_Q6_K, q, r, xblocks, xb);
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(p->d, _mm256_set1_ps(q.d[r * xblocks + xb])), acc);
 }
 
 /* acc += a pair of sub-blocks (xb even, xb + 1) of row r: lanes 0-3 are the 4 columns' chain of the
