@@ -129,13 +129,17 @@ needs_avx512 = pytest.mark.skipif(not (cpu_attention.built() and _has_avx512()),
 @pytest.mark.parametrize("heads,kv_heads", [(9, 3), (4, 4), (16, 1), (6, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int8, torch.float8_e4m3fn])
 def test_the_avx512_copy_gives_the_avx2_copys_bits(head_dim, heads, kv_heads, dtype):
-    """Two keys a vector and sixteen value floats a vector, two heads at once: every output float the
-    same bits as the AVX2 copy's, over decode rows, runs of prefill rows (odd and even counts of keys
-    in the last chunk, runs longer than one gathered chunk's rows) and a row alone."""
-    lens = [1, 2, 33, 34, 35, 36, 37, 38, 39, 40, 41, 5, 300, 301, 302, 7]
+    """Two keys a vector and sixteen value floats a vector, two heads at once, and runs of many rows
+    with their query heads in vector lanes: every output float the same bits as the AVX2 copy's, over
+    decode rows, runs of prefill rows (odd and even counts of keys in the last chunk, runs longer than
+    one gathered chunk's rows), a run from the sequence's first token whose rows end inside the first
+    chunk, a run longer than a lanes run (two of them) and a row alone."""
+    lens = [1, 2, 33, 34, 35, 36, 37, 38, 39, 40, 41, 5, 300, 301, 302, 7] + list(range(1, 21)) + list(range(60, 79))
     q, k, v, tables, lens_t = _case(heads, kv_heads, head_dim, 16, torch.float32, lens, seed=head_dim + heads)
     tables[3:11] = tables[2]  # rows 2..10: one sequence's consecutive positions (a run of rows)
     tables[12:15] = tables[12]
+    tables[16:36] = tables[35]  # a prefill chunk from the start: 20 rows
+    tables[36:55] = tables[54]  # 19 rows at positions 59..77
     ks = vs = None
     if dtype in (torch.int8, torch.float8_e4m3fn):
         gen = torch.Generator().manual_seed(7)

@@ -37,6 +37,11 @@
 #define MAX_HEAD_DIM 256
 #define CHUNK 32          /* keys scored before each softmax rescale */
 #define MAX_RUN 8         /* query rows of one sequence that share a gathered chunk */
+/* ql_attend (the AVX-512 copy's runs of many rows, query heads in vector lanes) */
+#define QL_LANES 16
+#define QL_MAX_RUN 16  /* rows of one sequence a run holds on the AVX-512 copy */
+#define QL_MIN_PAIRS 8 /* (row, query head) pairs of a kv head from which a run takes ql_attend */
+#define QL_KEYS 4      /* keys scored together, sharing each load of the queries' elements */
 
 #include "simd.h"
 #include "kernel_api.h"
@@ -180,11 +185,23 @@ static inline v8f load8_bf16(const uint16_t *p) {
     return (v8f)wide;
 }
 
+/* a * b + c, fused (one rounding), whatever the compiler would contract */
+static inline v8f fma8(v8f a, v8f b, v8f c) {
+#ifdef X86
+    return (v8f)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    for (int i = 0; i < 8; i++) c[i] = fmaf(a[i], b[i], c[i]);
+    return c;
+#endif
+}
+
 /* One key's dot product with a query head, before its horizontal sum: qg[i] * k[8i..8i+7] summed
- * over i in 8 lanes (a product, then fused multiply-adds in order) */
+ * over i in 8 lanes, in this order, written out (every copy, ql_attend's too, makes the same): the
+ * product of i = 1, a fused multiply-add of i = 0, then fused multiply-adds of i = 2, 3, ... */
 static inline __attribute__((always_inline)) v8f key_lanes(const v8f *qg, const float *k, const int nvec) {
-    v8f sv = qg[0] * load8(k);
-    for (int i = 1; i < nvec; i++) sv += qg[i] * load8(k + i * 8);
+    if (nvec == 1) return qg[0] * load8(k);
+    v8f sv = fma8(qg[0], load8(k), qg[1] * load8(k + 8));
+    for (int i = 2; i < nvec; i++) sv = fma8(qg[i], load8(k + i * 8), sv);
     return sv;
 }
 
@@ -304,6 +321,10 @@ static inline void prefetch_chunk(const char *k_cache, const char *v_cache, cons
     }
 }
 
+/* 1: decode_all runs the AVX-512 copy (set_copy; the module starts with it where the CPU has AVX-512F
+ * and DQ, its `avx512` constant, and the Python side then applies SPLITSERVE_CPU_ATTENTION_COPY) */
+static int wide_copy = 0;
+
 /* The keys of the chunk from `start` that a row attending to `len` tokens reads (none: <= 0) */
 static inline int chunk_keys(int len, int start) { return len - start < CHUNK ? len - start : CHUNK; }
 
@@ -323,39 +344,321 @@ static inline int chunk_keys(int len, int start) { return len - start < CHUNK ? 
 #include "cpu_attention_rows.h"
 #undef WIDE
 #undef ROWS_FN
+
+/* The AVX-512 copy's runs of many query rows: query heads in vector lanes.
+ *
+ * Attending with one query head at a time, a key's dot product runs along the head's dimension, in
+ * 8 lanes that must then be summed across (hsum8), and every score, maximum, exponential and sum of
+ * the softmax is made for one query at a time. Where a run holds many (row, query head) pairs of one
+ * kv head (a prefill chunk, a prefix hit's new rows, a verified proposal), ql_attend puts 16 of them
+ * in the 16 lanes of a vector instead: a key's element is broadcast and multiplied with 16 queries'
+ * elements at once, and the softmax's maxima, exponentials and sums and the value sums are made
+ * down the lanes, 16 queries an instruction, with no sum across lanes.
+ *
+ * The arithmetic is attend_impl's, float by float: each query's dot product keeps its 8 partial sums
+ * (partial j: of the products of dimensions j, j + 8, j + 16, ..., summed as key_lanes does) and adds them as hsum does; the chunks, their maxima, the exponentials (the same
+ * polynomial), the sums, the rescales (libm's expf) and the value sums come in the same order. So
+ * a row gets the same bits here as alone in attend_impl, and as in the AVX2 copy. */
+typedef int32_t v16i __attribute__((vector_size(64)));
+EXP_NONPOSITIVE(exp_nonpositive16, v16f, v16i, splat16)
+
+
+/* The scores of QL_KEYS keys (rows k[0 .. 3][dim], float32, consecutive) against the 16 lanes' queries (qt[d]:
+ * every lane's element d, times the softmax scale): lane by lane, ((p0 + p4) + (p1 + p5)) +
+ * ((p2 + p6) + (p3 + p7)), partial pj: the product of dimension j + 8, a fused multiply-add of j, then
+ * of j + 16, j + 24, ..., as key_lanes and hsum make them. */
+/* partials j and j + 4 of QL_KEYS keys, added: (pj + pj+4) for each key into out */
+static inline __attribute__((always_inline)) void ql_partials(const __m512 *qt, const float *k, const int nvec,
+                                                              const int j, __m512 *out) {
+    const int dim = nvec * 8;
+    __m512 a[QL_KEYS], b[QL_KEYS];
+    for (int kk = 0; kk < QL_KEYS; kk++) {
+        const float *key = k + kk * dim;
+        if (nvec == 1) {
+            a[kk] = _mm512_mul_ps(qt[j], _mm512_set1_ps(key[j]));
+            b[kk] = _mm512_mul_ps(qt[j + 4], _mm512_set1_ps(key[j + 4]));
+        } else {
+            a[kk] = _mm512_fmadd_ps(qt[j], _mm512_set1_ps(key[j]), _mm512_mul_ps(qt[8 + j], _mm512_set1_ps(key[8 + j])));
+            b[kk] = _mm512_fmadd_ps(qt[j + 4], _mm512_set1_ps(key[j + 4]),
+                                    _mm512_mul_ps(qt[12 + j], _mm512_set1_ps(key[12 + j])));
+        }
+    }
+    for (int i = 2; i < nvec; i++)
+        for (int kk = 0; kk < QL_KEYS; kk++) {
+            const float *key = k + kk * dim;
+            a[kk] = _mm512_fmadd_ps(qt[8 * i + j], _mm512_set1_ps(key[8 * i + j]), a[kk]);
+            b[kk] = _mm512_fmadd_ps(qt[8 * i + j + 4], _mm512_set1_ps(key[8 * i + j + 4]), b[kk]);
+        }
+    for (int kk = 0; kk < QL_KEYS; kk++) out[kk] = _mm512_add_ps(a[kk], b[kk]);
+}
+
+static inline __attribute__((always_inline)) void ql_scores(const __m512 *qt, const float *k, const int nvec, __m512 *s) {
+    __m512 p0[QL_KEYS], p1[QL_KEYS], p2[QL_KEYS], p3[QL_KEYS];
+    ql_partials(qt, k, nvec, 0, p0);
+    ql_partials(qt, k, nvec, 1, p1);
+    for (int kk = 0; kk < QL_KEYS; kk++) p0[kk] = _mm512_add_ps(p0[kk], p1[kk]);
+    ql_partials(qt, k, nvec, 2, p2);
+    ql_partials(qt, k, nvec, 3, p3);
+    for (int kk = 0; kk < QL_KEYS; kk++) s[kk] = _mm512_add_ps(p0[kk], _mm512_add_ps(p2[kk], p3[kk]));
+}
+
+/* acc[d0 .. d0 + W - 1] += p[t] * v[t][d] for the chunk's n keys in order (v: rows of dim floats, from
+ * element d0), each lane only for the keys its row reaches (n_lane of them; every lane of the group
+ * reaches the first `full` keys) */
+#define QL_VALUES(W)                                                                                        \
+    static inline __attribute__((always_inline)) void ql_values_##W(__m512 *acc, const __m512 *p,         \
+                                                                    const float *v, int dim, int n,       \
+                                                                    int full, __m512i n_lane) {           \
+        __m512 a[W];                                                                                        \
+        for (int i = 0; i < W; i++) a[i] = acc[i];                                                          \
+        int t = 0;                                                                                          \
+        for (; t < full; t++, v += dim)                                                                     \
+            for (int i = 0; i < W; i++) a[i] = _mm512_fmadd_ps(p[t], _mm512_set1_ps(v[i]), a[i]);           \
+        for (; t < n; t++, v += dim) {                                                                      \
+            const __mmask16 reach = _mm512_cmpgt_epi32_mask(n_lane, _mm512_set1_epi32(t));                  \
+            for (int i = 0; i < W; i++) a[i] = _mm512_mask3_fmadd_ps(p[t], _mm512_set1_ps(v[i]), a[i], reach); \
+        }                                                                                                   \
+        for (int i = 0; i < W; i++) acc[i] = a[i];                                                          \
+    }
+QL_VALUES(16)
+QL_VALUES(8)
+#undef QL_VALUES
+
+/* A chunk's scores (n keys, rows [n rounded up to QL_KEYS][dim]) and its value sums (acc, with the
+ * softmax's weights p): functions of their own, the scores of each QL_KEYS keys a call of a copy per
+ * head size, so that the compiler allocates each loop's registers apart and addresses a key's
+ * elements as constant offsets from one pointer (inlined into one body, it kept accumulators and
+ * addresses in memory). */
+#define QL_SCORES_FOR(NVEC)                                                                            \
+    static __attribute__((noinline)) void ql_scores_##NVEC(const __m512 *qt, const float *k, __m512 *s) { \
+        ql_scores(qt, k, NVEC, s);                                                                     \
+    }
+QL_SCORES_FOR(4)
+QL_SCORES_FOR(8)
+QL_SCORES_FOR(16)
+#undef QL_SCORES_FOR
+
+static void ql_scores_chunk(const __m512 *qt, const float *rows, int nvec, int n, __m512 *s) {
+    const size_t step = (size_t)QL_KEYS * nvec * 8;
+    for (int t = 0; t < n; t += QL_KEYS, rows += step, s += QL_KEYS)
+        switch (nvec) {
+        case 4: ql_scores_4(qt, rows, s); break;
+        case 8: ql_scores_8(qt, rows, s); break;
+        case 16: ql_scores_16(qt, rows, s); break;
+        default: ql_scores(qt, rows, nvec, s);
+        }
+}
+
+static __attribute__((noinline)) void ql_values_chunk(__m512 *acc, const __m512 *p, const float *rows, int dim, int n,
+                                                      int full, __m512i n_lane) {
+    int d = 0;
+    for (; d + 16 <= dim; d += 16) ql_values_16(acc + d, p, rows + d, dim, n, full, n_lane);
+    if (d < dim) ql_values_8(acc + d, p, rows + d, dim, n, full, n_lane);
+}
+
+/* One chunk's softmax step for the 16 lanes, as attend_impl makes it for each row: the chunk's
+ * scores s[0 .. n - 1] (a lane's first n_lane of them its row's; every lane of the group reaches the
+ * first `full`) become exp(s - the new maximum) in place; m and l, the lanes' running maxima and sums,
+ * move on (in the lanes `active`, those whose rows reach the chunk), *corr gets exp(old m - new m),
+ * and the lanes whose value sums must be rescaled by it are returned. Not inlined: in the kernel's
+ * body the compiler kept the running maximum in memory, a store and a load per key. */
+static __attribute__((noinline)) __mmask16 ql_softmax(__m512 *s, int n, int full, __m512i n_lane, __mmask16 active,
+                                                      __m512 *m_io, __m512 *l_io, __m512 *corr_out) {
+    const __m512 m = *m_io;
+    __m512 mx = m;
+    int t = 0;
+    for (; t < full; t++) mx = _mm512_max_ps(s[t], mx); /* `s > mx ? s : mx` (a NaN score: mx) */
+    for (; t < n; t++) /* past `full`, a lane's own keys only */
+        mx = _mm512_mask_max_ps(mx, _mm512_cmpgt_epi32_mask(n_lane, _mm512_set1_epi32(t)), s[t], mx);
+    /* corr = expf(m - mx), libm's, per lane where that is not expf(+-0) = 1 */
+    const __m512 diff = _mm512_sub_ps(m, mx);
+    const __mmask16 moved = _mm512_mask_cmp_ps_mask(active, diff, _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    __m512 corr = _mm512_set1_ps(1.0f);
+    if (moved) {
+        float dv[QL_LANES] __attribute__((aligned(64))), cv[QL_LANES] __attribute__((aligned(64)));
+        _mm512_store_ps(dv, diff);
+        _mm512_store_ps(cv, corr);
+        for (int lane = 0; lane < QL_LANES; lane++)
+            if (moved >> lane & 1) cv[lane] = expf(dv[lane]);
+        corr = _mm512_load_ps(cv);
+    }
+    *m_io = _mm512_mask_mov_ps(m, active, mx);
+    __m512 sum = _mm512_setzero_ps();
+    for (t = 0; t < full; t++) {
+        s[t] = (__m512)exp_nonpositive16((v16f)_mm512_sub_ps(s[t], mx));
+        sum = _mm512_add_ps(sum, s[t]);
+    }
+    for (; t < n; t++) {
+        s[t] = (__m512)exp_nonpositive16((v16f)_mm512_sub_ps(s[t], mx));
+        sum = _mm512_mask_add_ps(sum, _mm512_cmpgt_epi32_mask(n_lane, _mm512_set1_epi32(t)), sum, s[t]);
+    }
+    *l_io = _mm512_mask_mov_ps(*l_io, active, _mm512_fmadd_ps(*l_io, corr, sum));
+    *corr_out = corr;
+    return _mm512_mask_cmp_ps_mask(active, corr, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ);
+}
+
+/* Pairs first .. first + lanes - 1 (lanes <= 16) of a run of nrows rows and one kv head: pair p is
+ * row p / group's query head p % group of the kv head (q and out: the run's first row's first query
+ * head of kv_head, rows q_stride apart), rows attending to len0 + row tokens; the rest as attend_impl. */
+static inline __attribute__((always_inline)) void ql_attend_impl(
+    const float *q, size_t q_stride, const char *k_cache, const char *v_cache, int kind, const float *k_scales,
+    const float *v_scales, const int32_t *table, int len0, int first, int lanes, int block_size, int kv_heads,
+    int kv_head, int group, float scale, float *out, const int nvec) {
+    const int dim = nvec * 8;
+    const size_t elem = kind == KV_F32 ? 4 : kind == KV_BF16 ? 2 : 1;
+    const size_t row_stride = (size_t)kv_heads * dim * elem, head_offset = (size_t)kv_head * dim * elem;
+    if (k_scales != NULL) {
+        k_scales += kv_head;
+        v_scales += kv_head;
+    }
+    __m512 qt[MAX_HEAD_DIM], acc[MAX_HEAD_DIM], s[CHUNK + QL_KEYS];
+    float rows[(CHUNK + QL_KEYS) * MAX_HEAD_DIM] __attribute__((aligned(64))); /* a chunk's K or V */
+    float lane_q[QL_LANES][MAX_HEAD_DIM] __attribute__((aligned(64)));
+    int32_t lens[QL_LANES];
+    int len_max = 0;
+    for (int lane = 0; lane < QL_LANES; lane++) {
+        const int p = first + lane, r = p / group, g = p % group;
+        lens[lane] = lane < lanes ? len0 + r : 0;
+        len_max = lens[lane] > len_max ? lens[lane] : len_max;
+        for (int d = 0; d < dim; d++) lane_q[lane][d] = lane < lanes ? q[(size_t)r * q_stride + (size_t)g * dim + d] * scale : 0.0f;
+    }
+    for (int d = 0; d < dim; d++) {
+        float col[QL_LANES] __attribute__((aligned(64)));
+        for (int lane = 0; lane < QL_LANES; lane++) col[lane] = lane_q[lane][d];
+        qt[d] = _mm512_load_ps(col);
+        acc[d] = _mm512_setzero_ps();
+    }
+    const __m512i len_v = _mm512_loadu_si512(lens);
+    __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps(), corr;
+    for (int start = 0; start < len_max; start += CHUNK) {
+        const int n = chunk_keys(len_max, start);
+        if (start + CHUNK < len_max)
+            prefetch_chunk(k_cache, v_cache, table, start + CHUNK, chunk_keys(len_max, start + CHUNK), block_size,
+                           row_stride, head_offset, (size_t)dim * elem);
+        const __m512i n_lane = _mm512_sub_epi32(len_v, _mm512_set1_epi32(start));
+        const __mmask16 active = _mm512_cmpgt_epi32_mask(n_lane, _mm512_setzero_si512());
+        /* the keys every lane of the group reaches (its lanes past `lanes` hold nothing to keep) */
+        int full = chunk_keys(lens[0], start);
+        for (int lane = 1; lane < lanes; lane++) full = chunk_keys(lens[lane], start) < full ? chunk_keys(lens[lane], start) : full;
+        full = full < 0 ? 0 : full;
+        /* the chunk's K rows as float32, one after another (as gathered for attend_impl), up to a
+         * multiple of QL_KEYS with zeros (scored, never used) */
+        gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n, block_size, row_stride, head_offset, nvec,
+                     rows, 0);
+        for (int t = n; t < (n + QL_KEYS - 1) / QL_KEYS * QL_KEYS; t++) memset(rows + (size_t)t * dim, 0, (size_t)dim * 4);
+        ql_scores_chunk(qt, rows, nvec, n, s);
+        const __mmask16 rescale = ql_softmax(s, n, full, n_lane, active, &m, &l, &corr);
+        if (rescale)
+            for (int d = 0; d < dim; d++) acc[d] = _mm512_mask_mul_ps(acc[d], rescale, acc[d], corr);
+        gather_chunk(v_cache, kind, v_scales, kv_heads, table, start, n, block_size, row_stride, head_offset, nvec,
+                     rows, 0);
+        ql_values_chunk(acc, s, rows, dim, n, full, n_lane);
+    }
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), l);
+    for (int d = 0; d < dim; d++) {
+        float col[QL_LANES] __attribute__((aligned(64)));
+        _mm512_store_ps(col, _mm512_mul_ps(acc[d], inv));
+        for (int lane = 0; lane < lanes; lane++) lane_q[lane][d] = col[lane];
+    }
+    for (int lane = 0; lane < lanes; lane++) {
+        const int p = first + lane, r = p / group, g = p % group;
+        memcpy(out + (size_t)r * q_stride + (size_t)g * dim, lane_q[lane], (size_t)dim * sizeof(float));
+    }
+}
+
+/* one copy per head size, as attend_any's */
+#define QL_ARGS                                                                                                    \
+    const float *q, size_t q_stride, const char *kc, const char *vc, int kind, const float *ks, const float *vs, \
+        const int32_t *table, int len0, int first, int lanes, int block_size, int kv_heads, int kv_head, int group, \
+        float scale, float *out
+#define QL_PASS q, q_stride, kc, vc, kind, ks, vs, table, len0, first, lanes, block_size, kv_heads, kv_head, group, scale, out
+#define QL_FOR(NVEC) \
+    static void ql_attend_##NVEC(QL_ARGS) { ql_attend_impl(QL_PASS, NVEC); }
+QL_FOR(4)
+QL_FOR(8)
+QL_FOR(16)
+#undef QL_FOR
+
+static void ql_attend(QL_ARGS, int dim) {
+    switch (dim) {
+    case 32: ql_attend_4(QL_PASS); break;
+    case 64: ql_attend_8(QL_PASS); break;
+    case 128: ql_attend_16(QL_PASS); break;
+    default: ql_attend_impl(QL_PASS, dim / 8);
+    }
+}
 #pragma GCC pop_options
 #endif
 
-/* 1: decode_all runs the AVX-512 copy (set_copy; the module starts with it where the CPU has AVX-512F
- * and DQ, its `avx512` constant, and the Python side then applies SPLITSERVE_CPU_ATTENTION_COPY) */
-static int wide_copy = 0;
+
+/* Whether a run of nrows rows takes ql_attend: the AVX-512 copy, where it holds enough (row, query
+ * head) pairs per kv head to fill its lanes well, and always beyond what attend_impl takes */
+static inline int lanes_run(int nrows, int group) {
+#ifdef X86
+    return wide_copy && (nrows * group >= QL_MIN_PAIRS || nrows > MAX_RUN);
+#else
+    return 0;
+#endif
+}
 
 static void decode_all(const float *q, const char *k_cache, const char *v_cache, int kind, const float *k_scales,
                        const float *v_scales, const int32_t *tables, int max_blocks, const int32_t *seq_lens,
                        int batch, int heads, int kv_heads, int dim, int block_size, float scale, float *out) {
     const int group = heads / kv_heads;
+#ifdef X86
+    const int max_run = wide_copy ? QL_MAX_RUN : MAX_RUN;
+#else
+    const int max_run = MAX_RUN;
+#endif
     /* Runs of rows of one sequence at consecutive positions (the same table, lengths one apart: a
-     * prefill chunk, a verified proposal), at most MAX_RUN a run, share their gathered keys. */
+     * prefill chunk, a verified proposal), at most max_run a run, share their gathered keys. */
     int starts[batch + 1];
     int runs = 0;
     for (int b = 0; b < batch; b++) {
-        const int joins = b > 0 && b - starts[runs - 1] < MAX_RUN && seq_lens[b] == seq_lens[b - 1] + 1 &&
+        const int joins = b > 0 && b - starts[runs - 1] < max_run && seq_lens[b] == seq_lens[b - 1] + 1 &&
                           memcmp(tables + (size_t)b * max_blocks, tables + (size_t)(b - 1) * max_blocks,
                                  (size_t)max_blocks * sizeof(int32_t)) == 0;
         if (!joins) starts[runs++] = b;
     }
     starts[runs] = batch;
-    /* A run's kv heads go to one thread, one after another: the tokens' K/V rows hold every kv
-     * head side by side, so the second head reads lines the first one brought into cache. Only
-     * too few runs to keep the team busy split by kv head. */
-    const int by_run = runs >= 4 * omp_get_max_threads();
-    const int items = by_run ? runs : runs * kv_heads;
+    /* The work items, numbered run by run (first_item[run]): a run in lanes, one item per kv head and
+     * 16 of its (row, query head) pairs; else one per kv head, or per run where runs are many: a
+     * run's kv heads go to one thread, one after another (the tokens' K/V rows hold every kv head side
+     * by side, so the second head reads lines the first one brought into cache). */
+    int first_item[runs + 1];
+    int plain_runs = 0;
+    for (int run = 0; run < runs; run++) plain_runs += !lanes_run(starts[run + 1] - starts[run], group);
+    const int by_run = plain_runs >= 4 * omp_get_max_threads();
+    first_item[0] = 0;
+    for (int run = 0; run < runs; run++) {
+        const int nrows = starts[run + 1] - starts[run];
+        const int per_head = lanes_run(nrows, group) ? (nrows * group + QL_LANES - 1) / QL_LANES : 0;
+        first_item[run + 1] = first_item[run] + (per_head ? per_head * kv_heads : by_run ? 1 : kv_heads);
+    }
+    const int items = first_item[runs];
     const size_t q_stride = (size_t)heads * dim;
 #pragma omp parallel for schedule(dynamic, 1)
     for (int it = 0; it < items; it++) {
-        const int run = by_run ? it : it / kv_heads;
+        int lo = 0, hi = runs - 1; /* the run whose items hold it */
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (first_item[mid] <= it) lo = mid;
+            else hi = mid - 1;
+        }
+        const int run = lo, k = it - first_item[run];
         const int b = starts[run], nrows = starts[run + 1] - b;
-        const int first = by_run ? 0 : it % kv_heads, last = by_run ? kv_heads : first + 1;
+        if (lanes_run(nrows, group)) {
+#ifdef X86
+            const int per_head = (nrows * group + QL_LANES - 1) / QL_LANES, h = k / per_head;
+            const int first = (k % per_head) * QL_LANES, pairs = nrows * group;
+            const size_t offset = (size_t)b * q_stride + (size_t)h * group * dim;
+            ql_attend(q + offset, q_stride, k_cache, v_cache, kind, k_scales, v_scales, tables + (size_t)b * max_blocks,
+                      seq_lens[b], first, pairs - first < QL_LANES ? pairs - first : QL_LANES, block_size, kv_heads, h,
+                      group, scale, out + offset, dim);
+#endif
+            continue;
+        }
+        const int first = by_run ? 0 : k, last = by_run ? kv_heads : first + 1;
         for (int h = first; h < last; h++) {
             size_t offset = (size_t)b * q_stride + (size_t)h * group * dim;
 #ifdef X86

@@ -11,6 +11,7 @@ static inline v16f load16(const float *p) {
     memcpy(&v, p, sizeof v);
     return v;
 }
+static inline v16f fma16(v16f a, v16f b, v16f c) { return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c); }
 static inline v16f splat16(float x) { return (v16f){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 static inline v16f pair8(v8f lo, v8f hi) { return (v16f)_mm512_insertf32x8(_mm512_castps256_ps512((__m256)lo), (__m256)hi, 1); }
 static inline v8f low8(v16f v) { return (v8f)_mm512_castps512_ps256((__m512)v); }
@@ -18,8 +19,9 @@ static inline v8f high8(v16f v) { return (v8f)_mm512_extractf32x8_ps((__m512)v, 
 
 /* key_lanes for the two keys of a pair at once (k: the pair's rows, [nvec][2][8]) */
 static inline __attribute__((always_inline)) v16f pair_lanes(const v16f *qg2, const float *k, const int nvec) {
-    v16f sv = qg2[0] * load16(k);
-    for (int i = 1; i < nvec; i++) sv += qg2[i] * load16(k + i * 16);
+    if (nvec == 1) return qg2[0] * load16(k);
+    v16f sv = fma16(qg2[0], load16(k), qg2[1] * load16(k + 16));
+    for (int i = 2; i < nvec; i++) sv = fma16(qg2[i], load16(k + i * 16), sv);
     return sv;
 }
 #endif

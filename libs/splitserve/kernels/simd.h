@@ -52,25 +52,29 @@ static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
 static inline float hsum(v8f v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 /* exp(x) for x <= 0 (scores minus their running max): 2^n * e^r, |r| <= ln2/2, degree-6 Taylor
- * polynomial (relative error ~1e-7). Inputs below -87 give ~1e-38 instead of underflowing. */
-static inline v8f exp_nonpositive(v8f x) {
-    const v8f lo = splat(-87.0f);
-    v8i below = x < lo;
-    x = (v8f)(((v8i)x & ~below) | ((v8i)lo & below));
-    const v8f magic = splat(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */
-    v8f t = x * splat(1.44269504088896341f) + magic;
-    v8f n = t - magic;
-    v8i ni = (v8i)t - (v8i)magic;
-    v8f r = x - n * splat(0.693359375f) - n * splat(-2.12194440e-4f);
-    v8f p = splat(1.0f / 720);
-    p = p * r + splat(1.0f / 120);
-    p = p * r + splat(1.0f / 24);
-    p = p * r + splat(1.0f / 6);
-    p = p * r + splat(0.5f);
-    p = p * r + splat(1.0f);
-    p = p * r + splat(1.0f);
-    return p * (v8f)((ni + 127) << 23);
-}
+ * polynomial (relative error ~1e-7). Inputs below -87 give ~1e-38 instead of underflowing. Written
+ * once for any vector width (NAME over float vectors VF, int vectors VI, SPLAT making a VF): every
+ * width makes the same operations on each lane, so the same bits lane by lane. */
+#define EXP_NONPOSITIVE(NAME, VF, VI, SPLAT)                                                           \
+    static inline VF NAME(VF x) {                                                                  \
+        const VF lo = SPLAT(-87.0f);                                                               \
+        VI below = x < lo;                                                                         \
+        x = (VF)(((VI)x & ~below) | ((VI)lo & below));                                             \
+        const VF magic = SPLAT(12582912.0f); /* 1.5 * 2^23: adding it rounds to an integer */      \
+        VF t = x * SPLAT(1.44269504088896341f) + magic;                                            \
+        VF n = t - magic;                                                                          \
+        VI ni = (VI)t - (VI)magic;                                                                 \
+        VF r = x - n * SPLAT(0.693359375f) - n * SPLAT(-2.12194440e-4f);                           \
+        VF p = SPLAT(1.0f / 720);                                                                  \
+        p = p * r + SPLAT(1.0f / 120);                                                             \
+        p = p * r + SPLAT(1.0f / 24);                                                              \
+        p = p * r + SPLAT(1.0f / 6);                                                               \
+        p = p * r + SPLAT(0.5f);                                                                   \
+        p = p * r + SPLAT(1.0f);                                                                   \
+        p = p * r + SPLAT(1.0f);                                                                   \
+        return p * (VF)((ni + 127) << 23);                                                         \
+    }
+EXP_NONPOSITIVE(exp_nonpositive, v8f, v8i, splat)
 
 #ifdef X86
 #pragma GCC pop_options
