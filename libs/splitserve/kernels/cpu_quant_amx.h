@@ -242,8 +242,7 @@ static inline __attribute__((always_inline)) void amx_weights(const uint8_t *pac
         }
         const uint8_t *groups = packed + (size_t)t * blocks * group_bytes;
         for (long b = 0; b < blocks; b++) {
-            const uint8_t *group = groups + b * group_bytes;
-            _mm_prefetch((const char *)group + PREFETCH_AHEAD, _MM_HINT_T0);
+            const uint8_t *group = groups + b * group_bytes; /* asked for while the tile before computed */
             if (IS_K(kind)) {
                 KScales4 ks;
                 kscales4(group, kind, &ks);
@@ -300,7 +299,8 @@ static inline void amx_x(const int8_t *codes, const float *xd, const float *xs, 
  * from r0), every sub-block's A tile in `w`. */
 static inline __attribute__((always_inline)) void amx_tile_whole(const AmxWeights *w, const AmxX *xt, long xblocks,
                                                                 const int kind, const float *bias, float *y,
-                                                                long n, long n0, int nb, long r0, int mb) {
+                                                                long n, long n0, int nb, long r0, int mb,
+                                                                const char *next, size_t next_bytes) {
     const int is_signed = kind == KIND_Q8_0;
     __m512 acc[2][AMX_N]; /* [parity][weight row]: 16 rows of x a vector */
     int32_t cbuf[AMX_CHUNK][AMX_N][AMX_M] __attribute__((aligned(64)));
@@ -317,6 +317,12 @@ static inline __attribute__((always_inline)) void amx_tile_whole(const AmxWeight
             _tile_dpbusd(C, 2, 4);  \
     } while (0)
         for (int c = 0; c < nx; c++) {
+            /* the next column tile's blocks, a share a sub-block: its unpacking then reads cached
+             * lines, and the memory works while the tiles compute (asked for all at once, or while
+             * unpacking, the loads waited on memory for a third of the kernel's time) */
+            for (size_t at = (size_t)(x0 + c) * next_bytes / xblocks; at < (size_t)(x0 + c + 1) * next_bytes / xblocks;
+                 at += 64)
+                _mm_prefetch(next + at, _MM_HINT_T0);
             _tile_loadd(2, w[x0 + c].a, QBLOCK);
             _tile_loadd(4, xt[x0 + c].b, AMX_M * 4);
             if (c & 1) {
@@ -374,16 +380,24 @@ static inline __attribute__((always_inline)) int amx_linear_whole(const int8_t *
         for (long rt = 0; rt < rtiles; rt++) amx_x(codes, xd, xs, rt, m_rows, k, xt + rt * xblocks);
         AmxWeights *w = amx_thread_buffer((size_t)xblocks * sizeof(AmxWeights), &failed);
         amx_configure_whole();
-#pragma omp for schedule(static)
-        for (long ct = 0; ct < ctiles; ct++) {
-            if (w == NULL) continue;
+        /* the column tiles in contiguous shares of the team (as a static schedule), so that a thread
+         * knows which one it takes next */
+        const long nthreads = omp_get_num_threads(), id = omp_get_thread_num();
+        const long share = ctiles / nthreads, extra = ctiles % nthreads;
+        const long lo = id * share + (id < extra ? id : extra), hi = lo + share + (id < extra);
+        const size_t ct_bytes = (size_t)(AMX_N / TILE_N) * blocks * group_bytes; /* a column tile's blocks */
+        for (long ct = lo; ct < hi && w != NULL; ct++) {
             amx_weights(packed, kind, ct, tiles, blocks, group_bytes, w);
             const long n0 = ct * AMX_N;
             const int nb = n - n0 < AMX_N ? (int)(n - n0) : AMX_N;
+            /* the next tile's blocks (its last: the weight's end, as far as they go) */
+            const size_t next_at = (size_t)(ct + 1) * ct_bytes, total = (size_t)tiles * blocks * group_bytes;
+            const size_t next_bytes = ct + 1 < hi && next_at < total ? (total - next_at < ct_bytes ? total - next_at : ct_bytes) : 0;
             for (long rt = 0; rt < rtiles; rt++) {
                 const long r0 = rt * AMX_M;
                 const int mb = m_rows - r0 < AMX_M ? (int)(m_rows - r0) : AMX_M;
-                amx_tile_whole(w, xt + rt * xblocks, xblocks, kind, bias, y, n, n0, nb, r0, mb);
+                amx_tile_whole(w, xt + rt * xblocks, xblocks, kind, bias, y, n, n0, nb, r0, mb,
+                               (const char *)packed + next_at, rt == 0 ? next_bytes : 0);
             }
         }
         _tile_release();
