@@ -84,6 +84,12 @@ enum { KIND_Q8_0 = 0, KIND_Q4_1 = 1, KIND_Q4_0 = 2, KIND_Q4_K = 3, KIND_Q5_K = 4
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 8192
 #endif
+/* ... except for a weight of this many rows or more (an LM head): a thread's share is then one long
+ * stream, which the hardware's prefetchers follow alone, and the asks slowed it (the default model's
+ * Q8_0 LM head [49152 x 576] at one row, cold: 1.70 ms with them, 1.47 ms without) */
+#ifndef PREFETCH_MAX_ROWS
+#define PREFETCH_MAX_ROWS 16384
+#endif
 /* From this many rows of x the AMX copy runs, where the CPU has it (fewer: the AVX-512 VNNI copy,
  * 12 rows a pass). Its fixed cost is preparing the weights' tiles: the default model's 30 layers
  * with their weights cold from memory (a step) take 14.3 ms at 8 rows against VNNI's 11.7, 14.7
