@@ -356,18 +356,17 @@ static inline int chunk_keys(int len, int start) { return len - start < CHUNK ? 
  * down the lanes, 16 queries an instruction, with no sum across lanes.
  *
  * The arithmetic is attend_impl's, float by float: each query's dot product keeps its 8 partial sums
- * (partial j: of the products of dimensions j, j + 8, j + 16, ..., summed as key_lanes does) and adds them as hsum does; the chunks, their maxima, the exponentials (the same
- * polynomial), the sums, the rescales (libm's expf) and the value sums come in the same order. So
- * a row gets the same bits here as alone in attend_impl, and as in the AVX2 copy. */
+ * (partial j: the products of dimensions j, j + 8, j + 16, ..., summed as key_lanes sums them) and
+ * adds them as hsum does; the chunks, their maxima, the exponentials (the same polynomial), the sums,
+ * the rescales (libm's expf) and the value sums come in the same order. So a row gets the same bits
+ * here as alone in attend_impl, and as in the AVX2 copy. */
 typedef int32_t v16i __attribute__((vector_size(64)));
 EXP_NONPOSITIVE(exp_nonpositive16, v16f, v16i, splat16)
 
-
-/* The scores of QL_KEYS keys (rows k[0 .. 3][dim], float32, consecutive) against the 16 lanes' queries (qt[d]:
- * every lane's element d, times the softmax scale): lane by lane, ((p0 + p4) + (p1 + p5)) +
- * ((p2 + p6) + (p3 + p7)), partial pj: the product of dimension j + 8, a fused multiply-add of j, then
- * of j + 16, j + 24, ..., as key_lanes and hsum make them. */
-/* partials j and j + 4 of QL_KEYS keys, added: (pj + pj+4) for each key into out */
+/* Partials j and j + 4 of QL_KEYS keys (rows k[0 .. QL_KEYS - 1][dim], consecutive) against the 16
+ * lanes' queries (qt[d]: every lane's element d, times the softmax scale), added: pj + pj+4 for each
+ * key into out. Partial pj: the product of dimension j + 8, a fused multiply-add of j, then of
+ * j + 16, j + 24, ..., as key_lanes makes it. */
 static inline __attribute__((always_inline)) void ql_partials(const __m512 *qt, const float *k, const int nvec,
                                                               const int j, __m512 *out) {
     const int dim = nvec * 8;
@@ -378,7 +377,8 @@ static inline __attribute__((always_inline)) void ql_partials(const __m512 *qt, 
             a[kk] = _mm512_mul_ps(qt[j], _mm512_set1_ps(key[j]));
             b[kk] = _mm512_mul_ps(qt[j + 4], _mm512_set1_ps(key[j + 4]));
         } else {
-            a[kk] = _mm512_fmadd_ps(qt[j], _mm512_set1_ps(key[j]), _mm512_mul_ps(qt[8 + j], _mm512_set1_ps(key[8 + j])));
+            a[kk] = _mm512_fmadd_ps(qt[j], _mm512_set1_ps(key[j]),
+                                    _mm512_mul_ps(qt[8 + j], _mm512_set1_ps(key[8 + j])));
             b[kk] = _mm512_fmadd_ps(qt[j + 4], _mm512_set1_ps(key[j + 4]),
                                     _mm512_mul_ps(qt[12 + j], _mm512_set1_ps(key[12 + j])));
         }
@@ -392,7 +392,9 @@ static inline __attribute__((always_inline)) void ql_partials(const __m512 *qt, 
     for (int kk = 0; kk < QL_KEYS; kk++) out[kk] = _mm512_add_ps(a[kk], b[kk]);
 }
 
-static inline __attribute__((always_inline)) void ql_scores(const __m512 *qt, const float *k, const int nvec, __m512 *s) {
+/* The keys' scores, lane by lane ((p0 + p4) + (p1 + p5)) + ((p2 + p6) + (p3 + p7)), as hsum adds them */
+static inline __attribute__((always_inline)) void ql_scores(const __m512 *qt, const float *k, const int nvec,
+                                                            __m512 *s) {
     __m512 p0[QL_KEYS], p1[QL_KEYS], p2[QL_KEYS], p3[QL_KEYS];
     ql_partials(qt, k, nvec, 0, p0);
     ql_partials(qt, k, nvec, 1, p1);
@@ -520,7 +522,8 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
         const int p = first + lane, r = p / group, g = p % group;
         lens[lane] = lane < lanes ? len0 + r : 0;
         len_max = lens[lane] > len_max ? lens[lane] : len_max;
-        for (int d = 0; d < dim; d++) lane_q[lane][d] = lane < lanes ? q[(size_t)r * q_stride + (size_t)g * dim + d] * scale : 0.0f;
+        for (int d = 0; d < dim; d++) /* q times the scale, as attend_impl's qg */
+            lane_q[lane][d] = lane < lanes ? q[(size_t)r * q_stride + (size_t)g * dim + d] * scale : 0.0f;
     }
     for (int d = 0; d < dim; d++) {
         float col[QL_LANES] __attribute__((aligned(64)));
@@ -539,13 +542,17 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
         const __mmask16 active = _mm512_cmpgt_epi32_mask(n_lane, _mm512_setzero_si512());
         /* the keys every lane of the group reaches (its lanes past `lanes` hold nothing to keep) */
         int full = chunk_keys(lens[0], start);
-        for (int lane = 1; lane < lanes; lane++) full = chunk_keys(lens[lane], start) < full ? chunk_keys(lens[lane], start) : full;
+        for (int lane = 1; lane < lanes; lane++) {
+            const int reach = chunk_keys(lens[lane], start);
+            full = reach < full ? reach : full;
+        }
         full = full < 0 ? 0 : full;
         /* the chunk's K rows as float32, one after another (as gathered for attend_impl), up to a
          * multiple of QL_KEYS with zeros (scored, never used) */
         gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n, block_size, row_stride, head_offset, nvec,
                      rows, 0);
-        for (int t = n; t < (n + QL_KEYS - 1) / QL_KEYS * QL_KEYS; t++) memset(rows + (size_t)t * dim, 0, (size_t)dim * 4);
+        for (int t = n; t < (n + QL_KEYS - 1) / QL_KEYS * QL_KEYS; t++)
+            memset(rows + (size_t)t * dim, 0, (size_t)dim * sizeof(float));
         ql_scores_chunk(qt, rows, nvec, n, s);
         const __mmask16 rescale = ql_softmax(s, n, full, n_lane, active, &m, &l, &corr);
         if (rescale)
@@ -571,7 +578,8 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
     const float *q, size_t q_stride, const char *kc, const char *vc, int kind, const float *ks, const float *vs, \
         const int32_t *table, int len0, int first, int lanes, int block_size, int kv_heads, int kv_head, int group, \
         float scale, float *out
-#define QL_PASS q, q_stride, kc, vc, kind, ks, vs, table, len0, first, lanes, block_size, kv_heads, kv_head, group, scale, out
+#define QL_PASS \
+    q, q_stride, kc, vc, kind, ks, vs, table, len0, first, lanes, block_size, kv_heads, kv_head, group, scale, out
 #define QL_FOR(NVEC) \
     static void ql_attend_##NVEC(QL_ARGS) { ql_attend_impl(QL_PASS, NVEC); }
 QL_FOR(4)
@@ -589,7 +597,6 @@ static void ql_attend(QL_ARGS, int dim) {
 }
 #pragma GCC pop_options
 #endif
-
 
 /* Whether a run of nrows rows takes ql_attend: the AVX-512 copy, where it holds enough (row, query
  * head) pairs per kv head to fill its lanes well, and always beyond what attend_impl takes */

@@ -85,8 +85,8 @@ enum { KIND_Q8_0 = 0, KIND_Q4_1 = 1, KIND_Q4_0 = 2, KIND_Q4_K = 3, KIND_Q5_K = 4
 #define PREFETCH_AHEAD 8192
 #endif
 /* ... except for a weight of this many rows or more (an LM head): a thread's share is then one long
- * stream, which the hardware's prefetchers follow alone, and the asks slowed it (the default model's
- * Q8_0 LM head [49152 x 576] at one row, cold: 1.70 ms with them, 1.47 ms without) */
+ * stream, which the hardware's prefetchers follow alone, and the asks slowed it by ~15% (the default
+ * model's Q8_0 LM head [49152 x 576] at one row, cold: 1.71-1.77 ms with them, 1.47-1.54 without) */
 #ifndef PREFETCH_MAX_ROWS
 #define PREFETCH_MAX_ROWS 16384
 #endif

@@ -392,7 +392,8 @@ static inline __attribute__((always_inline)) int amx_linear_whole(const int8_t *
             const int nb = n - n0 < AMX_N ? (int)(n - n0) : AMX_N;
             /* the next tile's blocks (its last: the weight's end, as far as they go) */
             const size_t next_at = (size_t)(ct + 1) * ct_bytes, total = (size_t)tiles * blocks * group_bytes;
-            const size_t next_bytes = ct + 1 < hi && next_at < total ? (total - next_at < ct_bytes ? total - next_at : ct_bytes) : 0;
+            size_t next_bytes = 0;
+            if (ct + 1 < hi && next_at < total) next_bytes = total - next_at < ct_bytes ? total - next_at : ct_bytes;
             for (long rt = 0; rt < rtiles; rt++) {
                 const long r0 = rt * AMX_M;
                 const int mb = m_rows - r0 < AMX_M ? (int)(m_rows - r0) : AMX_M;

@@ -142,13 +142,14 @@ static inline __attribute__((always_inline)) void INT8_NAME(tile_rows)(XQ q, lon
                                                                       const int kind, const INT8_NAME(Prep) *preps,
                                                                       const float *bias, float *y, long n, int nb) {
     const long blocks = k / BLOCK_WEIGHTS(kind), xblocks = k / QBLOCK;
+    const int ask = n < PREFETCH_MAX_ROWS; /* the weights stream from memory: ask for them ahead */
     __m256 acc[INT8_ROWS];
     for (int i = 0; i < mb; i++) acc[i] = _mm256_setzero_ps();
     if (kind == KIND_Q6_K) {
         for (long b = 0; b < blocks; b++) {
             KScales4 ks;
             if (preps == NULL) {
-                _mm_prefetch((const char *)groups + b * group_bytes + PREFETCH_AHEAD, _MM_HINT_T0);
+                if (ask) _mm_prefetch((const char *)groups + b * group_bytes + PREFETCH_AHEAD, _MM_HINT_T0);
                 kscales4(groups + b * group_bytes, kind, &ks);
             }
             for (int s = 0; s < SUBS(kind); s++) {
@@ -165,7 +166,6 @@ static inline __attribute__((always_inline)) void INT8_NAME(tile_rows)(XQ q, lon
     /* one scale a sub-block: by pairs (xb, xb + 1), which for a K-quant lie in one super-block (8
      * sub-blocks) and otherwise are blocks b, b + 1; an odd last block goes alone (tail_step) */
     KScales4 ks; /* a K-quant super-block's scales, for its 4 pairs */
-    const int ask = n < PREFETCH_MAX_ROWS;
     for (long xb = 0; xb + 1 < xblocks; xb += 2) {
         INT8_NAME(Prep) le, lo;
         const INT8_NAME(Prep) *pe = preps ? preps + xb : &le, *po = preps ? preps + xb + 1 : &lo;
@@ -173,7 +173,7 @@ static inline __attribute__((always_inline)) void INT8_NAME(tile_rows)(XQ q, lon
             const long b = xb / SUBS(kind);
             const int s = (int)(xb % SUBS(kind));
             const uint8_t *ge = groups + b * group_bytes, *go = IS_K(kind) ? ge : ge + group_bytes;
-            if (s == 0) { /* the weights stream from memory: ask for them ahead */
+            if (s == 0) {
                 if (ask) _mm_prefetch((const char *)ge + PREFETCH_AHEAD, _MM_HINT_T0);
                 if (IS_K(kind)) kscales4(ge, kind, &ks);
             }
