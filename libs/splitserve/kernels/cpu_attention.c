@@ -516,12 +516,10 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
     __m512 qt[MAX_HEAD_DIM], acc[MAX_HEAD_DIM], s[CHUNK + QL_KEYS];
     float rows[(CHUNK + QL_KEYS) * MAX_HEAD_DIM] __attribute__((aligned(64))); /* a chunk's K or V */
     float lane_q[QL_LANES][MAX_HEAD_DIM] __attribute__((aligned(64)));
-    int32_t lens[QL_LANES];
-    int len_max = 0;
+    int32_t lens[QL_LANES]; /* pairs go row by row: lane 0 holds the group's shortest row, lanes - 1 its longest */
     for (int lane = 0; lane < QL_LANES; lane++) {
         const int p = first + lane, r = p / group, g = p % group;
         lens[lane] = lane < lanes ? len0 + r : 0;
-        len_max = lens[lane] > len_max ? lens[lane] : len_max;
         for (int d = 0; d < dim; d++) /* q times the scale, as attend_impl's qg */
             lane_q[lane][d] = lane < lanes ? q[(size_t)r * q_stride + (size_t)g * dim + d] * scale : 0.0f;
     }
@@ -532,6 +530,7 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
         acc[d] = _mm512_setzero_ps();
     }
     const __m512i len_v = _mm512_loadu_si512(lens);
+    const int len_max = lens[lanes - 1];
     __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps(), corr;
     for (int start = 0; start < len_max; start += CHUNK) {
         const int n = chunk_keys(len_max, start);
@@ -540,13 +539,8 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
                            row_stride, head_offset, (size_t)dim * elem);
         const __m512i n_lane = _mm512_sub_epi32(len_v, _mm512_set1_epi32(start));
         const __mmask16 active = _mm512_cmpgt_epi32_mask(n_lane, _mm512_setzero_si512());
-        /* the keys every lane of the group reaches (its lanes past `lanes` hold nothing to keep) */
-        int full = chunk_keys(lens[0], start);
-        for (int lane = 1; lane < lanes; lane++) {
-            const int reach = chunk_keys(lens[lane], start);
-            full = reach < full ? reach : full;
-        }
-        full = full < 0 ? 0 : full;
+        /* the keys every lane of the group reaches: lane 0's (lanes past `lanes` hold nothing to keep) */
+        const int full = chunk_keys(lens[0], start) > 0 ? chunk_keys(lens[0], start) : 0;
         /* the chunk's K rows as float32, one after another (as gathered for attend_impl), up to a
          * multiple of QL_KEYS with zeros (scored, never used) */
         gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n, block_size, row_stride, head_offset, nvec,
