@@ -80,15 +80,18 @@ def test_the_vnni_copies_give_the_avx2_copys_bits():
                 else 1 if "avx_vnni" in flags else 0)
     best = cpu_quant._ext.int8_variants()
     assert best == expected, f"the kernel chose copy {best}; /proc/cpuinfo says {expected}"
-    with pytest.raises(ValueError, match="int8 variant"):
-        cpu_quant._ext.set_int8_variant(best + 1)
+    runnable = cpu_quant._ext.int8_runnable()
+    assert runnable[0] == 0 and runnable[-1] == best and ({1} <= set(runnable)) == ("avx_vnni" in flags)
+    for cannot in sorted({-1, 1, 2, 3, 4} - set(runnable)):  # refused with a ValueError, never a SIGILL
+        with pytest.raises(ValueError, match="int8 variant"):
+            cpu_quant._ext.set_int8_variant(cannot)
     try:
         for k in (576, 544):  # an even and an odd count of blocks (the copies sum blocks by pairs)
             x = torch.randn(29, k, generator=torch.Generator().manual_seed(4))  # past every copy's rows per pass
             for kind in KINDS:
                 weight = QuantWeight.from_gguf(kind, random_blocks(kind, 12, k, seed=6))
                 outputs = []
-                for variant in range(best + 1):  # on this CPU, every copy it can run
+                for variant in cpu_quant._ext.int8_runnable():  # on this CPU, every copy it can run
                     cpu_quant._ext.set_int8_variant(variant)
                     outputs.append(cpu_quant.linear(x, weight, int8=True))
                 assert all(torch.equal(o, outputs[0]) for o in outputs), (kind, k)
@@ -127,6 +130,39 @@ def test_the_amx_copy_gives_the_vnni_copys_bits(kind):
 
 
 @needs_kernel
+@pytest.mark.skipif(cpu_quant.built() and 2 not in cpu_quant._ext.int8_runnable(),
+                    reason="this CPU has no AVX-512 VNNI for the int8 kernel's wide copy")
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q4_K", "Q5_K"])
+def test_the_wide_copy_gives_the_avx2_copys_bits(kind):
+    """The AVX-512 VNNI copy runs 3 rows and more of the formats with unsigned codes 16 weight rows
+    to a vector (cpu_quant_wide.h): against the AVX2 copy, last wide tiles of 1-4 packed tiles (n =
+    37, 20, 12) and whole ones (64), passes of rows split evenly (3-33 rows), with and without a
+    bias, zero blocks and large magnitudes, an even and an odd count of sub-blocks."""
+    from tests.kernels.test_cpu_kquant import K_KINDS, random_k_blocks  # (it imports this module)
+
+    gen = torch.Generator().manual_seed(11)
+    best = cpu_quant._ext.int8_variants()
+    try:
+        for k in ([512, 768] if kind in K_KINDS else [576, 544]):
+            for n in (37, 20, 12, 64):
+                blocks = (random_k_blocks if kind in K_KINDS else random_blocks)(kind, n, k, n)
+                weight = QuantWeight.from_gguf(kind, blocks)
+                bias = torch.randn(n, generator=gen)
+                for rows in (3, 5, 8, 9, 16, 17, 33):
+                    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 8
+                    x[1, 32:64] = 0.0
+                    x[-1, :32] *= 1e6
+                    for b in (None, bias):
+                        cpu_quant._ext.set_int8_variant(0)
+                        avx2 = cpu_quant.linear(x, weight, b, int8=True)
+                        cpu_quant._ext.set_int8_variant(2)
+                        wide = cpu_quant.linear(x, weight, b, int8=True)
+                        assert torch.equal(wide, avx2), (k, n, rows, b is None, float((wide - avx2).abs().max()))
+    finally:
+        cpu_quant._ext.set_int8_variant(best)
+
+
+@needs_kernel
 def test_the_copy_is_chosen_by_splitserve_cpu_int8(monkeypatch):
     best = cpu_quant._ext.int8_variants()
     try:
@@ -137,6 +173,10 @@ def test_the_copy_is_chosen_by_splitserve_cpu_int8(monkeypatch):
         monkeypatch.setenv("SPLITSERVE_CPU_INT8", "sse")
         with pytest.raises(ValueError, match="SPLITSERVE_CPU_INT8"):
             cpu_quant.int8_copy()
+        if 1 not in cpu_quant._ext.int8_runnable():  # an AVX-512 VNNI CPU without AVX-VNNI (Zen 4)
+            monkeypatch.setenv("SPLITSERVE_CPU_INT8", "avxvnni")
+            with pytest.raises(ValueError, match="SPLITSERVE_CPU_INT8=avxvnni: this CPU runs the int8 kernel's copies"):
+                cpu_quant.int8_copy()
         if best < 3:
             monkeypatch.setenv("SPLITSERVE_CPU_INT8", "amx")
             with pytest.raises(ValueError, match="SPLITSERVE_CPU_INT8=amx: this CPU runs the int8 kernel's copies"):

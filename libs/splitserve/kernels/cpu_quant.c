@@ -97,6 +97,11 @@ enum { KIND_Q8_0 = 0, KIND_Q4_1 = 1, KIND_Q4_0 = 2, KIND_Q4_K = 3, KIND_Q5_K = 4
 #ifndef AMX_MIN_ROWS
 #define AMX_MIN_ROWS 13
 #endif
+/* From this many rows of x the wide copy runs where AVX-512 VNNI does and AMX does not take them
+ * (cpu_quant_wide.h; its formats only) */
+#ifndef WIDE_MIN_ROWS
+#define WIDE_MIN_ROWS 3
+#endif
 
 #ifdef X86
 #include <immintrin.h>
@@ -455,6 +460,17 @@ static void quantize_x(const float *x, long m, long k, XQ q) {
                            q.s + r * blocks + b);
 }
 
+/* x's codes and scales by sub-block, then row: [blocks][m][32], d and s [blocks][m] (the wide copy's
+ * operand: a pass's rows of one sub-block side by side); the same codes and scales as quantize_x */
+static void quantize_x_wide(const float *x, long m, long k, int8_t *codes, float *d, float *s) {
+    const long blocks = k / QBLOCK;
+#pragma omp parallel for schedule(static) if (m * blocks >= 4096)
+    for (long r = 0; r < m; r++)
+        for (long b = 0; b < blocks; b++)
+            _mm256_store_si256((__m256i *)(codes + ((size_t)b * m + r) * QBLOCK),
+                               quantize_codes(x + r * k + b * QBLOCK, d + b * m + r, s + b * m + r));
+}
+
 /* x's codes in order, [m_pad][k] (rows m .. m_pad - 1 zeros: whole A tiles), the same codes and
  * scales as quantize_x (the AMX copy's operand) */
 static void quantize_x_plain(const float *x, long m, long m_pad, long k, int8_t *codes, float *d, float *s) {
@@ -515,6 +531,7 @@ static inline __attribute__((always_inline)) void kscales4(const uint8_t *group,
 #undef INT8_NAME
 #undef INT8_DOT_ACC
 #undef INT8_ROWS
+#include "cpu_quant_wide.h"
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c,avxvnni")
@@ -569,13 +586,22 @@ static int amx_ready(void) {
 /* Which copy of the int8 kernel runs on this CPU: 3 (AMX tiles for AMX_MIN_ROWS rows and more, the
  * AVX-512 VNNI copy below), 2 (AVX-512 VNNI), 1 (AVX-VNNI) or 0 (AVX2); `set_int8_variant` may
  * lower it. Every copy gives the same bits. */
-static int int8_variant_best(void) {
+static int int8_variant_runs(int v) {
+    if (v == 0) return 1;
 #ifdef HAVE_VNNI_COPIES
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-        return amx_supported ? 3 : 2;
-    if (__builtin_cpu_supports("avxvnni")) return 1;
+    const int avx512 = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
+                       __builtin_cpu_supports("avx512bw");
+    if (v == 1) return __builtin_cpu_supports("avxvnni") != 0; /* AVX-VNNI: not on every AVX-512 VNNI CPU (Zen 4) */
+    if (v == 2) return avx512;
+    if (v == 3) return avx512 && amx_supported;
 #endif
+    return 0;
+}
+
+static int int8_variant_best(void) {
+    for (int v = 3; v > 0; v--)
+        if (int8_variant_runs(v)) return v;
     return 0;
 }
 
@@ -598,6 +624,17 @@ static int linear_int8(const float *x, const uint8_t *packed, int kind, const fl
         float *xd = (float *)(buf + code_bytes), *xs = (float *)(buf + code_bytes + scale_bytes);
         quantize_x_plain(x, m_rows, m_pad, k, (int8_t *)buf, xd, xs);
         const int rc = amx_linear((const int8_t *)buf, xd, xs, packed, kind, bias, y, m_rows, n, k);
+        free(buf);
+        return rc;
+    }
+    if (int8_variant >= 2 && m_rows >= WIDE_MIN_ROWS && WIDE_KIND(kind)) { /* x by sub-blocks */
+        const size_t code_bytes = ((size_t)m_rows * k + 63) & ~(size_t)63;
+        const size_t scale_bytes = ((size_t)m_rows * blocks * sizeof(float) + 63) & ~(size_t)63;
+        char *buf = aligned_alloc(64, code_bytes + 2 * scale_bytes);
+        if (buf == NULL) return -1;
+        float *xd = (float *)(buf + code_bytes), *xs = (float *)(buf + code_bytes + scale_bytes);
+        quantize_x_wide(x, m_rows, k, (int8_t *)buf, xd, xs);
+        const int rc = wide_linear((const int8_t *)buf, xd, xs, packed, kind, bias, y, m_rows, n, k);
         free(buf);
         return rc;
     }
@@ -707,13 +744,28 @@ static PyObject *py_int8_variants(PyObject *self, PyObject *noargs) {
 #endif
 }
 
-/* set_int8_variant(v): run copy v (at most the best one) from now on */
+/* int8_runnable() -> the copies this CPU runs, in order (an AVX-512 VNNI CPU may lack AVX-VNNI) */
+static PyObject *py_int8_runnable(PyObject *self, PyObject *noargs) {
+    PyObject *out = PyList_New(0);
+#ifdef X86
+    for (int v = 0; out != NULL && v <= 3; v++) {
+        if (!int8_variant_runs(v)) continue;
+        PyObject *item = PyLong_FromLong(v);
+        if (item == NULL || PyList_Append(out, item) < 0) Py_CLEAR(out);
+        Py_XDECREF(item);
+    }
+#endif
+    return out;
+}
+
+/* set_int8_variant(v): run copy v (one int8_runnable() lists) from now on */
 static PyObject *py_set_int8_variant(PyObject *self, PyObject *args) {
     int v;
     if (!PyArg_ParseTuple(args, "i", &v)) return NULL;
 #ifdef X86
-    if (v < 0 || v > int8_variant_best()) {
-        PyErr_Format(PyExc_ValueError, "int8 variant %d: this CPU runs 0 to %d", v, int8_variant_best());
+    if (!int8_variant_runs(v)) {
+        PyErr_Format(PyExc_ValueError, "int8 variant %d: this CPU cannot run it (int8_runnable() lists those it can)",
+                     v);
         return NULL;
     }
     int8_variant = v;
@@ -724,6 +776,7 @@ static PyObject *py_set_int8_variant(PyObject *self, PyObject *args) {
 static PyMethodDef methods[] = {
     {"linear", py_linear, METH_VARARGS, "x @ W^T with W in GGUF blocks (Q4_0, Q4_1, Q8_0, Q4_K, Q5_K, Q6_K; see cpu_quant.py)."},
     {"int8_variants", py_int8_variants, METH_NOARGS, "The best int8 kernel copy this CPU runs."},
+    {"int8_runnable", py_int8_runnable, METH_NOARGS, "The int8 kernel copies this CPU runs."},
     {"set_int8_variant", py_set_int8_variant, METH_VARARGS, "Selects the int8 kernel copy."},
     {"dequantize", py_dequantize, METH_VARARGS, "Rows [r0, r1) of a packed W as float32."},
     {"gather", py_gather, METH_VARARGS, "Rows ids of a packed W as float32 (the embedding lookup)."},

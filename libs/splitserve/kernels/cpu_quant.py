@@ -61,9 +61,10 @@ def int8_copy() -> str:
     best = _ext.int8_variants()
     wanted = env.CPU_INT8.read()
     index = best if wanted == "best" else INT8_COPIES.index(wanted)
-    if index > best:
+    runnable = _ext.int8_runnable()
+    if index not in runnable:
         raise ValueError(f"SPLITSERVE_CPU_INT8={wanted}: this CPU runs the int8 kernel's copies "
-                         f"{', '.join(INT8_COPIES[:best + 1])}")
+                         f"{', '.join(INT8_COPIES[v] for v in runnable)}")
     _ext.set_int8_variant(index)
     return INT8_COPIES[index]
 
