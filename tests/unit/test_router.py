@@ -176,3 +176,18 @@ def test_bad_arguments_are_rejected():
         r.workers("kvstore")
     assert [w.address for w in r.workers(PREFILL)] == ["a:1", "b:2"]
     assert isinstance(r.workers(DECODE)[0], WorkerState)
+
+
+def test_owners_matter_only_where_a_role_has_two_routable_workers():
+    """The gateway reads a prompt's Redis owners only when they can change a pick."""
+    one = make_router(prefill=("a:1",), decode=("c:3",))
+    assert not one.owners_matter()  # `splitserve up`: every pick is the only worker
+    # and the pick with unknown owners is the one the owners would give
+    assert one.pick_prefill(HASHES, [set()] * 4, prompt_len=64).worker.address == "a:1"
+    two = make_router()
+    assert two.owners_matter()
+    two.worker(PREFILL, "b:2").draining = True
+    two.worker(DECODE, "d:4").healthy = False
+    assert not two.owners_matter()  # one routable worker a role again
+    two.worker(DECODE, "d:4").healthy = True
+    assert two.owners_matter()

@@ -107,8 +107,9 @@ CPU_QUANT_ROWS = EnvVar("SPLITSERVE_CPU_QUANT_ROWS", int, 48, (
     "tiles dequantized from the blocks does (0: that GEMM always)."), minimum=0)
 CPU_INT8 = EnvVar("SPLITSERVE_CPU_INT8", str, "best", (
     "The copy of the int8 matmul kernel a CPU model runs: best (what this CPU has: amx for 13 rows and "
-    "more, else avx512vnni, avxvnni or avx2), or one of those (at most the best; the same bits, to "
-    "compare or to rule one out)."), choices=("best", "avx2", "avxvnni", "avx512vnni", "amx"))
+    "more, else avx512vnni (16 weight rows a vector for 3 rows and more of Q4_0, Q4_1, Q4_K, Q5_K), "
+    "avxvnni or avx2), or one of those this CPU runs (the same bits, to compare or to rule one out; a "
+    "Zen 4 has avx512vnni but not avxvnni)."), choices=("best", "avx2", "avxvnni", "avx512vnni", "amx"))
 CPU_LAYERS = EnvVar("SPLITSERVE_CPU_LAYERS", str, "kernel", (
     "Decode steps of a quantized float32 CPU model: every layer in one C call (kernel, when built) or "
     "layer by layer in torch (the same bits; to compare, or to rule it out)."), choices=("kernel", "torch"))

@@ -223,7 +223,10 @@ class GatewayService:
         records queue time, prefill time and TTFT."""
         self.num_prefilling += 1
         try:
-            ctx.owners = await self._owners.owners(ctx.request.block_hashes)
+            if self._pool.router.owners_matter():
+                ctx.owners = await self._owners.owners(ctx.request.block_hashes)
+            else:  # one worker a role: unknown owners, as when Redis is down, pick the same workers
+                ctx.owners = [set() for _ in ctx.request.block_hashes]
             ctx.times.prefill = time.monotonic()
             first, pending = await self._pipeline.prefill(ctx)
             ctx.times.prefilled = time.monotonic()
