@@ -401,7 +401,9 @@ static long gather_rows(const uint8_t *packed, int kind, const int64_t *ids, lon
  * CPUs with AMX, 13 rows and more take the integer sums from tile dot products and then the same
  * float arithmetic (cpu_quant_amx.h): the same bits again. (One sum a sub-block instead of one a
  * half took a 16-row step's AMX matmuls from 12-16 ms to 10-12: half the tile products, stores and
- * float arithmetic. The per-format results moved by a rounding, ~1e-7 relative.) */
+ * float arithmetic. The per-format results moved by a rounding, ~1e-7 relative.) On AVX-512 VNNI,
+ * 3 rows and more of the unsigned-code formats run the wide copy (cpu_quant_wide.h): 16 weight rows
+ * in a vector's lanes, the same integers and float arithmetic, the same bits once more. */
 
 #define XQ_BLOCK_BYTES 128 /* one block of x's codes, expanded: 4 vectors of 32 bytes (cpu_quant_int8.h) */
 
@@ -583,9 +585,10 @@ static int amx_ready(void) {
 #endif
 }
 
-/* Which copy of the int8 kernel runs on this CPU: 3 (AMX tiles for AMX_MIN_ROWS rows and more, the
- * AVX-512 VNNI copy below), 2 (AVX-512 VNNI), 1 (AVX-VNNI) or 0 (AVX2); `set_int8_variant` may
- * lower it. Every copy gives the same bits. */
+/* The copies of the int8 kernel: 3 (AMX tiles for AMX_MIN_ROWS rows and more, the AVX-512 VNNI
+ * copy below), 2 (AVX-512 VNNI: the wide copy from WIDE_MIN_ROWS rows of its formats, else the
+ * 256-bit one), 1 (AVX-VNNI) or 0 (AVX2). Every copy gives the same bits. Whether this CPU runs copy
+ * v: an AVX-512 VNNI CPU need not have AVX-VNNI (Zen 4 has not: the copy would die of SIGILL). */
 static int int8_variant_runs(int v) {
     if (v == 0) return 1;
 #ifdef HAVE_VNNI_COPIES
@@ -599,6 +602,7 @@ static int int8_variant_runs(int v) {
     return 0;
 }
 
+/* The copy that runs by default; `set_int8_variant` may pick another that the CPU runs */
 static int int8_variant_best(void) {
     for (int v = 3; v > 0; v--)
         if (int8_variant_runs(v)) return v;

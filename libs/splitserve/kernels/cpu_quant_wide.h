@@ -1,19 +1,22 @@
-/* The int8 kernel of cpu_quant.c for many rows of x on AVX-512 VNNI without AMX: 16 weight rows in
- * the lanes of a 512-bit vector, each 4 bytes of x broadcast against them.
+/* The int8 kernel of cpu_quant.c for 3 rows of x and more on AVX-512 VNNI (where AMX does not take
+ * them: from AMX_MIN_ROWS on a CPU with it): 16 weight rows in the lanes of a 512-bit vector, each 4
+ * bytes of x broadcast against them.
  *
  * The 256-bit copy (cpu_quant_int8.h) holds 4 weight rows in a vector and x's codes expanded to
  * match (each 4 bytes repeated in 4 lanes): a sub-block of one row of x against one tile is 8 dot
  * products of 32 multiplies, 8 loads of x and ~12 shuffles and float operations, for 4 outputs.
  * Here a vector's 16 int32 lanes are 16 weight rows (4 packed tiles, one "wide tile"), so the same
- * sub-block is 8 dot products of 64 multiplies, each with its 4 bytes of x as a broadcast memory
- * operand (x's codes by sub-block, then row: quantize_x_wide), and the float work after them is spread over 16
- * outputs: ~4 operations a sub-block and row instead of ~12 for 4. The default model's four
- * projections x 30 layers at 16 rows on a 2-core Zen 4: see docs/performance.md (session 15).
+ * sub-block is 8 dot products of 64 multiplies, each against 4 bytes of x broadcast (x's codes by
+ * sub-block, then row: quantize_x_wide), and the float work after them is spread over 16 outputs:
+ * ~4 operations a sub-block and row instead of ~12 for 4. The default model's four projections x
+ * 30 layers, 16 rows, on a 2-core Zen 4: 17.4 -> 9.1 ms (docs/performance.md, session 15).
  *
- * The weights of a wide tile are prepared once a call (`wide_prep`: the 256-bit copy's own `prep`
- * of each packed tile, its lanes moved into place) into a thread's buffer, then every row of x runs
- * against them, up to WIDE_ROWS rows a pass: per row, one int32 vector of a sub-block's sums and the
- * two float chains (even and odd sub-blocks) stay in registers.
+ * The weights of a wide tile are prepared once a call into a thread's buffer (`wide_prep`: Q4_0 and
+ * Q4_1 straight from the packed bytes, the K-quants and a last wide tile of fewer than 4 packed
+ * tiles through the 256-bit copy's `prep` of each packed tile, its lanes moved into place), then
+ * every row of x runs against them, up to WIDE_ROWS rows a pass: per row, one int32 vector of a
+ * sub-block's sums and the two float chains (even and odd sub-blocks) stay in registers. The first
+ * pass asks for the thread's next wide tile's blocks, spread over its sub-blocks.
  *
  * Numerics: the integer sums are exact, so their order is free; each float operation is the 256-bit
  * copy's, in the same order per output (per sub-block: fma(float(isum), d * dx, chain), then
@@ -146,14 +149,15 @@ static inline __attribute__((always_inline)) void wide_rows(const WidePrep *wp, 
     const __mmask16 keep = (__mmask16)((1u << nvalid) - 1);
     const __m512 add = bias ? _mm512_maskz_loadu_ps(keep, bias) : _mm512_setzero_ps();
     for (int i = 0; i < R; i++)
-        _mm512_mask_storeu_ps(y + (r0 + i) * n + n0, keep,
-                              _mm512_add_ps(_mm512_add_ps(even[i], odd[i]), add));
+        _mm512_mask_storeu_ps(y + (r0 + i) * n + n0, keep, _mm512_add_ps(_mm512_add_ps(even[i], odd[i]), add));
 }
 
+/* wide_rows with R (1 .. WIDE_ROWS) a constant in each copy */
 static inline __attribute__((always_inline)) void wide_any(const WidePrep *wp, long xblocks, const int8_t *codes,
-                                                           const float *xd, const float *xs, long m_rows, long r0, int R,
-                                                           const int kind, const float *bias, float *y, long n,
-                                                           long n0, int nvalid, const char *ask, long ask_lines) {
+                                                           const float *xd, const float *xs, long m_rows, long r0,
+                                                           int R, const int kind, const float *bias, float *y,
+                                                           long n, long n0, int nvalid, const char *ask,
+                                                           long ask_lines) {
 #define WIDE_CASE(RR) \
     case RR: wide_rows(wp, xblocks, codes, xd, xs, m_rows, r0, RR, kind, bias, y, n, n0, nvalid, ask, ask_lines); break;
     switch (R) {
