@@ -99,6 +99,23 @@ def test_the_vnni_copies_give_the_avx2_copys_bits():
         cpu_quant._ext.set_int8_variant(best)
 
 
+def _assert_copies_agree(weight: QuantWeight, row_counts, gen: torch.Generator, first: int, second: int) -> None:
+    """Copy `second` of the int8 kernel gives copy `first`'s bits: x of each row count (row 1 with a
+    zero block, the last row's first block 1e6 times larger), with and without a bias."""
+    n, k = weight.shape
+    bias = torch.randn(n, generator=gen)
+    for rows in row_counts:
+        x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 8
+        x[1, 32:64] = 0.0
+        x[-1, :32] *= 1e6
+        for b in (None, bias):
+            cpu_quant._ext.set_int8_variant(first)
+            want = cpu_quant.linear(x, weight, b, int8=True)
+            cpu_quant._ext.set_int8_variant(second)
+            got = cpu_quant.linear(x, weight, b, int8=True)
+            assert torch.equal(got, want), (weight.kind, k, n, rows, b is None, float((got - want).abs().max()))
+
+
 @needs_kernel
 @pytest.mark.skipif(cpu_quant.built() and cpu_quant._ext.int8_variants() < 3,
                     reason="this CPU (or its kernel) has no AMX tiles for the int8 kernel's AMX copy")
@@ -114,17 +131,7 @@ def test_the_amx_copy_gives_the_vnni_copys_bits(kind):
     try:
         for k, n in ([(768, 37), (768, 20)] if kind in K_KINDS else [(576, 37), (576, 20), (544, 37)]):
             weight = QuantWeight.from_gguf(kind, (random_k_blocks if kind in K_KINDS else random_blocks)(kind, n, k, n))
-            bias = torch.randn(n, generator=gen)
-            for rows in (13, 16, 17, 31, 32, 33, 80):
-                x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 8
-                x[1, 32:64] = 0.0
-                x[-1, :32] *= 1e6
-                for b in (None, bias):
-                    cpu_quant._ext.set_int8_variant(2)
-                    vnni = cpu_quant.linear(x, weight, b, int8=True)
-                    cpu_quant._ext.set_int8_variant(3)
-                    amx = cpu_quant.linear(x, weight, b, int8=True)
-                    assert torch.equal(amx, vnni), (n, rows, b is None, float((amx - vnni).abs().max()))
+            _assert_copies_agree(weight, (13, 16, 17, 31, 32, 33, 80), gen, 2, 3)
     finally:
         cpu_quant._ext.set_int8_variant(cpu_quant._ext.int8_variants())
 
@@ -146,18 +153,7 @@ def test_the_wide_copy_gives_the_avx2_copys_bits(kind):
         for k in ([512, 768] if kind in K_KINDS else [576, 544]):
             for n in (37, 20, 12, 64):
                 blocks = (random_k_blocks if kind in K_KINDS else random_blocks)(kind, n, k, n)
-                weight = QuantWeight.from_gguf(kind, blocks)
-                bias = torch.randn(n, generator=gen)
-                for rows in (3, 5, 8, 9, 16, 17, 33):
-                    x = torch.randn(rows, k, generator=gen) * torch.rand(rows, 1, generator=gen) * 8
-                    x[1, 32:64] = 0.0
-                    x[-1, :32] *= 1e6
-                    for b in (None, bias):
-                        cpu_quant._ext.set_int8_variant(0)
-                        avx2 = cpu_quant.linear(x, weight, b, int8=True)
-                        cpu_quant._ext.set_int8_variant(2)
-                        wide = cpu_quant.linear(x, weight, b, int8=True)
-                        assert torch.equal(wide, avx2), (k, n, rows, b is None, float((wide - avx2).abs().max()))
+                _assert_copies_agree(QuantWeight.from_gguf(kind, blocks), (3, 5, 8, 9, 16, 17, 33), gen, 0, 2)
     finally:
         cpu_quant._ext.set_int8_variant(best)
 

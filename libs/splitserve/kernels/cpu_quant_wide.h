@@ -16,7 +16,7 @@
  * tiles through the 256-bit copy's `prep` of each packed tile, its lanes moved into place), then
  * every row of x runs against them, up to WIDE_ROWS rows a pass: per row, one int32 vector of a
  * sub-block's sums and the two float chains (even and odd sub-blocks) stay in registers. The first
- * pass asks for the thread's next wide tile's blocks, spread over its sub-blocks.
+ * pass asks for the next wide tile's blocks, spread over its sub-blocks.
  *
  * Numerics: the integer sums are exact, so their order is free; each float operation is the 256-bit
  * copy's, in the same order per output (per sub-block: fma(float(isum), d * dx, chain), then
@@ -192,9 +192,10 @@ static inline __attribute__((always_inline)) int wide_linear_kind(const int8_t *
             const int count = tiles - t0 < 4 ? (int)(tiles - t0) : 4;
             const int nvalid = n - n0 < WIDE_N ? (int)(n - n0) : WIDE_N;
             wide_prep(packed + (size_t)t0 * blocks * group_bytes, count, blocks, group_bytes, kind, wp);
-            /* the first pass asks for the next wide tile's blocks (this thread's, from memory) */
+            /* the first pass asks for the next wide tile's blocks from memory (the thread's next one;
+             * at the end of its share, the next thread's first) */
             const long next = t0 + 4, next_count = tiles - next < 4 ? tiles - next : 4;
-            const char *ask = (const char *)packed + (size_t)next * blocks * group_bytes;
+            const char *ask = next_count > 0 ? (const char *)packed + (size_t)next * blocks * group_bytes : NULL;
             const long ask_lines = next_count > 0 ? (long)((size_t)next_count * blocks * group_bytes / 64) : 0;
             for (long pass = 0, r0 = 0; pass < passes; pass++) {
                 const long r1 = m_rows * (pass + 1) / passes;
