@@ -462,26 +462,21 @@ static void quantize_x(const float *x, long m, long k, XQ q) {
                            q.s + r * blocks + b);
 }
 
-/* x's codes and scales by sub-block, then row: [blocks][m][32], d and s [blocks][m] (the wide copy's
- * operand: a pass's rows of one sub-block side by side); the same codes and scales as quantize_x */
-static void quantize_x_wide(const float *x, long m, long k, int8_t *codes, float *d, float *s) {
+/* x's codes whole (32 a block, not expanded) and their scales, the same as quantize_x's: block b of
+ * row r at index r * row_step + b * block_step (codes at 32 times it). In order ([m_pad][k], d and s
+ * [m][blocks]: row_step = blocks, block_step = 1), rows m .. m_pad - 1 zeros: the AMX copy's operand,
+ * whole A tiles; by sub-block, then row ([blocks][m][32]: row_step = 1, block_step = m = m_pad): the
+ * wide copy's, a pass's rows of one sub-block side by side. */
+static void quantize_x_whole(const float *x, long m, long m_pad, long k, long row_step, long block_step,
+                             int8_t *codes, float *d, float *s) {
     const long blocks = k / QBLOCK;
 #pragma omp parallel for schedule(static) if (m * blocks >= 4096)
     for (long r = 0; r < m; r++)
-        for (long b = 0; b < blocks; b++)
-            _mm256_store_si256((__m256i *)(codes + ((size_t)b * m + r) * QBLOCK),
-                               quantize_codes(x + r * k + b * QBLOCK, d + b * m + r, s + b * m + r));
-}
-
-/* x's codes in order, [m_pad][k] (rows m .. m_pad - 1 zeros: whole A tiles), the same codes and
- * scales as quantize_x (the AMX copy's operand) */
-static void quantize_x_plain(const float *x, long m, long m_pad, long k, int8_t *codes, float *d, float *s) {
-    const long blocks = k / QBLOCK;
-#pragma omp parallel for schedule(static) if (m * blocks >= 4096)
-    for (long r = 0; r < m; r++)
-        for (long b = 0; b < blocks; b++)
-            _mm256_storeu_si256((__m256i *)(codes + (size_t)r * k + b * QBLOCK),
-                                quantize_codes(x + r * k + b * QBLOCK, d + r * blocks + b, s + r * blocks + b));
+        for (long b = 0; b < blocks; b++) {
+            const long at = r * row_step + b * block_step;
+            _mm256_storeu_si256((__m256i *)(codes + (size_t)at * QBLOCK),
+                                quantize_codes(x + r * k + b * QBLOCK, d + at, s + at));
+        }
     memset(codes + (size_t)m * k, 0, (size_t)(m_pad - m) * k);
 }
 
@@ -619,26 +614,18 @@ static int linear_int8(const float *x, const uint8_t *packed, int kind, const fl
                        long n, long k) {
     const long blocks = k / QBLOCK;
 #ifdef HAVE_VNNI_COPIES
-    if (int8_variant == 3 && m_rows >= AMX_MIN_ROWS && amx_ready()) { /* x's codes in order, whole A tiles */
-        const long m_pad = (m_rows + AMX_M - 1) / AMX_M * AMX_M;
+    const int amx = int8_variant == 3 && m_rows >= AMX_MIN_ROWS && amx_ready();
+    if (amx || (int8_variant >= 2 && m_rows >= WIDE_MIN_ROWS && WIDE_KIND(kind))) { /* x's codes whole */
+        const long m_pad = amx ? (m_rows + AMX_M - 1) / AMX_M * AMX_M : m_rows;
         const size_t code_bytes = ((size_t)m_pad * k + 63) & ~(size_t)63;
         const size_t scale_bytes = ((size_t)m_rows * blocks * sizeof(float) + 63) & ~(size_t)63;
         char *buf = aligned_alloc(64, code_bytes + 2 * scale_bytes);
         if (buf == NULL) return -1;
+        int8_t *codes = (int8_t *)buf;
         float *xd = (float *)(buf + code_bytes), *xs = (float *)(buf + code_bytes + scale_bytes);
-        quantize_x_plain(x, m_rows, m_pad, k, (int8_t *)buf, xd, xs);
-        const int rc = amx_linear((const int8_t *)buf, xd, xs, packed, kind, bias, y, m_rows, n, k);
-        free(buf);
-        return rc;
-    }
-    if (int8_variant >= 2 && m_rows >= WIDE_MIN_ROWS && WIDE_KIND(kind)) { /* x by sub-blocks */
-        const size_t code_bytes = ((size_t)m_rows * k + 63) & ~(size_t)63;
-        const size_t scale_bytes = ((size_t)m_rows * blocks * sizeof(float) + 63) & ~(size_t)63;
-        char *buf = aligned_alloc(64, code_bytes + 2 * scale_bytes);
-        if (buf == NULL) return -1;
-        float *xd = (float *)(buf + code_bytes), *xs = (float *)(buf + code_bytes + scale_bytes);
-        quantize_x_wide(x, m_rows, k, (int8_t *)buf, xd, xs);
-        const int rc = wide_linear((const int8_t *)buf, xd, xs, packed, kind, bias, y, m_rows, n, k);
+        quantize_x_whole(x, m_rows, m_pad, k, amx ? blocks : 1, amx ? 1 : m_rows, codes, xd, xs);
+        const int rc = amx ? amx_linear(codes, xd, xs, packed, kind, bias, y, m_rows, n, k)
+                           : wide_linear(codes, xd, xs, packed, kind, bias, y, m_rows, n, k);
         free(buf);
         return rc;
     }

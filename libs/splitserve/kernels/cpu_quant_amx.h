@@ -16,7 +16,7 @@
  * Q6_K (a scale per half of a sub-block; `amx_rows`) keeps a chain per half, so x is the A tiles:
  *   - a C tile per half: int32 [16 rows of x][16 weight rows], from tdpbssd; the integers equal
  *     dpbusd's on (|w|, x with w's sign) exactly;
- *   - A tiles: x's codes in order (`quantize_x_plain`), 16 rows by the 16 bytes of a half;
+ *   - A tiles: x's codes in order (`quantize_x_whole`), 16 rows by the 16 bytes of a half;
  *   - B tiles: a half's codes of 16 weight rows, 4 bytes of a row side by side (tdp's layout: row
  *     p, bytes 4c..4c+3: weights 4p..4p+3 of weight row c), made by the VNNI copy's 4-byte
  *     transpose of each packed tile of 4 rows (`amx_prep`), once per (16 weight rows, sub-block),
@@ -408,7 +408,7 @@ static inline __attribute__((always_inline)) int amx_linear_whole(const int8_t *
     return failed ? -1 : 0;
 }
 
-/* Q6_K: y = x @ W^T (+ bias) for x's plain codes (`quantize_x_plain`, rows padded to a multiple of
+/* Q6_K: y = x @ W^T (+ bias) for x's plain codes (`quantize_x_whole`, rows padded to a multiple of
  * 16 with zeros), split by column tiles of 16 weight rows over the OpenMP team. -1 when out of
  * memory. */
 static int amx_linear_q6_k(const int8_t *codes, const float *xd, const uint8_t *packed, const float *bias, float *y,

@@ -7,7 +7,7 @@
  * products of 32 multiplies, 8 loads of x and ~12 shuffles and float operations, for 4 outputs.
  * Here a vector's 16 int32 lanes are 16 weight rows (4 packed tiles, one "wide tile"), so the same
  * sub-block is 8 dot products of 64 multiplies, each against 4 bytes of x broadcast (x's codes by
- * sub-block, then row: quantize_x_wide), and the float work after them is spread over 16 outputs:
+ * sub-block, then row: quantize_x_whole), and the float work after them is spread over 16 outputs:
  * ~4 operations a sub-block and row instead of ~12 for 4. The default model's four projections x
  * 30 layers, 16 rows, on a 2-core Zen 4: 17.4 -> 9.1 ms (docs/performance.md, session 15).
  *
@@ -107,7 +107,7 @@ static inline __attribute__((always_inline)) void wide_prep(const uint8_t *group
     }
 }
 
-/* One sub-block of rows `at` .. at + R - 1 (x by sub-blocks: quantize_x_wide) into their chains */
+/* One sub-block of rows `at` .. at + R - 1 (x by sub-blocks: quantize_x_whole) into their chains */
 static inline __attribute__((always_inline)) void wide_sub(const WidePrep *p, const int8_t *codes, const float *xd,
                                                            const float *xs, long at, const int R, const int kind,
                                                            __m512 *chain) {
@@ -166,7 +166,7 @@ static inline __attribute__((always_inline)) void wide_any(const WidePrep *wp, l
 #undef WIDE_CASE
 }
 
-/* y = x @ W^T (+ bias) from x's codes and scales by sub-blocks (quantize_x_wide); wide tiles
+/* y = x @ W^T (+ bias) from x's codes and scales by sub-blocks (quantize_x_whole); wide tiles
  * split over the OpenMP team, rows in passes of at most WIDE_ROWS, as even as they go (16: 8 + 8,
  * 12: 6 + 6). Returns -1 when out of memory. */
 static inline __attribute__((always_inline)) int wide_linear_kind(const int8_t *codes, const float *xd,
