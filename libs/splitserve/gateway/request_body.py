@@ -68,6 +68,9 @@ def _charset(content_type: str | None) -> str | None:
     return None
 
 
+_SCALARS = frozenset((int, float, bool, type(None)))  # what json.loads makes that holds no string
+
+
 def _check_tree(body: dict) -> None:
     """ApiError naming the place of the first string (value or key) with an unpaired surrogate, or
     of nesting deeper than MAX_JSON_DEPTH. Iterative: a hostile body cannot exhaust the stack."""
@@ -89,7 +92,9 @@ def _check_tree(body: dict) -> None:
                                    "surrogate escape (\\ud800-\\udfff)", path or None, "invalid_string")
                 todo.append((item, name, depth + 1))
         elif isinstance(value, list):
-            if depth < MAX_JSON_DEPTH:  # numbers, booleans and nulls hold nothing to check: skipped
+            if depth < MAX_JSON_DEPTH and _SCALARS.issuperset(map(type, value)):
+                continue  # numbers, booleans and nulls hold nothing to check (one scan in C: a prompt's ids)
+            if depth < MAX_JSON_DEPTH:  # ... so only the other items are queued
                 todo.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)
                             if isinstance(item, (str, dict, list)))
             else:  # an item here is too deep, whatever it is

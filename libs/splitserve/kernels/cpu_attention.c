@@ -42,6 +42,7 @@
 #define QL_MAX_RUN 16  /* rows of one sequence a run holds on the AVX-512 copy */
 #define QL_MIN_PAIRS 8 /* (row, query head) pairs of a kv head from which a run takes ql_attend */
 #define QL_KEYS 4      /* keys scored together, sharing each load of the queries' elements */
+_Static_assert(CHUNK % QL_KEYS == 0, "a chunk starts on a group of QL_KEYS keys");
 
 #include "simd.h"
 #include "kernel_api.h"
@@ -305,18 +306,26 @@ static inline __attribute__((always_inline)) void gather_chunk(
         for (int i = 0; i < nvec; i++) store8(dst + (size_t)(n >> 1) * nvec * 16 + i * 16 + 8, splat(0.0f));
 }
 
+/* The byte offset in a cache of one kv head's row at position `pos` of a sequence (its block table) */
+static inline size_t cache_row(const int32_t *table, int pos, int block_size, size_t row_stride, size_t head_offset) {
+    return ((size_t)table[pos / block_size] * block_size + pos % block_size) * row_stride + head_offset;
+}
+
 /* Asks for the cache lines of one kv head's rows of a chunk (n tokens from position `start`), K's
  * and V's, to be brought in while the chunk before it is computed: the rows lie 1-4 lines apart
  * through the block table, too scattered for the hardware prefetchers, and the gathers stalled on
- * them for a third of a multi-row run's time (perf, 16 rows over a 1K-token context). */
+ * them for a third of a multi-row run's time (perf, 16 rows over a 1K-token context). Into L2, not
+ * L1 (locality 2: prefetcht1): a chunk's K and V (16 KB at head size 64) asked into L1 beside the
+ * rows being computed pushed lines out before their use. 30 layers of 16 rows over 1K keys, cache
+ * cold, Zen 4: 12.1-12.6 ms with L1 asks, 10.7-10.8 ms with L2 asks; one row: 5.7-6.3 against 3.8-4.2. */
 static inline void prefetch_chunk(const char *k_cache, const char *v_cache, const int32_t *table, int start, int n,
                                   int block_size, size_t row_stride, size_t head_offset, size_t row_bytes) {
     int block = start / block_size, offset = start % block_size;
     for (int t = 0; t < n; t++, offset = offset + 1 == block_size ? (block++, 0) : offset + 1) {
         const size_t at = ((size_t)table[block] * block_size + offset) * row_stride + head_offset;
         for (size_t b = 0; b < row_bytes; b += 64) {
-            __builtin_prefetch(k_cache + at + b, 0, 3);
-            __builtin_prefetch(v_cache + at + b, 0, 3);
+            __builtin_prefetch(k_cache + at + b, 0, 2);
+            __builtin_prefetch(v_cache + at + b, 0, 2);
         }
     }
 }
@@ -363,16 +372,15 @@ static inline int chunk_keys(int len, int start) { return len - start < CHUNK ? 
 typedef int32_t v16i __attribute__((vector_size(64)));
 EXP_NONPOSITIVE(exp_nonpositive16, v16f, v16i, splat16)
 
-/* Partials j and j + 4 of QL_KEYS keys (rows k[0 .. QL_KEYS - 1][dim], consecutive) against the 16
+/* Partials j and j + 4 of QL_KEYS keys (rows of dim floats, `stride` floats apart from k) against the 16
  * lanes' queries (qt[d]: every lane's element d, times the softmax scale), added: pj + pj+4 for each
  * key into out. Partial pj: the product of dimension j + 8, a fused multiply-add of j, then of
  * j + 16, j + 24, ..., as key_lanes makes it. */
-static inline __attribute__((always_inline)) void ql_partials(const __m512 *qt, const float *k, const int nvec,
-                                                              const int j, __m512 *out) {
-    const int dim = nvec * 8;
+static inline __attribute__((always_inline)) void ql_partials(const __m512 *qt, const float *k, size_t stride,
+                                                              const int nvec, const int j, __m512 *out) {
     __m512 a[QL_KEYS], b[QL_KEYS];
     for (int kk = 0; kk < QL_KEYS; kk++) {
-        const float *key = k + kk * dim;
+        const float *key = k + kk * stride;
         if (nvec == 1) {
             a[kk] = _mm512_mul_ps(qt[j], _mm512_set1_ps(key[j]));
             b[kk] = _mm512_mul_ps(qt[j + 4], _mm512_set1_ps(key[j + 4]));
@@ -385,7 +393,7 @@ static inline __attribute__((always_inline)) void ql_partials(const __m512 *qt, 
     }
     for (int i = 2; i < nvec; i++)
         for (int kk = 0; kk < QL_KEYS; kk++) {
-            const float *key = k + kk * dim;
+            const float *key = k + kk * stride;
             a[kk] = _mm512_fmadd_ps(qt[8 * i + j], _mm512_set1_ps(key[8 * i + j]), a[kk]);
             b[kk] = _mm512_fmadd_ps(qt[8 * i + j + 4], _mm512_set1_ps(key[8 * i + j + 4]), b[kk]);
         }
@@ -393,30 +401,30 @@ static inline __attribute__((always_inline)) void ql_partials(const __m512 *qt, 
 }
 
 /* The keys' scores, lane by lane ((p0 + p4) + (p1 + p5)) + ((p2 + p6) + (p3 + p7)), as hsum adds them */
-static inline __attribute__((always_inline)) void ql_scores(const __m512 *qt, const float *k, const int nvec,
-                                                            __m512 *s) {
+static inline __attribute__((always_inline)) void ql_scores(const __m512 *qt, const float *k, size_t stride,
+                                                            const int nvec, __m512 *s) {
     __m512 p0[QL_KEYS], p1[QL_KEYS], p2[QL_KEYS], p3[QL_KEYS];
-    ql_partials(qt, k, nvec, 0, p0);
-    ql_partials(qt, k, nvec, 1, p1);
+    ql_partials(qt, k, stride, nvec, 0, p0);
+    ql_partials(qt, k, stride, nvec, 1, p1);
     for (int kk = 0; kk < QL_KEYS; kk++) p0[kk] = _mm512_add_ps(p0[kk], p1[kk]);
-    ql_partials(qt, k, nvec, 2, p2);
-    ql_partials(qt, k, nvec, 3, p3);
+    ql_partials(qt, k, stride, nvec, 2, p2);
+    ql_partials(qt, k, stride, nvec, 3, p3);
     for (int kk = 0; kk < QL_KEYS; kk++) s[kk] = _mm512_add_ps(p0[kk], _mm512_add_ps(p2[kk], p3[kk]));
 }
 
-/* acc[d0 .. d0 + W - 1] += p[t] * v[t][d] for the chunk's n keys in order (v: rows of dim floats, from
+/* acc[d0 .. d0 + W - 1] += p[t] * v[t][d] for n keys in order (v: rows `stride` floats apart, from
  * element d0), each lane only for the keys its row reaches (n_lane of them; every lane of the group
  * reaches the first `full` keys) */
 #define QL_VALUES(W)                                                                                        \
     static inline __attribute__((always_inline)) void ql_values_##W(__m512 *acc, const __m512 *p,         \
-                                                                    const float *v, int dim, int n,       \
+                                                                    const float *v, size_t stride, int n, \
                                                                     int full, __m512i n_lane) {           \
         __m512 a[W];                                                                                        \
         for (int i = 0; i < W; i++) a[i] = acc[i];                                                          \
         int t = 0;                                                                                          \
-        for (; t < full; t++, v += dim)                                                                     \
+        for (; t < full; t++, v += stride)                                                                  \
             for (int i = 0; i < W; i++) a[i] = _mm512_fmadd_ps(p[t], _mm512_set1_ps(v[i]), a[i]);           \
-        for (; t < n; t++, v += dim) {                                                                      \
+        for (; t < n; t++, v += stride) {                                                                   \
             const __mmask16 reach = _mm512_cmpgt_epi32_mask(n_lane, _mm512_set1_epi32(t));                  \
             for (int i = 0; i < W; i++) a[i] = _mm512_mask3_fmadd_ps(p[t], _mm512_set1_ps(v[i]), a[i], reach); \
         }                                                                                                   \
@@ -431,31 +439,33 @@ QL_VALUES(8)
  * head size, so that the compiler allocates each loop's registers apart and addresses a key's
  * elements as constant offsets from one pointer (inlined into one body, it kept accumulators and
  * addresses in memory). */
-#define QL_SCORES_FOR(NVEC)                                                                            \
-    static __attribute__((noinline)) void ql_scores_##NVEC(const __m512 *qt, const float *k, __m512 *s) { \
-        ql_scores(qt, k, NVEC, s);                                                                     \
+#define QL_SCORES_FOR(NVEC)                                                                       \
+    static __attribute__((noinline)) void ql_scores_##NVEC(const __m512 *qt, const float *k, size_t stride, \
+                                                           __m512 *s) {                                     \
+        ql_scores(qt, k, stride, NVEC, s);                                                                  \
     }
 QL_SCORES_FOR(4)
 QL_SCORES_FOR(8)
 QL_SCORES_FOR(16)
 #undef QL_SCORES_FOR
 
-static void ql_scores_chunk(const __m512 *qt, const float *rows, int nvec, int n, __m512 *s) {
-    const size_t step = (size_t)QL_KEYS * nvec * 8;
+/* The scores of n keys (n a multiple of QL_KEYS; rows `stride` floats apart) */
+static void ql_scores_run(const __m512 *qt, const float *rows, size_t stride, int nvec, int n, __m512 *s) {
+    const size_t step = (size_t)QL_KEYS * stride;
     for (int t = 0; t < n; t += QL_KEYS, rows += step, s += QL_KEYS)
         switch (nvec) {
-        case 4: ql_scores_4(qt, rows, s); break;
-        case 8: ql_scores_8(qt, rows, s); break;
-        case 16: ql_scores_16(qt, rows, s); break;
-        default: ql_scores(qt, rows, nvec, s);
+        case 4: ql_scores_4(qt, rows, stride, s); break;
+        case 8: ql_scores_8(qt, rows, stride, s); break;
+        case 16: ql_scores_16(qt, rows, stride, s); break;
+        default: ql_scores(qt, rows, stride, nvec, s);
         }
 }
 
-static __attribute__((noinline)) void ql_values_chunk(__m512 *acc, const __m512 *p, const float *rows, int dim, int n,
-                                                      int full, __m512i n_lane) {
+static __attribute__((noinline)) void ql_values_run(__m512 *acc, const __m512 *p, const float *rows, size_t stride,
+                                                    int dim, int n, int full, __m512i n_lane) {
     int d = 0;
-    for (; d + 16 <= dim; d += 16) ql_values_16(acc + d, p, rows + d, dim, n, full, n_lane);
-    if (d < dim) ql_values_8(acc + d, p, rows + d, dim, n, full, n_lane);
+    for (; d + 16 <= dim; d += 16) ql_values_16(acc + d, p, rows + d, stride, n, full, n_lane);
+    if (d < dim) ql_values_8(acc + d, p, rows + d, stride, n, full, n_lane);
 }
 
 /* One chunk's softmax step for the 16 lanes, as attend_impl makes it for each row: the chunk's
@@ -509,6 +519,11 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
     const int dim = nvec * 8;
     const size_t elem = kind == KV_F32 ? 4 : kind == KV_BF16 ? 2 : 1;
     const size_t row_stride = (size_t)kv_heads * dim * elem, head_offset = (size_t)kv_head * dim * elem;
+    /* a float32 cache's rows are scored and summed where they lie (stride floats apart within a
+     * block), not copied first: the copy took as long as the scores (perf, 16 rows over 1K keys);
+     * a block then holds whole groups of QL_KEYS keys, as chunks start at multiples of CHUNK */
+    const int direct = kind == KV_F32 && block_size % QL_KEYS == 0;
+    const size_t stride = (size_t)kv_heads * dim;
     if (k_scales != NULL) {
         k_scales += kv_head;
         v_scales += kv_head;
@@ -541,19 +556,50 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
         const __mmask16 active = _mm512_cmpgt_epi32_mask(n_lane, _mm512_setzero_si512());
         /* the keys every lane of the group reaches: lane 0's (lanes past `lanes` hold nothing to keep) */
         const int full = chunk_keys(lens[0], start) > 0 ? chunk_keys(lens[0], start) : 0;
-        /* the chunk's K rows as float32, one after another (as gathered for attend_impl), up to a
-         * multiple of QL_KEYS with zeros (scored, never used) */
-        gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n, block_size, row_stride, head_offset, nvec,
-                     rows, 0);
-        for (int t = n; t < (n + QL_KEYS - 1) / QL_KEYS * QL_KEYS; t++)
-            memset(rows + (size_t)t * dim, 0, (size_t)dim * sizeof(float));
-        ql_scores_chunk(qt, rows, nvec, n, s);
+        if (direct) { /* float32 rows read where they lie, a block's keys at a time */
+            int t = 0;
+            while (t < n) {
+                const int pos = start + t, offset = pos % block_size;
+                const int seg = n - t < block_size - offset ? n - t : block_size - offset;
+                const float *row = (const float *)(k_cache + cache_row(table, pos, block_size, row_stride, head_offset));
+                const int whole = seg / QL_KEYS * QL_KEYS;
+                ql_scores_run(qt, row, stride, nvec, whole, s + t);
+                if (whole < seg) { /* the run's last keys (a chunk's end): copied, up to QL_KEYS with zeros */
+                    memset(rows, 0, (size_t)QL_KEYS * dim * sizeof(float));
+                    for (int r = whole; r < seg; r++)
+                        memcpy(rows + (size_t)(r - whole) * dim, row + (size_t)r * stride, (size_t)dim * sizeof(float));
+                    ql_scores_run(qt, rows, dim, nvec, QL_KEYS, s + t + whole);
+                }
+                t += seg;
+            }
+        } else {
+            /* the chunk's K rows as float32, one after another (as gathered for attend_impl), up to a
+             * multiple of QL_KEYS with zeros (scored, never used) */
+            gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n, block_size, row_stride, head_offset, nvec,
+                         rows, 0);
+            for (int t = n; t < (n + QL_KEYS - 1) / QL_KEYS * QL_KEYS; t++)
+                memset(rows + (size_t)t * dim, 0, (size_t)dim * sizeof(float));
+            ql_scores_run(qt, rows, dim, nvec, (n + QL_KEYS - 1) / QL_KEYS * QL_KEYS, s);
+        }
         const __mmask16 rescale = ql_softmax(s, n, full, n_lane, active, &m, &l, &corr);
         if (rescale)
             for (int d = 0; d < dim; d++) acc[d] = _mm512_mask_mul_ps(acc[d], rescale, acc[d], corr);
-        gather_chunk(v_cache, kind, v_scales, kv_heads, table, start, n, block_size, row_stride, head_offset, nvec,
-                     rows, 0);
-        ql_values_chunk(acc, s, rows, dim, n, full, n_lane);
+        if (direct) {
+            int t = 0;
+            while (t < n) {
+                const int pos = start + t, offset = pos % block_size;
+                const int seg = n - t < block_size - offset ? n - t : block_size - offset;
+                const float *row = (const float *)(v_cache + cache_row(table, pos, block_size, row_stride, head_offset));
+                const int seg_full = full - t < 0 ? 0 : full - t < seg ? full - t : seg;
+                ql_values_run(acc, s + t, row, stride, dim, seg, seg_full,
+                              _mm512_sub_epi32(n_lane, _mm512_set1_epi32(t)));
+                t += seg;
+            }
+        } else {
+            gather_chunk(v_cache, kind, v_scales, kv_heads, table, start, n, block_size, row_stride, head_offset, nvec,
+                         rows, 0);
+            ql_values_run(acc, s, rows, dim, dim, n, full, n_lane);
+        }
     }
     const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), l);
     for (int d = 0; d < dim; d++) {
