@@ -164,12 +164,12 @@ def test_the_avx512_copy_gives_the_avx2_copys_bits(head_dim, heads, kv_heads, dt
 
 
 @needs_avx512
-@pytest.mark.parametrize("block_size", [4, 8, 32, 6, 1])
+@pytest.mark.parametrize("block_size", [8, 16, 32, 4, 6, 1])
 @pytest.mark.parametrize("head_dim", [64, 40])
 def test_the_lanes_runs_read_a_float32_cache_where_it_lies_with_the_avx2_copys_bits(block_size, head_dim):
     """Runs in vector lanes score and sum a float32 cache's rows in place when a block holds whole
-    groups of 4 keys (block sizes 4, 8, 32: chunks across blocks, runs ending inside a group), else
-    they copy them first (6, 1): the same bits as the AVX2 copy either way."""
+    groups of 8 keys (block sizes 8, 16, 32: chunks across blocks, runs ending inside a group), else
+    they copy them first (4, 6, 1): the same bits as the AVX2 copy either way."""
     lens = [33, 34, 35, 36, 37, 38, 39, 40, 41] + list(range(1, 21)) + list(range(60, 79)) + [100]
     q, k, v, tables, lens_t = _case(9, 3, head_dim, block_size, torch.float32, lens, seed=block_size)
     tables[1:9] = tables[0]  # rows 0..8: one sequence's consecutive positions

@@ -15,8 +15,8 @@
  * Q4_1 straight from the packed bytes, the K-quants and a last wide tile of fewer than 4 packed
  * tiles through the 256-bit copy's `prep` of each packed tile, its lanes moved into place), then
  * every row of x runs against them, up to WIDE_ROWS rows a pass: per row, one int32 vector of a
- * sub-block's sums and the two float chains (even and odd sub-blocks) stay in registers. The first
- * pass asks for the next wide tile's blocks, spread over its sub-blocks.
+ * sub-block's sums and the two float chains (even and odd sub-blocks) stay in registers. The
+ * passes ask for the next wide tile's blocks, each its share, spread over its sub-blocks.
  *
  * Numerics: the integer sums are exact, so their order is free; each float operation is the 256-bit
  * copy's, in the same order per output (per sub-block: fma(float(isum), d * dx, chain), then
@@ -192,15 +192,18 @@ static inline __attribute__((always_inline)) int wide_linear_kind(const int8_t *
             const int count = tiles - t0 < 4 ? (int)(tiles - t0) : 4;
             const int nvalid = n - n0 < WIDE_N ? (int)(n - n0) : WIDE_N;
             wide_prep(packed + (size_t)t0 * blocks * group_bytes, count, blocks, group_bytes, kind, wp);
-            /* the first pass asks for the next wide tile's blocks from memory (the thread's next one;
-             * at the end of its share, the next thread's first) */
+            /* the passes ask for the next wide tile's blocks from memory (the thread's next one; at
+             * the end of its share, the next thread's first), each pass its share of the lines: asked
+             * by the first pass alone, the memory sat idle through the others (the projections x 30
+             * layers in one process, builds alternating: 16 rows 8.2 -> 7.8 ms, 12 rows 7.7 -> 6.5) */
             const long next = t0 + 4, next_count = tiles - next < 4 ? tiles - next : 4;
             const char *ask = next_count > 0 ? (const char *)packed + (size_t)next * blocks * group_bytes : NULL;
             const long ask_lines = next_count > 0 ? (long)((size_t)next_count * blocks * group_bytes / 64) : 0;
             for (long pass = 0, r0 = 0; pass < passes; pass++) {
                 const long r1 = m_rows * (pass + 1) / passes;
+                const long l0 = ask_lines * pass / passes, l1 = ask_lines * (pass + 1) / passes;
                 wide_any(wp, xblocks, codes, xd, xs, m_rows, r0, (int)(r1 - r0), kind, bias ? bias + n0 : NULL, y, n,
-                         n0, nvalid, ask, pass == 0 ? ask_lines : 0);
+                         n0, nvalid, ask ? ask + 64 * l0 : NULL, l1 - l0);
                 r0 = r1;
             }
         }
