@@ -136,19 +136,23 @@ def test_prefill_export_skip_from_a_contains_call_that_ran_during_the_prefill(kv
     a, b = encode(random_cache(SMALL, 1, seed=13), 0), encode(random_cache(SMALL, 1, seed=14), 0)
     stub.Put(chunks_of(a))
     client = KVStoreClient(server.address)
-    skip = StoredBlocks([a[0], b[0]], client.contains_future([a[0], b[0]]))
+    skip = StoredBlocks([a[0], b[0]], lambda: client.contains_future([a[0], b[0]]))
+    skip.start()
+    skip.start()  # sent once
     assert a[0] in skip and b[0] not in skip
+    unsent = StoredBlocks([a[0], b[0]], lambda: client.contains_future([a[0], b[0]]))
+    assert a[0] in unsent and b[0] not in unsent  # never started: the first read sends it
     with socket.socket() as dead:  # bound, never listening: the call fails at once
         dead.bind(("127.0.0.1", 0))
         gone = KVStoreClient(f"127.0.0.1:{dead.getsockname()[1]}")
-        assert a[0] not in StoredBlocks([a[0]], gone.contains_future([a[0]]), wait_s=5.0)
+        assert a[0] not in StoredBlocks([a[0]], lambda: gone.contains_future([a[0]]), wait_s=5.0)
     with socket.socket() as mute:  # accepts connections, never speaks HTTP/2: no answer
         mute.bind(("127.0.0.1", 0))
         mute.listen()
         silent = KVStoreClient(f"127.0.0.1:{mute.getsockname()[1]}")
         future = silent.contains_future([a[0]])
         t0 = time.monotonic()
-        assert a[0] not in StoredBlocks([a[0]], future, wait_s=0.2)
+        assert a[0] not in StoredBlocks([a[0]], lambda: future, wait_s=0.2)
         assert 0.15 < time.monotonic() - t0 < 5 and future.cancelled()
     for c in (client, gone, silent):
         c.close()
