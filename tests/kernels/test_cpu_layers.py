@@ -114,6 +114,47 @@ def test_bad_indices_are_refused_and_the_model_keeps_serving(llm_f32):
     assert len(out[0].token_ids) == 3
 
 
+def test_the_last_layer_runs_for_the_read_rows_alone_with_their_bits(llm_f32):
+    """meta.output_rows: every row's K/V is written in every layer, but the last layer attends and
+    runs its MLP for those rows only, which get the bits of a step computing every row; kept rows
+    that do not ascend inside the step are refused."""
+    engine = llm_f32.engine
+    model, kv = engine.model, engine.runner._kv_pairs
+    fd = model.fused_decode
+    rows, gen = 5, torch.Generator().manual_seed(5)
+    x = torch.randn(rows, model.args.hidden_size, generator=gen)
+    rope = model.rotary.lookup(torch.arange(3, 3 + rows), torch.float32)
+
+    def meta(output_rows) -> AttentionMetadata:  # one sequence's positions 3..7 in block 0
+        return AttentionMetadata(slot_mapping=torch.arange(3, 3 + rows), num_decodes=rows,
+                                 decode_block_tables=torch.zeros((rows, 1), dtype=torch.int32),
+                                 decode_seq_lens=torch.arange(4, 4 + rows, dtype=torch.int32), decode_mask=None,
+                                 prefill_query_lens=(), prefill_seq_lens=(), prefill_block_tables=(),
+                                 cpu_kernel=True, output_rows=output_rows)
+
+    def cache_rows():
+        return [(k[0, 3:3 + rows].clone(), v[0, 3:3 + rows].clone()) for k, v in kv]
+
+    for mode in ("exact", "int8"):
+        model.set_quantized_matmul(mode)
+        try:
+            full = fd.run(x.clone(), rope, kv, meta(None))
+            full_cache = cache_rows()
+            for kept in ([4], [0, 2, 4], [1], []):
+                for k, v in kv:  # the next run writes them again
+                    k[0, 3:3 + rows] = 0
+                    v[0, 3:3 + rows] = 0
+                out = fd.run(x.clone(), rope, kv, meta(torch.tensor(kept, dtype=torch.int32)))
+                assert torch.equal(out[kept], full[kept]), (mode, kept)
+                for (k, v), (k_full, v_full) in zip(cache_rows(), full_cache):
+                    assert torch.equal(k, k_full) and torch.equal(v, v_full)
+            with pytest.raises(ValueError, match="ascend"):
+                fd.run(x.clone(), rope, kv, meta(torch.tensor([2, 1], dtype=torch.int32)))
+        finally:
+            model.set_quantized_matmul(engine.quantized_matmul)
+    assert engine.block_manager.reset_prefix_cache()  # block 0's K/V were written outside the engine
+
+
 def test_a_bfloat16_cache_runs_layer_by_layer(llm_bf16):
     """bfloat16 of the default model computes in float32 on its blocks (FusedDecode could take its
     layers) with a bfloat16 KV cache, whose pages the fused step does not read: every step runs

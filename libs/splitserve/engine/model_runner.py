@@ -97,6 +97,9 @@ class ModelRunner:
             prefill_masks=tuple(prefill_masks),
             cpu_kernel=self.cpu_kernel,
             decode_groups=groups,
+            # only the sampled rows' hidden states are read (execute): a prefix hit's 16 rows sample one
+            output_rows=torch.tensor(sample_indices, dtype=torch.int32) if len(sample_indices) < len(input_ids)
+            else None,
         )
         return StepInputs(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),

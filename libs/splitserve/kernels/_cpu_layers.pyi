@@ -3,6 +3,7 @@
 # A plan row ends with the layer's K and V pages, K and V scales (0 unless 8-bit) and cache kind.
 supported: int
 plan_fields: int
-def decode_layers(plan: int, x: int, cos: int, sin: int, slots: int, tables: int, seq_lens: int, layers: int,
-                  rows: int, num_blocks: int, max_blocks: int, block_size: int, hidden: int, heads: int,
+# keep: int32 rows ascending whose output is read, `kept` of them (-1: every row, keep unread)
+def decode_layers(plan: int, x: int, cos: int, sin: int, slots: int, tables: int, seq_lens: int, keep: int,
+                  kept: int, layers: int, rows: int, num_blocks: int, max_blocks: int, block_size: int, hidden: int, heads: int,
                   kv_heads: int, head_dim: int, intermediate: int, eps: float, scale: float, int8: bool, /) -> None: ...

@@ -18,6 +18,10 @@
  *   cos/sin [m][head_dim] float32, each row's RoPE factors (the signed sin, as cpu_ops takes them)
  *   slots   [m] int64, each row's cache slot; tables [m][max_blocks] int32; seq_lens [m] int32
  *           (context length with the new token)
+ *   keep    [n] int32, ascending: the rows whose output is read (their logits), or all rows. The
+ *           last layer writes every row's K and V, then attends and runs its MLP for these rows
+ *           only: the others' outputs are never read (a prefix hit's 16 rows sample one; a prompt's
+ *           chunk before its last samples none). Their rows of x are then left undefined.
  * The Python entry checks every index the kernels will follow (slots, block ids, lengths) first.
  */
 #define PY_SSIZE_T_CLEAN
@@ -94,8 +98,54 @@ static float *scratch_alloc(Scratch *s, long m, const Shape *d) {
     return base;
 }
 
+/* From the attention on, for m rows whose queries are in s->q: attention over the cache, the output
+ * projection and the MLP, each added into x */
+static int attend_and_mlp(const int64_t *p, const Scratch *s, float *x, long m, const int32_t *tables,
+                          const int32_t *seq_lens, const Shape *d) {
+    const long q = (long)d->heads * d->head_dim;
+    const char *k_cache = PTR(const char *, p[P_K_CACHE]), *v_cache = PTR(const char *, p[P_V_CACHE]);
+    const float *k_scales = PTR(const float *, p[P_K_SCALES]), *v_scales = PTR(const float *, p[P_V_SCALES]);
+    int rc = 0;
+    attention->decode_all(s->q, k_cache, v_cache, (int)p[P_KV_KIND], k_scales, v_scales, tables, d->max_blocks, seq_lens,
+                          (int)m, d->heads, d->kv_heads, d->head_dim, d->block_size, d->scale, s->a);
+    rc |= quant->linear(s->a, PTR(const uint8_t *, p[P_O]), (int)p[P_O_KIND], NULL, s->out, m, d->hidden, q, d->int8);
+    add_rows(x, s->out, m * d->hidden);
+    ops->rms_norm_rows(x, PTR(const float *, p[P_POST_NORM]), s->h, m, d->hidden, d->eps);
+    rc |= quant->linear(s->h, PTR(const uint8_t *, p[P_GU]), (int)p[P_GU_KIND], NULL, s->gu, m, 2L * d->inter,
+                        d->hidden, d->int8);
+    ops->silu_mul_rows(s->gu, s->act, m, d->inter);
+    rc |= quant->linear(s->act, PTR(const uint8_t *, p[P_DOWN]), (int)p[P_DOWN_KIND], NULL, s->out, m, d->hidden,
+                        d->inter, d->int8);
+    add_rows(x, s->out, m * d->hidden);
+    return rc;
+}
+
+/* attend_and_mlp for rows keep[0 .. n - 1] (ascending) only: their queries, rows of x, tables and
+ * lengths moved to the front (row keep[i] to row i: never over one still to be read), run, and their
+ * rows of x moved back (from the last, for the same reason) */
+static int attend_and_mlp_kept(const int64_t *p, const Scratch *s, float *x, const int32_t *keep, long n,
+                               const int32_t *tables, const int32_t *seq_lens, const Shape *d) {
+    if (n == 0) return 0;
+    const long q = (long)d->heads * d->head_dim, hidden = d->hidden, mb = d->max_blocks;
+    int32_t *kept_tables = malloc((size_t)(n * mb + n) * sizeof(int32_t) + 1);
+    if (kept_tables == NULL) return -1;
+    int32_t *kept_lens = kept_tables + n * mb;
+    for (long i = 0; i < n; i++) {
+        const long r = keep[i];
+        memmove(s->q + i * q, s->q + r * q, (size_t)q * sizeof(float));
+        memmove(x + i * hidden, x + r * hidden, (size_t)hidden * sizeof(float));
+        memcpy(kept_tables + i * mb, tables + r * mb, (size_t)mb * sizeof(int32_t));
+        kept_lens[i] = seq_lens[r];
+    }
+    const int rc = attend_and_mlp(p, s, x, n, kept_tables, kept_lens, d);
+    for (long i = n - 1; i >= 0; i--) memmove(x + (long)keep[i] * hidden, x + i * hidden, (size_t)hidden * sizeof(float));
+    free(kept_tables);
+    return rc;
+}
+
 static int decode_layers(const int64_t *plan, int layers, float *x, long m, const float *cos, const float *sin,
-                         const int64_t *slots, const int32_t *tables, const int32_t *seq_lens, const Shape *d) {
+                         const int64_t *slots, const int32_t *tables, const int32_t *seq_lens, const int32_t *keep,
+                         long kept, const Shape *d) {
     Scratch s;
     float *base = scratch_alloc(&s, m, d);
     if (base == NULL) return -1;
@@ -113,17 +163,10 @@ static int decode_layers(const int64_t *plan, int layers, float *x, long m, cons
         ops->rope_rows(s.qkv + q, nqkv, cos, sin, s.k, m, d->kv_heads, d->head_dim);
         write_slots(s.k, kv, slots, m, d, kind, k_cache, k_scales);
         write_slots(s.qkv + q + kv, nqkv, slots, m, d, kind, v_cache, v_scales);
-        attention->decode_all(s.q, k_cache, v_cache, kind, k_scales, v_scales, tables, d->max_blocks, seq_lens, (int)m,
-                              d->heads, d->kv_heads, d->head_dim, d->block_size, d->scale, s.a);
-        rc |= quant->linear(s.a, PTR(const uint8_t *, p[P_O]), (int)p[P_O_KIND], NULL, s.out, m, d->hidden, q, d->int8);
-        add_rows(x, s.out, m * d->hidden);
-        ops->rms_norm_rows(x, PTR(const float *, p[P_POST_NORM]), s.h, m, d->hidden, d->eps);
-        rc |= quant->linear(s.h, PTR(const uint8_t *, p[P_GU]), (int)p[P_GU_KIND], NULL, s.gu, m, 2L * d->inter,
-                            d->hidden, d->int8);
-        ops->silu_mul_rows(s.gu, s.act, m, d->inter);
-        rc |= quant->linear(s.act, PTR(const uint8_t *, p[P_DOWN]), (int)p[P_DOWN_KIND], NULL, s.out, m, d->hidden,
-                            d->inter, d->int8);
-        add_rows(x, s.out, m * d->hidden);
+        if (l == layers - 1 && kept < m)
+            rc |= attend_and_mlp_kept(p, &s, x, keep, kept, tables, seq_lens, d);
+        else
+            rc |= attend_and_mlp(p, &s, x, m, tables, seq_lens, d);
     }
     free(base);
     return rc ? -1 : 0;
@@ -156,16 +199,16 @@ static int check_indices(const int64_t *slots, const int32_t *tables, const int3
     return 0;
 }
 
-/* decode_layers(plan, x, cos, sin, slots, tables, seq_lens: data pointers as ints, layers, m,
- *               num_blocks, max_blocks, block_size, hidden, heads, kv_heads, head_dim, inter,
- *               eps, scale, int8) */
+/* decode_layers(plan, x, cos, sin, slots, tables, seq_lens, keep: data pointers as ints, kept (-1:
+ *               every row, keep unread), layers, m, num_blocks, max_blocks, block_size, hidden, heads,
+ *               kv_heads, head_dim, inter, eps, scale, int8) */
 static PyObject *py_decode_layers(PyObject *self, PyObject *args) {
-    unsigned long long plan, x, c, s, slots, tables, lens;
+    unsigned long long plan, x, c, s, slots, tables, lens, keep;
     int layers, int8;
-    long m, num_blocks;
+    long m, num_blocks, kept;
     Shape d;
-    if (!PyArg_ParseTuple(args, "KKKKKKKilliiiiiiiffp", &plan, &x, &c, &s, &slots, &tables, &lens, &layers, &m,
-                          &num_blocks, &d.max_blocks, &d.block_size, &d.hidden, &d.heads, &d.kv_heads,
+    if (!PyArg_ParseTuple(args, "KKKKKKKKlilliiiiiiiffp", &plan, &x, &c, &s, &slots, &tables, &lens, &keep, &kept,
+                          &layers, &m, &num_blocks, &d.max_blocks, &d.block_size, &d.hidden, &d.heads, &d.kv_heads,
                           &d.head_dim, &d.inter, &d.eps, &d.scale, &int8))
         return NULL;
     d.int8 = int8;
@@ -193,12 +236,26 @@ static PyObject *py_decode_layers(PyObject *self, PyObject *args) {
     if (check_indices(PTR(const int64_t *, slots), PTR(const int32_t *, tables), PTR(const int32_t *, lens), m,
                       num_blocks, &d))
         return NULL;
+    if (kept < 0) {
+        kept = m;
+    } else if (kept > m) {
+        PyErr_Format(PyExc_ValueError, "decode_layers: %ld kept rows of %ld", kept, m);
+        return NULL;
+    } else {
+        const int32_t *k = PTR(const int32_t *, keep);
+        for (long i = 0; i < kept; i++)
+            if (k[i] < 0 || k[i] >= m || (i > 0 && k[i] <= k[i - 1])) {
+                PyErr_Format(PyExc_ValueError, "decode_layers: keep[%ld] = %d: the kept rows must ascend within "
+                             "[0, %ld)", i, k[i], m);
+                return NULL;
+            }
+    }
     int rc = 0;
     if (m > 0) {
         Py_BEGIN_ALLOW_THREADS
         rc = decode_layers(PTR(const int64_t *, plan), layers, PTR(float *, x), m, PTR(const float *, c),
                            PTR(const float *, s), PTR(const int64_t *, slots), PTR(const int32_t *, tables),
-                           PTR(const int32_t *, lens), &d);
+                           PTR(const int32_t *, lens), PTR(const int32_t *, keep), kept, &d);
         Py_END_ALLOW_THREADS
     }
     if (rc) return PyErr_NoMemory();

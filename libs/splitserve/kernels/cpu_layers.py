@@ -127,7 +127,9 @@ class FusedDecode:
 
     def run(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_caches, meta) -> torch.Tensor:
         """The residual stream after every layer: x [rows, hidden] float32 (updated in place and
-        returned); rope the (cos, signed sin) [rows, 1, head_dim] of the rows' positions."""
+        returned); rope the (cos, signed sin) [rows, 1, head_dim] of the rows' positions. With
+        meta.output_rows, only those rows' are (every row's K/V is written): the last layer attends
+        and runs its MLP for them alone (a prefix hit's step of 16 rows: ~0.45 ms of ~20)."""
         args = self.args
         plan = self._plan(kv_caches)
         x = x.contiguous()
@@ -138,11 +140,14 @@ class FusedDecode:
         lens = meta.decode_seq_lens.contiguous()
         slots = meta.slot_mapping.contiguous()
         rows = x.shape[0]
+        out_rows = None if meta.output_rows is None else meta.output_rows.to(torch.int32).contiguous()
         for a in range(0, rows, self.PIECE_ROWS):  # a piece's K/V is in the cache before the next attends
             b = min(rows, a + self.PIECE_ROWS)
+            keep = None if out_rows is None else (out_rows[(out_rows >= a) & (out_rows < b)] - a).contiguous()
             _ext.decode_layers(plan.data_ptr(), x[a:b].data_ptr(), cos[a:b].data_ptr(), sin[a:b].data_ptr(),
-                               slots[a:b].data_ptr(), tables[a:b].data_ptr(), lens[a:b].data_ptr(), len(self._layers),
-                               b - a, num_blocks, tables.shape[1], block_size, args.hidden_size,
+                               slots[a:b].data_ptr(), tables[a:b].data_ptr(), lens[a:b].data_ptr(),
+                               0 if keep is None else keep.data_ptr(), -1 if keep is None else keep.numel(),
+                               len(self._layers), b - a, num_blocks, tables.shape[1], block_size, args.hidden_size,
                                args.num_heads, args.num_kv_heads, args.head_dim, args.intermediate_size,
                                float(args.rms_norm_eps), float(args.head_dim ** -0.5), self.int8)
         return x

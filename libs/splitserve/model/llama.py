@@ -200,7 +200,7 @@ class LlamaModel(nn.Module):
         positions: torch.Tensor,  # [T] int64
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],  # per layer (K, V) pages
         meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [T, hidden] final-normed hidden states
+    ) -> torch.Tensor:  # [T, hidden] final-normed hidden states (of meta.output_rows' rows, when it is set)
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)
         if self.fused_decode is not None and self.fused_decode.accepts(x.shape[0], kv_caches, meta):
