@@ -107,7 +107,7 @@ def test_stored_blocks_are_the_hashes_the_store_reported():
 def test_stored_blocks_skip_nothing_when_the_call_failed():
     future = concurrent.futures.Future()
     future.set_exception(Unavailable())
-    assert H[0] not in StoredBlocks([H[0]], future)
+    assert H[0] not in StoredBlocks([H[0]], lambda: future)
 
 
 def test_without_a_kvstore_every_block_is_skipped_and_nothing_put():

@@ -1,6 +1,7 @@
 """Turns one scheduled step into model inputs, runs the model, and returns the logits to sample."""
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
@@ -97,9 +98,6 @@ class ModelRunner:
             prefill_masks=tuple(prefill_masks),
             cpu_kernel=self.cpu_kernel,
             decode_groups=groups,
-            # only the sampled rows' hidden states are read (execute): a prefix hit's 16 rows sample one
-            output_rows=torch.tensor(sample_indices, dtype=torch.int32) if len(sample_indices) < len(input_ids)
-            else None,
         )
         return StepInputs(
             torch.tensor(input_ids, dtype=torch.long, device=self.device),
@@ -134,7 +132,11 @@ class ModelRunner:
         """Runs one step; returns logits [N, vocab] (float32), which scheduled entries they belong to
         and how many consecutive rows each has (1 + its proposals)."""
         inputs = self.prepare(scheduled)
-        hidden = self.model(inputs.input_ids, inputs.positions, self._kv_pairs, inputs.meta)
+        meta = inputs.meta
+        if len(inputs.sample_indices) < len(inputs.input_ids):  # only the sampled rows' states are read
+            # here (a prefix hit's 16 rows sample one): the fused step's last layer computes those alone
+            meta = dataclasses.replace(meta, output_rows=inputs.sample_indices.to(torch.int32))
+        hidden = self.model(inputs.input_ids, inputs.positions, self._kv_pairs, meta)
         if not inputs.sampled:
             return hidden.new_empty((0, 0), dtype=torch.float32), [], []
         return self.model.compute_logits(hidden[inputs.sample_indices]), inputs.sampled, inputs.rows

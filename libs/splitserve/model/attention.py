@@ -40,8 +40,9 @@ class AttentionMetadata:
     # CPU path: the decode rows split by context length (see `plan_decode_groups`); empty means one
     # group of every row, padded to the longest (decode_block_tables / decode_mask).
     decode_groups: tuple["DecodeGroup", ...] = ()
-    # [n] int32, ascending: the rows whose final hidden states are read (the sampled ones); None: all.
-    # The fused CPU step leaves the others' after the last layer's K/V write (LlamaModel.forward).
+    # [n] int32, ascending: the rows whose final hidden states are read (ModelRunner.execute: the
+    # sampled ones); None (what `prepare` makes): all. The fused CPU step leaves the others' after the
+    # last layer's K/V write (LlamaModel.forward).
     output_rows: torch.Tensor | None = None
 
 
