@@ -437,8 +437,8 @@ QL_VALUES(8)
 /* A chunk's scores (n keys, rows [n rounded up to QL_KEYS][dim]) and its value sums (acc, with the
  * softmax's weights p): functions of their own, the scores of each QL_KEYS keys a call of a copy per
  * head size, so that the compiler allocates each loop's registers apart and addresses a key's
- * elements as constant offsets from one pointer (inlined into one body, it kept accumulators and
- * addresses in memory). */
+ * elements as constant offsets from its row's pointer (inlined into one body, it kept accumulators
+ * and addresses in memory). */
 #define QL_SCORES_FOR(NVEC)                                                                       \
     static __attribute__((noinline)) void ql_scores_##NVEC(const __m512 *qt, const float *k, size_t stride, \
                                                            __m512 *s) {                                     \
