@@ -311,6 +311,12 @@ static inline size_t cache_row(const int32_t *table, int pos, int block_size, si
     return ((size_t)table[pos / block_size] * block_size + pos % block_size) * row_stride + head_offset;
 }
 
+/* Of `left` keys from position `pos`, how many lie in pos's block */
+static inline int block_keys(int pos, int left, int block_size) {
+    const int in_block = block_size - pos % block_size;
+    return left < in_block ? left : in_block;
+}
+
 /* Asks for the cache lines of one kv head's rows of a chunk (n tokens from position `start`), K's
  * and V's, to be brought in while the chunk before it is computed: the rows lie 1-4 lines apart
  * through the block table, too scattered for the hardware prefetchers, and the gathers stalled on
@@ -557,11 +563,9 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
         /* the keys every lane of the group reaches: lane 0's (lanes past `lanes` hold nothing to keep) */
         const int full = chunk_keys(lens[0], start) > 0 ? chunk_keys(lens[0], start) : 0;
         if (direct) { /* float32 rows read where they lie, a block's keys at a time */
-            int t = 0;
-            while (t < n) {
-                const int pos = start + t, offset = pos % block_size;
-                const int seg = n - t < block_size - offset ? n - t : block_size - offset;
-                const float *row = (const float *)(k_cache + cache_row(table, pos, block_size, row_stride, head_offset));
+            for (int t = 0, seg; t < n; t += seg) {
+                seg = block_keys(start + t, n - t, block_size);
+                const float *row = (const float *)(k_cache + cache_row(table, start + t, block_size, row_stride, head_offset));
                 const int whole = seg / QL_KEYS * QL_KEYS;
                 ql_scores_run(qt, row, stride, nvec, whole, s + t);
                 if (whole < seg) { /* the run's last keys (a chunk's end): copied, up to QL_KEYS with zeros */
@@ -570,7 +574,6 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
                         memcpy(rows + (size_t)(r - whole) * dim, row + (size_t)r * stride, (size_t)dim * sizeof(float));
                     ql_scores_run(qt, rows, dim, nvec, QL_KEYS, s + t + whole);
                 }
-                t += seg;
             }
         } else {
             /* the chunk's K rows as float32, one after another (as gathered for attend_impl), up to a
@@ -585,15 +588,12 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
         if (rescale)
             for (int d = 0; d < dim; d++) acc[d] = _mm512_mask_mul_ps(acc[d], rescale, acc[d], corr);
         if (direct) {
-            int t = 0;
-            while (t < n) {
-                const int pos = start + t, offset = pos % block_size;
-                const int seg = n - t < block_size - offset ? n - t : block_size - offset;
-                const float *row = (const float *)(v_cache + cache_row(table, pos, block_size, row_stride, head_offset));
+            for (int t = 0, seg; t < n; t += seg) {
+                seg = block_keys(start + t, n - t, block_size);
+                const float *row = (const float *)(v_cache + cache_row(table, start + t, block_size, row_stride, head_offset));
                 const int seg_full = full - t < 0 ? 0 : full - t < seg ? full - t : seg;
                 ql_values_run(acc, s + t, row, stride, dim, seg, seg_full,
                               _mm512_sub_epi32(n_lane, _mm512_set1_epi32(t)));
-                t += seg;
             }
         } else {
             gather_chunk(v_cache, kind, v_scales, kv_heads, table, start, n, block_size, row_stride, head_offset, nvec,

@@ -127,7 +127,7 @@ static int attend_and_mlp_kept(const int64_t *p, const Scratch *s, float *x, con
                                const int32_t *tables, const int32_t *seq_lens, const Shape *d) {
     if (n == 0) return 0;
     const long q = (long)d->heads * d->head_dim, hidden = d->hidden, mb = d->max_blocks;
-    int32_t *kept_tables = malloc((size_t)(n * mb + n) * sizeof(int32_t) + 1);
+    int32_t *kept_tables = malloc((size_t)(n * mb + n) * sizeof(int32_t));
     if (kept_tables == NULL) return -1;
     int32_t *kept_lens = kept_tables + n * mb;
     for (long i = 0; i < n; i++) {
