@@ -20,7 +20,7 @@ from typing import NamedTuple
 import grpc
 
 from splitserve import heap, tracing
-from splitserve.config.cpus import parse_cpu_list, pin_process
+from splitserve.config.cpus import available_cpus, parse_cpu_list, pin_process, team_cores
 from splitserve.config.worker import WorkerConfig
 from splitserve.drain import Drain
 from splitserve.engine.engine_loop import EngineLoop, QueueFullError, RequestStream
@@ -59,7 +59,8 @@ class Worker:
         torch.set_num_threads(1)
         self.engine = LLMEngine(config.engine_config())
         self.engine.block_manager.track_evictions = bool(config.redis_url)
-        self.loop = EngineLoop(self.engine, max_pending=config.max_pending, num_threads=threads).start()
+        pin = team_cores(config.pin_threads, threads, cpus or available_cpus())
+        self.loop = EngineLoop(self.engine, max_pending=config.max_pending, num_threads=threads, pin_cores=pin).start()
         heap.freeze_objects()  # what startup built stays: no full collection walks it again
         self.address = ""  # set by serve() once the port is bound
         self.counters = None  # () -> dict of extra LoadResponse counters, set by the servicer

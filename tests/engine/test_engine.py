@@ -260,6 +260,31 @@ def test_export_skips_the_blocks_the_kvstore_holds(llm_f32):
     assert [p for _, p in less.exported_blocks] == [p for _, p in full.exported_blocks[2:]]
 
 
+def test_engine_loop_pins_its_team_one_thread_per_core_and_answers_the_same(llm_f32):
+    """pin_cores (a worker's --pin-threads auto): the loop thread's OpenMP team, thread i on the i-th
+    core, pinned before the first step; the greedy tokens are those of the unpinned engine."""
+    import os
+
+    from splitserve.config.cpus import available_cpus
+    from splitserve.engine.engine_loop import EngineLoop
+
+    cores = available_cpus()[:2][::-1]  # thread 0 (the loop thread) on the last core
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = [1, 17, 230, 4000, 5, 6, 7]
+    ref = llm_f32.generate([prompt], params)[0].token_ids
+    before = os.sched_getaffinity(0)
+    loop = EngineLoop(llm_f32.engine, num_threads=len(cores), pin_cores=cores).start()
+    try:
+        ids = [t for out in loop.add_request("pinned", prompt, params) for t in out.new_token_ids]
+        assert ids == ref
+        tids = loop.pinned_threads
+        assert len(tids) == len(cores) and tids[0] == loop._thread.native_id, tids
+        assert [os.sched_getaffinity(tid) for tid in tids] == [{c} for c in cores]
+    finally:
+        loop.stop()
+    assert os.sched_getaffinity(0) == before  # the caller's thread was not touched
+
+
 def test_engine_loop_refuses_past_max_pending_at_once_and_frees_on_abort(llm_f32):
     """The worker's bounded queue: past max_pending a request is refused at once (the servers turn
     QueueFullError into RESOURCE_EXHAUSTED); aborting the held ones frees every block."""

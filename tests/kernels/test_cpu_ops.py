@@ -119,3 +119,45 @@ def test_the_loaded_float32_model_uses_the_ops(llm_f32):
     modules = [m for m in llm_f32.engine.runner.model.modules() if isinstance(m, (RMSNorm, Attention, MLP))]
     assert len(modules) == 30 * 4 + 1  # 2 norms, attention and MLP per layer, the final norm
     assert {m.fused_ops for m in modules} == {cpu_ops.available()}
+
+
+@needs_ops
+def test_pin_team_binds_each_thread_of_the_callers_team_to_its_core_and_the_team_stays():
+    """A worker's engine loop pins its team once (EngineLoop pin_cores); every later kernel and torch
+    op of that thread must run on the same, pinned threads, and no other thread is touched."""
+    import os
+    import threading
+
+    from splitserve.config.cpus import available_cpus
+
+    order = available_cpus()[:4][::-1]  # thread 0 on the last core: the order is the caller's
+    before = os.sched_getaffinity(0)
+    seen: dict = {}
+
+    def run():
+        torch.set_num_threads(len(order))
+        seen["caller"] = threading.get_native_id()
+        seen["tids"] = cpu_ops.pin_team(order)
+        seen["affinity"] = [os.sched_getaffinity(tid) for tid in seen["tids"]]
+        x = torch.randn(512, 512)
+        seen["product"] = float((x @ x).abs().sum())  # torch's parallel ops on the team
+        cpu_ops.silu_mul(torch.randn(256, 4096))  # a kernel's
+        seen["again"] = cpu_ops.pin_team(order)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    tids = seen["tids"]
+    assert len(tids) == len(order) == len(set(tids)) and tids[0] == seen["caller"], seen
+    assert seen["affinity"] == [{c} for c in order], seen
+    assert seen["product"] > 0 and seen["again"] == tids, seen  # the same threads ran what followed
+    assert os.sched_getaffinity(0) == before  # this thread (and its own team) was left alone
+
+
+@needs_ops
+def test_pin_team_refuses_what_is_not_a_core_it_may_use():
+    for bad in ([], [-1], [1 << 20], ["0"], [True], 3):
+        with pytest.raises(ValueError, match="core"):
+            cpu_ops.pin_team(bad)
+    with pytest.raises(OSError, match="could not be bound to core 1000"):  # no such core here
+        cpu_ops.pin_team([1000])

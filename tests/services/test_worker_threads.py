@@ -57,3 +57,24 @@ def test_up_gives_workers_a_short_openmp_spin(http_stack):
         env = _environ(http_stack.pids[role])
         assert env.get("GOMP_SPINCOUNT") == expected, role
         assert env.get("OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY"), role
+
+
+def test_up_workers_pin_their_team_one_thread_per_core(http_stack):
+    """`up` gives each worker one torch thread per core it may use, so --pin-threads auto binds the
+    loop thread's team, thread i to the i-th core; every other thread of the worker (gRPC, metrics,
+    Redis records) is left to the scheduler on all the cores."""
+    from splitserve.config.cpus import available_cpus
+
+    cores = available_cpus()
+    for role in ("prefill-0", "decode-0"):
+        pid = http_stack.pid(role)
+        masks = {int(tid): os.sched_getaffinity(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+        pinned = sorted((min(m), tid) for tid, m in masks.items() if len(m) == 1)
+        assert len(masks) > 4, masks  # the loop thread, its team, gRPC's threads ...
+        assert any(f"engine threads pinned, one per core: thread " in line for line in http_stack.log), role
+        if len(cores) > 1:  # (one core: every thread is on it anyway)
+            assert [core for core, _ in pinned] == cores, (role, masks)
+            assert all(m == set(cores) for tid, m in masks.items() if len(m) > 1), (role, masks)
+            loop_thread = pinned[0][1]  # thread 0 of the team, on the first core
+            assert any(f"engine threads pinned, one per core: thread {loop_thread} on core {cores[0]}" in line
+                       for line in http_stack.log), role

@@ -32,7 +32,8 @@ SAMPLES = {"dtype": "float32", "device": "cuda", "block_size": 32, "cpus": "0", 
            "internal_tls_ca_file": "/c/ca.pem", "internal_tls_cert_file": "/c/gw.pem",
            "internal_tls_key_file": "/c/gw.key", "decode_busy_kv_usage": 0.5, "log_format": "json",
            "log_level": "DEBUG", "prefill_workers": 2, "decode_workers": 3, "quantized_matmul": "int8",
-           "trace_sample_ratio": 0.25, "quantization": "int8", "kv_cache_dtype": "fp8_e4m3"}
+           "trace_sample_ratio": 0.25, "quantization": "int8", "kv_cache_dtype": "fp8_e4m3",
+           "pin_threads": "off"}
 
 
 def sample(ff):
@@ -213,11 +214,28 @@ def test_up_role_less_worker_flags_gateway_aliases_and_precedence():
 
 
 def test_up_threads_default_to_the_cores_a_worker_may_use():
-    import os
+    from splitserve.config.cpus import available_cpus
 
     children = up_children("--prefill-cpus", "0")
     assert children["prefill-0"].config.torch_threads == 1
-    assert children["decode-0"].config.torch_threads == (os.cpu_count() or 1)
+    assert children["decode-0"].config.torch_threads == len(available_cpus())  # the process's affinity
+
+
+def test_a_team_is_pinned_where_it_has_one_thread_per_core_it_may_use():
+    from splitserve.config.cpus import team_cores
+
+    assert team_cores("auto", 4, [2, 3, 6, 7]) == [2, 3, 6, 7]  # thread i on the i-th core
+    assert team_cores("auto", 1, [5]) == [5]
+    assert team_cores("auto", 2, [0, 1, 2, 3]) is None  # other workers may count on the other cores
+    assert team_cores("auto", 8, [0, 1, 2, 3]) is None  # more threads than cores: nothing to pin them to
+    assert team_cores("off", 4, [0, 1, 2, 3]) is None
+    assert team_cores("auto", 0, [0]) is None  # torch's own threads: the loop sets no team size
+    with pytest.raises(ValueError, match="pin_threads must be auto or off, got 'on'"):
+        team_cores("on", 1, [0])
+    with pytest.raises(ValueError, match="pin_threads must be one of auto, off, got 'yes'"):
+        from_flat(WorkerConfig, {"pin_threads": "yes"})
+    children = up_children("--pin-threads", "off", "--decode-pin-threads", "auto")
+    assert (children["prefill-0"].config.pin_threads, children["decode-0"].config.pin_threads) == ("off", "auto")
 
 
 def test_up_help_shows_every_role_flag_with_its_default(capsys):

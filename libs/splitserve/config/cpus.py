@@ -60,3 +60,15 @@ def pin_process(cpus: list[int]) -> None:
             os.sched_setaffinity(int(tid), cpus)
         except OSError:  # the thread ended meanwhile
             pass
+
+
+def team_cores(pin_threads: str, threads: int, cores: list[int]) -> list[int] | None:
+    """The cores a worker's thread team is pinned to, thread i on the i-th (WorkerConfig.pin_threads),
+    or None to leave its threads to the scheduler: `auto` pins a team of one thread per core it may
+    run on (`cores`), whatever else runs there; a smaller team is left alone, as other workers may
+    count on the cores it does not use."""
+    if pin_threads == "off" or threads < 1:
+        return None
+    if pin_threads != "auto":
+        raise ValueError(f"pin_threads must be auto or off, got {pin_threads!r}")
+    return list(cores) if threads == len(cores) else None

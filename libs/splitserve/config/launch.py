@@ -7,8 +7,8 @@ How `up` names a role's field (FIELD is the role's own flag name, without dashes
   (ROLE: gateway, kvstore, prefill, decode; with --colocated the colocated workers take the
   --prefill-* values).
 - `--FIELD` with no role sets an engine field (--model, --dtype, --block-size, --kv-cache-memory-gb
-  ...) or --torch-threads for every worker at once: prefill and decode must agree on the model and
-  the block size. A --prefill-FIELD or --decode-FIELD beats it for that role.
+  ...), --torch-threads or --pin-threads for every worker at once: prefill and decode must agree on the
+  model and the block size. A --prefill-FIELD or --decode-FIELD beats it for that role.
 - --redis-url and --internal-tls-{ca,cert,key}-file are the stack's (UpConfig): every role gets them.
 - The gateway's everyday flags keep their short names: --host, --grpc-port (its port), --http-port,
   --api-key, --tls-cert-file, --tls-key-file (the same flags as --gateway-host ...).
@@ -44,8 +44,8 @@ from splitserve.rpc import format_address
 ROLE_CONFIGS: dict[str, type] = {"gateway": GatewayConfig, "kvstore": KVStoreConfig,
                                  "prefill": WorkerConfig, "decode": WorkerConfig}
 WORKER_ROLES = ("prefill", "decode", "colocated")
-# role-less flags for every worker: the engine's fields, and the threads per worker
-SHARED_WORKER_FIELDS = tuple(ff.name for ff in flat_fields(WorkerConfig) if ff.path[0] == "engine") + ("torch_threads",)
+# role-less flags for every worker: the engine's fields, and the threads per worker and their pinning
+SHARED_WORKER_FIELDS = tuple(ff.name for ff in flat_fields(WorkerConfig) if ff.path[0] == "engine") + ("torch_threads", "pin_threads")
 GATEWAY_ALIASES = {"host": "--host", "port": "--grpc-port", "http_port": "--http-port", "api_key": "--api-key",
                    "tls_cert_file": "--tls-cert-file", "tls_key_file": "--tls-key-file"}
 METRICS_OFFSETS = {"kvstore": 0, "prefill": 10, "colocated": 10, "decode": 20}  # from --metrics-port BASE

@@ -11,6 +11,8 @@ from splitserve.config.flags import composed
 from splitserve.config.parts import InternalServerConfig, MetricsConfig, OwnershipConfig, TLSConfig, TracingConfig
 from splitserve.rpc import mtls_credentials
 
+PIN_THREADS = ("auto", "off")  # WorkerConfig.pin_threads
+
 WORKER_PORT = 50061  # the default gRPC port of a worker (compose's prefill; `up` picks free ones)
 WORKER_MAX_MESSAGE_BYTES = 64 << 20  # a prefill's exported blocks travel in one response
 
@@ -51,6 +53,11 @@ class WorkerConfig:
     """Cores this worker runs on, in the cpu-list format of taskset ('0', '2-3', '0,4-7'; '' = all).
     Pinning prefill and decode workers to different cores keeps a long prefill from delaying the
     running decodes' next tokens."""
+    pin_threads: str = field(default="auto", metadata={"choices": PIN_THREADS})
+    """auto: when the model's threads are as many as the cores this worker may run on (`cpus`, else
+    the process's), thread i of the engine's thread team stays on the i-th core; off: the scheduler
+    places them (two threads of the team laid on one core then take turns at every barrier, while
+    another core idles, until the scheduler moves one: milliseconds)."""
     drain_timeout_s: float = 30.0
     """On SIGTERM (or a Drain call) the worker stops taking work and lets its running requests
     finish for at most this many seconds; a decode worker then ends the streams still running with
@@ -73,6 +80,8 @@ class WorkerConfig:
                              f"got {self.kv_fetch_buffer_mb}")
         if self.torch_threads < 0:
             raise ValueError(f"torch_threads must be >= 0, got {self.torch_threads}")
+        if self.pin_threads not in PIN_THREADS:
+            raise ValueError(f"pin_threads must be one of {', '.join(PIN_THREADS)}, got {self.pin_threads!r}")
 
     def channel_credentials(self):
         """Credentials for this worker's own calls (to the kvstore): mutual TLS, or None."""

@@ -103,12 +103,16 @@ def _drop(item: StepOutput | BaseException) -> None:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, max_pending: int = 256, num_threads: int = 0) -> None:
+    def __init__(self, engine: LLMEngine, max_pending: int = 256, num_threads: int = 0,
+                 pin_cores: list[int] | None = None) -> None:
         """`num_threads` > 0: the loop thread runs the model on that many torch threads (see
-        `Worker`: the engine is loaded on one thread, so this thread's OpenMP team is the only one)."""
+        `Worker`: the engine is loaded on one thread, so this thread's OpenMP team is the only one);
+        `pin_cores`: thread i of that team stays on pin_cores[i] (cpu_ops.pin_team)."""
         self.engine = engine
         self.max_pending = max_pending
         self.num_threads = num_threads
+        self.pin_cores = pin_cores
+        self.pinned_threads: list[int] = []  # the team's thread ids, once pinned
         self._inbox: queue.Queue[tuple[Callable[[LLMEngine], Any], Future]] = queue.Queue()
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()  # guards _streams (read by other threads for counts)
@@ -198,11 +202,26 @@ class EngineLoop:
             len(sched.running), len(sched.waiting), sum(s.num_tokens - s.num_computed_tokens for s in pending)
         )
 
+    def _pin(self) -> None:
+        """Pins this thread's team (on the loop thread, before the first step); a worker whose team
+        cannot be pinned serves unpinned."""
+        from splitserve.kernels import cpu_ops
+
+        try:
+            self.pinned_threads = cpu_ops.pin_team(self.pin_cores)
+        except (RuntimeError, OSError, ValueError) as exc:
+            logger.warning("engine threads left unpinned: %s", exc)
+            return
+        logger.info("engine threads pinned, one per core: %s", ", ".join(
+            f"thread {tid} on core {self.pin_cores[i % len(self.pin_cores)]}" for i, tid in enumerate(self.pinned_threads)))
+
     def _run(self) -> None:
         if self.num_threads > 0:
             import torch
 
             torch.set_num_threads(self.num_threads)
+            if self.pin_cores:
+                self._pin()
         stepped = False  # since the heap was last trimmed
         while not self._stop.is_set():
             self._drain_inbox()

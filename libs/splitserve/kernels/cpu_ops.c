@@ -18,14 +18,21 @@
  *
  * The Python wrapper (cpu_ops.py) checks shapes, dtypes and contiguity; these functions trust the
  * pointers they are handed.
+ *
+ * Also here, as it concerns the same OpenMP team: pin_team, which binds each thread of the calling
+ * thread's team to a core of its own (see py_pin_team).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <errno.h>
 #include <math.h>
 #include <omp.h>
+#include <sched.h> /* sched_setaffinity, CPU_SET: Python.h defined _GNU_SOURCE */
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define PARALLEL_ROWS 64 /* fewer rows run on the calling thread alone */
 
@@ -178,10 +185,71 @@ static PyObject *py_rope(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* pin_team(cpus): runs one parallel region of the calling thread's team (its size: this thread's
+ * omp_get_max_threads, what torch.set_num_threads set) in which thread i binds itself to core
+ * cpus[i % len(cpus)]; returns the threads' ids (gettid), in thread-number order. libgomp keeps a
+ * master thread's team threads for its later regions, so every kernel and torch op that this thread
+ * runs afterwards (at most that many threads) runs on the same threads, on the same cores.
+ * Why: two threads of a team that the scheduler lays on one core, while another sits idle, take
+ * turns there at each barrier, and, each having just run, neither is moved for milliseconds: a
+ * ~1 ms interruption of one of them (another process woken on its core) became 15 ms of turns. */
+static PyObject *py_pin_team(PyObject *self, PyObject *args) {
+    PyObject *arg;
+    if (!PyArg_ParseTuple(args, "O", &arg)) return NULL;
+    PyObject *seq = PySequence_Fast(arg, "pin_team: cpus must be a sequence of core numbers");
+    if (seq == NULL) return NULL;
+    const Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > CPU_SETSIZE) {
+        Py_DECREF(seq);
+        return PyErr_Format(PyExc_ValueError, "pin_team: %zd cores given; 1 to %d expected", n, CPU_SETSIZE);
+    }
+    int cpus[n];
+    for (Py_ssize_t i = 0; i < n; i++) {
+        const long c = PyLong_AsLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (c == -1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (c < 0 || c >= CPU_SETSIZE) {
+            Py_DECREF(seq);
+            return PyErr_Format(PyExc_ValueError, "pin_team: core %ld is not a core number (0 to %d)", c, CPU_SETSIZE - 1);
+        }
+        cpus[i] = (int)c;
+    }
+    Py_DECREF(seq);
+    const int most = omp_get_max_threads();
+    long tids[most];
+    int errs[most], team = 1;
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel
+    {
+        const int i = omp_get_thread_num();
+        if (i == 0) team = omp_get_num_threads();
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(cpus[i % n], &set);
+        errs[i] = sched_setaffinity(0, sizeof set, &set) ? errno : 0;
+        tids[i] = (long)syscall(SYS_gettid);
+    }
+    Py_END_ALLOW_THREADS
+    for (int i = 0; i < team; i++)
+        if (errs[i])
+            return PyErr_Format(PyExc_OSError, "pin_team: thread %d of %d could not be bound to core %d: %s", i, team,
+                                cpus[i % n], strerror(errs[i]));
+    PyObject *out = PyList_New(team);
+    for (int i = 0; out != NULL && i < team; i++) {
+        PyObject *tid = PyLong_FromLong(tids[i]);
+        if (tid == NULL) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, i, tid);
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"rms_norm", py_rms_norm, METH_VARARGS, "RMSNorm of float32 rows (see cpu_ops.py, which checks the tensors)."},
     {"silu_mul", py_silu_mul, METH_VARARGS, "silu(gate) * up of float32 rows (see cpu_ops.py)."},
     {"rope", py_rope, METH_VARARGS, "Rotate-half RoPE of float32 rows of heads (see cpu_ops.py)."},
+    {"pin_team", py_pin_team, METH_VARARGS, "Binds each thread of the calling thread's OpenMP team to a core (see cpu_ops.py)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -8,8 +8,13 @@ prefix-cache hit) their dispatch costs more than their arithmetic. The model use
 SPLITSERVE_CPU_OPS=torch turns them off (to compare, or to rule them out).
 RoPE gives the same bits as torch's ops; RMSNorm and SiLU may differ in the last bit
 (tests/test_cpu_ops.py bounds the difference).
+
+`pin_team` binds the threads of the calling thread's OpenMP team (the one every kernel and torch
+op of a worker's engine loop runs on) to cores of their own; splitserve.worker decides when.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch  # first: the extension then shares torch's OpenMP runtime (libgomp is loaded once)
 
@@ -93,3 +98,19 @@ def rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.
         _ext.rope(x.data_ptr(), cos.data_ptr(), signed_sin.data_ptr(), out.data_ptr(), rows,
                   x.stride(0) if rows > 1 else heads * dim, heads, dim)
     return out
+
+
+def pin_team(cpus: Sequence[int]) -> list[int]:
+    """Binds each thread of the calling thread's OpenMP team (as many as torch.get_num_threads() on
+    this thread) to one core: thread i to cpus[i % len(cpus)]. Returns the threads' ids, thread 0 (the
+    caller) first. Later kernels and torch ops of this thread run on those threads, so on those cores;
+    other threads' teams are not touched. ValueError names a bad core list, OSError a core the
+    process may not use."""
+    _need_ext()
+    try:
+        cpus = list(cpus)
+    except TypeError:
+        raise ValueError(f"cpus must be a non-empty list of core numbers, got {cpus!r}") from None
+    if not cpus or any(isinstance(c, bool) or not isinstance(c, int) for c in cpus):
+        raise ValueError(f"cpus must be a non-empty list of core numbers, got {cpus!r}")
+    return _ext.pin_team(cpus)

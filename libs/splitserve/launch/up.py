@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from splitserve.config import env as env_registry
-from splitserve.config.cpus import parse_cpu_list
+from splitserve.config.cpus import available_cpus, parse_cpu_list
 from splitserve.config.flags import config_from_args, config_to_argv, from_flat
 from splitserve.config.gateway import GatewayConfig
 from splitserve.config.worker import WorkerConfig
@@ -260,7 +260,7 @@ class Launcher:
         """Spawns worker `index` of a role (not waiting for it to serve)."""
         config = self.role_config(role, index, {**self._stack_values(role, index), "kvstore": self.kvstore_address})
         if not config.torch_threads:  # one thread per core it may use (the workers share them)
-            cores = len(parse_cpu_list(config.cpus)) if config.cpus else (os.cpu_count() or 1)
+            cores = len(parse_cpu_list(config.cpus) if config.cpus else available_cpus())
             config = dataclasses.replace(config, torch_threads=cores)
         return self._start_child(f"{role}-{index}", role, config)
 
