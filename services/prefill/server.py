@@ -55,12 +55,9 @@ class PrefillServicer(WorkerServicer, prefill_pb2_grpc.PrefillServicer):
             self.worker.reject_invalid(context, exc)
         request_id = request.request_id or f"prefill-{id(request)}"
         prompt = list(request.prompt_token_ids)
-        skip = self.exporter.skip(self.worker.prompt_hashes(prompt, request.cache_salt))
         stream = self.worker.admit(context, request_id, prompt, dataclasses.replace(params, max_tokens=1),
                                    cache_salt=request.cache_salt or None, detokenize=False,
-                                   export_blocks=True, export_skip=skip, pin_export=True)
-        with tracing.outgoing(span):  # the Contains call, sent now the prompt is queued, is part of the trace
-            self.exporter.ask(skip)
+                                   export_blocks=True, export_skip=self.exporter.skip, pin_export=True)
         self.worker.drain.track(stream)
         try:
             out = self._first_token(stream, context)

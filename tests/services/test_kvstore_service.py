@@ -126,34 +126,36 @@ def test_contains_and_stats(kvstore):
     assert after.capacity_bytes == 64 << 20
 
 
-def test_prefill_export_skip_from_a_contains_call_that_ran_during_the_prefill(kvstore):
-    """The prefill worker's `StoredBlocks`: the stored hashes once the call answered; nothing
-    (export everything) when the kvstore is unreachable or does not answer in time."""
+class NoMetrics:
+    def touch(self, *names, **labels):
+        pass
+
+
+def test_prefill_export_asks_a_real_kvstore_which_blocks_it_holds(kvstore):
+    """The prefill worker's exporter after the first token: the stored hashes from the Contains
+    call; nothing (put everything) when the kvstore is unreachable or does not answer in time."""
     from splitserve.kvstore.client import KVStoreClient
-    from splitserve.transfer.export import StoredBlocks
+    from splitserve.transfer.export import BlockExporter
+
+    def stored(client, hashes, wait_s=0.1):
+        return BlockExporter(client, NoMetrics(), lambda hashes: None, 30.0, contains_wait_s=wait_s)._stored(hashes)
 
     server, stub = kvstore
     a, b = encode(random_cache(SMALL, 1, seed=13), 0), encode(random_cache(SMALL, 1, seed=14), 0)
     stub.Put(chunks_of(a))
     client = KVStoreClient(server.address)
-    skip = StoredBlocks([a[0], b[0]], lambda: client.contains_future([a[0], b[0]]))
-    skip.start()
-    skip.start()  # sent once
-    assert a[0] in skip and b[0] not in skip
-    unsent = StoredBlocks([a[0], b[0]], lambda: client.contains_future([a[0], b[0]]))
-    assert a[0] in unsent and b[0] not in unsent  # never started: the first read sends it
+    assert stored(client, [a[0], b[0]]) == {a[0]} and stored(client, []) == frozenset()
     with socket.socket() as dead:  # bound, never listening: the call fails at once
         dead.bind(("127.0.0.1", 0))
         gone = KVStoreClient(f"127.0.0.1:{dead.getsockname()[1]}")
-        assert a[0] not in StoredBlocks([a[0]], lambda: gone.contains_future([a[0]]), wait_s=5.0)
+        assert stored(gone, [a[0]], wait_s=5.0) == frozenset()
     with socket.socket() as mute:  # accepts connections, never speaks HTTP/2: no answer
         mute.bind(("127.0.0.1", 0))
         mute.listen()
         silent = KVStoreClient(f"127.0.0.1:{mute.getsockname()[1]}")
-        future = silent.contains_future([a[0]])
         t0 = time.monotonic()
-        assert a[0] not in StoredBlocks([a[0]], lambda: future, wait_s=0.2)
-        assert 0.15 < time.monotonic() - t0 < 5 and future.cancelled()
+        assert stored(silent, [a[0]], wait_s=0.2) == frozenset()
+        assert 0.15 < time.monotonic() - t0 < 5
     for c in (client, gone, silent):
         c.close()
 

@@ -16,7 +16,7 @@ from splitserve.engine.block_manager import BlockManager
 from splitserve.engine.hashing import block_hashes, hash_namespace
 from splitserve.engine.kv_cache import KVCache
 from splitserve.transfer.block import KVBlockError, encode_block
-from splitserve.transfer.export import BlockExporter, StoredBlocks
+from splitserve.transfer.export import BlockExporter
 from splitserve.transfer.fetch import NOTHING_FETCHED, BlockFetcher, Fetched, FetchBuffer, FetchPlan, fetch, settle
 from splitserve.transfer.pages import blocks_to_export, import_blocks, read_blocks
 
@@ -84,12 +84,17 @@ def test_read_blocks_reads_the_pages_of_the_block_table():
 class FakeSink:
     address = "kv:1"
 
-    def __init__(self, present=(), fail=False):
-        self.present, self.fail, self.puts = set(present), fail, []
+    def __init__(self, present=(), fail=False, contains_error=None):
+        self.present, self.fail, self.puts, self.asked = set(present), fail, [], []
+        self.contains_error = contains_error
 
     def contains_future(self, hashes):
+        self.asked.append(list(hashes))
         future = concurrent.futures.Future()
-        future.set_result(SimpleNamespace(present=[h in self.present for h in hashes]))
+        if self.contains_error is not None:
+            future.set_exception(self.contains_error)
+        else:
+            future.set_result(SimpleNamespace(present=[h in self.present for h in hashes]))
         return future
 
     def put(self, blocks, lease_id="", lease_ttl_s=0.0):
@@ -98,21 +103,37 @@ class FakeSink:
         self.puts.append(([h.block_hash for h, _ in blocks], lease_id, lease_ttl_s))
 
 
-def test_stored_blocks_are_the_hashes_the_store_reported():
-    skip = BlockExporter(FakeSink(present={H[0], H[2]}), FakeMetrics(), lambda hashes: None, 30.0).skip(H[:3])
-    assert isinstance(skip, StoredBlocks)
-    assert [h in skip for h in H[:4]] == [True, False, True, False]
+def test_export_asks_the_kvstore_once_and_puts_only_what_it_lacks():
+    """With a kvstore the engine skips nothing (every full block is exported, pinned); `export`
+    asks which of them the kvstore holds, after the first token, and puts the others."""
+    sink = FakeSink(present={H[0], H[2]})
+    exporter = BlockExporter(sink, FakeMetrics(), lambda hashes: None, 30.0)
+    assert not any(h in exporter.skip for h in H)
+    assert exporter.export("r", H[:4], wire_blocks(H[:4])) == ("kv:1", 2, 2, "")
+    assert sink.asked == [H[:4]] and sink.puts == [([H[1], H[3]], "r", 30.0)]
+    assert (exporter.num_blocks_put, exporter.num_blocks_skipped) == (2, 2)
 
 
-def test_stored_blocks_skip_nothing_when_the_call_failed():
-    future = concurrent.futures.Future()
-    future.set_exception(Unavailable())
-    assert H[0] not in StoredBlocks([H[0]], lambda: future)
+@pytest.mark.parametrize("answer", ["failed", "late"])
+def test_export_puts_every_block_when_the_contains_call_failed_or_came_late(answer):
+    class Silent(FakeSink):  # answers after the exporter stopped waiting
+        def contains_future(self, hashes):
+            self.asked.append(list(hashes))
+            self.future = concurrent.futures.Future()
+            return self.future
+
+    sink = FakeSink(present=set(H), contains_error=Unavailable()) if answer == "failed" else Silent(present=set(H))
+    exporter = BlockExporter(sink, FakeMetrics(), lambda hashes: None, 30.0, contains_wait_s=0.05)
+    t0 = time.monotonic()
+    assert exporter.export("r", H[:2], wire_blocks(H[:2])) == ("kv:1", 2, 0, "")
+    assert sink.puts == [(H[:2], "r", 30.0)]
+    if answer == "late":
+        assert 0.04 < time.monotonic() - t0 < 5 and sink.future.cancelled()
 
 
 def test_without_a_kvstore_every_block_is_skipped_and_nothing_put():
     exporter = BlockExporter(None, FakeMetrics(), lambda hashes: None, 30.0)
-    assert exporter.skip(H[:3]) == frozenset(H[:3])
+    assert all(h in exporter.skip for h in H) and b"any hash" in exporter.skip
     assert exporter.export("r1", H[:3], []) == ("", 0, 3, "")
 
 
@@ -160,6 +181,8 @@ def test_a_pinned_export_is_put_from_its_pages_and_released_whatever_the_put_did
     if store is not None:
         put = store.put
         store.put = lambda blocks, **kw: (got.extend(blocks), put(blocks, **kw))
+    if store is not None:
+        store.present = {H[1]}  # not among the pinned ones: both are put
     exporter = BlockExporter(store, FakeMetrics(), lambda hashes: None, 30.0)
     if sink == "broken":
         with pytest.raises(OSError):
@@ -171,6 +194,26 @@ def test_a_pinned_export_is_put_from_its_pages_and_released_whatever_the_put_did
         assert [h.block_hash for h, _ in got] == [H[0], H[2]]
         assert all(isinstance(p, PagePayload) for _, p in got)
         assert [p.tobytes() for _, p in got] == [cache.read_block(table[0]), cache.read_block(table[2])]
+
+
+def test_a_pinned_export_puts_only_the_blocks_the_kvstore_lacks_and_unpins_them_all():
+    from splitserve.transfer.pages import PinnedExport
+
+    cache, bm = cache_with_blocks(6), BlockManager(6, BS)
+    assert bm.allocate_slots("s", 3 * BS)
+    table = bm.block_table("s")
+    pinned = PinnedExport(cache, bm, table, [(0, H[0]), (1, H[1]), (2, H[2])], MODEL)
+    bm.free("s")
+    assert pinned.hashes == H[:3] and [h.block_hash for h, _ in pinned.blocks({H[1]})] == [H[0], H[2]]
+    sink = FakeSink(present={H[0], H[2]})
+    got = []
+    put = sink.put
+    sink.put = lambda blocks, **kw: (got.extend(blocks), put(blocks, **kw))
+    exporter = BlockExporter(sink, FakeMetrics(), lambda hashes: None, 30.0)
+    assert exporter.export("r", H[:3], pinned) == ("kv:1", 1, 2, "")
+    assert sink.asked == [H[:3]] and [h.block_hash for h, _ in got] == [H[1]]
+    assert [p.tobytes() for _, p in got] == [cache.read_block(table[1])]
+    assert bm.num_pinned_blocks == 0 and bm.num_free_blocks == 6  # the stored ones' pages too
 
 
 def test_a_page_import_reads_into_its_pages_and_keeps_the_good_leading_blocks():

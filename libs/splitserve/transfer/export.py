@@ -2,13 +2,14 @@
 holds them already), putting the exported ones into the kvstore under a lease named after the
 request, and recording in Redis that this worker's prefix cache holds all of them.
 
-Once the prompt is queued, one Contains call asks the kvstore which of its full blocks it already
-holds; it runs during the prefill (`StoredBlocks`), so on a prefix-cache hit, where nearly every
-block is stored, the hit costs the suffix's compute and little more. (Sent before the prompt was
-queued, its start delayed the prefill by ~0.7 ms of a 1K-token hit's ~30 ms TTFT.) The engine pins the other
-blocks' pages before the sequence is freed (splitserve.transfer.pages.PinnedExport): their payloads
-go from the pages straight into the kvstore's slots (no copy on the loop thread, none held in the
-worker), and the pages are unpinned once the put is over.
+The engine pins every full block of the prompt in its pages before the sequence is freed
+(splitserve.transfer.pages.PinnedExport), and the handler answers the first token before anything
+else. Then one Contains call asks the kvstore which of the blocks it holds, and only the others go,
+their payloads straight from the pages into the kvstore's slots (no copy on the loop thread, none
+held in the worker); the pages are unpinned once the put is over. On a prefix-cache hit nearly every
+block is stored, so the hit costs the suffix's compute and this call after its first token. (Sent
+during the prefill instead, the call and its answer took CPU from the step on a 2-core machine:
+the disaggregated hit's step ran ~2 ms longer than the colocated one.)
 
 Metrics, per export: kv_transfer_bytes/seconds{direction="put"} (payload bytes of the blocks put,
 duration of the put call), kv_transfer_failures{direction="put"} when the kvstore could not take them.
@@ -16,7 +17,6 @@ duration of the put call), kv_transfer_failures{direction="put"} when the kvstor
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Container
 from concurrent.futures import ThreadPoolExecutor
@@ -45,41 +45,14 @@ class BlockSink(Protocol):
         the store cannot."""
 
 
-class StoredBlocks:
-    """The engine's `export_skip` for one prompt: the hashes of its full blocks the kvstore already
-    holds, from a Contains call sent (`ask`: a grpc.Future of it) once the prompt is queued, by
-    `start` or at the latest when read, and read when the prefill ends (so the call overlaps the
-    prefill instead of preceding it). The answer is normally there long before; the loop thread
-    waits at most `wait_s` more for it. Without it (a slow kvstore, or the call failed) nothing is
-    skipped: every block is exported and the put decides. Read only by the engine's loop thread."""
+class _Every:
+    """The container that holds every hash."""
 
-    def __init__(self, hashes: list[bytes], ask: Callable[[], Any], wait_s: float = 0.1) -> None:
-        self._hashes, self._ask, self._wait_s = hashes, ask, wait_s
-        self._future = None
-        self._lock = threading.Lock()  # start: the handler's thread, or the loop thread's first read
-        self._present: frozenset[bytes] | None = None
+    def __contains__(self, block_hash: object) -> bool:
+        return True
 
-    def start(self) -> None:
-        """Sends the Contains call, once."""
-        with self._lock:
-            if self._future is None:
-                self._future = self._ask()
 
-    def _resolve(self) -> frozenset[bytes]:
-        if self._present is None:
-            self.start()
-            try:
-                flags = self._future.result(timeout=self._wait_s).present
-            except grpc.FutureTimeoutError:
-                self._future.cancel()
-                flags = ()
-            except grpc.RpcError:  # the kvstore is down or refused: export everything
-                flags = ()
-            self._present = frozenset(h for h, p in zip(self._hashes, flags) if p)
-        return self._present
-
-    def __contains__(self, block_hash: bytes) -> bool:
-        return block_hash in self._resolve()
+EVERY_BLOCK: Container[bytes] = _Every()
 
 
 class ExportResult(NamedTuple):
@@ -96,10 +69,11 @@ class BlockExporter:
     and records ownership. Cumulative counts feed the worker's LoadResponse."""
 
     def __init__(self, store: BlockSink | None, metrics, record_ownership: Callable[[list[bytes]], None],
-                 lease_ttl_s: float) -> None:
+                 lease_ttl_s: float, contains_wait_s: float = 0.1) -> None:
         self.store = store
         self.metrics = metrics  # splitserve.metrics.Metrics (kv_transfer, kv_transfer_failed, touch)
         self.lease_ttl_s = lease_ttl_s
+        self.contains_wait_s = contains_wait_s
         self._record_ownership = record_ownership  # (hashes now in this worker's prefix cache) -> None
         self.num_blocks_put = 0  # blocks sent to the kvstore (those it lacked)
         self.num_blocks_skipped = 0  # blocks the kvstore already had
@@ -108,38 +82,49 @@ class BlockExporter:
         if store is not None:
             metrics.touch("kv_transfer_bytes", "kv_transfer_seconds", "kv_transfer_failures", direction="put")
 
-    def skip(self, prompt_hashes: list[bytes]) -> Container[bytes]:
-        """The engine's `export_skip` for a prompt with these full-block hashes: all of them without a
-        kvstore; else a `StoredBlocks` whose Contains call runs during the prefill (`ask` sends it:
-        call it once the prompt is queued)."""
-        if self.store is None or not prompt_hashes:
-            return frozenset(prompt_hashes)
-        store = self.store
-        return StoredBlocks(prompt_hashes, lambda: store.contains_future(prompt_hashes))
-
-    @staticmethod
-    def ask(skip: Container[bytes]) -> None:
-        """Sends the Contains call of a `skip` result (nothing to send for a plain set)."""
-        if isinstance(skip, StoredBlocks):
-            skip.start()
+    @property
+    def skip(self) -> Container[bytes]:
+        """The engine's `export_skip` for a prompt: every block without a kvstore (nothing to
+        export); else none (`export` asks the kvstore which it lacks, after the first token)."""
+        return EVERY_BLOCK if self.store is None else frozenset()
 
     def export(self, request_id: str, prompt_hashes: list[bytes], blocks: list[Block] | PinnedExport) -> ExportResult:
-        """Puts `blocks` (the prompt's blocks the kvstore lacked: read out, or pinned in the cache's
-        pages, which are released here once the put is over) under a lease named `request_id` while
-        recording all `prompt_hashes` as held here; returns once both are done, so the next request
-        is routed here."""
+        """Puts those of `blocks` (the prompt's blocks the engine exported: read out, or pinned in
+        the cache's pages, which are released here once the put is over) that the kvstore lacks,
+        as one Contains call finds, under a lease named `request_id`, while recording all
+        `prompt_hashes` as held here; returns once both are done, so the next request is routed here."""
         pinned = blocks if isinstance(blocks, PinnedExport) else None
         try:
-            skipped = len(prompt_hashes) - len(blocks)
-            self.num_blocks_skipped += skipped
             recorded = self._recorder.submit(self._record_ownership, prompt_hashes)
-            # a pinned export's headers are made here, off the loop thread (the checksums read the pages)
-            address, error = self._put(request_id, pinned.blocks() if pinned is not None and self.store else blocks)
+            sent: list[Block] = []
+            if self.store is not None:
+                candidates = pinned.hashes if pinned is not None else [h.block_hash for h, _ in blocks]
+                stored = self._stored(candidates)
+                # a pinned export's headers are made here, off the loop thread (the checksums read the pages)
+                sent = pinned.blocks(stored) if pinned is not None else [b for b in blocks if b[0].block_hash not in stored]
+            skipped = len(prompt_hashes) - len(sent)
+            self.num_blocks_skipped += skipped
+            address, error = self._put(request_id, sent)
             recorded.result()
-            return ExportResult(address, len(blocks) if address else 0, skipped, error)
+            return ExportResult(address, len(sent) if address else 0, skipped, error)
         finally:
             if pinned is not None:
                 pinned.release()
+
+    def _stored(self, hashes: list[bytes]) -> frozenset[bytes]:
+        """Which of `hashes` the kvstore holds (one Contains call); none when it failed or did not
+        answer within contains_wait_s (then every block is put, and the put decides)."""
+        if not hashes:
+            return frozenset()
+        future = self.store.contains_future(hashes)
+        try:
+            flags = future.result(timeout=self.contains_wait_s).present
+        except (grpc.FutureTimeoutError, TimeoutError):  # a grpc.Future's, a concurrent.futures one's
+            future.cancel()
+            return frozenset()
+        except grpc.RpcError:  # the kvstore is down or refused: put everything
+            return frozenset()
+        return frozenset(h for h, p in zip(hashes, flags) if p)
 
     def release(self, request_id: str) -> None:
         """Ends the lease of a put nobody will fetch under (its caller went away): the blocks stay in

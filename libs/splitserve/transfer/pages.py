@@ -70,14 +70,19 @@ class PinnedExport:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def blocks(self) -> list[Block]:
-        """Each block's header and payload (a PagePayload over the pinned pages), in order; any
-        thread, before `release`."""
+    @property
+    def hashes(self) -> list[bytes]:
+        """The pinned blocks' hashes, in order."""
+        return [h for _, h in self._ids]
+
+    def blocks(self, skip: Container[bytes] = ()) -> list[Block]:
+        """Each block's header and payload (a PagePayload over the pinned pages), in order, less
+        those whose hash is in `skip`; any thread, before `release`."""
         if self._copied is not None:
-            return self._copied
+            return [blk for blk in self._copied if blk[0].block_hash not in skip]
         if self._pinned is None:
             raise RuntimeError("the exported blocks were released: their pages may hold other KV now")
-        return [encode_block(self._cache, b, h, self._model_id, copy=False) for b, h in self._ids]
+        return [encode_block(self._cache, b, h, self._model_id, copy=False) for b, h in self._ids if h not in skip]
 
     def release(self) -> None:
         """Unpins the pages (through `defer`: the block manager is the engine thread's); the first
