@@ -146,7 +146,7 @@ def test_sigterm_drains_a_decode_worker_under_load_without_a_client_error(stack)
     both_decodes_healthy(stack)
     prompts = [f"Write a long letter to a friend about {topic}." for topic in ("the sea", "a garden", "winter",
                                                                                "an old clock")]
-    n = 64
+    n = 192  # tokens a stream: some must outlive the drain timeout (pinned workers finished 64 within it)
 
     def run(prompt: str, i: int, tag: str) -> tuple[list[int], str, str]:
         ids, text, final = [], [], None
