@@ -317,22 +317,21 @@ static inline int block_keys(int pos, int left, int block_size) {
     return left < in_block ? left : in_block;
 }
 
-/* Asks for the cache lines of one kv head's rows of a chunk (n tokens from position `start`), K's
- * and V's, to be brought in while the chunk before it is computed: the rows lie 1-4 lines apart
+/* Asks for the cache lines of one kv head's rows of a chunk (n tokens from position `start`) of one
+ * cache (K or V) to be brought in while the chunk before it is computed: the rows lie 1-4 lines apart
  * through the block table, too scattered for the hardware prefetchers, and the gathers stalled on
  * them for a third of a multi-row run's time (perf, 16 rows over a 1K-token context). Into L2, not
  * L1 (locality 2: prefetcht1): a chunk's K and V (16 KB at head size 64) asked into L1 beside the
  * rows being computed pushed lines out before their use. 30 layers of 16 rows over 1K keys, cache
- * cold, Zen 4: 12.1-12.6 ms with L1 asks, 10.7-10.8 ms with L2 asks; one row: 5.7-6.3 against 3.8-4.2. */
-static inline void prefetch_chunk(const char *k_cache, const char *v_cache, const int32_t *table, int start, int n,
-                                  int block_size, size_t row_stride, size_t head_offset, size_t row_bytes) {
+ * cold, Zen 4: 12.1-12.6 ms with L1 asks, 10.7-10.8 ms with L2 asks; one row: 5.7-6.3 against 3.8-4.2.
+ * The next chunk's K is asked for as a chunk starts and its V once the chunk's scores are made, not
+ * both at once (the two builds alternating in one process: 9.24 -> 9.02 and 9.33 -> 9.08 ms). */
+static inline void prefetch_rows(const char *cache, const int32_t *table, int start, int n, int block_size,
+                                 size_t row_stride, size_t head_offset, size_t row_bytes) {
     int block = start / block_size, offset = start % block_size;
     for (int t = 0; t < n; t++, offset = offset + 1 == block_size ? (block++, 0) : offset + 1) {
         const size_t at = ((size_t)table[block] * block_size + offset) * row_stride + head_offset;
-        for (size_t b = 0; b < row_bytes; b += 64) {
-            __builtin_prefetch(k_cache + at + b, 0, 2);
-            __builtin_prefetch(v_cache + at + b, 0, 2);
-        }
+        for (size_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(cache + at + b, 0, 2);
     }
 }
 
@@ -555,9 +554,8 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
     __m512 m = _mm512_set1_ps(-INFINITY), l = _mm512_setzero_ps(), corr;
     for (int start = 0; start < len_max; start += CHUNK) {
         const int n = chunk_keys(len_max, start);
-        if (start + CHUNK < len_max)
-            prefetch_chunk(k_cache, v_cache, table, start + CHUNK, chunk_keys(len_max, start + CHUNK), block_size,
-                           row_stride, head_offset, (size_t)dim * elem);
+        const int next_n = start + CHUNK < len_max ? chunk_keys(len_max, start + CHUNK) : 0;
+        if (next_n) prefetch_rows(k_cache, table, start + CHUNK, next_n, block_size, row_stride, head_offset, (size_t)dim * elem);
         const __m512i n_lane = _mm512_sub_epi32(len_v, _mm512_set1_epi32(start));
         const __mmask16 active = _mm512_cmpgt_epi32_mask(n_lane, _mm512_setzero_si512());
         /* the keys every lane of the group reaches: lane 0's (lanes past `lanes` hold nothing to keep) */
@@ -584,6 +582,7 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
                 memset(rows + (size_t)t * dim, 0, (size_t)dim * sizeof(float));
             ql_scores_run(qt, rows, dim, nvec, (n + QL_KEYS - 1) / QL_KEYS * QL_KEYS, s);
         }
+        if (next_n) prefetch_rows(v_cache, table, start + CHUNK, next_n, block_size, row_stride, head_offset, (size_t)dim * elem);
         const __mmask16 rescale = ql_softmax(s, n, full, n_lane, active, &m, &l, &corr);
         if (rescale)
             for (int d = 0; d < dim; d++) acc[d] = _mm512_mask_mul_ps(acc[d], rescale, acc[d], corr);

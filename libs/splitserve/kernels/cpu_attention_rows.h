@@ -58,9 +58,8 @@ static inline __attribute__((always_inline)) void ROWS_FN(attend_impl)(
     const int len_max = len0 + nrows - 1;
     for (int start = 0; start < len_max; start += CHUNK) {
         const int n_max = chunk_keys(len_max, start);
-        if (start + CHUNK < len_max)
-            prefetch_chunk(k_cache, v_cache, table, start + CHUNK, chunk_keys(len_max, start + CHUNK), block_size,
-                           row_stride, head_offset, (size_t)dim * elem);
+        const int next_n = start + CHUNK < len_max ? chunk_keys(len_max, start + CHUNK) : 0;
+        if (next_n) prefetch_rows(k_cache, table, start + CHUNK, next_n, block_size, row_stride, head_offset, (size_t)dim * elem);
         gather_chunk(k_cache, kind, k_scales, kv_heads, table, start, n_max, block_size, row_stride, head_offset,
                      nvec, rows, WIDE);
         /* the (row, head) pairs this chunk reaches, in order: their scores (exp'd in place), keys, sum
@@ -125,6 +124,7 @@ static inline __attribute__((always_inline)) void ROWS_FN(attend_impl)(
                     for (int i = 0; i < nvec; i++) acc[r][g][i] *= splat(corr[r][g]);
             }
         }
+        if (next_n) prefetch_rows(v_cache, table, start + CHUNK, next_n, block_size, row_stride, head_offset, (size_t)dim * elem);
         gather_chunk(v_cache, kind, v_scales, kv_heads, table, start, n_max, block_size, row_stride, head_offset,
                      nvec, rows, 0);
 #if WIDE
