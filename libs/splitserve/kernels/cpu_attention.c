@@ -537,6 +537,11 @@ static inline __attribute__((always_inline)) void ql_attend_impl(
     float rows[(CHUNK + QL_KEYS) * MAX_HEAD_DIM] __attribute__((aligned(64))); /* a chunk's K or V */
     float lane_q[QL_LANES][MAX_HEAD_DIM] __attribute__((aligned(64)));
     int32_t lens[QL_LANES]; /* pairs go row by row: lane 0 holds the group's shortest row, lanes - 1 its longest */
+    { /* the first chunk's K and V, asked for while the queries are laid out (0.1 ms of a hit's 9) */
+        const int n0 = chunk_keys(len0 + (first + lanes - 1) / group, 0);
+        prefetch_rows(k_cache, table, 0, n0, block_size, row_stride, head_offset, (size_t)dim * elem);
+        prefetch_rows(v_cache, table, 0, n0, block_size, row_stride, head_offset, (size_t)dim * elem);
+    }
     for (int lane = 0; lane < QL_LANES; lane++) {
         const int p = first + lane, r = p / group, g = p % group;
         lens[lane] = lane < lanes ? len0 + r : 0;
