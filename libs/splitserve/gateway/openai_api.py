@@ -298,12 +298,12 @@ def _is_id(t: Any) -> bool:
     return (isinstance(t, int) and not isinstance(t, bool)) or (isinstance(t, float) and t.is_integer())
 
 
+_INT_ONLY = frozenset((int,))
+
+
 def _is_ids(p: Any) -> bool:
     # all plain ints (the common case, thousands of them): one scan in C, not a call per id
     return isinstance(p, list) and (_INT_ONLY.issuperset(map(type, p)) or all(map(_is_id, p)))
-
-
-_INT_ONLY = frozenset((int,))
 
 
 def _prompts(prompt: Any) -> list:

@@ -92,13 +92,12 @@ def _check_tree(body: dict) -> None:
                                    "surrogate escape (\\ud800-\\udfff)", path or None, "invalid_string")
                 todo.append((item, name, depth + 1))
         elif isinstance(value, list):
-            if depth < MAX_JSON_DEPTH and _SCALARS.issuperset(map(type, value)):
-                continue  # numbers, booleans and nulls hold nothing to check (one scan in C: a prompt's ids)
-            if depth < MAX_JSON_DEPTH:  # ... so only the other items are queued
+            if depth >= MAX_JSON_DEPTH:  # an item here is too deep, whatever it is
+                todo.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value[:1]))
+            elif not _SCALARS.issuperset(map(type, value)):  # (one scan in C: a prompt's ids pass here)
+                # numbers, booleans and nulls hold nothing to check: only the other items are queued
                 todo.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)
                             if isinstance(item, (str, dict, list)))
-            else:  # an item here is too deep, whatever it is
-                todo.extend((item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value[:1]))
 
 
 def json_type(v: Any) -> str:
