@@ -34,7 +34,7 @@ from splitserve.v1 import decode_pb2_grpc, prefill_pb2
 
 LEASE_S = 2.0  # the decode workers' registration TTL
 DISCOVERY_S = 1.0  # the gateway's scan interval (its default)
-DRAIN_S = 3.0  # the decode workers' drain timeout
+DRAIN_S = 1.0  # the decode workers' drain timeout: well inside a drained stream's run (test 2)
 DECODES = ("decode-0", "decode-1")
 
 
@@ -146,7 +146,7 @@ def test_sigterm_drains_a_decode_worker_under_load_without_a_client_error(stack)
     both_decodes_healthy(stack)
     prompts = [f"Write a long letter to a friend about {topic}." for topic in ("the sea", "a garden", "winter",
                                                                                "an old clock")]
-    n = 192  # tokens a stream: some must outlive the drain timeout (pinned workers finished 64 within it)
+    n = 320  # tokens a stream: 2-3 s of decode with four at once, so some outlive the 1 s drain timeout
 
     def run(prompt: str, i: int, tag: str) -> tuple[list[int], str, str]:
         ids, text, final = [], [], None
